@@ -1,0 +1,277 @@
+"""Shared plumbing for checkpoint conversion: streaming readers/writers, pytree paths, atomic output.
+
+Every foreign format gets one *key mapper* (a module next to this one) used by the loader, the
+exporter and the parity tests alike; this file holds only what those mappers share.
+
+Conventions:
+- JAX params are nested dicts; a param is addressed by a ``/``-joined path (``"layers/attention/qkv/kernel"``).
+- Tensors move as host NumPy arrays (bf16 via ``ml_dtypes``), never through torch unless the file is a
+  pickled ``.pth`` (then torch is imported lazily, and tensors are memory-mapped).
+- Output goes to a temporary sibling and is renamed into place only when the whole conversion
+  succeeded, so a failed or interrupted conversion never leaves a half-written checkpoint at ``dst``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from lumina_jax.convert.errors import CheckpointError
+from lumina_jax.convert.safetensors_io import SafetensorsFile, save_file, tensor_nbytes
+
+Params = dict[str, Any]
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# pytree paths
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a/b/c": leaf}``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> Params:
+    """``{"a/b/c": leaf}`` -> nested dict."""
+    tree: Params = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def shapes_of(flat: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(np.shape(v)) for k, v in flat.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes
+
+_DTYPE_NAMES = {"fp32": np.float32, "float32": np.float32, "bf16": ml_dtypes.bfloat16, "bfloat16": ml_dtypes.bfloat16,
+                "fp16": np.float16, "float16": np.float16}
+
+
+def resolve_dtype(dtype: Any) -> np.dtype | None:
+    """``"fp32" | "bf16" | "fp16" | np.dtype | None`` -> NumPy dtype (None keeps the source dtype)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPE_NAMES)}")
+        return np.dtype(_DTYPE_NAMES[dtype])
+    return np.dtype(dtype)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """JAX/NumPy/torch array -> host NumPy, bit-exact (bf16 kept as ``ml_dtypes.bfloat16``)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading state dicts, one tensor at a time
+
+
+class TensorSource:
+    """Read-only, lazily loaded mapping ``name -> np.ndarray`` over one or many files.
+
+    Accepts a ``.safetensors`` file, a directory with one or more ``*.safetensors`` (with or without an
+    index json), or a pickled PyTorch file (``.pth``/``.pt``/``.bin``; needs torch). Tensors are read on
+    ``get`` so that a converter can stream.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._where: dict[str, Any] = {}
+        self._torch_sd: dict[str, Any] | None = None
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        files: list[Path]
+        if self.path.is_dir():
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                pth = sorted(self.path.glob("*.pth")) + sorted(self.path.glob("*.bin"))
+                if not pth:
+                    raise CheckpointError(f"{self.path}: no .safetensors/.pth/.bin files in directory")
+                files = pth
+            for idx_name in (SAFETENSORS_INDEX, DIFFUSERS_INDEX):
+                idx = self.path / idx_name
+                if idx.exists():
+                    wanted = set(json.loads(idx.read_text())["weight_map"].values())
+                    missing = sorted(w for w in wanted if not (self.path / w).exists())
+                    if missing:
+                        raise CheckpointError(f"{self.path}: index {idx_name} names missing shards {missing}")
+        else:
+            files = [self.path]
+        for f in files:
+            if f.suffix == ".safetensors":
+                st = SafetensorsFile(f)
+                for k in st.keys():
+                    self._add(k, st, f)
+            else:
+                for k, v in self._load_torch(f).items():
+                    self._add(k, v, f)
+
+    def _add(self, key: str, where: Any, f: Path) -> None:
+        if key in self._where:
+            raise CheckpointError(f"{self.path}: tensor {key!r} appears in more than one file ({f.name})")
+        self._where[key] = where
+
+    @staticmethod
+    def _load_torch(f: Path) -> dict[str, Any]:
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise CheckpointError(f"{f}: reading a pickled PyTorch checkpoint needs torch installed") from e
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for corrupt/truncated zips
+            raise CheckpointError(f"{f}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+            sd = sd["model"]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{f}: expected a state dict, found {type(sd).__name__}")
+        return sd
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        w = self._where[key]
+        return w.shape(key) if isinstance(w, SafetensorsFile) else tuple(w.shape)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self.shape(k) for k in self._where}
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r}")
+        w = self._where[key]
+        return w.get(key) if isinstance(w, SafetensorsFile) else to_numpy(w)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing, atomically
+
+
+@contextlib.contextmanager
+def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``dst``; move it to ``dst`` only if the block succeeds.
+
+    Works for files and directories. With ``overwrite`` an existing ``dst`` is replaced (after the new
+    one is complete); without it an existing ``dst`` is an error before any work is done.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = tmp_root / dst.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise CheckpointError(f"nothing was written for {dst}")
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def write_sharded_safetensors(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    out_dir: Path,
+    *,
+    weights_name: str = "model.safetensors",
+    index_name: str = SAFETENSORS_INDEX,
+    max_shard_bytes: int = 5 * 1024**3,
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Stream ``(name, array)`` pairs into safetensors shards of at most ``max_shard_bytes``.
+
+    One shard -> ``weights_name``; several -> ``{stem}-0000i-of-0000n.safetensors`` plus an index json,
+    the names transformers/diffusers expect. Only one shard's tensors are held at a time.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = weights_name[: -len(".safetensors")]
+    shards: list[list[tuple[str, np.ndarray]]] = []
+    paths: list[Path] = []
+    current: list[tuple[str, np.ndarray]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            p = out_dir / f"{stem}.part{len(paths):05d}.safetensors"
+            save_file(current, p, metadata=metadata)
+            paths.append(p)
+            shards.append([(k, None) for k, _ in current])  # keep names only
+        current, size = [], 0
+
+    for name, arr in tensors:
+        nb = tensor_nbytes(arr)
+        if current and size + nb > max_shard_bytes:
+            flush()
+        current.append((name, arr))
+        size += nb
+    flush()
+    if len(paths) == 1:
+        final = [out_dir / weights_name]
+        os.replace(paths[0], final[0])
+        return final
+    n = len(paths)
+    final = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, (p, names) in enumerate(zip(paths, shards)):
+        f = out_dir / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(p, f)
+        final.append(f)
+        for k, _ in names:
+            weight_map[k] = f.name
+        total += f.stat().st_size
+    (out_dir / index_name).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+    )
+    return final
+
+
+def cast(arr: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """Cast floating arrays to ``dtype`` (None keeps them); integer arrays are never cast."""
+    if dtype is None or not np.issubdtype(arr.dtype, np.floating) and arr.dtype != ml_dtypes.bfloat16:
+        return arr
+    return arr.astype(dtype)

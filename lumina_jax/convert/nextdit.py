@@ -1,0 +1,461 @@
+"""Next-DiT checkpoints: diffusers, original (Alpha-VLLM) and the project's own format, both ways.
+
+One key mapper per format (:func:`diffusers_rules`, :func:`original_rules`) is the single source of
+truth, used by loading, exporting and the parity tests. A *rule* ties one PyTorch tensor to one or
+more JAX params: the PyTorch tensor is the row-concatenation of its parts, each part being a JAX param
+(optionally one layer of a stacked ``nn.scan`` param), transposed when it is a ``Linear`` weight. So
+the original fused ``attention.qkv.weight`` is one rule with three parts (q, k, v), with split sizes
+derived from the config (``n_heads*head_dim``, ``n_kv_heads*head_dim`` twice), never hard-coded.
+
+Loading streams: the JAX tree is preallocated in host memory and filled one PyTorch tensor at a time
+(read through a memory map), so peak host memory stays near one copy of the model. Export streams
+the other way, one safetensors shard at a time, into a temporary directory renamed into place only
+when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import numpy as np
+
+from lumina_jax.convert.common import (
+    DIFFUSERS_INDEX,
+    TensorSource,
+    atomic_output,
+    cast,
+    flatten,
+    resolve_dtype,
+    to_numpy,
+    unflatten,
+    write_sharded_safetensors,
+)
+from lumina_jax.convert.errors import CheckpointError, check_keys
+from lumina_jax.models.nextdit import NextDiTConfig
+
+log = logging.getLogger(__name__)
+
+ORIG_PREFIX = "model.diffusion_model."
+JAX_MARKER = "lumina_jax.json"
+Format = Literal["jax", "diffusers", "original"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    path: str  # JAX param path, e.g. "layers/blocks/attention/q"
+    layer: Optional[int] = None  # index into the stacked (scan) axis
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    key: str  # PyTorch state-dict key
+    parts: tuple[Part, ...]
+    transpose: bool  # nn.Linear weight [out, in] <-> Dense kernel [in, out]
+
+
+def _lin(key: str, path: str, layer: Optional[int] = None, bias: bool = True) -> list[Rule]:
+    rules = [Rule(f"{key}.weight", (Part(f"{path}/kernel", layer),), True)]
+    if bias:
+        rules.append(Rule(f"{key}.bias", (Part(f"{path}/bias", layer),), False))
+    return rules
+
+
+def _vec(key: str, path: str, layer: Optional[int] = None) -> Rule:
+    return Rule(key, (Part(path, layer),), False)
+
+
+def _stacks(c: NextDiTConfig) -> list[tuple[str, int, bool]]:
+    return [
+        ("context_refiner", c.n_refiner_layers, False),
+        ("noise_refiner", c.n_refiner_layers, True),
+        ("layers", c.n_layers, True),
+    ]
+
+
+def diffusers_rules(c: NextDiTConfig) -> list[Rule]:
+    """Key mapper for diffusers' ``Lumina2Transformer2DModel`` (spec §3.2)."""
+    r: list[Rule] = []
+    r += _lin("x_embedder", "x_embedder")
+    r += _lin("time_caption_embed.timestep_embedder.linear_1", "t_embedder/linear_1")
+    r += _lin("time_caption_embed.timestep_embedder.linear_2", "t_embedder/linear_2")
+    r.append(_vec("time_caption_embed.caption_embedder.0.weight", "cap_norm/scale"))
+    r += _lin("time_caption_embed.caption_embedder.1", "cap_linear")
+    for stack, n, modulated in _stacks(c):
+        for i in range(n):
+            k, p = f"{stack}.{i}", f"{stack}/blocks"
+            for name in ("q", "k", "v"):
+                r.append(Rule(f"{k}.attn.to_{name}.weight", (Part(f"{p}/attention/{name}", i),), True))
+            r += _lin(f"{k}.attn.to_out.0", f"{p}/attention/out", i, bias=False)
+            r.append(_vec(f"{k}.attn.norm_q.weight", f"{p}/attention/q_norm/scale", i))
+            r.append(_vec(f"{k}.attn.norm_k.weight", f"{p}/attention/k_norm/scale", i))
+            for j in (1, 2, 3):
+                r += _lin(f"{k}.feed_forward.linear_{j}", f"{p}/feed_forward/w{j}", i, bias=False)
+            if modulated:
+                r.append(_vec(f"{k}.norm1.norm.weight", f"{p}/attention_norm1/scale", i))
+                r += _lin(f"{k}.norm1.linear", f"{p}/adaLN_modulation", i)
+            else:
+                r.append(_vec(f"{k}.norm1.weight", f"{p}/attention_norm1/scale", i))
+            r.append(_vec(f"{k}.norm2.weight", f"{p}/attention_norm2/scale", i))
+            r.append(_vec(f"{k}.ffn_norm1.weight", f"{p}/ffn_norm1/scale", i))
+            r.append(_vec(f"{k}.ffn_norm2.weight", f"{p}/ffn_norm2/scale", i))
+    r += _lin("norm_out.linear_1", "final_adaLN")
+    r += _lin("norm_out.linear_2", "final_linear")
+    return r
+
+
+def original_rules(c: NextDiTConfig) -> list[Rule]:
+    """Key mapper for the original Alpha-VLLM checkpoint (``consolidated*.pth``; spec §3.1)."""
+    r: list[Rule] = []
+    r += _lin("x_embedder", "x_embedder")
+    r += _lin("t_embedder.mlp.0", "t_embedder/linear_1")
+    r += _lin("t_embedder.mlp.2", "t_embedder/linear_2")
+    r.append(_vec("cap_embedder.0.weight", "cap_norm/scale"))
+    r += _lin("cap_embedder.1", "cap_linear")
+    for stack, n, modulated in _stacks(c):
+        for i in range(n):
+            k, p = f"{stack}.{i}", f"{stack}/blocks"
+            qkv = tuple(Part(f"{p}/attention/{name}", i) for name in ("q", "k", "v"))
+            r.append(Rule(f"{k}.attention.qkv.weight", qkv, True))
+            r += _lin(f"{k}.attention.out", f"{p}/attention/out", i, bias=False)
+            if c.qk_norm:
+                r.append(_vec(f"{k}.attention.q_norm.weight", f"{p}/attention/q_norm/scale", i))
+                r.append(_vec(f"{k}.attention.k_norm.weight", f"{p}/attention/k_norm/scale", i))
+            for j in (1, 2, 3):
+                r += _lin(f"{k}.feed_forward.w{j}", f"{p}/feed_forward/w{j}", i, bias=False)
+            for norm in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"):
+                r.append(_vec(f"{k}.{norm}.weight", f"{p}/{norm}/scale", i))
+            if modulated:
+                r += _lin(f"{k}.adaLN_modulation.1", f"{p}/adaLN_modulation", i)
+    r.append(_vec("norm_final.weight", "norm_final"))
+    r += _lin("final_layer.adaLN_modulation.1", "final_adaLN")
+    r += _lin("final_layer.linear", "final_linear")
+    return r
+
+
+RULES = {"diffusers": diffusers_rules, "original": original_rules}
+
+
+# ----------------------------------------------------------------------------------------------
+# expected JAX shapes
+
+
+def jax_shapes(c: NextDiTConfig) -> dict[str, tuple[int, ...]]:
+    """Flat ``path -> shape`` of the (scanned) JAX params, computed without tracing the model."""
+    from lumina_jax.models.nextdit import abstract_params  # local: keeps import of this module light
+    import flax.linen as nn
+    import jax
+
+    tree = nn.meta.unbox(abstract_params(c))
+    return {k: tuple(v.shape) for k, v in flatten(jax.tree_util.tree_map(lambda x: x, tree)).items()}
+
+
+def _part_shape(shapes: dict[str, tuple[int, ...]], part: Part, transpose: bool) -> tuple[int, ...]:
+    s = shapes[part.path]
+    if part.layer is not None:
+        s = s[1:]
+    return tuple(reversed(s)) if transpose else s
+
+
+def torch_shapes(rules: list[Rule], shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Expected PyTorch tensor shapes implied by the rules and the JAX shapes."""
+    out = {}
+    for rule in rules:
+        ps = [_part_shape(shapes, p, rule.transpose) for p in rule.parts]
+        out[rule.key] = (sum(s[0] for s in ps), *ps[0][1:]) if len(ps) > 1 else ps[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torch <-> jax through the rules
+
+
+def torch_to_jax(
+    get: Any, rules: list[Rule], shapes: dict[str, tuple[int, ...]], dtype: Any = np.float32
+) -> dict[str, np.ndarray]:
+    """Fill a flat JAX param dict from ``get(torch_key) -> np.ndarray``, one tensor at a time.
+
+    ``dtype=None`` keeps each tensor's own dtype. Params not covered by a rule (``norm_final`` for
+    diffusers) are set to their initial value (ones).
+    """
+    dtype = resolve_dtype(dtype)
+    flat: dict[str, np.ndarray] = {}
+    covered = {p.path for rule in rules for p in rule.parts}
+    for rule in rules:
+        t = get(rule.key)
+        off = 0
+        for part in rule.parts:
+            shp = _part_shape(shapes, part, rule.transpose)
+            piece = t[off : off + shp[0]] if len(rule.parts) > 1 else t
+            off += shp[0]
+            piece = piece.T if rule.transpose else piece
+            piece = cast(np.asarray(piece), dtype)
+            if part.layer is None:
+                flat[part.path] = np.ascontiguousarray(piece)
+            else:
+                if part.path not in flat:
+                    flat[part.path] = np.empty(shapes[part.path], dtype=piece.dtype)
+                flat[part.path][part.layer] = piece
+    for path in shapes:
+        if path not in covered:
+            flat[path] = np.ones(shapes[path], dtype=dtype or np.float32)
+    return flat
+
+
+def jax_to_torch(flat: dict[str, Any], rules: list[Rule], dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(torch_key, array)`` for every rule, one tensor at a time (PyTorch layout)."""
+    dtype = resolve_dtype(dtype)
+    for rule in rules:
+        pieces = []
+        for part in rule.parts:
+            if part.path not in flat:
+                raise CheckpointError(f"JAX params lack {part.path!r} needed for {rule.key!r}")
+            a = to_numpy(flat[part.path])
+            a = a[part.layer] if part.layer is not None else a
+            pieces.append(a.T if rule.transpose else a)
+        t = np.concatenate(pieces, 0) if len(pieces) > 1 else pieces[0]
+        yield rule.key, np.ascontiguousarray(cast(t, dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# format detection and config inference
+
+
+def detect_format(path: str | os.PathLike) -> Format:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if (p / JAX_MARKER).exists():
+            return "jax"
+        cfg = p / "config.json"
+        if cfg.exists() and "Lumina2Transformer2DModel" in cfg.read_text():
+            return "diffusers"
+        if list(p.glob("diffusion_pytorch_model*.safetensors")):
+            return "diffusers"
+        if (p / "transformer").is_dir():
+            raise CheckpointError(f"{p} looks like a whole pipeline; pass {p / 'transformer'} for the transformer")
+        if list(p.glob("consolidated*.pth")) or list(p.glob("consolidated*.safetensors")):
+            return "original"
+        raise CheckpointError(f"{p}: cannot tell the checkpoint format (no {JAX_MARKER}, config.json or consolidated*)")
+    if p.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        return "original"
+    raise CheckpointError(f"{p}: unknown checkpoint file type {p.suffix!r}")
+
+
+def _original_source(path: Path) -> TensorSource:
+    if path.is_dir():
+        files = sorted(path.glob("consolidated*.safetensors")) or sorted(path.glob("consolidated*.pth"))
+        files = [f for f in files if "ema" not in f.name] or files
+        path = files[0]
+    return TensorSource(path)
+
+
+class _Prefixed:
+    """View of a TensorSource with an optional ``model.diffusion_model.`` prefix stripped."""
+
+    def __init__(self, src: TensorSource):
+        self.src = src
+        keys = src.keys()
+        self.prefix = ORIG_PREFIX if keys and all(k.startswith(ORIG_PREFIX) for k in keys) else ""
+
+    def keys(self) -> list[str]:
+        return [k[len(self.prefix) :] for k in self.src.keys()]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k[len(self.prefix) :]: s for k, s in self.src.shapes().items()}
+
+    def get(self, key: str) -> np.ndarray:
+        return self.src.get(self.prefix + key)
+
+
+def infer_original_config(shapes: dict[str, tuple[int, ...]], patch_size: int = 2) -> NextDiTConfig:
+    """Infer the architecture of an original checkpoint from its tensor shapes.
+
+    Head dim comes from ``q_norm`` (qk_norm checkpoints); the RoPE split is equal thirds (as in every
+    original config). Pass an explicit config for anything else.
+    """
+    try:
+        dim, patch_feats = shapes["x_embedder.weight"]
+        n_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers."))
+        n_ref = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("noise_refiner."))
+        qk_norm = "layers.0.attention.q_norm.weight" in shapes
+        if not qk_norm:
+            raise CheckpointError("checkpoint has no q_norm weights: cannot infer head_dim; pass config=")
+        hd = shapes["layers.0.attention.q_norm.weight"][0]
+        qkv_rows = shapes["layers.0.attention.qkv.weight"][0]
+        ffn = shapes["layers.0.feed_forward.w1.weight"][0]
+        out_feats = shapes["final_layer.linear.weight"][0]
+        cap_dim = shapes["cap_embedder.1.weight"][1]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"not an original Next-DiT checkpoint (cannot infer config: missing {e})") from None
+    n_heads = dim // hd
+    n_kv = (qkv_rows - dim) // (2 * hd)
+    if hd % 3 or (hd // 3) % 2:
+        raise CheckpointError(f"head_dim {hd} has no equal 3-axis RoPE split; pass config=")
+    multiple_of, mult = None, None
+    for m in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if m * ((4 * dim + m - 1) // m) == ffn:
+            multiple_of = m
+            break
+    if multiple_of is None:
+        multiple_of, mult = 1, ffn / (4 * dim)
+    return NextDiTConfig(
+        patch_size=patch_size,
+        in_channels=patch_feats // patch_size**2,
+        out_channels=out_feats // patch_size**2,
+        dim=dim,
+        n_layers=n_layers,
+        n_refiner_layers=n_ref,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        multiple_of=multiple_of,
+        ffn_dim_multiplier=mult,
+        cap_feat_dim=cap_dim,
+        axes_dims=(hd // 3,) * 3,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def load_transformer(
+    path: str | os.PathLike,
+    *,
+    config: Optional[NextDiTConfig] = None,
+    dtype: Any = "fp32",
+) -> tuple[NextDiTConfig, dict]:
+    """Load a Next-DiT checkpoint of any supported format -> ``(config, params)`` (host NumPy arrays).
+
+    Formats (detected from ``path``): the project's own directory (``lumina_jax.json`` + orbax), a
+    diffusers ``transformer/`` directory (config.json + safetensors), or an original checkpoint (a
+    ``.pth``/``.safetensors`` file, or a directory with ``consolidated*``; the config is inferred from
+    the shapes unless ``config`` is given; ``model.diffusion_model.`` prefixes are stripped).
+    ``dtype`` is the param dtype (``"fp32"`` default; ``None`` keeps the checkpoint's).
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "jax":
+        return _load_jax(path, dtype)
+    if fmt == "diffusers":
+        cfg_file = path / "config.json"
+        if config is None:
+            if not cfg_file.exists():
+                raise CheckpointError(f"{path}: diffusers directory without config.json")
+            config = NextDiTConfig.from_diffusers_config(json.loads(cfg_file.read_text()))
+        src: Any = TensorSource(path)
+    else:
+        src = _Prefixed(_original_source(path))
+        if config is None:
+            config = infer_original_config(src.shapes())
+    found = src.shapes()
+    # norm_final is unused by the forward; tolerate repackaged original files that dropped it.
+    rules = [r for r in RULES[fmt](config) if r.key in found or r.key != "norm_final.weight"]
+    shapes = jax_shapes(config)
+    check_keys(torch_shapes(rules, shapes), found, f"{path} ({fmt} Next-DiT)")
+    flat = torch_to_jax(src.get, rules, shapes, dtype)
+    return config, unflatten(flat)
+
+
+def save_transformer(
+    path: str | os.PathLike,
+    config: NextDiTConfig,
+    params: dict,
+    format: Format = "jax",
+    *,
+    dtype: Any = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write ``params`` in ``format`` to ``path`` atomically (nothing at ``path`` unless all succeeded).
+
+    - ``"jax"``: a directory with ``lumina_jax.json`` (config) and an orbax checkpoint of the params.
+    - ``"diffusers"``: a ``Lumina2Transformer2DModel`` directory (``from_pretrained`` loads it).
+    - ``"original"``: a single file; ``.safetensors`` or ``.pth`` by the suffix of ``path`` (a path
+      without suffix becomes ``path/consolidated.00-of-01.pth``); ``norm_final.weight`` is written too
+      (the original loads strictly).
+    ``dtype``: ``"fp32"``/``"bf16"``/``None`` (keep the params' dtype).
+    """
+    path = Path(path)
+    flat = flatten(params)
+    shapes = jax_shapes(config)
+    check_keys(shapes, {k: tuple(np.shape(v)) for k, v in flat.items()}, "params to save")
+    if format == "jax":
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            _save_jax(tmp, config, flat, dtype)
+        return path
+    if format == "diffusers":
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text(json.dumps(config.to_diffusers_config(), indent=2))
+            write_sharded_safetensors(
+                jax_to_torch(flat, diffusers_rules(config), dtype), tmp,
+                weights_name="diffusion_pytorch_model.safetensors", index_name=DIFFUSERS_INDEX,
+                max_shard_bytes=max_shard_bytes,
+            )  # fmt: skip
+        return path
+    if format == "original":
+        target = path if path.suffix else path / "consolidated.00-of-01.pth"
+        with atomic_output(target, overwrite=overwrite) as tmp:
+            tensors = jax_to_torch(flat, original_rules(config), dtype)
+            if target.suffix == ".safetensors":
+                from lumina_jax.convert.safetensors_io import save_file
+
+                save_file(dict(tensors), tmp, metadata={"lumina_jax_config": json.dumps(config.to_dict())})
+            else:
+                _torch_save(dict(tensors), tmp)
+        return target
+    raise ValueError(f"unknown format {format!r}; choose 'jax', 'diffusers' or 'original'")
+
+
+def _torch_save(tensors: dict[str, np.ndarray], path: Path) -> None:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError("writing a .pth file needs torch; use a .safetensors path instead") from e
+    import ml_dtypes
+
+    def to_t(a: np.ndarray):
+        if a.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(np.array(a))
+
+    torch.save({k: to_t(v) for k, v in tensors.items()}, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the project's own format (orbax)
+
+
+def _save_jax(tmp: Path, config: NextDiTConfig, flat: dict, dtype: Any) -> None:
+    import orbax.checkpoint as ocp
+
+    dt = resolve_dtype(dtype)
+    tree = unflatten({k: cast(to_numpy(v), dt) for k, v in flat.items()})
+    tmp.mkdir()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save((tmp / "params").absolute(), tree)
+    ckptr.wait_until_finished()
+    (tmp / JAX_MARKER).write_text(json.dumps({"model": "nextdit", "config": config.to_dict()}, indent=2))
+
+
+def _load_jax(path: Path, dtype: Any) -> tuple[NextDiTConfig, dict]:
+    import orbax.checkpoint as ocp
+
+    meta = json.loads((path / JAX_MARKER).read_text())
+    config = NextDiTConfig.from_dict(meta["config"])
+    if not (path / "params").exists():
+        raise CheckpointError(f"{path}: missing params/ (incomplete checkpoint)")
+    try:
+        tree = ocp.StandardCheckpointer().restore((path / "params").absolute())
+    except Exception as e:  # orbax raises various types for damaged checkpoints
+        raise CheckpointError(f"{path}: cannot restore params ({type(e).__name__}: {e})") from None
+    flat = {k: np.asarray(v) for k, v in flatten(tree).items()}
+    check_keys(jax_shapes(config), {k: v.shape for k, v in flat.items()}, f"{path} (lumina_jax Next-DiT)")
+    dt = resolve_dtype(dtype)
+    return config, unflatten({k: cast(v, dt) for k, v in flat.items()})

@@ -1,0 +1,565 @@
+"""Unified Next-DiT, the Lumina-Image 2.0 diffusion transformer (spec §1-2), in Flax Linen.
+
+Data flow for one forward (shapes for the 2B model at 1024 px, ``B`` samples):
+
+    t (B,)            -> TimestepEmbedder            -> temb (B, 1024)
+    cap_feats (B,Lc,2304) -> RMSNorm+Linear -> context_refiner x2 (unmodulated)   -> cap (B, Lc, D)
+    x (B,128,128,16)  -> patchify (B,4096,64) -> x_embedder -> noise_refiner x2 (adaLN) -> img (B, N, D)
+    pack per sample [cap[:L_i] | img[:N_i] | pad] -> layers x26 (adaLN, joint attention) -> final layer
+    -> image slice -> unpatchify -> velocity (B,128,128,16)
+
+Conventions (original semantics, spec §2.11): ``t`` in [0, 1] with 0 = pure noise and 1 = data; the
+output is the velocity ``data - noise`` (not negated). Latents are channels-last.
+
+Padding: the joint sequence is *packed* exactly as the original does (valid caption tokens, then image
+tokens, then padding), built with a per-sample gather, so valid keys always form a prefix and attention
+kernels receive prefix lengths (``kv_lengths``) and can skip padded blocks. Captions may have different
+lengths per sample, and images different sizes (mixed-size mode, :meth:`NextDiT.forward_tokens`): each
+sample gets exactly the output it gets alone.
+
+Parameters are fp32 with logical axis names (``embed``, ``heads``, ``kv_heads``, ``mlp``, ``norm``,
+``cond``, ``patch``, ``cap``, ``layers``) for the sharding rules; compute dtype is selectable; norms,
+RoPE and softmax run in fp32.
+
+The q/k/v projections are stored as three kernels (lossless split of the original fused ``qkv``, so
+heads shard cleanly over a ``tensor`` axis) and concatenated at run time into one fused matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from lumina_jax.ops.attention import attention
+from lumina_jax.ops.norms import RMSNorm, layer_norm_no_affine, rms_normalize
+from lumina_jax.ops.rope import apply_rope, rope_cos_sin
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class NextDiTConfig:
+    """Architecture of a Next-DiT (field names follow the original ``NextDiT`` constructor)."""
+
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: Optional[int] = None
+    dim: int = 2304
+    n_layers: int = 26
+    n_refiner_layers: int = 2
+    n_heads: int = 24
+    n_kv_heads: int = 8
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    # ORIG builds the q/k RMSNorm without eps (1e-6 in its fallback RMSNorm, 1e-5 with apex); diffusers
+    # uses 1e-5. Default: the original fallback. Checkpoints loaded from a diffusers directory get 1e-5.
+    qk_norm_eps: float = 1e-6
+    cap_feat_dim: int = 2304
+    axes_dims: tuple[int, ...] = (32, 32, 32)
+    axes_lens: tuple[int, ...] = (300, 512, 512)
+    rope_theta: float = 10000.0
+    frequency_embedding_size: int = 256
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if sum(self.axes_dims) != self.head_dim:
+            raise ValueError(f"sum(axes_dims)={sum(self.axes_dims)} must equal head_dim={self.head_dim}")
+        if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
+            raise ValueError("axes_dims and axes_lens need 3 entries (caption index, row, column)")
+        object.__setattr__(self, "axes_dims", tuple(int(a) for a in self.axes_dims))
+        object.__setattr__(self, "axes_lens", tuple(int(a) for a in self.axes_lens))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def out_ch(self) -> int:
+        return self.out_channels or self.in_channels
+
+    @property
+    def t_dim(self) -> int:
+        return min(self.dim, 1024)
+
+    @property
+    def ffn_hidden(self) -> int:
+        hid = 4 * self.dim
+        if self.ffn_dim_multiplier is not None:
+            hid = int(self.ffn_dim_multiplier * hid)
+        return self.multiple_of * ((hid + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def patch_features(self) -> int:
+        return self.patch_size * self.patch_size * self.in_channels
+
+    def replace(self, **kw) -> "NextDiTConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["axes_dims"], d["axes_lens"] = list(self.axes_dims), list(self.axes_lens)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NextDiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown NextDiT config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, name_or_path: str | Path) -> "NextDiTConfig":
+        """Load ``configs/model/<name>.yaml`` (e.g. ``nextdit_2b``) or a YAML file path."""
+        p = Path(name_or_path)
+        if not p.suffix:
+            p = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not p.exists():
+            names = sorted(q.stem for q in CONFIG_DIR.glob("nextdit_*.yaml"))
+            raise FileNotFoundError(f"no model config {name_or_path!r}; bundled configs: {names}")
+        d = yaml.safe_load(p.read_text()) or {}
+        d.pop("command", None)
+        return cls.from_dict(d)
+
+    # diffusers' Lumina2Transformer2DModel config.json <-> ours (spec §3.2)
+    _DIFFUSERS_KEYS = {
+        "patch_size": "patch_size", "in_channels": "in_channels", "out_channels": "out_channels",
+        "hidden_size": "dim", "num_layers": "n_layers", "num_refiner_layers": "n_refiner_layers",
+        "num_attention_heads": "n_heads", "num_kv_heads": "n_kv_heads", "multiple_of": "multiple_of",
+        "ffn_dim_multiplier": "ffn_dim_multiplier", "norm_eps": "norm_eps", "axes_dim_rope": "axes_dims",
+        "axes_lens": "axes_lens", "cap_feat_dim": "cap_feat_dim",
+    }  # fmt: skip
+
+    @classmethod
+    def from_diffusers_config(cls, d: dict[str, Any]) -> "NextDiTConfig":
+        kw = {ours: d[theirs] for theirs, ours in cls._DIFFUSERS_KEYS.items() if theirs in d}
+        return cls(qk_norm=True, qk_norm_eps=1e-5, **kw)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        if not self.qk_norm:
+            raise ValueError("diffusers' Lumina2Transformer2DModel always has q/k norms; qk_norm=False cannot be exported")
+        d = {theirs: getattr(self, ours) for theirs, ours in self._DIFFUSERS_KEYS.items()}
+        d["axes_dim_rope"], d["axes_lens"] = list(self.axes_dims), list(self.axes_lens)
+        d.update({"_class_name": "Lumina2Transformer2DModel", "sample_size": 128, "scaling_factor": 1.0})
+        return d
+
+
+def param_count(config: NextDiTConfig, include_norm_final: bool = True) -> int:
+    """Analytic parameter count (spec §1.1: 2,609,771,456 for the 2B model with ``norm_final``)."""
+    c, d, hd = config, config.dim, config.head_dim
+    attn = d * (c.n_heads + 2 * c.n_kv_heads) * hd + c.n_heads * hd * d + (2 * hd if c.qk_norm else 0)
+    block = attn + 3 * d * c.ffn_hidden + 4 * d
+    mod = c.t_dim * 4 * d + 4 * d
+    total = (c.n_layers + c.n_refiner_layers) * (block + mod) + c.n_refiner_layers * block
+    total += c.patch_features * d + d  # x_embedder
+    total += c.frequency_embedding_size * c.t_dim + c.t_dim + c.t_dim * c.t_dim + c.t_dim  # t_embedder
+    total += c.cap_feat_dim + c.cap_feat_dim * d + d  # cap_embedder
+    total += c.t_dim * d + d + d * c.patch_size**2 * c.out_ch + c.patch_size**2 * c.out_ch  # final layer
+    return total + (d if include_norm_final else 0)
+
+
+def flops_forward(config: NextDiTConfig, cap_len: int, n_img: int) -> int:
+    """Analytic matmul + attention FLOPs of one forward for one sample (no causal halving).
+
+    Same count as ``shared/bench/diffusers_anchor.py`` (2 FLOPs per MAC; refiners see their own
+    sequences), so TFLOP/s figures are comparable with the PyTorch reference.
+    """
+    c, hd = config, config.head_dim
+    per_tok = 2 * (c.dim * (c.n_heads + 2 * c.n_kv_heads) * hd + c.n_heads * hd * c.dim + 3 * c.dim * c.ffn_hidden)
+
+    def stack(n_layers: int, length: int) -> int:
+        return n_layers * (per_tok * length + 4 * length * length * c.n_heads * hd)
+
+    return stack(c.n_layers, cap_len + n_img) + stack(c.n_refiner_layers, n_img) + stack(c.n_refiner_layers, cap_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+
+def _dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Any, name: Optional[str] = None,
+           init: Callable = nn.initializers.xavier_uniform()) -> nn.Dense:  # fmt: skip
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        name=name,
+    )
+
+
+def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features of ``t`` (B,) -> (B, dim), cos first (spec §2.1), fp32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    config: NextDiTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        c = self.config
+        h = timestep_features(t, c.frequency_embedding_size).astype(self.dtype)
+        h = _dense(c.t_dim, ("freq", "cond"), use_bias=True, dtype=self.dtype, name="linear_1",
+                   init=nn.initializers.normal(0.02))(h)  # fmt: skip
+        return _dense(c.t_dim, ("cond", "cond"), use_bias=True, dtype=self.dtype, name="linear_2",
+                      init=nn.initializers.normal(0.02))(nn.silu(h))  # fmt: skip
+
+
+class Attention(nn.Module):
+    """Fused-qkv GQA self-attention with per-head q/k RMSNorm and 3-axis RoPE (spec §2.8)."""
+
+    config: NextDiTConfig
+    dtype: Any = jnp.float32
+    backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, cos, sin, kv_lengths):
+        c = self.config
+        b, l, _ = x.shape
+        hd, hq, hkv = c.head_dim, c.n_heads, c.n_kv_heads
+        init = nn.initializers.xavier_uniform()
+        wq = self.param("q", nn.with_logical_partitioning(init, ("embed", "heads")), (c.dim, hq * hd), jnp.float32)
+        wk = self.param("k", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), jnp.float32)
+        wv = self.param("v", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), jnp.float32)
+        w_qkv = jnp.concatenate([wq, wk, wv], axis=1).astype(self.dtype)
+        qkv = jnp.einsum("bld,de->ble", x.astype(self.dtype), w_qkv)
+        q = qkv[..., : hq * hd].reshape(b, l, hq, hd)
+        k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(b, l, hkv, hd)
+        v = qkv[..., (hq + hkv) * hd :].reshape(b, l, hkv, hd)
+        if c.qk_norm:
+            q = RMSNorm(c.qk_norm_eps, dtype=jnp.float32, axis_name="head_dim", name="q_norm")(q)
+            k = RMSNorm(c.qk_norm_eps, dtype=jnp.float32, axis_name="head_dim", name="k_norm")(k)
+        q = apply_rope(q, cos, sin).astype(self.dtype)
+        k = apply_rope(k, cos, sin).astype(self.dtype)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        out = attention(q, k, v.astype(self.dtype), kv_lengths=kv_lengths, backend=self.backend)
+        out = out.reshape(b, l, hq * hd)
+        return _dense(c.dim, ("heads", "embed"), use_bias=False, dtype=self.dtype, name="out")(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``, bias-free (spec §2.9); the SiLU runs in fp32 like diffusers."""
+
+    config: NextDiTConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        h1 = _dense(c.ffn_hidden, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="w1")(x)
+        h3 = _dense(c.ffn_hidden, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="w3")(x)
+        h = (nn.silu(h1.astype(jnp.float32)) * h3.astype(jnp.float32)).astype(self.dtype)
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return _dense(c.dim, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="w2")(h)
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-norm block (spec §2.7); ``modulation`` adds tanh-gated adaLN (scale and gate only).
+
+    Call signature fits ``nn.scan``: ``(x, (temb, cos, sin, kv_lengths)) -> (x, None)``.
+    """
+
+    config: NextDiTConfig
+    modulation: bool = True
+    dtype: Any = jnp.float32
+    backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, ctx):
+        temb, cos, sin, kv_lengths = ctx
+        c = self.config
+        norm = lambda name: RMSNorm(c.norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        attn = Attention(c, self.dtype, self.backend, name="attention")
+        ffn = FeedForward(c, self.dtype, name="feed_forward")
+        if self.modulation:
+            mod = _dense(4 * c.dim, ("cond", "embed"), use_bias=True, dtype=self.dtype, name="adaLN_modulation",
+                         init=nn.initializers.zeros)(nn.silu(temb.astype(self.dtype)))  # fmt: skip
+            scale_msa, gate_msa, scale_mlp, gate_mlp = (m[:, None, :].astype(jnp.float32) for m in jnp.split(mod, 4, -1))
+            h = norm("attention_norm1")(x).astype(jnp.float32) * (1.0 + scale_msa)
+            a = norm("attention_norm2")(attn(h.astype(self.dtype), cos, sin, kv_lengths))
+            x = x + (jnp.tanh(gate_msa) * a.astype(jnp.float32)).astype(x.dtype)
+            h = norm("ffn_norm1")(x).astype(jnp.float32) * (1.0 + scale_mlp)
+            f = norm("ffn_norm2")(ffn(h.astype(self.dtype)))
+            x = x + (jnp.tanh(gate_mlp) * f.astype(jnp.float32)).astype(x.dtype)
+        else:
+            x = x + norm("attention_norm2")(attn(norm("attention_norm1")(x), cos, sin, kv_lengths)).astype(x.dtype)
+            x = x + norm("ffn_norm2")(ffn(norm("ffn_norm1")(x))).astype(x.dtype)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class BlockStack(nn.Module):
+    """``n`` identical blocks, stacked params (leading ``layers`` axis) run with ``nn.scan``."""
+
+    config: NextDiTConfig
+    n: int
+    modulation: bool
+    dtype: Any
+    backend: str
+    remat: str = "none"
+    scan: bool = True
+
+    @nn.compact
+    def __call__(self, x, temb, cos, sin, kv_lengths):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
+        block_cls = TransformerBlock
+        if self.remat != "none":
+            block_cls = nn.remat(TransformerBlock, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        ctx = (temb, cos, sin, kv_lengths)
+        if self.scan:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=self.n,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(self.config, self.modulation, self.dtype, self.backend, name="blocks")
+            x, _ = stack(x, ctx)
+        else:  # unrolled (debugging / per-layer inspection); same math, params not stacked
+            for i in range(self.n):
+                x, _ = block_cls(self.config, self.modulation, self.dtype, self.backend, name=f"blocks_{i}")(x, ctx)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# patchify
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H/p * W/p, p*p*C); token order row-major, features (p_h, p_w, c) (spec §2.5)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: jax.Array, h: int, w: int, p: int, c: int) -> jax.Array:
+    """Inverse of :func:`patchify` for an (h, w)-token grid: (B, h*w, p*p*c) -> (B, h*p, w*p, c)."""
+    b = tokens.shape[0]
+    x = tokens[:, : h * w].reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c)
+
+
+def pack_latents(latents: Sequence[Any], patch_size: int = 2, token_budget: Optional[int] = None):
+    """Different-size latents ``[(H_i, W_i, C)]`` -> padded tokens ``(B, N, p*p*C)`` and grid sizes ``(B, 2)``.
+
+    ``token_budget`` fixes ``N`` (one compiled shape for any mix of sizes); default: the largest sample.
+    """
+    grids = []
+    for i, z in enumerate(latents):
+        h, w = z.shape[0], z.shape[1]
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"latent {i} has size {h}x{w}, not divisible by patch size {patch_size}")
+        grids.append((h // patch_size, w // patch_size))
+    n = max(gh * gw for gh, gw in grids)
+    budget = token_budget or n
+    if budget < n:
+        raise ValueError(f"token_budget {budget} is smaller than the largest sample ({n} tokens)")
+    toks = []
+    for z in latents:
+        t = patchify(jnp.asarray(z)[None], patch_size)[0]
+        toks.append(jnp.pad(t, ((0, budget - t.shape[0]), (0, 0))))
+    return jnp.stack(toks), jnp.asarray(grids, jnp.int32)
+
+
+def unpack_tokens(tokens: jax.Array, grid_sizes: Any, patch_size: int, channels: int) -> list[jax.Array]:
+    """Inverse of :func:`pack_latents`: a list of ``(H_i, W_i, C)`` arrays."""
+    out = []
+    for i, (gh, gw) in enumerate(np.asarray(grid_sizes)):
+        out.append(unpatchify(tokens[i : i + 1], int(gh), int(gw), patch_size, channels)[0])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class NextDiT(nn.Module):
+    """Lumina-Image 2.0's Unified Next-DiT.
+
+    Attributes:
+      config: architecture.
+      dtype: compute dtype (params stay fp32). ``jnp.bfloat16`` for speed.
+      attention_backend: see :mod:`lumina_jax.ops.attention` (``auto``, ``xla``, ``cudnn``, ...).
+      remat: rematerialisation policy for the block stacks (``none``, ``full``, ``dots``, ``dots_no_batch``).
+      scan_layers: stack and ``nn.scan`` the blocks (fast compile); False unrolls them.
+    """
+
+    config: NextDiTConfig
+    dtype: Any = jnp.float32
+    attention_backend: str = "auto"
+    remat: str = "none"
+    scan_layers: bool = True
+
+    def setup(self):
+        c, dt = self.config, self.dtype
+        self.t_embedder = TimestepEmbedder(c, dt)
+        self.cap_norm = RMSNorm(c.norm_eps, dtype=dt, axis_name="cap")
+        self.cap_linear = _dense(c.dim, ("cap", "embed"), use_bias=True, dtype=dt, init=nn.initializers.normal(0.02))
+        self.x_embedder = _dense(c.dim, ("patch", "embed"), use_bias=True, dtype=dt)
+        kw = dict(dtype=dt, backend=self.attention_backend, remat=self.remat, scan=self.scan_layers)
+        self.context_refiner = BlockStack(c, c.n_refiner_layers, modulation=False, **kw)
+        self.noise_refiner = BlockStack(c, c.n_refiner_layers, modulation=True, **kw)
+        self.layers = BlockStack(c, c.n_layers, modulation=True, **kw)
+        self.final_adaLN = _dense(c.dim, ("cond", "embed"), use_bias=True, dtype=dt, init=nn.initializers.zeros)
+        self.final_linear = _dense(c.patch_size**2 * c.out_ch, ("embed", "patch"), use_bias=True, dtype=dt,
+                                   init=nn.initializers.zeros)  # fmt: skip
+        # Present in original checkpoints but unused in the forward (spec §2.10); kept so that
+        # original -> JAX -> original is lossless.
+        self.norm_final = self.param("norm_final", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                                     (c.dim,), jnp.float32)  # fmt: skip
+
+    def __call__(self, x: jax.Array, t: jax.Array, cap_feats: jax.Array, cap_mask: jax.Array) -> jax.Array:
+        """Velocity for a uniform batch.
+
+        Args:
+          x: latents ``(B, H, W, C)``, H and W divisible by the patch size.
+          t: ``(B,)`` flow time in [0, 1], 0 = noise.
+          cap_feats: ``(B, Lc, cap_feat_dim)`` text features (right padded).
+          cap_mask: ``(B, Lc)`` bool/int, valid caption tokens first (right padding).
+        Returns:
+          ``(B, H, W, out_channels)`` velocity ``data - noise``.
+        """
+        c = self.config
+        b, h, w, ch = x.shape
+        p = c.patch_size
+        if h % p or w % p:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
+        if ch != c.in_channels:
+            raise ValueError(f"latents have {ch} channels, the model expects {c.in_channels}")
+        gh, gw = h // p, w // p
+        grid = jnp.broadcast_to(jnp.asarray([gh, gw], jnp.int32), (b, 2))
+        out = self._forward(patchify(x, p), grid, t, cap_feats, cap_mask, uniform=True)
+        return unpatchify(out, gh, gw, p, c.out_ch)
+
+    def forward_tokens(self, img_tokens, grid_sizes, t, cap_feats, cap_mask) -> jax.Array:
+        """Mixed-size batch: patch tokens ``(B, N, p*p*C)`` padded to a budget, grid sizes ``(B, 2)``.
+
+        Sample ``i`` uses its first ``grid_sizes[i,0] * grid_sizes[i,1]`` tokens (row-major grid). Returns
+        output tokens ``(B, N, p*p*out_channels)``; padded token rows are zeros. See :func:`pack_latents`.
+        """
+        out = self._forward(img_tokens, grid_sizes.astype(jnp.int32), t, cap_feats, cap_mask, uniform=False)
+        n_i = grid_sizes[:, 0] * grid_sizes[:, 1]
+        valid = jnp.arange(img_tokens.shape[1])[None, :] < n_i[:, None]
+        return jnp.where(valid[..., None], out, 0)
+
+    def _forward(self, img_tokens, grid, t, cap_feats, cap_mask, *, uniform: bool):
+        c = self.config
+        b, n_max, _ = img_tokens.shape
+        lc = cap_feats.shape[1]
+        if cap_feats.shape[-1] != c.cap_feat_dim:
+            raise ValueError(f"caption features have dim {cap_feats.shape[-1]}, the model expects {c.cap_feat_dim}")
+        if lc > c.axes_lens[0] - 1:
+            raise ValueError(f"caption length {lc} exceeds the RoPE table ({c.axes_lens[0]} positions)")
+        cap_len = jnp.sum(cap_mask.astype(jnp.int32), axis=1)  # (B,) L_i
+        n_img = grid[:, 0] * grid[:, 1]  # (B,) N_i
+
+        temb = self.t_embedder(t)
+        cap = self.cap_linear(self.cap_norm(cap_feats.astype(self.dtype)))
+        img = self.x_embedder(img_tokens.astype(self.dtype))
+
+        # positions: caption j -> (j,0,0); image (r,c) -> (L_i, r, c)
+        j = jnp.arange(lc, dtype=jnp.int32)
+        cap_pos = jnp.stack([jnp.broadcast_to(j, (b, lc)), jnp.zeros((b, lc), jnp.int32),
+                             jnp.zeros((b, lc), jnp.int32)], -1)  # fmt: skip
+        nidx = jnp.arange(n_max, dtype=jnp.int32)[None, :]
+        gw = jnp.maximum(grid[:, 1:2], 1)
+        img_pos = jnp.stack([jnp.broadcast_to(cap_len[:, None], (b, n_max)), nidx // gw, nidx % gw], -1)
+        rope = lambda pos: rope_cos_sin(pos, c.axes_dims, c.axes_lens, c.rope_theta)  # noqa: E731
+        cap_cos, cap_sin = rope(cap_pos)
+        img_cos, img_sin = rope(img_pos)
+
+        cap = self.context_refiner(cap, None, cap_cos, cap_sin, cap_len)
+        img = self.noise_refiner(img, temb, img_cos, img_sin, None if uniform else n_img)
+
+        # pack [cap[:L_i] | img[:N_i] | pad] per sample with one gather over concat(cap, img)
+        total = lc + n_max
+        pidx = jnp.arange(total, dtype=jnp.int32)[None, :]
+        is_cap = pidx < cap_len[:, None]
+        src = jnp.where(is_cap, pidx, lc + jnp.clip(pidx - cap_len[:, None], 0, n_max - 1))
+        joint = jnp.take_along_axis(jnp.concatenate([cap, img], 1), src[..., None], axis=1)
+        joint_cos = jnp.take_along_axis(jnp.concatenate([cap_cos, img_cos], 1), src[..., None], axis=1)
+        joint_sin = jnp.take_along_axis(jnp.concatenate([cap_sin, img_sin], 1), src[..., None], axis=1)
+        seq_len = cap_len + n_img
+
+        x = self.layers(joint, temb, joint_cos, joint_sin, seq_len)
+
+        # final layer on the image slice only (token-wise, so slicing first is exact and cheaper)
+        img_out = jnp.take_along_axis(x, jnp.clip(cap_len[:, None] + nidx, 0, total - 1)[..., None], axis=1)
+        scale = self.final_adaLN(nn.silu(temb.astype(self.dtype))).astype(jnp.float32)
+        y = layer_norm_no_affine(img_out, 1e-6) * (1.0 + scale[:, None, :])
+        return self.final_linear(y.astype(self.dtype)).astype(jnp.float32)
+
+
+def init_params(config: NextDiTConfig, rng: jax.Array | int = 0, *, cap_len: int = 8, latent_hw=(8, 8)) -> dict:
+    """Random params (fp32) for ``config``: the model's own initialisers (adaLN and final layer zero)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    model = NextDiT(config)
+    x = jnp.zeros((1, *latent_hw, config.in_channels))
+    cap = jnp.zeros((1, cap_len, config.cap_feat_dim))
+    variables = jax.jit(model.init)(rng, x, jnp.zeros((1,)), cap, jnp.ones((1, cap_len), bool))
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(config: NextDiTConfig) -> Any:
+    """Shapes/dtypes (and logical partitioning metadata) of the params, without allocating them."""
+    model = NextDiT(config)
+    x = jnp.zeros((1, 2 * config.patch_size, 2 * config.patch_size, config.in_channels))
+    cap = jnp.zeros((1, 4, config.cap_feat_dim))
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), x, jnp.zeros((1,)), cap, jnp.ones((1, 4), bool))["params"]
+
+
+_STACKS = ("context_refiner", "noise_refiner", "layers")
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scanned params (``{stack}/blocks`` with a leading layer axis) -> ``{stack}/blocks_{i}`` for
+    ``NextDiT(..., scan_layers=False)``."""
+    out = dict(params)
+    for s in _STACKS:
+        blocks = params[s]["blocks"]
+        n = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+        out[s] = {f"blocks_{i}": jax.tree_util.tree_map(lambda a, i=i: a[i], blocks) for i in range(n)}
+    return out
+
+
+def stack_layers(params: dict) -> dict:
+    """Inverse of :func:`unstack_layers`."""
+    out = dict(params)
+    for s in _STACKS:
+        n = len(params[s])
+        out[s] = {"blocks": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[params[s][f"blocks_{i}"] for i in range(n)])}
+    return out

@@ -1,0 +1,115 @@
+"""Timing of the attention backends at Lumina's joint-attention shape.
+
+``bench_attention`` times every backend that runs natively on the current platform (forward and
+forward+backward) and reports TFLOP/s with the usual analytic count: ``4 * B * Hq * Lq * Lk * D``
+for the forward (two matmuls) and 3.5x that for forward+backward (the backward recomputes ``q k^T``
+and does four more matmuls: 2.5x the forward). Masked-out keys are still counted, as in
+docs/jax_notes.md section 3.1, so numbers are comparable across backends.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lumina_jax.ops import attention as attn
+
+# Backends worth timing per platform. Pallas kernels run on CPU only through the interpreter,
+# which says nothing about speed, so they are left out there unless asked for by name.
+_NATIVE = {
+    "gpu": ("xla", "cudnn", "pallas"),
+    "tpu": ("xla", "splash"),
+    "cpu": ("xla",),
+}
+
+
+def _time(fn, args, iters: int, warmup: int) -> float:
+    """Median wall time in ms of ``fn(*args)`` (compiled during warm-up)."""
+    for _ in range(max(warmup, 1)):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_attention(
+    batch: int = 2,
+    image_tokens: int = 4096,
+    caption_tokens: int = 256,
+    heads: int = 24,
+    kv_heads: int = 8,
+    head_dim: int = 96,
+    dtype: str = "bfloat16",
+    backends: Optional[Sequence[str]] = None,
+    valid_caption_tokens: Optional[int] = None,
+    iters: int = 20,
+    warmup: int = 2,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Time attention backends on joint image+caption self-attention.
+
+    Args:
+      batch, image_tokens, caption_tokens: sequence ``L = image_tokens + caption_tokens`` (queries
+        and keys, as in Next-DiT's joint layers).
+      heads, kv_heads, head_dim: GQA shape (Lumina-2: 24, 8, 96).
+      dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+      backends: names to time; default: the native backends of ``jax.default_backend()``.
+      valid_caption_tokens: if given, keys are padded: ``kv_lengths = image + valid`` for the last
+        sample (the others are full), exercising the kernels' padding path.
+      iters, warmup: timed / untimed calls; the median is reported.
+
+    Returns:
+      One dict per (backend, mode): ``backend, mode ("fwd" | "fwd+bwd"), ms, tflops, platform,
+      shape, dtype, error`` (``error`` holds the message when a backend failed; ``ms`` is then nan).
+    """
+    platform = jax.default_backend()
+    names = list(backends) if backends is not None else list(_NATIVE.get(platform, ("xla",)))
+    dt = jnp.dtype(dtype)
+    seq = image_tokens + caption_tokens
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), dt)
+    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), dt)
+    v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), dt)
+    lengths = None
+    if valid_caption_tokens is not None:
+        lens = np.full((batch,), seq, np.int32)
+        lens[-1] = image_tokens + valid_caption_tokens
+        lengths = jnp.asarray(lens)
+
+    fwd_flops = 4.0 * batch * heads * seq * seq * head_dim
+    shape = dict(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    rows = []
+    for name in names:
+        def fwd(q, k, v, name=name):
+            return attn.attention(q, k, v, kv_lengths=lengths, backend=name)
+
+        def fwd_bwd(q, k, v, fwd=fwd):
+            loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
+            return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+        for mode, fn, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, 3.5 * fwd_flops)):
+            row = dict(backend=name, mode=mode, platform=platform, dtype=str(dt), error=None, **shape)
+            try:
+                ms = _time(jax.jit(fn), (q, k, v), iters, warmup)
+                row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+            except Exception as e:  # a backend that cannot run here must not stop the others
+                row.update(ms=float("nan"), tflops=float("nan"), error=f"{type(e).__name__}: {e}"[:500])
+            rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A small fixed-width table of :func:`bench_attention` rows."""
+    lines = [f"{'backend':<8} {'mode':<8} {'ms':>9} {'TFLOP/s':>8}  note"]
+    for r in rows:
+        note = r["error"] or ""
+        lines.append(f"{r['backend']:<8} {r['mode']:<8} {r['ms']:>9.3f} {r['tflops']:>8.2f}  {note}")
+    return "\n".join(lines)

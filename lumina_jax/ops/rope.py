@@ -1,0 +1,54 @@
+"""Lumina's 3-axis rotary position embedding (spec §2.3), real-valued and interleaved.
+
+Each token has a position ``(p0, p1, p2)``: caption token ``j`` -> ``(j, 0, 0)``; image token at grid
+``(r, c)`` -> ``(L_i, r, c)`` with ``L_i`` the sample's caption length. Axis ``a`` owns ``axes_dims[a]``
+channels of the head dimension, i.e. ``axes_dims[a] // 2`` rotation pairs, and pairs are *adjacent*
+channels ``(2m, 2m+1)`` (PyTorch's ``view_as_complex`` convention), not the two halves.
+
+The per-axis angle tables are computed once in float64 with NumPy (like diffusers; ORIG rounds the
+angles to fp32 before taking cos/sin, a difference of ~1e-7) and stored as fp32 ``cos``/``sin``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rope_tables(axes_dims: Sequence[int], axes_lens: Sequence[int], theta: float = 10000.0) -> list[np.ndarray]:
+    """Per-axis angle tables ``(axes_lens[a], axes_dims[a] // 2)`` in float64."""
+    tables = []
+    for d, n in zip(axes_dims, axes_lens):
+        if d % 2:
+            raise ValueError(f"RoPE axis dims must be even, got {list(axes_dims)}")
+        omega = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64)[: d // 2] / d)
+        tables.append(np.outer(np.arange(n, dtype=np.float64), omega))
+    return tables
+
+
+def rope_cos_sin(
+    positions: jax.Array, axes_dims: Sequence[int], axes_lens: Sequence[int], theta: float = 10000.0
+) -> tuple[jax.Array, jax.Array]:
+    """Positions ``(..., 3)`` int -> ``cos, sin`` of shape ``(..., sum(axes_dims) // 2)`` in fp32.
+
+    Indices are clipped to the table sizes (as a gather would); callers keep valid tokens in range.
+    """
+    cos_parts, sin_parts = [], []
+    for a, table in enumerate(rope_tables(axes_dims, axes_lens, theta)):
+        idx = jnp.clip(positions[..., a], 0, table.shape[0] - 1)
+        cos_parts.append(jnp.asarray(np.cos(table), jnp.float32)[idx])
+        sin_parts.append(jnp.asarray(np.sin(table), jnp.float32)[idx])
+    return jnp.concatenate(cos_parts, -1), jnp.concatenate(sin_parts, -1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate adjacent channel pairs of ``x`` ``(B, L, H, D)`` by ``cos/sin`` ``(B, L, D/2)``, in fp32."""
+    b, l, h, d = x.shape
+    x32 = x.astype(jnp.float32).reshape(b, l, h, d // 2, 2)
+    x0, x1 = x32[..., 0], x32[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    return out.reshape(b, l, h, d).astype(x.dtype)

@@ -1,0 +1,69 @@
+"""System-prompt templates that Lumina-Image 2.0 prepends to every caption (spec §4).
+
+The text encoder sees ``system_prompt + caption`` as one string, tokenised as a whole. The strings
+below are the ``system_type`` choices of the original ``sample.py`` (Alpha-VLLM/Lumina-Image-2.0);
+``"real"`` is its default and equals the diffusers default. In the paper, Template A is ``"base"`` and
+Template B is ``"real"``. ``"align"`` is what ``finetune.py`` uses for items that carry a
+``super_high_quality_caption``.
+
+The unconditional (negative / dropped) prompt is the empty string *without* a system prompt, in both
+the original and diffusers, so :func:`build_prompt` maps ``""`` to ``""``.
+"""
+
+from __future__ import annotations
+
+_PROMPT_START = " <Prompt Start> "
+
+SYSTEM_PROMPTS: dict[str, str] = {
+    "real": (
+        "You are an assistant designed to generate superior images with the superior degree of "
+        "image-text alignment based on textual prompts or user prompts." + _PROMPT_START
+    ),
+    "base": (
+        "You are an assistant designed to generate high-quality images based on user prompts."
+        + _PROMPT_START
+    ),
+    "align": (
+        "You are an assistant designed to generate high-quality images with the highest degree of "
+        "image-text alignment based on textual prompts." + _PROMPT_START
+    ),
+    "aesthetics": (
+        "You are an assistant designed to generate high-quality images with highest degree of "
+        "aesthetics based on user prompts." + _PROMPT_START
+    ),
+    "4grid": (
+        "You are an assistant designed to generate four high-quality images with highest degree of "
+        "aesthetics arranged in 2x2 grids based on user prompts." + _PROMPT_START
+    ),
+    "empty": "",
+}
+"""Template name -> exact prefix string (including the trailing ``" <Prompt Start> "``)."""
+
+DEFAULT_SYSTEM_PROMPT = "real"
+
+
+def resolve_system_prompt(name_or_text: str) -> str:
+    """Returns the prefix for a template name, or ``name_or_text`` itself if it is not a name.
+
+    A custom string is used verbatim (no separator is added), so it should end with
+    ``" <Prompt Start> "`` if it is meant to look like the built-in templates.
+    """
+    if not isinstance(name_or_text, str):
+        raise TypeError(
+            f"system prompt must be a template name {sorted(SYSTEM_PROMPTS)} or a string, "
+            f"got {type(name_or_text).__name__}"
+        )
+    return SYSTEM_PROMPTS.get(name_or_text, name_or_text)
+
+
+def build_prompt(prompt: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The exact text fed to the text encoder for ``prompt`` under ``system_prompt``.
+
+    ``prompt`` that is empty or only whitespace is the unconditional prompt and maps to ``""`` with no
+    system prompt (as for negative prompts and caption dropout in the original).
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    if prompt.strip() == "":
+        return ""
+    return resolve_system_prompt(system_prompt) + prompt

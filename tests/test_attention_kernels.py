@@ -1,0 +1,354 @@
+"""Attention kernels (``pallas``, ``splash``, ``cudnn``, ``xla``) against a float64 reference.
+
+On CPU the Pallas kernels run in interpret mode (same kernel code, executed by XLA), so forward and
+backward numerics are checked everywhere. Forward references come from ``reference_attention_f64``
+(NumPy float64); gradient references from the analytic attention gradient in NumPy float64.
+
+Tolerances (relative L2 error ``||x - ref|| / ||ref||``):
+* float32: 1e-5 for outputs and gradients (reached: ~1e-7 .. 1e-6 in interpret mode).
+* bfloat16: 1e-2 for outputs and gradients, against the float64 reference evaluated on the
+  bf16-rounded inputs (reached: ~2e-3 .. 3.5e-3 for xla, pallas and splash alike; bf16 keeps an
+  8-bit mantissa, and p, ds and the outputs are rounded to it).
+
+The GPU tests (marker ``gpu``) compile the Triton kernel and the cuDNN path for real; on CPU they
+are skipped. ``test_pallas_lowers_to_triton`` runs the Pallas -> Triton IR lowering on the CPU via
+``jax.export(platforms=["cuda"])`` (no PTX compilation, no execution).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lumina_jax.ops import attention as attn
+from lumina_jax.ops.attention import reference_attention_f64
+
+F32_TOL = 1e-5
+BF16_FWD_TOL = 1e-2
+BF16_GRAD_TOL = 1e-2
+
+
+def rel_l2(x, ref) -> float:
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def make_inputs(seed, b, lq, lk, hq, hkv, d, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, lq, hq, d))
+    k = rng.standard_normal((b, lk, hkv, d))
+    v = rng.standard_normal((b, lk, hkv, d))
+    ct = rng.standard_normal((b, lq, hq, d))  # output cotangent for the gradient check
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v)) + (np.asarray(ct),)
+
+
+def ragged_mask(seed, b, lk):
+    """General (non-prefix) key mask; sample 1 has no valid key at all."""
+    m = np.random.default_rng(seed).random((b, lk)) < 0.6
+    m[1] = False
+    return jnp.asarray(m)
+
+
+def reference_grads(q, k, v, ct, kv_mask, kv_lengths, scale):
+    """Analytic float64 gradients of ``sum(out * ct)`` (NumPy; independent of every backend).
+
+    With ``P = softmax(S)``, ``S = scale * q k^T`` (masked), ``out = P v``:
+    ``dv = P^T ct``, ``dS = P * (ct v^T - rowsum(P * ct v^T))``, ``dq = scale dS k``,
+    ``dk = scale dS^T q``; GQA sums dk/dv over the query heads of each kv head.
+    """
+    q, k, v, ct = (np.asarray(x, np.float64) for x in (q, k, v, ct))
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    if kv_lengths is not None:
+        kv_mask = np.arange(lk)[None, :] < np.asarray(kv_lengths)[:, None]
+    kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    if kv_mask is not None:
+        s = np.where(np.asarray(kv_mask)[:, None, None, :], s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    den = p.sum(-1, keepdims=True)
+    p = p / np.where(den == 0, 1.0, den)
+    dp = np.einsum("bqhd,bkhd->bhqk", ct, vr)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+    dv = np.einsum("bhqk,bqhd->bkhd", p, ct)
+    group_sum = lambda x: x.reshape(b, lk, hkv, g, d).sum(axis=3)
+    return [dq, group_sum(dk), group_sum(dv)]
+
+
+def check_fwd_and_grads(fn, q, k, v, ct, *, kv_mask=None, kv_lengths=None, fwd_tol, grad_tol):
+    """``fn(q, k, v, kv_mask, kv_lengths)`` vs the float64 references; returns the errors."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    ct_j = jnp.asarray(ct, q.dtype)
+
+    @jax.jit
+    def fwd_and_grads(q, k, v, m, n):  # one compilation for output and gradients
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, m, n), q, k, v)
+        return out, vjp(ct_j)
+
+    out, grads = fwd_and_grads(q, k, v, kv_mask, kv_lengths)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all()
+    ref = reference_attention_f64(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                  kv_mask=kv_mask, kv_lengths=kv_lengths, scale=scale)
+    errors = {"out": rel_l2(out, ref)}
+    # Rows without any valid key must be exact zeros.
+    valid = np.asarray(kv_mask) if kv_mask is not None else (
+        np.arange(k.shape[1])[None] < np.asarray(kv_lengths)[:, None] if kv_lengths is not None else None)
+    if valid is not None:
+        for i in np.flatnonzero(~valid.any(axis=1)):
+            assert np.all(out[i] == 0.0), f"sample {i} has no valid key but non-zero output"
+
+    refs = reference_grads(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                           ct_j.astype(jnp.float32), kv_mask, kv_lengths, scale)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, refs):
+        g = np.asarray(g.astype(jnp.float32))
+        assert g.shape == r.shape
+        assert np.isfinite(g).all(), name
+        errors[name] = rel_l2(g, r)
+    assert errors["out"] < fwd_tol, errors
+    for name in ("dq", "dk", "dv"):
+        assert errors[name] < grad_tol, errors
+    return errors
+
+
+def via_registry(backend):
+    if backend == "splash":  # the TPU kernel module may move in future jax releases
+        pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+
+    def fn(q, k, v, kv_mask, kv_lengths):
+        return attn.attention(q, k, v, kv_mask, kv_lengths=kv_lengths, backend=backend)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Every CPU-runnable backend through the public attention() interface.
+# GQA 6 q / 2 kv heads, head_dim 96, sequence lengths that are not block multiples.
+# ---------------------------------------------------------------------------------------------
+
+CPU_BACKENDS = ["xla", "pallas", "splash"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_lengths_fp32(backend):
+    q, k, v, ct = make_inputs(0, 3, 45, 45, 6, 2, 96)
+    lens = jnp.array([45, 0, 17], jnp.int32)
+    check_fwd_and_grads(via_registry(backend), q, k, v, ct, kv_lengths=lens, fwd_tol=F32_TOL, grad_tol=F32_TOL)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_mask_fp32(backend):
+    # Cross-attention shape (Lq != Lk) with a general, non-prefix key mask.
+    q, k, v, ct = make_inputs(1, 2, 20, 37, 6, 2, 96)
+    mask = ragged_mask(1, 2, 37)
+    check_fwd_and_grads(via_registry(backend), q, k, v, ct, kv_mask=mask, fwd_tol=F32_TOL, grad_tol=F32_TOL)
+
+
+@pytest.mark.parametrize("backend", ["pallas", "splash"])
+def test_backend_bf16(backend):
+    q, k, v, ct = make_inputs(2, 2, 40, 40, 6, 2, 96, jnp.bfloat16)
+    lens = jnp.array([40, 23], jnp.int32)
+    check_fwd_and_grads(via_registry(backend), q, k, v, ct, kv_lengths=lens,
+                        fwd_tol=BF16_FWD_TOL, grad_tol=BF16_GRAD_TOL)
+
+
+def test_no_mask_equals_full_lengths():
+    from lumina_jax.ops.flash_attention import flash_attention
+
+    q, k, v, _ = make_inputs(3, 2, 33, 33, 4, 4, 64)  # plain MHA (G = 1)
+    full = flash_attention(q, k, v)
+    ref = reference_attention_f64(q, k, v)
+    assert rel_l2(full, ref) < F32_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Our Pallas kernel at several block sizes (and the GPU-style head-dim padding) in interpret mode.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "blocks, masking",
+    [
+        # lengths (incl. an empty sample), blocks smaller than the sequences, D = 96 unpadded
+        (dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16), "lengths"),
+        # general mask, asymmetric fwd/bwd blocks, D padded 96 -> 128 as on GPU
+        (dict(block_q=8, block_k=32, block_q_bwd=32, block_k_bwd=8), "mask"),
+    ],
+    ids=["16-16-16-16-lengths", "8-32-32-8-mask-paddedD"],
+)
+def test_pallas_block_sizes(blocks, masking):
+    from lumina_jax.ops.flash_attention import BlockSizes, flash_attention
+
+    bs = BlockSizes(**blocks)
+    q, k, v, ct = make_inputs(4, 3, 50, 70, 6, 2, 96)
+    kw = dict(kv_lengths=jnp.array([70, 0, 33], jnp.int32)) if masking == "lengths" else dict(
+        kv_mask=ragged_mask(4, 3, 70))
+
+    def fn(q, k, v, kv_mask, kv_lengths):
+        return flash_attention(q, k, v, kv_mask, kv_lengths=kv_lengths, block_sizes=bs,
+                               pad_head_dim=masking == "mask")
+
+    check_fwd_and_grads(fn, q, k, v, ct, fwd_tol=F32_TOL, grad_tol=F32_TOL, **kw)
+
+
+def test_pallas_rejects_bad_inputs():
+    from lumina_jax.ops.flash_attention import BlockSizes, flash_attention
+
+    q, k, v, _ = make_inputs(5, 1, 16, 16, 4, 2, 32)
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        flash_attention(q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32))
+    with pytest.raises(ValueError, match="powers of two"):
+        flash_attention(q, k, v, block_sizes=BlockSizes(block_q=24))
+    with pytest.raises(ValueError, match="not a multiple"):
+        flash_attention(q[:, :, :3], k, v)
+
+
+def test_pallas_lowers_to_triton():
+    """The fwd+bwd program lowers through Pallas -> Triton IR for CUDA (checked on the CPU)."""
+    pytest.importorskip("jax.experimental.pallas.triton")
+    from jax import export
+
+    from lumina_jax.ops.flash_attention import flash_attention
+
+    b, l, hq, hkv, d = 2, 200, 6, 2, 96
+    spec = jax.ShapeDtypeStruct
+
+    def f(q, k, v, mask):
+        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, mask, interpret=False).astype(jnp.float32))
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    args = (spec((b, l, hq, d), jnp.bfloat16), spec((b, l, hkv, d), jnp.bfloat16),
+            spec((b, l, hkv, d), jnp.bfloat16), spec((b, l), jnp.bool_))
+    exported = export.export(
+        jax.jit(f), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args)
+    text = exported.mlir_module()
+    for name in ("lumina_flash_fwd", "lumina_flash_bwd_dq", "lumina_flash_bwd_dkv"):
+        assert f'name = "{name}"' in text, name
+    assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 3
+
+
+def test_splash_lowers_for_tpu():
+    """The splash fwd+bwd program (head_dim 96 padded to 128) lowers to Mosaic for TPU on the CPU."""
+    from jax import export
+
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    from lumina_jax.ops.splash_attention import splash_attention
+
+    b, l, hq, hkv, d = 2, 300, 6, 2, 96
+    spec = jax.ShapeDtypeStruct
+
+    def f(q, k, v, lens):
+        loss = lambda q, k, v: jnp.sum(splash_attention(q, k, v, kv_lengths=lens, interpret=False,
+                                                        block_q=128, block_kv=128).astype(jnp.float32))
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    args = (spec((b, l, hq, d), jnp.bfloat16), spec((b, l, hkv, d), jnp.bfloat16),
+            spec((b, l, hkv, d), jnp.bfloat16), spec((b,), jnp.int32))
+    text = export.export(jax.jit(f), platforms=["tpu"])(*args).mlir_module()
+    assert text.count("tpu_custom_call") == 3  # fwd, dq, dkv
+
+
+# ---------------------------------------------------------------------------------------------
+# cuDNN wrapper logic (mask handling, empty rows) through implementation="xla" on any platform.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masking", ["lengths", "mask"])
+def test_cudnn_wrapper_logic_with_xla(masking):
+    from lumina_jax.ops.cudnn_attention import cudnn_attention
+
+    q, k, v, ct = make_inputs(6, 2, 24, 30, 6, 2, 96)
+    kw = dict(kv_lengths=jnp.array([0, 11], jnp.int32)) if masking == "lengths" else dict(
+        kv_mask=ragged_mask(6, 2, 30))
+
+    def fn(q, k, v, kv_mask, kv_lengths):
+        return cudnn_attention(q, k, v, kv_mask, kv_lengths=kv_lengths, implementation="xla")
+
+    check_fwd_and_grads(fn, q, k, v, ct, fwd_tol=F32_TOL, grad_tol=F32_TOL, **kw)
+
+
+def test_shard_over_batch_and_heads():
+    from jax.sharding import Mesh
+
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    from lumina_jax.ops.splash_attention import shard_over_batch_and_heads
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    q, k, v, _ = make_inputs(10, 2, 16, 16, 4, 2, 32)
+    lens = jnp.array([16, 5], jnp.int32)
+    fn = shard_over_batch_and_heads(
+        lambda q, k, v, m, n: attn.attention(q, k, v, m, kv_lengths=n, backend="xla"), mesh)
+    out = jax.jit(fn)(q, k, v, None, lens)
+    assert rel_l2(out, reference_attention_f64(q, k, v, kv_lengths=lens)) < F32_TOL
+
+
+def test_auto_backend_per_platform():
+    expected = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+    assert attn._auto_backend() == expected
+    assert {"xla", "pallas", "splash", "cudnn"} <= set(attn.available_backends())
+
+
+def test_bench_attention_runs_on_cpu():
+    from lumina_jax.ops.attention_bench import bench_attention
+
+    rows = bench_attention(batch=1, image_tokens=24, caption_tokens=8, heads=4, kv_heads=2, head_dim=32,
+                           dtype="float32", iters=2, warmup=1)
+    by_key = {(r["backend"], r["mode"]): r for r in rows}
+    assert ("xla", "fwd") in by_key and ("xla", "fwd+bwd") in by_key
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["ms"] > 0 and r["tflops"] > 0
+    flops = 4 * 1 * 4 * 32 * 32 * 32
+    fwd = by_key[("xla", "fwd")]
+    assert fwd["tflops"] == pytest.approx(flops / (fwd["ms"] * 1e-3) / 1e12)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: real Triton compilation and cuDNN (skipped on CPU by conftest's marker handling).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_on_gpu(dtype):
+    from lumina_jax.ops.flash_attention import flash_attention
+
+    q, k, v, ct = make_inputs(7, 2, 300, 300, 24, 8, 96, dtype)
+    lens = jnp.array([300, 170], jnp.int32)
+
+    def fn(q, k, v, kv_mask, kv_lengths):
+        return flash_attention(q, k, v, kv_mask, kv_lengths=kv_lengths, interpret=False)
+
+    tol = (F32_TOL, F32_TOL) if dtype == jnp.float32 else (BF16_FWD_TOL, BF16_GRAD_TOL)
+    check_fwd_and_grads(fn, q, k, v, ct, kv_lengths=lens, fwd_tol=tol[0], grad_tol=tol[1])
+    check_fwd_and_grads(fn, q, k, v, ct, kv_mask=ragged_mask(7, 2, 300), fwd_tol=tol[0], grad_tol=tol[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masking", ["lengths", "mask"])
+def test_cudnn_on_gpu(masking):
+    q, k, v, ct = make_inputs(8, 2, 256, 256, 24, 8, 96, jnp.bfloat16)
+    kw = dict(kv_lengths=jnp.array([256, 0], jnp.int32)) if masking == "lengths" else dict(
+        kv_mask=ragged_mask(8, 2, 256))
+    check_fwd_and_grads(via_registry("cudnn"), q, k, v, ct, fwd_tol=BF16_FWD_TOL, grad_tol=BF16_GRAD_TOL, **kw)
+
+
+@pytest.mark.tpu
+def test_splash_on_tpu():
+    q, k, v, ct = make_inputs(9, 2, 300, 300, 24, 8, 96, jnp.bfloat16)
+    lens = jnp.array([300, 0], jnp.int32)
+    check_fwd_and_grads(via_registry("splash"), q, k, v, ct, kv_lengths=lens,
+                        fwd_tol=BF16_FWD_TOL, grad_tol=BF16_GRAD_TOL)

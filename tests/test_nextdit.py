@@ -1,0 +1,178 @@
+"""Next-DiT forward parity with diffusers' Lumina2Transformer2DModel, batching semantics, configs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_l2
+from nextdit_helpers import TINY_CONFIGS, diffusers_forward, inputs, make_diffusers_model
+
+from lumina_jax.convert.nextdit import diffusers_rules, jax_shapes, torch_to_jax
+from lumina_jax.convert.common import to_numpy, unflatten
+from lumina_jax.models.nextdit import (
+    NextDiT,
+    NextDiTConfig,
+    flops_forward,
+    init_params,
+    pack_latents,
+    param_count,
+    unpack_tokens,
+)
+
+
+def _from_diffusers(model):
+    config = NextDiTConfig.from_diffusers_config(dict(model.config))
+    sd = {k: to_numpy(v) for k, v in model.state_dict().items()}
+    params = unflatten(torch_to_jax(sd.__getitem__, diffusers_rules(config), jax_shapes(config)))
+    return config, params
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def ref(request):
+    model = make_diffusers_model(request.param, seed=len(request.param))
+    config, params = _from_diffusers(model)
+    return model, config, params
+
+
+def _apply(config, params, x, t, cap, mask, **kw):
+    fn = jax.jit(lambda p, *a: NextDiT(config, **kw).apply({"params": p}, *a))
+    return np.asarray(fn(params, jnp.asarray(x), jnp.asarray(t), jnp.asarray(cap), jnp.asarray(mask)))
+
+
+# batch 3, non-square latents, padded captions of different lengths per sample
+CASES = [dict(batch=3, h=8, w=12, cap_lens=[5, 9, 2], cap_pad=10), dict(batch=2, h=10, w=6, cap_lens=[7, 7], cap_pad=7)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["ragged", "uniform"])
+def test_parity_fp32(ref, case):
+    model, config, params = ref
+    x, t, cap, mask = inputs(config, **case)
+    err = rel_l2(_apply(config, params, x, t, cap, mask), diffusers_forward(model, x, t, cap, mask))
+    assert err <= 1e-5, err
+
+
+def test_parity_bf16(ref):
+    model, config, params = ref
+    x, t, cap, mask = inputs(config, **CASES[0])
+    err = rel_l2(_apply(config, params, x, t, cap, mask, dtype=jnp.bfloat16), diffusers_forward(model, x, t, cap, mask))
+    assert err <= 2e-2, err
+
+
+def test_batch_equals_single_samples(ref):
+    """Different caption lengths (and padding amounts) in one batch: each sample gets its solo output."""
+    _, config, params = ref
+    x, t, cap, mask = inputs(config, batch=3, h=8, w=8, cap_lens=[3, 10, 6], cap_pad=12)
+    full = _apply(config, params, x, t, cap, mask)
+    for i in range(3):
+        n = int(mask[i].sum())
+        solo = _apply(config, params, x[i : i + 1], t[i : i + 1], cap[i : i + 1, :n], mask[i : i + 1, :n])
+        assert rel_l2(full[i : i + 1], solo) <= 1e-5
+
+
+def test_mixed_size_batch_equals_per_sample(ref):
+    """Latents of different sizes padded to one token budget give the per-sample outputs."""
+    _, config, params = ref
+    rng = np.random.default_rng(1)
+    sizes = [(8, 8), (4, 12), (6, 2)]
+    lats = [rng.standard_normal((h, w, config.in_channels)).astype(np.float32) for h, w in sizes]
+    t = rng.uniform(0, 1, 3).astype(np.float32)
+    _, _, cap, mask = inputs(config, batch=3, h=2, w=2, cap_lens=[4, 8, 6], cap_pad=8)
+    tokens, grids = pack_latents(lats, config.patch_size, token_budget=20)
+    fwd = jax.jit(lambda p, *a: NextDiT(config).apply({"params": p}, *a, method=NextDiT.forward_tokens))
+    out = fwd(params, tokens, grids, jnp.asarray(t), jnp.asarray(cap), jnp.asarray(mask))
+    assert out.shape == (3, 20, config.patch_size**2 * config.out_ch)
+    outs = unpack_tokens(out, grids, config.patch_size, config.out_ch)
+    for i, z in enumerate(lats):
+        solo = _apply(config, params, z[None], t[i : i + 1], cap[i : i + 1], mask[i : i + 1])[0]
+        assert outs[i].shape == z.shape[:2] + (config.out_ch,)
+        assert rel_l2(outs[i], solo) <= 1e-5
+    n_valid = np.asarray(grids).prod(1)
+    assert np.all(np.asarray(out)[0, n_valid[0] :] == 0)  # padding rows are zeroed
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_same_values_and_grads(remat):
+    """Remat wraps the scanned block stacks; values and gradients must not change."""
+    from lumina_jax.models.nextdit import BlockStack
+
+    config = NextDiTConfig.from_yaml("nextdit_tiny")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 6, config.dim)), jnp.float32)
+    temb = jnp.asarray(rng.standard_normal((2, config.t_dim)), jnp.float32)
+    cos, sin = (jnp.asarray(rng.uniform(-1, 1, (2, 6, config.head_dim // 2)), jnp.float32) for _ in range(2))
+    lengths = jnp.asarray([6, 4])
+
+    def make(policy):
+        return BlockStack(config, 2, modulation=True, dtype=jnp.float32, backend="xla", remat=policy)
+
+    params = make("none").init(jax.random.PRNGKey(0), x, temb, cos, sin, lengths)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+
+    def loss(p, x, policy):
+        return jnp.mean(make(policy).apply(p, x, temb, cos, sin, lengths) ** 2)
+
+    l0, g0 = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, "none"), argnums=(0, 1)))(params, x)
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, remat), argnums=(0, 1)))(params, x)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_unrolled_matches_scanned():
+    config = NextDiTConfig.from_yaml("nextdit_tiny")
+    params = init_params(config, 0)
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+    from lumina_jax.models.nextdit import unstack_layers
+
+    x, t, cap, mask = inputs(config, batch=2, h=8, w=8, cap_lens=[3, 6], cap_pad=6)
+    a = _apply(config, params, x, t, cap, mask)
+    b = _apply(config, unstack_layers(params), x, t, cap, mask, scan_layers=False)
+    assert rel_l2(b, a) <= 1e-6
+
+
+def test_bad_inputs_have_clear_errors():
+    config = NextDiTConfig.from_yaml("nextdit_tiny")
+    params = init_params(config, 0)
+    model = NextDiT(config)
+    cap, mask = jnp.zeros((1, 4, config.cap_feat_dim)), jnp.ones((1, 4), bool)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        model.apply({"params": params}, jnp.zeros((1, 7, 8, 16)), jnp.zeros(1), cap, mask)
+    with pytest.raises(ValueError, match="channels"):
+        model.apply({"params": params}, jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), cap, mask)
+    with pytest.raises(ValueError, match="caption features have dim"):
+        model.apply({"params": params}, jnp.zeros((1, 8, 8, 16)), jnp.zeros(1), jnp.zeros((1, 4, 7)), mask)
+    with pytest.raises(ValueError, match="unknown NextDiT config keys"):
+        NextDiTConfig.from_dict({"dim": 64, "n_layer": 3})
+    with pytest.raises(ValueError, match="head_dim"):
+        NextDiTConfig(dim=64, n_heads=4, n_kv_heads=4, axes_dims=(4, 4, 4))
+    with pytest.raises(FileNotFoundError, match="bundled configs"):
+        NextDiTConfig.from_yaml("nextdit_unknown")
+
+
+# spec §1.1/§1.2: parameter counts of the released and the other original configs (cap_feat_dim 2304)
+SPEC_COUNTS = {"nextdit_2b": 2_609_771_456, "nextdit_3b": 3.735e9, "nextdit_4b": 4.793e9, "nextdit_7b": 8.248e9}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_COUNTS))
+def test_config_param_counts_match_spec(name):
+    config = NextDiTConfig.from_yaml(name)
+    n = param_count(config)
+    expected = SPEC_COUNTS[name]
+    assert (n == expected) if isinstance(expected, int) else abs(n - expected) / expected < 1e-3
+    if name == "nextdit_2b":
+        assert config.ffn_hidden == 9216 and config.head_dim == 96
+        shapes = jax_shapes(config)  # abstract init: nothing is allocated
+        assert sum(int(np.prod(s)) for s in shapes.values()) == n
+
+
+def test_tiny_param_count_matches_tree():
+    config = NextDiTConfig.from_yaml("nextdit_tiny")
+    params = init_params(config)
+    assert sum(p.size for p in jax.tree_util.tree_leaves(params)) == param_count(config)
+
+
+def test_flops_match_reference_formula():
+    # shared/bench/diffusers_anchor.py: one 2B forward at 1024 px with 96 caption tokens is 22.8 TFLOP
+    assert round(flops_forward(NextDiTConfig(), 96, 4096) / 1e12, 1) == 22.8
