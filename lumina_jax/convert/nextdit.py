@@ -200,9 +200,10 @@ def torch_to_jax(
                 if part.path not in flat:
                     flat[part.path] = np.empty(shapes[part.path], dtype=piece.dtype)
                 flat[part.path][part.layer] = piece
+    fill_dtype = dtype or next((v.dtype for v in flat.values()), np.dtype(np.float32))
     for path in shapes:
         if path not in covered:
-            flat[path] = np.ones(shapes[path], dtype=dtype or np.float32)
+            flat[path] = np.ones(shapes[path], dtype=fill_dtype)
     return flat
 
 

@@ -1,0 +1,51 @@
+"""``python -m lumina_jax <command> ...``: one entry point, each command implemented in its own module.
+
+Every command module exposes ``main(argv: list[str]) -> int``; this file only dispatches, and imports
+the chosen module lazily so ``--help`` and light commands stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("lumina_jax.sample.cli", "text -> image PNGs with a checkpoint (or the bundled model)"),
+    "convert": ("lumina_jax.convert.cli", "convert a Next-DiT checkpoint between jax / diffusers / original"),
+    "train": ("lumina_jax.train.cli", "train from a YAML config with key=value overrides"),
+    "preprocess": ("lumina_jax.data.cli", "encode a dataset into a latent/text-feature cache"),
+    "caption": ("lumina_jax.models.captioner.cli", "caption images with a Qwen2-VL style captioner"),
+    "aot": ("lumina_jax.parallel.aot", "compile a step ahead of time for a TPU topology and report HBM use"),
+    "eval-shapes": ("lumina_jax.eval_shapes", "score generated images of the synthetic shapes model"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m lumina_jax <command> [args...]", "", "commands:"]
+    lines += [f"  {name:12s} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += ["", "python -m lumina_jax <command> --help for a command's options"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            print(f"command {name!r} is not available in this version ({module_name} missing)", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

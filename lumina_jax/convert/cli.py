@@ -1,0 +1,43 @@
+"""``python -m lumina_jax convert SRC DST --to jax|diffusers|original [--dtype fp32|bf16]``.
+
+Converts a Next-DiT checkpoint between the project's own format, a diffusers ``transformer/``
+directory and the original Alpha-VLLM layout. The source format is detected. Nothing is written at
+``DST`` unless the whole conversion succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lumina_jax.convert.errors import CheckpointError
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lumina_jax convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("src", help="checkpoint: project dir, diffusers transformer dir, or original .pth/.safetensors")
+    ap.add_argument("dst", help="output path (a file for --to original with a .pth/.safetensors suffix)")
+    ap.add_argument("--to", required=True, choices=["jax", "diffusers", "original"])
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="export dtype (default: keep)")
+    ap.add_argument("--config", default=None, help="model config name/YAML for original checkpoints (else inferred)")
+    ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    args = ap.parse_args(argv)
+
+    from lumina_jax.convert.nextdit import detect_format, load_transformer, save_transformer
+    from lumina_jax.models.nextdit import NextDiTConfig, param_count
+
+    t0 = time.time()
+    try:
+        fmt = detect_format(args.src)
+        config = NextDiTConfig.from_yaml(args.config) if args.config else None
+        print(f"reading {args.src} ({fmt})", flush=True)
+        config, params = load_transformer(args.src, config=config, dtype=None)
+        print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s; writing {args.to}", flush=True)
+        out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} in {time.time() - t0:.1f}s")
+    return 0
