@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from lumina_jax.convert.errors import CheckpointError
-from lumina_jax.convert.safetensors_io import SafetensorsFile, save_file, tensor_nbytes
+from lumina_jax.convert.safetensors_io import SafetensorsFile
 
 Params = dict[str, Any]
 
@@ -218,56 +218,48 @@ def write_sharded_safetensors(
     *,
     weights_name: str = "model.safetensors",
     index_name: str = SAFETENSORS_INDEX,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = 2 * 1024**3,
     metadata: Mapping[str, str] | None = None,
+    specs: list[tuple[str, tuple[int, ...], Any]] | None = None,
 ) -> list[Path]:
-    """Stream ``(name, array)`` pairs into safetensors shards of at most ``max_shard_bytes``.
+    """Write ``(name, array)`` pairs into safetensors shards of at most ``max_shard_bytes``.
 
     One shard -> ``weights_name``; several -> ``{stem}-0000i-of-0000n.safetensors`` plus an index json,
-    the names transformers/diffusers expect. Only one shard's tensors are held at a time.
+    the names transformers/diffusers expect. With ``specs`` (name, shape, dtype of every tensor, in
+    stream order) the shards are planned up front and each tensor is written as it arrives, so only
+    one tensor is in memory; without, one shard's tensors are held at a time.
     """
+    from lumina_jax.convert.safetensors_io import save_file_streaming
+
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = weights_name[: -len(".safetensors")]
-    shards: list[list[tuple[str, np.ndarray]]] = []
-    paths: list[Path] = []
-    current: list[tuple[str, np.ndarray]] = []
+    if specs is None:
+        held = [(k, np.asarray(v)) for k, v in tensors]
+        specs = [(k, v.shape, v.dtype) for k, v in held]
+        tensors = held
+    plan: list[list[tuple[str, tuple[int, ...], Any]]] = [[]]
     size = 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            p = out_dir / f"{stem}.part{len(paths):05d}.safetensors"
-            save_file(current, p, metadata=metadata)
-            paths.append(p)
-            shards.append([(k, None) for k, _ in current])  # keep names only
-        current, size = [], 0
-
-    for name, arr in tensors:
-        nb = tensor_nbytes(arr)
-        if current and size + nb > max_shard_bytes:
-            flush()
-        current.append((name, arr))
+    for name, shape, dtype in specs:
+        nb = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if plan[-1] and size + nb > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append((name, tuple(shape), np.dtype(dtype)))
         size += nb
-    flush()
-    if len(paths) == 1:
-        final = [out_dir / weights_name]
-        os.replace(paths[0], final[0])
-        return final
-    n = len(paths)
-    final = []
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, (p, names) in enumerate(zip(paths, shards)):
-        f = out_dir / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(p, f)
-        final.append(f)
-        for k, _ in names:
-            weight_map[k] = f.name
-        total += f.stat().st_size
-    (out_dir / index_name).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
-    )
-    return final
+    n = len(plan)
+    names = [out_dir / weights_name] if n == 1 else [
+        out_dir / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+    ]  # fmt: skip
+    it = iter(tensors)
+    for path, shard in zip(names, plan):
+        save_file_streaming(path, shard, (next(it) for _ in shard), metadata=metadata)
+    if n > 1:
+        weight_map = {name: path.name for path, shard in zip(names, plan) for name, _, _ in shard}
+        total = sum(p.stat().st_size for p in names)
+        (out_dir / index_name).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+        )
+    return names
 
 
 def cast(arr: np.ndarray, dtype: np.dtype | None) -> np.ndarray:

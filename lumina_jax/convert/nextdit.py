@@ -222,6 +222,22 @@ def jax_to_torch(flat: dict[str, Any], rules: list[Rule], dtype: Any = None) -> 
         yield rule.key, np.ascontiguousarray(cast(t, dtype))
 
 
+def jax_to_torch_specs(flat: dict[str, Any], rules: list[Rule], dtype: Any = None) -> list[tuple[str, tuple, np.dtype]]:
+    """``(key, shape, dtype)`` of every tensor :func:`jax_to_torch` will yield, in order (for streaming)."""
+    dt = resolve_dtype(dtype)
+    shapes = {k: tuple(np.shape(v)) for k, v in flat.items()}
+    out = []
+    for key, shape in torch_shapes(rules, shapes).items():
+        src = np.dtype(getattr(flat[rules_by_key(rules)[key].parts[0].path], "dtype", np.float32))
+        floating = np.issubdtype(src, np.floating) or src == np.dtype("bfloat16")
+        out.append((key, shape, dt if (dt is not None and floating) else src))
+    return out
+
+
+def rules_by_key(rules: list[Rule]) -> dict[str, Rule]:
+    return {r.key: r for r in rules}
+
+
 # ----------------------------------------------------------------------------------------------
 # format detection and config inference
 
@@ -371,7 +387,7 @@ def save_transformer(
     *,
     dtype: Any = None,
     overwrite: bool = False,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Write ``params`` in ``format`` to ``path`` atomically (nothing at ``path`` unless all succeeded).
 
@@ -394,8 +410,9 @@ def save_transformer(
         with atomic_output(path, overwrite=overwrite) as tmp:
             tmp.mkdir()
             (tmp / "config.json").write_text(json.dumps(config.to_diffusers_config(), indent=2))
+            rules = diffusers_rules(config)
             write_sharded_safetensors(
-                jax_to_torch(flat, diffusers_rules(config), dtype), tmp,
+                jax_to_torch(flat, rules, dtype), tmp, specs=jax_to_torch_specs(flat, rules, dtype),
                 weights_name="diffusion_pytorch_model.safetensors", index_name=DIFFUSERS_INDEX,
                 max_shard_bytes=max_shard_bytes,
             )  # fmt: skip
@@ -403,12 +420,14 @@ def save_transformer(
     if format == "original":
         target = path if path.suffix else path / "consolidated.00-of-01.pth"
         with atomic_output(target, overwrite=overwrite) as tmp:
-            tensors = jax_to_torch(flat, original_rules(config), dtype)
-            if target.suffix == ".safetensors":
-                from lumina_jax.convert.safetensors_io import save_file
+            rules = original_rules(config)
+            tensors = jax_to_torch(flat, rules, dtype)
+            if target.suffix == ".safetensors":  # streamed: one tensor in memory at a time
+                from lumina_jax.convert.safetensors_io import save_file_streaming
 
-                save_file(dict(tensors), tmp, metadata={"lumina_jax_config": json.dumps(config.to_dict())})
-            else:
+                meta = {"lumina_jax_config": json.dumps(config.to_dict())}
+                save_file_streaming(tmp, jax_to_torch_specs(flat, rules, dtype), tensors, metadata=meta)
+            else:  # torch.save pickles a whole dict: holds a second copy of the model
                 _torch_save(dict(tensors), tmp)
         return target
     raise ValueError(f"unknown format {format!r}; choose 'jax', 'diffusers' or 'original'")

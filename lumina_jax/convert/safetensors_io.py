@@ -73,7 +73,6 @@ class SafetensorsFile:
         for name, v in header.items():
             if v.get("dtype") not in _DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {v.get('dtype')!r}")
-        self._mmap: np.memmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -85,25 +84,77 @@ class SafetensorsFile:
         return _DTYPES[self._header[name]["dtype"]]
 
     def get(self, name: str) -> np.ndarray:
+        """Read one tensor with a positioned read into a fresh array.
+
+        (A memory map would be simpler, but every page it touches stays counted in the process's
+        resident memory while the map is open, doubling the apparent peak of a streaming conversion.)
+        """
         if name not in self._header:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         v = self._header[name]
         begin, end = (int(o) for o in v["data_offsets"])
         dt = _DTYPES[v["dtype"]]
-        buf = self._mmap[self._data_start + begin : self._data_start + end]
         shape = tuple(v["shape"])
-        if buf.size != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has {buf.size} bytes for shape {shape}")
-        return np.frombuffer(buf.tobytes(), dtype=dt.newbyteorder("<")).astype(dt, copy=False).reshape(shape)
+        n = int(np.prod(shape, dtype=np.int64))
+        if end - begin != n * dt.itemsize:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+        out = np.empty(shape, dtype=dt)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            got = 0
+            while got < len(view):
+                k = f.readinto(view[got:])
+                if not k:
+                    raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+                got += k
+        return out if dt.byteorder in ("=", "|") or np.little_endian else out.byteswap()
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for k in self.keys():
             yield k, self.get(k)
 
-    def close(self) -> None:
-        self._mmap = None
+    def close(self) -> None:  # nothing is held open between reads
+        pass
+
+
+TensorSpec = tuple[str, tuple[int, ...], np.dtype]
+
+
+def save_file_streaming(
+    path: str | os.PathLike,
+    specs: list[TensorSpec],
+    arrays: Iterable[tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write tensors one at a time: the header comes from ``specs`` (name, shape, dtype), then each
+    array from ``arrays`` (same names, same order) is written and dropped, so only one is in memory."""
+    header: dict[str, dict] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, shape, dtype in specs:
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {dtype} to safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes like the reference writer
+    it = iter(arrays)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in specs:
+            got_name, arr = next(it)
+            arr = np.asarray(arr)
+            if got_name != name or tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise CheckpointError(
+                    f"tensor stream out of plan: expected {name} {tuple(shape)} {np.dtype(dtype)}, "
+                    f"got {got_name} {tuple(arr.shape)} {arr.dtype}"
+                )
+            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def save_file(
@@ -111,32 +162,12 @@ def save_file(
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write ``tensors`` (name -> array) to ``path`` in safetensors format.
+    """Write ``tensors`` (name -> array, in their own dtypes) to ``path`` in safetensors format.
 
-    Arrays are written in their own dtype (use ``.astype`` first to change it). Accepts an iterable of
-    pairs so callers can stream, but the header needs all shapes first, so the pairs are materialised.
+    Holds all of them; use :func:`save_file_streaming` when the shapes are known up front.
     """
-    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
-    header: dict[str, dict] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    arrays = []
-    for name, arr in items:
-        arr = np.asarray(arr)
-        if arr.dtype not in _NAMES:
-            raise CheckpointError(f"cannot write tensor {name!r} of dtype {arr.dtype} to safetensors")
-        nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        arrays.append(arr)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes like the reference writer
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays:
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    items = [(k, np.asarray(v)) for k, v in (tensors.items() if isinstance(tensors, Mapping) else tensors)]
+    save_file_streaming(path, [(k, v.shape, v.dtype) for k, v in items], items, metadata)
 
 
 def tensor_nbytes(arr: np.ndarray) -> int:

@@ -1,0 +1,40 @@
+"""``python -m lumina_jax.bench attention [--batch 2 --image-tokens 4096 --caption-tokens 256 ...]``
+
+Every attention backend available on this platform at Lumina's shapes (24 q / 8 kv heads, head_dim 96),
+forward and forward+backward, in one run. For the whole model with each backend use
+``python -m lumina_jax.bench forward --attention BACKEND``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lumina_jax.bench attention", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--image-tokens", type=int, default=4096)
+    ap.add_argument("--caption-tokens", type=int, default=256)
+    ap.add_argument("--valid-caption-tokens", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=96)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--backends", nargs="*", default=None, help="default: all that run on this platform")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    from lumina_jax.ops.attention_bench import bench_attention, format_rows
+
+    rows = bench_attention(batch=a.batch, image_tokens=a.image_tokens, caption_tokens=a.caption_tokens,
+                           heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, dtype=a.dtype,
+                           backends=a.backends, valid_caption_tokens=a.valid_caption_tokens,
+                           iters=a.iters, warmup=a.warmup)  # fmt: skip
+    print(format_rows(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return 0

@@ -1,0 +1,151 @@
+"""``python -m lumina_jax.bench forward --config nextdit_2b --res 1024 1024 --batch 2 [--reference diffusers] [--compile]``
+
+Times one Next-DiT forward in JAX and, in the same run, diffusers' ``Lumina2Transformer2DModel`` with the
+same weights (eager, and with ``--compile`` also under ``torch.compile``). Reports ms per forward,
+TFLOP/s from the analytic count (``flops_forward``, the count of ``shared/bench/diffusers_anchor.py``),
+the JAX/reference speed ratio and the relative L2 difference of the outputs (a sanity check that both
+sides computed the same thing).
+
+``--res`` is in pixels (latent = res/8). Caption: ``--cap-valid`` valid tokens padded to ``--cap-pad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def _torch_reference(config, params, dtype_name: str):
+    import torch
+    from diffusers import Lumina2Transformer2DModel
+
+    from lumina_jax.convert.common import flatten
+    from lumina_jax.convert.nextdit import diffusers_rules, jax_to_torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    with torch.device(device):  # (not "meta": the RoPE tables are plain tensors, not buffers)
+        model = Lumina2Transformer2DModel(**{k: v for k, v in config.to_diffusers_config().items() if not k.startswith("_")})
+    model = model.to(dtype=tdtype).eval()
+    with torch.no_grad():
+        state = model.state_dict()
+        for k, v in jax_to_torch(flatten(params), diffusers_rules(config), "fp32"):
+            state[k].copy_(torch.from_numpy(np.asarray(v, np.float32)))
+    return model, device, tdtype
+
+
+def _time_torch(fn, device: str, warmup: int, iters: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ts = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts))
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lumina_jax.bench forward", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--config", default="nextdit_tiny")
+    ap.add_argument("--res", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="image size in pixels")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--cap-valid", type=int, default=96)
+    ap.add_argument("--cap-pad", type=int, default=128)
+    ap.add_argument("--attention", default="auto", help="attention backend (auto, xla, cudnn, pallas, ...)")
+    ap.add_argument("--reference", choices=["none", "diffusers"], default="diffusers")
+    ap.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from lumina_jax.bench import block, print_table, time_fn
+    from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, flops_forward, init_params
+
+    config = NextDiTConfig.from_yaml(args.config)
+    h, w = args.res
+    if h % 16 or w % 16:
+        raise SystemExit(f"--res {h} {w}: sizes must be multiples of 16 px")
+    lh, lw = h // 8, w // 8
+    n_img = (lh // config.patch_size) * (lw // config.patch_size)
+    cap_valid = min(args.cap_valid, args.cap_pad)
+    flops = args.batch * flops_forward(config, cap_valid, n_img)
+    dt = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]
+
+    # random weights; adaLN/final layer are zero-initialised by the model, so perturb them to make the
+    # output comparison meaningful
+    params = init_params(config, 0)
+    key = jax.random.PRNGKey(1)
+    params = jax.tree_util.tree_map(lambda p: p + 0.02 * jax.random.normal(key, p.shape, p.dtype), params)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, lh, lw, config.in_channels)).astype(np.float32)
+    t = rng.uniform(0, 1, args.batch).astype(np.float32)
+    cap = rng.standard_normal((args.batch, args.cap_pad, config.cap_feat_dim)).astype(np.float32)
+    mask = np.zeros((args.batch, args.cap_pad), bool)
+    mask[:, :cap_valid] = True
+
+    model = NextDiT(config, dtype=dt, attention_backend=args.attention)
+    run_params = jax.device_put(jax.tree_util.tree_map(lambda p: p.astype(dt), params))
+    fwd = jax.jit(lambda p, x, t, c, m: model.apply({"params": p}, x, t, c, m))
+    jargs = [jax.device_put(jnp.asarray(a)) for a in (x, t, cap.astype(np.float32), mask)]
+    jargs[2] = jargs[2].astype(dt)
+    t0 = time.perf_counter()
+    out = block(fwd(run_params, *jargs))
+    compile_s = time.perf_counter() - t0
+    r = time_fn(lambda: fwd(run_params, *jargs), warmup=args.warmup, iters=args.iters, sync=block)
+    device = str(jax.devices()[0].device_kind)
+    rows = [dict(impl=f"jax ({args.attention})", device=device, ms=r["median_ms"], tflops=flops / r["median_ms"] / 1e9,
+                 compile_s=compile_s)]  # fmt: skip
+    jax_ms = r["median_ms"]
+
+    if args.reference == "diffusers":
+        import torch
+
+        ref, tdev, tdtype = _torch_reference(config, params, args.dtype)
+        tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(tdev, tdtype)
+        tt = torch.from_numpy(t).to(tdev)
+        tc = torch.from_numpy(cap).to(tdev, tdtype)
+        tm = torch.from_numpy(mask).to(tdev)
+        with torch.no_grad():
+            ref_out = ref(tx, tt, tc, tm, return_dict=False)[0].float().cpu().numpy().transpose(0, 2, 3, 1)
+        diff = float(np.linalg.norm(np.asarray(out, np.float64) - ref_out) / np.linalg.norm(ref_out))
+        rows[0]["rel_l2_vs_ref"] = diff
+        names = [("diffusers eager", ref)]
+        if args.compile:
+            t0 = time.perf_counter()
+            cm = torch.compile(ref)
+            with torch.no_grad():
+                cm(tx, tt, tc, tm, return_dict=False)
+            names.append(("diffusers torch.compile", cm))
+            compile_ref = time.perf_counter() - t0
+        for name, m in names:
+            ms = _time_torch(lambda m=m: m(tx, tt, tc, tm, return_dict=False), tdev, args.warmup, args.iters)
+            row = dict(impl=name, device=torch.cuda.get_device_name(0) if tdev == "cuda" else "cpu", ms=ms,
+                       tflops=flops / ms / 1e9, jax_speedup=ms / jax_ms)  # fmt: skip
+            if "compile" in name:
+                row["compile_s"] = compile_ref
+            rows.append(row)
+
+    print(f"Next-DiT forward: config={args.config} res={h}x{w} batch={args.batch} dtype={args.dtype} "
+          f"tokens={cap_valid}+{n_img} flops={flops / 1e12:.3f} TFLOP")  # fmt: skip
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    return 0

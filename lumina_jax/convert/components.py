@@ -1,0 +1,339 @@
+"""Every component of a Lumina-Image 2.0 model, from a diffusers pipeline directory or the project's own
+layout, with an optional converted-weights cache.
+
+Layouts read by :func:`load_components`:
+
+- **diffusers** (``Lumina2Pipeline.save_pretrained``, the ``Alpha-VLLM/Lumina-Image-2.0`` hub repo)::
+
+      model_index.json  transformer/  text_encoder/  tokenizer/  vae/  scheduler/
+
+  Each part goes through its own converter: :func:`lumina_jax.convert.nextdit.load_transformer`,
+  :func:`lumina_jax.convert.gemma2.load_text_encoder`, :func:`lumina_jax.text.load_tokenizer`,
+  :func:`lumina_jax.convert.vae.load_vae`; ``scheduler/scheduler_config.json`` is read as a dict (its
+  ``shift`` is the default time shift).
+- **lumina_jax** (written by :func:`save_components`): ``lumina_jax_pipeline.json`` plus one directory per
+  component; every weight is an orbax checkpoint (``transformer/`` is the Next-DiT ``"jax"`` format,
+  ``text_encoder/`` and ``vae/`` hold ``lumina_jax.json`` with the config and ``params/``), the tokenizer
+  is a ``save_pretrained`` folder and the scheduler its JSON. Loading it needs neither torch nor
+  conversion.
+
+``transformer=`` replaces the transformer with any checkpoint :func:`load_transformer` reads (an
+original ``consolidated*.pth``, a diffusers ``transformer/`` folder, a project checkpoint), so e.g. a
+fine-tuned original checkpoint runs with the text encoder and VAE of a pipeline directory.
+
+``cache=True`` (or a directory) stores the converted components of a diffusers directory in the
+lumina_jax layout under a key made of the source path, file sizes and modification times, and loads
+from there next time (no torch, no key mapping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+
+from lumina_jax.convert.common import atomic_output, cast, flatten, resolve_dtype, to_numpy, unflatten
+from lumina_jax.convert.errors import CheckpointError, check_keys
+from lumina_jax.models.gemma2 import Gemma2Config
+from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.models.vae import VAEConfig
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+Layout = Literal["diffusers", "lumina_jax"]
+PIPELINE_MARKER = "lumina_jax_pipeline.json"
+COMPONENT_MARKER = "lumina_jax.json"
+LAYOUT_VERSION = 1
+REQUIRED = ("transformer", "text_encoder", "tokenizer", "vae")
+DIFFUSERS_PIPELINE_CLASSES = ("Lumina2Pipeline", "Lumina2Text2ImgPipeline")
+DEFAULT_SCHEDULER: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 6.0,
+    "use_dynamic_shifting": False,
+}  # fmt: skip
+HUB_PATTERNS = ["model_index.json", "transformer/*", "text_encoder/*", "tokenizer/*", "vae/*", "scheduler/*"]
+
+
+def cache_home() -> Path:
+    """Root of the project's caches: ``$LUMINA_JAX_CACHE`` or ``~/.cache/lumina_jax``."""
+    return Path(os.environ.get("LUMINA_JAX_CACHE") or Path.home() / ".cache" / "lumina_jax").expanduser()
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything a pipeline needs; params are host NumPy trees."""
+
+    transformer_config: NextDiTConfig
+    transformer: Params
+    text_encoder_config: Gemma2Config
+    text_encoder: Params
+    tokenizer: Any
+    vae_config: VAEConfig
+    vae: Params
+    scheduler: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    default_image_size: int = 1024
+    source: str = ""
+    layout: str = ""
+
+    @property
+    def time_shift(self) -> float:
+        """The scheduler's ``shift`` (6.0 for the released model)."""
+        return float(self.scheduler.get("shift", DEFAULT_SCHEDULER["shift"]))
+
+    def check(self) -> None:
+        """Cross-component consistency: caption width = encoder width, latent channels agree."""
+        t, g, v = self.transformer_config, self.text_encoder_config, self.vae_config
+        if t.cap_feat_dim != g.hidden_size:
+            raise CheckpointError(f"transformer cap_feat_dim={t.cap_feat_dim} but the text encoder's hidden size "
+                                  f"is {g.hidden_size}")
+        if t.in_channels != v.latent_channels:
+            raise CheckpointError(f"transformer in_channels={t.in_channels} but the VAE has "
+                                  f"{v.latent_channels} latent channels")
+        if len(self.tokenizer) > g.vocab_size:
+            raise CheckpointError(f"tokenizer has {len(self.tokenizer)} tokens, the text encoder only "
+                                  f"{g.vocab_size} embeddings")
+
+
+# ----------------------------------------------------------------------------------------------
+# layout detection
+
+
+def detect_layout(path: str | os.PathLike) -> Layout:
+    """``"lumina_jax"`` or ``"diffusers"``; a :class:`CheckpointError` names what is missing otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such directory")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: a whole model is a directory (for a single transformer checkpoint pass it "
+                              f"as transformer= together with a pipeline directory)")
+    if (p / PIPELINE_MARKER).exists():
+        layout: Layout = "lumina_jax"
+    else:
+        idx = p / "model_index.json"
+        if idx.exists():
+            cls = json.loads(idx.read_text()).get("_class_name", "")
+            if cls not in DIFFUSERS_PIPELINE_CLASSES:
+                raise CheckpointError(f"{idx}: pipeline class {cls!r} is not Lumina2Pipeline")
+        elif not any((p / c).is_dir() for c in REQUIRED):
+            raise CheckpointError(
+                f"{p}: not a Lumina-Image 2.0 model directory (no {PIPELINE_MARKER}, no model_index.json and "
+                f"none of {list(REQUIRED)}); found: {sorted(q.name for q in p.iterdir())[:20]}")
+        layout = "diffusers"
+    missing = [c for c in REQUIRED if not (p / c).is_dir()]
+    if missing:
+        raise CheckpointError(
+            f"{p}: incomplete {layout} model directory: missing component(s) {missing} "
+            f"(a pipeline needs {', '.join(c + '/' for c in REQUIRED)} and optionally scheduler/)")
+    return layout
+
+
+def resolve_pretrained(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id downloaded with ``huggingface_hub.snapshot_download``
+    (only the diffusers component folders; needs network or the HF cache)."""
+    p = Path(path_or_hub_id).expanduser()
+    if p.exists():
+        return p
+    s = str(path_or_hub_id)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise CheckpointError(f"{s}: no such directory (and not a hub id of the form 'owner/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, auth: all end here with the reason
+        raise CheckpointError(f"{s!r} is not a local directory and could not be fetched from the Hugging Face "
+                              f"hub ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def load_components(
+    path: str | os.PathLike,
+    *,
+    transformer: Optional[str | os.PathLike] = None,
+    dtype: Any = "fp32",
+    cache: Union[bool, str, os.PathLike] = False,
+) -> Components:
+    """Load every component of a Lumina-Image 2.0 model directory (see the module docstring).
+
+    Args:
+      path: a diffusers pipeline directory, a lumina_jax layout directory, or a hub id.
+      transformer: optional checkpoint that replaces the directory's transformer (any format).
+      dtype: weight dtype of the returned params (``"fp32"``, ``"bf16"``).
+      cache: for diffusers directories, ``True`` caches the converted weights under
+        ``cache_home()/converted`` (a directory path chooses another root); the next load reads the cache.
+    Raises:
+      CheckpointError: missing component, unknown layout, or keys/shapes that do not match.
+    """
+    root = resolve_pretrained(path)
+    layout = detect_layout(root)
+    if layout == "diffusers" and cache:
+        cache_root = cache_home() / "converted" if cache is True else Path(cache)
+        cached = cache_root / _cache_key(root, dtype)
+        if (cached / PIPELINE_MARKER).exists():
+            log.info("loading converted weights from the cache %s", cached)
+            comps = _load_lumina_jax(cached, dtype)
+            comps.source, comps.layout = str(root), "diffusers (cached)"
+        else:
+            comps = _load_diffusers(root, dtype)
+            try:
+                save_components(cached, comps)
+                log.info("cached the converted weights in %s", cached)
+            except FileExistsError:  # another process wrote it meanwhile
+                pass
+    elif layout == "diffusers":
+        comps = _load_diffusers(root, dtype)
+    else:
+        comps = _load_lumina_jax(root, dtype)
+    if transformer is not None:
+        from lumina_jax.convert.nextdit import load_transformer
+
+        comps.transformer_config, comps.transformer = load_transformer(transformer, dtype=dtype)
+        comps.source += f" + transformer {transformer}"
+    comps.check()
+    return comps
+
+
+def _read_scheduler(root: Path) -> dict[str, Any]:
+    f = root / "scheduler" / "scheduler_config.json"
+    if not f.exists():
+        log.warning("%s: no scheduler/scheduler_config.json; using the Lumina-Image 2.0 defaults %s", root,
+                    DEFAULT_SCHEDULER)
+        return dict(DEFAULT_SCHEDULER)
+    cfg = json.loads(f.read_text())
+    cls = cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    if cls != "FlowMatchEulerDiscreteScheduler":
+        log.warning("%s: scheduler %s is not FlowMatchEulerDiscreteScheduler; only its 'shift' is used", f, cls)
+    for key in ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                "invert_sigmas", "stochastic_sampling"):
+        if cfg.get(key):
+            log.warning("%s: %s=true is not implemented by the JAX samplers and is ignored", f, key)
+    if cfg.get("shift_terminal"):
+        log.warning("%s: shift_terminal is not implemented by the JAX samplers and is ignored", f)
+    return cfg
+
+
+def _load_diffusers(root: Path, dtype: Any) -> Components:
+    from lumina_jax.convert.gemma2 import load_text_encoder
+    from lumina_jax.convert.nextdit import load_transformer
+    from lumina_jax.convert.vae import load_vae
+    from lumina_jax.text import load_tokenizer
+
+    t_cfg, t_params = load_transformer(root / "transformer", dtype=dtype)
+    g_cfg, g_params = load_text_encoder(root / "text_encoder", dtype=dtype)
+    v_cfg, v_params = load_vae(root / "vae", dtype=dtype)
+    tok = load_tokenizer(root / "tokenizer")
+    size = 1024
+    cfg_file = root / "transformer" / "config.json"
+    if cfg_file.exists():
+        size = int(json.loads(cfg_file.read_text()).get("sample_size", 128)) * v_cfg.downsample_factor
+    return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root), size,
+                      str(root), "diffusers")
+
+
+def _load_lumina_jax(root: Path, dtype: Any) -> Components:
+    from lumina_jax.convert.nextdit import load_transformer
+    from lumina_jax.text import load_tokenizer
+
+    meta = json.loads((root / PIPELINE_MARKER).read_text())
+    if int(meta.get("version", 0)) > LAYOUT_VERSION:
+        raise CheckpointError(f"{root}: layout version {meta.get('version')} is newer than this code "
+                              f"({LAYOUT_VERSION})")
+    t_cfg, t_params = load_transformer(root / "transformer", dtype=dtype)
+    g_cfg, g_params = _load_orbax_component(root / "text_encoder", "gemma2", Gemma2Config, dtype)
+    v_cfg, v_params = _load_orbax_component(root / "vae", "vae", VAEConfig, dtype)
+    tok = load_tokenizer(root / "tokenizer")
+    return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root),
+                      int(meta.get("default_image_size", 1024)), str(root), "lumina_jax")
+
+
+def _load_orbax_component(d: Path, model: str, cfg_cls: Any, dtype: Any) -> tuple[Any, Params]:
+    import orbax.checkpoint as ocp
+
+    marker = d / COMPONENT_MARKER
+    if not marker.exists():
+        raise CheckpointError(f"{d}: missing {COMPONENT_MARKER} (not a lumina_jax component directory)")
+    meta = json.loads(marker.read_text())
+    if meta.get("model") != model:
+        raise CheckpointError(f"{d}: holds a {meta.get('model')!r} component, expected {model!r}")
+    config = cfg_cls.from_dict(meta["config"])
+    if not (d / "params").exists():
+        raise CheckpointError(f"{d}: missing params/ (incomplete checkpoint)")
+    try:
+        tree = ocp.StandardCheckpointer().restore((d / "params").absolute())
+    except Exception as e:  # orbax raises various types for damaged checkpoints
+        raise CheckpointError(f"{d}: cannot restore params ({type(e).__name__}: {e})") from None
+    dt = resolve_dtype(dtype)
+    flat = {k: cast(np.asarray(v), dt) for k, v in flatten(tree).items()}
+    expected = {k: tuple(v) for k, v in meta.get("shapes", {}).items()}
+    if expected:
+        check_keys(expected, {k: v.shape for k, v in flat.items()}, f"{d} ({model})")
+    return config, unflatten(flat)
+
+
+# ----------------------------------------------------------------------------------------------
+# saving
+
+
+def save_components(path: str | os.PathLike, components: Components, *, dtype: Any = None,
+                    overwrite: bool = False) -> Path:
+    """Write ``components`` in the lumina_jax layout (atomically: nothing at ``path`` unless complete).
+
+    ``dtype`` ``None`` keeps the params' dtype; ``"bf16"`` halves the size.
+    """
+    from lumina_jax.convert.nextdit import save_transformer
+
+    c = components
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        save_transformer(tmp / "transformer", c.transformer_config, c.transformer, "jax", dtype=dtype)
+        _save_orbax_component(tmp / "text_encoder", "gemma2", dataclasses.asdict(c.text_encoder_config),
+                              c.text_encoder, dtype)  # fmt: skip
+        _save_orbax_component(tmp / "vae", "vae", c.vae_config.to_dict(), c.vae, dtype)
+        c.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(c.scheduler, indent=2) + "\n")
+        meta = {"format": "lumina_jax.pipeline", "version": LAYOUT_VERSION, "components": list(REQUIRED) +
+                ["scheduler"], "default_image_size": int(c.default_image_size), "source": c.source}  # fmt: skip
+        (tmp / PIPELINE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(path)
+
+
+def _save_orbax_component(d: Path, model: str, config: dict[str, Any], params: Params, dtype: Any) -> None:
+    import orbax.checkpoint as ocp
+
+    dt = resolve_dtype(dtype)
+    flat = {k: cast(to_numpy(v), dt) for k, v in flatten(params).items()}
+    d.mkdir()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save((d / "params").absolute(), unflatten(flat))
+    ckptr.wait_until_finished()
+    meta = {"model": model, "config": _jsonable(config), "shapes": {k: list(v.shape) for k, v in flat.items()}}
+    (d / COMPONENT_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _cache_key(root: Path, dtype: Any) -> str:
+    """Source path + every weight/config file's size and mtime + dtype + layout version."""
+    h = hashlib.sha256()
+    h.update(f"{root.resolve()}|{dtype}|v{LAYOUT_VERSION}".encode())
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{root.resolve().name}-{h.hexdigest()[:16]}"

@@ -1,0 +1,230 @@
+"""Latent cache: precomputed VAE latents and text features in ArrayRecord shards.
+
+Training on a cache skips the VAE encoder and Gemma at every step. The encoders are not part of this
+module: whatever produces the records (a one-off job running the VAE + text encoder over the raw
+pipeline with ``shuffle=False, num_epochs=1, caption_dropout=0``) hands them to
+:func:`write_latent_cache`, and :class:`LatentCacheSource` plugs into
+:class:`lumina_jax.data.pipeline.DataPipeline` like an image source. Batches then carry ``latents``,
+``cap_feats`` and ``cap_mask`` instead of ``images``.
+
+Record schema ``lumina_latent_cache/v1`` (``LJR1`` container, :mod:`lumina_jax.data.records`)::
+
+    latent     bfloat16 (H/8, W/8, 16)  VAE latent, already shifted and scaled:
+                                         (mode(z) - 0.1159) * 0.3611 (spec §5)
+    cap_feats  bfloat16 (L, D)           Gemma-2 hidden_states[-2] of `prompt` (D = 2304 for 2B)
+    cap_mask   bool     (L,)             attention mask of those tokens (right padding)
+    crop_size  [H, W]                    pixel size of the crop that was encoded (= 8 * latent H, W)
+    prompt     str                       the exact encoded text (system prompt + caption)
+    key        str                       optional: id of the raw item
+
+Directory layout::
+
+    <out_dir>/latents-00000.array_record ...   shards, renamed into place when complete
+    <out_dir>/cache_config.json                 {"schema", "shard_size"}, written first
+    <out_dir>/empty_prompt.ljr                  optional: features of "" (needed for caption dropout)
+    <out_dir>/cache_info.json                   {"schema", "num_records", "shards"}, written last
+
+Caption dropout on a cache replaces a sample's ``cap_feats``/``cap_mask`` with the stored features
+of the empty prompt (no system prompt), as the original does with the text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from lumina_jax.data import records as rec_lib
+from lumina_jax.data.sources import SkipSample
+from lumina_jax.data.transforms import sample_rng, skip_marker
+
+LATENT_CACHE_SCHEMA = "lumina_latent_cache/v1"
+LATENT_SHARD_PREFIX = "latents"
+VAE_DOWNSAMPLE = 8
+LATENT_CHANNELS = 16
+_EMPTY_PROMPT_FILE = "empty_prompt.ljr"
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def make_latent_record(
+    latent: np.ndarray,
+    cap_feats: np.ndarray,
+    cap_mask: np.ndarray,
+    prompt: str,
+    crop_size: Optional[Sequence[int]] = None,
+    key: Optional[str] = None,
+) -> dict[str, Any]:
+    """A validated cache record (arrays cast to the schema dtypes)."""
+    latent = np.asarray(latent)
+    cap_feats = np.asarray(cap_feats)
+    cap_mask = np.asarray(cap_mask)
+    if latent.ndim != 3 or latent.shape[-1] != LATENT_CHANNELS:
+        raise ValueError(f"latent must be (H/8, W/8, {LATENT_CHANNELS}), got {latent.shape}")
+    if cap_feats.ndim != 2:
+        raise ValueError(f"cap_feats must be (L, D), got {cap_feats.shape}")
+    if cap_mask.shape != cap_feats.shape[:1]:
+        raise ValueError(f"cap_mask shape {cap_mask.shape} does not match cap_feats {cap_feats.shape}")
+    expected = [latent.shape[0] * VAE_DOWNSAMPLE, latent.shape[1] * VAE_DOWNSAMPLE]
+    if crop_size is not None and list(crop_size) != expected:
+        raise ValueError(f"crop_size {list(crop_size)} does not match the latent ({expected})")
+    record = {
+        "schema": LATENT_CACHE_SCHEMA,
+        "latent": latent.astype(_BF16),
+        "cap_feats": cap_feats.astype(_BF16),
+        "cap_mask": cap_mask.astype(bool),
+        "crop_size": expected,
+        "prompt": prompt,
+    }
+    if key is not None:
+        record["key"] = key
+    return record
+
+
+def _encode(record: Mapping[str, Any]) -> bytes:
+    if record.get("schema") != LATENT_CACHE_SCHEMA:
+        record = make_latent_record(
+            record["latent"], record["cap_feats"], record["cap_mask"], record.get("prompt", ""),
+            record.get("crop_size"), record.get("key"),
+        )
+    return rec_lib.encode_record(record)
+
+
+def write_latent_cache(
+    records: Iterable[Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    empty_prompt_features: Optional[tuple[np.ndarray, np.ndarray]] = None,
+) -> list[Path]:
+    """Writes cache records (dicts with ``latent``, ``cap_feats``, ``cap_mask``, ``prompt`` and
+    optionally ``crop_size``, ``key``) as ArrayRecord shards.
+
+    Resumable: shards that already exist are complete (each is written to a temp file and renamed)
+    and are skipped; pass a ``Sequence`` (e.g. a lazy one that runs the encoders in ``__getitem__``)
+    to avoid recomputing their records. ``shard_size`` must match the interrupted run.
+    ``empty_prompt_features``: ``(cap_feats, cap_mask)`` of ``""``, needed to train with caption dropout.
+    Returns the shard paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "cache_config.json"
+    config = {"schema": LATENT_CACHE_SCHEMA, "shard_size": int(shard_size)}
+    if config_path.exists():
+        existing = json.loads(config_path.read_text())
+        if existing != config:
+            raise ValueError(
+                f"{out_dir} holds a cache written with {existing}; cannot resume it with {config}"
+            )
+    else:
+        rec_lib.write_json_atomic(config_path, config)
+    if empty_prompt_features is not None:
+        feats, mask = empty_prompt_features
+        empty = make_latent_record(np.zeros((1, 1, LATENT_CHANNELS)), feats, mask, prompt="")
+        data = rec_lib.encode_record({k: empty[k] for k in ("schema", "cap_feats", "cap_mask", "prompt")})
+        tmp = out_dir / f".{_EMPTY_PROMPT_FILE}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, out_dir / _EMPTY_PROMPT_FILE)
+    paths = rec_lib.write_sharded(records, out_dir, shard_size, LATENT_SHARD_PREFIX, encode=_encode)
+    reader = rec_lib.ShardedRecordReader(paths) if paths else None
+    rec_lib.write_json_atomic(
+        out_dir / "cache_info.json",
+        {
+            "schema": LATENT_CACHE_SCHEMA,
+            "num_records": len(reader) if reader else 0,
+            "shards": [p.name for p in paths],
+        },
+    )
+    return paths
+
+
+class LatentCacheSource:
+    """Random access over a latent cache directory (``kind = "latent"``).
+
+    ``get(index)`` returns the decoded record (arrays are read-only views). Picklable.
+    """
+
+    kind = "latent"
+
+    def __init__(self, cache_dir: str | os.PathLike, name: Optional[str] = None):
+        cache_dir = Path(cache_dir)
+        shards = rec_lib.list_shards(cache_dir, LATENT_SHARD_PREFIX)
+        if not shards:
+            raise FileNotFoundError(f"no '{LATENT_SHARD_PREFIX}-*.array_record' shards in {cache_dir}")
+        self.name = name or cache_dir.name
+        self.cache_dir = str(cache_dir)
+        self._reader = rec_lib.ShardedRecordReader(shards)
+        self.empty_prompt: Optional[tuple[np.ndarray, np.ndarray]] = None
+        empty_path = cache_dir / _EMPTY_PROMPT_FILE
+        if empty_path.exists():
+            rec = rec_lib.decode_record(empty_path.read_bytes())
+            self.empty_prompt = (np.array(rec["cap_feats"]), np.array(rec["cap_mask"]))
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def get(self, index: int) -> dict[str, Any]:
+        try:
+            record = rec_lib.decode_record(self._reader[index])
+        except rec_lib.RecordFormatError as e:
+            raise SkipSample("bad_record", str(e)) from e
+        if record.get("schema") != LATENT_CACHE_SCHEMA:
+            raise SkipSample("bad_record", f"schema {record.get('schema')!r}")
+        return record
+
+
+class LatentSampleLoader:
+    """``(epoch, record_index) -> sample`` for a :class:`LatentCacheSource` (or a skip marker).
+
+    Sample: ``latent`` (h, w, 16) bf16, ``cap_feats`` (L, D) bf16, ``cap_mask`` (L,), ``image_size``
+    (H, W) px, ``prompt``, ``caption_dropped``, ``id``, ``key``, ``source``, ``epoch``. Caption dropout
+    swaps in the cache's empty-prompt features, with the same per-sample RNG as image sources.
+    """
+
+    def __init__(self, source: LatentCacheSource, source_id: int, caption_dropout: float, seed: int):
+        if caption_dropout > 0 and source.empty_prompt is None:
+            raise ValueError(
+                f"latent cache {source.name!r} has no empty-prompt features ({_EMPTY_PROMPT_FILE}); "
+                f"write it with write_latent_cache(..., empty_prompt_features=...) or set "
+                f"caption_dropout=0"
+            )
+        self.source = source
+        self.source_id = source_id
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+
+    def __call__(self, item: tuple[int, int]) -> dict:
+        epoch, index = int(item[0]), int(item[1])
+        name = self.source.name
+        default_key = f"{name}:{index}"
+        try:
+            record = self.source.get(index)
+        except SkipSample as e:
+            return skip_marker(e.reason, name, f"{default_key} ({e.detail})")
+        except Exception as e:  # noqa: BLE001
+            return skip_marker("unreadable", name, f"{default_key} ({type(e).__name__}: {e})")
+        try:
+            latent, feats, mask = record["latent"], record["cap_feats"], record["cap_mask"]
+            h, w = (int(s) for s in record["crop_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            return skip_marker("bad_record", name, f"{default_key} ({e})")
+        rng = sample_rng(self.seed, self.source_id, epoch, index)
+        dropped = bool(rng.random() < self.caption_dropout)
+        prompt = record.get("prompt", "")
+        if dropped:
+            feats, mask = self.source.empty_prompt
+            prompt = ""
+        return {
+            "latent": latent,
+            "cap_feats": feats,
+            "cap_mask": mask,
+            "image_size": (h, w),
+            "prompt": prompt,
+            "caption_dropped": dropped,
+            "id": default_key,
+            "key": record.get("key", default_key),
+            "source": self.source_id,
+            "epoch": epoch,
+        }

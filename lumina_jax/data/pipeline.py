@@ -1,0 +1,430 @@
+"""The training input pipeline: sources -> host shard -> shuffle -> decode/crop -> mix -> batch.
+
+Built on grain's dataset API (jax_notes §5)::
+
+    for each source (weight w_i):
+        range(epochs * per_host_epoch)
+          .map(EpochShardIndex)     # local step -> (epoch, record): per-epoch global shuffle, host slice
+          .map(loader)              # read + decode + crop + prompt, or a skip marker (never raises)
+          .to_iter_dataset(threads) # ordered thread prefetch
+        -> SkipGuard                # absorbs skip markers into the next sample, detects dead sources
+    IterDataset.mix(components, weights)   # deterministic interleave, per-component state
+    -> BatchIterDataset                    # crop-size buckets (default) or token-budget packing
+    -> optional tokenize(prompts)          # per batch
+    -> mp_prefetch(num_workers)            # worker processes
+    -> DataIterator                        # strips/accumulates counters, get_state/set_state
+
+Sharding across hosts: every epoch, the records of a source are permuted with a seed derived from
+``(seed, source, epoch)``, and host ``h`` of ``n`` takes positions ``h, h+n, ...`` of that permutation
+(``drop_shard_remainder`` keeps the hosts' counts equal). Hosts are disjoint within an epoch and
+cover the whole source (minus the remainder), and a record gets the same per-sample randomness on
+any number of hosts.
+
+Determinism: the same seed, sources, config, host count and ``num_workers`` give the same batches.
+Worker processes each batch their own slice of the stream, so changing ``num_workers`` changes the
+batches (not the per-sample content); restoring a saved state requires the same ``num_workers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import grain
+import numpy as np
+
+from lumina_jax.data import batching
+from lumina_jax.data.stats import DataStats
+from lumina_jax.data.transforms import ImageSampleLoader, ImageTransformConfig, is_skip
+
+logger = logging.getLogger("lumina_jax.data")
+
+Tokenize = Callable[[list[str]], Mapping[str, np.ndarray]]
+
+
+class NoUsableSampleError(RuntimeError):
+    """A source yields no usable sample."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of :class:`DataPipeline` (per host).
+
+    Attributes:
+      resolution: stage resolution (crop sizes and token budget follow from it).
+      batch_size: rows per batch on this host.
+      batching: ``"bucket"`` (default: one crop size per batch, dense arrays) or ``"mixed"``
+        (any sizes per batch, patch tokens padded to the token budget); see
+        :mod:`lumina_jax.data.batching`.
+      bucket_window: longest wait of a sample in a bucket, in samples read after it (default
+        ``16 * batch_size``); a bucket still incomplete then is emitted padded.
+      drop_incomplete: drop (and count) buckets that do not fill, instead of padding them.
+      seed: seeds shuffling and per-sample randomness.
+      shuffle: shuffle each epoch (False: records in order; still sharded by host).
+      num_epochs: passes over each source; ``None`` = forever. With several sources the mixture ends
+        when the first source ends.
+      caption_dropout, random_crop_offset, image_dtype, max_ratio: see
+        :class:`lumina_jax.data.transforms.ImageTransformConfig`.
+      shard_index, shard_count: this host's slice; default ``jax.process_index()/process_count()``.
+      drop_shard_remainder: give every host ``len // shard_count`` records per epoch.
+      num_workers: grain worker processes (0: everything in this process).
+      worker_buffer_size: batches buffered per worker.
+      read_threads: threads reading/decoding samples of each source (per process).
+      read_buffer_size: samples read ahead per source (default ``2 * batch_size``).
+      max_consecutive_skips: a source that skips this many records in a row is an error.
+      probe_samples: records of each source tried at construction; if all fail (and that is the
+        whole source) it is an error naming the source.
+      text_len, text_pad_multiple: padding of cached text features (latent sources).
+    """
+
+    resolution: int = 1024
+    batch_size: int = 16
+    batching: str = "bucket"
+    bucket_window: Optional[int] = None
+    drop_incomplete: bool = False
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: Optional[int] = None
+    caption_dropout: float = 0.1
+    random_crop_offset: bool = False
+    image_dtype: str = "float32"
+    max_ratio: float = 4.0
+    shard_index: Optional[int] = None
+    shard_count: Optional[int] = None
+    drop_shard_remainder: bool = True
+    num_workers: int = 0
+    worker_buffer_size: int = 2
+    read_threads: int = 2
+    read_buffer_size: Optional[int] = None
+    max_consecutive_skips: int = 1000
+    probe_samples: int = 32
+    text_len: Optional[int] = None
+    text_pad_multiple: int = 8
+
+    def __post_init__(self):
+        if self.batching not in ("bucket", "mixed"):
+            raise ValueError(f"batching must be 'bucket' or 'mixed', got {self.batching!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        self.transform_config()  # validates resolution, caption_dropout, max_ratio, image_dtype
+
+    @property
+    def token_budget(self) -> int:
+        return (self.resolution // batching.IMAGE_PATCH) ** 2
+
+    def transform_config(self) -> ImageTransformConfig:
+        return ImageTransformConfig(
+            resolution=self.resolution,
+            caption_dropout=self.caption_dropout,
+            random_crop_offset=self.random_crop_offset,
+            max_ratio=self.max_ratio,
+            image_dtype=self.image_dtype,
+        )
+
+    def host_shard(self) -> tuple[int, int]:
+        if self.shard_index is None and self.shard_count is None:
+            import jax
+
+            return jax.process_index(), jax.process_count()
+        if self.shard_index is None or self.shard_count is None:
+            raise ValueError("give both shard_index and shard_count, or neither")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
+        return self.shard_index, self.shard_count
+
+
+class EpochShardIndex:
+    """Local step ``k`` of one host -> ``(epoch, record_index)`` of a source of ``n`` records."""
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        source_id: int,
+        shard_index: int,
+        shard_count: int,
+        drop_remainder: bool = True,
+        shuffle: bool = True,
+    ):
+        self.n, self.seed, self.source_id = n, seed, source_id
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.shuffle = shuffle
+        if drop_remainder:
+            self.per_epoch = n // shard_count
+        else:
+            self.per_epoch = len(range(shard_index, n, shard_count))
+        self._epoch_seed_cache: tuple[int, int] = (-1, 0)
+
+    def _epoch_seed(self, epoch: int) -> int:
+        cached = self._epoch_seed_cache  # read once: several reader threads call this
+        if cached[0] == epoch:
+            return cached[1]
+        ss = np.random.SeedSequence([self.seed, self.source_id, epoch, 0x5A4D])
+        seed = int(ss.generate_state(1)[0])
+        self._epoch_seed_cache = (epoch, seed)
+        return seed
+
+    def __call__(self, k: int) -> tuple[int, int]:
+        epoch, j = divmod(int(k), self.per_epoch)
+        position = j * self.shard_count + self.shard_index
+        if not self.shuffle or self.n == 1:
+            return epoch, position
+        record = grain.experimental.index_shuffle(
+            position, max_index=self.n - 1, seed=self._epoch_seed(epoch), rounds=4
+        )
+        return epoch, int(record)
+
+
+class SkipGuardIterDataset(grain.IterDataset):
+    """Absorbs skip markers of one source into the next sample (``_skips_before``), so that mixture
+    weights apply to usable samples; raises :class:`NoUsableSampleError` after
+    ``max_consecutive_skips`` skips in a row. Skips after the last sample of a finite source are
+    passed on in one ``_stats_only`` element."""
+
+    def __init__(self, parent: grain.IterDataset, source_name: str, max_consecutive_skips: int):
+        super().__init__(parent)
+        self._source_name = source_name
+        self._max = max_consecutive_skips
+
+    def __iter__(self):
+        return _SkipGuardIterator(self._parent.__iter__(), self._source_name, self._max)
+
+
+class _SkipGuardIterator(grain.DatasetIterator):
+    def __init__(self, parent, source_name: str, max_consecutive_skips: int):
+        super().__init__(parent)
+        self._source_name = source_name
+        self._max = max_consecutive_skips
+
+    def __next__(self) -> dict:
+        tally = batching.SkipTally()
+        consecutive = 0
+        while True:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if tally:
+                    return {"_stats_only": True, "_skips": tally.take()}
+                raise
+            if not is_skip(element):
+                if tally:
+                    element["_skips_before"] = tally.take()
+                return element
+            tally.add_marker(element)
+            consecutive += 1
+            if consecutive >= self._max:
+                reasons = ", ".join(f"{k.split(chr(9))[1]}={v}" for k, v in tally.counts.items())
+                raise NoUsableSampleError(
+                    f"source {self._source_name!r}: {consecutive} records in a row were unusable "
+                    f"({reasons}; e.g. {tally.examples[:3]}). Check the data, or raise "
+                    f"max_consecutive_skips."
+                )
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state)
+
+
+class BatchTokenize:
+    """Applies ``tokenize(prompts)`` to each batch and adds its arrays (``input_ids``,
+    ``attention_mask``). ``tokenize`` must be picklable when ``num_workers > 0``."""
+
+    def __init__(self, tokenize: Tokenize):
+        self.tokenize = tokenize
+
+    def __call__(self, batch: dict) -> dict:
+        if batch.get("_stats_only"):
+            return batch
+        out = self.tokenize(list(batch["prompts"]))
+        for k, v in out.items():
+            if k in batch:
+                raise KeyError(f"tokenize returned {k!r}, which the batch already has")
+            batch[k] = np.asarray(v)
+        return batch
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain <= 0.2.18 reads an absl flag in ``mp_prefetch`` once jax is imported and raises
+    ``UnparsedFlagAccessError`` outside ``absl.app`` (google/grain#1355, fixed by #1362); the
+    documented workaround is to mark the flags as parsed (their defaults are then used)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _make_loader(source: Any, source_id: int, config: PipelineConfig):
+    kind = getattr(source, "kind", "image")
+    if kind == "image":
+        return ImageSampleLoader(source, source_id, config.transform_config(), config.seed)
+    if kind == "latent":
+        from lumina_jax.data.cache import LatentSampleLoader
+
+        return LatentSampleLoader(source, source_id, config.caption_dropout, config.seed)
+    raise ValueError(f"source {source.name!r} has unknown kind {kind!r}")
+
+
+def probe_source(source: Any, loader: Callable, max_probe: int) -> None:
+    """Raises :class:`NoUsableSampleError` if the first ``max_probe`` records all fail and that is the
+    whole source (or the source is empty); only warns if a larger source starts with failures."""
+    n = len(source)
+    if n == 0:
+        raise NoUsableSampleError(f"source {source.name!r} is empty")
+    reasons: dict[str, int] = {}
+    for i in range(min(n, max_probe)):
+        element = loader((0, i))
+        if not is_skip(element):
+            return
+        reasons[element["_skip"]] = reasons.get(element["_skip"], 0) + 1
+    detail = ", ".join(f"{r}={c}" for r, c in sorted(reasons.items()))
+    if n <= max_probe:
+        raise NoUsableSampleError(
+            f"source {source.name!r} has no usable sample: all {n} records failed ({detail})"
+        )
+    logger.warning(
+        "source %r: the first %d of %d records are all unusable (%s)", source.name, max_probe, n, detail
+    )
+
+
+class DataPipeline:
+    """Batches from one or more weighted sources (see the module docstring).
+
+    Args:
+      sources: one source or a sequence (all image sources, or all latent-cache sources).
+      config: :class:`PipelineConfig`.
+      weights: mixture weights (default equal); applied to usable samples.
+      tokenize: optional ``list[str] -> {"input_ids", "attention_mask"}`` applied per batch.
+
+    Iterate with ``iter(pipeline)`` -> :class:`DataIterator` (``get_state``/``set_state``, ``stats``).
+    """
+
+    def __init__(
+        self,
+        sources: Union[Any, Sequence[Any]],
+        config: PipelineConfig = PipelineConfig(),
+        weights: Optional[Sequence[float]] = None,
+        tokenize: Optional[Tokenize] = None,
+    ):
+        sources = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+        if not sources:
+            raise ValueError("no sources given")
+        kinds = {getattr(s, "kind", "image") for s in sources}
+        if len(kinds) > 1:
+            raise ValueError(f"cannot mix source kinds {sorted(kinds)} in one pipeline")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"source names must be unique (they key the counters): {names}; pass name=... "
+                f"when building the sources"
+            )
+        if weights is not None:
+            if len(weights) != len(sources):
+                raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
+            if any(w <= 0 for w in weights):
+                raise ValueError(f"weights must be positive, got {list(weights)}")
+        self.config = config
+        self.sources = sources
+        self.weights = list(weights) if weights is not None else None
+        self.kind = kinds.pop()
+        shard_index, shard_count = config.host_shard()
+        read_buffer = config.read_buffer_size or 2 * config.batch_size
+
+        components = []
+        for source_id, source in enumerate(sources):
+            loader = _make_loader(source, source_id, config)
+            if config.probe_samples > 0:
+                probe_source(source, loader, config.probe_samples)
+            index = EpochShardIndex(
+                len(source), config.seed, source_id, shard_index, shard_count,
+                config.drop_shard_remainder, config.shuffle,
+            )
+            if index.per_epoch == 0:
+                raise ValueError(
+                    f"source {source.name!r} has {len(source)} records, fewer than the "
+                    f"{shard_count} hosts sharing it"
+                )
+            total = index.per_epoch * config.num_epochs if config.num_epochs else sys.maxsize
+            ds = grain.MapDataset.range(total).map(index).map(loader)
+            it = ds.to_iter_dataset(
+                grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=read_buffer)
+            )
+            components.append(SkipGuardIterDataset(it, source.name, config.max_consecutive_skips))
+
+        ds = components[0] if len(components) == 1 else grain.IterDataset.mix(components, self.weights)
+        collate = batching.Collate(
+            self.kind, config.batching, config.token_budget, config.text_len, config.text_pad_multiple
+        )
+        ds = batching.BatchIterDataset(
+            ds,
+            config.batch_size,
+            collate,
+            key_fn=batching.size_key if config.batching == "bucket" else None,
+            window=config.bucket_window,
+            drop_incomplete=config.drop_incomplete,
+        )
+        if tokenize is not None:
+            ds = ds.map(BatchTokenize(tokenize))
+        if config.num_workers > 0:
+            _mark_absl_flags_parsed()
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
+                )
+            )
+        self.dataset: grain.IterDataset = ds
+
+    def __iter__(self) -> "DataIterator":
+        return DataIterator(iter(self.dataset))
+
+
+class DataIterator(grain.DatasetIterator):
+    """Iterator over batches with exact counters (:attr:`stats`) and a JSON-serialisable state.
+
+    ``get_state()`` / ``set_state()`` cover the whole pipeline (all sources, buckets, workers) and the
+    counters; use :func:`lumina_jax.data.checkpoint.save_data_state` or pass the iterator to
+    ``grain.checkpoint.CheckpointSave`` to store it with orbax.
+    """
+
+    def __init__(self, inner: grain.DatasetIterator):
+        super().__init__(inner)
+        self.stats = DataStats()
+
+    def __next__(self) -> dict:
+        while True:
+            batch = next(self._parent)
+            self.stats.add_skips(batch.pop("_skips", {}) or {})
+            if batch.get("_stats_only"):
+                continue
+            valid = batch["valid"]
+            n_valid = int(np.sum(valid))
+            self.stats.batches += 1
+            self.stats.samples += n_valid
+            self.stats.padded_rows += len(valid) - n_valid
+            self.stats.captions_dropped += int(np.sum(batch["caption_dropped"] & valid))
+            return batch
+
+    def get_state(self) -> dict:
+        return {"pipeline": self._parent.get_state(), "stats": self.stats.to_dict()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["pipeline"])
+        self.stats = DataStats.from_dict(state["stats"])
+
+    def __enter__(self) -> "DataIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # stops worker processes and prefetch threads
+
+    def __str__(self) -> str:
+        return "DataIterator"

@@ -1,0 +1,437 @@
+"""Random-access sources of (image, caption, system prompt) items.
+
+Every source has a ``name`` (used in errors and skip counters), ``kind = "image"``, ``__len__`` and
+``get(index) -> RawItem``. ``get`` may raise: :class:`SkipSample` (with a reason) for a record that is
+bad by construction, ``FileNotFoundError`` for a missing image file, any other exception for an
+unreadable record. The pipeline turns those into counted skips; it never lets them stop training.
+
+Sources here:
+
+* :class:`JsonlSource` -- the original repo's format: one JSON object per line with the image path and
+  caption; ``{"image_path", "super_high_quality_caption"}`` gets the ``"align"`` system prompt and
+  ``{"path" or "image_path", "prompt"}`` gets ``"base"`` (Template A), as in the original
+  ``finetune.py`` (spec §6.5). Relative image paths are resolved against ``root`` or the JSONL's folder.
+  :func:`load_yaml_sources` reads the original ``META:`` YAML list of JSONL files with ``ratio``.
+* :class:`ArrayRecordImageSource` -- our own ArrayRecord shards, written by :func:`write_image_records`.
+  Record schema (``LJR1`` container, see :mod:`lumina_jax.data.records`)::
+
+      image:          bytes  -- the encoded file (PNG, JPEG, WebP, ...), stored as-is
+      caption:        str    -- the caption without system prompt ("" = unusable)
+      system_prompt:  str    -- optional; template name or literal text (default: the source's)
+      key:            str    -- optional; stable identifier used in logs (default "<name>:<index>")
+      schema:         str    -- "lumina_image_record/v1"
+
+* :class:`TfdsSource` -- any TFDS dataset prepared in ``array_record`` format, read through
+  ``tfds.data_source`` (no TensorFlow needed to read); see :mod:`lumina_jax.data.tfds_folder` for a
+  builder that prepares a captioned image folder without TensorFlow.
+* :class:`ListSource` -- items held in memory (tests, benchmarks, small eval sets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from lumina_jax.data import records as rec_lib
+
+logger = logging.getLogger(__name__)
+
+IMAGE_RECORD_SCHEMA = "lumina_image_record/v1"
+IMAGE_SHARD_PREFIX = "images"
+
+
+class SkipSample(Exception):
+    """A record that must be skipped; ``reason`` becomes the skip counter's name."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass
+class RawItem:
+    """One undecoded training item.
+
+    Exactly one of ``image`` (encoded bytes, or an already decoded ``uint8`` array ``(H, W[, C])``) and
+    ``image_path`` is normally set; if ``image`` is None the file at ``image_path`` is read.
+    """
+
+    key: str
+    caption: Optional[str]
+    system_prompt: str
+    image: Union[bytes, np.ndarray, None] = None
+    image_path: Optional[str] = None
+
+
+def _as_str(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return _as_str(value.item())
+    return value if isinstance(value, str) else str(value)
+
+
+class ListSource:
+    """In-memory items: dicts with ``image`` (bytes/array) or ``image_path``, ``caption`` and
+    optionally ``system_prompt`` and ``key``."""
+
+    kind = "image"
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], name: str = "list", system_prompt: str = "base"):
+        self.name = name
+        self.system_prompt = system_prompt
+        self._items = list(items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, index: int) -> RawItem:
+        item = self._items[index]
+        return RawItem(
+            key=str(item.get("key", f"{self.name}:{index}")),
+            caption=_as_str(item.get("caption")),
+            system_prompt=item.get("system_prompt", self.system_prompt),
+            image=item.get("image"),
+            image_path=item.get("image_path"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Original JSONL / YAML format
+
+
+def parse_original_item(item: Mapping[str, Any]) -> tuple[str, Optional[str], str]:
+    """``(image_path, caption, system_prompt_name)`` of one line of the original format.
+
+    Follows ``T2IItemProcessor.process_item`` of the original ``finetune.py``: a
+    ``super_high_quality_caption`` selects the ``"align"`` template (image under ``image_path``);
+    otherwise a ``prompt`` selects ``"base"`` (image under ``image_path`` or ``path``). Raises
+    :class:`SkipSample` ("bad_record") for anything else.
+    """
+    if not isinstance(item, Mapping):
+        raise SkipSample("bad_record", f"line is a {type(item).__name__}, not an object")
+    if "super_high_quality_caption" in item:
+        path = item.get("image_path", item.get("path"))
+        caption, system = item["super_high_quality_caption"], "align"
+    elif "prompt" in item:
+        path = item.get("image_path", item.get("path"))
+        caption, system = item["prompt"], "base"
+    else:
+        raise SkipSample("bad_record", f"no caption key in {sorted(item)}")
+    if not isinstance(path, str) or not path:
+        raise SkipSample("bad_record", f"no image path in {sorted(item)}")
+    if caption is not None and not isinstance(caption, str):
+        raise SkipSample("bad_record", f"caption is a {type(caption).__name__}")
+    return path, caption, system
+
+
+class JsonlSource:
+    """Items of one or more JSONL files in the original repo's format (see module docstring).
+
+    Lines that are not valid JSON or lack the expected keys are kept as placeholders that the pipeline
+    skips and counts as ``bad_record``; blank lines are ignored.
+
+    Args:
+      path: the JSONL file.
+      name: source name for logs/stats (default: the file stem).
+      root: folder that relative image paths are relative to (default: the JSONL's folder).
+      ratio: subsample as the original ``META`` entry's ``ratio`` does (``random.seed(0)`` then
+        ``random.sample(items, int(len * ratio))``: the same items are chosen). ``ratio > 1`` (not in
+        the original) repeats the list ``floor(ratio)`` times plus such a sample of the fraction.
+    """
+
+    kind = "image"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        name: Optional[str] = None,
+        root: Optional[str | os.PathLike] = None,
+        ratio: Optional[float] = None,
+    ):
+        path = Path(path)
+        self.name = name or path.stem
+        self.path = str(path)
+        root = Path(root) if root is not None else path.parent
+        entries: list[tuple] = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    img, caption, system = parse_original_item(json.loads(line))
+                except json.JSONDecodeError as e:
+                    entries.append((None, f"{path}:{lineno}: invalid JSON ({e.msg})", None))
+                    continue
+                except SkipSample as e:
+                    entries.append((None, f"{path}:{lineno}: {e.detail}", None))
+                    continue
+                full = img if os.path.isabs(img) else os.path.join(root, img)
+                entries.append((full, caption, system))
+        if ratio is not None:
+            entries = _subsample(entries, ratio)
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, index: int) -> RawItem:
+        path, caption, system = self._entries[index]
+        if path is None:
+            raise SkipSample("bad_record", caption)
+        return RawItem(key=path, caption=caption, system_prompt=system, image_path=path)
+
+
+def _subsample(entries: list, ratio: float) -> list:
+    if ratio < 0:
+        raise ValueError(f"ratio must be >= 0, got {ratio}")
+    whole, frac = int(math.floor(ratio)), ratio - math.floor(ratio)
+    out = entries * whole
+    if frac > 0:
+        rng = random.Random(0)  # the original seeds the global RNG with 0 right before sampling
+        out += rng.sample(entries, int(len(entries) * frac))
+    return out
+
+
+def load_yaml_sources(path: str | os.PathLike) -> list[JsonlSource]:
+    """JSONL sources listed in an original-style YAML file.
+
+    Format (relative ``path``/``root`` values are relative to the YAML file)::
+
+        META:
+          - path: data/part1.jsonl
+            ratio: 0.5          # optional, see JsonlSource
+            root: /images       # optional
+          - path: data/part2.jsonl
+
+    A top-level list (without ``META``) is accepted as well. Source names are the file stems (or an
+    entry's ``name``); stems that repeat get ``#<position>`` appended. The original concatenates all
+    files into one dataset; combine the returned sources with :class:`ConcatSource` for that, or give
+    them mixture weights.
+    """
+    import yaml
+
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    metas = config.get("META") if isinstance(config, Mapping) else config
+    if not isinstance(metas, list) or not metas:
+        raise ValueError(f"{path}: expected a non-empty 'META' list of JSONL entries")
+    sources, named = [], []
+    for i, meta in enumerate(metas):
+        if isinstance(meta, str):
+            meta = {"path": meta}
+        if not isinstance(meta, Mapping) or "path" not in meta:
+            raise ValueError(f"{path}: META[{i}] needs a 'path'")
+        unknown = set(meta) - {"path", "ratio", "root", "type", "name"}
+        if unknown:
+            raise ValueError(f"{path}: META[{i}] has unknown keys {sorted(unknown)}")
+        jsonl = Path(meta["path"])
+        jsonl = jsonl if jsonl.is_absolute() else path.parent / jsonl
+        root = meta.get("root")
+        if root is not None and not os.path.isabs(root):
+            root = path.parent / root
+        sources.append(JsonlSource(jsonl, name=meta.get("name"), root=root, ratio=meta.get("ratio")))
+        named.append("name" in meta)
+    # Names key the skip counters and must be unique; files with the same stem get "#<position>".
+    stems = [s.name for s in sources]
+    for i, src in enumerate(sources):
+        if stems.count(src.name) > 1 and not named[i]:
+            src.name = f"{src.name}#{i}"
+    return sources
+
+
+class ConcatSource:
+    """Several image sources as one (the original concatenates all JSONL files of a YAML)."""
+
+    kind = "image"
+
+    def __init__(self, sources: Sequence[Any], name: str = "concat"):
+        if not sources:
+            raise ValueError("ConcatSource needs at least one source")
+        self.name = name
+        self._sources = list(sources)
+        self._offsets = np.cumsum([0] + [len(s) for s in self._sources])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def get(self, index: int) -> RawItem:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        s = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return self._sources[s].get(index - int(self._offsets[s]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ArrayRecord shards of our own schema
+
+
+def write_image_records(
+    items: Iterable[Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    prefix: str = IMAGE_SHARD_PREFIX,
+) -> list[Path]:
+    """Writes image/caption items as ArrayRecord shards (schema in the module docstring).
+
+    Each item needs ``caption`` and either ``image`` (encoded bytes) or ``image_path`` (the file's bytes
+    are stored unchanged -- nothing is decoded, so a corrupt file stays corrupt and is skipped at read
+    time). ``system_prompt`` and ``key`` are optional. Resumable like
+    :func:`lumina_jax.data.records.write_sharded`.
+    """
+
+    def encode(item: Mapping[str, Any]) -> bytes:
+        data = item.get("image")
+        if data is None:
+            p = item.get("image_path")
+            if p is None:
+                raise ValueError("item needs 'image' bytes or 'image_path'")
+            with open(p, "rb") as f:
+                data = f.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"'image' must be encoded bytes, got {type(data).__name__}")
+        record: dict[str, Any] = {
+            "schema": IMAGE_RECORD_SCHEMA,
+            "image": bytes(data),
+            "caption": item.get("caption") or "",
+        }
+        for k in ("system_prompt", "key"):
+            if item.get(k) is not None:
+                record[k] = item[k]
+        if record.get("key") is None and item.get("image_path") is not None:
+            record["key"] = str(item["image_path"])
+        return rec_lib.encode_record(record)
+
+    return rec_lib.write_sharded(items, out_dir, shard_size, prefix, encode=encode)
+
+
+class ArrayRecordImageSource:
+    """Reads shards written by :func:`write_image_records`.
+
+    Args:
+      paths: a folder (all ``<prefix>-NNNNN.array_record`` shards in it) or a list of shard files.
+      system_prompt: template for records without their own ``system_prompt`` (default ``"base"``).
+    """
+
+    kind = "image"
+
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        name: Optional[str] = None,
+        system_prompt: str = "base",
+        prefix: str = IMAGE_SHARD_PREFIX,
+    ):
+        if isinstance(paths, (str, os.PathLike)):
+            folder = Path(paths)
+            shard_paths = rec_lib.list_shards(folder, prefix) if folder.is_dir() else [folder]
+            name = name or folder.name
+        else:
+            shard_paths = [Path(p) for p in paths]
+            name = name or (shard_paths[0].parent.name if shard_paths else "array_record")
+        if not shard_paths:
+            raise FileNotFoundError(f"no '{prefix}-*.array_record' shards in {paths}")
+        self.name = name
+        self.system_prompt = system_prompt
+        self._reader = rec_lib.ShardedRecordReader(shard_paths)
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def get(self, index: int) -> RawItem:
+        try:
+            record = rec_lib.decode_record(self._reader[index])
+        except rec_lib.RecordFormatError as e:
+            raise SkipSample("bad_record", str(e)) from e
+        if "image" not in record:
+            raise SkipSample("bad_record", "record has no 'image'")
+        return RawItem(
+            key=str(record.get("key", f"{self.name}:{index}")),
+            caption=_as_str(record.get("caption")),
+            system_prompt=record.get("system_prompt", self.system_prompt),
+            image=record["image"],
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# TFDS
+
+
+class TfdsSource:
+    """A TFDS dataset prepared with ``file_format="array_record"``, read with ``tfds.data_source``.
+
+    The image feature is read undecoded (``tfds.decode.SkipDecoding``) when it is a
+    ``tfds.features.Image``, so corrupt images reach our decoder and are skipped and counted instead
+    of raising inside TFDS; a feature that already holds encoded bytes or a ``uint8`` array works too.
+    Reading needs no TensorFlow.
+
+    Args:
+      name: registered dataset name (``"name"`` or ``"name/config:version"``); ignored if
+        ``builder_dir`` is given.
+      builder_dir: a prepared dataset folder (``.../name/version``), read without the builder class.
+      image_key, caption_key, key_key: feature names; ``key_key`` (optional) gives a stable identifier.
+    """
+
+    kind = "image"
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        split: str = "train",
+        data_dir: Optional[str | os.PathLike] = None,
+        builder_dir: Optional[str | os.PathLike] = None,
+        image_key: str = "image",
+        caption_key: str = "caption",
+        key_key: Optional[str] = None,
+        system_prompt: str = "base",
+        source_name: Optional[str] = None,
+    ):
+        import tensorflow_datasets as tfds
+
+        if builder_dir is not None:
+            builder = tfds.builder_from_directory(str(builder_dir))
+        elif name is not None:
+            builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+        else:
+            raise ValueError("TfdsSource needs a dataset name or builder_dir")
+        features = builder.info.features
+        for k in (image_key, caption_key) + ((key_key,) if key_key else ()):
+            if k not in features:
+                raise KeyError(f"TFDS dataset {builder.name!r} has no feature {k!r} (has {list(features)})")
+        decoders = None
+        if isinstance(features[image_key], tfds.features.Image):
+            decoders = {image_key: tfds.decode.SkipDecoding()}
+        self._source = builder.as_data_source(split=split, decoders=decoders)
+        self.name = source_name or f"{builder.name}/{split}"
+        self.system_prompt = system_prompt
+        self._image_key, self._caption_key, self._key_key = image_key, caption_key, key_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def get(self, index: int) -> RawItem:
+        ex = self._source[index]
+        image = ex[self._image_key]
+        if isinstance(image, np.ndarray) and image.dtype == object:
+            image = image.item()
+        if isinstance(image, np.bytes_):
+            image = bytes(image)
+        key = _as_str(ex[self._key_key]) if self._key_key else f"{self.name}:{index}"
+        return RawItem(
+            key=key,
+            caption=_as_str(ex[self._caption_key]),
+            system_prompt=self.system_prompt,
+            image=image,
+        )

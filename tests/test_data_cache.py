@@ -1,0 +1,216 @@
+"""Record format, latent-cache writer/reader, and training batches from a cache."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from lumina_jax.data import batching, cache, records
+from lumina_jax.data.pipeline import DataPipeline, PipelineConfig
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+D = 24  # text feature width (2304 for Gemma-2-2B; small here)
+
+
+def test_record_roundtrip_all_value_kinds():
+    rng = np.random.default_rng(0)
+    rec = {
+        "bf16": rng.standard_normal((3, 5)).astype(BF16),
+        "f32": rng.standard_normal((2, 2, 2)).astype(np.float32),
+        "i64": np.arange(7, dtype=np.int64),
+        "mask": np.array([True, False, True]),
+        "scalar": np.float32(2.5),
+        "big_endian": np.arange(4, dtype=">i4"),
+        "blob": b"\x00\x01binary\xff",
+        "text": "héllo",
+        "size": [1024, 768],
+        "meta": {"a": 1, "b": [None, True]},
+    }
+    out = records.decode_record(records.encode_record(rec))
+    assert out.keys() == rec.keys()
+    for k, v in rec.items():
+        if isinstance(v, (np.ndarray, np.generic)):
+            want = np.asarray(v)
+            assert out[k].shape == want.shape
+            assert out[k].dtype == (want.dtype.newbyteorder("=") if k == "big_endian" else want.dtype)
+            np.testing.assert_array_equal(out[k], want)
+        else:
+            assert out[k] == v
+
+
+@pytest.mark.parametrize("data", [b"", b"NOPE", b"LJR1\xff\xff\xff\xff{}", b"LJR1\x02\x00\x00\x00{"])
+def test_corrupt_records_raise_format_error(data):
+    with pytest.raises(records.RecordFormatError):
+        records.decode_record(data)
+
+
+def test_truncated_payload_raises():
+    data = records.encode_record({"x": np.zeros(100, np.float32)})
+    with pytest.raises(records.RecordFormatError):
+        records.decode_record(data[:-10])
+
+
+def test_unsupported_values_are_rejected():
+    with pytest.raises(TypeError):
+        records.encode_record({"x": object()})
+    with pytest.raises(TypeError):
+        records.encode_record({"x": np.array(["a", "b"])})
+
+
+SIZES = [(64, 64), (32, 128), (48, 80)]  # (H, W) pixels -> latents (H/8, W/8, 16)
+
+
+def random_records(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        length = int(rng.integers(3, 20))
+        out.append({
+            "latent": rng.standard_normal((h // 8, w // 8, 16)).astype(np.float32),
+            "cap_feats": rng.standard_normal((length, D)).astype(np.float32),
+            "cap_mask": np.arange(length) < length - 1,
+            "prompt": f"prompt {i}",
+            "key": f"item-{i}",
+        })
+    return out
+
+
+class Lazy:
+    """A lazy sequence that records which items were computed (stand-in for running encoders)."""
+
+    def __init__(self, items):
+        self.items, self.seen = items, []
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.seen.append(i)
+        return self.items[i]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    empty = (np.full((2, D), 0.5, np.float32), np.array([True, False]))
+    cache.write_latent_cache(random_records(23), out, shard_size=5, empty_prompt_features=empty)
+    return out
+
+
+def test_cache_roundtrip_is_exact(cache_dir):
+    src = cache.LatentCacheSource(cache_dir)
+    recs = random_records(23)
+    assert len(src) == 23
+    info = json.loads((cache_dir / "cache_info.json").read_text())
+    assert info["num_records"] == 23 and len(info["shards"]) == 5
+    for i, want in enumerate(recs):
+        got = src.get(i)
+        assert got["latent"].dtype == BF16 and got["cap_feats"].dtype == BF16
+        np.testing.assert_array_equal(got["latent"], want["latent"].astype(BF16))
+        np.testing.assert_array_equal(got["cap_feats"], want["cap_feats"].astype(BF16))
+        np.testing.assert_array_equal(got["cap_mask"], want["cap_mask"])
+        assert got["crop_size"] == [want["latent"].shape[0] * 8, want["latent"].shape[1] * 8]
+        assert got["prompt"] == want["prompt"] and got["key"] == want["key"]
+    assert not list(cache_dir.glob(".*tmp"))
+
+
+def test_cache_writer_resumes_and_is_atomic(tmp_path):
+    recs = random_records(11, seed=3)
+    paths = cache.write_latent_cache(recs, tmp_path, shard_size=4)
+    before = [p.read_bytes() for p in paths]
+    paths[1].unlink()
+    (tmp_path / ".latents-00002.array_record.deadbeef.tmp").write_bytes(b"partial")  # a crashed write
+    lazy = Lazy(recs)
+    cache.write_latent_cache(lazy, tmp_path, shard_size=4)
+    assert lazy.seen == [4, 5, 6, 7]  # only the missing shard was recomputed
+    assert [p.read_bytes() for p in paths] == before
+    src = cache.LatentCacheSource(tmp_path)
+    assert len(src) == 11  # the stray temp file is not a shard
+    with pytest.raises(ValueError, match="resume"):
+        cache.write_latent_cache(recs, tmp_path, shard_size=5)
+    # A generator (no len) also works; the records of finished shards are consumed and discarded.
+    gen_dir = tmp_path / "gen"
+    cache.write_latent_cache((r for r in recs), gen_dir, shard_size=4)
+    assert len(cache.LatentCacheSource(gen_dir)) == 11
+
+
+def test_make_latent_record_validates_shapes():
+    with pytest.raises(ValueError):
+        cache.make_latent_record(np.zeros((4, 4, 8)), np.zeros((3, D)), np.ones(3), "p")
+    with pytest.raises(ValueError):
+        cache.make_latent_record(np.zeros((4, 4, 16)), np.zeros((3, D)), np.ones(4), "p")
+    with pytest.raises(ValueError):
+        cache.make_latent_record(np.zeros((4, 4, 16)), np.zeros((3, D)), np.ones(3), "p", crop_size=[16, 32])
+
+
+def config(**kw):
+    base = dict(resolution=64, batch_size=4, seed=0, shard_index=0, shard_count=1, num_epochs=1,
+                caption_dropout=0.0, read_threads=1)
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def test_training_batches_from_cache_bucket_mode(cache_dir):
+    src = cache.LatentCacheSource(cache_dir)
+    it = iter(DataPipeline(src, config()))
+    seen = set()
+    for b in it:
+        assert "images" not in b
+        n, h, w, c = b["latents"].shape
+        assert c == 16 and b["latents"].dtype == BF16
+        assert (b["image_sizes"] == [h * 8, w * 8]).all()
+        assert b["cap_feats"].shape[1] % 8 == 0 and b["cap_feats"].shape[2] == D
+        assert b["cap_mask"].shape == b["cap_feats"].shape[:2]
+        for r, sample_id in enumerate(b["ids"]):
+            rec = src.get(int(sample_id.split(":")[1]))
+            np.testing.assert_array_equal(b["latents"][r], rec["latent"])
+            length = rec["cap_feats"].shape[0]
+            np.testing.assert_array_equal(b["cap_feats"][r, :length], rec["cap_feats"])
+            assert not b["cap_feats"][r, length:].any() and not b["cap_mask"][r, length:].any()
+            np.testing.assert_array_equal(b["cap_mask"][r, :length], rec["cap_mask"])
+            if b["valid"][r]:
+                seen.add(sample_id)
+    assert len(seen) == 23 == it.stats.samples
+
+
+def test_training_batches_from_cache_mixed_mode_and_dropout(cache_dir):
+    src = cache.LatentCacheSource(cache_dir)
+    cfg = config(batching="mixed", caption_dropout=0.5, text_len=32)
+    budget = (64 // 16) ** 2
+    n_dropped = 0
+    for b in DataPipeline(src, cfg):
+        assert b["latents"].shape == (4, budget, 2 * 2 * 16) and b["cap_feats"].shape == (4, 32, D)
+        for r, sample_id in enumerate(b["ids"]):
+            rec = src.get(int(sample_id.split(":")[1]))
+            h, w = b["image_sizes"][r]
+            assert b["token_mask"][r].sum() == (h // 16) * (w // 16)
+            latent = batching.unpatchify(b["latents"][r], (h // 8, w // 8), 2, 16)
+            np.testing.assert_array_equal(latent, rec["latent"])
+            if b["caption_dropped"][r]:
+                n_dropped += int(b["valid"][r])
+                assert b["prompts"][r] == ""
+                np.testing.assert_array_equal(b["cap_feats"][r, :2], np.full((2, D), 0.5, BF16))
+                np.testing.assert_array_equal(b["cap_mask"][r, :3], [True, False, False])
+            else:
+                assert b["prompts"][r] == rec["prompt"]
+    assert 0 < n_dropped < 23
+
+
+def test_dropout_needs_empty_prompt_features(tmp_path):
+    cache.write_latent_cache(random_records(3), tmp_path, shard_size=5)
+    with pytest.raises(ValueError, match="empty-prompt"):
+        DataPipeline(cache.LatentCacheSource(tmp_path), config(caption_dropout=0.1))
+    DataPipeline(cache.LatentCacheSource(tmp_path), config(caption_dropout=0.0))
+
+
+def test_corrupt_cache_records_are_skipped_and_counted(tmp_path):
+    good = [records.encode_record(cache.make_latent_record(**{
+        k: v for k, v in r.items()})) for r in random_records(6)]
+    bad = [b"garbage", records.encode_record({"schema": "something/else"})]
+    records.write_shard(tmp_path / records.shard_name(cache.LATENT_SHARD_PREFIX, 0), good[:3] + bad + good[3:])
+    it = iter(DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config()))
+    n = sum(int(b["valid"].sum()) for b in it)
+    assert n == 6
+    assert it.stats.skipped == {"c": {"bad_record": 2}}
