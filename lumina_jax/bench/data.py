@@ -1,0 +1,45 @@
+"""``python -m lumina_jax.bench data [--kind raw cache] [--res 256 1024] [--workers 0 1 2] [--n 256]``
+
+Images/s delivered by the input pipeline (decode + crop + normalise for raw JPEG/PNG; record reads for
+the latent cache) on this machine, on images it generates itself. Compare with what one accelerator
+consumes (see BENCHMARKS.md for the rates we compare against).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lumina_jax.bench data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--kind", nargs="+", default=["raw", "cache"], choices=["raw", "cache"])
+    ap.add_argument("--res", nargs="+", type=int, default=[256, 1024])
+    ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    from lumina_jax.bench import print_table
+    from lumina_jax.data.bench import bench_data
+
+    rows = []
+    for kind in a.kind:
+        for res in a.res:
+            for w in a.workers:
+                ips = bench_data(kind=kind, res=res, workers=w, n=a.n, batch_size=a.batch)
+                rows.append(dict(kind=kind, res=res, workers=w, images_per_s=ips))
+                print_table(rows[-1:]) if len(rows) == 1 else print(f"{kind:5s} {res:5d} {w:2d} {ips:10.1f}", flush=True)
+    print()
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":  # worker processes start with spawn
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
