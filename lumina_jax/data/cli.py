@@ -1,0 +1,139 @@
+"""``python -m lumina_jax preprocess``: encode a captioned-image dataset into a latent cache.
+
+Encode (each process of a multi-host job runs the same command)::
+
+    python -m lumina_jax preprocess --data data.jsonl --vae ckpt/vae --text-encoder ckpt/text_encoder \\
+        --tokenizer ckpt/tokenizer --out cache_256 --resolution 256 [--batch 32] [--shard-size 1000] \\
+        [--max-length 256] [--dtype bf16] [--process-index i --process-count n] [--max-shards K]
+
+Merge the per-process directories of a multi-host run into one cache (after all processes finished)::
+
+    python -m lumina_jax preprocess --merge --out cache_256
+
+``--data`` (repeatable; concatenated): an original-format ``.jsonl``, a ``META`` ``.yaml``, a directory of
+``images-NNNNN.array_record`` shards, a prepared TFDS directory or ``tfds:NAME``. Rerunning an interrupted
+command resumes it (complete shards are skipped). Train on the result with ``data.kind: latent_cache``,
+``data.paths: [cache_256]``; caption dropout is applied then, from the stored empty-prompt features.
+See :mod:`lumina_jax.data.preprocess` for the details.
+
+Exit status: 0 done (the summary lists samples written and skipped records by reason), 2 bad arguments or
+data (the message names the option or path), 3 stopped by ``--max-shards`` before the end (rerun to
+continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lumina_jax preprocess",
+        description="Encode images (FLUX VAE) and prompts (Gemma-2) once into ArrayRecord shards of bf16 "
+        "latents + caption features, for training without the encoders. Rerun an interrupted command to "
+        "resume it.",
+        epilog="example: python -m lumina_jax preprocess --data data.jsonl --vae ckpt/vae --text-encoder "
+        "ckpt/text_encoder --tokenizer ckpt/tokenizer --out cache_256 --resolution 256 --batch 32",
+    )
+    p.add_argument("--data", action="append", default=[], metavar="SOURCE",
+                   help="a .jsonl (original format), a META .yaml, a directory of images-*.array_record shards, "
+                        "a prepared TFDS directory or tfds:NAME; repeat to concatenate")  # fmt: skip
+    p.add_argument("--vae", metavar="PATH", help="diffusers AutoencoderKL directory (or a pipeline dir with vae/)")
+    p.add_argument("--text-encoder", metavar="PATH", help="transformers Gemma-2 directory")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer directory (default: tokenizer/ next to --text-encoder, else --text-encoder)")
+    p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; rerun to resume)")
+    p.add_argument("--resolution", type=int, default=1024, metavar="PX",
+                   help="stage resolution in px: 256 or 1024 (any multiple of 16 works; default 1024)")
+    p.add_argument("--batch", type=int, default=16, metavar="N",
+                   help="images per encoder call, a multiple of the local devices (default 16)")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="records per shard (default 1000)")
+    p.add_argument("--max-length", type=int, default=256, metavar="N",
+                   help="Gemma-2 token limit; longer prompts are truncated and counted (default 256)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="encoder compute dtype (default bf16; stored values are bf16 either way)")
+    p.add_argument("--process-index", type=int, metavar="I", help="this process (default: jax.process_index())")
+    p.add_argument("--process-count", type=int, metavar="N",
+                   help="number of processes (default: jax.process_count())")
+    p.add_argument("--system-prompt", default="base", metavar="NAME_OR_TEXT",
+                   help="system prompt of ArrayRecord/TFDS records without their own (default base)")
+    p.add_argument("--tfds-split", default="train", metavar="SPLIT", help="TFDS split (default train)")
+    p.add_argument("--tfds-data-dir", metavar="DIR", help="TFDS data directory")
+    p.add_argument("--image-key", default="image", metavar="KEY", help="TFDS image feature (default image)")
+    p.add_argument("--caption-key", default="caption", metavar="KEY", help="TFDS caption feature (default caption)")
+    p.add_argument("--bucket-window", type=int, metavar="N",
+                   help="max samples a sample waits for its crop-size bucket before it is encoded in a padded "
+                        "batch (default 16 x batch)")  # fmt: skip
+    p.add_argument("--num-workers", type=int, default=0, metavar="N",
+                   help="grain worker processes for decoding (default 0)")
+    p.add_argument("--read-threads", type=int, default=4, metavar="N", help="decode threads (default 4)")
+    p.add_argument("--max-shards", type=int, metavar="K",
+                   help="stop after writing K new shards (exit status 3; rerun to continue)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the process-*-of-* directories in --out into one cache, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with tracebacks")
+    return p
+
+
+def _process_slice(args: argparse.Namespace) -> tuple[Optional[int], Optional[int]]:
+    if (args.process_index is None) != (args.process_count is None):
+        raise ValueError("give both --process-index and --process-count, or neither")
+    if args.process_index is None:
+        try:  # multi-host jobs: start jax.distributed from the environment (TPU pod, SLURM, LUMINA_*)
+            from lumina_jax.parallel import distributed
+        except ImportError:
+            distributed = None
+        if distributed is not None:
+            distributed.initialize()
+    return args.process_index, args.process_count
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    from lumina_jax.data import preprocess as pp
+    from lumina_jax.data.pipeline import NoUsableSampleError
+
+    try:
+        if args.merge:
+            m = pp.merge_parts(args.out)
+            skipped = sum(n for r in m.skipped.values() for n in r.values())
+            print(f"merged {m.parts} process directories into {m.out_dir}: {m.num_records} records in "
+                  f"{m.num_shards} shards ({skipped} records were skipped while encoding)")  # fmt: skip
+            return 0
+        if not args.data:
+            raise pp.PreprocessError("--data is required (or --merge)")
+        models = pp.EncoderSpec(args.vae, args.text_encoder, args.tokenizer, dtype=args.dtype)  # checks paths
+        index, count = _process_slice(args)
+        config = pp.PreprocessConfig(
+            out_dir=args.out, resolution=args.resolution, batch_size=args.batch, shard_size=args.shard_size,
+            max_length=args.max_length, bucket_window=args.bucket_window, process_index=index,
+            process_count=count, num_workers=args.num_workers, read_threads=args.read_threads,
+            max_shards=args.max_shards, progress=not args.no_progress,
+        )  # fmt: skip
+        # Validate the resolution (crop list) before loading any model.
+        from lumina_jax.data.crops import crop_sizes_for_resolution
+
+        crop_sizes_for_resolution(config.resolution, max_ratio=config.max_ratio)
+        source = pp.open_sources(
+            args.data, system_prompt=args.system_prompt, tfds_split=args.tfds_split,
+            tfds_data_dir=args.tfds_data_dir, image_key=args.image_key, caption_key=args.caption_key,
+        )  # fmt: skip
+        result = pp.preprocess(source, models, config)  # loads the models only if there is work left
+    except (FileNotFoundError, NotADirectoryError, ValueError, FloatingPointError, pp.PreprocessError,
+            NoUsableSampleError) as e:  # fmt: skip
+        if args.verbose:
+            raise
+        print(f"preprocess: error: {e}", file=sys.stderr)
+        return 2
+    print(pp.format_summary(result))
+    return 0 if result.complete else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""``python -m lumina_jax preprocess``: raw images -> latent cache, read back exactly, resumable, per host.
+
+Tiny random models on CPU: a FLUX-shaped VAE (``vae_tiny``, slimmer; 8x, 16 channels) and ``gemma2_tiny`` with the
+sentencepiece tokenizer of ``test_text``, saved to disk so the CLI loads them as it would real ones.
+The data set has two crop sizes at 64 px (one VAE compilation each) and four unusable records (a
+truncated PNG, bytes that are no image, a missing file, an empty caption).
+
+"On the fly" below is what training on raw images computes: the same pipeline settings (so the same
+batches), a separately jitted ``scale_latents(encode(x).mode())`` and ``TextEncoder.encode``; the cache
+must hold exactly those values rounded to bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax.core import meta
+
+pytest.importorskip("torch")
+pytest.importorskip("sentencepiece")
+
+from test_text import sp_dir  # noqa: E402,F401 -- reused fixture: tiny sentencepiece tokenizer
+
+from lumina_jax.convert.gemma2 import save_text_encoder  # noqa: E402
+from lumina_jax.convert.vae import save_vae  # noqa: E402
+from lumina_jax.data import preprocess as pp  # noqa: E402
+from lumina_jax.data.cache import LatentCacheSource  # noqa: E402
+from lumina_jax.data.cli import main  # noqa: E402
+from lumina_jax.data.pipeline import DataPipeline, PipelineConfig  # noqa: E402
+from lumina_jax.data.sources import (  # noqa: E402
+    ArrayRecordImageSource,
+    ConcatSource,
+    JsonlSource,
+    write_image_records,
+)
+from lumina_jax.data.testing import SyntheticItem, make_test_dataset  # noqa: E402
+from lumina_jax.models.gemma2 import Gemma2Config  # noqa: E402
+from lumina_jax.models.gemma2_bench import reference_pair  # noqa: E402
+from lumina_jax.models.vae import AutoencoderKL, VAEConfig, scale_latents  # noqa: E402
+from lumina_jax.text import TextEncoder, load_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GEMMA = Gemma2Config.from_yaml(ROOT / "configs/model/gemma2_tiny.yaml")
+# vae_tiny with one resnet per level and 8 channels: the same code path (4 levels = 8x, 16 latent
+# channels, mid-block attention), ~30 % less compile time (each crop size is one compilation).
+VAE = VAEConfig.from_yaml("vae_tiny").replace(block_out_channels=(8, 8, 8, 8), layers_per_block=1)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+RES, BATCH, SHARD = 64, 4, 2  # 9 usable records -> shards of 2, 2, 2, 2, 1
+EXPECTED_SKIPS = {"undecodable": 2, "missing": 1, "empty_caption": 1}
+
+
+def dataset_items() -> list[SyntheticItem]:
+    """9 usable images (32x32 -> 64x64 crops, 40x30 -> 64x48 crops; both JSONL key styles) and 4 bad."""
+    modes = ["RGB", "RGBA", "L", "P"]
+    good = [
+        SyntheticItem(f"img_{i}.png", f"caption number {i}", *((40, 30) if i % 3 == 0 else (32, 32)),
+                      mode=modes[i % 4], key_style="path+prompt" if i % 2 else "image_path+super_high_quality_caption")
+        for i in range(9)
+    ]  # fmt: skip
+    bad = [
+        SyntheticItem("truncated.png", "a truncated png", 48, 48, expected_skip="undecodable", defect="truncated"),
+        SyntheticItem("garbage.jpg", "not an image", expected_skip="undecodable", defect="garbage"),
+        SyntheticItem("missing.png", "a missing file", 32, 32, expected_skip="missing", defect="missing"),
+        SyntheticItem("empty_caption.png", "", 32, 32, expected_skip="empty_caption"),
+    ]
+    return [good[0], bad[0], *good[1:4], bad[1], *good[4:7], bad[2], bad[3], *good[7:]]
+
+
+def random_vae_params(cfg: VAEConfig, seed: int = 0) -> dict:
+    """Random VAE weights with O(1) activations (norm affines too), built from shapes only (no compile)."""
+    boxed = jax.eval_shape(AutoencoderKL(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        shape = tuple(leaf.shape)
+        if len(shape) > 1:
+            return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
+        if jax.tree_util.keystr(path).endswith("['scale']"):
+            return (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+        return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, meta.unbox(boxed))
+
+
+@pytest.fixture(scope="module")
+def models(sp_dir, tmp_path_factory):  # noqa: F811
+    """(vae_dir, text_encoder_dir, tokenizer_dir, vae_params, text_params) on disk and in memory."""
+    root = tmp_path_factory.mktemp("models")
+    vae_params = random_vae_params(VAE)
+    _, text_params = reference_pair(GEMMA, seed=1)
+    save_vae(root / "vae", VAE, vae_params)
+    save_text_encoder(root / "text_encoder", GEMMA, text_params)
+    return root / "vae", root / "text_encoder", sp_dir, vae_params, text_params
+
+
+@pytest.fixture(scope="module")
+def encoders(models):
+    """In-memory encoders (same weights as on disk): the API runs share their compilations."""
+    _, _, tok_dir, vae_params, text_params = models
+    text = TextEncoder(text_params, GEMMA, load_tokenizer(tok_dir), dtype="bf16")
+    return pp.Encoders(VAE, vae_params, text, dtype="bf16")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    jsonl, _ = make_test_dataset(tmp_path_factory.mktemp("data"), dataset_items())
+    return jsonl
+
+
+def config(out: Path, **kw) -> pp.PreprocessConfig:
+    return pp.PreprocessConfig(out_dir=str(out), resolution=RES, batch_size=BATCH, shard_size=SHARD,
+                               progress=False, **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def on_the_fly(models, data):
+    """key -> (latent, cap_feats, prompt, image_size) computed the training way, cast to bf16; and the
+    empty prompt's features."""
+    _, _, tok_dir, vae_params, text_params = models
+    vae = AutoencoderKL(VAE, dtype=jnp.bfloat16)
+    encode = jax.jit(lambda p, x: scale_latents(vae.apply({"params": p}, x, method=AutoencoderKL.encode).mode(), VAE))
+    text = TextEncoder(text_params, GEMMA, load_tokenizer(tok_dir), dtype="bf16")
+    pipe = DataPipeline(JsonlSource(data), PipelineConfig(
+        resolution=RES, batch_size=BATCH, shuffle=False, num_epochs=1, caption_dropout=0.0, shard_index=0,
+        shard_count=1, drop_shard_remainder=False))  # fmt: skip
+    ref = {}
+    it = iter(pipe)
+    for batch in it:
+        latents = np.asarray(encode(vae_params, batch["images"]))
+        feats, mask = text.encode(list(batch["prompts"]), system_prompt="empty", max_length=256)
+        feats, mask = np.asarray(feats), np.asarray(mask)
+        for i in np.flatnonzero(batch["valid"]):
+            assert not mask[i, mask[i].sum():].any()  # right padding
+            ref[batch["keys"][i]] = (latents[i].astype(BF16), feats[i][mask[i]].astype(BF16), batch["prompts"][i],
+                                     tuple(int(s) for s in batch["image_sizes"][i]))  # fmt: skip
+    empty_feats, empty_mask = text.encode([""] * BATCH, system_prompt="empty")
+    empty = np.asarray(empty_feats)[0][np.asarray(empty_mask)[0]].astype(BF16)
+    assert empty.shape[0] == 1  # [<bos>]
+    assert it.stats.skipped == {"data": EXPECTED_SKIPS}
+    return ref, empty
+
+
+@pytest.fixture(scope="module")
+def cli_cache(models, data, tmp_path_factory):
+    """An uninterrupted run of the command line (models loaded from disk): (out_dir, stdout)."""
+    vae_dir, text_dir, tok_dir, _, _ = models
+    out = tmp_path_factory.mktemp("cli") / "cache"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["--data", str(data), "--vae", str(vae_dir), "--text-encoder", str(text_dir), "--tokenizer",
+                   str(tok_dir), "--out", str(out), "--resolution", str(RES), "--batch", str(BATCH),
+                   "--shard-size", str(SHARD), "--max-length", "256", "--dtype", "bf16", "--no-progress"])  # fmt: skip
+    assert rc == 0, stdout.getvalue()
+    return out, stdout.getvalue()
+
+
+def read_all(cache_dir: Path) -> list[dict]:
+    src = LatentCacheSource(cache_dir)
+    return [src.get(i) for i in range(len(src))]
+
+
+def assert_same_records(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], np.ndarray):
+                assert ra[k].dtype == rb[k].dtype and ra[k].shape == rb[k].shape, k
+                np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
+            else:
+                assert ra[k] == rb[k], k
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_cache_equals_on_the_fly_values_in_bf16(cli_cache, on_the_fly):
+    out, stdout = cli_cache
+    ref, empty = on_the_fly
+    src = LatentCacheSource(out)
+    assert len(src) == len(ref) == 9
+    assert [p.name for p in sorted(out.glob("latents-*"))] == [f"latents-0000{i}.array_record" for i in range(5)]
+    seen = set()
+    for i in range(len(src)):
+        rec = src.get(i)
+        latent, feats, prompt, size = ref[rec["key"]]
+        seen.add(rec["key"])
+        assert rec["latent"].dtype == BF16 and rec["cap_feats"].dtype == BF16
+        np.testing.assert_array_equal(rec["latent"], latent)  # exact: the same bf16 rounding
+        np.testing.assert_array_equal(rec["cap_feats"], feats)  # trimmed to the prompt's own tokens
+        assert rec["cap_mask"].all() and rec["cap_mask"].shape == (feats.shape[0],)
+        assert rec["prompt"] == prompt and tuple(rec["crop_size"]) == size
+        assert rec["prompt"].startswith("You are an assistant designed to generate high-quality images")
+        assert rec["id"].startswith("data:")
+    assert seen == set(ref)
+    np.testing.assert_array_equal(src.empty_prompt[0], empty)
+    assert src.empty_prompt[1].tolist() == [True]
+
+    info = json.loads((out / "cache_info.json").read_text())
+    assert info["num_records"] == 9 and len(info["shards"]) == 5
+    summary = json.loads((out / pp.SUMMARY_FILE).read_text())
+    assert summary["samples_written"] == 9 and summary["samples_skipped"] == 4
+    assert summary["skipped"] == {"data": EXPECTED_SKIPS}
+    assert "samples written: 9 in 5 shard(s)" in stdout
+    assert "skipped in 'data': empty_caption=1, missing=1, undecodable=2" in stdout
+    assert "empty_prompt.ljr" in stdout
+
+
+def test_training_pipeline_reads_the_cache(cli_cache, on_the_fly):
+    out, _ = cli_cache
+    ref, empty = on_the_fly
+    common = dict(resolution=RES, batch_size=3, shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
+                  drop_shard_remainder=False)  # fmt: skip
+    seen = 0
+    for batch in DataPipeline(LatentCacheSource(out), PipelineConfig(caption_dropout=0.0, **common)):
+        assert batch["cap_feats"].shape[1] % 8 == 0  # re-padded by the collate
+        for i in np.flatnonzero(batch["valid"]):
+            latent, feats, prompt, size = ref[batch["keys"][i]]
+            n = feats.shape[0]
+            np.testing.assert_array_equal(batch["latents"][i], latent)
+            np.testing.assert_array_equal(batch["cap_feats"][i, :n], feats)
+            assert not batch["cap_feats"][i, n:].astype(np.float32).any()
+            assert batch["cap_mask"][i].tolist() == [True] * n + [False] * (batch["cap_mask"].shape[1] - n)
+            assert batch["prompts"][i] == prompt and tuple(batch["image_sizes"][i]) == size
+            seen += 1
+    assert seen == 9
+    # Caption dropout on the cache: the stored empty-prompt features replace the caption's.
+    for batch in DataPipeline(LatentCacheSource(out), PipelineConfig(caption_dropout=1.0, **common)):
+        assert batch["caption_dropped"].all() and batch["prompts"] == [""] * 3
+        np.testing.assert_array_equal(batch["cap_feats"][:, :1], np.broadcast_to(empty, (3, 1, empty.shape[1])))
+        assert batch["cap_mask"].sum(axis=1).tolist() == [1, 1, 1]
+
+
+def test_interrupted_runs_resume_to_the_uninterrupted_result(encoders, data, cli_cache, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    source = JsonlSource(data)
+    # 1. stop after 2 shards (--max-shards)
+    r1 = pp.preprocess(source, encoders, config(out, max_shards=2))
+    assert not r1.complete and (r1.num_shards, r1.new_records) == (2, 4)
+    assert not (out / "cache_info.json").exists()
+    # 2. crash in the middle of the third shard's batch
+    calls = {"n": 0}
+    real = pp.Encoders.encode_images
+
+    def crash_on_second_call(self, images):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated preemption")
+        return real(self, images)
+
+    monkeypatch.setattr(pp.Encoders, "encode_images", crash_on_second_call)
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        pp.preprocess(source, encoders, config(out))
+    monkeypatch.undo()
+    assert not list(out.glob(".*tmp"))  # no partial shard left behind
+    done = len(list(out.glob("latents-*")))
+    assert 2 <= done < 5
+    # 3. resume: encodes only what is missing, ends with what an uninterrupted run writes
+    calls["n"] = 0
+
+    def counting(self, images):
+        calls["n"] += 1
+        return real(self, images)
+
+    monkeypatch.setattr(pp.Encoders, "encode_images", counting)
+    r3 = pp.preprocess(source, encoders, config(out))
+    assert r3.complete and r3.num_records == 9 and r3.new_shards == 5 - done
+    assert r3.new_records == 9 - 2 * done
+    assert calls["n"] < 3  # an uninterrupted run encodes 3 batches
+    assert r3.skipped == {"data": EXPECTED_SKIPS} and r3.records_read == 13  # counters restored, not recounted
+    assert_same_records(read_all(out), read_all(cli_cache[0]))
+    # 4. a complete cache is left alone
+    calls["n"] = 0
+    r4 = pp.preprocess(source, encoders, config(out))
+    assert r4.already_complete and r4.new_records == 0 and calls["n"] == 0
+    assert "nothing to do" in pp.format_summary(r4)
+    # 5. other settings are refused, naming what changed
+    with pytest.raises(pp.PreprocessError, match="batch_size: was 4, now 2"):
+        pp.preprocess(source, encoders, pp.PreprocessConfig(out_dir=str(out), resolution=RES, batch_size=2,
+                                                            shard_size=SHARD, progress=False))  # fmt: skip
+
+
+def test_two_hosts_write_disjoint_shards_covering_every_sample(encoders, data, cli_cache, tmp_path):
+    out = tmp_path / "cache"
+    source = JsonlSource(data)
+    pp.preprocess(source, encoders, config(out, process_index=1, process_count=2, max_shards=1))
+    with pytest.raises(pp.PreprocessError, match=r"processes \[0\] of 2 have no directory"):
+        pp.merge_parts(out)  # process 0 has not run yet (and process 1 is unfinished)
+    results = [pp.preprocess(source, encoders, config(out, process_index=i, process_count=2)) for i in (0, 1)]
+    parts = [out / pp.part_dir_name(i, 2) for i in (0, 1)]
+    keys = [[r["key"] for r in read_all(p)] for p in parts]
+    ids = [{r["id"] for r in read_all(p)} for p in parts]
+    assert not set(keys[0]) & set(keys[1])
+    assert {int(i.split(":")[1]) % 2 for i in ids[0]} == {0} and {int(i.split(":")[1]) % 2 for i in ids[1]} == {1}
+    whole = {r["key"]: r for r in read_all(cli_cache[0])}
+    assert sorted(keys[0] + keys[1]) == sorted(whole)
+    for p in parts:  # the same values (bf16; batches differ from the single-host run's)
+        for r in read_all(p):
+            np.testing.assert_allclose(r["latent"].astype(np.float32), whole[r["key"]]["latent"].astype(np.float32),
+                                       rtol=1e-2, atol=1e-2)  # fmt: skip
+    total = {}
+    for r in results:
+        for reason, n in r.skipped["data"].items():
+            total[reason] = total.get(reason, 0) + n
+    assert total == EXPECTED_SKIPS
+    assert sum(r.slice_records for r in results) == 13
+
+    merged = pp.merge_parts(out)
+    assert (merged.num_records, merged.parts, merged.skipped) == (9, 2, {"data": EXPECTED_SKIPS})
+    assert not any(p.exists() for p in parts)
+    src = LatentCacheSource(out)
+    assert sorted(src.get(i)["key"] for i in range(len(src))) == sorted(whole)
+    assert src.empty_prompt is not None
+    assert json.loads((out / "cache_info.json").read_text())["num_records"] == 9
+
+
+def test_cli_errors_name_the_problem(data, tmp_path, capsys):
+    base = ["--out", str(tmp_path / "out"), "--resolution", str(RES), "--no-progress"]
+    rc = main(["--data", str(data), "--vae", str(tmp_path / "no_vae"), "--text-encoder", str(tmp_path / "no_te"),
+               *base])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--vae" in err and "no_vae" in err and "--text-encoder" in err and "no_te" in err
+    rc = main(["--data", str(data), "--text-encoder", str(tmp_path), *base])
+    assert rc == 2 and "--vae is required" in capsys.readouterr().err
+    rc = main(["--data", str(tmp_path / "nope.jsonl"), "--vae", str(tmp_path), "--text-encoder", str(tmp_path), *base])
+    assert rc == 2 and "nope.jsonl" in capsys.readouterr().err
+    rc = main(["--data", str(data), "--vae", str(tmp_path), "--text-encoder", str(tmp_path), "--out",
+               str(tmp_path / "o"), "--resolution", "100"])  # fmt: skip
+    assert rc == 2 and "resolution 100" in capsys.readouterr().err
+    rc = main(["--merge", "--out", str(tmp_path)])
+    assert rc == 2 and "no per-process directories" in capsys.readouterr().err
+
+
+def test_long_prompts_are_truncated_and_counted(encoders, data, tmp_path):
+    r = pp.preprocess(JsonlSource(data), encoders, config(tmp_path / "cache", max_length=16))
+    assert r.complete and r.truncated_prompts == 9
+    assert "prompts truncated to 16 tokens: 9" in pp.format_summary(r)
+    assert {rec["cap_feats"].shape[0] for rec in read_all(tmp_path / "cache")} == {16}
+
+
+def test_open_source_dispatch(data, tmp_path):
+    assert isinstance(pp.open_source(data), JsonlSource)
+    meta_yaml = tmp_path / "meta.yaml"
+    meta_yaml.write_text(f"META:\n  - path: {data}\n  - path: {data}\n    name: again\n")
+    assert isinstance(pp.open_source(meta_yaml), ConcatSource) and len(pp.open_source(meta_yaml)) == 26
+    images = sorted((data.parent / "images").glob("img_*.png"))
+    write_image_records([{"image_path": str(p), "caption": p.stem} for p in images], tmp_path / "ar", shard_size=4)
+    ar = pp.open_source(tmp_path / "ar", system_prompt="real")
+    assert isinstance(ar, ArrayRecordImageSource) and len(ar) == 9 and ar.get(0).system_prompt == "real"
+    both = pp.open_sources([data, tmp_path / "ar"])
+    assert isinstance(both, ConcatSource) and len(both) == 13 + 9
+    assert pp.describe_source(both)["parts"][0]["path"] == str(data)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pp.PreprocessError, match="neither"):
+        pp.open_source(tmp_path / "empty")
+    with pytest.raises(pp.PreprocessError, match="no such file"):
+        pp.open_source(tmp_path / "nope.jsonl")
