@@ -1,0 +1,323 @@
+"""``python -m lumina_jax caption``: re-caption a folder or JSONL list of images with a Qwen2(.5)-VL model.
+
+    python -m lumina_jax caption --model /ckpt/Qwen2-VL-7B-Instruct --images /data/imgs \\
+        --granularity detailed --lang en --out /data/captions.jsonl --dtype bf16 --batch-size 16
+
+Output: one JSON object per line in the data pipeline's format (``lumina_jax.data.sources.JsonlSource``):
+``{"image_path": <path relative to the JSONL's folder>, "prompt": <caption>, ...}`` plus bookkeeping keys
+(``granularity``, ``perspective``, ``lang``, ``num_tokens``, ``truncated``) that the pipeline ignores.
+
+- Resumable: images already present in the output (or in any ``<stem>.NNNNN-of-NNNNN.jsonl`` part next to
+  it) are skipped; a line cut short by a crash is dropped before appending.
+- Multi-host: the image list (sorted folder walk, or JSONL order) is split round-robin by
+  ``jax.process_index() / jax.process_count()`` (``--process-index/--process-count`` override); with more
+  than one process each writes ``<stem>.<index>-of-<count>.jsonl``. Each process only uses its own devices
+  (batch split over them, params replicated): no cross-host traffic.
+- Unreadable/corrupt images are skipped, counted and listed on stderr.
+- Shapes are bucketed (vision slots, prompt length), so a run compiles a handful of programs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from lumina_jax.models.captioner.prompts import GRANULARITIES, LANGUAGES, PERSPECTIVES, instruction
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280  # Qwen2-VL's processor default: at most 1280 image tokens
+DEFAULT_MAX_NEW_TOKENS = {"detailed": 512, "medium": 256, "short": 96, "tag": 128}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lumina_jax caption", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="transformers Qwen2-VL / Qwen2.5-VL directory (config.json, "
+                   "safetensors, tokenizer.json, preprocessor_config.json)")
+    p.add_argument("--images", required=True, help="a folder (walked recursively) or a JSONL with image_path/path")
+    p.add_argument("--out", required=True, help="output JSONL (appended to; resumable)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="detailed")
+    p.add_argument("--perspective", choices=PERSPECTIVES, default="general")
+    p.add_argument("--lang", choices=LANGUAGES, default="en")
+    p.add_argument("--instruction", default=None, help="custom instruction text (overrides the templates)")
+    p.add_argument("--system", default="You are a helpful assistant.", help="system prompt ('' for none)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default depends on --granularity")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="compute dtype (and KV cache)")
+    p.add_argument("--param-dtype", choices=("fp32", "bf16"), default=None, help="default: same as --dtype")
+    p.add_argument("--min-pixels", type=int, default=None, help="override preprocessor_config.json")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="override preprocessor_config.json (default: its value, capped at 28*28*1280)")
+    p.add_argument("--slot-buckets", default=None,
+                   help="comma-separated vision slot buckets (patches); default: doubling from 256 up to max-pixels")
+    p.add_argument("--prompt-multiple", type=int, default=64, help="prompt lengths round up to this multiple")
+    p.add_argument("--attention-backend", default="auto", help="vision tower attention backend")
+    p.add_argument("--decode-attention-backend", default="xla", help="LM decode-step attention backend")
+    p.add_argument("--workers", type=int, default=4, help="threads decoding/resizing images")
+    p.add_argument("--limit", type=int, default=None, help="process at most this many not-yet-captioned images")
+    p.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
+    p.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs / outputs
+
+
+def list_images(spec: str | os.PathLike) -> list[Path]:
+    """Absolute image paths of a folder (recursive, sorted) or a JSONL (file order, relative to its folder)."""
+    spec = Path(spec)
+    if spec.is_dir():
+        return sorted(p.resolve() for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not spec.is_file():
+        raise FileNotFoundError(f"--images {spec}: no such folder or file")
+    out = []
+    with open(spec, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{spec}:{lineno}: invalid JSON ({e.msg})") from None
+            path = item.get("image_path", item.get("path")) if isinstance(item, dict) else None
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"{spec}:{lineno}: no image_path/path")
+            p = Path(path)
+            out.append((p if p.is_absolute() else spec.parent / p).resolve())
+    return out
+
+
+def output_file(out: Path, index: int, count: int) -> Path:
+    return out if count == 1 else out.with_name(f"{out.stem}.{index:05d}-of-{count:05d}{out.suffix}")
+
+
+def done_set(out: Path) -> set[str]:
+    """``image_path`` values already written to ``out`` or to any of its per-process parts."""
+    done: set[str] = set()
+    files = [out] + sorted(out.parent.glob(f"{out.stem}.*-of-*{out.suffix}"))
+    for f in files:
+        if not f.is_file():
+            continue
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if isinstance(item, dict) and isinstance(item.get("image_path"), str):
+                    done.add(os.path.normpath(item["image_path"]))
+    return done
+
+
+def open_for_append(path: Path):
+    """Open ``path`` for appending after dropping an incomplete last line (from an interrupted run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+def shard(items: Sequence[Any], index: int, count: int) -> list[Any]:
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} out of range for count {count}")
+    return list(items[index::count])
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def _chunks(it: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(it), n):
+        yield it[i:i + n]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+
+    import jax
+    import jax.numpy as jnp
+
+    from lumina_jax.convert.captioner import load_captioner
+    from lumina_jax.models.captioner.decode import GenerationConfig, generate
+    from lumina_jax.models.captioner.model import cast_params
+    from lumina_jax.models.captioner.processor import (
+        ENDOFTEXT, IM_END, ImageProcessorConfig, Tokenizer, build_batch, default_slot_buckets, load_image,
+        make_example, round_up)
+    from lumina_jax.models.captioner.vision import slots_needed
+
+    index = jax.process_index() if args.process_index is None else args.process_index
+    count = jax.process_count() if args.process_count is None else args.process_count
+    out = Path(args.out)
+    my_out = output_file(out, index, count)
+
+    images = shard(list_images(args.images), index, count)
+    done = done_set(out)
+    base = out.parent.resolve()
+    rel = {p: os.path.normpath(os.path.relpath(p, base)) for p in images}
+    todo = [p for p in images if rel[p] not in done]
+    skipped_existing = len(images) - len(todo)
+    if args.limit is not None:
+        todo = todo[:args.limit]
+    print(f"[caption] process {index}/{count}: {len(images)} images, {skipped_existing} already captioned, "
+          f"{len(todo)} to do -> {my_out}", file=sys.stderr)
+    if not todo:
+        print(json.dumps({"captioned": 0, "skipped_existing": skipped_existing, "corrupt": 0, "out": str(my_out)}))
+        return 0
+
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    config, params = load_captioner(args.model, dtype=args.param_dtype or args.dtype)
+    tok = Tokenizer.from_pretrained(args.model)
+    proc = ImageProcessorConfig.from_pretrained(args.model, config)
+    overrides = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+    if args.max_pixels is None and proc.max_pixels > DEFAULT_MAX_PIXELS:
+        # the released preprocessor configs allow 16k tokens per image; captioning does not need that
+        overrides["max_pixels"] = DEFAULT_MAX_PIXELS
+        print(f"[caption] max_pixels capped at {DEFAULT_MAX_PIXELS} (1280 image tokens); pass --max-pixels "
+              f"to change", file=sys.stderr)
+    if overrides:
+        import dataclasses
+
+        proc = dataclasses.replace(proc, **overrides)
+    proc.check_model(config)
+    stops = list(config.eos_token_id)
+    for t in (IM_END, ENDOFTEXT):
+        i = tok.maybe_token_id(t)
+        if i is not None and i not in stops:
+            stops.append(i)
+    pad_id = tok.maybe_token_id(ENDOFTEXT)
+    pad_id = config.pad_token_id if pad_id is None else pad_id
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.granularity],
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                           stop_token_ids=tuple(stops), pad_token_id=int(pad_id or 0))
+    text = instruction(args.granularity, args.perspective, args.lang, args.instruction)
+
+    v = config.vision
+    f = proc.factor
+    max_patches = (proc.max_pixels // (f * f)) * v.merge_unit  # an upper bound on patches per image
+    if args.slot_buckets:
+        buckets = sorted(int(x) for x in args.slot_buckets.split(","))
+        bad = [b for b in buckets if b % v.window_slots]
+        if bad:
+            raise SystemExit(f"--slot-buckets {bad} are not multiples of {v.window_slots} (window slots)")
+    else:
+        buckets = default_slot_buckets(v, max_patches)
+
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    B = args.batch_size
+    if n_dev > 1 and B % n_dev:
+        B = round_up(B, n_dev)
+        print(f"[caption] batch size rounded up to {B} to split over {n_dev} local devices", file=sys.stderr)
+    params = cast_params(params, jnp.bfloat16 if (args.param_dtype or args.dtype) == "bf16" else jnp.float32)
+    put_batch = _device_placer(devices, params)
+    params = put_batch.params
+
+    corrupt: list[str] = []
+    captioned = 0
+    rng = jax.random.PRNGKey(args.seed + 1000003 * index)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), disable=args.no_progress or None, desc="caption", unit="img")
+
+    def prepare(path: Path):
+        try:
+            return path, make_example(load_image(path), text, tok, config, proc, args.system or None)
+        except Exception as e:  # noqa: BLE001 - any decoder error means "corrupt image", counted below
+            return path, e
+
+    with open_for_append(my_out) as fout, ThreadPoolExecutor(max(1, args.workers)) as pool:
+        for chunk in _chunks(todo, B * 4):
+            by_bucket: dict[int, list] = {}
+            for path, ex in pool.map(prepare, chunk):
+                if isinstance(ex, Exception):
+                    corrupt.append(str(path))
+                    print(f"[caption] skipping unreadable image {path}: {type(ex).__name__}: {ex}", file=sys.stderr)
+                    bar.update(1)
+                    continue
+                need = slots_needed(ex.grid, v)
+                # past the largest bucket (window padding of a very thin image): an exact-size program
+                b = round_up(need, buckets) if need <= buckets[-1] else round_up(need, v.window_slots)
+                by_bucket.setdefault(b, []).append((path, ex))
+            for slots, items in sorted(by_bucket.items()):
+                for group in _chunks(items, B):
+                    exs = [ex for _, ex in group]
+                    n_img = slots // v.merge_unit
+                    text_len = max(len(e.ids) - e.grid[0] * e.grid[1] // v.merge_unit for e in exs)
+                    P = round_up(n_img + text_len, args.prompt_multiple)
+                    batch = build_batch(exs, config, batch_size=B, slots=slots, prompt_len=P,
+                                        pad_token_id=gen.pad_token_id)
+                    active = np.arange(B) < len(exs)
+                    rng, sub = jax.random.split(rng)
+                    res = generate(params, put_batch(batch), config, gen, sub, active=put_batch.rows(active),
+                                   dtype=dtype, attention_backend=args.attention_backend,
+                                   decode_attention_backend=args.decode_attention_backend)
+                    tokens, lengths, finished = (np.asarray(x) for x in jax.device_get(tuple(res)))
+                    for row, (path, _) in enumerate(group):
+                        caption = tok.decode(tokens[row, :lengths[row]]).strip()
+                        rec = {"image_path": rel[path], "prompt": caption, "granularity": args.granularity,
+                               "perspective": args.perspective, "lang": args.lang,
+                               "num_tokens": int(lengths[row]), "truncated": not bool(finished[row])}
+                        fout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    fout.flush()
+                    captioned += len(group)
+                    bar.update(len(group))
+    bar.close()
+    dt = time.perf_counter() - t_start
+    summary = {"captioned": captioned, "skipped_existing": skipped_existing, "corrupt": len(corrupt),
+               "seconds": round(dt, 2), "images_per_s": round(captioned / dt, 3) if dt else None, "out": str(my_out)}
+    print(json.dumps(summary))
+    return 0
+
+
+class _device_placer:
+    """Put a batch on this process's devices: split over them on the batch axis (params replicated)."""
+
+    def __init__(self, devices: list, params: Any):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+        self.mesh = Mesh(np.asarray(devices), ("data",)) if len(devices) > 1 else None
+        if self.mesh is None:
+            self.params = jax.device_put(params, devices[0])
+            return
+        self._row = NamedSharding(self.mesh, P("data"))
+        self._pos = NamedSharding(self.mesh, P(None, "data"))  # positions: (3, B, P)
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+
+    def rows(self, x: Any) -> Any:
+        import jax
+
+        return x if self.mesh is None else jax.device_put(x, self._row)
+
+    def __call__(self, batch: Any) -> Any:
+        import jax
+
+        if self.mesh is None:
+            return batch
+        vis = type(batch.vision)(*(jax.device_put(a, self._row) for a in batch.vision))
+        return type(batch)(jax.device_put(batch.input_ids, self._row), jax.device_put(batch.positions, self._pos),
+                           *(jax.device_put(a, self._row) for a in (batch.kv_start, batch.image_index,
+                                                                     batch.next_position)), vis)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""``python -m lumina_jax caption`` end to end on a tiny random model saved to disk, plus prompt templates."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from lumina_jax.models.captioner import prompts  # noqa: E402
+from lumina_jax.models.captioner import testing as T  # noqa: E402
+from lumina_jax.models.captioner.cli import done_set, list_images, main  # noqa: E402
+
+SIZES = [(40, 60), (64, 64), (30, 90), (50, 50), (100, 40), (24, 24)]
+# one vision bucket and one prompt length: every run in this file reuses a single compiled program
+COMMON = ["--batch-size", "2", "--max-new-tokens", "6", "--dtype", "fp32", "--no-progress", "--workers", "2",
+          "--slot-buckets", "512", "--prompt-multiple", "512"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    T.save_tiny_model(d, "qwen2_5_vl", max_pixels=64 * 64)
+    return d
+
+
+def _make_images(root, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        p = root / ("sub" if i % 2 else "") / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        T.random_image(rng, h, w).save(p)
+        paths.append(p)
+    return paths
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _summary(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_caption_folder_end_to_end_and_resume(tmp_path, model_dir, capsys):
+    from lumina_jax.data.sources import JsonlSource
+
+    imgs = tmp_path / "imgs"
+    _make_images(imgs, SIZES[:5])
+    (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "captions" / "caps.jsonl"
+    args = ["--model", str(model_dir), "--images", str(imgs), "--out", str(out), *COMMON]
+
+    assert main(args + ["--limit", "3"]) == 0
+    s = _summary(capsys)
+    assert s["captioned"] + s["corrupt"] == 3 and s["corrupt"] == 1  # broken.png sorts first
+    assert main(args) == 0
+    s = _summary(capsys)
+    assert (s["captioned"], s["skipped_existing"], s["corrupt"]) == (3, 2, 1)
+    rows = _read(out)
+    assert len(rows) == 5 and len({r["image_path"] for r in rows}) == 5
+    for r in rows:
+        assert not os.path.isabs(r["image_path"]) and r["image_path"].startswith("../imgs/")
+        assert isinstance(r["prompt"], str) and 1 <= r["num_tokens"] <= 6
+        assert r["granularity"] == "detailed" and r["lang"] == "en"
+
+    # the data pipeline reads the output and finds every image
+    src = JsonlSource(out)
+    assert len(src) == 5 and all(os.path.isfile(src.get(i).image_path) for i in range(5))
+
+    # nothing new: no duplicates; a line cut short by a crash is dropped and its image redone
+    assert main(args) == 0
+    assert _summary(capsys)["captioned"] == 0 and len(_read(out)) == 5
+    text = out.read_text(encoding="utf-8")
+    out.write_text(text[: text.rstrip("\n").rfind("\n") + 1] + '{"image_path": "../imgs/im', encoding="utf-8")
+    assert main(args) == 0
+    assert _summary(capsys)["captioned"] == 1
+    rows2 = _read(out)
+    assert len(rows2) == 5 and {r["image_path"] for r in rows2} == {r["image_path"] for r in rows}
+    # greedy is deterministic: the redone caption is the one written before
+    assert {r["image_path"]: r["prompt"] for r in rows2} == {r["image_path"]: r["prompt"] for r in rows}
+
+
+def test_caption_jsonl_input_and_process_sharding(tmp_path, model_dir, capsys):
+    paths = _make_images(tmp_path / "data", SIZES)
+    lst = tmp_path / "data" / "list.jsonl"
+    lst.write_text("".join(json.dumps({"image_path": os.path.relpath(p, lst.parent)}) + "\n" for p in paths))
+    assert list_images(lst) == [p.resolve() for p in paths]
+    out = tmp_path / "caps.jsonl"
+    base = ["--model", str(model_dir), "--images", str(lst), "--out", str(out), "--granularity", "tag",
+            "--lang", "zh", *COMMON]
+    for i in range(2):
+        assert main(base + ["--process-index", str(i), "--process-count", "2"]) == 0
+        assert _summary(capsys)["captioned"] == 3
+    parts = sorted(tmp_path.glob("caps.*-of-*.jsonl"))
+    assert [p.name for p in parts] == ["caps.00000-of-00002.jsonl", "caps.00001-of-00002.jsonl"]
+    got = [r["image_path"] for p in parts for r in _read(p)]
+    assert sorted(got) == sorted(os.path.relpath(p, tmp_path) for p in paths)  # disjoint and complete
+    assert done_set(out) == set(got)
+    # a single-process rerun sees the parts and has nothing to do
+    assert main(base) == 0
+    assert _summary(capsys)["captioned"] == 0 and not out.exists()
+
+
+def test_prompt_templates():
+    seen = set()
+    for g in prompts.GRANULARITIES:
+        for p in prompts.PERSPECTIVES:
+            for lang in prompts.LANGUAGES:
+                text = prompts.instruction(g, p, lang)
+                assert text and text not in seen
+                seen.add(text)
+                if lang == "zh":
+                    assert any("\u4e00" <= ch <= "\u9fff" for ch in text)
+    assert prompts.instruction("short", custom="Say hi.") == "Say hi."
+    with pytest.raises(ValueError, match="granularity"):
+        prompts.instruction("long")
+
+
+def test_cli_dispatch_help(capsys):
+    from lumina_jax.__main__ import main as top
+
+    with pytest.raises(SystemExit) as e:
+        top(["caption", "--help"])
+    assert e.value.code == 0 and "--granularity" in capsys.readouterr().out
