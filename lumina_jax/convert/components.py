@@ -194,9 +194,21 @@ def load_components(
     else:
         comps = _load_lumina_jax(root, dtype)
     if transformer is not None:
-        from lumina_jax.convert.nextdit import load_transformer
+        from lumina_jax.convert.nextdit import detect_format, load_transformer
 
-        comps.transformer_config, comps.transformer = load_transformer(transformer, dtype=dtype)
+        try:
+            comps.transformer_config, comps.transformer = load_transformer(transformer, dtype=dtype)
+        except CheckpointError as e:
+            # An original checkpoint's config is inferred from shapes, which cannot express every RoPE
+            # split; the directory's own transformer config is the natural fallback (a fine-tune of it).
+            if detect_format(transformer) != "original":
+                raise
+            log.info("%s; retrying with the config of %s/transformer", e, root)
+            try:
+                comps.transformer_config, comps.transformer = load_transformer(
+                    transformer, config=comps.transformer_config, dtype=dtype)
+            except CheckpointError:
+                raise e from None
         comps.source += f" + transformer {transformer}"
     comps.check()
     return comps

@@ -1,0 +1,567 @@
+"""Text-to-image with Lumina-Image 2.0 in JAX: ``Lumina2Pipeline.from_pretrained(path)(prompt)``.
+
+Stages (one per module): prompt -> tokens -> Gemma-2 features (:mod:`lumina_jax.text`) -> Next-DiT +
+solver + CFG loop (:mod:`lumina_jax.sample`) -> VAE decode (:mod:`lumina_jax.models.vae`) -> images.
+
+Keyword names follow diffusers' ``Lumina2Pipeline`` for the options both have (``prompt``,
+``negative_prompt``, ``height``, ``width``, ``num_inference_steps``, ``guidance_scale``,
+``cfg_trunc_ratio``, ``cfg_normalization``, ``max_sequence_length``, ``system_prompt``,
+``num_images_per_prompt``, ``latents``, ``output_type``); the *defaults* follow the original code:
+
+========================  ===================================  ======================================
+option                    default here (original semantics)    diffusers semantics (opt in)
+========================  ===================================  ======================================
+solver                    ``"midpoint"`` (17 steps)             ``"flow_euler"`` (30 steps)
+cfg_normalization         ``True`` = clamp, per-sample L2       ``"rows"``: always rescale per row
+cfg_trunc_ratio / mode    1.0 / ``"time"``: CFG while t < r     ``cfg_trunc_mode="steps"``
+========================  ===================================  ======================================
+
+``preset=`` picks a named group of settings (:data:`lumina_jax.sample.solvers.PRESETS`: ``quality``,
+``balanced``, ``fast``, ``diffusers``); explicit keywords override it. With ``preset="diffusers"`` (and
+the same initial ``latents``) the output equals diffusers' ``Lumina2Pipeline`` to ~1e-5.
+
+Differences from diffusers that remain: ``latents`` are channels-last ``(B, h, w, C)``; negative prompts
+are used verbatim (as in diffusers; the original prefixes non-empty negative prompts with the system
+prompt); an empty *positive* prompt is the unconditional prompt with no system prompt; seeds instead of
+torch generators (image ``k`` of a call with ``seed=s`` uses ``s + k``, so it can be regenerated alone).
+
+Execution: by default the whole run (all steps and the VAE decode) is one compiled XLA program
+(``mode="fused"``). ``mode="stepwise"`` compiles one program per kind of step and runs the steps from
+Python, for progress reporting (the CLI's progress bar); results agree to float rounding. A persistent
+compilation cache (:func:`enable_compilation_cache`, on by default in :meth:`from_pretrained`) lets a
+second process skip compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lumina_jax.convert.components import Components, cache_home, load_components
+from lumina_jax.models.nextdit import NextDiT
+from lumina_jax.models.vae import AutoencoderKL
+from lumina_jax.sample import loop
+from lumina_jax.sample.cfg import RENORM_MODES, TRUNC_MODES, resolve_cfg_normalization
+from lumina_jax.sample.solvers import DEFAULT_SOLVER, PRESETS, SOLVERS, Schedule, init_state, make_schedule
+from lumina_jax.text import TextEncoder
+from lumina_jax.text_templates import SYSTEM_PROMPTS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
+OUTPUT_TYPES = ("pil", "np", "latent")
+MODES = ("fused", "stepwise")
+RANDOM_MODEL_NOTICE = (
+    "No bundled default model at {where}: using a TINY RANDOMLY INITIALISED model, so images will look like "
+    "noise. Pass a checkpoint (from_pretrained(path) / --checkpoint PATH) to generate real images."
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# persistent compilation cache
+
+
+def enable_compilation_cache(path: Union[str, os.PathLike, bool, None] = None) -> Optional[Path]:
+    """Turn on JAX's persistent compilation cache so later processes reuse compiled programs.
+
+    ``path``: a directory; ``None`` -> ``$LUMINA_JAX_COMPILATION_CACHE`` or ``cache_home()/xla``
+    (``~/.cache/lumina_jax/xla``); ``False`` (or the env var set to ``off``/``0``) leaves JAX's settings
+    alone. A directory the user already configured (``jax_compilation_cache_dir``) is kept when
+    ``path`` is ``None``. Every program is cached (minimum compile time 0 s). Returns the directory used.
+    """
+    env = os.environ.get("LUMINA_JAX_COMPILATION_CACHE")
+    if path is False or (path is None and env is not None and env.strip().lower() in ("", "0", "off", "false", "none")):
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if path is None or path is True:
+        if current:
+            return Path(current)
+        path = env or cache_home() / "xla"
+    d = Path(path).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    if current != str(d):
+        jax.config.update("jax_compilation_cache_dir", str(d))
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()  # a cache initialised before (possibly disabled) is re-read
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def check_image_size(height: int, width: int, multiple: int = 16, max_tokens_side: Optional[int] = None,
+                     patch_px: int = 16) -> None:
+    """Raise ``ValueError`` naming the nearest valid sizes when ``height``/``width`` are not positive
+    multiples of ``multiple`` (16 = 8x VAE x patch 2), or exceed the RoPE table."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if v < multiple or v % multiple:
+            lo, hi = (v // multiple) * multiple, (v // multiple + 1) * multiple
+            near = f"{hi}" if lo < multiple else f"{lo} or {hi}"
+            raise ValueError(f"{name}={v} is not a positive multiple of {multiple} (VAE factor x patch size); "
+                             f"nearest valid {name}: {near}")
+        if max_tokens_side is not None and v // patch_px > max_tokens_side:
+            raise ValueError(f"{name}={v} exceeds the model's RoPE table ({max_tokens_side} patches = "
+                             f"{max_tokens_side * patch_px} px)")
+
+
+def resolve_system_prompt(system_prompt: Optional[str]) -> str:
+    """The text put before each prompt.
+
+    ``None`` -> the default template (``"real"``, the diffusers default sentence). A template name of
+    :data:`lumina_jax.text_templates.SYSTEM_PROMPTS` -> that template. Any other string is handled like
+    diffusers does: ``system_prompt + " <Prompt Start> "``, unless it already contains ``<Prompt Start>``
+    (then it is used verbatim).
+    """
+    if system_prompt is None:
+        return SYSTEM_PROMPTS["real"]
+    if not isinstance(system_prompt, str):
+        raise TypeError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+    if system_prompt in SYSTEM_PROMPTS:
+        return SYSTEM_PROMPTS[system_prompt]
+    if "<Prompt Start>" in system_prompt:
+        return system_prompt
+    return system_prompt + " <Prompt Start> "
+
+
+def _as_prompt_list(prompt: Union[str, Sequence[str]], what: str = "prompt") -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt is None:
+        raise ValueError(f"{what} is required")
+    prompts = list(prompt)
+    if not prompts:
+        raise ValueError(f"{what} list is empty: pass at least one prompt")
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"every {what} must be a string, got {bad}")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+@dataclasses.dataclass
+class Lumina2Output:
+    """``images``: PIL images (``output_type="pil"``), a float32 ``(B, H, W, 3)`` array in [0, 1] (``"np"``)
+    or the final latents ``(B, h, w, C)`` (``"latent"``). ``latents`` are always the final latents.
+    ``seeds[k]`` regenerates image ``k`` alone; ``settings`` are the resolved options (for metadata);
+    ``timings`` in seconds: ``text_encode``, ``compile``, ``sample`` (steps, and decode when fused),
+    ``decode`` (stepwise only), ``total``."""
+
+    images: Any
+    latents: np.ndarray
+    prompts: list[str]
+    seeds: list[Optional[int]]
+    settings: dict[str, Any]
+    timings: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class Lumina2Pipeline:
+    """Lumina-Image 2.0 text-to-image (see the module docstring for semantics and options).
+
+    Args:
+      components: loaded weights and configs (:func:`lumina_jax.convert.components.load_components`).
+      dtype: compute dtype of the transformer, text encoder and VAE: ``"fp32"``, ``"bf16"`` or
+        ``"auto"`` (bf16 on accelerators, fp32 on CPU). Params are used in the dtype they were loaded in.
+      attention_backend: Next-DiT attention backend (:mod:`lumina_jax.ops.attention`).
+    """
+
+    def __init__(self, components: Components, *, dtype: str = "auto", attention_backend: str = "auto"):
+        components.check()
+        self.components = components
+        if dtype == "auto":
+            dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {dtype!r}")
+        self.dtype = dtype
+        jdt = jnp.float32 if dtype == "fp32" else jnp.bfloat16
+        self.dit = NextDiT(components.transformer_config, dtype=jdt, attention_backend=attention_backend)
+        self.vae = AutoencoderKL(components.vae_config, dtype=jdt)
+        self.dit_params = jax.device_put(components.transformer)
+        self.vae_params = jax.device_put(components.vae)
+        self.text_encoder = TextEncoder(components.text_encoder, components.text_encoder_config,
+                                        components.tokenizer, dtype=dtype)  # fmt: skip
+        self._executables: dict[Any, Any] = {}
+        self._jitted: dict[Any, Any] = {}
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, os.PathLike, None] = None,
+        *,
+        transformer: Union[str, os.PathLike, None] = None,
+        dtype: str = "auto",
+        weights_dtype: str = "fp32",
+        cache: Union[bool, str, os.PathLike] = False,
+        compilation_cache: Union[bool, str, os.PathLike] = True,
+        attention_backend: str = "auto",
+    ) -> "Lumina2Pipeline":
+        """Load a model directory (diffusers pipeline layout, the project's layout from
+        :func:`~lumina_jax.convert.components.save_components`) or a hub id.
+
+        ``path=None`` loads the bundled default model (``lumina_jax/assets/default_model``); while none is
+        bundled, a tiny randomly initialised model with a logged notice. ``transformer`` replaces the
+        transformer with any checkpoint the converter reads (e.g. an original ``consolidated.pth``).
+        ``cache`` stores converted diffusers weights as orbax for fast reloads; ``compilation_cache``
+        is passed to :func:`enable_compilation_cache` (``False`` leaves JAX's settings alone).
+        """
+        if compilation_cache:
+            enable_compilation_cache(None if compilation_cache is True else compilation_cache)
+        if path is None:
+            if DEFAULT_MODEL_DIR.is_dir() and any(DEFAULT_MODEL_DIR.iterdir()):
+                path = DEFAULT_MODEL_DIR
+            else:
+                from lumina_jax.sample.tiny import random_components
+
+                log.warning(RANDOM_MODEL_NOTICE.format(where=DEFAULT_MODEL_DIR))
+                comps = random_components(0)
+                if transformer is not None:
+                    raise ValueError("transformer= needs a model directory for the other components")
+                return cls(comps, dtype=dtype, attention_backend=attention_backend)
+        comps = load_components(path, transformer=transformer, dtype=weights_dtype, cache=cache)
+        return cls(comps, dtype=dtype, attention_backend=attention_backend)
+
+    @property
+    def default_image_size(self) -> int:
+        return int(self.components.default_image_size)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE down-sampling x patch size; 16 for Lumina 2)."""
+        return self.components.vae_config.downsample_factor * self.components.transformer_config.patch_size
+
+    # -- text ---------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str], negative_prompts: Optional[list[str]], system_prompt: Optional[str],
+                       max_sequence_length: int, num_images_per_prompt: int = 1) -> tuple[jax.Array, jax.Array]:
+        """Caption features ``(R, L, D)`` and mask ``(R, L)``: ``B = len(prompts) * n`` conditional rows
+        (prompt-major), then, when ``negative_prompts`` is given, the ``B`` unconditional rows. Both sets
+        go through one Gemma-2 forward, right-padded to one length."""
+        te = self.text_encoder
+        prefix = resolve_system_prompt(system_prompt)
+        ids, mask = te.tokenize(prompts, prefix, max_sequence_length)
+        if negative_prompts is not None:
+            ids_u, mask_u = te.tokenize(negative_prompts, "empty", max_sequence_length)
+            length = max(ids.shape[1], ids_u.shape[1])
+            pad = lambda a, v: np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=v)  # noqa: E731
+            pid = te.tokenizer.pad_token_id
+            ids = np.concatenate([pad(ids, pid), pad(ids_u, pid)])
+            mask = np.concatenate([pad(mask, False), pad(mask_u, False)])
+        feats = te.encode_tokens(ids, mask)
+        rows = np.repeat(np.arange(ids.shape[0]), num_images_per_prompt)
+        return feats[rows], jnp.asarray(mask[rows])
+
+    # -- noise --------------------------------------------------------------------------------------
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.components.vae_config.downsample_factor
+        return height // f, width // f, self.components.transformer_config.in_channels
+
+    def make_noise(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
+        """Standard normal latents ``(len(seeds), h, w, C)``, one NumPy generator per seed (platform- and
+        batch-independent)."""
+        shape = self.latent_shape(height, width)
+        return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32) for s in seeds])
+
+    # -- compile helper -------------------------------------------------------------------------------
+
+    def _executable(self, key: Any, fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
+        """AOT-compile ``fn`` for ``args`` once per (key, argument structure and shapes); returns
+        ``(executable, seconds spent compiling now)``."""
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        sig = (key, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        if sig in self._executables:
+            return self._executables[sig], 0.0
+        t0 = time.perf_counter()
+        exe = fn.lower(*args).compile()
+        self._executables[sig] = exe
+        return exe, time.perf_counter() - t0
+
+    def _jit(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key not in self._jitted:
+            self._jitted[key] = make()
+        return self._jitted[key]
+
+    # -- generation ---------------------------------------------------------------------------------
+
+    def resolve_settings(self, *, solver: Optional[str], num_inference_steps: Optional[int],
+                         cfg_trunc_ratio: Optional[float], cfg_normalization: Any, cfg_trunc_mode: Optional[str],
+                         time_shift: Optional[float], preset: Optional[str]) -> dict[str, Any]:
+        """Explicit argument > preset > default, for the options a preset may set."""
+        p: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+            p = PRESETS[preset]
+        pick = lambda v, k, d: v if v is not None else p.get(k, d)  # noqa: E731
+        solver = pick(solver, "solver", DEFAULT_SOLVER)
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
+        steps = num_inference_steps if num_inference_steps is not None else (
+            p.get("num_inference_steps") if p.get("solver", solver) == solver else None)
+        if steps is None:
+            steps = SOLVERS[solver]["default_steps"]
+        renorm, ratio = resolve_cfg_normalization(pick(cfg_normalization, "cfg_normalization", True))
+        mode = pick(cfg_trunc_mode, "cfg_trunc_mode", "time")
+        if mode not in TRUNC_MODES:
+            raise ValueError(f"unknown cfg_trunc_mode {mode!r}; choose from {TRUNC_MODES}")
+        shift = float(time_shift) if time_shift is not None else self.components.time_shift
+        return {
+            "solver": solver,
+            "num_inference_steps": steps,
+            "cfg_trunc_ratio": float(pick(cfg_trunc_ratio, "cfg_trunc_ratio", 1.0)),
+            "cfg_trunc_mode": mode,
+            "cfg_renorm": renorm,
+            "cfg_renorm_ratio": ratio,
+            "time_shift": shift,
+        }
+
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str]],
+        negative_prompt: Union[str, Sequence[str], None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: float = 4.0,
+        cfg_trunc_ratio: Optional[float] = None,
+        cfg_normalization: Union[bool, float, str, None] = None,
+        max_sequence_length: int = 256,
+        system_prompt: Optional[str] = None,
+        num_images_per_prompt: int = 1,
+        latents: Any = None,
+        output_type: str = "pil",
+        *,
+        solver: Optional[str] = None,
+        time_shift: Optional[float] = None,
+        seed: Union[int, Sequence[int], None] = None,
+        cfg_trunc_mode: Optional[str] = None,
+        preset: Optional[str] = None,
+        mode: str = "fused",
+        callback: Optional[Callable[[int, int], None]] = None,
+        on_phase: Optional[Callable[[str], None]] = None,
+        vae_tile: Optional[tuple[int, int]] = None,
+    ) -> Lumina2Output:
+        """Generate images.
+
+        Args (diffusers names; semantics noted where they differ):
+          prompt: a string or a non-empty list of strings.
+          negative_prompt: the unconditional prompt(s); default ``""``. Used verbatim (no system prompt).
+          height, width: pixels, multiples of :attr:`size_multiple` (16); default :attr:`default_image_size`.
+          num_inference_steps: solver steps (default per solver: midpoint 17, dpm 20, euler/flow_euler 30).
+            The original's ``--num_sampling_steps N`` (grid points) is ``N - 1`` here.
+          guidance_scale: CFG scale ``w``; ``<= 1`` disables CFG (no unconditional forwards).
+          cfg_trunc_ratio: CFG-Trunc threshold, default 1.0 (guidance everywhere). ``cfg_trunc_mode="time"``
+            (original): CFG while the model time ``t < cfg_trunc_ratio``; ``"steps"`` (diffusers): CFG for
+            step ``i`` iff ``(i + 1) / N <= cfg_trunc_ratio``.
+          cfg_normalization: CFG-Renorm. ``True`` (default): original clamp with ratio 1; a float: clamp
+            ratio; ``"rows"``/``"diffusers"``: diffusers' per-row rescale; ``False``: none.
+          max_sequence_length: token limit including ``<bos>`` and the system prompt (256).
+          system_prompt: template name (``"real"``, ``"base"``, ...), a diffusers-style sentence (gets
+            ``" <Prompt Start> "`` appended) or a full prefix containing ``<Prompt Start>``.
+          num_images_per_prompt: images per prompt (rows are prompt-major).
+          latents: initial noise, channels-last ``(B, h, w, C)`` with ``h = height / 8``; overrides ``seed``.
+          output_type: ``"pil"``, ``"np"`` or ``"latent"``.
+          solver: ``"midpoint"`` (default), ``"euler"``, ``"dpm"`` (original semantics) or ``"flow_euler"``
+            (diffusers' scheduler).
+          time_shift: the shift ``s``; default the scheduler config's ``shift`` (6.0).
+          seed: int (image ``k`` uses ``seed + k``), one int per image, or ``None`` (random, reported).
+          preset: ``"quality"``, ``"balanced"``, ``"fast"`` or ``"diffusers"`` (see ``PRESETS``).
+          mode: ``"fused"`` (one compiled program) or ``"stepwise"`` (one call per step).
+          callback: ``callback(step, num_steps)`` after each step (fused mode: through a host callback,
+            which keeps that program out of the persistent compilation cache).
+          on_phase: ``on_phase(name)`` when a phase starts: ``"encode"``, ``"compile"``, ``"sample"``,
+            ``"decode"`` (stepwise only).
+          vae_tile: ``(tile, overlap)`` in latent pixels for tiled VAE decoding of large images.
+        """
+        t_start = time.perf_counter()
+        prompts = _as_prompt_list(prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not np.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        n = int(num_images_per_prompt)
+        if n < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        height = self.default_image_size if height is None else height
+        width = self.default_image_size if width is None else width
+        tcfg = self.components.transformer_config
+        check_image_size(height, width, self.size_multiple, max_tokens_side=min(tcfg.axes_lens[1:]),
+                         patch_px=self.size_multiple)  # fmt: skip
+        max_len = min(tcfg.axes_lens[0] - 1, self.components.text_encoder_config.max_position_embeddings)
+        if not 1 <= max_sequence_length <= max_len:
+            raise ValueError(f"max_sequence_length must be in [1, {max_len}], got {max_sequence_length}")
+        s = self.resolve_settings(solver=solver, num_inference_steps=num_inference_steps,
+                                  cfg_trunc_ratio=cfg_trunc_ratio, cfg_normalization=cfg_normalization,
+                                  cfg_trunc_mode=cfg_trunc_mode, time_shift=time_shift, preset=preset)  # fmt: skip
+        schedule = make_schedule(s["solver"], s["num_inference_steps"], shift=s["time_shift"],
+                                 guidance_scale=guidance_scale, cfg_trunc_ratio=s["cfg_trunc_ratio"],
+                                 cfg_trunc_mode=s["cfg_trunc_mode"])  # fmt: skip
+        b = len(prompts) * n
+        negatives = None
+        if schedule.num_guided:
+            negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+            if len(negatives) == 1 and len(prompts) > 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+
+        # noise
+        seeds: list[Optional[int]]
+        if latents is not None:
+            noise = np.asarray(latents, np.float32)
+            want = (b, *self.latent_shape(height, width))
+            if noise.shape != want:
+                hint = (" (channels-last: (B, h, w, C), not NCHW)"
+                        if noise.ndim == 4 and noise.shape[1] == want[3] and noise.shape[3] != want[3] else "")
+                raise ValueError(f"latents have shape {noise.shape}, expected {want}{hint}")
+            seeds = [None] * b
+        else:
+            if seed is None:
+                seed = int(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF)
+            seeds = [int(seed) + k for k in range(b)] if np.ndim(seed) == 0 else [int(x) for x in seed]
+            if len(seeds) != b:
+                raise ValueError(f"{len(seeds)} seeds for {b} images")
+            noise = self.make_noise(seeds, height, width)
+
+        phase = on_phase or (lambda name: None)
+        timings: dict[str, float] = {}
+        phase("encode")
+        t0 = time.perf_counter()
+        feats, mask = self.encode_prompts(prompts, negatives, system_prompt, max_sequence_length, n)
+        jax.block_until_ready(feats)
+        timings["text_encode"] = time.perf_counter() - t0
+
+        decode = output_type != "latent"
+        scale = jnp.float32(guidance_scale)
+        ratio = jnp.float32(s["cfg_renorm_ratio"])
+        noise = jnp.asarray(noise)
+        if mode == "fused":
+            latents_out, images, comp_s, run_s = self._run_fused(noise, feats, mask, schedule, scale, ratio,
+                                                                 s["cfg_renorm"], decode, vae_tile, callback, phase)
+            timings.update(compile=comp_s, sample=run_s)
+        else:
+            latents_out, images, t = self._run_stepwise(noise, feats, mask, schedule, scale, ratio, s["cfg_renorm"],
+                                                        decode, vae_tile, callback, phase)
+            timings.update(t)
+        latents_np = np.asarray(latents_out)
+        if output_type == "latent":
+            out: Any = latents_np
+        else:
+            arr = np.asarray(images, np.float32)
+            out = arr if output_type == "np" else [_to_pil(a) for a in arr]
+        timings["total"] = time.perf_counter() - t_start
+        settings = dict(s, guidance_scale=float(guidance_scale), height=height, width=width,
+                        num_images_per_prompt=n, max_sequence_length=max_sequence_length,
+                        system_prompt=resolve_system_prompt(system_prompt), negative_prompt=negatives,
+                        num_model_evaluations=schedule.num_evaluations, num_guided_evaluations=schedule.num_guided,
+                        preset=preset, dtype=self.dtype, model=self.components.source)  # fmt: skip
+        return Lumina2Output(out, latents_np, [p for p in prompts for _ in range(n)], seeds, settings, timings)
+
+    def _run_fused(self, noise, feats, mask, schedule: Schedule, scale, ratio, renorm: str, decode: bool,
+                   vae_tile, callback, phase):
+        on_step = None
+        if callback is not None:
+            total = schedule.num_steps
+            on_step = lambda i: callback(int(i), total)  # noqa: E731
+        key = ("fused", renorm, decode, vae_tile, callback)
+        fn = self._jit(key, lambda: loop.make_generate_fn(self.dit, self.vae if decode else None, renorm=renorm,
+                                                          vae_tile=vae_tile, on_step=on_step))  # fmt: skip
+        args = (self.dit_params, self.vae_params, noise, feats, mask, schedule, scale, ratio)
+        phase("compile")
+        exe, comp_s = self._executable(key, fn, args)
+        phase("sample")
+        t0 = time.perf_counter()
+        latents, images = jax.block_until_ready(exe(*args))
+        return latents, images, comp_s, time.perf_counter() - t0
+
+    def step_executables(self, schedule: Schedule, noise, feats, mask, renorm: str) -> tuple[dict, float]:
+        """Compiled single-step programs for every guidance pattern in ``schedule`` -> ``({flags: exe},
+        compile seconds)``."""
+        comp = 0.0
+        exes = {}
+        state = init_state(schedule, noise)
+        coeffs = {k: np.asarray(v)[0] for k, v in schedule.arrays.items()}
+        for flags in dict.fromkeys(schedule.guided):
+            key = ("step", schedule.solver, flags, renorm)
+            fn = self._jit(key, lambda flags=flags: loop.make_step_fn(self.dit, schedule.solver, flags, renorm=renorm))
+            args = (self.dit_params, noise, state, coeffs, feats, mask, jnp.float32(1), jnp.float32(1))
+            exes[flags], c = self._executable(key, fn, args)
+            comp += c
+        return exes, comp
+
+    def _run_stepwise(self, noise, feats, mask, schedule: Schedule, scale, ratio, renorm: str, decode: bool,
+                      vae_tile, callback, phase):
+        phase("compile")
+        exes, comp = self.step_executables(schedule, noise, feats, mask, renorm)
+        dec = None
+        if decode:
+            key = ("decode", vae_tile)
+            fn = self._jit(key, lambda: loop.make_decode_fn(self.vae, vae_tile))
+            dec, c = self._executable(key, fn, (self.vae_params, noise))
+            comp += c
+        arrays = {k: np.asarray(v) for k, v in schedule.arrays.items()}
+        x, state = noise, init_state(schedule, noise)
+        phase("sample")
+        t0 = time.perf_counter()
+        for i, flags in enumerate(schedule.guided):
+            coeffs = {k: v[i] for k, v in arrays.items()}
+            x, state = exes[flags](self.dit_params, x, state, coeffs, feats, mask, scale, ratio)
+            if callback is not None:
+                jax.block_until_ready(x)
+                callback(i, schedule.num_steps)
+        x = jax.block_until_ready(x)
+        t_sample = time.perf_counter() - t0
+        images, t_dec = None, 0.0
+        if dec is not None:
+            phase("decode")
+            t0 = time.perf_counter()
+            images = jax.block_until_ready(dec(self.vae_params, x))
+            t_dec = time.perf_counter() - t0
+        return x, images, {"compile": comp, "sample": t_sample, "decode": t_dec}
+
+    # -- analysis -----------------------------------------------------------------------------------
+
+    def schedule_flops(self, schedule: Schedule, batch: int, height: int, width: int, caption_length: int = 64,
+                       renorm: str = "clamp") -> dict[str, Any]:
+        """FLOPs of the denoising loop from XLA's cost analysis of each kind of step (see
+        :func:`lumina_jax.sample.loop.schedule_flops`), for ``batch`` images of ``height x width``."""
+        noise = jnp.zeros((batch, *self.latent_shape(height, width)), jnp.float32)
+        rows = 2 * batch if schedule.num_guided else batch
+        d = self.components.transformer_config.cap_feat_dim
+        feats = jnp.zeros((rows, caption_length, d), jnp.float32)
+        mask = jnp.ones((rows, caption_length), bool)
+        exes, _ = self.step_executables(schedule, noise, feats, mask, renorm)
+        return loop.schedule_flops(schedule, lambda flags: loop.compiled_flops(exes[flags]))
+
+
+def _to_pil(img: np.ndarray) -> Any:
+    from PIL import Image
+
+    return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+
+
+__all__ = ["Lumina2Pipeline", "Lumina2Output", "enable_compilation_cache", "check_image_size",
+           "resolve_system_prompt", "RENORM_MODES"]  # fmt: skip

@@ -1,0 +1,217 @@
+"""``python -m lumina_jax generate "a prompt" [more prompts] --out out.png [--checkpoint PATH] [options]``
+
+Writes one PNG per image (prompt, negative prompt, seed and every setting in the PNG text metadata:
+keys ``prompt``, ``negative_prompt``, ``seed`` and ``lumina_jax`` = JSON of the settings) and prints
+where they went. ``--out out.png`` with several images writes ``out_000.png``, ``out_001.png``, ...; an
+``--out`` that is a directory (or ends with ``/``) gets ``lumina_<seed>.png`` files.
+
+Without ``--checkpoint`` the bundled default model is used; while none is bundled that is a tiny random
+model (a notice says so, images are noise). ``--checkpoint`` takes a diffusers pipeline directory
+(e.g. a download of Alpha-VLLM/Lumina-Image-2.0), a directory written by
+``lumina_jax.convert.components.save_components``, or a hub id.
+
+Progress: ``--mode stepwise`` (default) runs each solver step as its own compiled call, so the progress
+bar advances per step and compilation shows as its own phase; every compiled program goes to the
+persistent compilation cache (``~/.cache/lumina_jax/xla``; ``--compilation-cache DIR|off``), so a second
+run does not recompile. ``--mode fused`` runs all steps and the decode as one program (a little faster
+per image, no per-step progress).
+
+Presets (``--preset``; explicit options override): ``quality`` (midpoint, 17 steps = the original
+sample.sh), ``balanced`` (the same with CFG-Trunc at t < 0.25, the paper's setting), ``fast``
+(Flow-DPM-Solver, 10 steps, CFG-Trunc), ``diffusers`` (diffusers' Lumina2Pipeline semantics). The
+original ``--num_sampling_steps N`` (grid points) is ``--steps N-1`` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+PROG = "python -m lumina_jax generate"
+
+
+def _size(s: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in s.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    return w, h
+
+
+def _renorm(s: str) -> Any:
+    low = s.lower()
+    if low in ("true", "on", "clamp", "original"):
+        return True
+    if low in ("false", "off", "none", "0"):
+        return False
+    if low in ("rows", "diffusers"):
+        return "rows"
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: use clamp (original), rows (diffusers), off, or a ratio") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lumina_jax.sample.solvers import PRESETS, SOLVERS
+
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompt", nargs="+", help="one or more prompts")
+    ap.add_argument("--out", default="lumina.png", help="output PNG path or directory (default lumina.png)")
+    ap.add_argument("--checkpoint", default=None, help="model directory or hub id (default: bundled model)")
+    ap.add_argument("--transformer", default=None, help="replace the transformer with this checkpoint (any format)")
+    ap.add_argument("--negative", default=None, help='negative prompt (default "")')
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--solver", choices=sorted(SOLVERS), default=None, help="default midpoint")
+    ap.add_argument("--steps", type=int, default=None, help="solver steps (default per solver: midpoint 17, "
+                    "dpm 20, euler/flow_euler 30)")  # fmt: skip
+    ap.add_argument("--cfg", type=float, default=4.0, help="guidance scale (<= 1 disables CFG); default 4")
+    ap.add_argument("--cfg-trunc", type=float, default=None, help="CFG-Trunc threshold (default 1.0 = off)")
+    ap.add_argument("--cfg-trunc-mode", choices=["time", "steps"], default=None,
+                    help="time: CFG while t < threshold (original, default); steps: (i+1)/N <= ratio (diffusers)")
+    ap.add_argument("--renorm", type=_renorm, default=None,
+                    help="CFG-Renorm: clamp (original, default), rows (diffusers), off, or a clamp ratio")
+    ap.add_argument("--shift", type=float, default=None, help="time shift (default: the model's, 6.0)")
+    ap.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 (default: model's)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the first image; image k uses seed+k")
+    ap.add_argument("--n", type=int, default=1, help="images per prompt")
+    ap.add_argument("--system-prompt", default=None, help="template name (real, base, align, ...) or text")
+    ap.add_argument("--max-length", type=int, default=256, help="max text tokens incl. system prompt")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--mode", choices=["stepwise", "fused"], default="stepwise")
+    ap.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory, or 'off'")
+    ap.add_argument("--cache-weights", action="store_true",
+                    help="cache converted diffusers weights as orbax (faster later loads)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def output_paths(out: str, seeds: list[Optional[int]]) -> list[Path]:
+    """Where each image goes (see the module docstring)."""
+    p = Path(out)
+    if out.endswith(("/", "\\")) or p.is_dir():
+        return [p / f"lumina_{s if s is not None else i}.png" for i, s in enumerate(seeds)]
+    if p.suffix.lower() != ".png":
+        p = p.with_suffix(p.suffix + ".png") if p.suffix else p.with_suffix(".png")
+    if len(seeds) == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}_{i:03d}{p.suffix}") for i in range(len(seeds))]
+
+
+def save_png(image: Any, path: Path, prompt: str, seed: Optional[int], settings: dict[str, Any]) -> None:
+    """Write ``image`` (PIL) with the prompt and settings as PNG text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("prompt", prompt)
+    neg = settings.get("negative_prompt")
+    info.add_itxt("negative_prompt", "" if not neg else str(neg[0]))
+    info.add_text("seed", "" if seed is None else str(seed))
+    info.add_itxt("lumina_jax", json.dumps(dict(settings, prompt=prompt, seed=seed), default=str))
+    info.add_text("Software", "lumina-jax")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+
+
+class _CacheStats:
+    """Counts JAX persistent-cache hits and misses (``jax.monitoring`` events)."""
+
+    def __init__(self):
+        import jax
+
+        self.hits = self.misses = 0
+
+        def listen(event: str, **kw: Any) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                self.hits += 1
+            elif event == "/jax/compilation_cache/cache_misses":
+                self.misses += 1
+
+        jax.monitoring.register_event_listener(listen)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.n < 1:
+        print(f"{PROG}: error: --n must be >= 1", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    from lumina_jax.convert.errors import CheckpointError
+    from lumina_jax.pipeline import Lumina2Pipeline
+
+    err = sys.stderr
+    cc: Any = True
+    if args.compilation_cache is not None:
+        cc = False if args.compilation_cache.lower() in ("off", "none", "0", "false") else args.compilation_cache
+    stats = _CacheStats()
+    t0 = time.perf_counter()
+    try:
+        print("loading model ...", file=err, flush=True)
+        pipe = Lumina2Pipeline.from_pretrained(args.checkpoint, transformer=args.transformer, dtype=args.dtype,
+                                               cache=args.cache_weights, compilation_cache=cc)  # fmt: skip
+        print(f"loaded {pipe.components.source} in {time.perf_counter() - t0:.1f}s", file=err, flush=True)
+        bar: dict[str, Any] = {}
+        marks: dict[str, float] = {}
+
+        def on_phase(name: str) -> None:
+            now = time.perf_counter()
+            for prev in list(marks):
+                if prev == "compile":
+                    print(f"compiled in {now - marks.pop(prev):.1f}s (cache: {stats.hits} hits, "
+                          f"{stats.misses} misses)", file=err, flush=True)  # fmt: skip
+                else:
+                    marks.pop(prev)
+            marks[name] = now
+            if name == "compile":
+                print("compiling (first run of these shapes; later runs load it from the cache) ...", file=err,
+                      flush=True)  # fmt: skip
+            elif name == "encode":
+                print("encoding prompts ...", file=err, flush=True)
+            elif name == "decode":
+                print("decoding ...", file=err, flush=True)
+
+        def on_step(i: int, n: int) -> None:
+            if "bar" not in bar:
+                bar["bar"] = tqdm(total=n, desc="sampling", unit="step", file=err, disable=args.no_progress)
+            bar["bar"].update(1)
+            if i + 1 == n:
+                bar["bar"].close()
+
+        width, height = args.size if args.size else (None, None)
+        out = pipe(
+            args.prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
+            guidance_scale=args.cfg, cfg_trunc_ratio=args.cfg_trunc, cfg_normalization=args.renorm,
+            max_sequence_length=args.max_length, system_prompt=args.system_prompt, num_images_per_prompt=args.n,
+            solver=args.solver, time_shift=args.shift, seed=args.seed, cfg_trunc_mode=args.cfg_trunc_mode,
+            preset=args.preset, mode=args.mode, callback=None if args.mode == "fused" else on_step,
+            on_phase=on_phase, output_type="pil",
+        )  # fmt: skip
+        on_phase("done")
+    except (ValueError, TypeError, CheckpointError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=err)
+        return 2
+    paths = output_paths(args.out, out.seeds)
+    for img, path, prompt, seed in zip(out.images, paths, out.prompts, out.seeds):
+        save_png(img, path, prompt, seed, out.settings)
+    t = out.timings
+    print(f"{out.settings['solver']}, {out.settings['num_inference_steps']} steps "
+          f"({out.settings['num_model_evaluations']} evaluations, {out.settings['num_guided_evaluations']} with CFG); "
+          f"text {t['text_encode']:.2f}s, compile {t['compile']:.2f}s, sampling {t['sample']:.2f}s"
+          + (f", decode {t['decode']:.2f}s" if "decode" in t else "")
+          + f"; XLA cache {stats.hits} hits, {stats.misses} misses", file=err)  # fmt: skip
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The JAX Lumina2Pipeline end to end: parity with diffusers' Lumina2Pipeline, the component loader
+(diffusers layout, project layout, converted-weights cache, transformer override), argument errors,
+and the ``generate`` CLI (PNG metadata, per-step progress, persistent compilation cache across processes).
+
+A tiny diffusers pipeline with random weights everywhere (Next-DiT, Gemma-2, VAE, a sentencepiece
+tokenizer trained on the spot) is built once with :func:`lumina_jax.bench.generate.build_reference_pipeline`
+and saved with ``save_pretrained``; our pipeline loads that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("sentencepiece")
+
+from lumina_jax.convert.components import (  # noqa: E402
+    Components,
+    detect_layout,
+    load_components,
+    save_components,
+)
+from lumina_jax.convert.common import flatten  # noqa: E402
+from lumina_jax.convert.errors import CheckpointError  # noqa: E402
+from lumina_jax.pipeline import Lumina2Pipeline, check_image_size, resolve_system_prompt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a photo of a cat", "a lighthouse on a cliff in a storm at night, oil painting"]
+PARITY_TOL = 1e-4  # fp32 relative L2 of the images; measured ~1e-6
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(diffusers pipeline, in-memory Components, saved pipeline directory)."""
+    from lumina_jax.bench.generate import build_reference_pipeline
+
+    root = tmp_path_factory.mktemp("ref")
+    ref, comps = build_reference_pipeline("tiny", seed=0, tokenizer_dir=root / "tok")
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(root / "pipe")
+    return ref, comps, root / "pipe"
+
+
+@pytest.fixture(scope="module")
+def pipe(reference):
+    return Lumina2Pipeline.from_pretrained(reference[2], compilation_cache=False)
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return np.random.default_rng(0).standard_normal((2, 8, 8, 16)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# parity with diffusers
+
+
+def test_parity_with_diffusers_lumina2pipeline(reference, pipe, noise):
+    ref = reference[0]
+    kw = dict(num_inference_steps=6, guidance_scale=4.0, cfg_trunc_ratio=0.5)
+    with torch.no_grad():
+        lat = torch.from_numpy(noise.transpose(0, 3, 1, 2).copy())
+        expected = ref(PROMPTS, latents=lat, output_type="np", cfg_normalization=True, **kw).images
+        expected_latents = ref(PROMPTS, latents=lat, output_type="latent", **kw).images.numpy().transpose(0, 2, 3, 1)
+    assert expected.shape == (2, 64, 64, 3) and expected.std() > 0.05  # a non-trivial image
+    outs = {}
+    for mode in ("fused", "stepwise"):
+        out = pipe(PROMPTS, latents=noise, solver="flow_euler", cfg_normalization="rows", cfg_trunc_mode="steps",
+                   output_type="np", mode=mode, **kw)  # fmt: skip
+        outs[mode] = out.images
+        assert out.settings["num_guided_evaluations"] == 3 < out.settings["num_model_evaluations"] == 6
+        assert rel_l2(out.images, expected) <= PARITY_TOL, (mode, rel_l2(out.images, expected))
+        assert rel_l2(out.latents, expected_latents) <= PARITY_TOL
+    assert np.abs(outs["fused"] - outs["stepwise"]).max() < 1e-5
+    # FLOPs of the run from the (already compiled) step programs: truncation saves the unguided halves
+    from lumina_jax.sample.solvers import make_schedule
+
+    sched = lambda r: make_schedule("flow_euler", 6, cfg_trunc_ratio=r, cfg_trunc_mode="steps")  # noqa: E731
+    full, trunc = (pipe.schedule_flops(sched(r), 2, 64, 64, renorm="rows")["total"] for r in (1.0, 0.5))
+    if full:
+        assert 0.7 < trunc / full < 0.8  # (3 x 2 + 3 x 1) / (6 x 2) = 0.75 of the transformer work
+    # the preset names the same semantics
+    assert pipe.resolve_settings(solver=None, num_inference_steps=None, cfg_trunc_ratio=None, cfg_normalization=None,
+                                 cfg_trunc_mode=None, time_shift=None, preset="diffusers")["cfg_renorm"] == "rows"
+
+
+def test_original_semantics_differ_from_diffusers(reference, pipe, noise):
+    """The defaults (clamp renorm, model-time truncation, midpoint) are a different sampler: far from the
+    diffusers image, yet finite and in range -- the parity test above can fail."""
+    ref = reference[0]
+    with torch.no_grad():
+        expected = ref(PROMPTS, latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()), output_type="np",
+                       num_inference_steps=6, cfg_trunc_ratio=0.5).images  # fmt: skip
+    out = pipe(PROMPTS, latents=noise, num_inference_steps=3, cfg_trunc_ratio=0.5, output_type="pil")
+    assert out.settings["solver"] == "midpoint" and out.settings["cfg_renorm"] == "clamp"
+    imgs = np.stack([np.asarray(im, np.float32) / 255 for im in out.images])
+    assert imgs.shape == expected.shape and np.all(np.isfinite(imgs))
+    assert rel_l2(imgs, expected) > 1e-2
+
+
+def test_latent_output_without_cfg(pipe):
+    out = pipe("a cat", guidance_scale=1.0, solver="euler", num_inference_steps=2, height=32, width=48, seed=1,
+               output_type="latent")  # fmt: skip
+    assert out.images.shape == (1, 4, 6, 16) and np.all(np.isfinite(out.images))
+    assert out.settings["num_guided_evaluations"] == 0 and out.settings["negative_prompt"] is None
+    assert out.seeds == [1] and np.array_equal(out.images, out.latents)
+
+
+# ----------------------------------------------------------------------------------------------
+# components
+
+
+def _same_tree(a, b):
+    fa, fb = flatten(a), flatten(b)
+    assert set(fa) == set(fb)
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+def test_components_layouts_cache_and_transformer_override(reference, tmp_path, caplog):
+    _, mem, d = reference
+    assert detect_layout(d) == "diffusers"
+    comps = load_components(d)
+    assert comps.time_shift == 6.0 and comps.default_image_size == 64
+    for name in ("transformer", "text_encoder", "vae"):
+        _same_tree(getattr(comps, name), getattr(mem, name))
+
+    # project layout round trip
+    lj = save_components(tmp_path / "lj", comps)
+    assert detect_layout(lj) == "lumina_jax"
+    back = load_components(lj)
+    for name in ("transformer", "text_encoder", "vae"):
+        _same_tree(getattr(back, name), getattr(comps, name))
+    assert back.transformer_config == comps.transformer_config and back.vae_config == comps.vae_config
+    assert back.text_encoder_config == comps.text_encoder_config and back.scheduler == comps.scheduler
+    ids = lambda c: c.tokenizer(PROMPTS)["input_ids"]  # noqa: E731
+    assert ids(back) == ids(comps)
+
+    # converted-weights cache: the second load reads orbax, not the diffusers files
+    cache = tmp_path / "cache"
+    first = load_components(d, cache=cache)
+    assert first.layout == "diffusers" and len(list(cache.iterdir())) == 1
+    second = load_components(d, cache=cache)
+    assert second.layout == "diffusers (cached)"
+    _same_tree(second.transformer, comps.transformer)
+
+    # an original-format transformer replaces the directory's one
+    from lumina_jax.convert.nextdit import save_transformer
+
+    params2 = {k: v for k, v in comps.transformer.items()}
+    params2["x_embedder"] = {"kernel": comps.transformer["x_embedder"]["kernel"] * 2,
+                             "bias": comps.transformer["x_embedder"]["bias"]}  # fmt: skip
+    orig = save_transformer(tmp_path / "orig.safetensors", comps.transformer_config, params2, "original")
+    over = load_components(d, transformer=orig)
+    np.testing.assert_array_equal(over.transformer["x_embedder"]["kernel"], params2["x_embedder"]["kernel"])
+
+
+def test_missing_component_is_named(reference, tmp_path):
+    d = tmp_path / "broken"
+    shutil.copytree(reference[2], d)
+    shutil.rmtree(d / "vae")
+    with pytest.raises(CheckpointError, match=r"missing component\(s\) \['vae'\]"):
+        load_components(d)
+    with pytest.raises(CheckpointError, match="missing component"):
+        Lumina2Pipeline.from_pretrained(d, compilation_cache=False)
+    with pytest.raises(CheckpointError, match="not a Lumina-Image 2.0 model directory"):
+        load_components(tmp_path)
+    shutil.rmtree(d / "transformer")
+    (d / "transformer").mkdir()
+    with pytest.raises(CheckpointError):
+        load_components(d)
+
+
+def test_cross_component_check(reference):
+    comps = load_components(reference[2])
+    bad = Components(**{**comps.__dict__, "text_encoder_config": comps.text_encoder_config.__class__(
+        **{**comps.text_encoder_config.__dict__, "hidden_size": 32})})  # fmt: skip
+    with pytest.raises(CheckpointError, match="cap_feat_dim=64 but the text encoder's hidden size is 32"):
+        bad.check()
+
+
+# ----------------------------------------------------------------------------------------------
+# argument errors (raised before anything is compiled)
+
+
+def test_argument_errors(pipe, noise):
+    with pytest.raises(ValueError, match=r"height=1000 is not a positive multiple of 16.*992 or 1008"):
+        pipe("a cat", height=1000, width=64)
+    with pytest.raises(ValueError, match=r"width=8 .* nearest valid width: 16"):
+        pipe("a cat", height=64, width=8)
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        pipe([])
+    with pytest.raises(TypeError, match="must be a string"):
+        pipe(["a cat", 3])
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        pipe("a cat", solver="rk4")
+    with pytest.raises(ValueError, match="unknown preset"):
+        pipe("a cat", preset="ultra")
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a cat", output_type="tensor")
+    with pytest.raises(ValueError, match=r"channels-last"):
+        pipe(PROMPTS, latents=noise.transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
+        pipe(["a", "b", "c"], negative_prompt=["x", "y"])
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        pipe("a cat", max_sequence_length=100000)
+    with pytest.raises(ValueError, match="3 seeds for 2 images"):
+        pipe(PROMPTS, seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="cfg_trunc_mode"):
+        pipe("a cat", cfg_trunc_mode="sometimes")
+    check_image_size(1024, 768)
+    with pytest.raises(ValueError, match="RoPE table"):
+        check_image_size(16 * 600, 64, max_tokens_side=512)
+
+
+def test_system_prompt_and_noise_rules(pipe):
+    from lumina_jax.text_templates import SYSTEM_PROMPTS
+
+    sentence = "You are an assistant designed to generate superior images with the superior degree of " \
+               "image-text alignment based on textual prompts or user prompts."  # diffusers' default
+    assert resolve_system_prompt(None) == resolve_system_prompt(sentence) == SYSTEM_PROMPTS["real"]
+    assert resolve_system_prompt("base") == SYSTEM_PROMPTS["base"]
+    assert resolve_system_prompt("X <Prompt Start> ") == "X <Prompt Start> "
+    # seed s + k for image k: an image can be regenerated alone
+    a = pipe.make_noise([5, 6], 64, 32)
+    assert a.shape == (2, 8, 4, 16)
+    np.testing.assert_array_equal(a[1], pipe.make_noise([6], 64, 32)[0])
+    assert not np.allclose(a[0], a[1])
+
+
+def test_default_model_is_tiny_random_with_a_notice(monkeypatch, caplog, tmp_path):
+    import lumina_jax.pipeline as P
+
+    monkeypatch.setattr(P, "DEFAULT_MODEL_DIR", tmp_path / "nothing_here")
+    with caplog.at_level(logging.WARNING):
+        p = P.Lumina2Pipeline.from_pretrained(compilation_cache=False)
+    assert "RANDOMLY INITIALISED" in caplog.text
+    assert p.components.transformer_config.dim == 64 and p.default_image_size == 64
+
+
+def test_enable_compilation_cache(tmp_path, monkeypatch):
+    import jax
+
+    from lumina_jax.pipeline import enable_compilation_cache
+
+    old = jax.config.jax_compilation_cache_dir
+    old_t = jax.config.jax_persistent_cache_min_compile_time_secs
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert enable_compilation_cache(False) is None and jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("LUMINA_JAX_COMPILATION_CACHE", "off")
+        assert enable_compilation_cache() is None
+        monkeypatch.setenv("LUMINA_JAX_COMPILATION_CACHE", str(tmp_path / "env"))
+        assert enable_compilation_cache() == tmp_path / "env"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+        assert enable_compilation_cache(tmp_path / "explicit") == tmp_path / "explicit"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_t)
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cli(args, env):
+    return subprocess.run([sys.executable, "-m", "lumina_jax", "generate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_cli_writes_pngs_with_metadata_and_reuses_compiled_programs(reference, tmp_path):
+    from PIL import Image
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", LUMINA_JAX_COMPILATION_CACHE=str(tmp_path / "xla"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+    args = ["a photo of a cat", "--checkpoint", str(reference[2]), "--steps", "3", "--size", "64x48", "--seed", "3",
+            "--n", "2", "--renorm", "0.9"]  # fmt: skip
+    runs = []
+    for k in range(2):  # two processes, each with its own output directory
+        runs.append(_cli([*args, "--out", str(tmp_path / f"out{k}" / "img.png")], env))
+        assert runs[-1].returncode == 0, runs[-1].stderr[-3000:]
+    first, second = runs
+    assert "compiling" in first.stderr and "sampling" in first.stderr and "3/3" in first.stderr
+    paths = [tmp_path / "out0" / f"img_{i:03d}.png" for i in range(2)]
+    assert first.stdout.split() == [w for p in paths for w in ("wrote", str(p))]
+    for i, p in enumerate(paths):
+        im = Image.open(p)
+        assert im.size == (64, 48)
+        meta = json.loads(im.text["lumina_jax"])
+        assert im.text["prompt"] == "a photo of a cat" and im.text["seed"] == str(3 + i)
+        assert meta["solver"] == "midpoint" and meta["num_inference_steps"] == 3 and meta["seed"] == 3 + i
+        assert meta["cfg_renorm_ratio"] == 0.9 and meta["guidance_scale"] == 4.0 and meta["cfg_trunc_ratio"] == 1.0
+        # same seed in another process -> the same image
+        assert np.array_equal(np.asarray(im), np.asarray(Image.open(tmp_path / "out1" / p.name)))
+    assert not np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(paths[1])))
+    # the second process compiled nothing: every program came from the persistent cache
+    tail = second.stderr.strip().splitlines()[-1]
+    hits, misses = (int(x) for x in tail.split("XLA cache ")[1].replace(" hits,", "").replace(" misses", "").split())
+    assert hits > 0 and misses == 0, tail
+
+
+def test_cli_errors(reference, tmp_path, capsys):
+    from lumina_jax.sample.cli import main, output_paths
+
+    rc = main(["a cat", "--checkpoint", str(reference[2]), "--size", "1000x64", "--compilation-cache", "off",
+               "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert rc == 2 and "992 or 1008" in capsys.readouterr().err
+    rc = main(["a cat", "--checkpoint", str(tmp_path / "missing"), "--compilation-cache", "off"])
+    assert rc == 2 and "no such directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["a cat", "--solver", "heun"])
+    assert output_paths(str(tmp_path) + "/", [7, 8]) == [tmp_path / "lumina_7.png", tmp_path / "lumina_8.png"]
+    assert output_paths("a.png", [1]) == [Path("a.png")]
