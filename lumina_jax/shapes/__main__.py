@@ -1,0 +1,5 @@
+import sys
+
+from lumina_jax.shapes.build import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""The synthetic shapes world, its TFDS builder, the identity autoencoder stage, and an end-to-end
+train -> assemble -> sample run of the bundled model's config (a few steps, shapes only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lumina_jax.shapes import checker, spec
+
+
+def test_checker_is_exact_on_rendered_scenes():
+    rng = np.random.default_rng(0)
+    scenes = [spec.random_scene(rng, held_out=None) for _ in range(60)]
+    images = [spec.render(s, 64, rng) for s in scenes]
+    m = checker.check_many(images, scenes)
+    assert m["colour"] == m["shape"] == m["position"] == m["all"] == 1.0
+
+
+def test_checker_rejects_wrong_attributes():
+    s = spec.example_scene()
+    img = spec.render(s)
+    wrong = spec.Scene("black", (spec.Obj("green", "triangle", "left"), spec.Obj("blue", "circle", "right")))
+    r = checker.check(img, wrong)
+    assert not r.background and not r.objects[0]["colour"] and not r.objects[0]["shape"]
+    assert r.objects[1]["colour"] and not r.objects[1]["shape"] and r.objects[1]["position"]
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    assert checker.summarise([checker.check(blank, s)])["colour"] == 0.0
+
+
+def test_held_out_split():
+    assert 8 <= len(spec.HELD_OUT) <= 20
+    seen = set(spec.all_triples()) - spec.HELD_OUT
+    # every pair of attributes still has training examples
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert {(t[a], t[b]) for t in seen} == {(t[a], t[b]) for t in spec.all_triples()}
+    assert not spec.is_held_out(spec.example_scene())
+    rng = np.random.default_rng(1)
+    assert all(spec.is_held_out(spec.random_scene(rng, held_out=True)) for _ in range(20))
+    assert not any(spec.is_held_out(spec.random_scene(rng, held_out=False)) for _ in range(50))
+    assert spec.caption(spec.example_scene()) == spec.EXAMPLE_PROMPT
+
+
+def test_identity_autoencoder_roundtrip():
+    import jax.numpy as jnp
+
+    from lumina_jax.models.vae import AutoencoderKL
+    from lumina_jax.shapes import components
+
+    cfg, p = components.identity_vae_params()
+    assert cfg.downsample_factor == 1
+    m = AutoencoderKL(cfg)
+    x = jnp.asarray(spec.render(spec.example_scene())[None].astype(np.float32) / 127.5 - 1)
+    z = m.apply({"params": p}, x, method=AutoencoderKL.encode).mode()
+    y = m.apply({"params": p}, z, method=AutoencoderKL.decode)
+    y = getattr(y, "sample", y)
+    assert float(jnp.abs(z - x).max()) < 1e-4 and float(jnp.abs(y - x).max()) < 1e-4
+
+
+def test_tokenizer_covers_vocabulary(tmp_path):
+    from lumina_jax.shapes import components
+    from lumina_jax.text import load_tokenizer
+
+    tok = load_tokenizer(components.train_tokenizer(tmp_path / "tok"))
+    assert len(tok) <= components.text_config().vocab_size
+    pieces = tok.convert_ids_to_tokens(tok(spec.EXAMPLE_PROMPT)["input_ids"])
+    assert not any(p.startswith("<0x") for p in pieces)  # no byte fallback for dataset words
+    assert len(pieces) <= 20
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from lumina_jax.shapes import build
+
+    work = tmp_path_factory.mktemp("shapes")
+    info = build.prepare(work, num_train=48, num_test=4)
+    return work, info
+
+
+def test_tfds_builder_reads_through_grain_source(tiny_world):
+    from lumina_jax.data.sources import TfdsSource
+    from lumina_jax.shapes import tfds_builder
+
+    _, info = tiny_world
+    src = TfdsSource(builder_dir=info["builder_dir"], system_prompt="real", key_key="key")
+    assert len(src) == 48
+    item = src.get(0)
+    assert isinstance(item.image, (bytes, np.ndarray)) and item.caption
+    test = tfds_builder.load_scenes(info["builder_dir"], "test_held_out")
+    assert len(test) == 4 and all(spec.is_held_out(s) for s, _ in test)
+    train = tfds_builder.load_scenes(info["builder_dir"], "train")
+    assert not any(spec.is_held_out(s) for s, _ in train)
+
+
+def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
+    from lumina_jax.pipeline import Lumina2Pipeline
+    from lumina_jax.shapes import build
+    from lumina_jax.shapes.train import train
+
+    work, info = tiny_world
+    ov = [f"run_dir={tmp_path / 'run'}", "stages.0.steps=2", "stages.1.steps=2", "stages.0.batch=4",
+          "stages.1.batch=4", "log.every=1", "optimizer.warmup_steps=0"]
+    for s in (0, 1):
+        ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae",
+               f"stages.{s}.data.text_encoder={work}/encoders/text_encoder",
+               f"stages.{s}.data.tokenizer={work}/encoders/tokenizer", f"stages.{s}.data.read_threads=1"]
+    summary = train("configs/train/shapes.yaml", ov)
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    out = build.assemble(tmp_path / "run", work, tmp_path / "model")
+    pipe = Lumina2Pipeline.from_pretrained(out, compilation_cache=False)
+    assert pipe.default_image_size == 64 and pipe.size_multiple == 8
+    r = pipe([spec.EXAMPLE_PROMPT, "a green triangle at the top, on a black background"], num_inference_steps=2,
+             seed=0, output_type="np")
+    assert r.images.shape == (2, 64, 64, 3) and r.latents.shape == (2, 64, 64, 3)
+    assert np.isfinite(r.images).all()
+    res = checker.check_many((r.images * 255).astype(np.uint8), [spec.example_scene()] * 2)
+    assert set(res) >= {"colour", "shape", "position", "all"}
