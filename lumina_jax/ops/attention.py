@@ -180,3 +180,4 @@ def reference_attention_f64(q, k, v, kv_mask=None, scale=None, kv_lengths=None):
 register_lazy_backend("cudnn", "lumina_jax.ops.cudnn_attention")
 register_lazy_backend("pallas", "lumina_jax.ops.flash_attention")
 register_lazy_backend("splash", "lumina_jax.ops.splash_attention")
+register_lazy_backend("context", "lumina_jax.parallel.context")  # all-gather K/V over the `context` mesh axis

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Run a multi-process JAX job on this machine (CPU devices): what the multi-host tests use.
+
+    python launch/local.py --num-processes 2 --devices-per-process 4 -- \\
+        configs/train/tiny_synthetic.yaml run_dir=/tmp/run mesh.fsdp=8
+
+Starts ``--num-processes`` copies of ``python -m lumina_jax train CONFIG key=value...`` (or any
+``--module``), each with
+
+    LUMINA_COORDINATOR=127.0.0.1:<port>  LUMINA_NUM_PROCESSES=<n>  LUMINA_PROCESS_ID=<i>
+    JAX_PLATFORMS=cpu  XLA_FLAGS=--xla_force_host_platform_device_count=<devices-per-process>
+
+(:mod:`lumina_jax.parallel.distributed` reads these and selects gloo CPU collectives). Output of
+process ``i`` goes to ``<log-dir>/process_<i>.log`` (and process 0's also to the console). If one
+process fails the others are stopped; the exit code is the first non-zero one.
+
+Variables: ``LAUNCH_PORT`` (default: a free port), ``DRY_RUN=1`` (same as ``--dry-run``: print the
+environment and commands, run nothing), ``PYTHON`` (interpreter, default: this one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
+    port = int(os.environ.get("LAUNCH_PORT") or args.port or free_port())
+    python = os.environ.get("PYTHON", sys.executable)
+    cmd_tail = [a for a in args.rest if a != "--"]
+    jobs = []
+    for i in range(args.num_processes):
+        env = {
+            "LUMINA_COORDINATOR": f"127.0.0.1:{port}",
+            "LUMINA_NUM_PROCESSES": str(args.num_processes),
+            "LUMINA_PROCESS_ID": str(i),
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONUNBUFFERED": "1",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices_per_process}",
+        }
+        jobs.append((env, [python, "-m", args.module, *([args.command] if args.command else []), *cmd_tail]))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-processes", "-n", type=int, default=2)
+    p.add_argument("--devices-per-process", "-d", type=int, default=4)
+    p.add_argument("--module", default="lumina_jax", help="python -m MODULE (default lumina_jax)")
+    p.add_argument("--command", default="train", help="first argument to the module ('' for none)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--log-dir", default=None, help="per-process logs (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before all processes are killed")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- CONFIG key=value ...")
+    args = p.parse_args(argv)
+    jobs = build(args)
+    if args.dry_run or os.environ.get("DRY_RUN") == "1":
+        for env, cmd in jobs:
+            print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + " ".join(map(shlex.quote, cmd)))
+        return 0
+    import tempfile
+
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="lumina_local_"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, (env, cmd) in enumerate(jobs):
+        full_env = dict(os.environ, **env)
+        full_env["PYTHONPATH"] = f"{REPO}{os.pathsep}{full_env.get('PYTHONPATH', '')}"
+        log = open(log_dir / f"process_{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True), log))  # fmt: skip
+    print(f"started {len(procs)} processes; logs in {log_dir}", flush=True)
+    start = time.time()
+    rc = 0
+    try:
+        while True:
+            codes = [pr.poll() for pr, _ in procs]
+            bad = [c for c in codes if c not in (None, 0)]
+            if bad:
+                rc = bad[0]
+                break
+            if all(c == 0 for c in codes):
+                break
+            if args.timeout and time.time() - start > args.timeout:
+                rc = 124
+                break
+            time.sleep(0.2)
+    finally:
+        for pr, log in procs:
+            if pr.poll() is None:
+                os.killpg(pr.pid, signal.SIGKILL)  # our own children, by process group id
+                pr.wait()
+            log.close()
+    if rc:
+        for i in range(len(procs)):
+            tail = (log_dir / f"process_{i}.log").read_text()[-3000:]
+            print(f"--- process {i} (last lines) ---\n{tail}", file=sys.stderr)
+    else:
+        print((log_dir / "process_0.log").read_text()[-2000:])
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Multi-process start-up: ``jax.distributed.initialize`` from flags or the environment.
+
+Call :func:`initialize` first thing in an entry point, before any JAX computation. Resolution order:
+
+1. explicit arguments (``coordinator``, ``num_processes``, ``process_id``), e.g. from CLI flags;
+2. the project's variables ``LUMINA_COORDINATOR`` (``host:port``), ``LUMINA_NUM_PROCESSES``,
+   ``LUMINA_PROCESS_ID`` (set by ``launch/local.py`` and usable by any scheduler);
+3. a cluster JAX detects itself: a multi-host TPU slice / pod (``TPU_WORKER_HOSTNAMES`` with several
+   hosts, or ``MEGASCALE_*`` multi-slice variables), SLURM with more than one task
+   (``SLURM_JOB_ID`` + ``SLURM_NTASKS`` > 1; JAX reads ``SLURM_*`` to find the coordinator), or
+   Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1) -- then ``jax.distributed.initialize()`` without arguments;
+4. otherwise nothing (single process).
+
+On CPU (tests, the local launcher) collectives across processes need gloo, which must be selected
+before the backend starts; this module does that when ``JAX_PLATFORMS`` is ``cpu``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping, Optional
+
+import jax
+
+log = logging.getLogger(__name__)
+
+ENV_COORDINATOR = "LUMINA_COORDINATOR"
+ENV_NUM_PROCESSES = "LUMINA_NUM_PROCESSES"
+ENV_PROCESS_ID = "LUMINA_PROCESS_ID"
+
+_initialized = False
+
+
+def detect_cluster(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Name of an auto-detectable multi-process environment, or None."""
+    env = os.environ if env is None else env
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+        return "tpu"
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
+        return "slurm"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "mpi"
+    return None
+
+
+def resolve(
+    coordinator: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    env: Optional[Mapping[str, str]] = None,
+) -> tuple[str, dict]:
+    """What :func:`initialize` would do: ``("explicit", kwargs)``, ``(cluster, {})`` or ``("none", {})``."""
+    env = os.environ if env is None else env
+    coordinator = coordinator or env.get(ENV_COORDINATOR)
+    if num_processes is None and env.get(ENV_NUM_PROCESSES):
+        num_processes = int(env[ENV_NUM_PROCESSES])
+    if process_id is None and env.get(ENV_PROCESS_ID):
+        process_id = int(env[ENV_PROCESS_ID])
+    given = [x is not None for x in (coordinator, num_processes, process_id)]
+    if any(given):
+        if not all(given):
+            raise ValueError(
+                "multi-process start needs all of coordinator, num_processes and process_id "
+                f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got "
+                f"coordinator={coordinator!r}, num_processes={num_processes!r}, process_id={process_id!r}"
+            )
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} not in [0, {num_processes})")
+        return "explicit", dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    cluster = detect_cluster(env)
+    return (cluster, {}) if cluster else ("none", {})
+
+
+def initialize(
+    coordinator: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+) -> str:
+    """Initialise JAX's distributed runtime if this is a multi-process job. Returns what was done.
+
+    Idempotent. Must run before the first JAX computation (it fixes the backend's process set).
+    """
+    global _initialized
+    mode, kwargs = resolve(coordinator, num_processes, process_id)
+    if mode == "none" or _initialized:
+        return mode if not _initialized else "already"
+    if kwargs.get("num_processes") == 1:
+        return "none"
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    log.info("jax.distributed.initialize (%s) %s", mode, kwargs)
+    jax.distributed.initialize(**kwargs)
+    _initialized = True
+    return mode
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0

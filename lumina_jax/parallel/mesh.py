@@ -1,0 +1,247 @@
+"""Device mesh and the one table of logical-axis rules (maxtext-style; jax_notes §1.4, §3.2).
+
+Three layers, as in maxtext's sharding guide:
+
+* physical mesh axes ``data, fsdp, context, tensor`` (:data:`MESH_AXES`), sized by :class:`MeshConfig`;
+* logical names carried by every parameter (``embed``, ``heads``, ``kv_heads``, ``mlp``, ... set in
+  :mod:`lumina_jax.models.nextdit`) and by activation constraints (``activation_batch``,
+  ``activation_length``, ...);
+* :data:`LOGICAL_RULES`, the single table mapping the second to the first.
+
+The table never changes between parallelism strategies: a *preset* only changes the mesh shape, and
+an axis of size 1 shards nothing. So "pure data parallel" is ``data=N``, "FSDP" is ``fsdp=N``,
+"FSDP x tensor" is ``fsdp=N/T, tensor=T`` and "context" (sequence-parallel attention) is
+``context=C`` with the rest on ``data`` or ``fsdp``.
+
+Decisions:
+
+* ``embed`` maps to ``(fsdp, context)``: weights are ZeRO-3 sharded over the fsdp axis and also over
+  the context axis, whose devices would otherwise hold identical copies (they all-gather the same
+  weights anyway).
+* ``heads``/``kv_heads``/``mlp`` map to ``tensor`` (Megatron split of attention and SwiGLU).
+  With ``tensor`` larger than ``n_kv_heads`` (8 for all Lumina configs) the K/V projections are split
+  inside a head: correct, but it adds communication; keep ``tensor <= 8``.
+* The batch goes over ``(data, fsdp)``; ``context`` shards the token axis of activations; the token
+  axis is never sharded over ``tensor`` (no sequence-parallel norms; the model is small enough).
+* Axes are ``AxisType.Auto`` (``jax.make_mesh`` defaults to Explicit since jax 0.7, whose
+  ``shard_map`` rejects mismatched inputs instead of resharding; jax_notes §3.2).
+* Multi-slice TPU (devices with ``slice_index``): ``mesh_utils.create_hybrid_device_mesh`` with ICI
+  sizes per slice and DCN sizes across slices; only ``data`` (default) or ``fsdp`` should cross DCN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "context", "tensor")
+
+# Mesh axes the batch dimension is split over (inputs, activations, per-sample losses).
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+# logical name -> mesh axis / axes / None (replicated). Order matters only for activations, which are
+# resolved by flax (first matching rule whose mesh axes are still free wins).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # activations (nn.with_logical_constraint in the model)
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", "context"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_embed", None),
+    # parameters (nn.with_logical_partitioning in the model)
+    ("embed", ("fsdp", "context")),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("cond", None),
+    ("freq", None),
+    ("patch", None),
+    ("cap", None),
+    ("layers", None),
+)
+
+# Mesh shapes of the presets; -1 = all remaining devices. Override single axes with MeshConfig fields.
+PRESETS: dict[str, dict[str, int]] = {
+    "dp": {"data": -1},
+    "fsdp": {"fsdp": -1},
+    "fsdp_tensor": {"fsdp": -1, "tensor": 2},
+    "context": {"data": -1, "context": 2},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh sizes. ``-1`` means "whatever is left" (at most one axis per level).
+
+    Attributes:
+      preset: optional name from :data:`PRESETS`; explicit axis sizes given here override it.
+      data, fsdp, context, tensor: sizes within a slice (ICI; on GPU: within the whole job).
+      dcn_data, dcn_fsdp: sizes across TPU slices (DCN). Only used when devices span several slices;
+        ``dcn_data=-1`` (default) puts all slices on the data axis.
+    """
+
+    preset: Optional[str] = None
+    data: Optional[int] = None
+    fsdp: Optional[int] = None
+    context: Optional[int] = None
+    tensor: Optional[int] = None
+    dcn_data: int = -1
+    dcn_fsdp: int = 1
+
+    @classmethod
+    def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "MeshConfig":
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown mesh keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def ici_sizes(self) -> dict[str, int]:
+        """Axis sizes within a slice, before -1 is resolved (preset, then explicit fields)."""
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown mesh preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        sizes = {a: 1 for a in MESH_AXES}
+        explicit = {a: getattr(self, a) for a in MESH_AXES if getattr(self, a) is not None}
+        if self.preset:
+            sizes.update(PRESETS[self.preset])
+        elif not explicit:
+            sizes["data"] = -1  # nothing given: pure data parallel
+        sizes.update(explicit)
+        return sizes
+
+
+def _fill(sizes: Mapping[str, int], total: int, what: str) -> dict[str, int]:
+    sizes = dict(sizes)
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"{what}: at most one axis may be -1, got {free}")
+    for a, s in sizes.items():
+        if s != -1 and s < 1:
+            raise ValueError(f"{what}: axis {a} has invalid size {s}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if total % fixed:
+            raise ValueError(f"{what}: {total} devices are not divisible by the fixed axes {sizes} (product {fixed})")
+        sizes[free[0]] = total // fixed
+    if math.prod(sizes.values()) != total:
+        raise ValueError(f"{what}: mesh {sizes} has {math.prod(sizes.values())} devices, but there are {total}")
+    return sizes
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def create_mesh(config: MeshConfig | Mapping[str, Any] | str | None = None, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """Build the ``(data, fsdp, context, tensor)`` mesh over ``devices`` (default: all global devices).
+
+    ``config`` may be a :class:`MeshConfig`, a dict of its fields, or a preset name.
+    On several TPU slices the ICI sizes apply per slice and the DCN sizes across slices.
+    """
+    if config is None:
+        config = MeshConfig()
+    elif isinstance(config, str):
+        config = MeshConfig(preset=config)
+    elif not isinstance(config, MeshConfig):
+        config = MeshConfig.from_dict(config)
+    devices = list(jax.devices() if devices is None else devices)
+    from jax.experimental import mesh_utils
+
+    n_slices = num_slices(devices)
+    if n_slices > 1:
+        dcn = _fill({a: 1 for a in MESH_AXES} | {"data": config.dcn_data, "fsdp": config.dcn_fsdp}, n_slices, "DCN mesh")
+        ici = _fill(config.ici_sizes(), len(devices) // n_slices, "ICI mesh (per slice)")
+        arr = mesh_utils.create_hybrid_device_mesh(
+            [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices, allow_split_physical_axes=True
+        )
+    else:
+        sizes = _fill(config.ici_sizes(), len(devices), "mesh")
+        shape = [sizes[a] for a in MESH_AXES]
+        if devices[0].platform == "tpu":
+            arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        else:  # CPU/GPU: device order is the process order (process-major), which keeps data local.
+            arr = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_shape(mesh: Any) -> dict[str, int]:
+    """``{axis: size}`` of a ``Mesh`` or ``AbstractMesh``."""
+    return {a: int(n) for a, n in dict(mesh.shape).items()}
+
+
+def logical_to_mesh_spec(
+    names: Sequence[Optional[str]] | None,
+    shape: Optional[Sequence[int]] = None,
+    mesh: Optional[Mesh] = None,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+) -> P:
+    """Resolve one array's logical axis names to a ``PartitionSpec`` through ``rules``.
+
+    Unlike flax's resolver, the same logical name may appear twice (the t-embedder's ``(cond, cond)``)
+    and a mesh axis is used at most once (first dimension wins). With ``shape`` and ``mesh``, mesh
+    axes that do not divide a dimension (or have size 1) are dropped, so the spec is always valid for
+    ``jit``'s ``out_shardings``. Names without a rule are replicated.
+    """
+    if names is None:
+        return P()
+    table = {}
+    for logical, axes in rules:
+        table.setdefault(logical, axes)
+    sizes = mesh_shape(mesh) if mesh is not None else {}
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        axes = table.get(name) if name is not None else None
+        if axes is None:
+            out.append(None)
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        keep = []
+        for a in axes:
+            if a in used:
+                continue
+            if mesh is not None and sizes.get(a, 1) == 1:
+                continue
+            if shape is not None and mesh is not None:
+                denom = math.prod(sizes[x] for x in keep) * sizes[a]
+                if shape[i] % denom:
+                    continue
+            keep.append(a)
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def batch_spec(ndim: int) -> P:
+    """Spec of a batch-major array: leading axis over ``BATCH_AXES``, the rest replicated."""
+    return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(ndim))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """Global batch sizes must be multiples of this (product of the batch axes)."""
+    s = mesh_shape(mesh)
+    return math.prod(s[a] for a in BATCH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def describe(mesh: Mesh) -> str:
+    s = mesh_shape(mesh)
+    return " x ".join(f"{a}={n}" for a, n in s.items()) + f" ({mesh.devices.size} devices, {jax.process_count()} processes)"

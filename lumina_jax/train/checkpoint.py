@@ -1,0 +1,183 @@
+"""Checkpoints of a training run (orbax ``CheckpointManager``; jax_notes §6).
+
+Layout (``<run_dir>/checkpoints/<step>/``), one directory per saved step, written atomically:
+
+    state/      params, ema, opt_state, step, nonfinite counters (StandardSave; sharded arrays, each
+                process writes its own shards; tensorstore/OCDBT)
+    data_iter/  the data iterator of the stage that produced the step, one JSON per process
+                (``grain.checkpoint``; ``process_<i>-of-<n>.json``)
+    meta/       JSON: step, stage index/name, the full train config, the model config, mesh, versions
+
+The state is stored as nested dicts keyed by the pytree path (``state/params/layers/blocks/...``,
+``state/opt_state/1/0/mu/...``), not as the Python objects, so restores do not depend on optax's or
+flax's classes and a target for any mesh is just ``ShapeDtypeStruct``s with new shardings.
+
+Saves are asynchronous (device->host copy synchronous, file writes in a background thread) and atomic:
+orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames the directory only after every item and
+every process finished. A process killed mid-save leaves only the temporary directory, which the manager
+neither lists nor restores (and removes on the next start), so the latest *listed* step is always
+complete (``tests/test_train_checkpoint.py`` kills a writer mid-save).
+
+Retention: the newest ``keep`` checkpoints, plus every step divisible by ``keep_every``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+STATE, DATA, META = "state", "data_iter", "meta"
+
+
+class JsonStateIterator:
+    """Adapter so that any iterator with JSON-able ``get_state``/``set_state`` can be saved per
+    process by grain's orbax handler (which takes bytes from non-grain iterators)."""
+
+    def __init__(self, it: Any):
+        self.it = it
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.it.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.it.set_state(json.loads(state.decode()))
+
+    def start_prefetch(self) -> None:  # grain's restore calls it
+        pass
+
+
+def checkpointable(it: Any) -> Optional[Any]:
+    """The object to hand to ``grain.checkpoint.CheckpointSave``, or None if ``it`` has no state."""
+    if it is None:
+        return None
+    if isinstance(it, grain.DatasetIterator):
+        return it
+    if hasattr(it, "get_state") and hasattr(it, "set_state"):
+        return JsonStateIterator(it)
+    return None
+
+
+def _key(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def to_nested(tree: Any) -> dict:
+    """Pytree -> nested dict keyed by path components (empty subtrees disappear)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        keys = [_key(k) for k in path]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1] if keys else "value"] = leaf
+    return out
+
+
+def from_nested(nested: dict, like: Any) -> Any:
+    """Inverse of :func:`to_nested` given a tree ``like`` with the target structure."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, _ in paths:
+        node = nested
+        keys = [_key(k) for k in path] or ["value"]
+        for k in keys:
+            node = node[k]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class RunCheckpoints:
+    """Thin wrapper of ``ocp.CheckpointManager`` for a run directory (see the module docstring)."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
+                 read_only: bool = False):  # fmt: skip
+        self.directory = Path(directory).absolute() if "://" not in str(directory) else str(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep and keep > 0 else None,
+            keep_period=keep_every if keep_every and keep_every > 0 else None,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+        )
+        handlers = {
+            STATE: ocp.StandardCheckpointHandler(),
+            DATA: grain.checkpoint.CheckpointHandler(),
+            META: ocp.JsonCheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    # -- queries
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def has_data(self, step: int) -> bool:
+        return (Path(str(self.directory)) / str(step) / DATA).exists() if "://" not in str(self.directory) else True
+
+    # -- save / restore
+
+    def save(self, step: int, state: Any, meta: dict, data_iter: Any = None, force: bool = True) -> bool:
+        """Start saving ``state`` (+ iterator + meta) at ``step``; returns immediately when async."""
+        items = {STATE: ocp.args.StandardSave(to_nested(state)), META: ocp.args.JsonSave(meta)}
+        item = checkpointable(data_iter)
+        if item is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(item)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
+    def restore(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:
+        """Restore ``step`` into ``target`` (a tree of ``ShapeDtypeStruct`` with shardings, any mesh);
+        restores ``data_iter`` in place when given. Returns ``(state, meta)``."""
+        items = {STATE: ocp.args.StandardRestore(to_nested(target)), META: ocp.args.JsonRestore()}
+        item = checkpointable(data_iter)
+        if item is not None:
+            items[DATA] = grain.checkpoint.CheckpointRestore(item)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return from_nested(out[STATE], target), out[META]
+
+    def restore_subtree(self, step: int, name: str, target: Any) -> Any:
+        """Restore only ``state/<name>`` (e.g. ``"ema"`` or ``"params"``) into ``target`` (partial restore:
+        the other parts of the state are never read)."""
+        nested = {name: to_nested(target)}
+        reader = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers={STATE: ocp.PyTreeCheckpointHandler()},
+        )  # fmt: skip
+        args = ocp.args.PyTreeRestore(item=nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested),
+                                      partial_restore=True)  # fmt: skip
+        out = reader.restore(step, args=ocp.args.Composite(**{STATE: args}))
+        reader.close()
+        return from_nested(out[STATE][name], target)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def versions() -> dict:
+    import flax
+    import optax
+
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "orbax": getattr(ocp, "__version__", "?"), "numpy": np.__version__}  # fmt: skip

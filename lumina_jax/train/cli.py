@@ -1,0 +1,108 @@
+"""``python -m lumina_jax train CONFIG [key=value ...]`` and ``python -m lumina_jax train export ...``.
+
+Train::
+
+    python -m lumina_jax train configs/train/tiny_synthetic.yaml run_dir=/tmp/run stages.0.steps=50
+    python -m lumina_jax train lumina2_2b run_dir=gs://bucket/run mesh.fsdp=16     # on every host
+
+Options (before the config): ``--print-config`` (resolved config as YAML, then exit), ``--stop-at N``
+(stop after global step N with a checkpoint), ``--coordinator HOST:PORT --num-processes N
+--process-id I`` (explicit multi-process start; otherwise from ``LUMINA_*``/TPU/SLURM variables, see
+:mod:`lumina_jax.parallel.distributed`), ``-v`` (debug logging).
+
+Export the EMA (default) or raw weights of a run's latest (or ``--step``) checkpoint::
+
+    python -m lumina_jax train export RUN_DIR OUT [--which ema|params] [--format jax|diffusers|original]
+        [--dtype fp32|bf16] [--step N] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lumina_jax train", description="Train Next-DiT from a YAML config.",
+                                epilog="Overrides: dotted keys of the YAML, e.g. optimizer.lr=1e-4 stages.0.batch=64")  # fmt: skip
+    p.add_argument("config", help="configs/train/<name>.yaml, a bundled name (e.g. tiny_synthetic) or a path")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this global step (checkpointed)")
+    p.add_argument("--coordinator", default=None, help="multi-process coordinator host:port")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lumina_jax train export",
+                                description="Export EMA or raw weights of a run checkpoint.")  # fmt: skip
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--which", choices=("ema", "params"), default="ema")
+    p.add_argument("--format", choices=("jax", "diffusers", "original"), default="jax")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        args = _export_parser().parse_args(argv[1:])
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from lumina_jax.train.loop import export_weights
+
+        out = export_weights(args.run_dir, args.out, which=args.which, format=args.format, dtype=args.dtype,
+                             step=args.step, overwrite=args.overwrite)  # fmt: skip
+        print(f"wrote {out}")
+        return 0
+
+    parser = _train_parser()
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from lumina_jax.train.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+
+    # Before any JAX computation: join the other processes of a multi-host job.
+    from lumina_jax.parallel import distributed
+
+    mode = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    log = logging.getLogger("lumina_jax.train")
+    log.info("distributed: %s; process %d/%d, %d local / %d global devices (%s)", mode, jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)  # fmt: skip
+
+    from lumina_jax.train.loop import NonFiniteLossError, Trainer
+
+    try:
+        result = Trainer(cfg, stop_at=args.stop_at).run()
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    log.info("done at step %d (stage %d); %d non-finite steps skipped", result.step, result.stage, result.nonfinite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

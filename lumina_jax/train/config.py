@@ -1,0 +1,360 @@
+"""Training configuration: one YAML file (``configs/train/*.yaml``) plus ``key=value`` overrides.
+
+    python -m lumina_jax train configs/train/lumina2_2b.yaml run_dir=gs://bucket/run1 \\
+        mesh.fsdp=8 optimizer.lr=1.0e-4 stages.0.steps=1000
+
+Overrides use dotted paths into the YAML (list items by index, ``stages.1.batch=256``); values are
+parsed as YAML (``true``, ``[1, 2]``, ``{a: 1}``), numbers like ``1e-4`` included. A key that is not a
+field of the configuration is an error that names it (and the known keys), in the file and on the
+command line alike.
+
+The progressive recipe (spec §6.4) is the ``stages`` list: each stage has its resolution, number of
+steps, global batch, optional LR and its own data source; the trainer walks through them by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from lumina_jax.parallel.mesh import MeshConfig
+from lumina_jax.train.optim import OptimizerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where a stage's batches come from.
+
+    kinds:
+      ``synthetic``: deterministic random latents + caption features generated in memory
+        (``num_samples`` distinct samples, ``cap_len`` caption tokens); for tests and benchmarks.
+      ``latent_cache``: :class:`lumina_jax.data.LatentCacheSource` directories (``paths``, optional
+        mixture ``weights``) through :class:`lumina_jax.data.DataPipeline` (recommended: the VAE and
+        Gemma-2 run once, offline, ``python -m lumina_jax preprocess``).
+      ``images``: raw captioned images (``paths`` = JSONL/YAML lists, see :mod:`lumina_jax.data.sources`)
+        encoded on the fly by the frozen VAE and text encoder given in ``vae`` and ``text_encoder``.
+    """
+
+    kind: str = "synthetic"
+    paths: tuple[str, ...] = ()
+    weights: Optional[tuple[float, ...]] = None
+    num_samples: int = 64
+    cap_len: int = 8
+    batching: str = "bucket"
+    text_len: Optional[int] = None
+    caption_dropout: float = 0.1
+    num_workers: int = 0
+    read_threads: int = 2
+    shuffle: bool = True
+    seed: Optional[int] = None
+    vae: Optional[str] = None
+    text_encoder: Optional[str] = None
+    tokenizer: Optional[str] = None
+    max_text_len: int = 256
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "latent_cache", "images"):
+            raise ValueError(f"unknown data kind {self.kind!r}; choose synthetic, latent_cache or images")
+        if self.kind != "synthetic" and not self.paths:
+            raise ValueError(f"data kind {self.kind!r} needs 'paths'")
+        object.__setattr__(self, "paths", tuple(self.paths) if not isinstance(self.paths, str) else (self.paths,))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One stage of the progressive recipe (spec §6.4). ``batch`` is the global batch (all hosts)."""
+
+    name: str = "stage"
+    resolution: int = 256
+    steps: int = 1000
+    batch: int = 8
+    lr: Optional[float] = None
+    data: DataConfig = DataConfig()
+
+    def __post_init__(self):
+        if self.resolution % 16:
+            raise ValueError(f"stage {self.name!r}: resolution {self.resolution} is not a multiple of 16")
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError(f"stage {self.name!r}: steps and batch must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Rectified-flow loss (spec §6.1-6.2), see :mod:`lumina_jax.train.objective`."""
+
+    t_sampling: str = "lognorm"
+    time_shift: bool = True
+    aux_loss_weight: float = 1.0
+    aux_pool: int = 4
+
+    def __post_init__(self):
+        from lumina_jax.train.objective import T_SAMPLINGS
+
+        if self.t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"unknown t_sampling {self.t_sampling!r}; choose from {T_SAMPLINGS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing. ``every``: save interval in steps (0: only at stage ends and at the end);
+    ``keep``: newest checkpoints kept; ``keep_every``: also keep every step divisible by it (0: none)."""
+
+    every: int = 1000
+    keep: int = 3
+    keep_every: int = 0
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """``every``: steps between metric lines / TensorBoard points; ``progress``: tqdm bar on process 0;
+    ``dir``: local directory for ``metrics.jsonl``, TensorBoard events and sample PNGs (default: the
+    run directory, or ``logs/<run name>`` when ``run_dir`` is a ``gs://`` URL)."""
+
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    dir: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Periodic sample grid (optional). ``fn`` is ``"module:function"`` with signature
+    ``fn(params, model_config, prompts, seeds, resolution) -> uint8 (N, H, W, 3)``; the trainer tiles
+    the images into a grid PNG (``<run_dir>/samples/step_XXXXXXX.png``) and logs it to TensorBoard."""
+
+    every: int = 0
+    fn: Optional[str] = None
+    prompts: tuple[str, ...] = ("a photo of a cat", "a watercolor landscape")
+    seeds: tuple[int, ...] = (0, 1)
+    resolution: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs. See ``configs/train/*.yaml`` for annotated examples."""
+
+    model: str = "nextdit_2b"
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    init: Optional[str] = None
+    run_dir: str = "runs/default"
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+    dtype: str = "bfloat16"
+    attention: str = "auto"
+    remat: str = "none"
+    scan_layers: bool = True
+    optimizer: OptimizerConfig = OptimizerConfig()
+    ema_decay: Optional[float] = 0.95
+    grad_accum: int = 1
+    trainable: tuple[str, ...] = (".*",)
+    objective: ObjectiveConfig = ObjectiveConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    samples: SampleConfig = SampleConfig()
+    max_nonfinite: int = 10
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+    command: Optional[str] = None  # documentation only: the command that runs this config
+
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not self.stages:
+            raise ValueError("at least one stage is needed")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique: {names}")
+        for s in self.stages:
+            if s.batch % self.grad_accum:
+                raise ValueError(f"stage {s.name!r}: batch {s.batch} is not divisible by grad_accum {self.grad_accum}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_bounds(self) -> list[tuple[int, int]]:
+        """``[(start, end))`` global step range of each stage."""
+        out, start = [], 0
+        for s in self.stages:
+            out.append((start, start + s.steps))
+            start += s.steps
+        return out
+
+    def stage_at(self, step: int) -> int:
+        """Index of the stage that runs global step ``step`` (the last stage for ``step >= total``)."""
+        for i, (a, b) in enumerate(self.stage_bounds()):
+            if a <= step < b:
+                return i
+        return len(self.stages) - 1
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# building dataclasses from dicts, strictly
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(d):
+        return d
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(d).__name__} {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {[f'{where}.{k}' if where else k for k in unknown]}; "
+            f"known keys{' of ' + where if where else ''}: {sorted(fields)}"
+        )
+    kw = {}
+    for k, v in d.items():
+        kw[k] = _coerce(hints[k], v, f"{where}.{k}" if where else k)
+    return cls(**kw)
+
+
+def _coerce(tp: Any, v: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if v is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], v, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, where)
+    if origin is tuple:
+        if isinstance(v, (str, int, float)):
+            v = [v]
+        elem = args[0] if args else Any
+        return tuple(_coerce(elem, x, f"{where}.{i}") for i, x in enumerate(v))
+    if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if tp is int and isinstance(v, float) and v.is_integer():
+        return int(v)
+    if tp in (int, float, bool, str) and not isinstance(v, tp):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {type(v).__name__} {v!r}")
+    return v
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML, with ``1e-4``-style floats (YAML 1.1 would keep them strings)."""
+    v = yaml.safe_load(text) if text != "" else ""
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            pass
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _field_type(cls: type, key: str) -> Any:
+    if not dataclasses.is_dataclass(cls):
+        return None
+    hints = typing.get_type_hints(cls)
+    return hints.get(key)
+
+
+def _unwrap(tp: Any) -> Any:
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0] if inner else tp
+    return tp
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][0][c] = value`` for ``dotted = "a.b.0.c"``, checking each key against the schema."""
+    keys = dotted.split(".")
+    node: Any = raw
+    cls: Any = TrainConfig
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        path = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ValueError(f"override {dotted!r}: {path!r} is not an index of a list of {len(node)} items")
+            idx = int(k)
+            if last:
+                node[idx] = value
+                return
+            if node[idx] is None:
+                node[idx] = {}
+            node, cls = node[idx], _unwrap(typing.get_args(cls)[0]) if typing.get_args(cls) else None
+            continue
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {'.'.join(keys[:i])!r} is not a mapping")
+        ftype = _field_type(cls, k) if cls is not None else None
+        free_form = cls is dict or (cls is None and isinstance(node, dict))
+        if ftype is None and not free_form:
+            known = sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
+            raise ValueError(f"unknown config key {path!r} in override {dotted}={value!r}; known keys here: {known}")
+        if last:
+            node[k] = value
+            return
+        if node.get(k) is None:
+            if _unwrap(ftype) is not None and typing.get_origin(_unwrap(ftype)) is tuple:
+                raise ValueError(f"override {dotted!r}: {path!r} is empty; set the whole list instead")
+            node[k] = {}
+        node = node[k]
+        cls = _unwrap(ftype) if ftype is not None else None
+        if cls is not None and typing.get_origin(cls) is tuple:
+            pass  # list items typed by the tuple argument, handled above
+
+
+def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a train YAML (a path, or a name in ``configs/train``) and apply ``key=value`` overrides."""
+    p = Path(path_or_name)
+    if not p.exists() and not p.suffix:
+        p = CONFIG_DIR / f"{path_or_name}.yaml"
+    if not p.exists():
+        names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no train config {str(path_or_name)!r}; bundled: {names}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict, overrides: Sequence[str] = ()) -> TrainConfig:
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        apply_override(raw, k.strip(), parse_value(v))
+    return _build(TrainConfig, raw, "")
+
+
+def load_model_config(cfg: TrainConfig):
+    """The :class:`NextDiTConfig` named by ``cfg.model`` with ``cfg.model_overrides`` applied."""
+    from lumina_jax.models.nextdit import NextDiTConfig
+
+    mc = NextDiTConfig.from_yaml(cfg.model)
+    return mc.replace(**cfg.model_overrides) if cfg.model_overrides else mc

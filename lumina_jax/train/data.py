@@ -1,0 +1,203 @@
+"""Per-stage batch sources for the trainer, and host -> global batch assembly.
+
+Each process builds the iterator of *its* rows of the global batch (:func:`lumina_jax.parallel.sharding.process_rows`)
+and the trainer assembles global arrays with ``jax.make_array_from_process_local_data``. Any iterator of
+batch dicts works (``latents`` + ``cap_feats`` + ``cap_mask``, optional ``valid``; see
+:mod:`lumina_jax.train.step`); if it has ``get_state``/``set_state`` it is checkpointed with the run.
+
+Kinds (:class:`lumina_jax.train.config.DataConfig`):
+
+* ``synthetic``: :class:`SyntheticLatents`, deterministic in-memory samples. Sample ``j`` of the
+  global stream is a function of ``(seed, j)`` only, so any number of processes sees the same global
+  batches (what the multi-process parity test relies on), and its state is one integer.
+* ``latent_cache``: :class:`lumina_jax.data.DataPipeline` over :class:`lumina_jax.data.LatentCacheSource`
+  directories (bucketed dense batches by default, or ``batching: mixed`` token batches), sharded per
+  host by the pipeline itself. Caption dropout (default 10 %) happens there.
+* ``images``: the same pipeline over raw captioned images plus :class:`FrozenEncoders` (VAE encoder and
+  Gemma-2, frozen, not part of the train state) that turn each batch into latents and caption features
+  before the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import jax
+import numpy as np
+
+from lumina_jax.parallel.sharding import global_batch, process_rows
+from lumina_jax.train.config import DataConfig, StageConfig
+
+
+class SyntheticLatents:
+    """Endless deterministic batches of random latents and caption features (rows ``[start, stop)``
+    of each global batch of ``global_batch`` rows).
+
+    The ``num_samples`` distinct samples are visited in a per-epoch permutation; latents are smooth
+    low-frequency fields (learnable by a tiny model), caption features are Gaussian with per-sample
+    lengths in ``[cap_len // 2, cap_len]``. State: ``{"position": j}`` (next global sample index).
+    """
+
+    def __init__(self, *, latent_hw: tuple[int, int], channels: int, cap_len: int, cap_dim: int,
+                 num_samples: int, global_batch: int, rows: tuple[int, int] = (0, 0), seed: int = 0,
+                 shuffle: bool = True):  # fmt: skip
+        self.h, self.w = latent_hw
+        self.channels, self.cap_len, self.cap_dim = channels, cap_len, cap_dim
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.start, self.stop = rows if rows != (0, 0) else (0, global_batch)
+        self.seed, self.shuffle = seed, shuffle
+        self.position = 0
+
+    def sample_index(self, j: int) -> int:
+        epoch, k = divmod(j, self.num_samples)
+        if not self.shuffle:
+            return k
+        return int(np.random.default_rng([self.seed, epoch, 7]).permutation(self.num_samples)[k])
+
+    def sample(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, i, 11])
+        coarse = rng.standard_normal((max(self.h // 4, 1), max(self.w // 4, 1), self.channels)).astype(np.float32)
+        lat = np.repeat(np.repeat(coarse, 4, 0), 4, 1)[: self.h, : self.w]
+        if lat.shape[:2] != (self.h, self.w):
+            lat = np.resize(lat, (self.h, self.w, self.channels))
+        n = int(rng.integers(max(self.cap_len // 2, 1), self.cap_len + 1))
+        feats = np.zeros((self.cap_len, self.cap_dim), np.float32)
+        feats[:n] = rng.standard_normal((n, self.cap_dim)).astype(np.float32)
+        mask = np.arange(self.cap_len) < n
+        return {"latents": lat, "cap_feats": feats, "cap_mask": mask}
+
+    def __iter__(self) -> "SyntheticLatents":
+        return self
+
+    def __next__(self) -> dict:
+        base = self.position
+        rows = [self.sample(self.sample_index(base + r)) for r in range(self.start, self.stop)]
+        self.position += self.global_batch
+        out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        out["valid"] = np.ones((len(rows),), bool)
+        out["ids"] = [self.sample_index(base + r) for r in range(self.start, self.stop)]
+        return out
+
+    def get_state(self) -> dict:
+        return {"position": int(self.position)}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+class FrozenEncoders:
+    """Frozen VAE encoder + Gemma-2 text encoder: raw ``images``/``prompts`` batches -> ``latents`` and
+    caption features. Not trained, not checkpointed with the run (reloaded from their paths).
+
+    The VAE runs jitted on the process's local rows (replicated params, ~84M); the text encoder is
+    :class:`lumina_jax.text.TextEncoder` (bf16). For large runs prefer a latent cache.
+    """
+
+    def __init__(self, vae_path: str, text_encoder_path: str, tokenizer_path: Optional[str] = None,
+                 max_text_len: int = 256):  # fmt: skip
+        import jax.numpy as jnp
+
+        from lumina_jax.convert.vae import load_vae
+        from lumina_jax.models.vae import AutoencoderKL, scale_latents
+        from lumina_jax.text import TextEncoder
+
+        self.vae_config, vae_params = load_vae(vae_path)
+        self.vae_params = jax.device_put(vae_params)
+        self.text = TextEncoder.from_pretrained(text_encoder_path, tokenizer_path)
+        self.max_text_len = max_text_len
+        model = AutoencoderKL(self.vae_config, dtype=jnp.bfloat16)
+        cfg = self.vae_config
+
+        @jax.jit
+        def encode(params, images):
+            post = model.apply({"params": params}, images, method=AutoencoderKL.encode)
+            return scale_latents(post.mode(), cfg)
+
+        self._encode = encode
+
+    def __call__(self, batch: dict) -> dict:
+        if "images" not in batch or "prompts" not in batch:
+            raise KeyError("an images batch needs 'images' (B, H, W, 3) and 'prompts'")
+        if np.ndim(batch["images"]) != 4:
+            raise ValueError("raw-image training needs dense batches (batching: bucket)")
+        latents = np.asarray(self._encode(self.vae_params, np.asarray(batch["images"], np.float32)))
+        # The pipeline already replaced dropped captions by "" (caption dropout).
+        feats, mask = self.text.encode(list(batch["prompts"]), system_prompt="empty", max_length=self.max_text_len)
+        out = {k: v for k, v in batch.items() if k not in ("images",)}
+        out.update(latents=latents, cap_feats=np.asarray(feats, np.float32), cap_mask=np.asarray(mask))
+        return out
+
+
+class EncodedIterator:
+    """``FrozenEncoders`` applied to each batch of an inner iterator (state = the inner iterator's)."""
+
+    def __init__(self, inner: Any, encoders: FrozenEncoders):
+        self.inner, self.encoders = inner, encoders
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self.encoders(next(self.inner))
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state) -> None:
+        self.inner.set_state(state)
+
+
+def build_stage_iterator(
+    stage: StageConfig,
+    *,
+    model_config: Any,
+    mesh: jax.sharding.Mesh,
+    seed: int,
+    stage_index: int,
+) -> tuple[Iterator[dict], Any]:
+    """The iterator of this process's rows for ``stage``; returns ``(iterator, checkpointable)`` where
+    the second is what to save with the run (the grain iterator itself for pipelines)."""
+    d: DataConfig = stage.data
+    start, stop, shard_index, shard_count = process_rows(stage.batch, mesh)
+    data_seed = d.seed if d.seed is not None else (seed * 1000 + stage_index) % 2**32
+    if d.kind == "synthetic":
+        lat = stage.resolution // 8
+        it = SyntheticLatents(
+            latent_hw=(lat, lat), channels=model_config.in_channels, cap_len=d.cap_len,
+            cap_dim=model_config.cap_feat_dim, num_samples=d.num_samples, global_batch=stage.batch,
+            rows=(start, stop), seed=data_seed, shuffle=d.shuffle,
+        )  # fmt: skip
+        return it, it
+
+    from lumina_jax.data import DataPipeline, LatentCacheSource, PipelineConfig, load_yaml_sources
+
+    pc = PipelineConfig(
+        resolution=stage.resolution, batch_size=stop - start, batching=d.batching, seed=data_seed,
+        shuffle=d.shuffle, caption_dropout=d.caption_dropout, shard_index=shard_index,
+        shard_count=shard_count, num_workers=d.num_workers, read_threads=d.read_threads,
+        text_len=d.text_len,
+    )  # fmt: skip
+    if d.kind == "latent_cache":
+        sources = [LatentCacheSource(p) for p in d.paths]
+        it = iter(DataPipeline(sources, pc, weights=d.weights))
+        return it, it
+    # images
+    if not d.vae or not d.text_encoder:
+        raise ValueError(f"stage {stage.name!r}: data kind 'images' needs 'vae' and 'text_encoder' paths")
+    sources = []
+    for p in d.paths:
+        sources.extend(load_yaml_sources(p) if str(p).endswith((".yaml", ".yml")) else _jsonl(p))
+    inner = iter(DataPipeline(sources, pc, weights=d.weights))
+    return EncodedIterator(inner, FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len)), inner
+
+
+def _jsonl(path: str) -> list:
+    from lumina_jax.data import JsonlSource
+
+    return [JsonlSource(path)]
+
+
+def to_global(local: dict, mesh: jax.sharding.Mesh, global_size: int) -> dict:
+    """Process-local batch -> global jax arrays (numeric entries only; fp32 latents/features cast to
+    the dtype they arrived in, bool masks kept)."""
+    return global_batch(local, mesh, global_size)

@@ -1,0 +1,377 @@
+"""The training loop: stages, checkpoints, resume, logging, non-finite guard.
+
+:class:`Trainer` owns the mesh, the compiled step of the current stage and the checkpoint manager::
+
+    cfg = load_config("configs/train/lumina2_2b.yaml", ["run_dir=/tmp/run"])
+    Trainer(cfg).run()
+
+Start-up: if ``<run_dir>/checkpoints`` has a step, the state is restored onto the current mesh (any
+mesh: the target carries the new shardings) and the run continues in the stage that owns the next
+step, with that stage's data iterator restored when the checkpoint was taken inside the same stage
+(a checkpoint at a stage boundary starts the next stage's data from its beginning). Otherwise params
+come from ``init`` (a checkpoint of any format, streamed into shardings) or a sharded random init.
+
+Per stage: the step is compiled once (one shape per stage: resolution, batch and caption length are
+fixed), data is drawn for this process's rows, and a checkpoint is forced at the stage's last step, so
+a restart never has to replay half a stage. ``stop_at`` ends the run early at a global step (with a
+checkpoint), for preemptible jobs and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lumina_jax.models.nextdit import NextDiT
+from lumina_jax.parallel import mesh as mesh_lib
+from lumina_jax.parallel import sharding as shard_lib
+from lumina_jax.train import checkpoint as ckpt_lib
+from lumina_jax.train import metrics as metrics_lib
+from lumina_jax.train import objective as obj
+from lumina_jax.train import optim
+from lumina_jax.train.config import TrainConfig, load_model_config
+from lumina_jax.train.data import build_stage_iterator, to_global
+from lumina_jax.train.state import TrainState, abstract_with_shardings, init_state, state_shardings
+from lumina_jax.train.step import StepConfig, compile_train_step, make_train_step
+
+log = logging.getLogger("lumina_jax.train")
+
+
+_STEP_CACHE: dict = {}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    stage: int
+    last_metrics: dict
+    nonfinite: int
+
+
+class Trainer:
+    """See the module docstring. ``stop_at`` overrides the config's total step count (global step)."""
+
+    def __init__(self, cfg: TrainConfig, *, mesh: Optional[jax.sharding.Mesh] = None, stop_at: Optional[int] = None,
+                 batch_hook: Optional[Callable[[int, dict], None]] = None):  # fmt: skip
+        # importing registers the context-parallel attention backends ("context", "context_<inner>")
+        import lumina_jax.parallel.context  # noqa: F401
+
+        self.cfg = cfg
+        self.model_config = load_model_config(cfg)
+        self.mesh = mesh or mesh_lib.create_mesh(cfg.mesh)
+        self.stop_at = stop_at
+        div = mesh_lib.batch_divisor(self.mesh)
+        for st in cfg.stages:
+            if (st.batch // cfg.grad_accum) % div:
+                raise ValueError(
+                    f"stage {st.name!r}: micro-batch {st.batch} / grad_accum {cfg.grad_accum} = "
+                    f"{st.batch // cfg.grad_accum} is not divisible by the batch axes data x fsdp = {div} of the mesh "
+                    f"{mesh_lib.describe(self.mesh)}; every device needs whole samples"
+                )
+        self.batch_hook = batch_hook  # called with (global step, process-local batch) before each step
+        self.primary = jax.process_index() == 0
+        self.model = NextDiT(
+            self.model_config,
+            dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
+            attention_backend=cfg.attention,
+            remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
+        )
+        self.abstract_boxed = shard_lib.model_abstract(self.model_config)
+        abstract_params = shard_lib.unbox(self.abstract_boxed)
+        self.param_shardings = shard_lib.param_shardings(self.abstract_boxed, self.mesh)
+        self.trainable = optim.trainable_mask(abstract_params, cfg.trainable)
+        self.tx = optim.make_optimizer(cfg.optimizer, self.trainable)
+        use_ema = cfg.ema_decay is not None
+        self.abstract_state = jax.eval_shape(lambda p: init_state(p, self.tx, use_ema), abstract_params)
+        self.state_shardings = state_shardings(self.abstract_state, self.param_shardings, self.mesh)
+        remote = "://" in cfg.run_dir  # e.g. gs://bucket/run: orbax writes there through etils.epath
+        ckpt_dir = cfg.run_dir.rstrip("/") + "/checkpoints" if remote else Path(cfg.run_dir) / "checkpoints"
+        # metrics.jsonl, TensorBoard events and sample PNGs are written locally by process 0
+        self.run_dir = Path(cfg.log.dir or ("logs/" + cfg.run_dir.rstrip("/").split("/")[-1] if remote else cfg.run_dir))
+        self.ckpt = ckpt_lib.RunCheckpoints(
+            ckpt_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
+            async_save=cfg.checkpoint.async_save,
+        )  # fmt: skip
+        self.metrics = metrics_lib.MetricLog(self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.primary)
+        self._sample_fn = _load_sample_fn(cfg.samples.fn) if cfg.samples.fn else None
+        self._peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind)
+
+    # ------------------------------------------------------------------ state
+
+    def fresh_state(self) -> TrainState:
+        """Initial state: params from ``cfg.init`` or random, created in their shardings."""
+        cfg = self.cfg
+        if cfg.init:
+            loaded_cfg, params = shard_lib.load_transformer_sharded(cfg.init, self.mesh, config=self.model_config)
+            if loaded_cfg != self.model_config:
+                raise ValueError(f"init checkpoint {cfg.init} has config {loaded_cfg}, the run uses {self.model_config}")
+        else:
+            params = shard_lib.init_params_sharded(self.model_config, self.mesh, cfg.seed)
+        make = jax.jit(lambda p: init_state(p, self.tx, cfg.ema_decay is not None), out_shardings=self.state_shardings)
+        with jax.set_mesh(self.mesh):
+            return make(params)
+
+    def restore(self, step: int, data_iter: Any = None) -> tuple[TrainState, dict]:
+        target = abstract_with_shardings(self.abstract_state, self.state_shardings)
+        return self.ckpt.restore(step, target, data_iter)
+
+    def meta(self, step: int, stage: int, data_stage: Optional[int]) -> dict:
+        return {
+            "step": int(step), "stage": int(stage), "stage_name": self.cfg.stages[stage].name,
+            "data_stage": data_stage, "config": self.cfg.to_dict(), "model_config": self.model_config.to_dict(),
+            "mesh": mesh_lib.describe(self.mesh), "versions": ckpt_lib.versions(),
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ per stage
+
+    def step_config(self, stage_index: int) -> StepConfig:
+        cfg, stage = self.cfg, self.cfg.stages[stage_index]
+        mu = obj.shift_mu(obj.seq_len_for_resolution(stage.resolution)) if cfg.objective.time_shift else None
+        return StepConfig(
+            seed=cfg.seed, t_sampling=cfg.objective.t_sampling, mu=mu,
+            aux_loss_weight=cfg.objective.aux_loss_weight, aux_pool=cfg.objective.aux_pool,
+            grad_accum=cfg.grad_accum, ema_decay=cfg.ema_decay, mixed=stage.data.batching == "mixed",
+        )  # fmt: skip
+
+    def stage_hparams(self, stage_index: int) -> dict:
+        stage = self.cfg.stages[stage_index]
+        lr = stage.lr if stage.lr is not None else self.cfg.optimizer.lr
+        return optim.stage_hparams(lr, self.cfg.stage_bounds()[stage_index][0], stage.steps)
+
+    def compile_stage(self, stage_index: int, example_batch: dict) -> Callable:
+        """The step for a stage, jitted with shardings (compiled on first call; stages of equal shapes
+        and objective settings produce the same program, which jax's caches then reuse)."""
+        cfg = self.cfg
+        stage = cfg.stages[stage_index]
+        lr_fn = optim.lr_schedule(cfg.optimizer)
+        sc = self.step_config(stage_index)
+        if sc.mixed and sc.aux_loss_weight:
+            log.warning("stage %s: mixed (token) batches have no auxiliary pooled loss; it is skipped", stage.name)
+        trainable = None if all(jax.tree.leaves(self.trainable)) else self.trainable
+        # the peak LR is a run-time argument (stage_hparams), so it is not part of the program
+        shapes = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in example_batch.items()))
+        key = (self.model, dataclasses.replace(cfg.optimizer, lr=0.0), cfg.trainable, cfg.ema_decay is not None, sc,
+               self.mesh, shapes)  # fmt: skip
+        if key not in _STEP_CACHE:  # one jitted function per distinct program, reused by later Trainers
+            fn = make_train_step(self.model, self.tx, lr_fn, sc, trainable)
+            _STEP_CACHE[key] = compile_train_step(fn, self.mesh, self.state_shardings, example_batch)
+        return _STEP_CACHE[key]
+
+    def flops(self, stage_index: int, cap_len: int) -> tuple[float, float]:
+        stage = self.cfg.stages[stage_index]
+        aux = bool(self.cfg.objective.aux_loss_weight) and stage.data.batching != "mixed"
+        f = metrics_lib.train_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.objective.aux_pool, aux)
+        r = metrics_lib.remat_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.remat,
+                                               self.cfg.objective.aux_pool, aux)  # fmt: skip
+        return f["train"] * stage.batch, r * stage.batch
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        total = cfg.total_steps if self.stop_at is None else min(self.stop_at, cfg.total_steps)
+        latest = self.ckpt.latest_step()
+        state, meta, step = None, None, 0
+        if latest is not None:
+            meta = self.ckpt.read_meta(latest)
+            step = int(meta["step"])
+            log.info("resuming from %s step %d (stage %s)", self.ckpt.directory, step, meta.get("stage_name"))
+        last_metrics: dict = {}
+        try:
+            while step < total:
+                si = cfg.stage_at(step)
+                stage = cfg.stages[si]
+                start, end = cfg.stage_bounds()[si]
+                it, ckpt_it = build_stage_iterator(stage, model_config=self.model_config, mesh=self.mesh,
+                                                   seed=cfg.seed, stage_index=si)  # fmt: skip
+                if state is None:
+                    if latest is not None:
+                        same_stage = meta.get("data_stage") == si and self.ckpt.has_data(latest)
+                        state, _ = self.restore(latest, ckpt_it if same_stage else None)
+                    else:
+                        state = self.fresh_state()
+                state, step, last_metrics = self._run_stage(si, state, step, min(end, total), it, ckpt_it)
+                if hasattr(it, "close"):
+                    it.close()
+        finally:
+            self.ckpt.wait()
+            self.metrics.close()
+        self.state = state
+        nonfinite = int(jax.device_get(state.nonfinite)) if state is not None else 0
+        return RunResult(step=step, stage=cfg.stage_at(max(step - 1, 0)), last_metrics=last_metrics, nonfinite=nonfinite)
+
+    def _run_stage(self, si: int, state: TrainState, step: int, stop: int, it, ckpt_it):
+        cfg, stage = self.cfg, self.cfg.stages[si]
+        end = cfg.stage_bounds()[si][1]
+        first = self._next_global(it, stage, step)
+        step_fn = self.compile_stage(si, first)
+        hp = self.stage_hparams(si)
+        cap_len = int(first["cap_feats"].shape[1])
+        useful, remat = self.flops(si, cap_len)
+        n_dev = jax.device_count()
+        log.info("stage %d/%d %r: steps %d..%d, %d px, global batch %d, mesh %s", si + 1, len(cfg.stages), stage.name,
+                 step, end, stage.resolution, stage.batch, mesh_lib.describe(self.mesh))  # fmt: skip
+        bar = None
+        if self.primary and cfg.log.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop - step, desc=f"{stage.name}", unit="step", dynamic_ncols=True, leave=False)
+        pending = None  # (step, metrics futures): fetched one step late to keep dispatch asynchronous
+        self._timer = None  # (t0, finished steps since t0); the first step (compilation) is not timed
+        last: dict = {}
+        batch = first
+        try:
+            while step < stop:
+                if batch is None:
+                    batch = self._next_global(it, stage, step)
+                state, m = step_fn(state, batch, hp)
+                batch = None
+                step += 1
+                if pending is not None:
+                    last = self._report(*pending, useful, remat, n_dev, bar)
+                pending = (step, m)
+                every = cfg.checkpoint.every
+                if step == end or step == stop or (every and step % every == 0):
+                    last = self._report(*pending, useful, remat, n_dev, bar, force=True)
+                    pending = None
+                    self.ckpt.save(step, state, self.meta(step, si, si), ckpt_it)
+                if self._sample_fn and cfg.samples.every and step % cfg.samples.every == 0:
+                    self._samples(state, step, stage)
+            if pending is not None:
+                last = self._report(*pending, useful, remat, n_dev, bar, force=True)
+        finally:
+            if bar is not None:
+                bar.close()
+        return state, step, last
+
+    def _next_global(self, it, stage, step: int) -> dict:
+        local = next(it)
+        if self.batch_hook is not None:
+            self.batch_hook(step, local)
+        local = {k: v for k, v in local.items() if k in ("latents", "cap_feats", "cap_mask", "valid", "token_mask",
+                                                          "image_sizes")}  # fmt: skip
+        return to_global(local, self.mesh, stage.batch)
+
+    def _report(self, step, m, useful, remat, n_dev, bar, force: bool = False) -> dict:
+        """Fetch one step's metrics (blocks until that step finished), check the non-finite guard,
+        and on logging steps write throughput over the steps since the previous log."""
+        cfg = self.cfg
+        m = {k: np.asarray(v).item() for k, v in jax.device_get(m).items()}
+        now = time.perf_counter()
+        if self._timer is None:
+            self._timer = (now, 0)
+        else:
+            self._timer = (self._timer[0], self._timer[1] + 1)
+        if m["nonfinite_run"] >= cfg.max_nonfinite:
+            raise NonFiniteLossError(
+                f"step {step}: {int(m['nonfinite_run'])} consecutive steps with a non-finite loss or gradient "
+                f"(loss={m['loss']}, grad_norm={m['grad_norm']}); none of them was applied. Aborting (max_nonfinite="
+                f"{cfg.max_nonfinite}). Lower the LR, check the data, or resume from the last checkpoint."
+            )
+        if not m["finite"]:
+            log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): step skipped (%d in a row)",
+                        step, m["loss"], m["grad_norm"], int(m["nonfinite_run"]))  # fmt: skip
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", gn=f"{m['grad_norm']:.2f}")
+        if not (force or step % cfg.log.every == 0):
+            return m
+        t0, n = self._timer
+        if n > 0:
+            step_time = (now - t0) / n
+            stage = cfg.stages[cfg.stage_at(step - 1)]
+            m["step_time_s"] = step_time
+            m["images_per_s"] = stage.batch / step_time
+            m["tflops_per_device"] = useful / step_time / n_dev / 1e12
+            m["remat_tflops_per_device"] = remat / step_time / n_dev / 1e12
+            if self._peak:
+                m["mfu"] = m["tflops_per_device"] / self._peak
+        self._timer = (now, 0)
+        self.metrics.write(step, m)
+        if self.primary:
+            line = metrics_lib.format_line(step, self.cfg.total_steps, m)
+            (bar.write if bar is not None else print)(line)
+        return m
+
+    def _samples(self, state: TrainState, step: int, stage) -> None:
+        sc = self.cfg.samples
+        params = state.ema if state.ema is not None else state.params
+        images = np.asarray(self._sample_fn(params, self.model_config, list(sc.prompts), list(sc.seeds),
+                                            sc.resolution or stage.resolution))  # fmt: skip
+        if not self.primary:
+            return
+        grid = make_grid(images)
+        out = self.run_dir / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(grid).save(out / f"step_{step:07d}.png")
+        self.metrics.image("samples", grid, step)
+
+
+def make_grid(images: np.ndarray, cols: Optional[int] = None) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 -> one grid image."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = np.clip(images * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    n, h, w, c = images.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img
+    return grid
+
+
+def _load_sample_fn(spec: str) -> Callable:
+    if ":" not in spec:
+        raise ValueError(f"samples.fn must be 'module:function', got {spec!r}")
+    mod, name = spec.split(":", 1)
+    return getattr(importlib.import_module(mod), name)
+
+
+def export_weights(run_dir: str | Path, out: str | Path, *, which: str = "ema", format: str = "jax",
+                   dtype: Any = None, step: Optional[int] = None, overwrite: bool = False) -> Path:  # fmt: skip
+    """Write the EMA (``which="ema"``) or raw (``"params"``) weights of a run's checkpoint with
+    :func:`lumina_jax.convert.nextdit.save_transformer` (``format`` jax / diffusers / original).
+
+    Only that subtree is restored (partial restore), onto this host's devices, then gathered to host
+    memory (one copy of the weights, e.g. 10 GB for the 2B in fp32; use ``dtype="bf16"`` to halve the
+    written files).
+    """
+    from lumina_jax.convert.nextdit import save_transformer
+    from lumina_jax.models.nextdit import NextDiTConfig
+
+    if which not in ("ema", "params"):
+        raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
+    ck = ckpt_lib.RunCheckpoints(Path(run_dir) / "checkpoints", read_only=True)
+    step = ck.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+    meta = ck.read_meta(step)
+    if which == "ema" and meta["config"].get("ema_decay") is None:
+        raise ValueError(f"run {run_dir} was trained without EMA; export which='params'")
+    model_config = NextDiTConfig.from_dict(meta["model_config"])
+    mesh = mesh_lib.create_mesh({"fsdp": -1}, devices=jax.local_devices())
+    abstract = shard_lib.model_abstract(model_config)
+    shardings = shard_lib.param_shardings(abstract, mesh)
+    target = abstract_with_shardings(shard_lib.unbox(abstract), shardings)
+    params = ck.restore_subtree(step, which, target)
+    host = shard_lib.gather_to_host(params)
+    ck.close()
+    return save_transformer(out, model_config, host, format=format, dtype=dtype, overwrite=overwrite)

@@ -1,0 +1,174 @@
+"""Throughput accounting (analytic FLOPs, TFLOP/s/device, MFU) and metric sinks.
+
+FLOPs follow maxtext's convention (jax_notes §2): analytic matmul + attention FLOPs of the model
+(:func:`lumina_jax.models.nextdit.flops_forward`, 2 FLOPs per MAC, bidirectional attention, no causal
+halving), a train step = 3x forward (forward + 2x for the backward) per sample, for the main loss and
+the auxiliary pooled-latent loss. Recomputation by remat is *not* useful work: it is reported
+separately (``remat_flops``) and never counted in MFU.
+
+Peak dense bf16 TFLOP/s per chip (vendor figures): H100/H200 989, TPU v4 275, v5e 197, v5p 459,
+v6e 918. MFU = achieved TFLOP/s/device / peak. Benchmarks also report the ratio to a bf16 matmul rate
+measured in the same process, which works on any device (CPU included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from lumina_jax.models.nextdit import NextDiTConfig, flops_forward
+
+# (substring of device_kind, lower-case) -> peak dense bf16 TFLOP/s per device
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("h100", 989.0),
+    ("h200", 989.0),
+    ("v6 lite", 918.0),
+    ("v6e", 918.0),
+    ("v5 lite", 197.0),
+    ("v5e", 197.0),
+    ("v5p", 459.0),
+    ("tpu v5", 459.0),  # "TPU v5" is v5p's device_kind
+    ("v4", 275.0),
+)
+
+
+def peak_tflops(device_kind: str) -> Optional[float]:
+    """Peak dense bf16 TFLOP/s of one device of this kind, or None if unknown (e.g. CPU)."""
+    k = device_kind.lower()
+    for sub, peak in PEAK_TFLOPS:
+        if sub in k:
+            return peak
+    return None
+
+
+def latent_tokens(model: NextDiTConfig, resolution: int) -> int:
+    """Image tokens of a square image of ``resolution`` pixels (VAE 8x, patch p)."""
+    side = resolution // 8 // model.patch_size
+    return side * side
+
+
+def train_flops_per_sample(
+    model: NextDiTConfig, resolution: int, cap_len: int, aux_pool: int = 4, aux: bool = True
+) -> dict[str, float]:
+    """Useful FLOPs per sample of one train step: ``{"forward", "aux_forward", "train"}``."""
+    fwd = flops_forward(model, cap_len, latent_tokens(model, resolution))
+    aux_fwd = 0.0
+    if aux:
+        side = (resolution // 8) // aux_pool // model.patch_size
+        aux_fwd = flops_forward(model, cap_len, side * side)
+    return {"forward": float(fwd), "aux_forward": float(aux_fwd), "train": 3.0 * (fwd + aux_fwd)}
+
+
+def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, policy: str,
+                           aux_pool: int = 4, aux: bool = True) -> float:  # fmt: skip
+    """Extra (recomputed) matmul/attention FLOPs per sample under a remat policy of the block stacks.
+
+    ``none``/``dots``: matmul outputs are saved, nothing is recomputed (elementwise work only);
+    ``dots_no_batch``: weight matmuls are saved but the attention einsums (batched dots) are
+    recomputed; ``full``: the whole forward of the blocks is recomputed once.
+    """
+    def one(n_img: int) -> float:
+        c, hd = model, model.head_dim
+        attn = lambda n_layers, length: n_layers * 4 * length * length * c.n_heads * hd  # noqa: E731
+        if policy in ("none", "dots"):
+            return 0.0
+        if policy == "dots_no_batch":
+            return float(attn(c.n_layers, cap_len + n_img) + attn(c.n_refiner_layers, n_img)
+                         + attn(c.n_refiner_layers, cap_len))  # fmt: skip
+        if policy == "full":
+            return float(flops_forward(model, cap_len, n_img))
+        raise ValueError(f"unknown remat policy {policy!r}")
+
+    total = one(latent_tokens(model, resolution))
+    if aux:
+        side = (resolution // 8) // aux_pool // model.patch_size
+        total += one(side * side)
+    return total
+
+
+def measure_matmul_tflops(n: int = 4096, dtype: str = "bfloat16", iters: int = 10) -> float:
+    """TFLOP/s of an ``n x n`` bf16 matmul on the default device (a same-run reference rate)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = f(a, b)
+    out.block_until_ready()
+    dt = (time.perf_counter() - t0) / iters
+    return 2.0 * n**3 / dt / 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+# sinks
+
+
+class MetricLog:
+    """Metric sinks of process 0: ``metrics.jsonl`` (one JSON per logged step), TensorBoard events
+    (:class:`lumina_jax.train.tensorboard.EventWriter`, no TensorFlow needed) and the console."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from lumina_jax.train.tensorboard import EventWriter
+
+            self.tb = EventWriter(self.run_dir / "tensorboard")
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer, np.bool_)) else v)
+                 for k, v in scalars.items()}  # fmt: skip
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.flush()
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float):
+                    self.tb.scalar(k, v, step)
+            self.tb.flush()
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.image(tag, image, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def format_line(step: int, total: int, m: Mapping[str, Any]) -> str:
+    parts = [f"step {step}/{total}"]
+    for k, fmt in (("loss", ".4f"), ("loss_main", ".4f"), ("loss_aux", ".4f"), ("grad_norm", ".3f"),
+                   ("lr", ".2e"), ("images_per_s", ".1f"), ("tflops_per_device", ".2f"), ("mfu", ".1%")):  # fmt: skip
+        if k in m and m[k] is not None:
+            parts.append(f"{k} {format(float(m[k]), fmt)}")
+    return "  ".join(parts)
+
+
+def host_info() -> dict:
+    import jax
+
+    d = jax.devices()[0]
+    return {"device_kind": d.device_kind, "platform": d.platform, "devices": jax.device_count(),
+            "processes": jax.process_count(), "pid": os.getpid()}  # fmt: skip

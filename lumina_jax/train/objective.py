@@ -1,0 +1,107 @@
+"""Rectified-flow training objective of Lumina-Image 2.0 (spec §6.1-6.2; [ORIG] ``transport/``).
+
+Conventions (as the model, spec §2.11): ``t`` in [0, 1], 0 = noise, 1 = data.
+
+    x0 ~ N(0, I) (noise), x1 = data latent
+    x_t = t * x1 + (1 - t) * x0
+    target = x1 - x0                          (velocity)
+    loss_i = mean over the sample's elements of (v_theta(x_t, t) - target)^2   (no weighting)
+
+``t`` is drawn ``uniform`` or ``lognorm`` (``sigmoid(N(0, 1))``), then shifted towards noise with the
+resolution-dependent shift (``do_shift``, on by default in [ORIG]):
+
+    mu = lin(seq_len), lin(256) = 0.5, lin(4096) = 1.15, seq_len = (resolution // 16)^2
+    sigma = 1 - t ; sigma' = e^mu * sigma / (e^mu * sigma + 1 - sigma) ; t' = 1 - sigma'
+
+The auxiliary loss (spec §6.2) runs the whole model again on the 4x average-pooled latent with an
+independent ``t`` and noise, the same captions and the same shift (``mu`` of the main resolution), and is
+added with weight 1.
+
+Caption dropout (10 % of captions replaced by the empty prompt, for classifier-free guidance) is the
+data pipeline's job (:class:`lumina_jax.data.PipelineConfig` ``caption_dropout``), not the loss's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+T_SAMPLINGS = ("uniform", "lognorm")
+
+# lin(seq_len) through (256, 0.5) and (4096, 1.15) ([ORIG] transport ``get_lin_function``)
+_X1, _Y1, _X2, _Y2 = 256, 0.5, 4096, 1.15
+
+
+def shift_mu(seq_len: int | float) -> float:
+    """``mu`` of the resolution-dependent shift for ``seq_len`` image tokens."""
+    m = (_Y2 - _Y1) / (_X2 - _X1)
+    return m * seq_len + (_Y1 - m * _X1)
+
+
+def seq_len_for_resolution(resolution: int, pixels_per_token: int = 16) -> int:
+    """Image tokens of a square ``resolution`` image: ``(resolution // 16)^2`` (4096 at 1024 px)."""
+    return (resolution // pixels_per_token) ** 2
+
+
+def time_shift(t: jax.Array, mu: float) -> jax.Array:
+    """Shift ``t`` towards noise: sigma' = e^mu sigma / (e^mu sigma + 1 - sigma), t' = 1 - sigma'.
+
+    Evaluated as the equivalent ``t' = t / (e^mu (1 - t) + t)``, exact at both ends in floating point.
+    """
+    s = math.exp(mu)
+    return t / (s * (1.0 - t) + t)
+
+
+def sample_t(rng: jax.Array, batch: int, kind: str = "lognorm", mu: Optional[float] = None) -> jax.Array:
+    """``(batch,)`` fp32 flow times: ``uniform`` U[0, 1] or ``lognorm`` sigmoid(N(0, 1)), then shifted
+    by ``mu`` unless it is None."""
+    if kind == "uniform":
+        t = jax.random.uniform(rng, (batch,), jnp.float32)
+    elif kind == "lognorm":
+        t = jax.nn.sigmoid(jax.random.normal(rng, (batch,), jnp.float32))
+    else:
+        raise ValueError(f"unknown t sampling {kind!r}; choose from {T_SAMPLINGS}")
+    return time_shift(t, mu) if mu is not None else t
+
+
+def interpolate(x1: jax.Array, x0: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x_t = t x1 + (1 - t) x0`` and the velocity target ``x1 - x0`` (t broadcast over non-batch axes)."""
+    tb = t.reshape((-1,) + (1,) * (x1.ndim - 1))
+    return tb * x1 + (1.0 - tb) * x0, x1 - x0
+
+
+def avg_pool(latents: jax.Array, factor: int = 4) -> jax.Array:
+    """``(B, H, W, C)`` -> ``(B, H/f, W/f, C)`` average pooling (``nn.AvgPool2d(f)``; floor like PyTorch)."""
+    b, h, w, c = latents.shape
+    h2, w2 = h // factor, w // factor
+    x = latents[:, : h2 * factor, : w2 * factor].reshape(b, h2, factor, w2, factor, c)
+    return x.mean(axis=(2, 4))
+
+
+def flow_loss(
+    apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    latents: jax.Array,
+    rng: jax.Array,
+    *,
+    t_sampling: str = "lognorm",
+    mu: Optional[float] = None,
+) -> jax.Array:
+    """Per-sample rectified-flow MSE ``(B,)`` (fp32) of ``apply_fn(x_t, t) -> velocity``."""
+    k_t, k_n = jax.random.split(rng)
+    x1 = latents.astype(jnp.float32)
+    t = sample_t(k_t, x1.shape[0], t_sampling, mu)
+    x0 = jax.random.normal(k_n, x1.shape, jnp.float32)
+    xt, target = interpolate(x1, x0, t)
+    pred = apply_fn(xt, t).astype(jnp.float32)
+    return jnp.mean(jnp.square(pred - target), axis=tuple(range(1, x1.ndim)))
+
+
+def masked_mean(per_sample: jax.Array, weights: Optional[jax.Array]) -> jax.Array:
+    """Mean of ``per_sample`` over rows with ``weights`` (padding rows of a bucket have weight 0)."""
+    if weights is None:
+        return jnp.mean(per_sample)
+    w = weights.astype(jnp.float32)
+    return jnp.sum(per_sample * w) / jnp.maximum(jnp.sum(w), 1.0)

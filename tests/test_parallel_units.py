@@ -1,0 +1,182 @@
+"""Fast checks of the mesh, the rule table, multi-process start-up resolution, the context-parallel
+backend's single-device fallback, the launch scripts' dry runs and the host-memory check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from lumina_jax.parallel import distributed
+from lumina_jax.parallel import mesh as M
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def abstract_mesh(**sizes):
+    shape = tuple(sizes.get(a, 1) for a in M.MESH_AXES)
+    return AbstractMesh(shape, M.MESH_AXES)
+
+
+def test_mesh_config_presets_and_fill():
+    assert M.MeshConfig().ici_sizes() == {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}
+    assert M.MeshConfig(preset="fsdp_tensor", tensor=4).ici_sizes()["tensor"] == 4
+    assert M._fill({"data": -1, "fsdp": 2, "context": 1, "tensor": 2}, 16, "m") == {
+        "data": 4, "fsdp": 2, "context": 1, "tensor": 2}  # fmt: skip
+    with pytest.raises(ValueError, match="at most one axis"):
+        M._fill({"data": -1, "fsdp": -1, "context": 1, "tensor": 1}, 8, "m")
+    with pytest.raises(ValueError, match="not divisible"):
+        M._fill({"data": -1, "fsdp": 3, "context": 1, "tensor": 1}, 8, "m")
+    with pytest.raises(ValueError, match="unknown mesh preset"):
+        M.MeshConfig(preset="zero3").ici_sizes()
+    with pytest.raises(ValueError, match="unknown mesh keys"):
+        M.MeshConfig.from_dict({"fsdpp": 2})
+    mesh = M.create_mesh("dp")
+    assert mesh.axis_names == M.MESH_AXES and M.mesh_shape(mesh)["data"] == jax.device_count()
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_rule_table_resolution():
+    m = abstract_mesh(fsdp=4, tensor=2)
+    spec = lambda names, shape: M.logical_to_mesh_spec(names, shape, m)  # noqa: E731
+    assert spec(("layers", "embed", "mlp"), (26, 2304, 9216)) == P(None, "fsdp", "tensor")
+    assert spec(("layers", "heads", "embed"), (26, 2304, 2304)) == P(None, "tensor", "fsdp")
+    assert spec(("cond", "cond"), (1024, 1024)) == P()  # duplicate logical names are fine
+    assert spec(("norm",), (2304,)) == P()
+    assert spec(("embed", "patch"), (6, 64)) == P()  # 6 is not divisible by fsdp=4: replicated
+    mc = abstract_mesh(fsdp=2, context=4)
+    assert M.logical_to_mesh_spec(("cap", "embed"), (2304, 2304), mc) == P(None, ("fsdp", "context"))
+    assert M.logical_to_mesh_spec(("cap", "embed"), (2304, 2306), mc) == P(None, "fsdp")
+    # without a mesh: the raw table
+    assert M.logical_to_mesh_spec(("embed", "kv_heads")) == P(("fsdp", "context"), "tensor")
+
+
+def test_param_specs_of_the_2b_model():
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.parallel import sharding as S
+
+    boxed = S.model_abstract(NextDiTConfig.from_yaml("nextdit_2b"))
+    specs = S.param_specs(boxed, abstract_mesh(fsdp=16, tensor=4))
+    attn = specs["layers"]["blocks"]["attention"]
+    assert attn["q"] == P(None, "fsdp", "tensor") and attn["k"] == P(None, "fsdp", "tensor")
+    assert attn["out"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["layers"]["blocks"]["feed_forward"]["w2"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["t_embedder"]["linear_2"]["kernel"] == P()
+
+
+def test_distributed_resolution_from_env():
+    assert distributed.resolve(env={}) == ("none", {})
+    mode, kw = distributed.resolve(env={"LUMINA_COORDINATOR": "h:1", "LUMINA_NUM_PROCESSES": "4", "LUMINA_PROCESS_ID": "3"})
+    assert mode == "explicit" and kw == {"coordinator_address": "h:1", "num_processes": 4, "process_id": 3}
+    assert distributed.resolve("h:2", 2, 0, env={})[1]["coordinator_address"] == "h:2"
+    with pytest.raises(ValueError, match="needs all of"):
+        distributed.resolve(env={"LUMINA_COORDINATOR": "h:1"})
+    with pytest.raises(ValueError, match="not in"):
+        distributed.resolve("h:1", 2, 2, env={})
+    assert distributed.resolve(env={"TPU_WORKER_HOSTNAMES": "a,b,c,d"})[0] == "tpu"
+    assert distributed.resolve(env={"TPU_WORKER_HOSTNAMES": "localhost"})[0] == "none"
+    assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"})[0] == "slurm"
+    assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})[0] == "none"
+
+
+def test_process_rows_single_process():
+    from lumina_jax.parallel.sharding import process_rows
+
+    assert process_rows(8, M.create_mesh("dp")) == (0, 8, 0, 1)
+
+
+def test_context_backend_without_context_axis_is_the_inner_kernel():
+    import lumina_jax.parallel.context  # noqa: F401
+    from lumina_jax.ops.attention import attention
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 6, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 6, 2, 8)).astype(np.float32)
+    lens = np.array([6, 3], np.int32)
+    a = attention(q, k, k, kv_lengths=lens, backend="context")
+    b = attention(q, k, k, kv_lengths=lens, backend="xla")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- launch
+
+
+def _run(cmd, env=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=60)
+
+
+def test_local_launcher_dry_run():
+    p = _run([sys.executable, "launch/local.py", "-n", "3", "-d", "2", "--port", "4242", "--dry-run", "--",
+              "configs/train/tiny_synthetic.yaml", "run_dir=/tmp/x"])  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        assert f"LUMINA_PROCESS_ID={i}" in line and "LUMINA_NUM_PROCESSES=3" in line
+        assert "LUMINA_COORDINATOR=127.0.0.1:4242" in line and "device_count=2" in line
+        assert line.endswith("-m lumina_jax train configs/train/tiny_synthetic.yaml run_dir=/tmp/x")
+
+
+def test_tpu_pod_dry_run():
+    p = _run(["bash", "launch/tpu_pod.sh", "configs/train/lumina2_2b.yaml", "run_dir=gs://b/r"],
+             {"DRY_RUN": "1", "TPU_NAME": "v5p-64", "ZONE": "us-east5-a", "PROJECT": "p"})  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "gcloud compute tpus tpu-vm ssh v5p-64" in p.stdout and "--worker=all" in p.stdout
+    assert "python -m lumina_jax train configs/train/lumina2_2b.yaml run_dir=gs://b/r" in p.stdout.replace("\\", "")
+    p = _run(["bash", "launch/tpu_pod.sh", "cfg"], {"DRY_RUN": "1", "TPU_NAME": "", "ZONE": "z"})
+    assert p.returncode != 0 and "TPU_NAME" in p.stderr
+
+
+def test_xpk_dry_run():
+    env = {"DRY_RUN": "1", "CLUSTER": "c", "IMAGE": "gcr.io/p/img", "TPU_TYPE": "v6e-256", "NUM_SLICES": "2",
+           "WORKLOAD": "w"}  # fmt: skip
+    p = _run(["bash", "launch/xpk.sh", "configs/train/lumina2_2b.yaml", "mesh.fsdp=-1"], env)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.replace("\\", "")
+    assert "xpk workload create --cluster c --workload w" in out and "--tpu-type v6e-256 --num-slices 2" in out
+    assert "python -m lumina_jax train configs/train/lumina2_2b.yaml mesh.fsdp=-1" in out
+    gpu = dict(env, TPU_TYPE="", DEVICE_TYPE="h100-80gb-8", NUM_NODES="4")
+    p = _run(["bash", "launch/xpk.sh", "cfg"], gpu)
+    assert p.returncode == 0 and "--device-type h100-80gb-8 --num-nodes 4" in p.stdout
+
+
+def test_slurm_dry_run():
+    p = _run(["bash", "launch/slurm.sbatch", "configs/train/lumina2_2b.yaml", "run_dir=/shared/r"],
+             {"DRY_RUN": "1", "REPO_DIR": "/repo", "VENV": ""})  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.replace("\\", "")
+    assert "srun --ntasks-per-node=1" in out and "cd /repo" in out
+    assert "python -m lumina_jax train configs/train/lumina2_2b.yaml run_dir=/shared/r" in out
+    assert "XLA_FLAGS=" in out
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@pytest.mark.slow
+def test_sharded_init_host_memory(tmp_path):
+    """7B widths (dim 3840, FFN 15360), depth cut to 1+1+1 blocks, fp32, 8 virtual devices: each device
+    holds 1/8 of the sharded params, and peak RSS exceeds base + all shards by less than the
+    temporaries of the largest single param (never a second copy of the model)."""
+    out = tmp_path / "mem.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    p = subprocess.run([sys.executable, "-m", "lumina_jax.parallel.memcheck", "--config", "nextdit_7b", "--layers", "1",
+                        "--refiner-layers", "1", "--dtype", "fp32", "--devices", "8", "--json", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    print(p.stdout.strip().splitlines()[-1])
+    largest = 3840 * 15360 * 4  # one FFN kernel of one layer, fp32
+    # replicated small params (norms, biases, t-embedder) are counted once per device
+    assert r["param_bytes"] <= r["sum_shard_bytes"] < 1.05 * r["param_bytes"]
+    assert r["max_device_bytes"] < 1.15 * r["param_bytes"] / 8
+    assert r["excess_over_shards"] < 2 * largest + (512 << 20), r

@@ -1,0 +1,304 @@
+"""Unit tests of the training pieces that need no Next-DiT compile: objective, schedules, config and
+overrides, the step's non-finite guard and gradient accumulation (with a stub model), checkpoint
+tree layout, the TensorBoard writer, FLOP accounting and the CLI's error paths."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lumina_jax.train import objective as obj
+from lumina_jax.train import optim
+
+
+# ---------------------------------------------------------------------------------------------- objective
+
+
+def test_shift_mu_matches_spec():
+    assert obj.shift_mu(256) == pytest.approx(0.5)
+    assert obj.shift_mu(4096) == pytest.approx(1.15)
+    assert obj.seq_len_for_resolution(1024) == 4096 and obj.seq_len_for_resolution(256) == 256
+
+
+def test_time_shift_formula_and_direction():
+    t = jnp.linspace(0.0, 1.0, 11)
+    mu = 1.15
+    sigma = 1 - np.asarray(t, np.float64)
+    want = 1 - math.exp(mu) * sigma / (math.exp(mu) * sigma + 1 - sigma)
+    np.testing.assert_allclose(obj.time_shift(t, mu), want, rtol=1e-6, atol=1e-7)
+    shifted = np.asarray(obj.time_shift(t, mu))
+    assert shifted[0] == 0 and shifted[-1] == pytest.approx(1.0)
+    assert np.all(shifted[1:-1] < np.asarray(t)[1:-1])  # towards noise (t = 0)
+
+
+def test_sample_t_ranges():
+    u = obj.sample_t(jax.random.PRNGKey(0), 4096, "uniform")
+    ln = obj.sample_t(jax.random.PRNGKey(0), 4096, "lognorm")
+    assert 0 <= float(u.min()) and float(u.max()) <= 1
+    assert abs(float(jnp.median(ln)) - 0.5) < 0.03  # sigmoid(N(0,1)) is symmetric around 0.5
+    shifted = obj.sample_t(jax.random.PRNGKey(0), 4096, "lognorm", mu=1.15)
+    assert float(jnp.mean(shifted)) < float(jnp.mean(ln))
+    with pytest.raises(ValueError, match="unknown t sampling"):
+        obj.sample_t(jax.random.PRNGKey(0), 2, "beta")
+
+
+def test_interpolate_and_pool():
+    x1, x0 = jnp.ones((2, 8, 8, 4)), jnp.zeros((2, 8, 8, 4))
+    xt, target = obj.interpolate(x1, x0, jnp.array([0.25, 1.0]))
+    np.testing.assert_allclose(xt[0], 0.25)
+    np.testing.assert_allclose(xt[1], 1.0)
+    np.testing.assert_allclose(target, 1.0)
+    x = jnp.arange(2 * 8 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 8, 1)
+    p = obj.avg_pool(x, 4)
+    assert p.shape == (2, 2, 2, 1)
+    np.testing.assert_allclose(p[0, 0, 0, 0], np.mean(np.asarray(x)[0, :4, :4, 0]))
+
+
+def test_flow_loss_zero_for_oracle():
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 2))
+    rng = jax.random.PRNGKey(2)
+    k_t, k_n = jax.random.split(rng)
+    x0 = jax.random.normal(k_n, x1.shape)
+    per = obj.flow_loss(lambda xt, t: x1 - x0, x1, rng, t_sampling="uniform")
+    np.testing.assert_allclose(per, 0.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- optim
+
+
+def test_lr_schedules():
+    hp = optim.stage_hparams(1e-3, 100, 50)
+    const = optim.lr_schedule(optim.OptimizerConfig())
+    assert float(const(120, hp)) == pytest.approx(1e-3)
+    warm = optim.lr_schedule(optim.OptimizerConfig(schedule="warmup_constant", warmup_steps=10))
+    assert float(warm(100, hp)) == pytest.approx(1e-4) and float(warm(109, hp)) == pytest.approx(1e-3)
+    cos = optim.lr_schedule(optim.OptimizerConfig(schedule="cosine", min_lr_ratio=0.1))
+    assert float(cos(100, hp)) == pytest.approx(1e-3)
+    assert float(cos(150, hp)) == pytest.approx(1e-4, rel=1e-4)
+    assert float(cos(125, hp)) == pytest.approx(0.55e-3, rel=1e-4)
+
+
+def test_trainable_mask_and_optimizer():
+    params = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"scale": jnp.ones(2)}}
+    mask = optim.trainable_mask(params, ["^a/"])
+    assert mask == {"a": {"kernel": True}, "b": {"scale": False}}
+    with pytest.raises(ValueError, match="match no parameter"):
+        optim.trainable_mask(params, ["nothing"])
+    tx = optim.make_optimizer(optim.OptimizerConfig(), mask)
+    state = tx.init(params)
+    sizes = [x.size for x in jax.tree.leaves(state) if x.ndim > 0]
+    assert sorted(sizes) == [6, 6]  # Adam moments only for the trainable kernel
+
+
+# ---------------------------------------------------------------------------------------------- step (stub model)
+
+
+class StubDiT(nn.Module):
+    """Same call signature as NextDiT, a few parameters, compiles in well under a second."""
+
+    @nn.compact
+    def __call__(self, x, t, cap, mask):
+        c = jnp.sum(cap * mask[..., None], 1) / jnp.maximum(jnp.sum(mask, 1, keepdims=True), 1)
+        h = nn.Dense(x.shape[-1], name="proj")(x) + nn.Dense(x.shape[-1], name="cond")(c)[:, None, None]
+        return h * (1.0 + t[:, None, None, None])
+
+
+def _stub_setup(grad_accum=1, lr=1e-2, trainable=None):
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train.state import init_state, state_shardings
+    from lumina_jax.train.step import StepConfig, compile_train_step, make_train_step
+
+    model = StubDiT()
+    b = 4
+    rng = np.random.default_rng(0)
+    batch = {
+        "latents": rng.standard_normal((b, 8, 8, 4)).astype(np.float32),
+        "cap_feats": rng.standard_normal((b, 3, 5)).astype(np.float32),
+        "cap_mask": np.ones((b, 3), bool),
+        "valid": np.ones((b,), bool),
+    }
+    params = model.init(jax.random.PRNGKey(0), batch["latents"], jnp.zeros(b), batch["cap_feats"], batch["cap_mask"])["params"]
+    mask = optim.trainable_mask(params, trainable or [".*"])
+    tx = optim.make_optimizer(optim.OptimizerConfig(), mask)
+    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+    state = init_state(params, tx, True)
+    sh = state_shardings(jax.eval_shape(lambda s: s, state), jax.tree.map(lambda _: jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()), params), mesh)  # fmt: skip
+    sc = StepConfig(seed=0, mu=0.5, aux_loss_weight=1.0, aux_pool=4, grad_accum=grad_accum)
+    fn = make_train_step(model, tx, optim.lr_schedule(optim.OptimizerConfig()), sc,
+                         None if trainable is None else mask)  # fmt: skip
+    step = compile_train_step(fn, mesh, sh, batch, donate=False)
+    return step, state, batch, optim.stage_hparams(lr, 0, 10), fn
+
+
+def test_nonfinite_step_is_not_applied():
+    step, state, batch, hp, _ = _stub_setup()
+    bad = dict(batch, latents=batch["latents"].copy())
+    bad["latents"][1, 2, 3, 0] = np.nan
+    s1, m1 = step(state, bad, hp)
+    assert not bool(m1["finite"]) and int(m1["nonfinite"]) == 1 and int(m1["nonfinite_run"]) == 1
+    for a, b in zip(jax.tree.leaves((state.params, state.ema, state.opt_state)),
+                    jax.tree.leaves((s1.params, s1.ema, s1.opt_state))):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(s1.step) == 1
+    s2, m2 = step(s1, bad, hp)
+    assert int(m2["nonfinite_run"]) == 2
+    s3, m3 = step(s2, batch, hp)
+    assert bool(m3["finite"]) and int(m3["nonfinite_run"]) == 0 and int(m3["nonfinite"]) == 2
+    assert not np.array_equal(np.asarray(s3.params["proj"]["kernel"]), np.asarray(state.params["proj"]["kernel"]))
+
+
+def test_trainer_aborts_after_consecutive_nonfinite(tmp_path):
+    from lumina_jax.train.config import load_config
+    from lumina_jax.train.loop import NonFiniteLossError, Trainer
+
+    tr = Trainer(load_config("tiny_synthetic", [f"run_dir={tmp_path}", "max_nonfinite=3", "log.progress=false"]))
+    tr._timer = None
+    m = {"loss": float("nan"), "loss_main": float("nan"), "loss_aux": 0.0, "grad_norm": float("nan"), "lr": 1e-3,
+         "finite": False, "nonfinite": 2, "nonfinite_run": 2}  # fmt: skip
+    tr._report(5, m, 1.0, 0.0, 1, None)  # 2 in a row: warned, not fatal
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        tr._report(6, dict(m, nonfinite=3, nonfinite_run=3), 1.0, 0.0, 1, None)
+    tr.metrics.close()
+
+
+def test_grad_accumulation_equals_mean_of_micro_batches():
+    """grad_accum=2 on a batch of 4 == mean of the gradients of its two strided halves (rows 0,2 and
+    1,3) with the per-micro-batch RNG folding the step uses."""
+    import optax
+
+    from lumina_jax.train.step import StepConfig, make_loss_fn
+
+    step, state, batch, hp, _ = _stub_setup(grad_accum=2)
+    _, m = step(state, batch, hp)
+    loss_fn = make_loss_fn(StubDiT(), StepConfig(seed=0, mu=0.5, aux_loss_weight=1.0, aux_pool=4, grad_accum=2))
+    rng = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    grads, losses = [], []
+    for i in range(2):
+        mb = {k: v[i::2] for k, v in batch.items()}
+        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, jax.random.fold_in(rng, i))
+        grads.append(g)
+        losses.append(loss)
+    g = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+    np.testing.assert_allclose(float(m["loss"]), float(np.mean(losses)), rtol=1e-5)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.global_norm(g)), rtol=1e-5)
+
+
+def test_frozen_params_do_not_move():
+    step, state, batch, hp, _ = _stub_setup(trainable=["^proj/"])
+    s1, _ = step(state, batch, hp)
+    np.testing.assert_array_equal(np.asarray(s1.params["cond"]["kernel"]), np.asarray(state.params["cond"]["kernel"]))
+    assert not np.array_equal(np.asarray(s1.params["proj"]["kernel"]), np.asarray(state.params["proj"]["kernel"]))
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_overrides_and_unknown_keys():
+    from lumina_jax.train.config import load_config
+
+    cfg = load_config("tiny_synthetic", ["optimizer.lr=1e-4", "stages.1.batch=16", "mesh.fsdp=2", "trainable=[layers]"])
+    assert cfg.optimizer.lr == 1e-4 and cfg.stages[1].batch == 16 and cfg.mesh.fsdp == 2
+    assert cfg.trainable == ("layers",)
+    with pytest.raises(ValueError, match=r"optimizer\.lrr"):
+        load_config("tiny_synthetic", ["optimizer.lrr=1"])
+    with pytest.raises(ValueError, match="bogus"):
+        load_config("tiny_synthetic", ["bogus=1"])
+    with pytest.raises(ValueError, match="not an index"):
+        load_config("tiny_synthetic", ["stages.5.batch=1"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config("tiny_synthetic", ["stages.0.data.kindd=x"])
+    assert cfg.stage_bounds() == [(0, 10), (10, 20)]
+    assert cfg.stage_at(9) == 0 and cfg.stage_at(10) == 1 and cfg.stage_at(99) == 1
+
+
+def test_recipe_config_matches_spec():
+    from lumina_jax.train.config import load_config
+
+    cfg = load_config("lumina2_2b")
+    assert [(s.resolution, s.steps, s.batch, s.lr) for s in cfg.stages] == [
+        (256, 144_000, 1024, 2e-4), (1024, 40_000, 512, 2e-4), (1024, 15_000, 512, 2e-4)]  # fmt: skip
+    o = cfg.optimizer
+    assert (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm) == (0.9, 0.95, 1e-15, 0.0, 2.0)
+    assert cfg.ema_decay == 0.95 and cfg.objective.t_sampling == "lognorm"
+
+
+def test_cli_rejects_unknown_key(capsys):
+    from lumina_jax.train.cli import main
+
+    assert main(["tiny_synthetic", "optimizer.nope=1"]) == 2
+    assert "optimizer.nope" in capsys.readouterr().err
+    assert main(["tiny_synthetic", "--print-config", "seed=7"]) == 0
+    assert "seed: 7" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint layout
+
+
+def test_nested_roundtrip_and_iterator_adapter():
+    from lumina_jax.train.checkpoint import JsonStateIterator, from_nested, to_nested
+    from lumina_jax.train.data import SyntheticLatents
+
+    tree = {"a": (jnp.ones(2), {"b": jnp.zeros(3)}), "c": [jnp.ones(1)], "empty": ()}
+    nested = to_nested(tree)
+    assert set(nested) == {"a", "c"} and set(nested["a"]) == {"0", "1"}
+    back = from_nested(nested, tree)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    it = SyntheticLatents(latent_hw=(4, 4), channels=2, cap_len=4, cap_dim=3, num_samples=5, global_batch=2)
+    next(it)
+    ad = JsonStateIterator(it)
+    st = ad.get_state()
+    b1 = next(it)
+    ad.set_state(st)
+    b2 = next(it)
+    assert b1["ids"] == b2["ids"]
+    np.testing.assert_array_equal(b1["latents"], b2["latents"])
+
+
+def test_synthetic_rows_are_a_partition_of_the_global_batch():
+    from lumina_jax.train.data import SyntheticLatents
+
+    kw = dict(latent_hw=(4, 4), channels=2, cap_len=4, cap_dim=3, num_samples=7, global_batch=4)
+    full = next(SyntheticLatents(**kw))
+    halves = [next(SyntheticLatents(rows=r, **kw)) for r in ((0, 2), (2, 4))]
+    np.testing.assert_array_equal(np.concatenate([h["latents"] for h in halves]), full["latents"])
+
+
+# ---------------------------------------------------------------------------------------------- tensorboard + flops
+
+
+def test_crc32c_and_event_roundtrip(tmp_path):
+    from lumina_jax.train.tensorboard import EventWriter, crc32c, read_events
+
+    assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+    w = EventWriter(tmp_path)
+    w.scalar("loss", 0.5, 3)
+    w.image("grid", np.zeros((4, 6, 3), np.uint8), 3)
+    w.close()
+    ev = read_events(w.path)
+    assert ev[0]["file_version"] == "brain.Event:2"
+    assert ev[1]["step"] == 3 and ev[1]["scalars"] == {"loss": 0.5}
+    assert ev[2]["images"]["grid"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_and_peaks():
+    from lumina_jax.models.nextdit import NextDiTConfig, flops_forward
+    from lumina_jax.train import metrics
+
+    assert metrics.peak_tflops("NVIDIA H100 80GB HBM3") == 989 and metrics.peak_tflops("TPU v6 lite") == 918
+    assert metrics.peak_tflops("TPU v5 lite") == 197 and metrics.peak_tflops("TPU v5p") == 459
+    assert metrics.peak_tflops("TPU v4") == 275 and metrics.peak_tflops("cpu") is None
+    c = NextDiTConfig()
+    f = metrics.train_flops_per_sample(c, 1024, 256, aux=True)
+    assert f["forward"] == flops_forward(c, 256, 4096) and f["aux_forward"] == flops_forward(c, 256, 256)
+    assert f["train"] == 3 * (f["forward"] + f["aux_forward"])
+    assert 2.0e13 < f["forward"] < 3.0e13  # jax_notes §7: ~2.4e13 per 1024 px image
+    assert metrics.remat_flops_per_sample(c, 1024, 256, "dots") == 0
+    full = metrics.remat_flops_per_sample(c, 1024, 256, "full", aux=False)
+    assert full == f["forward"]
+    assert 0 < metrics.remat_flops_per_sample(c, 1024, 256, "dots_no_batch", aux=False) < full
