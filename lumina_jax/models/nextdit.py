@@ -29,25 +29,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
+from lumina_jax.config_utils import YamlConfig
 from lumina_jax.ops.attention import attention
-from lumina_jax.ops.norms import RMSNorm, layer_norm_no_affine, rms_normalize
+from lumina_jax.ops.norms import RMSNorm, layer_norm_no_affine
 from lumina_jax.ops.rope import apply_rope, rope_cos_sin
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "model"
 
 
 @dataclasses.dataclass(frozen=True)
-class NextDiTConfig:
+class NextDiTConfig(YamlConfig):
     """Architecture of a Next-DiT (field names follow the original ``NextDiT`` constructor)."""
+
+    _what = "NextDiT"
+    _prefix = "nextdit_"
 
     patch_size: int = 2
     in_channels: int = 16
@@ -105,34 +105,10 @@ class NextDiTConfig:
     def patch_features(self) -> int:
         return self.patch_size * self.patch_size * self.in_channels
 
-    def replace(self, **kw) -> "NextDiTConfig":
-        return dataclasses.replace(self, **kw)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["axes_dims"], d["axes_lens"] = list(self.axes_dims), list(self.axes_lens)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NextDiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown NextDiT config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, name_or_path: str | Path) -> "NextDiTConfig":
-        """Load ``configs/model/<name>.yaml`` (e.g. ``nextdit_2b``) or a YAML file path."""
-        p = Path(name_or_path)
-        if not p.suffix:
-            p = CONFIG_DIR / f"{name_or_path}.yaml"
-        if not p.exists():
-            names = sorted(q.stem for q in CONFIG_DIR.glob("nextdit_*.yaml"))
-            raise FileNotFoundError(f"no model config {name_or_path!r}; bundled configs: {names}")
-        d = yaml.safe_load(p.read_text()) or {}
-        d.pop("command", None)
-        return cls.from_dict(d)
 
     # diffusers' Lumina2Transformer2DModel config.json <-> ours (spec §3.2)
     _DIFFUSERS_KEYS = {

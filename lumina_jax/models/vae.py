@@ -36,18 +36,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
+from lumina_jax.config_utils import YamlConfig
 from lumina_jax.ops.attention import attention
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "model"
 
 NORM_EPS = 1e-6  # diffusers hard-codes this for every GroupNorm of AutoencoderKL (not in config.json)
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
@@ -63,13 +61,16 @@ NORM_AXES = ("norm",)
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(YamlConfig):
     """Architecture and latent scaling of an ``AutoencoderKL`` (defaults: FLUX.1, spec §5).
 
     Field names follow diffusers' ``AutoencoderKL`` config. ``sample_size``, ``force_upcast``,
     ``latents_mean`` and ``latents_std`` do not change the network; they are kept so that an exported
     ``config.json`` says what the imported one said.
     """
+
+    _what = "VAE"
+    _prefix = "vae_"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -117,35 +118,11 @@ class VAEConfig:
         """Diffusion-model latents -> VAE latents: ``z / scale + shift`` (spec §5, sampler decode)."""
         return z / self.scaling_factor + (self.shift_factor or 0.0)
 
-    def replace(self, **kw: Any) -> "VAEConfig":
-        return dataclasses.replace(self, **kw)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in ("block_out_channels", "latents_mean", "latents_std"):
             d[k] = None if d[k] is None else list(d[k])
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VAE config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, name_or_path: str | Path) -> "VAEConfig":
-        """Load ``configs/model/<name>.yaml`` (e.g. ``vae_flux``) or a YAML file path."""
-        p = Path(name_or_path)
-        if not p.suffix:
-            p = CONFIG_DIR / f"{name_or_path}.yaml"
-        if not p.exists():
-            names = sorted(q.stem for q in CONFIG_DIR.glob("vae_*.yaml"))
-            raise FileNotFoundError(f"no VAE config {name_or_path!r}; bundled configs: {names}")
-        d = yaml.safe_load(p.read_text()) or {}
-        d.pop("command", None)
-        return cls.from_dict(d)
 
     # diffusers AutoencoderKL config.json keys that map one-to-one onto our fields
     _DIFFUSERS_PLAIN = (

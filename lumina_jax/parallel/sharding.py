@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax

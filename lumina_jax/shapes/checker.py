@@ -20,7 +20,7 @@ wrong. :func:`check` returns per-object booleans; :func:`summarise` aggregates a
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
