@@ -295,10 +295,13 @@ def test_shard_over_batch_and_heads():
     assert rel_l2(out, reference_attention_f64(q, k, v, kv_lengths=lens)) < F32_TOL
 
 
-def test_auto_backend_per_platform():
-    expected = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+def test_auto_backend_per_platform(monkeypatch):
+    expected = {"gpu": "cudnn", "tpu": "splash_sharded"}.get(jax.default_backend(), "xla")
     assert attn._auto_backend() == expected
-    assert {"xla", "pallas", "splash", "cudnn"} <= set(attn.available_backends())
+    assert {"xla", "pallas", "splash", "cudnn", "splash_sharded", "context"} <= set(attn.available_backends())
+    for platform, want in {"gpu": "cudnn", "tpu": "splash_sharded", "cpu": "xla"}.items():
+        monkeypatch.setattr(attn.jax, "default_backend", lambda p=platform: p)
+        assert attn._auto_backend() == want
 
 
 def test_bench_attention_runs_on_cpu():

@@ -67,10 +67,10 @@ def get_backend(name: str) -> AttentionFn:
 
 # Preferred backend per platform, best first; the first registered one wins, else "xla".
 # GPU: cuDNN (fastest measured on Hopper; falls back to XLA itself for fp32), then our Triton kernel.
-# TPU: the splash kernel. CPU: plain XLA (Pallas kernels would only run in the slow interpreter).
+# TPU: the splash kernel inside shard_map (Mosaic kernels cannot be auto-partitioned). CPU: plain XLA (Pallas kernels would only run in the slow interpreter).
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "gpu": ("cudnn", "pallas"),
-    "tpu": ("splash",),
+    "tpu": ("splash_sharded", "splash"),
     "cpu": (),
 }
 
@@ -181,3 +181,5 @@ register_lazy_backend("cudnn", "lumina_jax.ops.cudnn_attention")
 register_lazy_backend("pallas", "lumina_jax.ops.flash_attention")
 register_lazy_backend("splash", "lumina_jax.ops.splash_attention")
 register_lazy_backend("context", "lumina_jax.parallel.context")  # all-gather K/V over the `context` mesh axis
+register_lazy_backend("splash_sharded", "lumina_jax.parallel.tpu_attention")
+register_lazy_backend("tpu_splash_local", "lumina_jax.parallel.tpu_attention")
