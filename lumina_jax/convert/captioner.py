@@ -51,6 +51,7 @@ from lumina_jax.convert.common import (
     atomic_output,
     cast,
     flatten,
+    read_config_json,
     resolve_dtype,
     to_numpy,
     unflatten,
@@ -315,12 +316,7 @@ def read_config(path: str | os.PathLike) -> CaptionerConfig:
     """``config.json`` of a transformers Qwen2-VL / Qwen2.5-VL directory -> :class:`CaptionerConfig`."""
     path = Path(path)
     f = path / "config.json"
-    if not f.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a transformers Qwen2-VL / Qwen2.5-VL directory)")
-    try:
-        hf = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    hf = read_config_json(path, "a transformers Qwen2-VL / Qwen2.5-VL directory")
     try:
         config = CaptionerConfig.from_hf_config(hf)
     except (KeyError, ValueError, TypeError) as e:

@@ -180,6 +180,18 @@ class TensorSource:
         return w.get(key) if isinstance(w, SafetensorsFile) else to_numpy(w)
 
 
+def read_config_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """``path/config.json`` as a dict; a missing or malformed file is a :class:`CheckpointError`."""
+    path = Path(path)
+    f = path / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected {what})")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # writing, atomically
 

@@ -38,6 +38,7 @@ from lumina_jax.convert.common import (
     atomic_output,
     cast,
     flatten,
+    read_config_json,
     resolve_dtype,
     to_numpy,
     unflatten,
@@ -219,12 +220,7 @@ def load_text_encoder(path: str | os.PathLike, *, dtype: Any = "fp32") -> tuple[
     """
     path = Path(path)
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected a transformers Gemma-2 directory)")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    hf = read_config_json(path, "a transformers Gemma-2 directory")
     try:
         config = Gemma2Config.from_hf_config(hf)
     except (KeyError, ValueError) as e:

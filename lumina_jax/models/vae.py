@@ -327,8 +327,6 @@ def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
-
-
 class DownBlock(nn.Module):
     """``layers_per_block`` resnets, then (except at the lowest resolution) a stride-2 conv."""
 
