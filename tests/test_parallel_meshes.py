@@ -89,6 +89,9 @@ def test_context_mesh_uses_shard_map_all_gather(report):
 @pytest.mark.slow
 def test_sharded_init_equals_single_device_init(report):
     assert report["init_max_abs_diff"] == 0.0
+    assert report["init_bf16_dtypes"] == ["bfloat16"]
+    assert report["init_bf16_max_abs_diff"] == 0.0
+    assert report["init_bf16_vs_fp32_max_abs_diff"] == 0.0  # the fp32 init, rounded
 
 
 @pytest.mark.slow
@@ -124,6 +127,7 @@ def _expected_spec(names, shape, sizes):
 
 def _worker(out_path: str) -> None:
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -242,6 +246,16 @@ def _worker(out_path: str) -> None:
     p8 = S.init_params_sharded(cfg, M.create_mesh("fsdp"), 0)
     report["init_max_abs_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                                       for a, b in zip(jax.tree.leaves(S.gather_to_host(p8)), jax.tree.leaves(p1)))  # fmt: skip
+    # ... also when created in bf16 (written layer by layer into bf16 stacks)
+    p1b = init_params(cfg, 0, dtype=jnp.bfloat16)
+    p8b = S.init_params_sharded(cfg, M.create_mesh("fsdp"), 0, dtype=jnp.bfloat16)
+    report["init_bf16_dtypes"] = sorted({str(a.dtype) for a in jax.tree.leaves(p8b)})
+    report["init_bf16_max_abs_diff"] = max(
+        float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+        for a, b in zip(jax.tree.leaves(S.gather_to_host(p8b)), jax.tree.leaves(p1b)))  # fmt: skip
+    report["init_bf16_vs_fp32_max_abs_diff"] = max(
+        float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b.astype(jnp.bfloat16), np.float32))))
+        for a, b in zip(jax.tree.leaves(p1b), jax.tree.leaves(p1)))  # fmt: skip
 
     # save on fsdp, restore onto fsdp x tensor
     st, _, _ = keep_states["fsdp"]

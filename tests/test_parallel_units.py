@@ -161,22 +161,31 @@ def test_slurm_dry_run():
 # ---------------------------------------------------------------------------------------------- memory
 
 
-@pytest.mark.slow
-def test_sharded_init_host_memory(tmp_path):
-    """7B widths (dim 3840, FFN 15360), depth cut to 1+1+1 blocks, fp32, 8 virtual devices: each device
-    holds 1/8 of the sharded params, and peak RSS exceeds base + all shards by less than the
-    temporaries of the largest single param (never a second copy of the model)."""
-    out = tmp_path / "mem.json"
+def _memcheck(tmp_path, config: str, layers: int, dtype: str) -> dict:
+    out = tmp_path / f"mem_{config}_{layers}_{dtype}.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    p = subprocess.run([sys.executable, "-m", "lumina_jax.parallel.memcheck", "--config", "nextdit_7b", "--layers", "1",
-                        "--refiner-layers", "1", "--dtype", "fp32", "--devices", "8", "--json", str(out)],
+    p = subprocess.run([sys.executable, "-m", "lumina_jax.parallel.memcheck", "--config", config, "--layers",
+                        str(layers), "--refiner-layers", "1", "--dtype", dtype, "--devices", "8", "--json", str(out)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]
-    r = json.loads(out.read_text())
     print(p.stdout.strip().splitlines()[-1])
-    largest = 3840 * 15360 * 4  # one FFN kernel of one layer, fp32
-    # replicated small params (norms, biases, t-embedder) are counted once per device
-    assert r["param_bytes"] <= r["sum_shard_bytes"] < 1.05 * r["param_bytes"]
-    assert r["max_device_bytes"] < 1.15 * r["param_bytes"] / 8
-    assert r["excess_over_shards"] < 2 * largest + (512 << 20), r
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_sharded_init_host_memory(tmp_path):
+    """2B widths (dim 2304, FFN 6144) at depth 2 and 16, bf16, 8 virtual devices: each device holds 1/8
+    of the params; peak RSS exceeds base + all shards only by the RNG temporaries of one layer's
+    largest weight, *whatever the depth*: stacked params are written layer by layer into their bf16
+    buffers (no fp32 copy of a stack, let alone of the model). Casting after the scan instead added
+    0.34 GiB from 2 to 16 layers here (fp32 stacks); the full 7B is in BENCHMARKS.md."""
+    r2, r16 = _memcheck(tmp_path, "nextdit_2b", 2, "bf16"), _memcheck(tmp_path, "nextdit_2b", 16, "bf16")
+    largest = 2304 * 6144 * 4  # one FFN kernel of one layer, drawn in fp32
+    for r in (r2, r16):
+        # replicated small params (norms, biases, t-embedder) are counted once per device
+        assert r["param_bytes"] <= r["sum_shard_bytes"] < 1.05 * r["param_bytes"]
+        assert r["max_device_bytes"] < 1.15 * r["param_bytes"] / 8
+        assert r["excess_over_shards"] < 6 * largest + (640 << 20), r
+    # 14 more stacked layers: +2.3 GiB of bf16 shards and nothing else
+    assert r16["excess_over_shards"] - r2["excess_over_shards"] < 160 << 20, (r2, r16)

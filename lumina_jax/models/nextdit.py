@@ -166,14 +166,25 @@ def flops_forward(config: NextDiTConfig, cap_len: int, n_img: int) -> int:
 # layers
 
 
+def _fp32_draw(init: Callable) -> Callable:
+    """``init`` drawn in fp32 and rounded to the requested dtype: a bf16 init is the fp32 init rounded
+    (the same values whatever ``param_dtype``), and its random bits stay 32-bit, which XLA partitions
+    across devices (16-bit draws are generated as packed 32-bit words and reshaped, which it does not)."""
+
+    def draw(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return init(key, shape, jnp.float32).astype(dtype)
+
+    return draw
+
+
 def _dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Any, name: Optional[str] = None,
-           init: Callable = nn.initializers.xavier_uniform()) -> nn.Dense:  # fmt: skip
+           init: Callable = nn.initializers.xavier_uniform(), param_dtype: Any = jnp.float32) -> nn.Dense:  # fmt: skip
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(init, axes),
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(_fp32_draw(init), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
         name=name,
     )
@@ -193,15 +204,16 @@ def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0)
 class TimestepEmbedder(nn.Module):
     config: NextDiTConfig
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         c = self.config
         h = timestep_features(t, c.frequency_embedding_size).astype(self.dtype)
         h = _dense(c.t_dim, ("freq", "cond"), use_bias=True, dtype=self.dtype, name="linear_1",
-                   init=nn.initializers.normal(0.02))(h)  # fmt: skip
+                   init=nn.initializers.normal(0.02), param_dtype=self.param_dtype)(h)  # fmt: skip
         return _dense(c.t_dim, ("cond", "cond"), use_bias=True, dtype=self.dtype, name="linear_2",
-                      init=nn.initializers.normal(0.02))(nn.silu(h))  # fmt: skip
+                      init=nn.initializers.normal(0.02), param_dtype=self.param_dtype)(nn.silu(h))  # fmt: skip
 
 
 class Attention(nn.Module):
@@ -210,30 +222,31 @@ class Attention(nn.Module):
     config: NextDiTConfig
     dtype: Any = jnp.float32
     backend: str = "auto"
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, cos, sin, kv_lengths):
         c = self.config
         b, l, _ = x.shape
         hd, hq, hkv = c.head_dim, c.n_heads, c.n_kv_heads
-        init = nn.initializers.xavier_uniform()
-        wq = self.param("q", nn.with_logical_partitioning(init, ("embed", "heads")), (c.dim, hq * hd), jnp.float32)
-        wk = self.param("k", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), jnp.float32)
-        wv = self.param("v", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), jnp.float32)
+        init = _fp32_draw(nn.initializers.xavier_uniform())
+        wq = self.param("q", nn.with_logical_partitioning(init, ("embed", "heads")), (c.dim, hq * hd), self.param_dtype)
+        wk = self.param("k", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), self.param_dtype)
+        wv = self.param("v", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), self.param_dtype)
         w_qkv = jnp.concatenate([wq, wk, wv], axis=1).astype(self.dtype)
         qkv = jnp.einsum("bld,de->ble", x.astype(self.dtype), w_qkv)
         q = qkv[..., : hq * hd].reshape(b, l, hq, hd)
         k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(b, l, hkv, hd)
         v = qkv[..., (hq + hkv) * hd :].reshape(b, l, hkv, hd)
         if c.qk_norm:
-            q = RMSNorm(c.qk_norm_eps, dtype=jnp.float32, axis_name="head_dim", name="q_norm")(q)
-            k = RMSNorm(c.qk_norm_eps, dtype=jnp.float32, axis_name="head_dim", name="k_norm")(k)
+            q = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="k_norm")(k)
         q = apply_rope(q, cos, sin).astype(self.dtype)
         k = apply_rope(k, cos, sin).astype(self.dtype)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         out = attention(q, k, v.astype(self.dtype), kv_lengths=kv_lengths, backend=self.backend)
         out = out.reshape(b, l, hq * hd)
-        return _dense(c.dim, ("heads", "embed"), use_bias=False, dtype=self.dtype, name="out")(out)
+        return _dense(c.dim, ("heads", "embed"), use_bias=False, dtype=self.dtype, name="out", param_dtype=self.param_dtype)(out)
 
 
 class FeedForward(nn.Module):
@@ -241,15 +254,17 @@ class FeedForward(nn.Module):
 
     config: NextDiTConfig
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        h1 = _dense(c.ffn_hidden, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="w1")(x)
-        h3 = _dense(c.ffn_hidden, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="w3")(x)
+        pd = self.param_dtype
+        h1 = _dense(c.ffn_hidden, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="w1", param_dtype=pd)(x)
+        h3 = _dense(c.ffn_hidden, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name="w3", param_dtype=pd)(x)
         h = (nn.silu(h1.astype(jnp.float32)) * h3.astype(jnp.float32)).astype(self.dtype)
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return _dense(c.dim, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="w2")(h)
+        return _dense(c.dim, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="w2", param_dtype=pd)(h)
 
 
 class TransformerBlock(nn.Module):
@@ -262,17 +277,18 @@ class TransformerBlock(nn.Module):
     modulation: bool = True
     dtype: Any = jnp.float32
     backend: str = "auto"
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, ctx):
         temb, cos, sin, kv_lengths = ctx
         c = self.config
-        norm = lambda name: RMSNorm(c.norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        attn = Attention(c, self.dtype, self.backend, name="attention")
-        ffn = FeedForward(c, self.dtype, name="feed_forward")
+        norm = lambda name: RMSNorm(c.norm_eps, self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        attn = Attention(c, self.dtype, self.backend, self.param_dtype, name="attention")
+        ffn = FeedForward(c, self.dtype, self.param_dtype, name="feed_forward")
         if self.modulation:
             mod = _dense(4 * c.dim, ("cond", "embed"), use_bias=True, dtype=self.dtype, name="adaLN_modulation",
-                         init=nn.initializers.zeros)(nn.silu(temb.astype(self.dtype)))  # fmt: skip
+                         init=nn.initializers.zeros, param_dtype=self.param_dtype)(nn.silu(temb.astype(self.dtype)))  # fmt: skip
             scale_msa, gate_msa, scale_mlp, gate_mlp = (m[:, None, :].astype(jnp.float32) for m in jnp.split(mod, 4, -1))
             h = norm("attention_norm1")(x).astype(jnp.float32) * (1.0 + scale_msa)
             a = norm("attention_norm2")(attn(h.astype(self.dtype), cos, sin, kv_lengths))
@@ -305,6 +321,7 @@ class BlockStack(nn.Module):
     backend: str
     remat: str = "none"
     scan: bool = True
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, cos, sin, kv_lengths):
@@ -322,11 +339,12 @@ class BlockStack(nn.Module):
                 in_axes=nn.broadcast,
                 length=self.n,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(self.config, self.modulation, self.dtype, self.backend, name="blocks")
+            )(self.config, self.modulation, self.dtype, self.backend, self.param_dtype, name="blocks")
             x, _ = stack(x, ctx)
         else:  # unrolled (debugging / per-layer inspection); same math, params not stacked
             for i in range(self.n):
-                x, _ = block_cls(self.config, self.modulation, self.dtype, self.backend, name=f"blocks_{i}")(x, ctx)
+                x, _ = block_cls(self.config, self.modulation, self.dtype, self.backend, self.param_dtype,
+                                 name=f"blocks_{i}")(x, ctx)
         return x
 
 
@@ -387,7 +405,10 @@ class NextDiT(nn.Module):
 
     Attributes:
       config: architecture.
-      dtype: compute dtype (params stay fp32). ``jnp.bfloat16`` for speed.
+      dtype: compute dtype. ``jnp.bfloat16`` for speed.
+      param_dtype: dtype params are *created* in by ``init`` (fp32; bf16 lets a sharded init of a large
+        model write bf16 straight into each scanned layer, see ``init_params_sharded``). Params of
+        any dtype can be passed to ``apply``.
       attention_backend: see :mod:`lumina_jax.ops.attention` (``auto``, ``xla``, ``cudnn``, ...).
       remat: rematerialisation policy for the block stacks (``none``, ``full``, ``dots``, ``dots_no_batch``).
       scan_layers: stack and ``nn.scan`` the blocks (fast compile); False unrolls them.
@@ -398,24 +419,27 @@ class NextDiT(nn.Module):
     attention_backend: str = "auto"
     remat: str = "none"
     scan_layers: bool = True
+    param_dtype: Any = jnp.float32
 
     def setup(self):
-        c, dt = self.config, self.dtype
-        self.t_embedder = TimestepEmbedder(c, dt)
-        self.cap_norm = RMSNorm(c.norm_eps, dtype=dt, axis_name="cap")
-        self.cap_linear = _dense(c.dim, ("cap", "embed"), use_bias=True, dtype=dt, init=nn.initializers.normal(0.02))
-        self.x_embedder = _dense(c.dim, ("patch", "embed"), use_bias=True, dtype=dt)
-        kw = dict(dtype=dt, backend=self.attention_backend, remat=self.remat, scan=self.scan_layers)
+        c, dt, pd = self.config, self.dtype, self.param_dtype
+        self.t_embedder = TimestepEmbedder(c, dt, pd)
+        self.cap_norm = RMSNorm(c.norm_eps, dtype=dt, axis_name="cap", param_dtype=pd)
+        self.cap_linear = _dense(c.dim, ("cap", "embed"), use_bias=True, dtype=dt, init=nn.initializers.normal(0.02),
+                                 param_dtype=pd)  # fmt: skip
+        self.x_embedder = _dense(c.dim, ("patch", "embed"), use_bias=True, dtype=dt, param_dtype=pd)
+        kw = dict(dtype=dt, backend=self.attention_backend, remat=self.remat, scan=self.scan_layers, param_dtype=pd)
         self.context_refiner = BlockStack(c, c.n_refiner_layers, modulation=False, **kw)
         self.noise_refiner = BlockStack(c, c.n_refiner_layers, modulation=True, **kw)
         self.layers = BlockStack(c, c.n_layers, modulation=True, **kw)
-        self.final_adaLN = _dense(c.dim, ("cond", "embed"), use_bias=True, dtype=dt, init=nn.initializers.zeros)
+        self.final_adaLN = _dense(c.dim, ("cond", "embed"), use_bias=True, dtype=dt, init=nn.initializers.zeros,
+                                  param_dtype=pd)  # fmt: skip
         self.final_linear = _dense(c.patch_size**2 * c.out_ch, ("embed", "patch"), use_bias=True, dtype=dt,
-                                   init=nn.initializers.zeros)  # fmt: skip
+                                   init=nn.initializers.zeros, param_dtype=pd)  # fmt: skip
         # Present in original checkpoints but unused in the forward (spec §2.10); kept so that
         # original -> JAX -> original is lossless.
         self.norm_final = self.param("norm_final", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                                     (c.dim,), jnp.float32)  # fmt: skip
+                                     (c.dim,), pd)  # fmt: skip
 
     def __call__(self, x: jax.Array, t: jax.Array, cap_feats: jax.Array, cap_mask: jax.Array) -> jax.Array:
         """Velocity for a uniform batch.
@@ -499,11 +523,13 @@ class NextDiT(nn.Module):
         return self.final_linear(y.astype(self.dtype)).astype(jnp.float32)
 
 
-def init_params(config: NextDiTConfig, rng: jax.Array | int = 0, *, cap_len: int = 8, latent_hw=(8, 8)) -> dict:
-    """Random params (fp32) for ``config``: the model's own initialisers (adaLN and final layer zero)."""
+def init_params(config: NextDiTConfig, rng: jax.Array | int = 0, *, cap_len: int = 8, latent_hw=(8, 8),
+                dtype: Any = jnp.float32) -> dict:  # fmt: skip
+    """Random params for ``config``: the model's own initialisers (adaLN and final layer zero), created in
+    ``dtype`` (fp32 default; any other dtype gives the fp32 values rounded)."""
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
-    model = NextDiT(config)
+    model = NextDiT(config, param_dtype=dtype)
     x = jnp.zeros((1, *latent_hw, config.in_channels))
     cap = jnp.zeros((1, cap_len, config.cap_feat_dim))
     variables = jax.jit(model.init)(rng, x, jnp.zeros((1,)), cap, jnp.ones((1, cap_len), bool))

@@ -24,13 +24,14 @@ class RMSNorm(nn.Module):
     eps: float = 1e-5
     dtype: Any = None
     axis_name: str = "norm"
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), jnp.float32
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype
         )
-        return (rms_normalize(x, self.eps) * scale).astype(self.dtype or x.dtype)
+        return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(self.dtype or x.dtype)
 
 
 def layer_norm_no_affine(x: jax.Array, eps: float) -> jax.Array:

@@ -16,7 +16,10 @@ runtime overhead (well below one model copy), and ``max_device_bytes`` ~ ``param
 (On a TPU/GPU host only that host's shards are in device memory and nothing model-sized on the host.)
 
 The full 7B in fp32 is 33 GB, more than a 24 GB machine: use ``--dtype bf16`` (16.5 GB) or
-``--layers`` to shrink depth (same widths, same per-layer shapes).
+``--layers`` to shrink depth (same widths, same per-layer shapes). Measured (BENCHMARKS.md): the full
+32-layer 7B in bf16 peaks 1.48 GiB above base + shards, less than one device's share (1.92 GiB); the
+excess is the RNG temporaries of one layer's largest weight (threefry counters and bits, ~4x its fp32
+size, summed over the devices) plus allocator slack, and does not grow with depth.
 """
 
 from __future__ import annotations

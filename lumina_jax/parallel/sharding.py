@@ -80,13 +80,15 @@ def init_params_sharded(
     rules=LOGICAL_RULES,
     chunk_bytes: int = 256 << 20,
 ) -> Params:
-    """Random Next-DiT params created directly in their shardings (same values as ``init_params``).
+    """Random Next-DiT params created directly in their shardings (same values as
+    ``init_params(config, rng, dtype=dtype)``).
 
     The init is jitted with ``out_shardings`` once per *group* of params of at most ``chunk_bytes``
     (a bigger param is a group of its own); XLA drops the other params' initialisers from each
     program, so the temporaries of one program cover at most one group and host/device memory peaks
-    at the params created so far plus one group. ``dtype`` casts inside the jitted init (e.g. bf16), so
-    no full-precision copy of the model ever exists either.
+    at the params created so far plus one group. Params are created in ``dtype`` (``param_dtype`` of
+    the model): a stacked (scanned) param is written layer by layer into its ``dtype`` buffer, so
+    neither a full-precision copy of the model nor of one stacked param ever exists.
     """
     from lumina_jax.models.nextdit import NextDiT
 
@@ -95,7 +97,7 @@ def init_params_sharded(
     boxed = model_abstract(config)
     shardings = param_shardings(boxed, mesh, rules)
     abstract = unbox(boxed)
-    model = NextDiT(config)
+    model = NextDiT(config, param_dtype=dtype)
     x = jnp.zeros((1, 2 * config.patch_size, 2 * config.patch_size, config.in_channels))
     cap = jnp.zeros((1, 4, config.cap_feat_dim))
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
@@ -114,7 +116,7 @@ def init_params_sharded(
     def init_group(key, idx):
         p = unbox(model.init(key, x, jnp.zeros((1,)), cap, jnp.ones((1, 4), bool))["params"])
         flat = jax.tree_util.tree_leaves(p)
-        return [flat[i].astype(dtype) for i in idx]
+        return [flat[i] for i in idx]
 
     out: list[Any] = [None] * len(leaves)
     for idx in groups:
