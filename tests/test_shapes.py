@@ -3,6 +3,9 @@ train -> assemble -> sample run of the bundled model's config (a few steps, shap
 
 from __future__ import annotations
 
+import json
+
+import jax
 import numpy as np
 import pytest
 
@@ -95,18 +98,22 @@ def test_tfds_builder_reads_through_grain_source(tiny_world):
 def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     from lumina_jax.pipeline import Lumina2Pipeline
     from lumina_jax.shapes import build
-    from lumina_jax.shapes.train import train
+    from lumina_jax.convert.nextdit import load_transformer
+    from lumina_jax.train.cli import main as train_main
 
     work, info = tiny_world
     ov = [f"run_dir={tmp_path / 'run'}", "stages.0.steps=2", "stages.1.steps=2", "stages.0.batch=4",
-          "stages.1.batch=4", "log.every=1", "optimizer.warmup_steps=0"]
+          "stages.1.batch=4", "log.every=1", "optimizer.warmup_steps=0", "log.progress=false"]
     for s in (0, 1):
         ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae",
                f"stages.{s}.data.text_encoder={work}/encoders/text_encoder",
                f"stages.{s}.data.tokenizer={work}/encoders/tokenizer", f"stages.{s}.data.read_threads=1"]
-    summary = train("configs/train/shapes.yaml", ov)
-    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    assert train_main(["configs/train/shapes.yaml", *ov]) == 0  # = python -m lumina_jax train ...
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 4 and np.isfinite(metrics[-1]["loss"])
     out = build.assemble(tmp_path / "run", work, tmp_path / "model")
+    stored = load_transformer(out / "transformer", dtype=None)[1]
+    assert {str(a.dtype) for a in jax.tree.leaves(stored)} == {"bfloat16"}  # 20 MB repository budget
     pipe = Lumina2Pipeline.from_pretrained(out, compilation_cache=False)
     assert pipe.default_image_size == 64 and pipe.size_multiple == 8
     r = pipe([spec.EXAMPLE_PROMPT, "a green triangle at the top, on a black background"], num_inference_steps=2,

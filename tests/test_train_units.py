@@ -302,3 +302,22 @@ def test_flops_and_peaks():
     full = metrics.remat_flops_per_sample(c, 1024, 256, "full", aux=False)
     assert full == f["forward"]
     assert 0 < metrics.remat_flops_per_sample(c, 1024, 256, "dots_no_batch", aux=False) < full
+
+
+def test_image_source_paths_and_encoder_dtype(tmp_path):
+    """``images`` paths: a TFDS folder needs its dataset_info.json, a missing path is named, and the
+    frozen encoders' dtype is checked (the TFDS read itself: tests/test_shapes.py end to end)."""
+    from lumina_jax.train.config import DataConfig
+    from lumina_jax.train.data import image_sources
+
+    (tmp_path / "not_tfds").mkdir()
+    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
+        image_sources(str(tmp_path / "not_tfds"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        image_sources(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "a.jsonl").write_text('{"image_path": "x.png", "prompt": "a cat"}\n')
+    (src,) = image_sources(str(tmp_path / "a.jsonl"))
+    assert len(src) == 1
+    with pytest.raises(ValueError, match="encoder_dtype"):
+        DataConfig(kind="images", paths=("a.jsonl",), encoder_dtype="float16")
+    assert DataConfig(kind="images", paths=("a.jsonl",)).system_prompt == "real"

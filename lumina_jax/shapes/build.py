@@ -1,12 +1,14 @@
 """Build the bundled shapes model end to end: ``python -m lumina_jax.shapes {prepare,assemble}``.
 
-    python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), encoders, latent caches
-    python -m lumina_jax.shapes train configs/train/shapes.yaml      # 2 stages (lumina_jax.shapes.train)
+    python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), encoders
+    python -m lumina_jax train configs/train/shapes.yaml             # the project's trainer, 2 stages
     python -m lumina_jax.shapes assemble --run runs/shapes --work data/shapes \\
         --out lumina_jax/assets/default_model                        # EMA weights + encoders -> pipeline dir
 
 ``prepare`` writes, under ``--work``: ``tfds/shapes_world/1.0.0`` (array_record, see
-:mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}``.
+:mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}``. ``assemble``
+reads the run's latest checkpoint (:func:`lumina_jax.train.loop.export_weights`), stores the Next-DiT
+in bf16 (7.5M params: 15 MB, under the repository's 20 MB budget) and the encoders in fp32.
 """
 
 from __future__ import annotations
@@ -37,16 +39,27 @@ def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200) ->
 
 
 def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float = DEFAULT_SHIFT,
-             which: str = "ema", overwrite: bool = True) -> Path:  # fmt: skip
-    """EMA weights of ``run`` + the encoders of ``work`` -> a lumina_jax pipeline directory at ``out``."""
+             which: str = "ema", transformer_dtype: str = "bf16", overwrite: bool = True) -> Path:  # fmt: skip
+    """EMA (or raw) weights of the training run ``run`` + the encoders of ``work`` -> a lumina_jax
+    pipeline directory at ``out``."""
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from lumina_jax.convert.common import resolve_dtype
     from lumina_jax.convert.components import DEFAULT_SCHEDULER, Components, save_components
     from lumina_jax.convert.gemma2 import load_text_encoder
     from lumina_jax.convert.nextdit import load_transformer
     from lumina_jax.convert.vae import load_vae
     from lumina_jax.text import load_tokenizer
+    from lumina_jax.train.loop import export_weights
 
     work = Path(work)
-    t_cfg, t_params = load_transformer(Path(run) / ("transformer_ema" if which == "ema" else "transformer"))
+    with tempfile.TemporaryDirectory() as tmp:
+        t_cfg, t_params = load_transformer(export_weights(run, Path(tmp) / "transformer", which=which))
+    dt = resolve_dtype(transformer_dtype)
+    t_params = jax.tree.map(lambda a: np.asarray(a).astype(dt), t_params)
     g_cfg, g_params = load_text_encoder(work / "encoders" / "text_encoder")
     v_cfg, v_params = load_vae(work / "encoders" / "vae")
     tok = load_tokenizer(work / "encoders" / "tokenizer")
@@ -60,8 +73,7 @@ def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lumina_jax.shapes", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("train", help="train from a TrainConfig YAML (see lumina_jax.shapes.train)", add_help=False)
-    a = sub.add_parser("prepare", help="dataset + encoders + latent caches")
+    a = sub.add_parser("prepare", help="dataset (TFDS array_record) + frozen encoders")
     a.add_argument("--work", default="data/shapes")
     a.add_argument("--num-train", type=int, default=16000)
     a.add_argument("--num-test", type=int, default=200)
@@ -71,14 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--out", default="lumina_jax/assets/default_model")
     b.add_argument("--shift", type=float, default=DEFAULT_SHIFT)
     b.add_argument("--which", choices=("ema", "params"), default="ema")
+    b.add_argument("--transformer-dtype", choices=("bf16", "fp32"), default="bf16")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("absl", "orbax", "jax._src"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        from lumina_jax.shapes.train import main as train_main
-
-        return train_main(argv[1:])
+        p.error("training runs through the project's trainer: python -m lumina_jax train configs/train/shapes.yaml")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
@@ -86,5 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cmd == "prepare":
         print(json.dumps(prepare(args.work, num_train=args.num_train, num_test=args.num_test), indent=2))
     else:
-        print(f"wrote {assemble(args.run, args.work, args.out, shift=args.shift, which=args.which)}")
+        out = assemble(args.run, args.work, args.out, shift=args.shift, which=args.which,
+                       transformer_dtype=args.transformer_dtype)  # fmt: skip
+        print(f"wrote {out}")
     return 0

@@ -37,8 +37,15 @@ class DataConfig:
       ``latent_cache``: :class:`lumina_jax.data.LatentCacheSource` directories (``paths``, optional
         mixture ``weights``) through :class:`lumina_jax.data.DataPipeline` (recommended: the VAE and
         Gemma-2 run once, offline, ``python -m lumina_jax preprocess``).
-      ``images``: raw captioned images (``paths`` = JSONL/YAML lists, see :mod:`lumina_jax.data.sources`)
-        encoded on the fly by the frozen VAE and text encoder given in ``vae`` and ``text_encoder``.
+      ``images``: raw captioned images encoded on the fly by the frozen VAE and text encoder given in
+        ``vae`` and ``text_encoder``. ``paths`` are JSONL files, original-style YAML lists (see
+        :mod:`lumina_jax.data.sources`) or prepared TFDS ``array_record`` folders (``.../name/version``,
+        read by :class:`lumina_jax.data.sources.TfdsSource` without TensorFlow).
+
+    ``system_prompt`` is the template of TFDS sources (JSONL/YAML entries carry their own);
+    ``key_feature`` names a TFDS feature that identifies a record (else ``source:index``);
+    ``encoder_dtype`` is the compute dtype of the frozen encoders (``bfloat16``; ``float32`` for models
+    sampled in fp32, e.g. the bundled shapes model).
     """
 
     kind: str = "synthetic"
@@ -57,8 +64,13 @@ class DataConfig:
     text_encoder: Optional[str] = None
     tokenizer: Optional[str] = None
     max_text_len: int = 256
+    system_prompt: str = "real"
+    key_feature: Optional[str] = None
+    encoder_dtype: str = "bfloat16"
 
     def __post_init__(self):
+        if self.encoder_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"encoder_dtype must be 'bfloat16' or 'float32', got {self.encoder_dtype!r}")
         if self.kind not in ("synthetic", "latent_cache", "images"):
             raise ValueError(f"unknown data kind {self.kind!r}; choose synthetic, latent_cache or images")
         if self.kind != "synthetic" and not self.paths:

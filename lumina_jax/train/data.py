@@ -94,7 +94,7 @@ class FrozenEncoders:
     """
 
     def __init__(self, vae_path: str, text_encoder_path: str, tokenizer_path: Optional[str] = None,
-                 max_text_len: int = 256):  # fmt: skip
+                 max_text_len: int = 256, dtype: str = "bfloat16"):  # fmt: skip
         import jax.numpy as jnp
 
         from lumina_jax.convert.vae import load_vae
@@ -103,9 +103,10 @@ class FrozenEncoders:
 
         self.vae_config, vae_params = load_vae(vae_path)
         self.vae_params = jax.device_put(vae_params)
-        self.text = TextEncoder.from_pretrained(text_encoder_path, tokenizer_path)
+        self.text = TextEncoder.from_pretrained(text_encoder_path, tokenizer_path,
+                                                dtype="bf16" if dtype == "bfloat16" else "fp32")  # fmt: skip
         self.max_text_len = max_text_len
-        model = AutoencoderKL(self.vae_config, dtype=jnp.bfloat16)
+        model = AutoencoderKL(self.vae_config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
         cfg = self.vae_config
 
         @jax.jit
@@ -169,7 +170,7 @@ def build_stage_iterator(
         )  # fmt: skip
         return it, it
 
-    from lumina_jax.data import DataPipeline, LatentCacheSource, PipelineConfig, load_yaml_sources
+    from lumina_jax.data import DataPipeline, LatentCacheSource, PipelineConfig
 
     pc = PipelineConfig(
         resolution=stage.resolution, batch_size=stop - start, batching=d.batching, seed=data_seed,
@@ -186,14 +187,28 @@ def build_stage_iterator(
         raise ValueError(f"stage {stage.name!r}: data kind 'images' needs 'vae' and 'text_encoder' paths")
     sources = []
     for p in d.paths:
-        sources.extend(load_yaml_sources(p) if str(p).endswith((".yaml", ".yml")) else _jsonl(p))
+        sources.extend(image_sources(p, system_prompt=d.system_prompt, key_feature=d.key_feature))
     inner = iter(DataPipeline(sources, pc, weights=d.weights))
-    return EncodedIterator(inner, FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len)), inner
+    enc = FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len, dtype=d.encoder_dtype)
+    return EncodedIterator(inner, enc), inner
 
 
-def _jsonl(path: str) -> list:
-    from lumina_jax.data import JsonlSource
+def image_sources(path: str, *, system_prompt: str = "real", key_feature: Optional[str] = None) -> list:
+    """The image sources one ``paths`` entry names: a prepared TFDS folder (has ``dataset_info.json``),
+    an original-style YAML list, or a JSONL file."""
+    import os
 
+    from lumina_jax.data import JsonlSource, load_yaml_sources
+    from lumina_jax.data.sources import TfdsSource
+
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "dataset_info.json")):
+            raise FileNotFoundError(f"{path} is a folder but not a prepared TFDS dataset (no dataset_info.json)")
+        return [TfdsSource(builder_dir=path, system_prompt=system_prompt, key_key=key_feature)]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image source {path} does not exist")
+    if str(path).endswith((".yaml", ".yml")):
+        return load_yaml_sources(path)
     return [JsonlSource(path)]
 
 
