@@ -321,3 +321,19 @@ def test_image_source_paths_and_encoder_dtype(tmp_path):
     with pytest.raises(ValueError, match="encoder_dtype"):
         DataConfig(kind="images", paths=("a.jsonl",), encoder_dtype="float16")
     assert DataConfig(kind="images", paths=("a.jsonl",)).system_prompt == "real"
+
+
+def test_stage_time_shift_mu_overrides_the_resolution_rule(tmp_path):
+    from lumina_jax.train.config import load_config
+    from lumina_jax.train.loop import Trainer
+
+    cfg = load_config("tiny_synthetic", [f"run_dir={tmp_path}", "log.progress=false", "log.tensorboard=false",
+                                         "stages.1.time_shift_mu=1.79"])  # fmt: skip
+    tr = Trainer(cfg)
+    assert tr.step_config(0).mu == pytest.approx(obj.shift_mu(obj.seq_len_for_resolution(cfg.stages[0].resolution)))
+    assert tr.step_config(1).mu == 1.79
+    tr.metrics.close()
+    off = Trainer(load_config("tiny_synthetic", [f"run_dir={tmp_path / 'b'}", "log.progress=false",
+                                                 "objective.time_shift=false", "stages.1.time_shift_mu=1.79"]))  # fmt: skip
+    assert off.step_config(1).mu is None  # time_shift off wins
+    off.metrics.close()

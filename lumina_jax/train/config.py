@@ -82,13 +82,20 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """One stage of the progressive recipe (spec §6.4). ``batch`` is the global batch (all hosts)."""
+    """One stage of the progressive recipe (spec §6.4). ``batch`` is the global batch (all hosts).
+
+    ``time_shift_mu``: a fixed ``mu`` for this stage's time shift (``t' = t / (e^mu (1 - t) + t)``),
+    instead of the resolution rule of spec §6.1 (which assumes 16 pixels per token, the FLUX VAE with
+    patch 2). Models with more features per token (e.g. pixel space, patch 8) decide their layout at
+    smaller ``t`` and need more training there.
+    """
 
     name: str = "stage"
     resolution: int = 256
     steps: int = 1000
     batch: int = 8
     lr: Optional[float] = None
+    time_shift_mu: Optional[float] = None
     data: DataConfig = DataConfig()
 
     def __post_init__(self):

@@ -140,7 +140,11 @@ class Trainer:
 
     def step_config(self, stage_index: int) -> StepConfig:
         cfg, stage = self.cfg, self.cfg.stages[stage_index]
-        mu = obj.shift_mu(obj.seq_len_for_resolution(stage.resolution)) if cfg.objective.time_shift else None
+        mu = None
+        if cfg.objective.time_shift:
+            mu = stage.time_shift_mu
+            if mu is None:
+                mu = obj.shift_mu(obj.seq_len_for_resolution(stage.resolution))
         return StepConfig(
             seed=cfg.seed, t_sampling=cfg.objective.t_sampling, mu=mu,
             aux_loss_weight=cfg.objective.aux_loss_weight, aux_pool=cfg.objective.aux_pool,
