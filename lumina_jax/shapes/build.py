@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-DEFAULT_SHIFT = 3.0
+DEFAULT_SHIFT = 6.0
 
 
 def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200) -> dict:  # fmt: skip
