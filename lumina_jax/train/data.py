@@ -90,7 +90,9 @@ class FrozenEncoders:
     caption features. Not trained, not checkpointed with the run (reloaded from their paths).
 
     The VAE runs jitted on the process's local rows (replicated params, ~84M); the text encoder is
-    :class:`lumina_jax.text.TextEncoder` (bf16). For large runs prefer a latent cache.
+    :class:`lumina_jax.text.TextEncoder`; both compute in ``dtype`` (``"bfloat16"`` default, as the
+    original trains; ``"float32"`` when the model will be sampled with fp32 encoders). For large runs
+    prefer a latent cache.
     """
 
     def __init__(self, vae_path: str, text_encoder_path: str, tokenizer_path: Optional[str] = None,
