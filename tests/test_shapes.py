@@ -100,17 +100,19 @@ def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     from lumina_jax.shapes import build
     from lumina_jax.convert.nextdit import load_transformer
     from lumina_jax.train.cli import main as train_main
+    from lumina_jax.train.config import load_config
 
     work, info = tiny_world
-    ov = [f"run_dir={tmp_path / 'run'}", "stages.0.steps=2", "stages.1.steps=2", "stages.0.batch=4",
-          "stages.1.batch=4", "log.every=1", "optimizer.warmup_steps=0", "log.progress=false"]
-    for s in (0, 1):
+    n_stages = len(load_config("configs/train/shapes.yaml").stages)
+    ov = [f"run_dir={tmp_path / 'run'}", "log.every=1", "optimizer.warmup_steps=0", "log.progress=false"]
+    for s in range(n_stages):  # every stage, 1 step (2 for the first two), batch 4, the tiny world
+        ov += [f"stages.{s}.steps={2 if s < 2 else 1}", f"stages.{s}.batch=4"]
         ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae",
                f"stages.{s}.data.text_encoder={work}/encoders/text_encoder",
                f"stages.{s}.data.tokenizer={work}/encoders/tokenizer", f"stages.{s}.data.read_threads=1"]
     assert train_main(["configs/train/shapes.yaml", *ov]) == 0  # = python -m lumina_jax train ...
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == 4 and np.isfinite(metrics[-1]["loss"])
+    assert metrics[-1]["step"] == 4 + (n_stages - 2) and np.isfinite(metrics[-1]["loss"])
     out = build.assemble(tmp_path / "run", work, tmp_path / "model")
     stored = load_transformer(out / "transformer", dtype=None)[1]
     assert {str(a.dtype) for a in jax.tree.leaves(stored)} == {"bfloat16"}  # 20 MB repository budget
