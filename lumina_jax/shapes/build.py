@@ -7,7 +7,7 @@
 
 ``prepare`` writes, under ``--work``: ``tfds/shapes_world/1.0.0`` (array_record, see
 :mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}``. ``assemble``
-reads the run's latest checkpoint (:func:`lumina_jax.train.loop.export_weights`), stores the Next-DiT
+reads the run's latest checkpoint (:func:`lumina_jax.train.loop.restore_weights`), stores the Next-DiT
 in bf16 (7.5M params: 15 MB, under the repository's 20 MB budget) and the encoders in fp32.
 """
 
@@ -42,22 +42,18 @@ def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float
              which: str = "ema", transformer_dtype: str = "bf16", overwrite: bool = True) -> Path:  # fmt: skip
     """EMA (or raw) weights of the training run ``run`` + the encoders of ``work`` -> a lumina_jax
     pipeline directory at ``out``."""
-    import tempfile
-
     import jax
     import numpy as np
 
     from lumina_jax.convert.common import resolve_dtype
     from lumina_jax.convert.components import DEFAULT_SCHEDULER, Components, save_components
     from lumina_jax.convert.gemma2 import load_text_encoder
-    from lumina_jax.convert.nextdit import load_transformer
     from lumina_jax.convert.vae import load_vae
     from lumina_jax.text import load_tokenizer
-    from lumina_jax.train.loop import export_weights
+    from lumina_jax.train.loop import restore_weights
 
     work = Path(work)
-    with tempfile.TemporaryDirectory() as tmp:
-        t_cfg, t_params = load_transformer(export_weights(run, Path(tmp) / "transformer", which=which))
+    t_cfg, t_params = restore_weights(run, which=which)
     dt = resolve_dtype(transformer_dtype)
     t_params = jax.tree.map(lambda a: np.asarray(a).astype(dt), t_params)
     g_cfg, g_params = load_text_encoder(work / "encoders" / "text_encoder")

@@ -349,16 +349,13 @@ def _load_sample_fn(spec: str) -> Callable:
     return getattr(importlib.import_module(mod), name)
 
 
-def export_weights(run_dir: str | Path, out: str | Path, *, which: str = "ema", format: str = "jax",
-                   dtype: Any = None, step: Optional[int] = None, overwrite: bool = False) -> Path:  # fmt: skip
-    """Write the EMA (``which="ema"``) or raw (``"params"``) weights of a run's checkpoint with
-    :func:`lumina_jax.convert.nextdit.save_transformer` (``format`` jax / diffusers / original).
+def restore_weights(run_dir: str | Path, *, which: str = "ema", step: Optional[int] = None) -> tuple[Any, Any]:
+    """``(NextDiTConfig, host params)`` of the EMA (``which="ema"``) or raw (``"params"``) weights of a
+    run's checkpoint (latest ``step`` by default).
 
     Only that subtree is restored (partial restore), onto this host's devices, then gathered to host
-    memory (one copy of the weights, e.g. 10 GB for the 2B in fp32; use ``dtype="bf16"`` to halve the
-    written files).
+    memory (one copy of the weights, e.g. 10 GB for the 2B in fp32).
     """
-    from lumina_jax.convert.nextdit import save_transformer
     from lumina_jax.models.nextdit import NextDiTConfig
 
     if which not in ("ema", "params"):
@@ -378,4 +375,15 @@ def export_weights(run_dir: str | Path, out: str | Path, *, which: str = "ema", 
     params = ck.restore_subtree(step, which, target)
     host = shard_lib.gather_to_host(params)
     ck.close()
+    return model_config, host
+
+
+def export_weights(run_dir: str | Path, out: str | Path, *, which: str = "ema", format: str = "jax",
+                   dtype: Any = None, step: Optional[int] = None, overwrite: bool = False) -> Path:  # fmt: skip
+    """Write the weights :func:`restore_weights` returns with
+    :func:`lumina_jax.convert.nextdit.save_transformer` (``format`` jax / diffusers / original;
+    ``dtype="bf16"`` halves the written files)."""
+    from lumina_jax.convert.nextdit import save_transformer
+
+    model_config, host = restore_weights(run_dir, which=which, step=step)
     return save_transformer(out, model_config, host, format=format, dtype=dtype, overwrite=overwrite)
