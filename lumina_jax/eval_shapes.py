@@ -88,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--guidance", type=float, default=4.0, help="guidance scale for --cfg on")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the pipeline's)")
     p.add_argument("--solver", default=None)
+    p.add_argument("--shift", type=float, default=None, help="sampler time shift (default: the model's scheduler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--json", default=None, help="write the results as JSON here")
@@ -101,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipe = Lumina2Pipeline.from_pretrained(args.checkpoint)
     settings = {"on": args.guidance, "off": 1.0}
     names = ["on", "off"] if args.cfg == "both" else [args.cfg]
-    kw = {k: v for k, v in (("num_inference_steps", args.steps), ("solver", args.solver)) if v is not None}
+    kw = {k: v for k, v in (("num_inference_steps", args.steps), ("solver", args.solver), ("time_shift", args.shift))
+          if v is not None}  # fmt: skip
     results = {}
     for name in names:
         sd = None if args.save_dir is None else str(Path(args.save_dir) / f"cfg_{name}")

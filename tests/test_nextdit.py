@@ -183,3 +183,50 @@ def test_tiny_param_count_matches_tree():
 def test_flops_match_reference_formula():
     # shared/bench/diffusers_anchor.py: one 2B forward at 1024 px with 96 caption tokens is 22.8 TFLOP
     assert round(flops_forward(NextDiTConfig(), 96, 4096) / 1e12, 1) == 22.8
+
+
+def test_data_prediction_head_returns_velocity(ref_gqa3):
+    """``prediction: data``: the same params' raw head output is x^, the module returns (x^ - x_t) / gap.
+
+    The raw output is the diffusers reference's (velocity head) output, so this also pins the raw head."""
+    import dataclasses
+
+    model, config, params = ref_gqa3
+    data_cfg = dataclasses.replace(config, prediction="data", data_min_gap=0.1)
+    x, t, cap, mask = inputs(config, batch=3, h=8, w=8, cap_lens=[3, 6, 1], cap_pad=6)
+    t = np.asarray([0.0, 0.5, 0.97], np.float32)  # the last one hits the clipped gap
+    raw = _apply(config, params, x, t, cap, mask)
+    got = _apply(data_cfg, params, x, t, cap, mask)
+    gap = np.maximum(1.0 - t, 0.1)[:, None, None, None]
+    np.testing.assert_allclose(got, (raw - x) / gap, rtol=1e-5, atol=1e-5)
+    assert rel_l2(raw, diffusers_forward(model, x, t, cap, mask)) <= 1e-5
+
+    # mixed-size token path: the same reparameterisation per valid token, zeros elsewhere
+    lat = [np.asarray(x[0]), np.asarray(x[1, :4, :6])]
+    tokens, grids = pack_latents(lat, config.patch_size, token_budget=16)
+    fwd = jax.jit(lambda p, *a: NextDiT(data_cfg).apply({"params": p}, *a, method=NextDiT.forward_tokens))
+    out = unpack_tokens(fwd(params, tokens, grids, jnp.asarray(t[:2]), jnp.asarray(cap[:2]), jnp.asarray(mask[:2])),
+                        grids, config.patch_size, config.out_ch)  # fmt: skip
+    for i in range(2):
+        alone = _apply(data_cfg, params, lat[i][None], t[i : i + 1], cap[i : i + 1], mask[i : i + 1])[0]
+        assert rel_l2(np.asarray(out[i]), alone) <= 1e-5
+
+
+def test_data_prediction_config_and_export_errors(tmp_path):
+    from lumina_jax.convert.nextdit import save_transformer
+
+    with pytest.raises(ValueError, match="prediction must be"):
+        NextDiTConfig.from_dict({**NextDiTConfig.from_yaml("nextdit_tiny").to_dict(), "prediction": "eps"})
+    with pytest.raises(ValueError, match="out_channels == in_channels"):
+        NextDiTConfig.from_dict({**NextDiTConfig.from_yaml("nextdit_tiny").to_dict(), "prediction": "data",
+                                 "out_channels": 32})  # fmt: skip
+    config = NextDiTConfig.from_dict({**NextDiTConfig.from_yaml("nextdit_tiny").to_dict(), "prediction": "data"})
+    params = init_params(config, 0)
+    for fmt, name in (("diffusers", "d"), ("original", "o.safetensors")):
+        with pytest.raises(ValueError, match="x-prediction head"):
+            save_transformer(tmp_path / name, config, params, format=fmt)
+        assert not (tmp_path / name).exists()
+    save_transformer(tmp_path / "j", config, params, format="jax")  # our own format keeps the option
+    from lumina_jax.convert.nextdit import load_transformer
+
+    assert load_transformer(tmp_path / "j")[0].prediction == "data"

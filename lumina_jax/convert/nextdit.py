@@ -399,6 +399,8 @@ def save_transformer(
     ``dtype``: ``"fp32"``/``"bf16"``/``None`` (keep the params' dtype).
     """
     path = Path(path)
+    if format != "jax":
+        config.require_velocity_head(f"the {format!r} format")
     flat = flatten(params)
     shapes = jax_shapes(config)
     check_keys(shapes, {k: tuple(np.shape(v)) for k, v in flat.items()}, "params to save")

@@ -69,6 +69,14 @@ class NextDiTConfig(YamlConfig):
     axes_lens: tuple[int, ...] = (300, 512, 512)
     rope_theta: float = 10000.0
     frequency_embedding_size: int = 256
+    # What the final layer predicts. Lumina-Image 2.0 (original and diffusers): ``"velocity"``, the output
+    # as is. ``"data"`` (not in Lumina; the x-prediction of Li & He 2025, "Back to Basics: Let Denoising
+    # Generative Models Denoise"): the final layer predicts the clean latent x^ and the module returns
+    # the velocity (x^ - x_t) / max(1 - t, data_min_gap), so trainer, loss and samplers are unchanged.
+    # It suits pixel-space models with high-dimensional patches (the bundled shapes model), where a
+    # velocity head must reproduce the noise in every patch feature. Cannot be exported to PyTorch.
+    prediction: str = "velocity"
+    data_min_gap: float = 0.05
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -79,6 +87,12 @@ class NextDiTConfig(YamlConfig):
             raise ValueError(f"sum(axes_dims)={sum(self.axes_dims)} must equal head_dim={self.head_dim}")
         if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
             raise ValueError("axes_dims and axes_lens need 3 entries (caption index, row, column)")
+        if self.prediction not in ("velocity", "data"):
+            raise ValueError(f"prediction must be 'velocity' or 'data', got {self.prediction!r}")
+        if self.prediction == "data" and self.out_ch != self.in_channels:
+            raise ValueError(f"prediction 'data' needs out_channels == in_channels ({self.out_ch} != {self.in_channels})")
+        if not 0.0 < self.data_min_gap <= 1.0:
+            raise ValueError(f"data_min_gap must be in (0, 1], got {self.data_min_gap}")
         object.__setattr__(self, "axes_dims", tuple(int(a) for a in self.axes_dims))
         object.__setattr__(self, "axes_lens", tuple(int(a) for a in self.axes_lens))
 
@@ -119,12 +133,19 @@ class NextDiTConfig(YamlConfig):
         "axes_lens": "axes_lens", "cap_feat_dim": "cap_feat_dim",
     }  # fmt: skip
 
+    def require_velocity_head(self, target: str) -> None:
+        """Raise unless the model's head predicts velocity as Lumina's does (PyTorch exports)."""
+        if self.prediction != "velocity":
+            raise ValueError(f"this model predicts {self.prediction!r} (x-prediction head): {target} has no such "
+                             "option and would read its output as a velocity; keep it in the 'jax' format")
+
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any]) -> "NextDiTConfig":
         kw = {ours: d[theirs] for theirs, ours in cls._DIFFUSERS_KEYS.items() if theirs in d}
         return cls(qk_norm=True, qk_norm_eps=1e-5, **kw)
 
     def to_diffusers_config(self) -> dict[str, Any]:
+        self.require_velocity_head("diffusers' Lumina2Transformer2DModel")
         if not self.qk_norm:
             raise ValueError("diffusers' Lumina2Transformer2DModel always has q/k norms; qk_norm=False cannot be exported")
         d = {theirs: getattr(self, ours) for theirs, ours in self._DIFFUSERS_KEYS.items()}
@@ -520,7 +541,11 @@ class NextDiT(nn.Module):
         img_out = jnp.take_along_axis(x, jnp.clip(cap_len[:, None] + nidx, 0, total - 1)[..., None], axis=1)
         scale = self.final_adaLN(nn.silu(temb.astype(self.dtype))).astype(jnp.float32)
         y = layer_norm_no_affine(img_out, 1e-6) * (1.0 + scale[:, None, :])
-        return self.final_linear(y.astype(self.dtype)).astype(jnp.float32)
+        out = self.final_linear(y.astype(self.dtype)).astype(jnp.float32)
+        if c.prediction == "data":  # out is x^: velocity = (x^ - x_t) / (1 - t), the gap clipped
+            gap = jnp.maximum(1.0 - t.astype(jnp.float32), c.data_min_gap)[:, None, None]
+            out = (out - img_tokens.astype(jnp.float32)) / gap
+        return out
 
 
 def init_params(config: NextDiTConfig, rng: jax.Array | int = 0, *, cap_len: int = 8, latent_hw=(8, 8),
