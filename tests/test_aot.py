@@ -53,12 +53,15 @@ def _tpu_custom_calls(compiled) -> int:
     return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
 
-def test_train_step_compiles_for_v5p_with_fsdp():
-    """The real train step (Adam, EMA, aux loss, splash in shard_map) compiles for a v5p slice; every
-    param/EMA/Adam array of the compiled executable is sharded over fsdp (none left replicated)."""
+@pytest.mark.parametrize("attention", ["splash_sharded", "pallas_tpu_sharded"])
+def test_train_step_compiles_for_v5p_with_fsdp(attention):
+    """The real train step (Adam, EMA, aux loss, splash or our own Mosaic kernels in shard_map) compiles
+    for a v5p slice; every param/EMA/Adam array of the compiled executable is sharded over fsdp (none
+    left replicated)."""
     cfg = _cfg("{fsdp: -1}")
     mesh = create_mesh(cfg.mesh, devices=_V5P)
-    plan = aot.build_plan(cfg, mesh, what="train", per_device_batch=2, cap_len=16, resolution=64)
+    plan = aot.build_plan(cfg, mesh, what="train", per_device_batch=2, cap_len=16, resolution=64,
+                          attention=attention)  # fmt: skip
     rep, compiled = aot.compile_plan(plan, topology="v5p:2x2x1", replicated_min_bytes=8 << 10)
     assert compiled is not None and rep.error is None
     assert rep.fits and rep.hbm_capacity == 95 * aot.GiB
@@ -66,7 +69,7 @@ def test_train_step_compiles_for_v5p_with_fsdp():
     assert rep.alias_bytes > 0  # the state is donated
     assert rep.xla_flops_per_device > 0
     assert rep.replicated_params == [], rep.replicated_params
-    assert _tpu_custom_calls(compiled) > 0, "splash should be a Mosaic kernel, not interpreted"
+    assert _tpu_custom_calls(compiled) >= 3, "attention should be Mosaic kernels (fwd, dq, dkv), not interpreted"
     # the compiled params really are split 4 ways over fsdp
     state_sh = compiled.input_shardings[0][0]
     leaves = jax.tree.leaves(state_sh.params)
@@ -149,18 +152,39 @@ def test_splash_compiles_through_mosaic(topology):
     assert compiled.memory_analysis().temp_size_in_bytes > 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="our Pallas kernel is GPU-only (Triton compiler "
-                   "params); the Mosaic TPU lowering rejects it. TPU uses splash.")  # fmt: skip
-def test_our_pallas_kernel_is_gpu_only():
+@pytest.mark.parametrize("topology, masking", [("v5p:2x2x1", "lengths"), ("v6e:2x2", "mask"), ("v5e:2x2", "lengths")])
+def test_our_tpu_kernel_compiles_through_mosaic(topology, masking):
+    """Our own Mosaic kernels (``flash_attention(target="tpu")``, ops/flash_attention_tpu.py) at Lumina's
+    head shapes (24 / 8 heads, head_dim 96 unpadded, a length that is not a block multiple): forward, dq
+    and dk/dv compile for real TPU generations inside shard_map."""
     from lumina_jax.ops.flash_attention import flash_attention
+    from lumina_jax.ops.splash_attention import shard_over_batch_and_heads
 
-    mesh = create_mesh("dp", devices=_V5P)
-    sh = NamedSharding(mesh, P(("data", "fsdp")))
-    f = jax.shard_map(lambda q, k, v: flash_attention(q, k, v, interpret=False), mesh=mesh,
-                      in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")), check_vma=False)  # fmt: skip
-    q = jax.ShapeDtypeStruct((4, 256, 24, 96), jnp.bfloat16, sharding=sh)
-    kv = jax.ShapeDtypeStruct((4, 256, 8, 96), jnp.bfloat16, sharding=sh)
-    jax.jit(f).lower(q, kv, kv).compile()
+    devices = _V5P if topology.startswith("v5p") else (_V5E if topology.startswith("v5e") else aot.topology_devices(topology))
+    mesh = create_mesh("dp", devices=devices)
+    batch = ("data", "fsdp")
+
+    def attn(q, k, v, m, n):
+        return flash_attention(q, k, v, m, kv_lengths=n, interpret=False, target="tpu")
+
+    f = shard_over_batch_and_heads(attn, mesh, batch_axes=batch)
+    use_mask = masking == "mask"
+
+    def loss(q, k, v, m, n):
+        return jnp.sum(f(q, k, v, m if use_mask else None, None if use_mask else n).astype(jnp.float32) ** 2)
+
+    sh = NamedSharding(mesh, P(batch))
+    b, length = 4, 320
+    q = jax.ShapeDtypeStruct((b, length, 24, 96), jnp.bfloat16, sharding=sh)
+    kv = jax.ShapeDtypeStruct((b, length, 8, 96), jnp.bfloat16, sharding=sh)
+    m = jax.ShapeDtypeStruct((b, length), jnp.bool_, sharding=sh)
+    n = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, m, n).compile()
+    assert _tpu_custom_calls(compiled) >= 3  # forward, dq, dk/dv
+    text = compiled.as_text()
+    for name in ("lumina_flash_tpu_fwd", "lumina_flash_tpu_bwd_dq", "lumina_flash_tpu_bwd_dkv"):
+        assert name in text, name
 
 
 def test_oversized_step_is_reported_not_fitting(capsys):

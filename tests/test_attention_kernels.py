@@ -212,6 +212,37 @@ def test_pallas_rejects_bad_inputs():
         flash_attention(q, k, v, block_sizes=BlockSizes(block_q=24))
     with pytest.raises(ValueError, match="not a multiple"):
         flash_attention(q[:, :, :3], k, v)
+    with pytest.raises(ValueError, match="target must be"):
+        flash_attention(q, k, v, target="cuda")
+    with pytest.raises(ValueError, match="powers of two >= 128"):  # Mosaic rows are multiples of 128 lanes
+        flash_attention(q, k, v, target="tpu", block_sizes=BlockSizes(64, 128, 128, 128))
+
+
+@pytest.mark.parametrize(
+    "blocks, masking, dtype",
+    [
+        ((128, 128, 128, 256), "lengths", jnp.float32),  # an empty sample; dq/dkv blocks differ
+        ((256, 128, 128, 128), "mask", jnp.float32),  # general mask incl. a sample without keys
+        ((128, 256, 256, 128), "lengths", jnp.bfloat16),
+    ],
+    ids=["128-128-128-256-lengths", "256-128-128-128-mask", "128-256-256-128-lengths-bf16"],
+)
+def test_tpu_kernels_interpret(blocks, masking, dtype):
+    """Our Mosaic (TPU) kernels in the Pallas interpreter: GQA 6/2, head_dim 96 unpadded, lengths that
+    are not block multiples (Lq 200, Lk 300), forward and gradients vs float64. (Compilation through
+    Mosaic for real TPU generations: tests/test_aot.py.)"""
+    from lumina_jax.ops.flash_attention import BlockSizes, flash_attention
+
+    bs = BlockSizes(*blocks)
+    q, k, v, ct = make_inputs(7, 3, 200, 300, 6, 2, 96, dtype)
+    kw = dict(kv_lengths=jnp.array([300, 0, 140], jnp.int32)) if masking == "lengths" else dict(
+        kv_mask=ragged_mask(7, 3, 300))
+
+    def fn(q, k, v, kv_mask, kv_lengths):
+        return flash_attention(q, k, v, kv_mask, kv_lengths=kv_lengths, block_sizes=bs, target="tpu")
+
+    tol = F32_TOL if dtype == jnp.float32 else BF16_GRAD_TOL
+    check_fwd_and_grads(fn, q, k, v, ct, fwd_tol=tol, grad_tol=tol, **kw)
 
 
 def test_pallas_lowers_to_triton():

@@ -183,3 +183,5 @@ register_lazy_backend("splash", "lumina_jax.ops.splash_attention")
 register_lazy_backend("context", "lumina_jax.parallel.context")  # all-gather K/V over the `context` mesh axis
 register_lazy_backend("splash_sharded", "lumina_jax.parallel.tpu_attention")
 register_lazy_backend("tpu_splash_local", "lumina_jax.parallel.tpu_attention")
+register_lazy_backend("pallas_tpu_sharded", "lumina_jax.parallel.tpu_attention")
+register_lazy_backend("tpu_pallas_local", "lumina_jax.parallel.tpu_attention")

@@ -1,4 +1,5 @@
-"""Our own Pallas flash attention (forward + backward) for Lumina's attention shapes.
+"""Our own Pallas flash attention (forward + backward) for Lumina's attention shapes: the GPU (Triton)
+kernels, and the public wrapper for both targets.
 
 Registered as attention backend ``"pallas"`` (see :mod:`lumina_jax.ops.attention`).
 
@@ -34,8 +35,9 @@ Platforms:
 * GPU: ``pl.pallas_call`` with ``triton.CompilerParams`` (this explicitly selects the Triton
   lowering; without it jax 0.10 picks Mosaic GPU).
 * CPU: ``interpret=True`` (the default there), used by the tests.
-* TPU: not a target and not tried with Mosaic (its tiling rules differ from Triton's); there the
-  kernel only runs interpreted, with a warning. Use ``"splash"``.
+* TPU: the same maths as Mosaic kernels in :mod:`lumina_jax.ops.flash_attention_tpu`
+  (``target="tpu"``, the default on a TPU backend; compiled for v5e/v5p/v6e on the CPU, not timed).
+  ``auto`` still picks splash on TPU (neither is measured there).
 
 Verified (CPU, jax 0.10.2): forward and gradients against a float64 reference in interpret mode
 (``tests/test_attention_kernels.py``: GQA, ragged lengths incl. 0, general masks, head_dim 96,
@@ -89,6 +91,10 @@ class BlockSizes:
 
     def all_blocks(self) -> tuple[int, int, int, int]:
         return (self.block_q, self.block_k, self.block_q_bwd, self.block_k_bwd)
+
+
+# TPU (Mosaic) kernels: row blocks are multiples of the 128 lanes; untuned (no TPU measured).
+TPU_BLOCK_SIZES = BlockSizes(block_q=256, block_k=256, block_q_bwd=256, block_k_bwd=256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,6 +415,7 @@ def flash_attention(
     block_sizes: Optional[BlockSizes] = None,
     interpret: Optional[bool] = None,
     pad_head_dim: Optional[bool] = None,
+    target: Optional[str] = None,
 ) -> jax.Array:
     """Flash attention with GQA and key padding; differentiable (Pallas backward).
 
@@ -419,11 +426,14 @@ def flash_attention(
       kv_lengths: optional ``(B,)`` int, valid keys form the prefix ``[0, kv_lengths[b])``
         (values are clipped to ``[0, Lk]``). Mutually exclusive with ``kv_mask``.
       scale: softmax scale, default ``1/sqrt(D)``.
-      block_sizes: tiles, default :class:`BlockSizes()`. Powers of two; on GPU at least 16.
-        Blocks longer than the (next power of two of the) sequence are shrunk.
-      interpret: run the Pallas interpreter; default True unless the default backend is GPU.
+      block_sizes: tiles, default :class:`BlockSizes()` (GPU) / :data:`TPU_BLOCK_SIZES`. Powers of
+        two; at least 16 on GPU, 128 on TPU. Blocks longer than the (next power of two of the)
+        sequence are shrunk.
+      interpret: run the Pallas interpreter; default: unless the default backend is ``target``.
       pad_head_dim: zero-pad D to the next power of two (>= 16); default: only when compiling for
-        GPU (Triton needs power-of-two tiles).
+        GPU (Triton needs power-of-two tiles). The TPU kernels take any D.
+      target: ``"gpu"`` (Triton kernels, this module) or ``"tpu"`` (Mosaic kernels,
+        :mod:`lumina_jax.ops.flash_attention_tpu`); default: ``"tpu"`` on a TPU backend, else ``"gpu"``.
 
     Returns:
       ``(B, Lq, Hq, D)`` in ``q.dtype``; rows with no valid key are zeros.
@@ -450,20 +460,22 @@ def flash_attention(
         raise ValueError(f"empty sequence: Lq={lq}, Lk={lk}")
 
     platform = jax.default_backend()
+    if target is None:
+        target = "tpu" if platform == "tpu" else "gpu"
+    if target not in ("gpu", "tpu"):
+        raise ValueError(f"target must be 'gpu' or 'tpu', got {target!r}")
     if interpret is None:
-        interpret = platform != "gpu"
-        if platform == "tpu":
-            warnings.warn("flash_attention targets GPU (Triton); on TPU it runs in the slow Pallas "
-                          "interpreter. Use the 'splash' backend there.", stacklevel=2)
-    if not interpret and platform == "tpu":
-        raise NotImplementedError("the 'pallas' backend targets GPU (Triton); on TPU use 'splash'")
+        interpret = platform != target
+    if target == "gpu" and not interpret and platform == "tpu":
+        raise NotImplementedError("the Triton kernels do not lower on TPU; use target='tpu' there")
     if pad_head_dim is None:
-        pad_head_dim = not interpret
-    bs = block_sizes or BlockSizes()
-    min_block = 8 if interpret else 16  # Triton dots need >= 16 rows/cols
+        pad_head_dim = target == "gpu" and not interpret
+    bs = block_sizes or (TPU_BLOCK_SIZES if target == "tpu" else BlockSizes())
+    # Triton dots need >= 16 rows/cols; Mosaic row blocks are multiples of the 128 lanes
+    min_block = 128 if target == "tpu" else (8 if interpret else 16)
     for blk in bs.all_blocks():
         if blk < min_block or blk & (blk - 1):
-            raise ValueError(f"block sizes must be powers of two >= {min_block}, got {bs}")
+            raise ValueError(f"block sizes for target {target!r} must be powers of two >= {min_block}, got {bs}")
 
     bq, bk = _fit_block(bs.block_q, lq, min_block), _fit_block(bs.block_k, lk, min_block)
     bq_bwd, bk_bwd = _fit_block(bs.block_q_bwd, lq, min_block), _fit_block(bs.block_k_bwd, lk, min_block)
@@ -488,6 +500,17 @@ def flash_attention(
         lengths = jnp.full((b,), lk, jnp.int32)
         mask = None
 
+    def pad(x, length):
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
+
+    if target == "tpu":
+        from lumina_jax.ops.flash_attention_tpu import TpuConfig, flash_tpu
+
+        tcfg = TpuConfig(scale=float(scale), block_q=bq, block_k=bk, block_q_bwd=bq_bwd, block_k_bwd=bk_bwd,
+                         groups=hq // hkv, has_mask=mask is not None, interpret=bool(interpret))  # fmt: skip
+        out = flash_tpu(pad(q, lq_pad), pad(k, lk_pad), pad(v, lk_pad), lengths, mask, tcfg)
+        return out[:, :lq, :, :d]
+
     cfg = _Config(
         scale=float(scale),
         block_q=bq,
@@ -500,9 +523,6 @@ def flash_attention(
         num_warps=bs.num_warps or (4 if d_pad <= 64 else 8),
         num_stages=bs.num_stages,
     )
-
-    def pad(x, length):
-        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
 
     out = _flash(pad(q, lq_pad), pad(k, lk_pad), pad(v, lk_pad), lengths[:, None], mask, cfg)
     return out[:, :lq, :, :d]

@@ -32,7 +32,8 @@ splash kernel compiled through Mosaic (not interpreted, head_dim padded to 128),
 ``context`` axis, inside the context-parallel wrapper of :mod:`lumina_jax.parallel.context`. A Mosaic
 kernel cannot be partitioned by GSPMD, so the plain ``splash`` backend under a sharded ``jit`` would be
 fed all-gathered (replicated) activations; ``--attention splash`` shows that, ``--attention xla`` the
-plain XLA einsum attention.
+plain XLA einsum attention. ``--attention pallas_tpu_sharded`` compiles our own Mosaic kernels
+(:mod:`lumina_jax.ops.flash_attention_tpu`, head_dim unpadded) the same way.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _KIND_TO_GEN: tuple[tuple[str, str], ...] = (("v6 lite", "v6e"), ("v6e", "v6e"),
                                               ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"))  # fmt: skip
 
 WHATS = ("train", "forward", "sample")
-ATTENTIONS = ("splash_sharded", "splash", "xla")
+ATTENTIONS = ("splash_sharded", "pallas_tpu_sharded", "splash", "xla")
 
 # libtpu releases that match a jax release (what ``jax[tpu]==X`` pins). Tests skip on a mismatch.
 LIBTPU_FOR_JAX: dict[str, str] = {"0.10.2": "0.0.42"}
@@ -136,10 +137,11 @@ def hbm_bytes(gen: str) -> Optional[int]:
 
 
 def register_tpu_backends() -> None:
-    """Make ``splash``, ``context_*``, ``tpu_splash_local`` and ``splash_sharded`` available."""
+    """Make ``splash``, ``context_*`` and the sharded TPU backends (``splash_sharded``, ``pallas_tpu_sharded``,
+    their ``*_local`` kernels) available."""
     import lumina_jax.ops.splash_attention  # noqa: F401  (registers "splash")
     import lumina_jax.parallel.context  # noqa: F401  (registers "context_*")
-    import lumina_jax.parallel.tpu_attention  # noqa: F401  (registers "splash_sharded", "tpu_splash_local")
+    import lumina_jax.parallel.tpu_attention  # noqa: F401  (registers the sharded TPU backends)
 
 
 # ----------------------------------------------------------------------------------------------

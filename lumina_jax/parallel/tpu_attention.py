@@ -1,10 +1,12 @@
-"""TPU attention that partitions: JAX's splash kernel (Mosaic) inside ``shard_map``.
+"""TPU attention that partitions: Mosaic kernels inside ``shard_map``.
 
 Mosaic kernels cannot be partitioned automatically by GSPMD, so under a multi-device mesh the kernel
-must run per shard: ``splash_sharded`` wraps it in ``jax.shard_map`` over the batch and head axes the
-logical rules give the activations (and in the context-parallel wrapper when the ``context`` axis is
-used). On one device it calls the kernel directly. Registered as attention backends ``splash_sharded``
-(the TPU default of ``backend="auto"``) and ``tpu_splash_local``.
+must run per shard: the ``*_sharded`` backends wrap it in ``jax.shard_map`` over the batch and head axes
+the logical rules give the activations (and in the context-parallel wrapper when the ``context`` axis is
+used). On one device they call the kernel directly. Registered attention backends:
+
+* ``splash_sharded`` (the TPU default of ``backend="auto"``) / ``tpu_splash_local``: JAX's splash kernel;
+* ``pallas_tpu_sharded`` / ``tpu_pallas_local``: our own kernels (:mod:`lumina_jax.ops.flash_attention_tpu`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,23 @@ def _tpu_splash(q, k, v, *, kv_mask, kv_lengths, scale):
     return splash_attention(q, k, v, kv_mask, kv_lengths=kv_lengths, scale=scale, interpret=False, pad_head_dim=True)
 
 
-def splash_sharded(q, k, v, *, kv_mask, kv_lengths, scale):
-    """Splash (Mosaic, compiled) inside ``shard_map`` over the batch / head axes of the mesh in effect."""
+def _tpu_pallas(q, k, v, *, kv_mask, kv_lengths, scale):
+    from lumina_jax.ops.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, kv_mask, kv_lengths=kv_lengths, scale=scale, interpret=False, target="tpu")
+
+
+def _sharded(local_kernel, local_name: str):
+    """``local_kernel`` (registered as ``local_name``) inside ``shard_map`` over the batch / head axes of
+    the mesh in effect."""
+
+    def sharded(q, k, v, *, kv_mask, kv_lengths, scale):
+        return _run_sharded(local_kernel, local_name, q, k, v, kv_mask, kv_lengths, scale)
+
+    return sharded
+
+
+def _run_sharded(local_kernel, local_name, q, k, v, kv_mask, kv_lengths, scale):
     import flax.linen as nn
 
     from lumina_jax.parallel.mesh import LOGICAL_RULES
@@ -39,12 +56,12 @@ def splash_sharded(q, k, v, *, kv_mask, kv_lengths, scale):
     mesh = jax.sharding.get_abstract_mesh()
     shape = dict(mesh.shape) if mesh is not None and not mesh.empty else {}
     if math.prod(shape.values() or [1]) == 1:
-        return _tpu_splash(q, k, v, kv_mask=kv_mask, kv_lengths=kv_lengths, scale=scale)
+        return local_kernel(q, k, v, kv_mask=kv_mask, kv_lengths=kv_lengths, scale=scale)
     if shape.get("context", 1) > 1:
         from lumina_jax.parallel.context import context_parallel_attention
 
         return context_parallel_attention(q, k, v, kv_mask=kv_mask, kv_lengths=kv_lengths, scale=scale,
-                                          inner="tpu_splash_local")  # fmt: skip
+                                          inner=local_name)  # fmt: skip
     rules = nn.get_logical_axis_rules() or LOGICAL_RULES
     batch_axes = _resolve("activation_batch", rules)
     head_axis = _resolve("activation_heads", rules)
@@ -67,10 +84,14 @@ def splash_sharded(q, k, v, *, kv_mask, kv_lengths, scale):
         it = iter(rest)
         m = next(it) if kv_mask is not None else None
         n = next(it) if kv_lengths is not None else None
-        return _tpu_splash(q, k, v, kv_mask=m, kv_lengths=n, scale=scale)
+        return local_kernel(q, k, v, kv_mask=m, kv_lengths=n, scale=scale)
 
     return jax.shard_map(local, in_specs=(qkv, qkv, qkv, *specs), out_specs=qkv, check_vma=False)(q, k, v, *extra)
 
 
+splash_sharded = _sharded(_tpu_splash, "tpu_splash_local")
+pallas_tpu_sharded = _sharded(_tpu_pallas, "tpu_pallas_local")
 register_backend("tpu_splash_local")(_tpu_splash)
 register_backend("splash_sharded")(splash_sharded)
+register_backend("tpu_pallas_local")(_tpu_pallas)
+register_backend("pallas_tpu_sharded")(pallas_tpu_sharded)
