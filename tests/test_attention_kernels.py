@@ -329,7 +329,8 @@ def test_shard_over_batch_and_heads():
 def test_auto_backend_per_platform(monkeypatch):
     expected = {"gpu": "cudnn", "tpu": "splash_sharded"}.get(jax.default_backend(), "xla")
     assert attn._auto_backend() == expected
-    assert {"xla", "pallas", "splash", "cudnn", "splash_sharded", "context"} <= set(attn.available_backends())
+    assert {"xla", "pallas", "splash", "cudnn", "splash_sharded", "pallas_tpu_sharded", "context"} <= set(
+        attn.available_backends())
     for platform, want in {"gpu": "cudnn", "tpu": "splash_sharded", "cpu": "xla"}.items():
         monkeypatch.setattr(attn.jax, "default_backend", lambda p=platform: p)
         assert attn._auto_backend() == want
@@ -386,3 +387,13 @@ def test_splash_on_tpu():
     lens = jnp.array([300, 0], jnp.int32)
     check_fwd_and_grads(via_registry("splash"), q, k, v, ct, kv_lengths=lens,
                         fwd_tol=BF16_FWD_TOL, grad_tol=BF16_GRAD_TOL)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("masking", ["lengths", "mask"])
+def test_our_kernels_on_tpu(masking):
+    """Our Mosaic kernels compiled and run on a TPU, Lumina's head shapes."""
+    q, k, v, ct = make_inputs(9, 2, 300, 300, 24, 8, 96, jnp.bfloat16)
+    kw = dict(kv_lengths=jnp.array([300, 0], jnp.int32)) if masking == "lengths" else dict(
+        kv_mask=ragged_mask(9, 2, 300))
+    check_fwd_and_grads(via_registry("pallas"), q, k, v, ct, fwd_tol=BF16_FWD_TOL, grad_tol=BF16_GRAD_TOL, **kw)
