@@ -61,6 +61,7 @@ _KIND_TO_GEN: tuple[tuple[str, str], ...] = (("v6 lite", "v6e"), ("v6e", "v6e"),
 
 WHATS = ("train", "forward", "sample")
 ATTENTIONS = ("splash_sharded", "pallas_tpu_sharded", "splash", "xla")
+MOSAIC_ATTENTIONS = ("splash_sharded", "pallas_tpu_sharded", "splash")
 
 # libtpu releases that match a jax release (what ``jax[tpu]==X`` pins). Tests skip on a mismatch.
 LIBTPU_FOR_JAX: dict[str, str] = {"0.10.2": "0.0.42"}
@@ -501,7 +502,7 @@ def format_report(rep: Report) -> str:
             f"FLOPs     XLA {xla / 1e12:.4g} TFLOP/step ({rep.xla_flops_per_device / 1e12:.4g} per device); analytic "
             f"{rep.analytic_flops / 1e12:.4g} TFLOP ({no_att / 1e12:.4g} without attention); XLA / analytic "
             f"{xla / rep.analytic_flops:.2f}, XLA / analytic-without-attention {xla / max(no_att, 1):.2f}"
-            + ("  [Mosaic attention kernels are not counted by XLA]" if "splash" in rep.attention else ""),
+            + ("  [Mosaic attention kernels are not counted by XLA]" if rep.attention in MOSAIC_ATTENTIONS else ""),
             "          (XLA's cost analysis counts a while loop's body once: with scan_layers the layer stack is "
             "counted as one layer; scan_layers=false for a full count)",
         ]
