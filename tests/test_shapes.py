@@ -124,3 +124,20 @@ def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     assert np.isfinite(r.images).all()
     res = checker.check_many((r.images * 255).astype(np.uint8), [spec.example_scene()] * 2)
     assert set(res) >= {"colour", "shape", "position", "all"}
+
+
+def test_xpred_experiment_config_differs_only_in_the_head():
+    """configs/train/shapes_xpred.yaml (session-3 experiment) loads, and its model is the shipped one
+    with an x-prediction head."""
+    import dataclasses
+
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.train.config import load_config
+
+    from pathlib import Path
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/train/shapes_xpred.yaml"))
+    assert cfg.model == "shapes_nextdit_xpred" and len(cfg.stages) == 4
+    x, v = NextDiTConfig.from_yaml("shapes_nextdit_xpred"), NextDiTConfig.from_yaml("shapes_nextdit")
+    assert x.prediction == "data" and v.prediction == "velocity"
+    assert dataclasses.replace(x, prediction="velocity") == v
