@@ -1,36 +1,67 @@
 #!/usr/bin/env bash
-# One-call correctness + speed check on a lent GPU machine (H100/H200), sized to fit ~9 minutes.
+# Correctness + speed checks on a lent GPU machine (H100/H200), in two parts sized for one short lease.
 #
 # Prepare here (once):   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
-# Run there (device tool): command "bash launch/gpu_check.sh", carry [".whl"], timeout_s 590.
-# Results land in $OUT (gpu_check.log + one JSON per benchmark); copy the figures into BENCHMARKS.md.
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     diffusers==0.42.1 importlib_metadata grain==0.2.18 array_record==0.8.6 portpicker
+# Run there (device tool): command "bash launch/gpu_check.sh 1", carry [".whl"], timeout_s 600; then at once
+# (the machine stays warm ~30 s) "DEADLINE_S=<what is left> bash launch/gpu_check.sh 2".
+# Each part stops starting steps DEADLINE_S seconds after it began (default 555), and each step gets at
+# most the time left, so the part ends inside the call's limit with what it measured.
+# Results land in $OUT: gpu_check.log, results.tgz (one JSON per benchmark), *.xplane.pb.gz (xprof traces:
+# `python -m lumina_jax.bench` docs say how to read them). Copy the figures into BENCHMARKS.md.
 #
 # DRY_RUN=1 prints the steps without running them.
 set -uo pipefail
+PART=${1:-1}
 OUT=${OUT:-/tmp/gpu_check_out}; mkdir -p "$OUT"
+RES=/tmp/gpu_res; mkdir -p "$RES"
 LOG="$OUT/gpu_check.log"
-run() {  # run <seconds> <name> <command...>
-  local t=$1 name=$2; shift 2
-  echo "=== $name: $*" | tee -a "$LOG"
+DEADLINE_S=${DEADLINE_S:-555}
+T0=$SECONDS
+pack() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; for f in "$RES"/*.xplane.pb; do [ -f "$f" ] && gzip -1 -c "$f" > "$OUT/$(basename "$f").gz"; done; true; }
+step() {  # step <cap seconds> <name> <command...>: runs with min(cap, time left); skipped under 25 s left
+  local cap=$1 name=$2; shift 2
+  local left=$(( DEADLINE_S - (SECONDS - T0) )); local t=$(( cap < left ? cap : left ))
+  if [ "$t" -lt 25 ]; then echo "=== $name: SKIPPED (${left}s left)" | tee -a "$LOG"; return 0; fi
+  echo "=== $name (limit ${t}s, at $(( SECONDS - T0 ))s): $*" | tee -a "$LOG"
   [ "${DRY_RUN:-0}" = 1 ] && return 0
-  timeout "$t" "$@" 2>&1 | grep -v -i "warning" | tee -a "$LOG"
+  local s=$SECONDS
+  timeout -k 5 "$t" "$@" 2>&1 | grep -v -i -E "warning|warn\(" | tee -a "$LOG"
+  echo "=== $name: rc=${PIPESTATUS[0]} in $(( SECONDS - s ))s" | tee -a "$LOG"
+  pack
 }
 if [ "${DRY_RUN:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$LOG"
-run 120 gpu-tests python3 -m pytest -q -m gpu tests/test_attention_kernels.py -p no:cacheprovider
-run 90 attention python3 -m lumina_jax.bench attention --json "$OUT/attention.json"
-run 240 forward-2b python3 -m lumina_jax.bench forward --config nextdit_2b --res 1024 1024 --batch 2 --dtype bf16 \
-    --cap-valid 96 --cap-pad 256 --compile --json "$OUT/forward.json"
-for b in pallas xla; do
-  run 60 "forward-2b-$b" python3 -m lumina_jax.bench forward --config nextdit_2b --res 1024 1024 --batch 2 \
-      --dtype bf16 --cap-valid 96 --cap-pad 256 --attention $b --reference none --iters 5 --json "$OUT/forward_$b.json"
-done
-run 60 text-encoder python3 -m lumina_jax.bench text-encoder --config gemma2_2b --batch 2 --seq-len 256 --json "$OUT/text.json"
-run 60 vae-decode python3 -m lumina_jax.bench vae-decode --config vae_flux --res 1024 --json "$OUT/vae.json"
-echo "done" | tee -a "$LOG"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
+B="python3 -m lumina_jax.bench"
+F2B="--config nextdit_2b --res 1024 1024 --batch 2 --dtype bf16 --cap-valid 96 --cap-pad 256"
+if [ "$PART" = 1 ]; then
+  if [ "${DRY_RUN:-0}" != 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+    python3 -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o, torch, diffusers, transformers, grain; \
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, \
+'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, \
+'grain', grain.__version__, jax.devices())" 2>&1 | tail -2 | tee -a "$LOG"
+  fi
+  step 75 gpu-tests python3 -m pytest -q -x -m gpu tests/test_attention_kernels.py -p no:cacheprovider
+  step 75 attention $B attention --backends xla cudnn pallas pallas_stock --json "$RES/attention.json"
+  step 200 forward-2b $B forward $F2B --attention cudnn pallas xla --compile --warmup 2 --iters 10 \
+      --profile "$RES/forward.xplane.pb" --json "$RES/forward.json"
+  step 170 train-2b-1024 $B train --config nextdit_2b --res 1024 --batch 2 --grad-accum 2 --remat none --steps 5 \
+      --profile "$RES/train.xplane.pb" --json "$RES/train_1024.json"
+  step 170 generate-2b $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --json "$RES/generate.json"
+else
+  [ -f "$RES/generate.json" ] || step 170 generate-2b $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 \
+      --json "$RES/generate.json"
+  step 60 text-encoder $B text-encoder --config gemma2_2b --batch 2 --seq-len 256 --json "$RES/text.json"
+  step 60 vae-decode $B vae-decode --config vae_flux --res 1024 --json "$RES/vae.json"
+  step 90 attention-sweep $B attention --sweep --iters 10 --warmup 1 --json "$RES/sweep.json"
+  step 150 train-2b-256 $B train --config nextdit_2b --res 256 --batch 16 --remat none --steps 5 \
+      --json "$RES/train_256.json"
+fi
+pack
+echo "part $PART done at $(( SECONDS - T0 ))s" | tee -a "$LOG"

@@ -37,3 +37,33 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def capture_profile(fn: Callable[[], object], path: str, *, iters: int = 3) -> str:
+    """Run ``fn()`` ``iters`` times under ``jax.profiler.trace`` and copy the device trace (XSpace
+    protobuf) to ``path`` (a single file, e.g. ``forward.xplane.pb``).
+
+    Read it with xprof (``pip install xprof``): ``xprof.convert.raw_to_tool_data.xspace_to_tool_data(
+    [path], "hlo_stats", {})`` gives per-HLO-op device time; ``tensorboard --logdir`` works on the
+    folder it came from. Returns ``path``.
+    """
+    import glob
+    import os
+    import shutil
+    import tempfile
+
+    import jax
+
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0  # device kernels and XLA's host events only: keeps the file small
+    opts.host_tracer_level = 1
+    with tempfile.TemporaryDirectory(prefix="lumina_prof_") as tmp:
+        with jax.profiler.trace(tmp, profiler_options=opts):
+            for _ in range(iters):
+                jax.block_until_ready(fn())
+        found = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        if not found:
+            raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {tmp}")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        shutil.copyfile(found[0], path)
+    return path

@@ -26,8 +26,22 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="instead: time our Pallas kernel at several block sizes")
     a = ap.parse_args(argv)
-    from lumina_jax.ops.attention_bench import bench_attention, format_rows
+    from lumina_jax.ops.attention_bench import SWEEP_CONFIGS, bench_attention, format_rows, sweep_pallas_blocks
+
+    if a.sweep:
+        shape = dict(batch=a.batch, image_tokens=a.image_tokens, caption_tokens=a.caption_tokens, heads=a.heads,
+                     kv_heads=a.kv_heads, head_dim=a.head_dim, dtype=a.dtype)  # fmt: skip
+        rows = []
+        for modes, configs in SWEEP_CONFIGS:
+            rows += sweep_pallas_blocks(configs, modes=modes, iters=a.iters, warmup=a.warmup, **shape,
+                                        on_row=lambda r: print(r["mode"], r["blocks"], f"{r['ms']:.3f} ms",
+                                                               r["error"] or "", flush=True))  # fmt: skip
+            if a.json:  # after each group, so a time limit keeps what was measured
+                with open(a.json, "w") as f:
+                    json.dump(rows, f, indent=1, default=str)
+        return 0
 
     rows = bench_attention(batch=a.batch, image_tokens=a.image_tokens, caption_tokens=a.caption_tokens,
                            heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, dtype=a.dtype,

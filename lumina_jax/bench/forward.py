@@ -7,6 +7,9 @@ the JAX/reference speed ratio and the relative L2 difference of the outputs (a s
 sides computed the same thing).
 
 ``--res`` is in pixels (latent = res/8). Caption: ``--cap-valid`` valid tokens padded to ``--cap-pad``.
+``--attention`` takes several backends (``--attention cudnn pallas xla``): the first is compared with the
+reference, the others are extra JAX rows on the same weights and inputs (one process, one weight init).
+``--profile FILE`` writes a device trace of three forwards with the first backend (xprof XSpace).
 """
 
 from __future__ import annotations
@@ -64,18 +67,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--cap-valid", type=int, default=96)
     ap.add_argument("--cap-pad", type=int, default=128)
-    ap.add_argument("--attention", default="auto", help="attention backend (auto, xla, cudnn, pallas, ...)")
+    ap.add_argument("--attention", nargs="+", default=["auto"],
+                    help="attention backend(s) (auto, xla, cudnn, pallas, ...); the first is compared with the reference")
     ap.add_argument("--reference", choices=["none", "diffusers"], default="diffusers")
     ap.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--profile", default=None, metavar="FILE", help="write an xprof trace of the first backend here")
     args = ap.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
 
-    from lumina_jax.bench import block, print_table, time_fn
+    from lumina_jax.bench import block, capture_profile, print_table, time_fn
     from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, flops_forward, init_params
 
     config = NextDiTConfig.from_yaml(args.config)
@@ -100,20 +105,44 @@ def main(argv: list[str]) -> int:
     mask = np.zeros((args.batch, args.cap_pad), bool)
     mask[:, :cap_valid] = True
 
-    model = NextDiT(config, dtype=dt, attention_backend=args.attention)
     run_params = jax.device_put(jax.tree_util.tree_map(lambda p: p.astype(dt), params))
-    fwd = jax.jit(lambda p, x, t, c, m: model.apply({"params": p}, x, t, c, m))
     jargs = [jax.device_put(jnp.asarray(a)) for a in (x, t, cap.astype(np.float32), mask)]
     jargs[2] = jargs[2].astype(dt)
-    t0 = time.perf_counter()
-    out = block(fwd(run_params, *jargs))
-    compile_s = time.perf_counter() - t0
-    r = time_fn(lambda: fwd(run_params, *jargs), warmup=args.warmup, iters=args.iters, sync=block)
     device = str(jax.devices()[0].device_kind)
-    rows = [dict(impl=f"jax ({args.attention})", device=device, ms=r["median_ms"], tflops=flops / r["median_ms"] / 1e9,
-                 compile_s=compile_s)]  # fmt: skip
-    jax_ms = r["median_ms"]
+    rows, out = [], None
+    for backend in args.attention:
+        model = NextDiT(config, dtype=dt, attention_backend=backend)
+        fwd = jax.jit(lambda p, x, t, c, m, model=model: model.apply({"params": p}, x, t, c, m))
+        t0 = time.perf_counter()
+        try:
+            y = block(fwd(run_params, *jargs))
+        except Exception as e:  # one backend that cannot run here must not stop the others
+            print(f"jax ({backend}) failed: {type(e).__name__}: {e}"[:2000], flush=True)
+            rows.append(dict(impl=f"jax ({backend})", device=device, error=f"{type(e).__name__}: {e}"[:300]))
+            continue
+        compile_s = time.perf_counter() - t0
+        r = time_fn(lambda fwd=fwd: fwd(run_params, *jargs), warmup=args.warmup, iters=args.iters, sync=block)
+        row = dict(impl=f"jax ({backend})", device=device, ms=r["median_ms"], tflops=flops / r["median_ms"] / 1e9,
+                   compile_s=compile_s)  # fmt: skip
+        if out is None:
+            out, first = y, len(rows)
+            if args.profile:
+                capture_profile(lambda fwd=fwd: fwd(run_params, *jargs), args.profile)
+        else:
+            row["rel_l2_vs_first"] = float(np.linalg.norm(np.asarray(y, np.float64) - np.asarray(out, np.float64))
+                                           / np.linalg.norm(np.asarray(out, np.float64)))  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+    if out is None:
+        raise SystemExit(f"every JAX backend failed: {rows}")
+    jax_ms = rows[first]["ms"]
 
+    def dump() -> None:  # after every row, so a time limit keeps what was measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+
+    dump()
     if args.reference == "diffusers":
         import torch
 
@@ -125,27 +154,25 @@ def main(argv: list[str]) -> int:
         with torch.no_grad():
             ref_out = ref(tx, tt, tc, tm, return_dict=False)[0].float().cpu().numpy().transpose(0, 2, 3, 1)
         diff = float(np.linalg.norm(np.asarray(out, np.float64) - ref_out) / np.linalg.norm(ref_out))
-        rows[0]["rel_l2_vs_ref"] = diff
-        names = [("diffusers eager", ref)]
+        rows[first]["rel_l2_vs_ref"] = diff
+        tname = torch.cuda.get_device_name(0) if tdev == "cuda" else "cpu"
+
+        def time_ref(name: str, m, **extra) -> None:
+            ms = _time_torch(lambda: m(tx, tt, tc, tm, return_dict=False), tdev, args.warmup, args.iters)
+            rows.append(dict(impl=name, device=tname, ms=ms, tflops=flops / ms / 1e9, jax_speedup=ms / jax_ms, **extra))
+            print(rows[-1], flush=True)
+            dump()
+
+        time_ref("diffusers eager", ref)
         if args.compile:
             t0 = time.perf_counter()
             cm = torch.compile(ref)
             with torch.no_grad():
                 cm(tx, tt, tc, tm, return_dict=False)
-            names.append(("diffusers torch.compile", cm))
-            compile_ref = time.perf_counter() - t0
-        for name, m in names:
-            ms = _time_torch(lambda m=m: m(tx, tt, tc, tm, return_dict=False), tdev, args.warmup, args.iters)
-            row = dict(impl=name, device=torch.cuda.get_device_name(0) if tdev == "cuda" else "cpu", ms=ms,
-                       tflops=flops / ms / 1e9, jax_speedup=ms / jax_ms)  # fmt: skip
-            if "compile" in name:
-                row["compile_s"] = compile_ref
-            rows.append(row)
+            time_ref("diffusers torch.compile", cm, compile_s=time.perf_counter() - t0)
 
     print(f"Next-DiT forward: config={args.config} res={h}x{w} batch={args.batch} dtype={args.dtype} "
           f"tokens={cap_valid}+{n_img} flops={flops / 1e12:.3f} TFLOP")  # fmt: skip
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    dump()
     return 0

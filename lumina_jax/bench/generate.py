@@ -138,6 +138,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--no-diffusers", action="store_true", help="time only the JAX pipeline")
+    ap.add_argument("--compile", action="store_true", help="also time diffusers with torch.compile on the transformer "
+                    "(the warm-up run compiles)")  # fmt: skip
     ap.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's; on a "
                     "busy CPU 1 avoids OpenMP oversubscription)")
     ap.add_argument("--trunc-row", type=float, default=None, metavar="R",
@@ -234,8 +236,22 @@ def main(argv: list[str]) -> int:
         rows.append(dict(impl=f"diffusers Lumina2Pipeline ({dtype})", device=torch_device, compile_s=0.0,
                          text_ms=t_text, steps_decode_ms=t_rest, total_ms=t_text + t_rest,
                          evals=args.steps, guided=None))  # fmt: skip
+        eager = rows[-1]
         for r in rows[:-1]:
-            r["speedup_vs_diffusers"] = rows[-1]["total_ms"] / r["total_ms"]
+            r["speedup_vs_diffusers"] = eager["total_ms"] / r["total_ms"]
+        if args.compile:
+            t0 = time.perf_counter()
+            ref.transformer = torch.compile(ref.transformer)
+            run_ref()  # compiles (once per caption length the pipeline uses)
+            compile_s = time.perf_counter() - t0
+            rc = [run_ref() for _ in range(args.iters)]
+            tc_text, tc_rest = _median([r[1] for r in rc]) * 1e3, _median([r[2] for r in rc]) * 1e3
+            rows.append(dict(impl=f"diffusers Lumina2Pipeline ({dtype}), torch.compile transformer", device=torch_device,
+                             compile_s=compile_s, text_ms=tc_text, steps_decode_ms=tc_rest, total_ms=tc_text + tc_rest,
+                             evals=args.steps, guided=None))  # fmt: skip
+            for r in rows:
+                if r["impl"].startswith("jax"):
+                    r["speedup_vs_diffusers_compiled"] = rows[-1]["total_ms"] / r["total_ms"]
     print(f"{args.shapes} shapes, {width}x{height}, {args.steps} steps, cfg {args.cfg}, trunc {args.cfg_trunc}, "
           f"batch {b}, median of {args.iters}")
     print_table(rows)

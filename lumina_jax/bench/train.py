@@ -37,6 +37,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--matmul-n", type=int, default=None, help="size of the reference bf16 matmul")
     p.add_argument("--json", default=None, help="write the result row here")
+    p.add_argument("--profile", default=None, metavar="FILE", help="also write an xprof trace of two steps here")
     args = p.parse_args(argv)
 
     import jax
@@ -74,6 +75,16 @@ def main(argv: list[str]) -> int:
         state, m = step(state, batch, hp)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+    if args.profile:
+        from lumina_jax.bench import capture_profile
+
+        holder = [state]
+
+        def one_step():
+            holder[0], mm = step(holder[0], batch, hp)
+            return mm
+
+        capture_profile(one_step, args.profile, iters=2)
     tr.ckpt.close()
     tr.metrics.close()
     step_s = statistics.median(times)

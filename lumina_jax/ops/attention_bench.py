@@ -21,11 +21,31 @@ from lumina_jax.ops import attention as attn
 
 # Backends worth timing per platform. Pallas kernels run on CPU only through the interpreter,
 # which says nothing about speed, so they are left out there unless asked for by name.
+# "pallas_stock" (bench only, not a model backend): jax's bundled Triton kernel, for comparison.
 _NATIVE = {
-    "gpu": ("xla", "cudnn", "pallas"),
+    "gpu": ("xla", "cudnn", "pallas", "pallas_stock"),
     "tpu": ("xla", "splash"),
     "cpu": ("xla",),
 }
+
+
+def stock_pallas_attention(q, k, v, kv_lengths=None, *, scale=None, interpret=None):
+    """jax's bundled Pallas GPU (Triton) kernel ``jax.experimental.pallas.ops.gpu.attention.mha``,
+    the baseline our kernel must beat. It has no GQA (K/V are repeated to the query heads here) and
+    one ``segment_ids`` array for queries and keys: padded keys get segment 0 and valid ones 1, so
+    padded *query* rows attend among themselves (their outputs are junk, as in any padded batch).
+    Default block sizes; sequence lengths must be multiples of 128."""
+    from jax.experimental.pallas.ops.gpu import attention as stock
+
+    b, lq, hq, d = q.shape
+    g = hq // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    seg = None
+    if kv_lengths is not None:
+        seg = (jnp.arange(lq)[None, :] < kv_lengths[:, None]).astype(jnp.int32)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return stock.mha(q, k, v, seg, sm_scale=scale or 1.0 / float(np.sqrt(d)), interpret=interpret)
 
 
 def _time(fn, args, iters: int, warmup: int) -> float:
@@ -89,6 +109,8 @@ def bench_attention(
     rows = []
     for name in names:
         def fwd(q, k, v, name=name):
+            if name == "pallas_stock":
+                return stock_pallas_attention(q, k, v, lengths)
             return attn.attention(q, k, v, kv_lengths=lengths, backend=name)
 
         def fwd_bwd(q, k, v, fwd=fwd):
@@ -106,10 +128,89 @@ def bench_attention(
     return rows
 
 
+def sweep_pallas_blocks(
+    configs: Sequence[dict[str, int]],
+    *,
+    batch: int = 2,
+    image_tokens: int = 4096,
+    caption_tokens: int = 256,
+    heads: int = 24,
+    kv_heads: int = 8,
+    head_dim: int = 96,
+    dtype: str = "bfloat16",
+    iters: int = 10,
+    warmup: int = 1,
+    modes: Sequence[str] = ("fwd", "fwd+bwd"),
+    seed: int = 0,
+    on_row=None,
+) -> list[dict[str, Any]]:
+    """Time our Pallas kernel (:func:`lumina_jax.ops.flash_attention.flash_attention`) with each
+    :class:`~lumina_jax.ops.flash_attention.BlockSizes` field set in ``configs`` (one dict of overrides per
+    row, e.g. ``{"block_q": 64, "num_warps": 4}``). Same shapes and FLOP counts as :func:`bench_attention`;
+    ``on_row(row)`` is called after each row (to print progress)."""
+    import dataclasses
+
+    from lumina_jax.ops.flash_attention import BlockSizes, flash_attention
+
+    dt = jnp.dtype(dtype)
+    seq = image_tokens + caption_tokens
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), dt)
+    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), dt)
+    v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), dt)
+    fwd_flops = 4.0 * batch * heads * seq * seq * head_dim
+    rows = []
+    for overrides in configs:
+        bs = dataclasses.replace(BlockSizes(), **overrides)
+
+        def fwd(q, k, v, bs=bs):
+            return flash_attention(q, k, v, block_sizes=bs)
+
+        def fwd_bwd(q, k, v, fwd=fwd):
+            return jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+
+        for mode in modes:
+            fn, flops = (fwd, fwd_flops) if mode == "fwd" else (fwd_bwd, 3.5 * fwd_flops)
+            row = dict(backend="pallas", mode=mode, blocks=dataclasses.asdict(bs), error=None, seq=seq)
+            try:
+                ms = _time(jax.jit(fn), (q, k, v), iters, warmup)
+                row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+            except Exception as e:
+                row.update(ms=float("nan"), tflops=float("nan"), error=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A small fixed-width table of :func:`bench_attention` rows."""
-    lines = [f"{'backend':<8} {'mode':<8} {'ms':>9} {'TFLOP/s':>8}  note"]
+    lines = [f"{'backend':<12} {'mode':<8} {'ms':>9} {'TFLOP/s':>8}  note"]
     for r in rows:
         note = r["error"] or ""
-        lines.append(f"{r['backend']:<8} {r['mode']:<8} {r['ms']:>9.3f} {r['tflops']:>8.2f}  {note}")
+        lines.append(f"{r['backend']:<12} {r['mode']:<8} {r['ms']:>9.3f} {r['tflops']:>8.2f}  {note}")
     return "\n".join(lines)
+
+
+# Block-size candidates for ``bench attention --sweep`` (GPU, head_dim padded to 128): forward tiles
+# first, then backward tiles (timed as fwd+bwd with the default forward).
+SWEEP_CONFIGS: tuple[tuple[tuple[str, ...], tuple[dict[str, int], ...]], ...] = (
+    (("fwd",), (
+        {},
+        {"block_q": 128, "block_k": 128},
+        {"block_q": 64, "block_k": 64, "num_warps": 4},
+        {"block_q": 128, "block_k": 64, "num_warps": 4},
+        {"block_q": 128, "block_k": 64, "num_stages": 3},
+        {"block_q": 128, "block_k": 32, "num_warps": 4, "num_stages": 3},
+        {"block_q": 64, "block_k": 128, "num_warps": 4, "num_stages": 3},
+        {"block_q": 256, "block_k": 64},
+    )),
+    (("fwd+bwd",), (
+        {},
+        {"block_q_bwd": 32, "block_k_bwd": 64},
+        {"block_q_bwd": 64, "block_k_bwd": 128},
+        {"block_q_bwd": 128, "block_k_bwd": 64},
+        {"block_q_bwd": 32, "block_k_bwd": 32, "num_warps": 4},
+        {"block_q_bwd": 64, "block_k_bwd": 64, "num_warps": 4},
+    )),
+)
