@@ -59,6 +59,8 @@ else
       --json "$RES/generate.json"
   step 60 text-encoder $B text-encoder --config gemma2_2b --batch 2 --seq-len 256 --json "$RES/text.json"
   step 60 vae-decode $B vae-decode --config vae_flux --res 1024 --json "$RES/vae.json"
+  [ -f "$RES/train_1024.json" ] || step 150 train-2b-1024-b1 $B train --config nextdit_2b --res 1024 --batch 1 \
+      --remat dots --steps 5 --json "$RES/train_1024.json"
   step 90 attention-sweep $B attention --sweep --iters 10 --warmup 1 --json "$RES/sweep.json"
   step 150 train-2b-256 $B train --config nextdit_2b --res 256 --batch 16 --remat none --steps 5 \
       --json "$RES/train_256.json"

@@ -245,30 +245,54 @@ def test_tpu_kernels_interpret(blocks, masking, dtype):
     check_fwd_and_grads(fn, q, k, v, ct, fwd_tol=tol, grad_tol=tol, **kw)
 
 
-def test_pallas_lowers_to_triton():
-    """The fwd+bwd program lowers through Pallas -> Triton IR for CUDA (checked on the CPU)."""
+@pytest.mark.parametrize("masking", ["mask", "lengths"])
+def test_pallas_lowers_to_triton(masking, monkeypatch):
+    """The fwd+bwd program lowers through Pallas -> Triton IR for CUDA (checked on the CPU), and every
+    Triton module passes the MLIR verifier that XLA's GPU compiler runs when it parses the module (a
+    mis-typed loop bound once got past the lowering and failed only on the GPU)."""
     pytest.importorskip("jax.experimental.pallas.triton")
     from jax import export
+    from jax._src.pallas.triton import pallas_call_registration as registration
 
     from lumina_jax.ops.flash_attention import flash_attention
+
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+    verified = []
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        op = result.module.operation
+        name = str(op.attributes["sym_name"]).strip('"')
+        try:
+            op.verify()
+        except Exception as e:  # the MLIR error names the failing op; keep it in the assertion
+            raise AssertionError(f"Triton module {name} fails verification: {str(e)[:800]}") from None
+        verified.append(name)
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
 
     b, l, hq, hkv, d = 2, 200, 6, 2, 96
     spec = jax.ShapeDtypeStruct
 
-    def f(q, k, v, mask):
-        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, mask, interpret=False).astype(jnp.float32))
+    def f(q, k, v, mask_or_lengths):
+        kw = dict(kv_mask=mask_or_lengths) if masking == "mask" else dict(kv_lengths=mask_or_lengths)
+        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, interpret=False, **kw).astype(jnp.float32))
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
+    extra = spec((b, l), jnp.bool_) if masking == "mask" else spec((b,), jnp.int32)
     args = (spec((b, l, hq, d), jnp.bfloat16), spec((b, l, hkv, d), jnp.bfloat16),
-            spec((b, l, hkv, d), jnp.bfloat16), spec((b, l), jnp.bool_))
+            spec((b, l, hkv, d), jnp.bfloat16), extra)
     exported = export.export(
         jax.jit(f), platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*args)
     text = exported.mlir_module()
-    for name in ("lumina_flash_fwd", "lumina_flash_bwd_dq", "lumina_flash_bwd_dkv"):
+    names = ("lumina_flash_fwd", "lumina_flash_bwd_dq", "lumina_flash_bwd_dkv")
+    for name in names:
         assert f'name = "{name}"' in text, name
     assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 3
+    assert sorted(verified) == sorted(names)
 
 
 def test_splash_lowers_for_tpu():

@@ -278,7 +278,9 @@ def _dkv_kernel(len_ref, *refs, cfg: _Config):
     qk_scale = cfg.scale * _LOG2E
     num_q_blocks = q_ref.shape[0] // bq
     # Fully padded kv block: run no iterations (dk = dv = 0 are written).
-    q_iters = jnp.where(start_k < kv_len, num_q_blocks, 0)
+    # (int32 operands on purpose: with Python ints the Triton lowering typed this select as i1, which
+    # failed Triton's verifier as a loop bound -- seen on an H200 with jax 0.11.2)
+    q_iters = jnp.where(start_k < kv_len, jnp.int32(num_q_blocks), jnp.int32(0))
 
     def head_body(g, carry):
         def q_body(i, carry):
