@@ -36,19 +36,21 @@ PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset"
 
 def _randomize_(module: Any, seed: int, norm_jitter: float = 0.2) -> None:
     """Overwrite every parameter of a torch module with random values that make each part matter:
-    norm weights ~1 (+ jitter), norm biases small, other weights ~N(0, 1/fan_in)."""
+    norm weights ~1 (+ jitter), norm biases small, other weights ~N(0, 1/fan_in). Drawn on the module's
+    device (so values for one seed differ between CPU and GPU)."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + norm_jitter * torch.randn(p.shape, generator=gen))
+                p.copy_(1.0 + norm_jitter * torch.randn(p.shape, generator=gen, device=device))
             elif "norm" in name:
-                p.copy_(norm_jitter * torch.randn(p.shape, generator=gen))
+                p.copy_(norm_jitter * torch.randn(p.shape, generator=gen, device=device))
             else:
                 fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(max(fan_in, 1)))
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) / np.sqrt(max(fan_in, 1)))
 
 
 def build_reference_pipeline(shapes: str = "tiny", seed: int = 0, *, tokenizer_dir: Optional[str | os.PathLike] = None,
@@ -60,6 +62,7 @@ def build_reference_pipeline(shapes: str = "tiny", seed: int = 0, *, tokenizer_d
     (the released architecture). The tokenizer is a small sentencepiece model trained on the spot
     (:func:`lumina_jax.sample.tiny.train_tokenizer`) and written to ``tokenizer_dir`` (a temp dir if None).
     Save the diffusers pipeline with ``save_pretrained`` to get a directory both pipelines load.
+    The torch models are built and randomised on ``device`` (``"cuda"`` makes the 2B shapes quick).
     """
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
@@ -89,17 +92,20 @@ def build_reference_pipeline(shapes: str = "tiny", seed: int = 0, *, tokenizer_d
     torch.manual_seed(seed)
     tcfg = {k: v for k, v in t_cfg.to_diffusers_config().items() if not k.startswith("_")}
     tcfg["sample_size"] = size // v_cfg.downsample_factor
-    transformer = Lumina2Transformer2DModel(**tcfg).eval()
+    with torch.device(device):
+        transformer = Lumina2Transformer2DModel(**tcfg).eval()
     _randomize_(transformer, seed)
     if shapes == "tiny":
-        text_encoder, g_params = reference_pair(g_cfg, seed=seed + 1)
+        text_encoder, g_params = reference_pair(g_cfg, seed=seed + 1, device=device)
     else:  # spread init on 2.6B parameters is slow; transformers' own init is fine for timing
         hf = HFGemma2Config(**g_cfg.to_hf_config("float32"))
         hf._attn_implementation = "eager"
-        text_encoder = Gemma2Model(hf).eval()
-        g_params = torch_state_dict_to_params(text_encoder.state_dict(), g_cfg)
+        with torch.device(device):
+            text_encoder = Gemma2Model(hf).eval()
+        g_params = torch_state_dict_to_params({k: v.cpu() for k, v in text_encoder.state_dict().items()}, g_cfg)
     vcfg = {k: v for k, v in v_cfg.to_diffusers_config().items() if not k.startswith("_")}
-    vae = AutoencoderKL(**vcfg).eval()
+    with torch.device(device):
+        vae = AutoencoderKL(**vcfg).eval()
     _randomize_(vae, seed + 2, norm_jitter=0.3)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0)
 
@@ -112,7 +118,7 @@ def build_reference_pipeline(shapes: str = "tiny", seed: int = 0, *, tokenizer_d
     t_jax_cfg = NextDiTConfig.from_diffusers_config(tcfg)
     t_params = unflatten(torch_to_jax(lambda k: sd[k].detach().float().cpu().numpy(), diffusers_rules(t_jax_cfg),
                                       jax_shapes(t_jax_cfg)))  # fmt: skip
-    v_params = cv.params_from_state_dict(v_cfg, vae.state_dict())
+    v_params = cv.params_from_state_dict(v_cfg, {k: v.cpu() for k, v in vae.state_dict().items()})
     comps = Components(t_jax_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, dict(scheduler.config), size,
                        f"random diffusers reference ({shapes}, seed {seed})", "memory")  # fmt: skip
     comps.check()
@@ -168,7 +174,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref, comps = build_reference_pipeline(args.shapes, device="cpu")
+    ref, comps = build_reference_pipeline(args.shapes, device=torch_device if args.shapes == "2b" else "cpu")
     build_s = time.perf_counter() - t0
     print(f"built random {args.shapes} models in {build_s:.1f}s; JAX on {jax.devices()[0].device_kind}, "
           f"torch on {torch_device}")

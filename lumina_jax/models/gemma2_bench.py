@@ -38,8 +38,11 @@ def resolve_config(config: str | Path | Gemma2Config) -> Gemma2Config:
     return Gemma2Config.from_yaml(p)
 
 
-def reference_pair(config: Gemma2Config, seed: int = 0, *, spread: bool = True) -> tuple[Any, dict]:
+def reference_pair(config: Gemma2Config, seed: int = 0, *, spread: bool = True, device: str = "cpu") -> tuple[Any, dict]:
     """A random transformers ``Gemma2Model`` (eager attention, fp32, eval mode) and our params for it.
+
+    ``device``: where torch builds (and initialises) the model; ``"cuda"`` makes the 2.6B gemma-2-2b shapes
+    take seconds instead of most of a minute on the host. Weights differ between devices for one seed.
 
     ``spread=True`` draws weights wide enough that every Gemma-2 feature changes the output: norm
     weights away from 0 (so ``1 + w`` matters), unit-variance embeddings, and q/k projections large
@@ -54,9 +57,10 @@ def reference_pair(config: Gemma2Config, seed: int = 0, *, spread: bool = True) 
     hf_config = HFConfig(**config.to_hf_config("float32"))
     hf_config._attn_implementation = "eager"  # sdpa has no soft-capping; eager is HF's reference path
     torch.manual_seed(seed)
-    model = Gemma2Model(hf_config).eval()
+    with torch.device(device):
+        model = Gemma2Model(hf_config).eval()
     if spread:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -68,7 +72,8 @@ def reference_pair(config: Gemma2Config, seed: int = 0, *, spread: bool = True) 
                 else:
                     std = 0.1
                 p.normal_(0.0, std, generator=gen)
-    return model, torch_state_dict_to_params(model.state_dict(), config)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return model, torch_state_dict_to_params(state, config)
 
 
 def forward_flops(config: Gemma2Config, batch: int, length: int) -> float:
@@ -123,8 +128,8 @@ def bench_text_encoder(
     if torch_reference:
         import torch
 
-        model, params = reference_pair(cfg, seed, spread=False)
         tdev = "cuda" if torch.cuda.is_available() else "cpu"
+        model, params = reference_pair(cfg, seed, spread=False, device=tdev)
         model = model.to(device=tdev, dtype=torch.float32 if jdt == jnp.float32 else torch.bfloat16)
     else:
         from lumina_jax.models.gemma2 import init_params
