@@ -302,6 +302,10 @@ def test_flops_and_peaks():
     full = metrics.remat_flops_per_sample(c, 1024, 256, "full", aux=False)
     assert full == f["forward"]
     assert 0 < metrics.remat_flops_per_sample(c, 1024, 256, "dots_no_batch", aux=False) < full
+    # an attention kernel is not a dot: under "dots" its forward is recomputed; "low_precision" keeps it
+    assert metrics.remat_flops_per_sample(c, 1024, 256, "dots", attention_kernel=True) == \
+        metrics.remat_flops_per_sample(c, 1024, 256, "dots_no_batch")
+    assert metrics.remat_flops_per_sample(c, 1024, 256, "low_precision", attention_kernel=True) == 0
 
 
 def test_image_source_paths_and_encoder_dtype(tmp_path):

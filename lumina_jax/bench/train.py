@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--res", type=int, default=256, help="image resolution in pixels (latent = res/8)")
     p.add_argument("--batch", type=int, default=8, help="global batch")
     p.add_argument("--cap-len", type=int, default=None, help="caption tokens (default 8 for tiny, else 256)")
-    p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch", "low_precision"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--attention", default="auto")

@@ -83,6 +83,11 @@ def _auto_backend() -> str:
     return "xla"
 
 
+def resolve_backend(name: str) -> str:
+    """The concrete backend ``name`` stands for here (``"auto"`` -> the platform's preferred one)."""
+    return _auto_backend() if name == "auto" else name
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lumina_jax.ops.attention import resolve_backend
 from lumina_jax.models.nextdit import NextDiT
 from lumina_jax.parallel import mesh as mesh_lib
 from lumina_jax.parallel import sharding as shard_lib
@@ -180,7 +181,8 @@ class Trainer:
         aux = bool(self.cfg.objective.aux_loss_weight) and stage.data.batching != "mixed"
         f = metrics_lib.train_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.objective.aux_pool, aux)
         r = metrics_lib.remat_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.remat,
-                                               self.cfg.objective.aux_pool, aux)  # fmt: skip
+                                               self.cfg.objective.aux_pool, aux,
+                                               attention_kernel=resolve_backend(self.cfg.attention) != "xla")  # fmt: skip
         return f["train"] * stage.batch, r * stage.batch
 
     # ------------------------------------------------------------------ run

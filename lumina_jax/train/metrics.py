@@ -65,19 +65,21 @@ def train_flops_per_sample(
 
 
 def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, policy: str,
-                           aux_pool: int = 4, aux: bool = True) -> float:  # fmt: skip
+                           aux_pool: int = 4, aux: bool = True, *, attention_kernel: bool = False) -> float:  # fmt: skip
     """Extra (recomputed) matmul/attention FLOPs per sample under a remat policy of the block stacks.
 
-    ``none``/``dots``: matmul outputs are saved, nothing is recomputed (elementwise work only);
-    ``dots_no_batch``: weight matmuls are saved but the attention einsums (batched dots) are
-    recomputed; ``full``: the whole forward of the blocks is recomputed once.
+    ``none``/``low_precision``: matmul and attention outputs are saved, nothing is recomputed (elementwise
+    work only); ``dots``: matmul outputs are saved, and so are the attention einsums of the XLA backend,
+    but an attention *kernel* (cuDNN, Pallas, splash: ``attention_kernel=True``) is not a dot, so its
+    forward is recomputed; ``dots_no_batch``: weight matmuls are saved but attention is recomputed;
+    ``full``: the whole forward of the blocks is recomputed once.
     """
     def one(n_img: int) -> float:
         c, hd = model, model.head_dim
         attn = lambda n_layers, length: n_layers * 4 * length * length * c.n_heads * hd  # noqa: E731
-        if policy in ("none", "dots"):
+        if policy in ("none", "low_precision") or (policy == "dots" and not attention_kernel):
             return 0.0
-        if policy == "dots_no_batch":
+        if policy in ("dots", "dots_no_batch"):
             return float(attn(c.n_layers, cap_len + n_img) + attn(c.n_refiner_layers, n_img)
                          + attn(c.n_refiner_layers, cap_len))  # fmt: skip
         if policy == "full":
