@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lumina_jax.convert.components import Components, cache_home, load_components
-from lumina_jax.models.nextdit import NextDiT
+from lumina_jax.models.nextdit import NextDiT, cast_matmul_weights, unstack_layers
 from lumina_jax.models.vae import AutoencoderKL
 from lumina_jax.sample import loop
 from lumina_jax.sample.cfg import RENORM_MODES, TRUNC_MODES, resolve_cfg_normalization
@@ -182,9 +182,15 @@ class Lumina2Pipeline:
       dtype: compute dtype of the transformer, text encoder and VAE: ``"fp32"``, ``"bf16"`` or
         ``"auto"`` (bf16 on accelerators, fp32 on CPU). Params are used in the dtype they were loaded in.
       attention_backend: Next-DiT attention backend (:mod:`lumina_jax.ops.attention`).
+      scan_layers: run the Next-DiT layer stacks as a scan (fast compile, default) or unrolled (no per-layer
+        slice of the stacked weights at run time; a longer compile).
+
+    In bf16 the Next-DiT matmul weights are cast once at construction
+    (:func:`~lumina_jax.models.nextdit.cast_matmul_weights`; same outputs, half the weight memory).
     """
 
-    def __init__(self, components: Components, *, dtype: str = "auto", attention_backend: str = "auto"):
+    def __init__(self, components: Components, *, dtype: str = "auto", attention_backend: str = "auto",
+                 scan_layers: bool = True):  # fmt: skip
         components.check()
         self.components = components
         if dtype == "auto":
@@ -193,9 +199,15 @@ class Lumina2Pipeline:
             raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {dtype!r}")
         self.dtype = dtype
         jdt = jnp.float32 if dtype == "fp32" else jnp.bfloat16
-        self.dit = NextDiT(components.transformer_config, dtype=jdt, attention_backend=attention_backend)
+        self.dit = NextDiT(components.transformer_config, dtype=jdt, attention_backend=attention_backend,
+                           scan_layers=scan_layers)  # fmt: skip
         self.vae = AutoencoderKL(components.vae_config, dtype=jdt)
-        self.dit_params = jax.device_put(components.transformer)
+        dit_params = components.transformer
+        if dtype == "bf16":
+            dit_params = cast_matmul_weights(dit_params, jnp.bfloat16)
+        if not scan_layers:
+            dit_params = unstack_layers(dit_params)
+        self.dit_params = jax.device_put(dit_params)
         self.vae_params = jax.device_put(components.vae)
         self.text_encoder = TextEncoder(components.text_encoder, components.text_encoder_config,
                                         components.tokenizer, dtype=dtype)  # fmt: skip

@@ -12,17 +12,31 @@ from conftest import rel_l2
 def test_forward_bench_several_backends_and_profile(tmp_path):
     from lumina_jax.bench import forward
 
-    out, prof = tmp_path / "forward.json", tmp_path / "forward.xplane.pb"
+    out, prof, hlo = tmp_path / "forward.json", tmp_path / "forward.xplane.pb", tmp_path / "forward.hlo.txt"
     rc = forward.main(["--config", "nextdit_tiny", "--res", "32", "32", "--batch", "2", "--dtype", "fp32",
-                       "--attention", "no_such_backend", "xla", "pallas", "--reference", "none",
-                       "--warmup", "1", "--iters", "2", "--profile", str(prof), "--json", str(out)])  # fmt: skip
+                       "--attention", "no_such_backend", "xla", "pallas", "--reference", "none", "--unroll",
+                       "--warmup", "1", "--iters", "2", "--profile", str(prof), "--hlo-dump", str(hlo), "--json", str(out)])  # fmt: skip
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["jax (no_such_backend)", "jax (xla)", "jax (pallas)"]
+    # --unroll adds the first backend with unrolled layers right after it (it fails here like the first)
+    assert [r["impl"] for r in rows] == ["jax (no_such_backend)", "jax (no_such_backend, unrolled layers)",
+                                         "jax (xla)", "jax (pallas)"]  # fmt: skip
     assert "unknown attention backend" in rows[0]["error"]
-    assert rows[1]["ms"] > 0 and "rel_l2_vs_first" not in rows[1]
-    assert rows[2]["rel_l2_vs_first"] < 1e-5  # the Pallas kernel (interpreted) computes the same forward
+    assert rows[2]["ms"] > 0 and "rel_l2_vs_first" not in rows[2]
+    assert rows[3]["rel_l2_vs_first"] < 1e-5  # the Pallas kernel (interpreted) computes the same forward
     assert prof.stat().st_size > 1000
+    assert "HloModule" in hlo.read_text()
+
+
+def test_forward_bench_unrolled_matches_scanned(tmp_path):
+    from lumina_jax.bench import forward
+
+    out = tmp_path / "forward.json"
+    forward.main(["--config", "nextdit_tiny", "--res", "32", "32", "--batch", "2", "--dtype", "fp32", "--attention",
+                  "xla", "--unroll", "--reference", "none", "--warmup", "1", "--iters", "1", "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["jax (xla)", "jax (xla, unrolled layers)"]
+    assert rows[1]["rel_l2_vs_first"] < 1e-6
 
 
 def test_stock_pallas_matches_reference_on_valid_rows():

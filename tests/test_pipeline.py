@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -127,6 +128,25 @@ def test_latent_output_without_cfg(pipe):
     assert out.images.shape == (1, 4, 6, 16) and np.all(np.isfinite(out.images))
     assert out.settings["num_guided_evaluations"] == 0 and out.settings["negative_prompt"] is None
     assert out.seeds == [1] and np.array_equal(out.images, out.latents)
+
+
+def test_unrolled_layers_and_bf16_weight_cast(reference):
+    """``scan_layers=False`` gives the scanned pipeline's latents; in bf16 the matmul weights are stored in
+    bf16 (cast once) while norm scales keep their fp32 values, and the latents match an uncast run."""
+    comps = reference[1]
+    kw = dict(guidance_scale=4.0, solver="euler", num_inference_steps=2, height=32, width=32, seed=3,
+              output_type="latent")  # fmt: skip
+    scanned = Lumina2Pipeline(comps, dtype="fp32")("a cat", **kw).images
+    unrolled = Lumina2Pipeline(comps, dtype="fp32", scan_layers=False)("a cat", **kw).images
+    np.testing.assert_allclose(unrolled, scanned, rtol=1e-5, atol=1e-6)
+
+    bf = Lumina2Pipeline(comps, dtype="bf16")
+    flat = flatten(bf.dit_params)
+    assert all(str(v.dtype) == "bfloat16" for k, v in flat.items() if k.endswith(("kernel", "bias")))
+    assert all(str(v.dtype) == "float32" for k, v in flat.items() if k.endswith("scale"))
+    uncast = Lumina2Pipeline(comps, dtype="bf16")
+    uncast.dit_params = jax.device_put(comps.transformer)  # as before the cast: fp32, cast per call
+    np.testing.assert_array_equal(bf("a cat", **kw).images, uncast("a cat", **kw).images)
 
 
 # ----------------------------------------------------------------------------------------------

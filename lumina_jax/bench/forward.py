@@ -9,7 +9,10 @@ sides computed the same thing).
 ``--res`` is in pixels (latent = res/8). Caption: ``--cap-valid`` valid tokens padded to ``--cap-pad``.
 ``--attention`` takes several backends (``--attention cudnn pallas xla``): the first is compared with the
 reference, the others are extra JAX rows on the same weights and inputs (one process, one weight init).
-``--profile FILE`` writes a device trace of three forwards with the first backend (xprof XSpace).
+``--profile FILE`` writes a device trace of three forwards with the first backend (xprof XSpace);
+``--hlo-dump FILE`` the optimised HLO of that program (fusion names in a trace map to its ops).
+``--unroll`` also times the first backend with unrolled layers (``scan_layers=False``): no per-layer slice
+of the stacked weights, at the price of a longer compile.
 """
 
 from __future__ import annotations
@@ -75,13 +78,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--profile", default=None, metavar="FILE", help="write an xprof trace of the first backend here")
+    ap.add_argument("--hlo-dump", default=None, metavar="FILE", help="write the optimised HLO of the first backend here")
+    ap.add_argument("--unroll", action="store_true", help="also time the first backend with unrolled layers")
     args = ap.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
 
     from lumina_jax.bench import block, capture_profile, print_table, time_fn
-    from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, flops_forward, init_params
+    from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, flops_forward, init_params, unstack_layers
 
     config = NextDiTConfig.from_yaml(args.config)
     h, w = args.res
@@ -110,24 +115,32 @@ def main(argv: list[str]) -> int:
     jargs[2] = jargs[2].astype(dt)
     device = str(jax.devices()[0].device_kind)
     rows, out = [], None
-    for backend in args.attention:
-        model = NextDiT(config, dtype=dt, attention_backend=backend)
+    variants = [(b, True) for b in args.attention]
+    if args.unroll:
+        variants.insert(1, (args.attention[0], False))
+    for backend, scan in variants:
+        model = NextDiT(config, dtype=dt, attention_backend=backend, scan_layers=scan)
         fwd = jax.jit(lambda p, x, t, c, m, model=model: model.apply({"params": p}, x, t, c, m))
+        p_run = run_params if scan else unstack_layers(run_params)
+        name = f"jax ({backend})" if scan else f"jax ({backend}, unrolled layers)"
         t0 = time.perf_counter()
         try:
-            y = block(fwd(run_params, *jargs))
+            y = block(fwd(p_run, *jargs))
         except Exception as e:  # one backend that cannot run here must not stop the others
-            print(f"jax ({backend}) failed: {type(e).__name__}: {e}"[:2000], flush=True)
-            rows.append(dict(impl=f"jax ({backend})", device=device, error=f"{type(e).__name__}: {e}"[:300]))
+            print(f"{name} failed: {type(e).__name__}: {e}"[:2000], flush=True)
+            rows.append(dict(impl=name, device=device, error=f"{type(e).__name__}: {e}"[:300]))
             continue
         compile_s = time.perf_counter() - t0
-        r = time_fn(lambda fwd=fwd: fwd(run_params, *jargs), warmup=args.warmup, iters=args.iters, sync=block)
-        row = dict(impl=f"jax ({backend})", device=device, ms=r["median_ms"], tflops=flops / r["median_ms"] / 1e9,
+        r = time_fn(lambda fwd=fwd, p=p_run: fwd(p, *jargs), warmup=args.warmup, iters=args.iters, sync=block)
+        row = dict(impl=name, device=device, ms=r["median_ms"], tflops=flops / r["median_ms"] / 1e9,
                    compile_s=compile_s)  # fmt: skip
         if out is None:
             out, first = y, len(rows)
             if args.profile:
                 capture_profile(lambda fwd=fwd: fwd(run_params, *jargs), args.profile)
+            if args.hlo_dump:
+                with open(args.hlo_dump, "w") as f:
+                    f.write(fwd.lower(run_params, *jargs).compile().as_text())
         else:
             row["rel_l2_vs_first"] = float(np.linalg.norm(np.asarray(y, np.float64) - np.asarray(out, np.float64))
                                            / np.linalg.norm(np.asarray(out, np.float64)))  # fmt: skip

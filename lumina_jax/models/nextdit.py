@@ -608,3 +608,19 @@ def stack_layers(params: dict) -> dict:
         n = len(params[s])
         out[s] = {"blocks": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[params[s][f"blocks_{i}"] for i in range(n)])}
     return out
+
+
+def cast_matmul_weights(params: dict, dtype: Any) -> dict:
+    """Cast the leaves the model casts to its compute dtype anyway -- dense kernels and biases, the
+    attention's ``q``/``k``/``v`` matrices -- to ``dtype`` once, ahead of time; norm scales stay as they
+    are (the model uses them in fp32). ``apply`` gives bit-identical outputs with the result, which takes
+    half the memory in bf16 and spares every call (and every sampler step) the weight casts."""
+
+    def cast(path, leaf):
+        name = getattr(path[-1], "key", None)
+        parent = getattr(path[-2], "key", None) if len(path) > 1 else None
+        if name in ("kernel", "bias") or (parent == "attention" and name in ("q", "k", "v")):
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
