@@ -22,10 +22,12 @@ What it computes: ``softmax(scale * q k^T + mask) v`` per query head, layout ``(
   loop over the group's query heads and query blocks), both recomputing ``p = exp2(s - lse)``.
 * **Shapes the lowering dislikes are padded in the wrapper**: sequence lengths are padded up to a
   multiple of the largest block size (padded keys are masked through the length, padded query rows
-  are sliced off), and on GPU the head dim is zero-padded to the next power of two because Triton
-  only handles power-of-two tiles (Lumina's 96 -> 128: +33% tensor-core work and an extra copy of
-  q/k/v/o; zero columns do not change ``q k^T`` and give zero output columns that are sliced off).
-  In interpret mode (CPU) no head-dim padding is needed; ``pad_head_dim`` forces either behaviour.
+  are sliced off). Triton only handles power-of-two tiles, so on GPU a head dim like Lumina's 96 is
+  run as power-of-two *chunks* (64 + 32, ``split_head_dim``): the kernels read each chunk from a
+  128-wide block (Triton masks the columns past 96), do one matmul per chunk where there was one, and
+  store the chunks; nothing is padded or copied. (Until 2026-11-27 the wrapper zero-padded 96 -> 128:
+  +33% tensor-core work and an extra copy of q/k/v/o; ``pad_head_dim=True`` still does that, and it is
+  the fallback for head dims whose chunks would be under 16.) In interpret mode (CPU) neither is needed.
 * dtypes: float32 and bfloat16 (tested), float16 (accepted, untested); matmuls accumulate in fp32;
   ``p`` and ``ds`` are cast to the input dtype before their matmuls (standard flash-attention
   practice), fp32 matmuls are IEEE (not TF32) in the Triton lowering.
@@ -115,6 +117,10 @@ class _Config:
     num_warps: int
     num_stages: int
     num_warps_bwd: int
+    # head-dim layout: BlockSpec width (a power of two, may exceed D: Triton masks the excess) and the
+    # (offset, size) power-of-two chunks the kernels load, multiply and store separately
+    d_block: int = 0
+    d_chunks: tuple[tuple[int, int], ...] = ()
 
 
 def _compiler_params(cfg: _Config, backward: bool = False):
@@ -151,6 +157,24 @@ def _dot_nn(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _load(ref, rows, cfg: _Config, *lead) -> list:
+    """The head-dim chunks of ``ref[*lead, rows, ...]`` (or ``ref[rows, *lead, ...]`` via ``lead``), one tile each."""
+    return [ref[(rows, *lead, pl.ds(off, size))] for off, size in cfg.d_chunks]
+
+
+def _store(ref, tiles: list, cfg: _Config, scale=None) -> None:
+    for (off, size), t in zip(cfg.d_chunks, tiles):
+        ref[:, pl.ds(off, size)] = (t if scale is None else t * scale).astype(ref.dtype)
+
+
+def _dot_nt_sum(a: list, b: list):
+    """sum_c a_c @ b_c.T: ``a @ b.T`` over the chunked head dim."""
+    out = _dot_nt(a[0], b[0])
+    for x, y in zip(a[1:], b[1:]):
+        out = out + _dot_nt(x, y)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward kernel. Grid (q blocks, q heads, batch).
 # ----------------------------------------------------------------------------------------------
@@ -164,15 +188,15 @@ def _fwd_kernel(len_ref, *refs, cfg: _Config):
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     bq, bk = cfg.block_q, cfg.block_k
     kv_len = len_ref[0]
-    q = q_ref[...]  # (bq, D)
+    q = _load(q_ref, slice(None), cfg)  # [(bq, chunk)]
     qk_scale = cfg.scale * _LOG2E
 
     def body(j, carry):
         acc, m, l = carry
         start = j * bk
-        k = k_ref[pl.ds(start, bk), :]  # (bk, D)
-        v = v_ref[pl.ds(start, bk), :]
-        s = _dot_nt(q, k) * qk_scale  # (bq, bk), base-2 logits
+        k = _load(k_ref, pl.ds(start, bk), cfg)  # [(bk, chunk)]
+        v = _load(v_ref, pl.ds(start, bk), cfg)
+        s = _dot_nt_sum(q, k) * qk_scale  # (bq, bk), base-2 logits
         valid = _key_valid(kv_len, mask_ref, start, bk)
         s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -182,15 +206,15 @@ def _fwd_kernel(len_ref, *refs, cfg: _Config):
         p = jnp.exp2(s - shift[:, None])
         alpha = jnp.exp2(m - shift)
         l = alpha * l + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + _dot_nn(p.astype(v.dtype), v)
+        acc = [alpha[:, None] * a + _dot_nn(p.astype(vc.dtype), vc) for a, vc in zip(acc, v)]
         return acc, m_new, l
 
-    acc = jnp.zeros(q.shape, jnp.float32)
+    acc = [jnp.zeros(t.shape, jnp.float32) for t in q]
     m = jnp.full((bq,), -jnp.inf, jnp.float32)
     l = jnp.zeros((bq,), jnp.float32)
     acc, m, l = lax.fori_loop(0, _cdiv(kv_len, bk), body, (acc, m, l))
     empty = l == 0.0
-    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    _store(o_ref, [a / jnp.where(empty, 1.0, l)[:, None] for a in acc], cfg)
     # +inf for rows without keys: the backward then computes p = exp2(s - inf) = 0.
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
@@ -206,12 +230,12 @@ def _fwd_call(q, k, v, lengths, mask, cfg: _Config):
         in_specs.append(pl.BlockSpec((_SQ, lk), lambda i, h, n: (n, 0)))
         args.append(mask)
     in_specs += [
-        pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, h, n: (n, i, h, 0)),
-        pl.BlockSpec((_SQ, lk, _SQ, d), lambda i, h, n: (n, 0, h // g, 0)),
-        pl.BlockSpec((_SQ, lk, _SQ, d), lambda i, h, n: (n, 0, h // g, 0)),
+        pl.BlockSpec((_SQ, bq, _SQ, cfg.d_block), lambda i, h, n: (n, i, h, 0)),
+        pl.BlockSpec((_SQ, lk, _SQ, cfg.d_block), lambda i, h, n: (n, 0, h // g, 0)),
+        pl.BlockSpec((_SQ, lk, _SQ, cfg.d_block), lambda i, h, n: (n, 0, h // g, 0)),
     ]
     out_specs = [
-        pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, h, n: (n, i, h, 0)),
+        pl.BlockSpec((_SQ, bq, _SQ, cfg.d_block), lambda i, h, n: (n, i, h, 0)),
         pl.BlockSpec((_SQ, _SQ, bq), lambda i, h, n: (n, h, i)),
     ]
     out_shape = [
@@ -244,26 +268,26 @@ def _dq_kernel(len_ref, *refs, cfg: _Config):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
     bk = cfg.block_k_bwd
     kv_len = len_ref[0]
-    q = q_ref[...]
-    do = do_ref[...]
+    q = _load(q_ref, slice(None), cfg)
+    do = _load(do_ref, slice(None), cfg)
     lse = lse_ref[...]
     delta = delta_ref[...]
     qk_scale = cfg.scale * _LOG2E
 
     def body(j, dq):
         start = j * bk
-        k = k_ref[pl.ds(start, bk), :]
-        v = v_ref[pl.ds(start, bk), :]
-        s = _dot_nt(q, k) * qk_scale
+        k = _load(k_ref, pl.ds(start, bk), cfg)
+        v = _load(v_ref, pl.ds(start, bk), cfg)
+        s = _dot_nt_sum(q, k) * qk_scale
         valid = _key_valid(kv_len, mask_ref, start, bk)
         s = jnp.where(valid[None, :], s, -jnp.inf)
         p = jnp.exp2(s - lse[:, None])
-        dp = _dot_nt(do, v)
+        dp = _dot_nt_sum(do, v)
         ds = p * (dp - delta[:, None])
-        return dq + _dot_nn(ds.astype(k.dtype), k)
+        return [a + _dot_nn(ds.astype(kc.dtype), kc) for a, kc in zip(dq, k)]
 
-    dq = lax.fori_loop(0, _cdiv(kv_len, bk), body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+    dq = lax.fori_loop(0, _cdiv(kv_len, bk), body, [jnp.zeros(t.shape, jnp.float32) for t in q])
+    _store(dq_ref, dq, cfg, cfg.scale)
 
 
 def _dkv_kernel(len_ref, *refs, cfg: _Config):
@@ -277,8 +301,8 @@ def _dkv_kernel(len_ref, *refs, cfg: _Config):
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     kv_len = len_ref[0]
     start_k = pl.program_id(0) * bk
-    k = k_ref[...]  # (bk, D)
-    v = v_ref[...]
+    k = _load(k_ref, slice(None), cfg)  # [(bk, chunk)]
+    v = _load(v_ref, slice(None), cfg)
     valid = _key_valid(kv_len, mask_ref, start_k, bk)
     qk_scale = cfg.scale * _LOG2E
     num_q_blocks = q_ref.shape[0] // bq
@@ -291,25 +315,25 @@ def _dkv_kernel(len_ref, *refs, cfg: _Config):
         def q_body(i, carry):
             dk, dv = carry
             rows = pl.ds(i * bq, bq)
-            q = q_ref[rows, g, :]  # (bq, D)
-            do = do_ref[rows, g, :]
+            q = _load(q_ref, rows, cfg, g)  # [(bq, chunk)]
+            do = _load(do_ref, rows, cfg, g)
             lse = lse_ref[g, rows]
             delta = delta_ref[g, rows]
-            s = _dot_nt(q, k) * qk_scale
+            s = _dot_nt_sum(q, k) * qk_scale
             s = jnp.where(valid[None, :], s, -jnp.inf)
             p = jnp.exp2(s - lse[:, None])  # (bq, bk)
-            dv = dv + _dot_tn(p.astype(do.dtype), do)
-            dp = _dot_nt(do, v)
+            dv = [a + _dot_tn(p.astype(dc.dtype), dc) for a, dc in zip(dv, do)]
+            dp = _dot_nt_sum(do, v)
             ds = p * (dp - delta[:, None])
-            dk = dk + _dot_tn(ds.astype(q.dtype), q)
+            dk = [a + _dot_tn(ds.astype(qc.dtype), qc) for a, qc in zip(dk, q)]
             return dk, dv
 
         return lax.fori_loop(0, q_iters, q_body, carry)
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, cfg.groups, head_body, (zeros, zeros))
-    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    zeros = [jnp.zeros(t.shape, jnp.float32) for t in k]
+    dk, dv = lax.fori_loop(0, cfg.groups, head_body, (zeros, list(zeros)))
+    _store(dk_ref, dk, cfg, cfg.scale)
+    _store(dv_ref, dv, cfg)
 
 
 def _bwd_calls(q, k, v, lengths, mask, o, lse, do, cfg: _Config):
@@ -329,14 +353,14 @@ def _bwd_calls(q, k, v, lengths, mask, o, lse, do, cfg: _Config):
         grid=(lq // bq, hq, b),
         in_specs=head_specs
         + [
-            pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, h, n: (n, i, h, 0)),  # q
-            pl.BlockSpec((_SQ, lk, _SQ, d), lambda i, h, n: (n, 0, h // g, 0)),  # k
-            pl.BlockSpec((_SQ, lk, _SQ, d), lambda i, h, n: (n, 0, h // g, 0)),  # v
-            pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, h, n: (n, i, h, 0)),  # do
+            pl.BlockSpec((_SQ, bq, _SQ, cfg.d_block), lambda i, h, n: (n, i, h, 0)),  # q
+            pl.BlockSpec((_SQ, lk, _SQ, cfg.d_block), lambda i, h, n: (n, 0, h // g, 0)),  # k
+            pl.BlockSpec((_SQ, lk, _SQ, cfg.d_block), lambda i, h, n: (n, 0, h // g, 0)),  # v
+            pl.BlockSpec((_SQ, bq, _SQ, cfg.d_block), lambda i, h, n: (n, i, h, 0)),  # do
             pl.BlockSpec((_SQ, _SQ, bq), lambda i, h, n: (n, h, i)),  # lse
             pl.BlockSpec((_SQ, _SQ, bq), lambda i, h, n: (n, h, i)),  # delta
         ],
-        out_specs=pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, h, n: (n, i, h, 0)),
+        out_specs=pl.BlockSpec((_SQ, bq, _SQ, cfg.d_block), lambda i, h, n: (n, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(cfg, backward=True),
         interpret=cfg.interpret,
@@ -350,16 +374,16 @@ def _bwd_calls(q, k, v, lengths, mask, o, lse, do, cfg: _Config):
         grid=(lk // bk, hkv, b),
         in_specs=head_specs
         + [
-            pl.BlockSpec((_SQ, lq, g, d), lambda j, hk, n: (n, 0, hk, 0)),  # q
-            pl.BlockSpec((_SQ, bk, _SQ, d), lambda j, hk, n: (n, j, hk, 0)),  # k
-            pl.BlockSpec((_SQ, bk, _SQ, d), lambda j, hk, n: (n, j, hk, 0)),  # v
-            pl.BlockSpec((_SQ, lq, g, d), lambda j, hk, n: (n, 0, hk, 0)),  # do
+            pl.BlockSpec((_SQ, lq, g, cfg.d_block), lambda j, hk, n: (n, 0, hk, 0)),  # q
+            pl.BlockSpec((_SQ, bk, _SQ, cfg.d_block), lambda j, hk, n: (n, j, hk, 0)),  # k
+            pl.BlockSpec((_SQ, bk, _SQ, cfg.d_block), lambda j, hk, n: (n, j, hk, 0)),  # v
+            pl.BlockSpec((_SQ, lq, g, cfg.d_block), lambda j, hk, n: (n, 0, hk, 0)),  # do
             pl.BlockSpec((_SQ, g, lq), lambda j, hk, n: (n, hk, 0)),  # lse
             pl.BlockSpec((_SQ, g, lq), lambda j, hk, n: (n, hk, 0)),  # delta
         ],
         out_specs=[
-            pl.BlockSpec((_SQ, bk, _SQ, d), lambda j, hk, n: (n, j, hk, 0)),
-            pl.BlockSpec((_SQ, bk, _SQ, d), lambda j, hk, n: (n, j, hk, 0)),
+            pl.BlockSpec((_SQ, bk, _SQ, cfg.d_block), lambda j, hk, n: (n, j, hk, 0)),
+            pl.BlockSpec((_SQ, bk, _SQ, cfg.d_block), lambda j, hk, n: (n, j, hk, 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(cfg, backward=True),
@@ -398,6 +422,20 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------------------------
 
 
+def _pow2_chunks(d: int, minimum: int = 16) -> Optional[tuple[tuple[int, int], ...]]:
+    """``d`` as (offset, size) power-of-two chunks, largest first (96 -> (0, 64), (64, 32)); None when
+    a chunk would be smaller than ``minimum`` (Triton's smallest dot)."""
+    chunks, off = [], 0
+    for bit in reversed(range(d.bit_length())):
+        size = 1 << bit
+        if d & size:
+            if size < minimum:
+                return None
+            chunks.append((off, size))
+            off += size
+    return tuple(chunks)
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -423,6 +461,7 @@ def flash_attention(
     interpret: Optional[bool] = None,
     pad_head_dim: Optional[bool] = None,
     target: Optional[str] = None,
+    split_head_dim: Optional[bool] = None,
 ) -> jax.Array:
     """Flash attention with GQA and key padding; differentiable (Pallas backward).
 
@@ -438,7 +477,10 @@ def flash_attention(
         sequence are shrunk.
       interpret: run the Pallas interpreter; default: unless the default backend is ``target``.
       pad_head_dim: zero-pad D to the next power of two (>= 16); default: only when compiling for
-        GPU (Triton needs power-of-two tiles). The TPU kernels take any D.
+        GPU and D cannot be split (Triton needs power-of-two tiles). The TPU kernels take any D.
+      split_head_dim: run D as power-of-two chunks of at least 16 (96 = 64 + 32: two matmuls each
+        where there was one), so no padded columns are multiplied or copied; default: when compiling
+        for GPU, D is not a power of two and splits that way. Mutually exclusive with padding.
       target: ``"gpu"`` (Triton kernels, this module) or ``"tpu"`` (Mosaic kernels,
         :mod:`lumina_jax.ops.flash_attention_tpu`); default: ``"tpu"`` on a TPU backend, else ``"gpu"``.
 
@@ -475,8 +517,15 @@ def flash_attention(
         interpret = platform != target
     if target == "gpu" and not interpret and platform == "tpu":
         raise NotImplementedError("the Triton kernels do not lower on TPU; use target='tpu' there")
+    chunks = _pow2_chunks(d)
+    compiled_gpu = target == "gpu" and not interpret
+    if split_head_dim is None:
+        split_head_dim = compiled_gpu and not pad_head_dim and chunks is not None and len(chunks) > 1
+    if split_head_dim and (pad_head_dim or chunks is None or target != "gpu"):
+        raise ValueError(f"split_head_dim: head_dim {d} needs power-of-two chunks >= 16, the GPU kernels and no "
+                         f"padding (pad_head_dim={pad_head_dim}, target={target!r})")  # fmt: skip
     if pad_head_dim is None:
-        pad_head_dim = target == "gpu" and not interpret
+        pad_head_dim = compiled_gpu and not split_head_dim and (d & (d - 1) != 0 or d < 16)
     bs = block_sizes or (TPU_BLOCK_SIZES if target == "tpu" else BlockSizes())
     # Triton dots need >= 16 rows/cols; Mosaic row blocks are multiples of the 128 lanes
     min_block = 128 if target == "tpu" else (8 if interpret else 16)
@@ -490,6 +539,9 @@ def flash_attention(
     lq_pad = _round_up(lq, max(bq, bq_bwd))
     lk_pad = _round_up(lk, max(bk, bk_bwd))
     d_pad = max(16, _next_pow2(d)) if pad_head_dim else d
+    # the kernels' head-dim layout: one chunk of the (padded) D, or D's power-of-two chunks read from a
+    # power-of-two wide block (Triton masks the columns past D)
+    d_block, d_chunks = (_next_pow2(d), chunks) if split_head_dim else (d_pad, ((0, d_pad),))
     if d_pad > 256:
         raise ValueError(f"head_dim {d} too large for this kernel (max 256)")
 
@@ -530,6 +582,8 @@ def flash_attention(
         num_warps=bs.num_warps or (4 if d_pad <= 64 else 8),
         num_stages=bs.num_stages,
         num_warps_bwd=bs.num_warps_bwd or (4 if d_pad <= 64 else 8),
+        d_block=d_block,
+        d_chunks=d_chunks,
     )
 
     out = _flash(pad(q, lq_pad), pad(k, lk_pad), pad(v, lk_pad), lengths[:, None], mask, cfg)
