@@ -58,7 +58,7 @@ def test_block_size_sweep_rows():
     from lumina_jax.ops.attention_bench import sweep_pallas_blocks
 
     seen = []
-    rows = sweep_pallas_blocks([{}, {"block_q": 16, "block_k": 32}], batch=1, image_tokens=32, caption_tokens=32,
+    rows = sweep_pallas_blocks([{"pad_head_dim": True}, {"block_q": 16, "block_k": 32}], batch=1, image_tokens=32, caption_tokens=32,
                                heads=2, kv_heads=1, head_dim=16, dtype="float32", iters=1, warmup=1,
                                on_row=seen.append)  # fmt: skip
     assert len(rows) == 4 and seen == rows

@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
         rows = []
         for modes, configs in SWEEP_CONFIGS:
             rows += sweep_pallas_blocks(configs, modes=modes, iters=a.iters, warmup=a.warmup, **shape,
-                                        on_row=lambda r: print(r["mode"], r["blocks"], f"{r['ms']:.3f} ms",
+                                        on_row=lambda r: print(r["mode"], r["blocks"], "padded D" if r["pad_head_dim"] else "",
+                                                               f"{r['ms']:.3f} ms",
                                                                r["error"] or "", flush=True))  # fmt: skip
             if a.json:  # after each group, so a time limit keeps what was measured
                 with open(a.json, "w") as f:
