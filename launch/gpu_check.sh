@@ -50,8 +50,9 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   fi
   step 75 gpu-tests python3 -m pytest -q -m gpu tests/test_attention_kernels.py -p no:cacheprovider
   step 60 attention $B attention --backends xla cudnn pallas pallas_stock --json "$RES/attention.json"
-  # cuDNN (auto) scanned vs unrolled layers, our kernel, XLA; diffusers eager + torch.compile in the same process
-  step 220 forward-2b $B forward $F2B --attention cudnn pallas xla --unroll --compile --warmup 2 --iters 10 \
+  # cuDNN (auto): scanned / unrolled layers x plain / fused q/k norm+RoPE; our kernel (64+32 head-dim chunks
+  # now); diffusers eager + torch.compile in the same process (XLA attention was 222.7 ms on 2026-11-27)
+  step 260 forward-2b $B forward $F2B --attention cudnn pallas --unroll --fused-qk --compile --warmup 2 --iters 10 \
       --profile "$RES/forward.xplane.pb" --hlo-dump "$RES/forward_hlo.txt" --json "$RES/forward.json"
   # GEMMs reading the stacked weights in place instead of a per-layer copy (the 2.9 ms of memcpy seen 2026-11-27)
   XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true step 60 forward-2b-dsf $B forward $F2B --attention cudnn \

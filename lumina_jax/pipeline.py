@@ -184,13 +184,15 @@ class Lumina2Pipeline:
       attention_backend: Next-DiT attention backend (:mod:`lumina_jax.ops.attention`).
       scan_layers: run the Next-DiT layer stacks as a scan (fast compile, default) or unrolled (no per-layer
         slice of the stacked weights at run time; a longer compile).
+      fuse_qk_norm_rope: each attention's q/k RMSNorm + RoPE as one Pallas kernel (same maths, one memory
+        pass; :mod:`lumina_jax.ops.qk_norm_rope`). Off by default until timed on a GPU.
 
     In bf16 the Next-DiT matmul weights are cast once at construction
     (:func:`~lumina_jax.models.nextdit.cast_matmul_weights`; same outputs, half the weight memory).
     """
 
     def __init__(self, components: Components, *, dtype: str = "auto", attention_backend: str = "auto",
-                 scan_layers: bool = True):  # fmt: skip
+                 scan_layers: bool = True, fuse_qk_norm_rope: bool = False):  # fmt: skip
         components.check()
         self.components = components
         if dtype == "auto":
@@ -200,7 +202,7 @@ class Lumina2Pipeline:
         self.dtype = dtype
         jdt = jnp.float32 if dtype == "fp32" else jnp.bfloat16
         self.dit = NextDiT(components.transformer_config, dtype=jdt, attention_backend=attention_backend,
-                           scan_layers=scan_layers)  # fmt: skip
+                           scan_layers=scan_layers, fuse_qk_norm_rope=fuse_qk_norm_rope)  # fmt: skip
         self.vae = AutoencoderKL(components.vae_config, dtype=jdt)
         dit_params = components.transformer
         if dtype == "bf16":

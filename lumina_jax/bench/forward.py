@@ -12,7 +12,8 @@ reference, the others are extra JAX rows on the same weights and inputs (one pro
 ``--profile FILE`` writes a device trace of three forwards with the first backend (xprof XSpace);
 ``--hlo-dump FILE`` the optimised HLO of that program (fusion names in a trace map to its ops).
 ``--unroll`` also times the first backend with unrolled layers (``scan_layers=False``): no per-layer slice
-of the stacked weights, at the price of a longer compile.
+of the stacked weights, at the price of a longer compile. ``--fused-qk`` also times it with the fused q/k
+RMSNorm + RoPE kernel (``fuse_qk_norm_rope``), and with ``--unroll`` both together.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--profile", default=None, metavar="FILE", help="write an xprof trace of the first backend here")
     ap.add_argument("--hlo-dump", default=None, metavar="FILE", help="write the optimised HLO of the first backend here")
     ap.add_argument("--unroll", action="store_true", help="also time the first backend with unrolled layers")
+    ap.add_argument("--fused-qk", action="store_true", help="also time the first backend with the fused q/k norm + RoPE")
     args = ap.parse_args(argv)
 
     import jax
@@ -115,14 +117,17 @@ def main(argv: list[str]) -> int:
     jargs[2] = jargs[2].astype(dt)
     device = str(jax.devices()[0].device_kind)
     rows, out = [], None
-    variants = [(b, True) for b in args.attention]
-    if args.unroll:
-        variants.insert(1, (args.attention[0], False))
-    for backend, scan in variants:
-        model = NextDiT(config, dtype=dt, attention_backend=backend, scan_layers=scan)
+    first_backend = args.attention[0]
+    extra = [(first_backend, False, False)] if args.unroll else []
+    if args.fused_qk:
+        extra += [(first_backend, True, True)] + ([(first_backend, False, True)] if args.unroll else [])
+    variants = [(args.attention[0], True, False), *extra] + [(b, True, False) for b in args.attention[1:]]
+    for backend, scan, fused in variants:
+        model = NextDiT(config, dtype=dt, attention_backend=backend, scan_layers=scan, fuse_qk_norm_rope=fused)
         fwd = jax.jit(lambda p, x, t, c, m, model=model: model.apply({"params": p}, x, t, c, m))
         p_run = run_params if scan else unstack_layers(run_params)
-        name = f"jax ({backend})" if scan else f"jax ({backend}, unrolled layers)"
+        tags = [backend] + ([] if scan else ["unrolled layers"]) + (["fused q/k norm+RoPE"] if fused else [])
+        name = f"jax ({', '.join(tags)})"
         t0 = time.perf_counter()
         try:
             y = block(fwd(p_run, *jargs))

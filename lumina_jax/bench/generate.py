@@ -145,6 +145,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--no-diffusers", action="store_true", help="time only the JAX pipeline")
     ap.add_argument("--unroll", action="store_true", help="JAX pipeline with unrolled Next-DiT layers")
+    ap.add_argument("--fused-qk", action="store_true", help="JAX pipeline with the fused q/k norm + RoPE kernel")
     ap.add_argument("--compile", action="store_true", help="also time diffusers with torch.compile on the transformer "
                     "(the warm-up run compiles)")  # fmt: skip
     ap.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's; on a "
@@ -180,7 +181,7 @@ def main(argv: list[str]) -> int:
     print(f"built random {args.shapes} models in {build_s:.1f}s; JAX on {jax.devices()[0].device_kind}, "
           f"torch on {torch_device}")
 
-    pipe = Lumina2Pipeline(comps, dtype=dtype, scan_layers=not args.unroll)
+    pipe = Lumina2Pipeline(comps, dtype=dtype, scan_layers=not args.unroll, fuse_qk_norm_rope=args.fused_qk)
     jkw = dict(call_kw, solver=args.solver, output_type="np")
     if diffusers_semantics:
         jkw.update(cfg_normalization="rows", cfg_trunc_mode="steps")
@@ -190,7 +191,8 @@ def main(argv: list[str]) -> int:
     runs = [pipe(args.prompt, latents=noise, **jkw) for _ in range(args.iters)]
     med = lambda k: _median([r.timings.get(k, 0.0) for r in runs]) * 1e3  # noqa: E731
     device = str(jax.devices()[0].device_kind)
-    rows = [dict(impl=f"jax {args.solver} ({dtype}{', unrolled' if args.unroll else ''})", device=device, compile_s=first.timings["compile"],
+    tags = [dtype] + (["unrolled"] if args.unroll else []) + (["fused q/k"] if args.fused_qk else [])
+    rows = [dict(impl=f"jax {args.solver} ({', '.join(tags)})", device=device, compile_s=first.timings["compile"],
                  text_ms=med("text_encode"), steps_decode_ms=med("sample") + med("decode"), total_ms=med("total"),
                  evals=first.settings["num_model_evaluations"], guided=first.settings["num_guided_evaluations"])]  # fmt: skip
 

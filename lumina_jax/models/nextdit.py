@@ -237,6 +237,19 @@ class TimestepEmbedder(nn.Module):
                       init=nn.initializers.normal(0.02), param_dtype=self.param_dtype)(nn.silu(h))  # fmt: skip
 
 
+class _NormScale(nn.Module):
+    """Just the ``scale`` param of an :class:`RMSNorm` (for the fused q/k norm + RoPE path, which must
+    keep the unfused path's parameter tree)."""
+
+    axis_name: str = "norm"
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: int) -> jax.Array:
+        return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (features,),
+                          self.param_dtype)  # fmt: skip
+
+
 class Attention(nn.Module):
     """Fused-qkv GQA self-attention with per-head q/k RMSNorm and 3-axis RoPE (spec §2.8)."""
 
@@ -244,6 +257,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     backend: str = "auto"
     param_dtype: Any = jnp.float32
+    fuse_qk: bool = False  # q/k RMSNorm + RoPE through the fused kernel (lumina_jax.ops.qk_norm_rope)
 
     @nn.compact
     def __call__(self, x, cos, sin, kv_lengths):
@@ -259,11 +273,18 @@ class Attention(nn.Module):
         q = qkv[..., : hq * hd].reshape(b, l, hq, hd)
         k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(b, l, hkv, hd)
         v = qkv[..., (hq + hkv) * hd :].reshape(b, l, hkv, hd)
-        if c.qk_norm:
-            q = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="q_norm")(q)
-            k = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="k_norm")(k)
-        q = apply_rope(q, cos, sin).astype(self.dtype)
-        k = apply_rope(k, cos, sin).astype(self.dtype)
+        if c.qk_norm and self.fuse_qk:  # same params (q_norm/scale, k_norm/scale), one kernel pass each
+            from lumina_jax.ops.qk_norm_rope import qk_norm_rope
+
+            scale = lambda name: _NormScale("head_dim", self.param_dtype, name=name)(hd)  # noqa: E731
+            q = qk_norm_rope(q, scale("q_norm"), cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype)
+            k = qk_norm_rope(k, scale("k_norm"), cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype)
+        else:
+            if c.qk_norm:
+                q = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="q_norm")(q)
+                k = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="k_norm")(k)
+            q = apply_rope(q, cos, sin).astype(self.dtype)
+            k = apply_rope(k, cos, sin).astype(self.dtype)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         out = attention(q, k, v.astype(self.dtype), kv_lengths=kv_lengths, backend=self.backend)
         out = out.reshape(b, l, hq * hd)
@@ -299,13 +320,14 @@ class TransformerBlock(nn.Module):
     dtype: Any = jnp.float32
     backend: str = "auto"
     param_dtype: Any = jnp.float32
+    fuse_qk: bool = False
 
     @nn.compact
     def __call__(self, x, ctx):
         temb, cos, sin, kv_lengths = ctx
         c = self.config
         norm = lambda name: RMSNorm(c.norm_eps, self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        attn = Attention(c, self.dtype, self.backend, self.param_dtype, name="attention")
+        attn = Attention(c, self.dtype, self.backend, self.param_dtype, self.fuse_qk, name="attention")
         ffn = FeedForward(c, self.dtype, self.param_dtype, name="feed_forward")
         if self.modulation:
             mod = _dense(4 * c.dim, ("cond", "embed"), use_bias=True, dtype=self.dtype, name="adaLN_modulation",
@@ -361,6 +383,7 @@ class BlockStack(nn.Module):
     remat: str = "none"
     scan: bool = True
     param_dtype: Any = jnp.float32
+    fuse_qk: bool = False
 
     @nn.compact
     def __call__(self, x, temb, cos, sin, kv_lengths):
@@ -378,12 +401,12 @@ class BlockStack(nn.Module):
                 in_axes=nn.broadcast,
                 length=self.n,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(self.config, self.modulation, self.dtype, self.backend, self.param_dtype, name="blocks")
+            )(self.config, self.modulation, self.dtype, self.backend, self.param_dtype, self.fuse_qk, name="blocks")
             x, _ = stack(x, ctx)
         else:  # unrolled (debugging / per-layer inspection); same math, params not stacked
             for i in range(self.n):
                 x, _ = block_cls(self.config, self.modulation, self.dtype, self.backend, self.param_dtype,
-                                 name=f"blocks_{i}")(x, ctx)
+                                 self.fuse_qk, name=f"blocks_{i}")(x, ctx)
         return x
 
 
@@ -451,6 +474,9 @@ class NextDiT(nn.Module):
       attention_backend: see :mod:`lumina_jax.ops.attention` (``auto``, ``xla``, ``cudnn``, ...).
       remat: rematerialisation policy for the block stacks (``none``, ``full``, ``dots``, ``dots_no_batch``).
       scan_layers: stack and ``nn.scan`` the blocks (fast compile); False unrolls them.
+      fuse_qk_norm_rope: run each attention's q/k RMSNorm + RoPE as one Pallas kernel
+        (:mod:`lumina_jax.ops.qk_norm_rope`; same params and maths, one memory pass instead of two).
+        For one device: XLA cannot partition the kernel inside a sharded ``jit``.
     """
 
     config: NextDiTConfig
@@ -459,6 +485,7 @@ class NextDiT(nn.Module):
     remat: str = "none"
     scan_layers: bool = True
     param_dtype: Any = jnp.float32
+    fuse_qk_norm_rope: bool = False
 
     def setup(self):
         c, dt, pd = self.config, self.dtype, self.param_dtype
@@ -467,7 +494,8 @@ class NextDiT(nn.Module):
         self.cap_linear = _dense(c.dim, ("cap", "embed"), use_bias=True, dtype=dt, init=nn.initializers.normal(0.02),
                                  param_dtype=pd)  # fmt: skip
         self.x_embedder = _dense(c.dim, ("patch", "embed"), use_bias=True, dtype=dt, param_dtype=pd)
-        kw = dict(dtype=dt, backend=self.attention_backend, remat=self.remat, scan=self.scan_layers, param_dtype=pd)
+        kw = dict(dtype=dt, backend=self.attention_backend, remat=self.remat, scan=self.scan_layers, param_dtype=pd,
+                  fuse_qk=self.fuse_qk_norm_rope)  # fmt: skip
         self.context_refiner = BlockStack(c, c.n_refiner_layers, modulation=False, **kw)
         self.noise_refiner = BlockStack(c, c.n_refiner_layers, modulation=True, **kw)
         self.layers = BlockStack(c, c.n_layers, modulation=True, **kw)
