@@ -55,3 +55,22 @@ def inputs(config: NextDiTConfig, batch: int, h: int, w: int, cap_lens, cap_pad:
     for i, n in enumerate(cap_lens):
         mask[i, :n] = True
     return x, t, cap, mask
+
+
+def perturbed_tiny_case(cap_dtype=None):
+    """``nextdit_tiny`` with every param nudged off its init (adaLN and final layer are zero-initialised)
+    and a 2-sample batch whose second caption is padded: ``(config, params, x, t, cap, cap_mask)``."""
+    import jax
+    import jax.numpy as jnp
+
+    from lumina_jax.models.nextdit import init_params
+
+    config = NextDiTConfig.from_yaml("nextdit_tiny")
+    params = init_params(config, 0)
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, config.in_channels)), jnp.float32)
+    t = jnp.array([0.3, 0.7])
+    cap = jnp.asarray(rng.standard_normal((2, 8, config.cap_feat_dim)), cap_dtype or jnp.float32)
+    mask = jnp.ones((2, 8), bool).at[1, 5:].set(False)
+    return config, params, x, t, cap, mask

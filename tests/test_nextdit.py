@@ -286,14 +286,9 @@ def test_cast_matmul_weights_is_exact_in_bf16():
     from lumina_jax.convert.common import flatten
     from lumina_jax.models.nextdit import cast_matmul_weights
 
-    config = NextDiTConfig.from_yaml("nextdit_tiny")
-    params = init_params(config, 0)
-    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 8, 8, config.in_channels)), jnp.float32)
-    t = jnp.array([0.3, 0.7])
-    cap = jnp.asarray(rng.standard_normal((2, 8, config.cap_feat_dim)), jnp.bfloat16)
-    mask = jnp.ones((2, 8), bool).at[1, 5:].set(False)
+    from nextdit_helpers import perturbed_tiny_case
+
+    config, params, x, t, cap, mask = perturbed_tiny_case(jnp.bfloat16)
     model = NextDiT(config, dtype=jnp.bfloat16)
     cast = cast_matmul_weights(params, jnp.bfloat16)
     np.testing.assert_array_equal(model.apply({"params": cast}, x, t, cap, mask),

@@ -71,16 +71,11 @@ def test_lowers_to_triton_and_verifies(monkeypatch):
 
 def test_nextdit_with_the_fused_prologue():
     """``fuse_qk_norm_rope=True``: the same parameter tree, the same outputs and gradients (interpreter)."""
-    from lumina_jax.models.nextdit import NextDiT, NextDiTConfig, init_params
+    from nextdit_helpers import perturbed_tiny_case
 
-    config = NextDiTConfig.from_yaml("nextdit_tiny")
-    params = init_params(config, 0)
-    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 8, 8, config.in_channels)), jnp.float32)
-    t = jnp.array([0.3, 0.7])
-    cap = jnp.asarray(rng.standard_normal((2, 8, config.cap_feat_dim)), jnp.float32)
-    mask = jnp.ones((2, 8), bool).at[1, 5:].set(False)
+    from lumina_jax.models.nextdit import NextDiT
+
+    config, params, x, t, cap, mask = perturbed_tiny_case()
     plain, fused = NextDiT(config), NextDiT(config, fuse_qk_norm_rope=True)
     shapes = lambda m: jax.tree_util.tree_map(lambda a: a.shape, m.init(jax.random.PRNGKey(0), x, t, cap, mask))  # noqa: E731
     assert shapes(fused) == shapes(plain)

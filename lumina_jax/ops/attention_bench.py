@@ -48,6 +48,13 @@ def stock_pallas_attention(q, k, v, kv_lengths=None, *, scale=None, interpret=No
     return stock.mha(q, k, v, seg, sm_scale=scale or 1.0 / float(np.sqrt(d)), interpret=interpret)
 
 
+def _joint_qkv(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, dtype: str, seed: int):
+    """Random q ``(B, L, Hq, D)`` and k, v ``(B, L, Hkv, D)`` in ``dtype``."""
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((batch, seq, h, head_dim)), jnp.dtype(dtype))
+                 for h in (heads, kv_heads, kv_heads))  # fmt: skip
+
+
 def _time(fn, args, iters: int, warmup: int) -> float:
     """Median wall time in ms of ``fn(*args)`` (compiled during warm-up)."""
     for _ in range(max(warmup, 1)):
@@ -92,12 +99,8 @@ def bench_attention(
     """
     platform = jax.default_backend()
     names = list(backends) if backends is not None else list(_NATIVE.get(platform, ("xla",)))
-    dt = jnp.dtype(dtype)
-    seq = image_tokens + caption_tokens
-    rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), dt)
-    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), dt)
-    v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), dt)
+    q, k, v = _joint_qkv(batch, image_tokens + caption_tokens, heads, kv_heads, head_dim, dtype, seed)
+    dt, seq = q.dtype, q.shape[1]
     lengths = None
     if valid_caption_tokens is not None:
         lens = np.full((batch,), seq, np.int32)
@@ -152,12 +155,8 @@ def sweep_pallas_blocks(
 
     from lumina_jax.ops.flash_attention import BlockSizes, flash_attention
 
-    dt = jnp.dtype(dtype)
-    seq = image_tokens + caption_tokens
-    rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), dt)
-    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), dt)
-    v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), dt)
+    q, k, v = _joint_qkv(batch, image_tokens + caption_tokens, heads, kv_heads, head_dim, dtype, seed)
+    seq = q.shape[1]
     fwd_flops = 4.0 * batch * heads * seq * seq * head_dim
     rows = []
     for overrides in configs:
