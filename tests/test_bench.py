@@ -75,3 +75,26 @@ def test_capture_profile_writes_a_trace(tmp_path):
     x = jnp.ones((64, 64))
     path = capture_profile(lambda: f(x), str(tmp_path / "sub" / "t.xplane.pb"), iters=2)
     assert (tmp_path / "sub" / "t.xplane.pb").stat().st_size > 0 and path.endswith("t.xplane.pb")
+
+
+def test_trace_summary_and_hlo_names():
+    from lumina_jax.bench.trace import category, hlo_op_names, summarize
+
+    def layer(x, w):
+        with jax.named_scope("my_block"):
+            return jnp.tanh(x @ w).astype(jnp.bfloat16).astype(jnp.float32) * 2.0
+
+    x = jnp.ones((64, 64))
+    names = hlo_op_names(jax.jit(layer).lower(x, x).compile().as_text())
+    assert names and any("my_block" in op for op in names.values())
+    # a kernel name is the HLO instruction name with '.'/'-' as '_'
+    some = next(k for k, op in names.items() if "my_block" in op)
+    rows = [dict(kernel_name="nvjet_sm90_gemm", occurrences=6, total_duration_us=3000.0),
+            dict(kernel_name=some, occurrences=3, total_duration_us=300.0),
+            dict(kernel_name="memcpy128", occurrences=9, total_duration_us=90.0)]  # fmt: skip
+    s = summarize(rows, iters=3, names=names)
+    assert abs(s["total_ms"] - 1.13) < 1e-9
+    assert s["by_category"][0] == ("gemm", 1.0, 2.0)
+    assert s["top"][1][0] == some and "my_block" in s["top"][1][3]
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert category("memcpy128") == "memcpy/memset"

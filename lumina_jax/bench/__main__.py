@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "train": ("lumina_jax.bench.train", "train step time, TFLOP/s/device and MFU"),
     "caption": ("lumina_jax.bench.caption", "captioner images/s and tokens/s vs transformers"),
     "convert-memory": ("lumina_jax.bench.convert_memory", "peak host memory of a streaming conversion"),
+    "trace": ("lumina_jax.bench.trace", "where the device time of a --profile trace goes (needs xprof)"),
 }
 
 
