@@ -273,12 +273,15 @@ class Attention(nn.Module):
         q = qkv[..., : hq * hd].reshape(b, l, hq, hd)
         k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(b, l, hkv, hd)
         v = qkv[..., (hq + hkv) * hd :].reshape(b, l, hkv, hd)
-        if c.qk_norm and self.fuse_qk:  # same params (q_norm/scale, k_norm/scale), one kernel pass each
-            from lumina_jax.ops.qk_norm_rope import qk_norm_rope
+        if c.qk_norm and self.fuse_qk:  # same params (q_norm/scale, k_norm/scale), one kernel pass each,
+            from lumina_jax.ops.qk_norm_rope import qk_norm_rope  # reading q and k in place from qkv
 
+            qkv_heads = qkv.reshape(b, l, hq + 2 * hkv, hd)
             scale = lambda name: _NormScale("head_dim", self.param_dtype, name=name)(hd)  # noqa: E731
-            q = qk_norm_rope(q, scale("q_norm"), cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype)
-            k = qk_norm_rope(k, scale("k_norm"), cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype)
+            q = qk_norm_rope(qkv_heads, scale("q_norm"), cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype,
+                             heads=(0, hq))  # fmt: skip
+            k = qk_norm_rope(qkv_heads, scale("k_norm"), cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype,
+                             heads=(hq, hkv))  # fmt: skip
         else:
             if c.qk_norm:
                 q = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="q_norm")(q)

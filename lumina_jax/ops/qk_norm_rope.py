@@ -78,8 +78,10 @@ def _kernel(x_ref, w_ref, cos_ref, sin_ref, o_ref, *, chunks, d: int, eps: float
         o_ref[:, pl.ds(off, n)] = out.astype(o_ref.dtype)
 
 
-def _kernel_call(x, weight, cos, sin, eps: float, out_dtype, block_l: int, interpret: bool, num_warps: int):
-    b, l, h, d = x.shape
+def _kernel_call(x, weight, cos, sin, eps: float, out_dtype, block_l: int, interpret: bool, num_warps: int,
+                 heads: tuple[int, int]):
+    b, l, _, d = x.shape
+    offset, h = heads
     if l % block_l:
         raise ValueError(f"sequence length {l} is not a multiple of block_l {block_l}")
     chunks = _chunks(d)
@@ -89,31 +91,38 @@ def _kernel_call(x, weight, cos, sin, eps: float, out_dtype, block_l: int, inter
         functools.partial(_kernel, chunks=chunks, d=d, eps=float(eps), rows=block_l),
         grid=(l // block_l, h, b),
         in_specs=[
-            pl.BlockSpec((_SQ, block_l, _SQ, db), lambda i, j, n: (n, i, j, 0)),
+            pl.BlockSpec((_SQ, block_l, _SQ, db), lambda i, j, n: (n, i, j + offset, 0)),
             pl.BlockSpec((db,), lambda i, j, n: (0,)),
             pl.BlockSpec((_SQ, block_l, hb), lambda i, j, n: (n, i, 0)),
             pl.BlockSpec((_SQ, block_l, hb), lambda i, j, n: (n, i, 0)),
         ],
         out_specs=pl.BlockSpec((_SQ, block_l, _SQ, db), lambda i, j, n: (n, i, j, 0)),
-        out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
+        out_shape=jax.ShapeDtypeStruct((b, l, h, d), out_dtype),
         compiler_params=params,
         interpret=interpret,
         name="lumina_qk_norm_rope",
     )(x, weight, cos, sin)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _fused(x, weight, cos, sin, eps, out_dtype, block_l, interpret, num_warps):
-    return _kernel_call(x, weight, cos, sin, eps, out_dtype, block_l, interpret, num_warps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _fused(x, weight, cos, sin, eps, out_dtype, block_l, interpret, num_warps, heads):
+    return _kernel_call(x, weight, cos, sin, eps, out_dtype, block_l, interpret, num_warps, heads)
 
 
-def _fused_fwd(x, weight, cos, sin, eps, out_dtype, block_l, interpret, num_warps):
-    return _kernel_call(x, weight, cos, sin, eps, out_dtype, block_l, interpret, num_warps), (x, weight, cos, sin)
+def _fused_fwd(x, weight, cos, sin, eps, out_dtype, block_l, interpret, num_warps, heads):
+    out = _kernel_call(x, weight, cos, sin, eps, out_dtype, block_l, interpret, num_warps, heads)
+    return out, (x, weight, cos, sin)
 
 
-def _fused_bwd(eps, out_dtype, block_l, interpret, num_warps, res, g):
+def _fused_bwd(eps, out_dtype, block_l, interpret, num_warps, heads, res, g):
     x, weight, cos, sin = res
-    _, vjp = jax.vjp(lambda *a: norm_rope_reference(*a, eps, out_dtype), x, weight, cos, sin)
+    offset, h = heads
+
+    def ref(x, weight, cos, sin):
+        return norm_rope_reference(jax.lax.slice_in_dim(x, offset, offset + h, axis=2), weight, cos, sin, eps,
+                                   out_dtype)  # fmt: skip
+
+    _, vjp = jax.vjp(ref, x, weight, cos, sin)
     return vjp(g)
 
 
@@ -131,16 +140,22 @@ def qk_norm_rope(
     block_l: int = 64,
     interpret: Optional[bool] = None,
     num_warps: int = 4,
+    heads: Optional[tuple[int, int]] = None,
 ) -> jax.Array:
     """``apply_rope(rms_norm(x) * weight, cos, sin)`` in one kernel; differentiable.
 
     Args:
       x: ``(B, L, H, D)`` (D even); weight: ``(D,)`` norm scale; cos, sin: ``(B, L, D/2)`` fp32.
+      heads: ``(offset, count)``: only heads ``[offset, offset + count)`` of ``x``, read in place (the
+        model passes its fused ``qkv`` as ``(B, L, Hq + 2 Hkv, D)``: no copy of the q or k slice is made).
       eps: the RMSNorm epsilon; out_dtype: result dtype (default ``x.dtype``).
       block_l: tokens per program (a power of two); L is padded up to a multiple of it.
       interpret: run the Pallas interpreter; default: unless running on a GPU.
     """
     b, l, h, d = x.shape
+    offset, count = heads if heads is not None else (0, h)
+    if not (0 <= offset and 0 < count and offset + count <= h):
+        raise ValueError(f"qk_norm_rope: heads {heads} outside the {h} heads of x")
     if d % 2 or weight.shape != (d,) or cos.shape != (b, l, d // 2) or sin.shape != cos.shape:
         raise ValueError(f"qk_norm_rope: x {x.shape} (D even), weight {weight.shape} (D,), cos/sin "
                          f"{cos.shape}/{sin.shape} (B, L, D/2)")  # fmt: skip
@@ -156,5 +171,5 @@ def qk_norm_rope(
         cos = jnp.pad(cos, ((0, 0), (0, pad), (0, 0)))
         sin = jnp.pad(sin, ((0, 0), (0, pad), (0, 0)))
     out = _fused(x, weight, cos.astype(jnp.float32), sin.astype(jnp.float32), float(eps), out_dtype, block_l,
-                 bool(interpret), num_warps)  # fmt: skip
+                 bool(interpret), num_warps, (offset, count))  # fmt: skip
     return out[:, :l] if pad else out
