@@ -102,3 +102,13 @@ def test_nextdit_with_the_fused_prologue():
     g_p, g_f = (jax.jit(jax.grad(lambda p, m=m: loss(m, p)))(params) for m in (plain, fused))
     for a, b in zip(jax.tree_util.tree_leaves(g_f), jax.tree_util.tree_leaves(g_p)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_tpu_uses_the_xla_reference(monkeypatch):
+    """No Triton on a TPU: the default there is the XLA computation (no pallas_call in the program)."""
+    x, w, cos, sin = _inputs(3, 1, 16, 4, 32, jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    jaxpr = str(jax.make_jaxpr(lambda x: qk_norm_rope(x, w, cos, sin, eps=1e-6, heads=(1, 2)))(x))
+    assert "pallas_call" not in jaxpr
+    out = qk_norm_rope(x, w, cos, sin, eps=1e-6, heads=(1, 2))
+    assert rel_l2(out, norm_rope_reference(x[:, :, 1:3], w, cos, sin, 1e-6)) < 1e-7

@@ -150,7 +150,8 @@ def qk_norm_rope(
         model passes its fused ``qkv`` as ``(B, L, Hq + 2 Hkv, D)``: no copy of the q or k slice is made).
       eps: the RMSNorm epsilon; out_dtype: result dtype (default ``x.dtype``).
       block_l: tokens per program (a power of two); L is padded up to a multiple of it.
-      interpret: run the Pallas interpreter; default: unless running on a GPU.
+      interpret: run the Pallas interpreter; default: unless running on a GPU. On a TPU (no Triton) the
+        default is the XLA reference instead, so the model option is harmless there.
     """
     b, l, h, d = x.shape
     offset, count = heads if heads is not None else (0, h)
@@ -162,6 +163,9 @@ def qk_norm_rope(
     if block_l < 1 or block_l & (block_l - 1):
         raise ValueError(f"block_l must be a power of two, got {block_l}")
     if interpret is None:
+        if jax.default_backend() == "tpu":
+            xs = jax.lax.slice_in_dim(x, offset, offset + count, axis=2)
+            return norm_rope_reference(xs, weight, cos, sin, eps, out_dtype)
         interpret = jax.default_backend() != "gpu"
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     block_l = min(block_l, _next_pow2(l))
