@@ -62,6 +62,8 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 else
   step 200 generate-2b $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --compile --json "$RES/generate.json"
   step 60 text-encoder $B text-encoder --config gemma2_2b --batch 2 --seq-len 256 --json "$RES/text.json"
+  step 90 generate-2b-fast $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --no-diffusers --unroll --fused-qk \
+      --json "$RES/generate_fast.json"
   step 120 train-2b-256 $B train --config nextdit_2b --res 256 --batch 16 --remat low_precision --steps 5 \
       --json "$RES/train_256.json"
   step 60 attention-sweep $B attention --sweep --iters 10 --warmup 1 --json "$RES/sweep.json"
