@@ -207,9 +207,9 @@ def test_pallas_block_sizes(blocks, masking):
 def test_pallas_split_head_dim(masking, d):
     """The GPU layout of a non-power-of-two head dim (96 = 64 + 32, 80 = 64 + 16 chunks read from a
     power-of-two wide block, one matmul per chunk), run in the interpreter: forward and gradients."""
-    from lumina_jax.ops.flash_attention import BlockSizes, _pow2_chunks, flash_attention
+    from lumina_jax.ops.flash_attention import BlockSizes, pow2_chunks, flash_attention
 
-    assert _pow2_chunks(96) == ((0, 64), (64, 32)) and _pow2_chunks(72) is None and _pow2_chunks(64) == ((0, 64),)
+    assert pow2_chunks(96) == ((0, 64), (64, 32)) and pow2_chunks(72) is None and pow2_chunks(64) == ((0, 64),)
     bs = BlockSizes(block_q=16, block_k=32, block_q_bwd=32, block_k_bwd=16)
     q, k, v, ct = make_inputs(5, 2, 40, 56, 6, 2, d)
     kw = dict(kv_lengths=jnp.array([56, 21], jnp.int32)) if masking == "lengths" else dict(

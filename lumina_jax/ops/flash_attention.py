@@ -422,7 +422,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------------------------
 
 
-def _pow2_chunks(d: int, minimum: int = 16) -> Optional[tuple[tuple[int, int], ...]]:
+def pow2_chunks(d: int, minimum: int = 16) -> Optional[tuple[tuple[int, int], ...]]:
     """``d`` as (offset, size) power-of-two chunks, largest first (96 -> (0, 64), (64, 32)); None when
     a chunk would be smaller than ``minimum`` (Triton's smallest dot)."""
     chunks, off = [], 0
@@ -440,13 +440,13 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
 def _fit_block(block: int, length: int, minimum: int) -> int:
     """Shrink a block for short sequences (no point in a 128-row tile for 20 tokens)."""
-    return max(minimum, min(block, _next_pow2(length)))
+    return max(minimum, min(block, next_pow2(length)))
 
 
 def flash_attention(
@@ -517,7 +517,7 @@ def flash_attention(
         interpret = platform != target
     if target == "gpu" and not interpret and platform == "tpu":
         raise NotImplementedError("the Triton kernels do not lower on TPU; use target='tpu' there")
-    chunks = _pow2_chunks(d)
+    chunks = pow2_chunks(d)
     compiled_gpu = target == "gpu" and not interpret
     if split_head_dim is None:
         split_head_dim = compiled_gpu and not pad_head_dim and chunks is not None and len(chunks) > 1
@@ -538,10 +538,10 @@ def flash_attention(
     # Powers of two: padding to the largest block makes every block size divide the length.
     lq_pad = _round_up(lq, max(bq, bq_bwd))
     lk_pad = _round_up(lk, max(bk, bk_bwd))
-    d_pad = max(16, _next_pow2(d)) if pad_head_dim else d
+    d_pad = max(16, next_pow2(d)) if pad_head_dim else d
     # the kernels' head-dim layout: one chunk of the (padded) D, or D's power-of-two chunks read from a
     # power-of-two wide block (Triton masks the columns past D)
-    d_block, d_chunks = (_next_pow2(d), chunks) if split_head_dim else (d_pad, ((0, d_pad),))
+    d_block, d_chunks = (next_pow2(d), chunks) if split_head_dim else (d_pad, ((0, d_pad),))
     if d_pad > 256:
         raise ValueError(f"head_dim {d} too large for this kernel (max 256)")
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from lumina_jax.ops.flash_attention import next_pow2, pow2_chunks
 from lumina_jax.ops.norms import rms_normalize
 from lumina_jax.ops.rope import apply_rope
 
@@ -46,20 +47,6 @@ def norm_rope_reference(x, weight, cos, sin, eps: float, out_dtype=None):
     """What the model computes without the kernel: ``apply_rope(rms_norm(x) * w)`` in fp32."""
     y = rms_normalize(x, eps) * weight.astype(jnp.float32)
     return apply_rope(y, cos, sin).astype(out_dtype or x.dtype)
-
-
-def _chunks(d: int) -> tuple[tuple[int, int], ...]:
-    """``d`` as (offset, size) power-of-two chunks, largest first; every chunk is even (pairs stay whole)."""
-    out, off = [], 0
-    for bit in reversed(range(1, d.bit_length())):
-        if d & (1 << bit):
-            out.append((off, 1 << bit))
-            off += 1 << bit
-    return tuple(out)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << (x - 1).bit_length()
 
 
 def _kernel(x_ref, w_ref, cos_ref, sin_ref, o_ref, *, chunks, d: int, eps: float, rows: int):
@@ -84,8 +71,8 @@ def _kernel_call(x, weight, cos, sin, eps: float, out_dtype, block_l: int, inter
     offset, h = heads
     if l % block_l:
         raise ValueError(f"sequence length {l} is not a multiple of block_l {block_l}")
-    chunks = _chunks(d)
-    db, hb = _next_pow2(d), _next_pow2(d // 2)
+    chunks = pow2_chunks(d, minimum=2)  # d is even: every chunk keeps its RoPE pairs whole
+    db, hb = next_pow2(d), next_pow2(d // 2)
     params = None if interpret or pltriton is None else pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
     return pl.pallas_call(
         functools.partial(_kernel, chunks=chunks, d=d, eps=float(eps), rows=block_l),
@@ -168,7 +155,7 @@ def qk_norm_rope(
             return norm_rope_reference(xs, weight, cos, sin, eps, out_dtype)
         interpret = jax.default_backend() != "gpu"
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    block_l = min(block_l, _next_pow2(l))
+    block_l = min(block_l, next_pow2(l))
     pad = -l % block_l
     if pad:
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
