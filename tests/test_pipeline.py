@@ -132,7 +132,8 @@ def test_latent_output_without_cfg(pipe):
 
 def test_unrolled_layers_and_bf16_weight_cast(reference):
     """``scan_layers=False`` gives the scanned pipeline's latents; in bf16 the matmul weights are stored in
-    bf16 (cast once) while norm scales keep their fp32 values, and the latents match an uncast run."""
+    bf16 (cast once) while norm scales keep their fp32 values (that the cast leaves the bf16 model's
+    outputs bit-identical is ``test_nextdit.py::test_cast_matmul_weights_is_exact_in_bf16``)."""
     comps = reference[1]
     kw = dict(guidance_scale=4.0, solver="euler", num_inference_steps=2, height=32, width=32, seed=3,
               output_type="latent")  # fmt: skip
@@ -144,9 +145,6 @@ def test_unrolled_layers_and_bf16_weight_cast(reference):
     flat = flatten(bf.dit_params)
     assert all(str(v.dtype) == "bfloat16" for k, v in flat.items() if k.endswith(("kernel", "bias")))
     assert all(str(v.dtype) == "float32" for k, v in flat.items() if k.endswith("scale"))
-    uncast = Lumina2Pipeline(comps, dtype="bf16")
-    uncast.dit_params = jax.device_put(comps.transformer)  # as before the cast: fp32, cast per call
-    np.testing.assert_array_equal(bf("a cat", **kw).images, uncast("a cat", **kw).images)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The synthetic shapes world, its TFDS builder, the identity autoencoder stage, and an end-to-end
-train -> assemble -> sample run of the bundled model's config (a few steps, shapes only)."""
+"""The synthetic shapes world, its TFDS builder, the autoencoder stages (identity; trained), the LM-pretrained
+text encoder, and an end-to-end train -> assemble -> sample run of the bundled model's recipe (a few steps,
+shapes only)."""
 
 from __future__ import annotations
 
@@ -75,8 +76,15 @@ def test_tokenizer_covers_vocabulary(tmp_path):
 def tiny_world(tmp_path_factory):
     from lumina_jax.shapes import build
 
+    from lumina_jax.shapes import text_train, vae_train
+
     work = tmp_path_factory.mktemp("shapes")
     info = build.prepare(work, num_train=48, num_test=4)
+    cfg = vae_train.VAETrainConfig(steps=2, batch=2, small_every=0, calib_images=16)  # = shapes train-vae
+    info["vae_metrics"] = vae_train.train_vae(work / "encoders" / "vae_f4", cfg, progress=False)
+    tcfg = text_train.TextTrainConfig(steps=1, batch=2, warmup=1)  # = shapes train-text-encoder
+    info["text_metrics"] = text_train.train_text_encoder(work / "encoders" / "text_encoder_lm",
+                                                         work / "encoders" / "tokenizer", tcfg, progress=False)
     return work, info
 
 
@@ -96,6 +104,8 @@ def test_tfds_builder_reads_through_grain_source(tiny_world):
 
 
 def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
+    """The bundled model's recipe (configs/train/shapes_latent.yaml: trained VAE, LM-pretrained text
+    encoder) through ``python -m lumina_jax train``, ``shapes assemble`` and the pipeline, a few steps."""
     from lumina_jax.pipeline import Lumina2Pipeline
     from lumina_jax.shapes import build
     from lumina_jax.convert.nextdit import load_transformer
@@ -103,24 +113,29 @@ def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     from lumina_jax.train.config import load_config
 
     work, info = tiny_world
-    n_stages = len(load_config("configs/train/shapes.yaml").stages)
+    recipe = "configs/train/shapes_latent.yaml"
+    n_stages = len(load_config(recipe).stages)
     ov = [f"run_dir={tmp_path / 'run'}", "log.every=1", "optimizer.warmup_steps=0", "log.progress=false"]
-    for s in range(n_stages):  # every stage, 1 step (2 for the first two), batch 4, the tiny world
-        ov += [f"stages.{s}.steps={2 if s < 2 else 1}", f"stages.{s}.batch=4"]
-        ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae",
-               f"stages.{s}.data.text_encoder={work}/encoders/text_encoder",
+    for s in range(n_stages):  # every stage, 2 steps, batch 4, the tiny world
+        ov += [f"stages.{s}.steps=2", f"stages.{s}.batch=4"]
+        ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae_f4",
+               f"stages.{s}.data.text_encoder={work}/encoders/text_encoder_lm",
                f"stages.{s}.data.tokenizer={work}/encoders/tokenizer", f"stages.{s}.data.read_threads=1"]
-    assert train_main(["configs/train/shapes.yaml", *ov]) == 0  # = python -m lumina_jax train ...
+    assert train_main([recipe, *ov]) == 0  # = python -m lumina_jax train ...
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == 4 + (n_stages - 2) and np.isfinite(metrics[-1]["loss"])
-    out = build.assemble(tmp_path / "run", work, tmp_path / "model")
+    assert metrics[-1]["step"] == 2 * n_stages and np.isfinite(metrics[-1]["loss"])
+    with pytest.raises(ValueError, match="4-channel latents"):  # the identity stage does not fit this DiT
+        build.assemble(tmp_path / "run", work, tmp_path / "bad", text_encoder="text_encoder_lm")
+    with pytest.raises(ValueError, match="128-wide caption features"):
+        build.assemble(tmp_path / "run", work, tmp_path / "bad", vae="vae_f4")
+    out = build.assemble(tmp_path / "run", work, tmp_path / "model", vae="vae_f4", text_encoder="text_encoder_lm")
     stored = load_transformer(out / "transformer", dtype=None)[1]
     assert {str(a.dtype) for a in jax.tree.leaves(stored)} == {"bfloat16"}  # 20 MB repository budget
     pipe = Lumina2Pipeline.from_pretrained(out, compilation_cache=False)
     assert pipe.default_image_size == 64 and pipe.size_multiple == 8
     r = pipe([spec.EXAMPLE_PROMPT, "a green triangle at the top, on a black background"], num_inference_steps=2,
              seed=0, output_type="np")
-    assert r.images.shape == (2, 64, 64, 3) and r.latents.shape == (2, 64, 64, 3)
+    assert r.images.shape == (2, 64, 64, 3) and r.latents.shape == (2, 16, 16, 4)
     assert np.isfinite(r.images).all()
     res = checker.check_many((r.images * 255).astype(np.uint8), [spec.example_scene()] * 2)
     assert set(res) >= {"colour", "shape", "position", "all"}
@@ -141,3 +156,56 @@ def test_xpred_experiment_config_differs_only_in_the_head():
     x, v = NextDiTConfig.from_yaml("shapes_nextdit_xpred"), NextDiTConfig.from_yaml("shapes_nextdit")
     assert x.prediction == "data" and v.prediction == "velocity"
     assert dataclasses.replace(x, prediction="velocity") == v
+
+
+def test_train_vae_writes_a_calibrated_autoencoder(tiny_world):
+    """``shapes train-vae`` (2 steps, in the fixture): a diffusers-layout VAE whose scaling/shift make the
+    latents of fresh training scenes zero-mean, unit-variance, with the 4x down-sampling and channels the
+    latent DiT config expects."""
+    import jax.numpy as jnp
+
+    from lumina_jax.convert.vae import load_vae
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.models.vae import AutoencoderKL, scale_latents
+    from lumina_jax.shapes import vae_train
+
+    work, info = tiny_world
+    m = info["vae_metrics"]
+    assert m["steps"] == 2 and np.isfinite(m["history"][-1]["loss"])
+    vcfg, params = load_vae(work / "encoders" / "vae_f4")
+    dit = NextDiTConfig.from_yaml("shapes_nextdit_latent")
+    assert vcfg.downsample_factor == 4 and vcfg.latent_channels == dit.in_channels
+    saved = json.loads((work / "encoders" / "vae_f4" / "train_metrics.json").read_text())
+    assert saved["steps"] == 2 and vcfg.scaling_factor == round(1 / m["latent_std"], 4) != 1.0
+    x = jnp.asarray(vae_train.render_batch(np.random.default_rng(5), 16, 64))
+    z = scale_latents(AutoencoderKL(vcfg).apply({"params": params}, x, method=AutoencoderKL.encode).mode(), vcfg)
+    assert z.shape == (16, 16, 16, 4)
+    assert abs(float(z.mean())) < 0.25 and 0.8 < float(z.std()) < 1.25  # rounded factors, other scenes
+
+
+def test_train_text_encoder_is_a_gemma2_causal_lm(tmp_path):
+    """``shapes train-text-encoder`` (2 steps): the saved encoder loads as transformers'
+    ``Gemma2ForCausalLM`` (tied embedding) and its logits equal the trainer's ``lm_logits``; the features the
+    DiT reads come from the saved weights and the config the latent DiT expects."""
+    import torch
+    import transformers
+
+    from lumina_jax.convert.gemma2 import load_text_encoder
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.shapes import components, text_train
+    from lumina_jax.text import load_tokenizer
+
+    tok_dir = components.train_tokenizer(tmp_path / "tok")
+    cfg = text_train.TextTrainConfig(steps=2, batch=4, warmup=1)
+    m = text_train.train_text_encoder(tmp_path / "te", tok_dir, cfg, progress=False)
+    assert m["steps"] == 2 and np.isfinite(m["train_loss"]) and 0 <= m["held_out_accuracy"] <= 1
+    gcfg, params = load_text_encoder(tmp_path / "te")
+    assert gcfg.hidden_size == NextDiTConfig.from_yaml("shapes_nextdit_latent").cap_feat_dim
+    ids, mask = text_train.caption_batch(np.random.default_rng(0), load_tokenizer(tok_dir), 3, 64, "real")
+    ours = np.asarray(text_train.lm_logits(params, ids, mask, gcfg))
+    ref = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path / "te", attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+    valid = mask.astype(bool)
+    err = np.linalg.norm(ours[valid] - theirs[valid]) / np.linalg.norm(theirs[valid])
+    assert err < 1e-4, err

@@ -1,14 +1,18 @@
-"""Build the bundled shapes model end to end: ``python -m lumina_jax.shapes {prepare,assemble}``.
+"""Build the bundled shapes model end to end: ``python -m lumina_jax.shapes {prepare,train-vae,assemble}``.
 
-    python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), encoders
-    python -m lumina_jax train configs/train/shapes.yaml             # the project's trainer, 2 stages
-    python -m lumina_jax.shapes assemble --run runs/shapes --work data/shapes \\
-        --out lumina_jax/assets/default_model                        # EMA weights + encoders -> pipeline dir
+    python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), tokenizer, text encoder
+    python -m lumina_jax.shapes train-vae --work data/shapes        # the autoencoder stage (4x, 4 channels)
+    python -m lumina_jax.shapes train-text-encoder --work data/shapes  # tiny Gemma-2 pretrained as a causal LM
+    python -m lumina_jax train configs/train/shapes_latent.yaml      # the project's trainer, 2 stages
+    python -m lumina_jax.shapes assemble --run runs/shapes_latent --work data/shapes \
+        --vae vae_f4 --text-encoder text_encoder_lm --out lumina_jax/assets/default_model
 
 ``prepare`` writes, under ``--work``: ``tfds/shapes_world/1.0.0`` (array_record, see
-:mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}``. ``assemble``
-reads the run's latest checkpoint (:func:`lumina_jax.train.loop.restore_weights`), stores the Next-DiT
-in bf16 (7.5M params: 15 MB, under the repository's 20 MB budget) and the encoders in fp32.
+:mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}`` (``vae`` is the
+pixel-space identity stage of the earlier recipe, ``configs/train/shapes.yaml``); ``train-vae`` adds
+``encoders/vae_f4`` (:mod:`lumina_jax.shapes.vae_train`). ``assemble`` reads the run's latest checkpoint
+(:func:`lumina_jax.train.loop.restore_weights`), stores the Next-DiT in bf16 (under the repository's
+20 MB budget) and the encoders in fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from lumina_jax.shapes.text_train import TextTrainConfig, train_text_encoder
+from lumina_jax.shapes.vae_train import VAETrainConfig, train_vae
 
 DEFAULT_SHIFT = 6.0
 
@@ -39,9 +46,13 @@ def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200) ->
 
 
 def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float = DEFAULT_SHIFT,
-             which: str = "ema", transformer_dtype: str = "bf16", overwrite: bool = True) -> Path:  # fmt: skip
-    """EMA (or raw) weights of the training run ``run`` + the encoders of ``work`` -> a lumina_jax
-    pipeline directory at ``out``."""
+             which: str = "ema", transformer_dtype: str = "bf16", vae: str = "vae",
+             text_encoder: str = "text_encoder", overwrite: bool = True) -> Path:  # fmt: skip
+    """EMA (or raw) weights of the training run ``run`` + the encoders of ``work`` (the autoencoder from
+    ``work/encoders/<vae>``: ``vae`` identity stage, ``vae_f4`` trained; the text encoder from
+    ``work/encoders/<text_encoder>``: ``text_encoder`` random, ``text_encoder_lm`` pretrained) -> a pipeline
+    directory at ``out``. The transformer must read the autoencoder's latents and the text encoder's
+    width, else a ``ValueError`` says which does not fit."""
     import jax
     import numpy as np
 
@@ -56,8 +67,15 @@ def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float
     t_cfg, t_params = restore_weights(run, which=which)
     dt = resolve_dtype(transformer_dtype)
     t_params = jax.tree.map(lambda a: np.asarray(a).astype(dt), t_params)
-    g_cfg, g_params = load_text_encoder(work / "encoders" / "text_encoder")
-    v_cfg, v_params = load_vae(work / "encoders" / "vae")
+    g_cfg, g_params = load_text_encoder(work / "encoders" / text_encoder)
+    if t_cfg.cap_feat_dim != g_cfg.hidden_size:
+        raise ValueError(f"the run's transformer reads {t_cfg.cap_feat_dim}-wide caption features but "
+                         f"{work / 'encoders' / text_encoder} is {g_cfg.hidden_size} wide: pass the text encoder "
+                         "it was trained with")
+    v_cfg, v_params = load_vae(work / "encoders" / vae)
+    if t_cfg.in_channels != v_cfg.latent_channels:
+        raise ValueError(f"the run's transformer reads {t_cfg.in_channels}-channel latents but "
+                         f"{work / 'encoders' / vae} has {v_cfg.latent_channels}: pass the VAE it was trained on")
     tok = load_tokenizer(work / "encoders" / "tokenizer")
     sched = dict(DEFAULT_SCHEDULER, shift=float(shift))
     comps = Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, sched, 64,
@@ -73,6 +91,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a.add_argument("--work", default="data/shapes")
     a.add_argument("--num-train", type=int, default=16000)
     a.add_argument("--num-test", type=int, default=200)
+    v = sub.add_parser("train-vae", help="train the autoencoder stage (4x, 4 latent channels) into WORK/encoders/vae_f4")
+    v.add_argument("--work", default="data/shapes")
+    v.add_argument("--out", default=None, help="output directory (default: WORK/encoders/vae_f4)")
+    v.add_argument("--steps", type=int, default=VAETrainConfig.steps)
+    v.add_argument("--batch", type=int, default=VAETrainConfig.batch)
+    v.add_argument("--lr", type=float, default=VAETrainConfig.lr)
+    v.add_argument("--seed", type=int, default=VAETrainConfig.seed)
+    t = sub.add_parser("train-text-encoder",
+                       help="pretrain the tiny Gemma-2 as a causal LM on captions into WORK/encoders/text_encoder_lm")
+    t.add_argument("--work", default="data/shapes")
+    t.add_argument("--out", default=None, help="output directory (default: WORK/encoders/text_encoder_lm)")
+    t.add_argument("--steps", type=int, default=TextTrainConfig.steps)
+    t.add_argument("--seed", type=int, default=TextTrainConfig.seed)
     b = sub.add_parser("assemble", help="run checkpoint + encoders -> pipeline directory")
     b.add_argument("--run", default="runs/shapes")
     b.add_argument("--work", default="data/shapes")
@@ -80,6 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--shift", type=float, default=DEFAULT_SHIFT)
     b.add_argument("--which", choices=("ema", "params"), default="ema")
     b.add_argument("--transformer-dtype", choices=("bf16", "fp32"), default="bf16")
+    b.add_argument("--vae", default="vae", help="autoencoder folder under WORK/encoders (vae: identity, vae_f4: trained)")
+    b.add_argument("--text-encoder", default="text_encoder",
+                   help="text encoder folder under WORK/encoders (text_encoder: random, text_encoder_lm: pretrained)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         p.error("training runs through the project's trainer: python -m lumina_jax train configs/train/shapes.yaml")
@@ -87,10 +121,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.cmd == "prepare":
+    if args.cmd == "train-vae":
+        out = Path(args.out) if args.out else Path(args.work) / "encoders" / "vae_f4"
+        m = train_vae(out, VAETrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed))
+        print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
+        print(f"wrote {out}")
+    elif args.cmd == "train-text-encoder":
+        out = Path(args.out) if args.out else Path(args.work) / "encoders" / "text_encoder_lm"
+        m = train_text_encoder(out, Path(args.work) / "encoders" / "tokenizer",
+                               TextTrainConfig(steps=args.steps, seed=args.seed))  # fmt: skip
+        print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
+        print(f"wrote {out}")
+    elif args.cmd == "prepare":
         print(json.dumps(prepare(args.work, num_train=args.num_train, num_test=args.num_test), indent=2))
     else:
         out = assemble(args.run, args.work, args.out, shift=args.shift, which=args.which,
-                       transformer_dtype=args.transformer_dtype)  # fmt: skip
+                       transformer_dtype=args.transformer_dtype, vae=args.vae,
+                       text_encoder=args.text_encoder)  # fmt: skip
         print(f"wrote {out}")
     return 0

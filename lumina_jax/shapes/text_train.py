@@ -1,0 +1,129 @@
+"""Pretrain the shapes model's tiny Gemma-2 as a causal LM: ``python -m lumina_jax.shapes train-text-encoder``.
+
+Lumina-Image 2.0 conditions on a *pretrained*, frozen Gemma-2-2B: its hidden states are contextual, so a
+token's features already say what it belongs to. A random encoder (the earlier shapes recipes) gives
+features that are little more than per-token embeddings, and the DiT then has to learn attribute binding
+("red" goes with "circle" goes with "left") by itself. Here the tiny Gemma-2 (``configs/model/
+shapes_gemma2_lm.yaml``) is trained on next-token prediction over captions of *training* scenes (held-out
+combinations are never shown), with the system prompt the pipeline samples with, using Gemma's tied
+output embedding and final logit soft-capping; then it is frozen and saved in transformers' layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lumina_jax.shapes import spec
+
+TEXT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes_gemma2_lm.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTrainConfig:
+    steps: int = 1500
+    batch: int = 64
+    seq_len: int = 64
+    lr: float = 3e-3
+    warmup: int = 100
+    system_prompt: str = "real"
+    seed: int = 0
+
+
+def caption_batch(rng: np.random.Generator, tokenizer: Any, n: int, seq_len: int, system_prompt: str):
+    """``(ids, mask)`` int32/bool ``(n, seq_len)``: right-padded captions of random training scenes."""
+    from lumina_jax.text_templates import build_prompt
+
+    texts = [build_prompt(spec.caption(spec.random_scene(rng, held_out=False), rng=rng), system_prompt)
+             for _ in range(n)]  # fmt: skip
+    enc = tokenizer(texts, padding="max_length", max_length=seq_len, truncation=True, return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
+
+
+def lm_logits(params: Any, ids: Any, mask: Any, config: Any) -> Any:
+    """Gemma-2 LM logits from the encoder's final hidden state and the tied embedding (soft-capped)."""
+    import jax.numpy as jnp
+
+    from lumina_jax.models.gemma2 import encode
+
+    h = encode(params, ids, mask, config).last_hidden_state
+    logits = h @ params["embed_tokens"]["embedding"].T
+    cap = config.final_logit_softcapping
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def train_text_encoder(out_dir: str | Path, tokenizer_dir: str | Path, cfg: TextTrainConfig = TextTrainConfig(), *,
+                       config_path: str | Path = TEXT_CONFIG, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train, save to ``out_dir`` (transformers layout); returns metrics (next-token loss/accuracy)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lumina_jax.convert.gemma2 import save_text_encoder
+    from lumina_jax.models.gemma2 import Gemma2Config, init_params
+    from lumina_jax.text import load_tokenizer
+
+    gcfg = Gemma2Config.from_yaml(config_path)
+    tok = load_tokenizer(tokenizer_dir)
+    if len(tok) > gcfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} pieces, more than the encoder's vocab_size {gcfg.vocab_size}")
+    params = init_params(gcfg, jax.random.PRNGKey(cfg.seed))
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), 0.05 * cfg.lr)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.0))
+    opt_state = opt.init(params)
+
+    def loss_fn(p, ids, mask):
+        logits = lm_logits(p, ids, mask, gcfg)[:, :-1]
+        target, valid = ids[:, 1:], mask[:, 1:]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), target)
+        acc = (jnp.argmax(logits, -1) == target)
+        n = jnp.maximum(valid.sum(), 1)
+        return jnp.sum(nll * valid) / n, jnp.sum(acc * valid) / n
+
+    @jax.jit
+    def step(p, s, ids, mask):
+        (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(p, ids, mask)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss, acc
+
+    rng = np.random.default_rng([cfg.seed, 31])
+    t0 = time.perf_counter()
+    hist = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="train-text-encoder", unit="step", mininterval=5.0)
+    for i in range(cfg.steps):
+        ids, mask = caption_batch(rng, tok, cfg.batch, cfg.seq_len, cfg.system_prompt)
+        params, opt_state, loss, acc = step(params, opt_state, ids, mask)
+        if i % 100 == 0 or i == cfg.steps - 1:
+            hist.append({"step": i, "loss": float(loss), "accuracy": float(acc)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.3f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    # held-out captions: the next-token loss on combinations never trained on
+    ho_rng = np.random.default_rng([cfg.seed, 32])
+    texts_ids, texts_mask = [], []
+    from lumina_jax.text_templates import build_prompt
+
+    for _ in range(256):
+        s = spec.random_scene(ho_rng, held_out=True)
+        texts_ids.append(build_prompt(spec.caption(s, rng=ho_rng), cfg.system_prompt))
+    enc = tok(texts_ids, padding="max_length", max_length=cfg.seq_len, truncation=True, return_tensors="np")
+    ho_loss, ho_acc = jax.jit(loss_fn)(params, enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool))
+    metrics = {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1), "train_loss": hist[-1]["loss"],
+               "train_accuracy": hist[-1]["accuracy"], "held_out_loss": float(ho_loss),
+               "held_out_accuracy": float(ho_acc), "history": hist, "config": dataclasses.asdict(cfg)}  # fmt: skip
+    out_dir = Path(out_dir)
+    save_text_encoder(out_dir, gcfg, jax.tree.map(np.asarray, params))
+    (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics

@@ -1,0 +1,121 @@
+"""Train the shapes model's autoencoder stage: ``python -m lumina_jax.shapes train-vae``.
+
+A small FLUX-architecture ``AutoencoderKL`` (``configs/model/shapes_vae.yaml``: 4x down-sampling, 4 latent
+channels) trained on rendered *training* scenes of the shapes world (held-out combinations are never
+rendered, so the autoencoder cannot leak them), at 64 px and 32 px (the resolutions of the DiT's
+progressive stages). Loss: L1 + MSE reconstruction of a posterior *sample* plus a small KL term, which
+keeps the latents smooth and their scale bounded, as for latent-diffusion autoencoders. After training,
+``shift_factor`` and ``scaling_factor`` are set from the latents of held-back training scenes
+(mean and 1 / std), so the DiT sees roughly unit-variance latents; the result is written in diffusers'
+layout (:func:`lumina_jax.convert.vae.save_vae`), the format the trainer and pipeline load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from lumina_jax.shapes import spec
+
+VAE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes_vae.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETrainConfig:
+    steps: int = 1200
+    batch: int = 16
+    lr: float = 2e-3
+    warmup: int = 50
+    kl_weight: float = 1e-4
+    small_every: int = 4  # every n-th step trains on 32 px renders (0: never)
+    calib_images: int = 256  # fresh training scenes that set shift_factor / scaling_factor
+    seed: int = 0
+
+
+def render_batch(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """``(n, size, size, 3)`` float32 in [-1, 1]: random *training* scenes (jittered as in the dataset)."""
+    imgs = [spec.render(spec.random_scene(rng, held_out=False), size=size, rng=rng) for _ in range(n)]
+    return np.stack(imgs).astype(np.float32) / 127.5 - 1.0
+
+
+def train_vae(out_dir: str | Path, cfg: VAETrainConfig = VAETrainConfig(), *, config_path: str | Path = VAE_CONFIG,
+              progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train, calibrate the latent scaling, save to ``out_dir`` (diffusers layout); returns metrics."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lumina_jax.convert.vae import save_vae
+    from lumina_jax.models.vae import AutoencoderKL, VAEConfig
+
+    vcfg = VAEConfig.from_yaml(config_path)
+    model = AutoencoderKL(vcfg)
+    rng = np.random.default_rng([cfg.seed, 77])
+    params = model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, 32, 32, 3)))["params"]
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), 0.05 * cfg.lr)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.99, weight_decay=0.0))
+    opt_state = opt.init(params)
+
+    def loss_fn(p, x, key):
+        post = model.apply({"params": p}, x, method=AutoencoderKL.encode)
+        rec = model.apply({"params": p}, post.sample(key), method=AutoencoderKL.decode)
+        l1 = jnp.mean(jnp.abs(rec - x))
+        mse = jnp.mean((rec - x) ** 2)
+        kl = jnp.mean(post.kl()) / (x.shape[1] * x.shape[2])  # per pixel
+        return l1 + mse + cfg.kl_weight * kl, (l1, mse, kl)
+
+    @jax.jit
+    def step(p, s, x, key):
+        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, key)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss, aux
+
+    key = jax.random.PRNGKey(cfg.seed + 1)
+    t0 = time.perf_counter()
+    bar = _progress(cfg.steps, progress)
+    hist = []
+    for i in range(cfg.steps):
+        size = 32 if cfg.small_every and i % cfg.small_every == cfg.small_every - 1 else 64
+        key, sub = jax.random.split(key)
+        params, opt_state, loss, (l1, mse, kl) = step(params, opt_state, render_batch(rng, cfg.batch, size), sub)
+        if i % 50 == 0 or i == cfg.steps - 1:
+            hist.append({"step": i, "loss": float(loss), "l1": float(l1), "mse": float(mse), "kl": float(kl)})
+            if bar is not None:
+                bar.set_postfix(l1=f"{float(l1):.4f}", kl=f"{float(kl):.2f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    # calibrate: latents of fresh training scenes -> shift = mean, scaling = 1 / std
+    enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.encode).mode())
+    dec = jax.jit(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.decode))
+    x = render_batch(np.random.default_rng([cfg.seed, 78]), cfg.calib_images, 64)
+    z = np.asarray(enc(params, x))
+    rec = np.clip(np.asarray(dec(params, z)), -1, 1)
+    shift, scale = float(z.mean()), float(1.0 / z.std())
+    vcfg = dataclasses.replace(vcfg, shift_factor=round(shift, 4), scaling_factor=round(scale, 4))
+    metrics = {
+        "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1),
+        "recon_l1_64px": float(np.abs(rec - x).mean()), "recon_psnr_64px": float(10 * np.log10(4.0 / np.mean((rec - x) ** 2))),
+        "latent_mean": shift, "latent_std": float(z.std()), "history": hist, "config": dataclasses.asdict(cfg),
+    }  # fmt: skip
+    out_dir = Path(out_dir)
+    save_vae(out_dir, vcfg, jax.tree.map(np.asarray, params))
+    (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+def _progress(total: int, enabled: bool) -> Optional[Any]:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="train-vae", unit="step", mininterval=5.0)
