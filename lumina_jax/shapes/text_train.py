@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lumina_jax.shapes import spec
+from lumina_jax.shapes.fit import run_steps
 
 TEXT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes_gemma2_lm.yaml"
 
@@ -93,26 +94,18 @@ def train_text_encoder(out_dir: str | Path, tokenizer_dir: str | Path, cfg: Text
 
     rng = np.random.default_rng([cfg.seed, 31])
     t0 = time.perf_counter()
-    hist = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    state = {"params": params, "opt": opt_state}
 
-        bar = tqdm(total=cfg.steps, desc="train-text-encoder", unit="step", mininterval=5.0)
-    for i in range(cfg.steps):
+    def one_step(i: int) -> dict[str, Any]:
         ids, mask = caption_batch(rng, tok, cfg.batch, cfg.seq_len, cfg.system_prompt)
-        params, opt_state, loss, acc = step(params, opt_state, ids, mask)
-        if i % 100 == 0 or i == cfg.steps - 1:
-            hist.append({"step": i, "loss": float(loss), "accuracy": float(acc)})
-            if bar is not None:
-                bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.3f}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        state["params"], state["opt"], loss, acc = step(state["params"], state["opt"], ids, mask)
+        return {"loss": loss, "accuracy": acc}
+
+    hist = run_steps(cfg.steps, one_step, desc="train-text-encoder", every=100, progress=progress)
+    params = state["params"]
     # held-out captions: the next-token loss on combinations never trained on
     ho_rng = np.random.default_rng([cfg.seed, 32])
-    texts_ids, texts_mask = [], []
+    texts_ids = []
     from lumina_jax.text_templates import build_prompt
 
     for _ in range(256):

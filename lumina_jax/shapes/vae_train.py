@@ -16,11 +16,12 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from lumina_jax.shapes import spec
+from lumina_jax.shapes.fit import run_steps
 
 VAE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes_vae.yaml"
 
@@ -77,20 +78,17 @@ def train_vae(out_dir: str | Path, cfg: VAETrainConfig = VAETrainConfig(), *, co
 
     key = jax.random.PRNGKey(cfg.seed + 1)
     t0 = time.perf_counter()
-    bar = _progress(cfg.steps, progress)
-    hist = []
-    for i in range(cfg.steps):
+    state = {"params": params, "opt": opt_state, "key": key}
+
+    def one_step(i: int) -> dict[str, Any]:
         size = 32 if cfg.small_every and i % cfg.small_every == cfg.small_every - 1 else 64
-        key, sub = jax.random.split(key)
-        params, opt_state, loss, (l1, mse, kl) = step(params, opt_state, render_batch(rng, cfg.batch, size), sub)
-        if i % 50 == 0 or i == cfg.steps - 1:
-            hist.append({"step": i, "loss": float(loss), "l1": float(l1), "mse": float(mse), "kl": float(kl)})
-            if bar is not None:
-                bar.set_postfix(l1=f"{float(l1):.4f}", kl=f"{float(kl):.2f}")
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        state["key"], sub = jax.random.split(state["key"])
+        state["params"], state["opt"], loss, (l1, mse, kl) = step(
+            state["params"], state["opt"], render_batch(rng, cfg.batch, size), sub)
+        return {"loss": loss, "l1": l1, "mse": mse, "kl": kl}
+
+    hist = run_steps(cfg.steps, one_step, desc="train-vae", every=50, progress=progress)
+    params = state["params"]
 
     # calibrate: latents of fresh training scenes -> shift = mean, scaling = 1 / std
     enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.encode).mode())
@@ -109,13 +107,3 @@ def train_vae(out_dir: str | Path, cfg: VAETrainConfig = VAETrainConfig(), *, co
     save_vae(out_dir, vcfg, jax.tree.map(np.asarray, params))
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
-
-
-def _progress(total: int, enabled: bool) -> Optional[Any]:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc="train-vae", unit="step", mininterval=5.0)
