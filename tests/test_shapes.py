@@ -1,5 +1,5 @@
 """The synthetic shapes world, its TFDS builder, the autoencoder stages (identity; trained), the LM-pretrained
-text encoder, and an end-to-end train -> assemble -> sample run of the bundled model's recipe (a few steps,
+text encoder, and an end-to-end train -> assemble -> sample run of the shipped model's recipe (a few steps,
 shapes only)."""
 
 from __future__ import annotations
@@ -76,15 +76,12 @@ def test_tokenizer_covers_vocabulary(tmp_path):
 def tiny_world(tmp_path_factory):
     from lumina_jax.shapes import build
 
-    from lumina_jax.shapes import text_train, vae_train
+    from lumina_jax.shapes import vae_train
 
     work = tmp_path_factory.mktemp("shapes")
     info = build.prepare(work, num_train=48, num_test=4)
     cfg = vae_train.VAETrainConfig(steps=2, batch=2, small_every=0, calib_images=16)  # = shapes train-vae
     info["vae_metrics"] = vae_train.train_vae(work / "encoders" / "vae_f4", cfg, progress=False)
-    tcfg = text_train.TextTrainConfig(steps=1, batch=2, warmup=1)  # = shapes train-text-encoder
-    info["text_metrics"] = text_train.train_text_encoder(work / "encoders" / "text_encoder_lm",
-                                                         work / "encoders" / "tokenizer", tcfg, progress=False)
     return work, info
 
 
@@ -104,8 +101,8 @@ def test_tfds_builder_reads_through_grain_source(tiny_world):
 
 
 def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
-    """The bundled model's recipe (configs/train/shapes_latent.yaml: trained VAE, LM-pretrained text
-    encoder) through ``python -m lumina_jax train``, ``shapes assemble`` and the pipeline, a few steps."""
+    """The shipped model's recipe (configs/train/shapes.yaml) through ``python -m lumina_jax train``,
+    ``shapes assemble`` and the pipeline, a few steps per stage."""
     from lumina_jax.pipeline import Lumina2Pipeline
     from lumina_jax.shapes import build
     from lumina_jax.convert.nextdit import load_transformer
@@ -113,32 +110,47 @@ def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     from lumina_jax.train.config import load_config
 
     work, info = tiny_world
-    recipe = "configs/train/shapes_latent.yaml"
-    n_stages = len(load_config(recipe).stages)
+    n_stages = len(load_config("configs/train/shapes.yaml").stages)
     ov = [f"run_dir={tmp_path / 'run'}", "log.every=1", "optimizer.warmup_steps=0", "log.progress=false"]
-    for s in range(n_stages):  # every stage, 2 steps, batch 4, the tiny world
-        ov += [f"stages.{s}.steps=2", f"stages.{s}.batch=4"]
-        ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae_f4",
-               f"stages.{s}.data.text_encoder={work}/encoders/text_encoder_lm",
+    for s in range(n_stages):  # every stage, 1 step (2 for the first two), batch 4, the tiny world
+        ov += [f"stages.{s}.steps={2 if s < 2 else 1}", f"stages.{s}.batch=4"]
+        ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae",
+               f"stages.{s}.data.text_encoder={work}/encoders/text_encoder",
                f"stages.{s}.data.tokenizer={work}/encoders/tokenizer", f"stages.{s}.data.read_threads=1"]
-    assert train_main([recipe, *ov]) == 0  # = python -m lumina_jax train ...
+    assert train_main(["configs/train/shapes.yaml", *ov]) == 0  # = python -m lumina_jax train ...
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == 2 * n_stages and np.isfinite(metrics[-1]["loss"])
-    with pytest.raises(ValueError, match="4-channel latents"):  # the identity stage does not fit this DiT
-        build.assemble(tmp_path / "run", work, tmp_path / "bad", text_encoder="text_encoder_lm")
-    with pytest.raises(ValueError, match="128-wide caption features"):
+    assert metrics[-1]["step"] == 4 + (n_stages - 2) and np.isfinite(metrics[-1]["loss"])
+    with pytest.raises(ValueError, match="3-channel latents"):  # the trained 4x VAE does not fit this DiT
         build.assemble(tmp_path / "run", work, tmp_path / "bad", vae="vae_f4")
-    out = build.assemble(tmp_path / "run", work, tmp_path / "model", vae="vae_f4", text_encoder="text_encoder_lm")
+    out = build.assemble(tmp_path / "run", work, tmp_path / "model")
     stored = load_transformer(out / "transformer", dtype=None)[1]
     assert {str(a.dtype) for a in jax.tree.leaves(stored)} == {"bfloat16"}  # 20 MB repository budget
     pipe = Lumina2Pipeline.from_pretrained(out, compilation_cache=False)
     assert pipe.default_image_size == 64 and pipe.size_multiple == 8
     r = pipe([spec.EXAMPLE_PROMPT, "a green triangle at the top, on a black background"], num_inference_steps=2,
              seed=0, output_type="np")
-    assert r.images.shape == (2, 64, 64, 3) and r.latents.shape == (2, 16, 16, 4)
+    assert r.images.shape == (2, 64, 64, 3) and r.latents.shape == (2, 64, 64, 3)
     assert np.isfinite(r.images).all()
     res = checker.check_many((r.images * 255).astype(np.uint8), [spec.example_scene()] * 2)
     assert set(res) >= {"colour", "shape", "position", "all"}
+
+
+def test_latent_recipe_config_matches_its_encoders():
+    """configs/train/shapes_latent.yaml (session-5 experiment) loads, and its DiT reads what the trained
+    autoencoder and the LM-pretrained text encoder produce (channels, width, patch -> 64 tokens at 64 px)."""
+    from lumina_jax.models.gemma2 import Gemma2Config
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.models.vae import VAEConfig
+    from lumina_jax.shapes import text_train, vae_train
+    from lumina_jax.train.config import load_config
+
+    cfg = load_config("configs/train/shapes_latent.yaml")
+    dit = NextDiTConfig.from_yaml(cfg.model)
+    vae, text = VAEConfig.from_yaml(vae_train.VAE_CONFIG), Gemma2Config.from_yaml(text_train.TEXT_CONFIG)
+    assert [s.resolution for s in cfg.stages] == [32, 64]
+    assert dit.in_channels == vae.latent_channels and dit.cap_feat_dim == text.hidden_size
+    assert (64 // (vae.downsample_factor * dit.patch_size)) ** 2 == 64
+    assert all(s.data.vae.endswith("vae_f4") and s.data.text_encoder.endswith("text_encoder_lm") for s in cfg.stages)
 
 
 def test_xpred_experiment_config_differs_only_in_the_head():
