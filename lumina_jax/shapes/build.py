@@ -1,18 +1,27 @@
-"""Build the bundled shapes model end to end: ``python -m lumina_jax.shapes {prepare,train-vae,assemble}``.
+"""Build the bundled shapes model end to end: ``python -m lumina_jax.shapes {prepare,train-vae,
+train-text-encoder,assemble}``.
 
-    python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), tokenizer, text encoder
-    python -m lumina_jax.shapes train-vae --work data/shapes        # the autoencoder stage (4x, 4 channels)
-    python -m lumina_jax.shapes train-text-encoder --work data/shapes  # tiny Gemma-2 pretrained as a causal LM
-    python -m lumina_jax train configs/train/shapes_latent.yaml      # the project's trainer, 2 stages
+The shipped model (pixel-space identity autoencoder stage, random frozen text encoder)::
+
+    python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), tokenizer, encoders
+    python -m lumina_jax train configs/train/shapes.yaml             # the project's trainer, 4 stages
+    python -m lumina_jax.shapes assemble --run runs/shapes --work data/shapes \
+        --out lumina_jax/assets/default_model                        # EMA weights + encoders -> pipeline dir
+
+The latent recipe (session-5 experiment, not shipped; BUILD.md) adds two trained encoders::
+
+    python -m lumina_jax.shapes train-vae --work data/shapes           # encoders/vae_f4 (4x, 4 channels)
+    python -m lumina_jax.shapes train-text-encoder --work data/shapes  # encoders/text_encoder_lm (causal LM)
+    python -m lumina_jax train configs/train/shapes_latent.yaml
     python -m lumina_jax.shapes assemble --run runs/shapes_latent --work data/shapes \
-        --vae vae_f4 --text-encoder text_encoder_lm --out lumina_jax/assets/default_model
+        --vae vae_f4 --text-encoder text_encoder_lm --out DIR
 
 ``prepare`` writes, under ``--work``: ``tfds/shapes_world/1.0.0`` (array_record, see
-:mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}`` (``vae`` is the
-pixel-space identity stage of the earlier recipe, ``configs/train/shapes.yaml``); ``train-vae`` adds
-``encoders/vae_f4`` (:mod:`lumina_jax.shapes.vae_train`). ``assemble`` reads the run's latest checkpoint
-(:func:`lumina_jax.train.loop.restore_weights`), stores the Next-DiT in bf16 (under the repository's
-20 MB budget) and the encoders in fp32.
+:mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}``; ``train-vae`` and
+``train-text-encoder`` add ``encoders/vae_f4`` (:mod:`lumina_jax.shapes.vae_train`) and
+``encoders/text_encoder_lm`` (:mod:`lumina_jax.shapes.text_train`). ``assemble`` reads the run's latest
+checkpoint (:func:`lumina_jax.train.loop.restore_weights`), stores the Next-DiT in bf16 (under the
+repository's 20 MB budget) and the encoders in fp32.
 """
 
 from __future__ import annotations

@@ -5,6 +5,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
+def adamw_cosine(lr: float, warmup: int, steps: int, *, b2: float = 0.99, clip_norm: float = 1.0) -> Any:
+    """Clipped AdamW (no weight decay) with a linear warmup to ``lr`` and a cosine decay to ``lr / 20``."""
+    import optax
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), 0.05 * lr)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(sched, b2=b2, weight_decay=0.0))
+
+
 def run_steps(steps: int, one_step: Callable[[int], dict[str, Any]], *, desc: str, every: int = 50,
               progress: bool = True) -> list[dict[str, float]]:  # fmt: skip
     """Call ``one_step(i)`` for ``i < steps``; it returns scalars (device arrays are fine). Every ``every``

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lumina_jax.shapes import spec
-from lumina_jax.shapes.fit import run_steps
+from lumina_jax.shapes.fit import adamw_cosine, run_steps
 
 TEXT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes_gemma2_lm.yaml"
 
@@ -36,11 +36,13 @@ class TextTrainConfig:
     seed: int = 0
 
 
-def caption_batch(rng: np.random.Generator, tokenizer: Any, n: int, seq_len: int, system_prompt: str):
-    """``(ids, mask)`` int32/bool ``(n, seq_len)``: right-padded captions of random training scenes."""
+def caption_batch(rng: np.random.Generator, tokenizer: Any, n: int, seq_len: int, system_prompt: str, *,
+                  held_out: bool = False):  # fmt: skip
+    """``(ids, mask)`` int32/bool ``(n, seq_len)``: right-padded captions of random training scenes
+    (``held_out=True``: scenes with a held-out combination)."""
     from lumina_jax.text_templates import build_prompt
 
-    texts = [build_prompt(spec.caption(spec.random_scene(rng, held_out=False), rng=rng), system_prompt)
+    texts = [build_prompt(spec.caption(spec.random_scene(rng, held_out=held_out), rng=rng), system_prompt)
              for _ in range(n)]  # fmt: skip
     enc = tokenizer(texts, padding="max_length", max_length=seq_len, truncation=True, return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
@@ -74,8 +76,7 @@ def train_text_encoder(out_dir: str | Path, tokenizer_dir: str | Path, cfg: Text
     if len(tok) > gcfg.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} pieces, more than the encoder's vocab_size {gcfg.vocab_size}")
     params = init_params(gcfg, jax.random.PRNGKey(cfg.seed))
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), 0.05 * cfg.lr)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.0))
+    opt = adamw_cosine(cfg.lr, cfg.warmup, cfg.steps, b2=0.98)
     opt_state = opt.init(params)
 
     def loss_fn(p, ids, mask):
@@ -104,15 +105,8 @@ def train_text_encoder(out_dir: str | Path, tokenizer_dir: str | Path, cfg: Text
     hist = run_steps(cfg.steps, one_step, desc="train-text-encoder", every=100, progress=progress)
     params = state["params"]
     # held-out captions: the next-token loss on combinations never trained on
-    ho_rng = np.random.default_rng([cfg.seed, 32])
-    texts_ids = []
-    from lumina_jax.text_templates import build_prompt
-
-    for _ in range(256):
-        s = spec.random_scene(ho_rng, held_out=True)
-        texts_ids.append(build_prompt(spec.caption(s, rng=ho_rng), cfg.system_prompt))
-    enc = tok(texts_ids, padding="max_length", max_length=cfg.seq_len, truncation=True, return_tensors="np")
-    ho_loss, ho_acc = jax.jit(loss_fn)(params, enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool))
+    ho = caption_batch(np.random.default_rng([cfg.seed, 32]), tok, 256, cfg.seq_len, cfg.system_prompt, held_out=True)
+    ho_loss, ho_acc = jax.jit(loss_fn)(params, *ho)
     metrics = {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1), "train_loss": hist[-1]["loss"],
                "train_accuracy": hist[-1]["accuracy"], "held_out_loss": float(ho_loss),
                "held_out_accuracy": float(ho_acc), "history": hist, "config": dataclasses.asdict(cfg)}  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lumina_jax.shapes import spec
-from lumina_jax.shapes.fit import run_steps
+from lumina_jax.shapes.fit import adamw_cosine, run_steps
 
 VAE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes_vae.yaml"
 
@@ -58,8 +58,7 @@ def train_vae(out_dir: str | Path, cfg: VAETrainConfig = VAETrainConfig(), *, co
     model = AutoencoderKL(vcfg)
     rng = np.random.default_rng([cfg.seed, 77])
     params = model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, 32, 32, 3)))["params"]
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), 0.05 * cfg.lr)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.99, weight_decay=0.0))
+    opt = adamw_cosine(cfg.lr, cfg.warmup, cfg.steps, b2=0.99)
     opt_state = opt.init(params)
 
     def loss_fn(p, x, key):
