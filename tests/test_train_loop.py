@@ -3,8 +3,8 @@ shared by every test here through the trainer's step cache).
 
 * the loss goes down;
 * overfitting a handful of latents reconstructs them with an Euler ODE sampler (numeric threshold);
-* exact resume: N steps straight == N/2, stop, resume -> bit-identical state and the same data order,
-  with the stop before and after a stage boundary;
+* exact resume: N steps straight == N/2, stop, resume -> bit-identical state, the same data order and
+  the same metrics.jsonl, with the stop before and after a stage boundary;
 * metrics.jsonl / TensorBoard events are written with throughput fields;
 * EMA / raw-weight export through ``save_transformer`` loads back.
 """
@@ -116,8 +116,13 @@ def test_exact_resume_across_stage_boundary(tmp_path, stop):
     b1 = Trainer(make_cfg(tmp_path / "b", *extra), stop_at=stop, batch_hook=hook(seen_b))
     assert b1.run().step == stop
     b2 = Trainer(make_cfg(tmp_path / "b", *extra), batch_hook=hook(seen_b))
+    # a kill after the last checkpoint leaves logged steps that the resumed run repeats: they are dropped
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": stop + 1, "loss": -1.0}) + "\n")
     assert b2.run().step == 8
     assert seen_a == seen_b
+    rows = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())]  # noqa: E731
+    assert rows("b") == rows("a") and [s for s, _ in rows("a")] == list(range(1, 9))
     for x, y in zip(leaves(a.state), leaves(b2.state)):
         np.testing.assert_array_equal(x, y)
     assert int(b2.state.step) == 8

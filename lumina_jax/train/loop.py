@@ -196,6 +196,8 @@ class Trainer:
             meta = self.ckpt.read_meta(latest)
             step = int(meta["step"])
             log.info("resuming from %s step %d (stage %s)", self.ckpt.directory, step, meta.get("stage_name"))
+            if dropped := self.metrics.rewind(step):
+                log.info("dropped %d metrics.jsonl rows logged after step %d (repeated by this run)", dropped, step)
         last_metrics: dict = {}
         try:
             while step < total:

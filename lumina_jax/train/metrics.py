@@ -132,6 +132,23 @@ class MetricLog:
 
             self.tb = EventWriter(self.run_dir / "tensorboard")
 
+    def rewind(self, step: int) -> int:
+        """Drop ``metrics.jsonl`` rows logged after ``step`` (a run killed after its last checkpoint logged
+        steps that the resumed run repeats), so the file reads as one uninterrupted run. Rewritten
+        atomically; returns the number of rows dropped. TensorBoard shows the repeated steps as usual."""
+        if not self.enabled:
+            return 0
+        path = self.run_dir / "metrics.jsonl"
+        self._jsonl.close()
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+        if len(keep) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        return len(lines) - len(keep)
+
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
