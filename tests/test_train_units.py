@@ -327,15 +327,18 @@ def test_image_source_paths_and_encoder_dtype(tmp_path):
     assert DataConfig(kind="images", paths=("a.jsonl",)).system_prompt == "real"
 
 
-def test_stage_time_shift_mu_overrides_the_resolution_rule(tmp_path):
+def test_stage_time_shift_mu_and_t_sampling_override_the_objective(tmp_path):
     from lumina_jax.train.config import load_config
     from lumina_jax.train.loop import Trainer
 
     cfg = load_config("tiny_synthetic", [f"run_dir={tmp_path}", "log.progress=false", "log.tensorboard=false",
-                                         "stages.1.time_shift_mu=1.79"])  # fmt: skip
+                                         "stages.1.time_shift_mu=1.79", "stages.1.t_sampling=uniform"])  # fmt: skip
     tr = Trainer(cfg)
     assert tr.step_config(0).mu == pytest.approx(obj.shift_mu(obj.seq_len_for_resolution(cfg.stages[0].resolution)))
     assert tr.step_config(1).mu == 1.79
+    assert (tr.step_config(0).t_sampling, tr.step_config(1).t_sampling) == ("lognorm", "uniform")
+    with pytest.raises(ValueError, match="stage 'low_res'.*unknown t_sampling 'beta'"):
+        load_config("tiny_synthetic", ["stages.0.t_sampling=beta"])
     tr.metrics.close()
     off = Trainer(load_config("tiny_synthetic", [f"run_dir={tmp_path / 'b'}", "log.progress=false",
                                                  "objective.time_shift=false", "stages.1.time_shift_mu=1.79"]))  # fmt: skip

@@ -88,6 +88,10 @@ class StageConfig:
     instead of the resolution rule of spec §6.1 (which assumes 16 pixels per token, the FLUX VAE with
     patch 2). Models with more features per token (e.g. pixel space, patch 8) decide their layout at
     smaller ``t`` and need more training there.
+
+    ``t_sampling``: this stage's ``t`` distribution (``uniform`` or ``lognorm``) instead of the objective's.
+    A strong shift on ``lognorm`` leaves almost no samples near ``t = 1`` (e^mu = 3: 0.6 % above
+    ``t' = 0.8``), where the last noise is removed; ``uniform`` with the same shift keeps 8 % there.
     """
 
     name: str = "stage"
@@ -96,9 +100,14 @@ class StageConfig:
     batch: int = 8
     lr: Optional[float] = None
     time_shift_mu: Optional[float] = None
+    t_sampling: Optional[str] = None
     data: DataConfig = DataConfig()
 
     def __post_init__(self):
+        from lumina_jax.train.objective import T_SAMPLINGS
+
+        if self.t_sampling is not None and self.t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"stage {self.name!r}: unknown t_sampling {self.t_sampling!r}; choose from {T_SAMPLINGS}")
         if self.resolution % 16:
             raise ValueError(f"stage {self.name!r}: resolution {self.resolution} is not a multiple of 16")
         if self.steps < 1 or self.batch < 1:

@@ -147,7 +147,7 @@ class Trainer:
             if mu is None:
                 mu = obj.shift_mu(obj.seq_len_for_resolution(stage.resolution))
         return StepConfig(
-            seed=cfg.seed, t_sampling=cfg.objective.t_sampling, mu=mu,
+            seed=cfg.seed, t_sampling=stage.t_sampling or cfg.objective.t_sampling, mu=mu,
             aux_loss_weight=cfg.objective.aux_loss_weight, aux_pool=cfg.objective.aux_pool,
             grad_accum=cfg.grad_accum, ema_decay=cfg.ema_decay, mixed=stage.data.batching == "mixed",
         )  # fmt: skip
