@@ -153,6 +153,26 @@ def test_latent_recipe_config_matches_its_encoders():
     assert all(s.data.vae.endswith("vae_f4") and s.data.text_encoder.endswith("text_encoder_lm") for s in cfg.stages)
 
 
+def test_patch4_experiment_config_reads_the_shipped_encoders(tmp_path):
+    """configs/train/shapes_p4.yaml (session-6 experiment) loads; its DiT reads the identity stage and the
+    random text encoder (3 channels, width 64) with 256 image tokens at 64 px, and its 64 px stage
+    samples ``t`` uniformly (the objective's default stays ``lognorm``)."""
+    from lumina_jax.models.gemma2 import Gemma2Config
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.shapes import components
+    from lumina_jax.train.config import load_config
+    from lumina_jax.train.loop import Trainer
+
+    cfg = load_config("configs/train/shapes_p4.yaml", [f"run_dir={tmp_path}", "log.tensorboard=false"])
+    dit = NextDiTConfig.from_yaml(cfg.model)
+    assert dit.in_channels == 3 and dit.cap_feat_dim == Gemma2Config.from_yaml(components.TEXT_CONFIG).hidden_size
+    assert [s.resolution for s in cfg.stages] == [32, 64] and (64 // dit.patch_size) ** 2 == 256
+    tr = Trainer(cfg)
+    assert [tr.step_config(i).t_sampling for i in (0, 1)] == ["lognorm", "uniform"]
+    assert [tr.step_config(i).mu for i in (0, 1)] == [1.1, 1.1]
+    tr.metrics.close()
+
+
 def test_xpred_experiment_config_differs_only_in_the_head():
     """configs/train/shapes_xpred.yaml (session-3 experiment) loads, and its model is the shipped one
     with an x-prediction head."""
