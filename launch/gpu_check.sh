@@ -13,6 +13,14 @@
 # Results land in $OUT: gpu_check.log, results.tgz (one JSON per benchmark), *.xplane.pb.gz (xprof traces:
 # `python -m lumina_jax.bench` docs say how to read them). Copy the figures into BENCHMARKS.md.
 #
+# Part "shapes" (issue 9, a lease of its own: ~9 min): the patch-4 shapes recipe (BUILD.md, "Patch-4
+# experiment") at GPU scale, assembled and scored. Prepare here: `python -m lumina_jax.shapes prepare --work
+# data/shapes` into a real folder (not a link: carry copies files), add the dataset reader's wheels to .whl
+# (tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 dm-tree==0.1.10 immutabledict==4.3.1 toml==0.10.2,
+# and `pip wheel --no-deps promise==2.3`), then run "bash launch/gpu_check.sh shapes", carry [".whl",
+# "data/shapes"]. $OUT gets shapes_model/ (the pipeline folder, bf16 transformer), shapes_eval.json and
+# shapes_metrics.jsonl. The trainer checkpoints every 250 steps, so a run cut by its limit still assembles.
+#
 # DRY_RUN=1 prints the steps without running them.
 set -uo pipefail
 PART=${1:-1}
@@ -59,6 +67,14 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
       --reference none --warmup 2 --iters 10 --json "$RES/forward_dsf.json"
   step 150 train-2b-1024 $B train --config nextdit_2b --res 1024 --batch 2 --remat low_precision --steps 5 \
       --profile "$RES/train.xplane.pb" --json "$RES/train_1024.json"
+elif [ "$PART" = shapes ]; then
+  R=runs/shapes_p4_gpu
+  step 330 shapes-train python3 -m lumina_jax train configs/train/shapes_p4.yaml run_dir=$R log.progress=false \
+      stages.0.steps=1000 stages.0.batch=64 stages.1.steps=6000 stages.1.batch=64 checkpoint.keep_every=0
+  [ "${DRY_RUN:-0}" = 1 ] || cp "$R/metrics.jsonl" "$OUT/shapes_metrics.jsonl"
+  step 40 shapes-assemble python3 -m lumina_jax.shapes assemble --run $R --work data/shapes --out "$OUT/shapes_model"
+  step 150 shapes-eval python3 -m lumina_jax eval-shapes --checkpoint "$OUT/shapes_model" --n 200 --cfg both \
+      --json "$OUT/shapes_eval.json"
 else
   step 200 generate-2b $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --compile --json "$RES/generate.json"
   step 60 text-encoder $B text-encoder --config gemma2_2b --batch 2 --seq-len 256 --json "$RES/text.json"

@@ -1,5 +1,6 @@
-"""``launch/gpu_check.sh`` runs on a lent GPU with minutes of budget: a typo in a bench flag would waste the
-lease. Every step it would run must name an existing benchmark and parse with that benchmark's arguments."""
+"""``launch/gpu_check.sh`` runs on a lent GPU with minutes of budget: a typo in a flag would waste the lease.
+Every step it would run must name an existing benchmark or command and parse with its arguments (and a
+training step's overrides must name keys of its config)."""
 
 import argparse
 import os
@@ -31,25 +32,47 @@ def _steps(part: str, tmp_path) -> list[tuple[str, list[str]]]:
     return steps
 
 
-@pytest.mark.parametrize("part", ["1", "2"])
-def test_every_step_parses(part, tmp_path, monkeypatch):
+def _command_module(argv: list[str]):
+    """``(module, its argv)`` for a ``python3 -m lumina_jax.bench|lumina_jax|lumina_jax.shapes ...`` step."""
     import importlib
 
+    from lumina_jax.__main__ import COMMANDS
+
+    assert argv[:2] == ["python3", "-m"], argv
+    if argv[2] == "lumina_jax.bench":
+        assert argv[3] in BENCHES, argv[3]
+        return importlib.import_module(BENCHES[argv[3]][0]), argv[4:]
+    if argv[2] == "lumina_jax":
+        assert argv[3] in COMMANDS, argv[3]
+        return importlib.import_module(COMMANDS[argv[3]][0]), argv[4:]
+    assert argv[2] == "lumina_jax.shapes", argv
+    return importlib.import_module("lumina_jax.shapes.build"), argv[3:]
+
+
+@pytest.mark.parametrize("part", ["1", "2", "shapes"])
+def test_every_step_parses(part, tmp_path, monkeypatch, capsys):
     steps = _steps(part, tmp_path)
-    assert len(steps) >= 4
-    original = argparse.ArgumentParser.parse_args
+    assert len(steps) >= (3 if part == "shapes" else 4)
+    # a training step resolves its config and overrides (unknown keys fail) and stops there
+    for name, argv in steps:
+        if argv[2:4] == ["lumina_jax", "train"]:
+            module, args = _command_module(argv)
+            assert module.main(["--print-config", *args]) == 0, name
+    original = {m: getattr(argparse.ArgumentParser, m) for m in ("parse_args", "parse_intermixed_args")}
 
-    def parse_then_stop(self, args=None, namespace=None):
-        original(self, args, namespace)  # exits with status 2 on an unknown or malformed flag
-        raise _Parsed
+    def stop_after(method):
+        def parse_then_stop(self, args=None, namespace=None):
+            original[method](self, args, namespace)  # exits with status 2 on an unknown or malformed flag
+            raise _Parsed
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        return parse_then_stop
+
+    for m in original:  # nothing past argument parsing runs (no benchmark, no training)
+        monkeypatch.setattr(argparse.ArgumentParser, m, stop_after(m))
     for name, argv in steps:
         if argv[:3] == ["python3", "-m", "pytest"]:
             assert all((ROOT / a).exists() for a in argv if a.startswith("tests/")), name
             continue
-        assert argv[:3] == ["python3", "-m", "lumina_jax.bench"], (name, argv)
-        assert argv[3] in BENCHES, (name, argv[3])
-        module = importlib.import_module(BENCHES[argv[3]][0])
+        module, args = _command_module(argv)
         with pytest.raises(_Parsed):
-            module.main(argv[4:])
+            module.main(args)
