@@ -118,7 +118,7 @@ def test_exact_resume_across_stage_boundary(tmp_path, stop):
     b2 = Trainer(make_cfg(tmp_path / "b", *extra), batch_hook=hook(seen_b))
     # a kill after the last checkpoint leaves logged steps that the resumed run repeats: they are dropped
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": stop + 1, "loss": -1.0}) + "\n")
+        f.write(json.dumps({"step": stop + 1, "loss": -1.0}) + "\n" + '{"step": 9, "lo')  # last line cut short
     assert b2.run().step == 8
     assert seen_a == seen_b
     rows = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())]  # noqa: E731

@@ -134,14 +134,22 @@ class MetricLog:
 
     def rewind(self, step: int) -> int:
         """Drop ``metrics.jsonl`` rows logged after ``step`` (a run killed after its last checkpoint logged
-        steps that the resumed run repeats), so the file reads as one uninterrupted run. Rewritten
-        atomically; returns the number of rows dropped. TensorBoard shows the repeated steps as usual."""
+        steps that the resumed run repeats), so the file reads as one uninterrupted run; a line cut short by
+        the kill is dropped too. Rewritten atomically; returns the number of rows dropped. TensorBoard shows
+        the repeated steps as usual."""
         if not self.enabled:
             return 0
+
+        def before(line: str) -> bool:
+            try:
+                return line.endswith("\n") and json.loads(line).get("step", 0) <= step
+            except ValueError:
+                return False
+
         path = self.run_dir / "metrics.jsonl"
         self._jsonl.close()
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        keep = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+        keep = [x for x in lines if before(x)]
         if len(keep) != len(lines):
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(keep), encoding="utf-8")
