@@ -392,7 +392,8 @@ class Lumina2Pipeline:
             ratio; ``"rows"``/``"diffusers"``: diffusers' per-row rescale; ``False``: none.
           max_sequence_length: token limit including ``<bos>`` and the system prompt (256).
           system_prompt: template name (``"real"``, ``"base"``, ...), a diffusers-style sentence (gets
-            ``" <Prompt Start> "`` appended) or a full prefix containing ``<Prompt Start>``.
+            ``" <Prompt Start> "`` appended) or a full prefix containing ``<Prompt Start>``. Default: the
+            one the model was trained with (``Components.system_prompt``: ``"real"`` for Lumina-Image 2.0).
           num_images_per_prompt: images per prompt (rows are prompt-major).
           latents: initial noise, channels-last ``(B, h, w, C)`` with ``h = height / 8``; overrides ``seed``.
           output_type: ``"pil"``, ``"np"`` or ``"latent"``.
@@ -421,6 +422,8 @@ class Lumina2Pipeline:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         height = self.default_image_size if height is None else height
         width = self.default_image_size if width is None else width
+        if system_prompt is None:
+            system_prompt = self.components.system_prompt
         tcfg = self.components.transformer_config
         check_image_size(height, width, self.size_multiple, max_tokens_side=min(tcfg.axes_lens[1:]),
                          patch_px=self.size_multiple)  # fmt: skip

@@ -269,6 +269,25 @@ def test_system_prompt_and_noise_rules(pipe):
     assert not np.allclose(a[0], a[1])
 
 
+def test_model_directory_sets_the_default_system_prompt(reference, tmp_path):
+    """A model trained with another prefix records it (``Components.system_prompt``, in
+    ``lumina_jax_pipeline.json``); calls without ``system_prompt`` then use it, explicit ones still win."""
+    import dataclasses
+
+    comps = load_components(reference[2])
+    assert comps.system_prompt == "real"  # diffusers directories: the released model's prefix
+    d = save_components(tmp_path / "empty_prefix", dataclasses.replace(comps, system_prompt="empty"))
+    assert json.loads((d / "lumina_jax_pipeline.json").read_text())["system_prompt"] == "empty"
+    back = load_components(d)
+    assert back.system_prompt == "empty"
+    assert "system_prompt" not in json.loads((save_components(tmp_path / "real", comps) / "lumina_jax_pipeline.json").read_text())
+    p = Lumina2Pipeline(back)
+    run = lambda **kw: p(PROMPTS[:1], num_inference_steps=2, seed=0, output_type="latent", **kw).images  # noqa: E731
+    default, empty, real = run(), run(system_prompt="empty"), run(system_prompt="real")
+    np.testing.assert_array_equal(np.asarray(default), np.asarray(empty))
+    assert not np.allclose(np.asarray(default), np.asarray(real))
+
+
 def test_default_model_is_tiny_random_with_a_notice(monkeypatch, caplog, tmp_path):
     import lumina_jax.pipeline as P
 

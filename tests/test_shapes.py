@@ -81,7 +81,7 @@ def tiny_world(tmp_path_factory):
     work = tmp_path_factory.mktemp("shapes")
     info = build.prepare(work, num_train=48, num_test=4)
     cfg = vae_train.VAETrainConfig(steps=2, batch=2, small_every=0, calib_images=16)  # = shapes train-vae
-    info["vae_metrics"] = vae_train.train_vae(work / "encoders" / "vae_f4", cfg, progress=False)
+    info["vae_metrics"] = vae_train.train_vae(work / "encoders" / "vae_f8", cfg, progress=False)
     return work, info
 
 
@@ -101,8 +101,8 @@ def test_tfds_builder_reads_through_grain_source(tiny_world):
 
 
 def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
-    """The shipped model's recipe (configs/train/shapes.yaml) through ``python -m lumina_jax train``,
-    ``shapes assemble`` and the pipeline, a few steps per stage."""
+    """The shipped model's recipe (configs/train/shapes.yaml: f8 autoencoder, no system prompt) through
+    ``python -m lumina_jax train``, ``shapes assemble`` and the pipeline, a few steps per stage."""
     from lumina_jax.pipeline import Lumina2Pipeline
     from lumina_jax.shapes import build
     from lumina_jax.convert.nextdit import load_transformer
@@ -114,22 +114,23 @@ def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     ov = [f"run_dir={tmp_path / 'run'}", "log.every=1", "optimizer.warmup_steps=0", "log.progress=false"]
     for s in range(n_stages):  # every stage, 1 step (2 for the first two), batch 4, the tiny world
         ov += [f"stages.{s}.steps={2 if s < 2 else 1}", f"stages.{s}.batch=4"]
-        ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae",
+        ov += [f"stages.{s}.data.paths=[{info['builder_dir']}]", f"stages.{s}.data.vae={work}/encoders/vae_f8",
                f"stages.{s}.data.text_encoder={work}/encoders/text_encoder",
                f"stages.{s}.data.tokenizer={work}/encoders/tokenizer", f"stages.{s}.data.read_threads=1"]
     assert train_main(["configs/train/shapes.yaml", *ov]) == 0  # = python -m lumina_jax train ...
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 4 + (n_stages - 2) and np.isfinite(metrics[-1]["loss"])
-    with pytest.raises(ValueError, match="3-channel latents"):  # the trained 4x VAE does not fit this DiT
-        build.assemble(tmp_path / "run", work, tmp_path / "bad", vae="vae_f4")
+    with pytest.raises(ValueError, match="8-channel latents"):  # the identity stage does not fit this DiT
+        build.assemble(tmp_path / "run", work, tmp_path / "bad", vae="vae")
     out = build.assemble(tmp_path / "run", work, tmp_path / "model")
     stored = load_transformer(out / "transformer", dtype=None)[1]
     assert {str(a.dtype) for a in jax.tree.leaves(stored)} == {"bfloat16"}  # 20 MB repository budget
     pipe = Lumina2Pipeline.from_pretrained(out, compilation_cache=False)
-    assert pipe.default_image_size == 64 and pipe.size_multiple == 8
+    assert pipe.default_image_size == 64 and pipe.size_multiple == 16
+    assert pipe.components.system_prompt == "empty" and pipe.components.time_shift == build.DEFAULT_SHIFT
     r = pipe([spec.EXAMPLE_PROMPT, "a green triangle at the top, on a black background"], num_inference_steps=2,
              seed=0, output_type="np")
-    assert r.images.shape == (2, 64, 64, 3) and r.latents.shape == (2, 64, 64, 3)
+    assert r.images.shape == (2, 64, 64, 3) and r.latents.shape == (2, 8, 8, 8)
     assert np.isfinite(r.images).all()
     res = checker.check_many((r.images * 255).astype(np.uint8), [spec.example_scene()] * 2)
     assert set(res) >= {"colour", "shape", "position", "all"}
@@ -146,11 +147,37 @@ def test_latent_recipe_config_matches_its_encoders():
 
     cfg = load_config("configs/train/shapes_latent.yaml")
     dit = NextDiTConfig.from_yaml(cfg.model)
-    vae, text = VAEConfig.from_yaml(vae_train.VAE_CONFIG), Gemma2Config.from_yaml(text_train.TEXT_CONFIG)
+    vae, text = VAEConfig.from_yaml(vae_train.VAE_F4_CONFIG), Gemma2Config.from_yaml(text_train.TEXT_CONFIG)
     assert [s.resolution for s in cfg.stages] == [32, 64]
     assert dit.in_channels == vae.latent_channels and dit.cap_feat_dim == text.hidden_size
     assert (64 // (vae.downsample_factor * dit.patch_size)) ** 2 == 64
     assert all(s.data.vae.endswith("vae_f4") and s.data.text_encoder.endswith("text_encoder_lm") for s in cfg.stages)
+
+
+def test_shipped_recipe_config_matches_its_encoders(tiny_world):
+    """configs/train/shapes.yaml (the shipped model's) loads; its DiT reads the f8 autoencoder's latents
+    (8 channels, 16 tokens at 64 px, 4 at 32 px) and the random text encoder's width; it trains without a system prompt and its
+    text budget holds every caption of the vocabulary corpus (nothing is truncated)."""
+    from lumina_jax.models.gemma2 import Gemma2Config
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.models.vae import VAEConfig
+    from lumina_jax.shapes import components
+    from lumina_jax.text import load_tokenizer
+    from lumina_jax.train.config import load_config
+
+    work, _ = tiny_world
+    cfg = load_config("configs/train/shapes.yaml")
+    dit = NextDiTConfig.from_yaml(cfg.model)
+    vae = VAEConfig.from_yaml("configs/model/shapes_vae_f8.yaml")
+    assert dit.in_channels == vae.latent_channels and vae.downsample_factor == 8
+    assert dit.cap_feat_dim == Gemma2Config.from_yaml(components.TEXT_CONFIG).hidden_size
+    tokens = [(s.resolution // (vae.downsample_factor * dit.patch_size)) ** 2 for s in cfg.stages]
+    assert tokens == [4, 16]
+    assert {s.data.system_prompt for s in cfg.stages} == {"empty"}
+    assert all(s.data.vae.endswith("vae_f8") for s in cfg.stages)
+    tok = load_tokenizer(work / "encoders" / "tokenizer")
+    longest = max(len(ids) for ids in tok(spec.vocabulary_corpus())["input_ids"])
+    assert longest <= min(s.data.max_text_len for s in cfg.stages), longest
 
 
 def test_patch4_experiment_config_reads_the_shipped_encoders(tmp_path):
@@ -192,8 +219,8 @@ def test_xpred_experiment_config_differs_only_in_the_head():
 
 def test_train_vae_writes_a_calibrated_autoencoder(tiny_world):
     """``shapes train-vae`` (2 steps, in the fixture): a diffusers-layout VAE whose scaling/shift make the
-    latents of fresh training scenes zero-mean, unit-variance, with the 4x down-sampling and channels the
-    latent DiT config expects."""
+    latents of fresh training scenes zero-mean, unit-variance, with the 8x down-sampling and channels the
+    shipped DiT config expects."""
     import jax.numpy as jnp
 
     from lumina_jax.convert.vae import load_vae
@@ -204,14 +231,14 @@ def test_train_vae_writes_a_calibrated_autoencoder(tiny_world):
     work, info = tiny_world
     m = info["vae_metrics"]
     assert m["steps"] == 2 and np.isfinite(m["history"][-1]["loss"])
-    vcfg, params = load_vae(work / "encoders" / "vae_f4")
-    dit = NextDiTConfig.from_yaml("shapes_nextdit_latent")
-    assert vcfg.downsample_factor == 4 and vcfg.latent_channels == dit.in_channels
-    saved = json.loads((work / "encoders" / "vae_f4" / "train_metrics.json").read_text())
+    vcfg, params = load_vae(work / "encoders" / "vae_f8")
+    dit = NextDiTConfig.from_yaml("shapes_nextdit_f8")
+    assert vcfg.downsample_factor == 8 and vcfg.latent_channels == dit.in_channels
+    saved = json.loads((work / "encoders" / "vae_f8" / "train_metrics.json").read_text())
     assert saved["steps"] == 2 and vcfg.scaling_factor == round(1 / m["latent_std"], 4) != 1.0
     x = jnp.asarray(vae_train.render_batch(np.random.default_rng(5), 16, 64))
     z = scale_latents(AutoencoderKL(vcfg).apply({"params": params}, x, method=AutoencoderKL.encode).mode(), vcfg)
-    assert z.shape == (16, 16, 16, 4)
+    assert z.shape == (16, 8, 8, 8)
     assert abs(float(z.mean())) < 0.25 and 0.8 < float(z.std()) < 1.25  # rounded factors, other scenes
 
 

@@ -80,6 +80,10 @@ class Components:
     default_image_size: int = 1024
     source: str = ""
     layout: str = ""
+    # The prefix the model was trained with (a template name of lumina_jax.text_templates.SYSTEM_PROMPTS or
+    # a prefix); the pipeline's default when a call passes none. "real" (the released model's) unless the
+    # model directory says otherwise (the bundled shapes model is trained with "empty").
+    system_prompt: str = "real"
 
     @property
     def time_shift(self) -> float:
@@ -264,7 +268,8 @@ def _load_lumina_jax(root: Path, dtype: Any) -> Components:
     v_cfg, v_params = _load_orbax_component(root / "vae", "vae", VAEConfig, dtype)
     tok = load_tokenizer(root / "tokenizer")
     return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root),
-                      int(meta.get("default_image_size", 1024)), str(root), "lumina_jax")
+                      int(meta.get("default_image_size", 1024)), str(root), "lumina_jax",
+                      str(meta.get("system_prompt", "real")))
 
 
 def _load_orbax_component(d: Path, model: str, cfg_cls: Any, dtype: Any) -> tuple[Any, Params]:
@@ -315,6 +320,8 @@ def save_components(path: str | os.PathLike, components: Components, *, dtype: A
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(c.scheduler, indent=2) + "\n")
         meta = {"format": "lumina_jax.pipeline", "version": LAYOUT_VERSION, "components": list(REQUIRED) +
                 ["scheduler"], "default_image_size": int(c.default_image_size), "source": c.source}  # fmt: skip
+        if c.system_prompt != "real":
+            meta["system_prompt"] = c.system_prompt
         (tmp / PIPELINE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(path)
 

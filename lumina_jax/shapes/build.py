@@ -1,27 +1,31 @@
 """Build the bundled shapes model end to end: ``python -m lumina_jax.shapes {prepare,train-vae,
 train-text-encoder,assemble}``.
 
-The shipped model (pixel-space identity autoencoder stage, random frozen text encoder)::
+The shipped model (trained f8 autoencoder stage, random frozen text encoder, no system prompt)::
 
     python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), tokenizer, encoders
-    python -m lumina_jax train configs/train/shapes.yaml             # the project's trainer, 4 stages
+    python -m lumina_jax.shapes train-vae --work data/shapes        # encoders/vae_f8 (8x, 8 channels)
+    python -m lumina_jax train configs/train/shapes.yaml             # the project's trainer, 2 stages
     python -m lumina_jax.shapes assemble --run runs/shapes --work data/shapes \
         --out lumina_jax/assets/default_model                        # EMA weights + encoders -> pipeline dir
 
-The latent recipe (session-5 experiment, not shipped; BUILD.md) adds two trained encoders::
+Earlier recipes (experiments, BUILD.md): pixel space (``configs/train/shapes_pixel.yaml``, shipped until
+session 7; ``assemble --vae vae --shift 6``) and the session-5 latent recipe with two other trained encoders::
 
-    python -m lumina_jax.shapes train-vae --work data/shapes           # encoders/vae_f4 (4x, 4 channels)
+    python -m lumina_jax.shapes train-vae --work data/shapes --config configs/model/shapes_vae.yaml \
+        --out data/shapes/encoders/vae_f4                             # 4x, 4 channels
     python -m lumina_jax.shapes train-text-encoder --work data/shapes  # encoders/text_encoder_lm (causal LM)
     python -m lumina_jax train configs/train/shapes_latent.yaml
     python -m lumina_jax.shapes assemble --run runs/shapes_latent --work data/shapes \
-        --vae vae_f4 --text-encoder text_encoder_lm --out DIR
+        --vae vae_f4 --text-encoder text_encoder_lm --shift 6 --out DIR
 
 ``prepare`` writes, under ``--work``: ``tfds/shapes_world/1.0.0`` (array_record, see
-:mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}``; ``train-vae`` and
-``train-text-encoder`` add ``encoders/vae_f4`` (:mod:`lumina_jax.shapes.vae_train`) and
-``encoders/text_encoder_lm`` (:mod:`lumina_jax.shapes.text_train`). ``assemble`` reads the run's latest
-checkpoint (:func:`lumina_jax.train.loop.restore_weights`), stores the Next-DiT in bf16 (under the
-repository's 20 MB budget) and the encoders in fp32.
+:mod:`lumina_jax.shapes.tfds_builder`) and ``encoders/{tokenizer,text_encoder,vae}`` (``vae``: the identity
+stage of the pixel recipe); ``train-vae`` and ``train-text-encoder`` add ``encoders/vae_f8``
+(:mod:`lumina_jax.shapes.vae_train`) and ``encoders/text_encoder_lm`` (:mod:`lumina_jax.shapes.text_train`).
+``assemble`` reads the run's latest checkpoint (:func:`lumina_jax.train.loop.restore_weights`), stores the
+Next-DiT in bf16 (under the repository's 20 MB budget) and the encoders in fp32, and records the system
+prompt the run trained with as the pipeline's default.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lumina_jax.shapes.text_train import TextTrainConfig, train_text_encoder
-from lumina_jax.shapes.vae_train import VAETrainConfig, train_vae
+from lumina_jax.shapes.vae_train import VAE_CONFIG, VAETrainConfig, train_vae
 
-DEFAULT_SHIFT = 6.0
+DEFAULT_SHIFT = 3.0  # the shipped model trains its 64 px stage with e^mu = 3
 
 
 def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200) -> dict:  # fmt: skip
@@ -54,14 +58,32 @@ def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200) ->
     return info
 
 
+def trained_system_prompt(run: str | Path) -> str:
+    """The system prompt the last stage of ``run``'s latest checkpoint trained with (its data's
+    ``system_prompt``), which the assembled pipeline then uses by default."""
+    from lumina_jax.train import checkpoint as ckpt_lib
+
+    ck = ckpt_lib.RunCheckpoints(Path(run) / "checkpoints", read_only=True)
+    try:
+        step = ck.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {run}/checkpoints")
+        meta = ck.read_meta(step)
+    finally:
+        ck.close()
+    stages = meta["config"]["stages"]
+    return str(stages[min(int(meta.get("stage", len(stages) - 1)), len(stages) - 1)]["data"]["system_prompt"])
+
+
 def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float = DEFAULT_SHIFT,
-             which: str = "ema", transformer_dtype: str = "bf16", vae: str = "vae",
+             which: str = "ema", transformer_dtype: str = "bf16", vae: str = "vae_f8",
              text_encoder: str = "text_encoder", overwrite: bool = True) -> Path:  # fmt: skip
     """EMA (or raw) weights of the training run ``run`` + the encoders of ``work`` (the autoencoder from
-    ``work/encoders/<vae>``: ``vae`` identity stage, ``vae_f4`` trained; the text encoder from
-    ``work/encoders/<text_encoder>``: ``text_encoder`` random, ``text_encoder_lm`` pretrained) -> a pipeline
-    directory at ``out``. The transformer must read the autoencoder's latents and the text encoder's
-    width, else a ``ValueError`` says which does not fit."""
+    ``work/encoders/<vae>``: ``vae_f8`` trained, ``vae`` identity stage, ``vae_f4`` session 5; the text
+    encoder from ``work/encoders/<text_encoder>``: ``text_encoder`` random, ``text_encoder_lm`` pretrained)
+    -> a pipeline directory at ``out`` (scheduler ``shift``; default system prompt: the one the run trained
+    with). The transformer must read the autoencoder's latents and the text encoder's width, else a
+    ``ValueError`` says which does not fit."""
     import jax
     import numpy as np
 
@@ -88,7 +110,8 @@ def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float
     tok = load_tokenizer(work / "encoders" / "tokenizer")
     sched = dict(DEFAULT_SCHEDULER, shift=float(shift))
     comps = Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, sched, 64,
-                       "lumina_jax shapes model (python -m lumina_jax.shapes assemble)", "lumina_jax")  # fmt: skip
+                       "lumina_jax shapes model (python -m lumina_jax.shapes assemble)", "lumina_jax",
+                       trained_system_prompt(run))  # fmt: skip
     comps.check()
     return save_components(out, comps, overwrite=overwrite)
 
@@ -100,13 +123,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a.add_argument("--work", default="data/shapes")
     a.add_argument("--num-train", type=int, default=16000)
     a.add_argument("--num-test", type=int, default=200)
-    v = sub.add_parser("train-vae", help="train the autoencoder stage (4x, 4 latent channels) into WORK/encoders/vae_f4")
+    v = sub.add_parser("train-vae", help="train the autoencoder stage (default: 8x, 8 latent channels) into WORK/encoders/vae_f8")
     v.add_argument("--work", default="data/shapes")
-    v.add_argument("--out", default=None, help="output directory (default: WORK/encoders/vae_f4)")
+    v.add_argument("--out", default=None, help="output directory (default: WORK/encoders/vae_f8)")
     v.add_argument("--steps", type=int, default=VAETrainConfig.steps)
     v.add_argument("--batch", type=int, default=VAETrainConfig.batch)
     v.add_argument("--lr", type=float, default=VAETrainConfig.lr)
     v.add_argument("--seed", type=int, default=VAETrainConfig.seed)
+    v.add_argument("--config", default=str(VAE_CONFIG),
+                   help="autoencoder model config (YAML; default: configs/model/shapes_vae_f8.yaml)")
     t = sub.add_parser("train-text-encoder",
                        help="pretrain the tiny Gemma-2 as a causal LM on captions into WORK/encoders/text_encoder_lm")
     t.add_argument("--work", default="data/shapes")
@@ -120,7 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--shift", type=float, default=DEFAULT_SHIFT)
     b.add_argument("--which", choices=("ema", "params"), default="ema")
     b.add_argument("--transformer-dtype", choices=("bf16", "fp32"), default="bf16")
-    b.add_argument("--vae", default="vae", help="autoencoder folder under WORK/encoders (vae: identity, vae_f4: trained)")
+    b.add_argument("--vae", default="vae_f8",
+                   help="autoencoder folder under WORK/encoders (vae_f8: trained, the shipped model's; vae: identity)")
     b.add_argument("--text-encoder", default="text_encoder",
                    help="text encoder folder under WORK/encoders (text_encoder: random, text_encoder_lm: pretrained)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -131,8 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.cmd == "train-vae":
-        out = Path(args.out) if args.out else Path(args.work) / "encoders" / "vae_f4"
-        m = train_vae(out, VAETrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed))
+        out = Path(args.out) if args.out else Path(args.work) / "encoders" / "vae_f8"
+        m = train_vae(out, VAETrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed),
+                      config_path=args.config)
         print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
         print(f"wrote {out}")
     elif args.cmd == "train-text-encoder":

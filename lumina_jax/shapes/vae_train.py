@@ -1,7 +1,7 @@
 """Train the shapes model's autoencoder stage: ``python -m lumina_jax.shapes train-vae``.
 
-A small FLUX-architecture ``AutoencoderKL`` (``configs/model/shapes_vae.yaml``: 4x down-sampling, 4 latent
-channels) trained on rendered *training* scenes of the shapes world (held-out combinations are never
+A small FLUX-architecture ``AutoencoderKL`` (default ``configs/model/shapes_vae_f8.yaml``, the shipped model's:
+8x down-sampling, 8 latent channels; ``configs/model/shapes_vae.yaml``: 4x, 4 channels, session 5) trained on rendered *training* scenes of the shapes world (held-out combinations are never
 rendered, so the autoencoder cannot leak them), at 64 px and 32 px (the resolutions of the DiT's
 progressive stages). Loss: L1 + MSE reconstruction of a posterior *sample* plus a small KL term, which
 keeps the latents smooth and their scale bounded, as for latent-diffusion autoencoders. After training,
@@ -23,7 +23,8 @@ import numpy as np
 from lumina_jax.shapes import spec
 from lumina_jax.shapes.fit import adamw_cosine, run_steps
 
-VAE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes_vae.yaml"
+VAE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes_vae_f8.yaml"  # the shipped model's
+VAE_F4_CONFIG = VAE_CONFIG.with_name("shapes_vae.yaml")  # the session-5 latent experiment's (4x, 4 channels)
 
 
 @dataclasses.dataclass(frozen=True)
