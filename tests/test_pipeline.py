@@ -280,7 +280,8 @@ def test_model_directory_sets_the_default_system_prompt(reference, tmp_path):
     assert json.loads((d / "lumina_jax_pipeline.json").read_text())["system_prompt"] == "empty"
     back = load_components(d)
     assert back.system_prompt == "empty"
-    assert "system_prompt" not in json.loads((save_components(tmp_path / "real", comps) / "lumina_jax_pipeline.json").read_text())
+    real = save_components(tmp_path / "real", comps) / "lumina_jax_pipeline.json"
+    assert "system_prompt" not in json.loads(real.read_text())
     p = Lumina2Pipeline(back)
     run = lambda **kw: p(PROMPTS[:1], num_inference_steps=2, seed=0, output_type="latent", **kw).images  # noqa: E731
     default, empty, real = run(), run(system_prompt="empty"), run(system_prompt="real")

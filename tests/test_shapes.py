@@ -156,8 +156,8 @@ def test_latent_recipe_config_matches_its_encoders():
 
 def test_shipped_recipe_config_matches_its_encoders(tiny_world):
     """configs/train/shapes.yaml (the shipped model's) loads; its DiT reads the f8 autoencoder's latents
-    (8 channels, 16 tokens at 64 px, 4 at 32 px) and the random text encoder's width; it trains without a system prompt and its
-    text budget holds every caption of the vocabulary corpus (nothing is truncated)."""
+    (8 channels, 16 tokens at 64 px, 4 at 32 px) and the random text encoder's width; it trains without a
+    system prompt and its text budget holds every caption of the vocabulary corpus (nothing is truncated)."""
     from lumina_jax.models.gemma2 import Gemma2Config
     from lumina_jax.models.nextdit import NextDiTConfig
     from lumina_jax.models.vae import VAEConfig

@@ -59,8 +59,8 @@ def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200) ->
 
 
 def trained_system_prompt(run: str | Path) -> str:
-    """The system prompt the last stage of ``run``'s latest checkpoint trained with (its data's
-    ``system_prompt``), which the assembled pipeline then uses by default."""
+    """The system prompt (the stage data's ``system_prompt``) of the stage ``run``'s latest checkpoint was
+    written in, which the assembled pipeline then uses by default."""
     from lumina_jax.train import checkpoint as ckpt_lib
 
     ck = ckpt_lib.RunCheckpoints(Path(run) / "checkpoints", read_only=True)
@@ -71,8 +71,7 @@ def trained_system_prompt(run: str | Path) -> str:
         meta = ck.read_meta(step)
     finally:
         ck.close()
-    stages = meta["config"]["stages"]
-    return str(stages[min(int(meta.get("stage", len(stages) - 1)), len(stages) - 1)]["data"]["system_prompt"])
+    return str(meta["config"]["stages"][int(meta["stage"])]["data"]["system_prompt"])
 
 
 def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float = DEFAULT_SHIFT,
@@ -123,7 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a.add_argument("--work", default="data/shapes")
     a.add_argument("--num-train", type=int, default=16000)
     a.add_argument("--num-test", type=int, default=200)
-    v = sub.add_parser("train-vae", help="train the autoencoder stage (default: 8x, 8 latent channels) into WORK/encoders/vae_f8")
+    v = sub.add_parser("train-vae",
+                       help="train the autoencoder stage (default: 8x, 8 latent channels) into WORK/encoders/vae_f8")
     v.add_argument("--work", default="data/shapes")
     v.add_argument("--out", default=None, help="output directory (default: WORK/encoders/vae_f8)")
     v.add_argument("--steps", type=int, default=VAETrainConfig.steps)
