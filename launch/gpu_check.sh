@@ -65,7 +65,9 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   # GEMMs reading the stacked weights in place instead of a per-layer copy (the 2.9 ms of memcpy seen 2026-11-27)
   XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true step 60 forward-2b-dsf $B forward $F2B --attention cudnn \
       --reference none --warmup 2 --iters 10 --json "$RES/forward_dsf.json"
-  step 150 train-2b-1024 $B train --config nextdit_2b --res 1024 --batch 2 --remat low_precision --steps 5 \
+  # 4 micro-batches per optimizer update (AdamW + EMA over 2.6B fp32 params is ~20 ms of HBM traffic): micro-batch
+  # 2, or 1 where 2 does not fit (an H100); out-of-memory attempts are rows in the JSON
+  step 150 train-2b-1024 $B train --config nextdit_2b --res 1024 --batch 8 4 --grad-accum 4 --remat low_precision --steps 5 \
       --profile "$RES/train.xplane.pb" --json "$RES/train_1024.json"
 elif [ "$PART" = shapes ]; then
   R=runs/shapes_p4_gpu
@@ -80,7 +82,7 @@ else
   step 60 text-encoder $B text-encoder --config gemma2_2b --batch 2 --seq-len 256 --json "$RES/text.json"
   step 90 generate-2b-fast $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --no-diffusers --unroll --fused-qk \
       --json "$RES/generate_fast.json"
-  step 120 train-2b-256 $B train --config nextdit_2b --res 256 --batch 16 --remat low_precision --steps 5 \
+  step 120 train-2b-256 $B train --config nextdit_2b --res 256 --batch 16 8 --remat low_precision --steps 5 \
       --json "$RES/train_256.json"
   step 60 attention-sweep $B attention --sweep --iters 10 --warmup 1 --json "$RES/sweep.json"
   step 150 caption-7b $B caption --family qwen2_vl --size 7b --batch 4 --new-tokens 32 --iters 2 --json "$RES/caption.json"

@@ -151,3 +151,38 @@ def test_bench_train_runs_on_cpu(capsys):
                  "--dtype", "float32", "--attention", "xla", "--mesh", "dp"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "tflops_per_device" in out and "matmul_bf16_tflops" in out
+
+
+def test_bench_train_falls_back_to_a_batch_that_fits(tmp_path, monkeypatch, capsys):
+    """``--batch 16 8 4``: an out-of-memory failure is recorded and the next size runs; the first that fits
+    ends the search; any other error propagates."""
+    import json
+
+    from lumina_jax.bench import train as bench_train
+
+    ran = []
+
+    def fake_run(args, batch_size):
+        ran.append(batch_size)
+        if batch_size == 16:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 118.6GiB.")
+        return {"config": args.config, "batch": batch_size, "step_ms": 1.0}
+
+    monkeypatch.setattr(bench_train, "_run", fake_run)
+    out = tmp_path / "rows.json"
+    assert bench_train.main(["--batch", "16", "8", "4", "--json", str(out)]) == 0
+    assert ran == [16, 8]
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [16, 8]
+    assert rows[0]["error"] == "out of memory" and "118.6GiB" in rows[0]["detail"]
+    assert "batch 16: out of device memory" in capsys.readouterr().out
+
+    ran.clear()
+    assert bench_train.main(["--batch", "16"]) == 1  # nothing fits: non-zero exit
+
+    def broken(args, batch_size):
+        raise ValueError("unknown remat policy")
+
+    monkeypatch.setattr(bench_train, "_run", broken)
+    with pytest.raises(ValueError, match="unknown remat"):
+        bench_train.main(["--batch", "8"])

@@ -39,6 +39,16 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
         print("  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def peak_device_memory() -> float | None:
+    """Peak bytes in use on the first local device since the process started, in GiB (``None`` where the
+    backend keeps no allocator statistics, e.g. the CPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return round(peak / 2**30, 2) if peak else None
+
+
 def capture_profile(fn: Callable[[], object], path: str, *, iters: int = 3) -> str:
     """Run ``fn()`` ``iters`` times under ``jax.profiler.trace`` and copy the device trace (XSpace
     protobuf) to ``path`` (a single file, e.g. ``forward.xplane.pb``).
