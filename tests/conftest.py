@@ -1,5 +1,6 @@
-"""Test configuration: CPU, deterministic, full-precision fp32 matmuls, accelerator markers."""
+"""Test configuration: CPU, deterministic, full-precision fp32 matmuls, accelerator markers; shared helpers."""
 
+import contextlib
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -33,3 +34,20 @@ def rel_l2(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def export_for_cuda(fn, *args, gpu: str = "NVIDIA H100"):
+    """``jax.export`` of ``fn`` for CUDA on the CPU, Triton custom calls allowed: runs the Pallas -> Triton
+    lowering with no GPU attached. jax >= 0.11 asks the device for its compute capability there (raising
+    "No supported GPU devices found" on a CPU), so the target GPU is named through an abstract mesh; jax 0.10
+    lowers without asking."""
+    from jax import export
+
+    sharding = jax.sharding
+    target = contextlib.nullcontext()
+    if hasattr(sharding, "AbstractDevice") and hasattr(sharding, "use_abstract_mesh"):
+        device = sharding.AbstractDevice(device_kind=gpu, num_cores=None, platform="gpu")
+        target = sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ("gpu",), abstract_device=device))
+    with target:
+        return export.export(jax.jit(fn), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)

@@ -17,13 +17,13 @@ are skipped. ``test_pallas_lowers_to_triton`` runs the Pallas -> Triton IR lower
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import export_for_cuda
 
 from lumina_jax.ops import attention as attn
 from lumina_jax.ops.attention import reference_attention_f64
@@ -266,24 +266,12 @@ def test_tpu_kernels_interpret(blocks, masking, dtype):
     check_fwd_and_grads(fn, q, k, v, ct, fwd_tol=tol, grad_tol=tol, **kw)
 
 
-def _abstract_gpu(device_kind: str):
-    """A context naming the GPU the Triton lowering targets when no GPU is attached: jax >= 0.11 reads the
-    compute capability from the device (or from the abstract mesh's device, for AOT lowering) and raises
-    "No supported GPU devices found" on a CPU; jax 0.10 lowers without asking."""
-    sharding = jax.sharding
-    if not (hasattr(sharding, "AbstractDevice") and hasattr(sharding, "use_abstract_mesh")):
-        return contextlib.nullcontext()
-    device = sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
-    return sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ("gpu",), abstract_device=device))
-
-
 @pytest.mark.parametrize("masking", ["mask", "lengths"])
 def test_pallas_lowers_to_triton(masking, monkeypatch):
     """The fwd+bwd program lowers through Pallas -> Triton IR for CUDA (checked on the CPU), and every
     Triton module passes the MLIR verifier that XLA's GPU compiler runs when it parses the module (a
     mis-typed loop bound once got past the lowering and failed only on the GPU)."""
     pytest.importorskip("jax.experimental.pallas.triton")
-    from jax import export
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     from lumina_jax.ops.flash_attention import flash_attention
@@ -315,11 +303,7 @@ def test_pallas_lowers_to_triton(masking, monkeypatch):
     extra = spec((b, l), jnp.bool_) if masking == "mask" else spec((b,), jnp.int32)
     args = (spec((b, l, hq, d), jnp.bfloat16), spec((b, l, hkv, d), jnp.bfloat16),
             spec((b, l, hkv, d), jnp.bfloat16), extra)
-    with _abstract_gpu("NVIDIA H100"):
-        exported = export.export(
-            jax.jit(f), platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*args)
+    exported = export_for_cuda(f, *args)
     text = exported.mlir_module()
     names = ("lumina_flash_fwd", "lumina_flash_bwd_dq", "lumina_flash_bwd_dkv")
     for name in names:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_l2
+from conftest import export_for_cuda, rel_l2
 
 from lumina_jax.ops.qk_norm_rope import norm_rope_reference, qk_norm_rope
 
@@ -60,7 +60,6 @@ def test_bad_shapes_are_named():
 def test_lowers_to_triton_and_verifies(monkeypatch):
     """The kernel goes through Pallas -> Triton for CUDA on the CPU and passes the MLIR verifier."""
     pytest.importorskip("jax.experimental.pallas.triton")
-    from jax import export
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     lower = registration.lowering.lower_jaxpr_to_triton_module
@@ -76,9 +75,8 @@ def test_lowers_to_triton_and_verifies(monkeypatch):
     spec = jax.ShapeDtypeStruct
     args = (spec((2, 4352, 40, 96), jnp.bfloat16), spec((96,), jnp.float32), spec((2, 4352, 48), jnp.float32),
             spec((2, 4352, 48), jnp.float32))  # the 2B's qkv: 24 q + 8 k + 8 v heads
-    f = jax.jit(lambda x, w, c, s: qk_norm_rope(x, w, c, s, eps=1e-6, interpret=False, heads=(24, 8)))
-    exported = export.export(f, platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    f = lambda x, w, c, s: qk_norm_rope(x, w, c, s, eps=1e-6, interpret=False, heads=(24, 8))  # noqa: E731
+    exported = export_for_cuda(f, *args)
     assert "lumina_qk_norm_rope" in exported.mlir_module() and seen == ['"lumina_qk_norm_rope"']
 
 
