@@ -74,7 +74,7 @@ elif [ "$PART" = shapes ]; then
   step 330 shapes-train python3 -m lumina_jax train configs/train/shapes_p4.yaml run_dir=$R log.progress=false \
       stages.0.steps=1000 stages.0.batch=64 stages.1.steps=6000 stages.1.batch=64 checkpoint.keep_every=0
   [ "${DRY_RUN:-0}" = 1 ] || cp "$R/metrics.jsonl" "$OUT/shapes_metrics.jsonl"
-  step 40 shapes-assemble python3 -m lumina_jax.shapes assemble --run $R --work data/shapes --vae vae --shift 6 --out "$OUT/shapes_model"
+  step 40 shapes-assemble python3 -m lumina_jax.shapes assemble --run $R --work data/shapes --vae vae --shift 6 --guidance 4 --out "$OUT/shapes_model"
   step 150 shapes-eval python3 -m lumina_jax eval-shapes --checkpoint "$OUT/shapes_model" --n 200 --cfg both \
       --json "$OUT/shapes_eval.json"
 else

@@ -36,9 +36,10 @@ def prompts_for(n: int, seed: int = 0) -> list[tuple[str, "object", str]]:
     return out
 
 
-def evaluate(pipe, n: int = 200, *, guidance_scale: float = 4.0, seed: int = 0, batch: int = 25,
+def evaluate(pipe, n: int = 200, *, guidance_scale: Optional[float] = None, seed: int = 0, batch: int = 25,
              save_dir: Optional[str] = None, **kwargs) -> dict:  # fmt: skip
-    """Generate and score; returns ``{"seen": {...}, "held_out": {...}, "seconds": s}``."""
+    """Generate and score; returns ``{"seen": {...}, "held_out": {...}, "seconds": s}``. ``guidance_scale``
+    ``None``: the model's default (``pipe.components.guidance_scale``)."""
     from lumina_jax.shapes import checker
 
     items = prompts_for(n, seed)
@@ -84,8 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n", type=int, default=200, help="images per setting (half held-out, half seen)")
     p.add_argument("--checkpoint", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--cfg", choices=("on", "off", "both"), default="both",
-                   help="CFG on (guidance 4.0, the default), off (1.0) or both")
-    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale for --cfg on")
+                   help="CFG on (the model's guidance scale, or --guidance), off (1.0) or both")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale for --cfg on (default: the model's; 2.5 for the bundled model)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the pipeline's)")
     p.add_argument("--solver", default=None)
     p.add_argument("--shift", type=float, default=None, help="sampler time shift (default: the model's scheduler)")
@@ -100,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lumina_jax.pipeline import Lumina2Pipeline
 
     pipe = Lumina2Pipeline.from_pretrained(args.checkpoint)
-    settings = {"on": args.guidance, "off": 1.0}
+    on = pipe.components.guidance_scale if args.guidance is None else args.guidance
+    settings = {"on": on, "off": 1.0}
     names = ["on", "off"] if args.cfg == "both" else [args.cfg]
     kw = {k: v for k, v in (("num_inference_steps", args.steps), ("solver", args.solver), ("time_shift", args.shift))
           if v is not None}  # fmt: skip

@@ -357,7 +357,7 @@ class Lumina2Pipeline:
         height: Optional[int] = None,
         width: Optional[int] = None,
         num_inference_steps: Optional[int] = None,
-        guidance_scale: float = 4.0,
+        guidance_scale: Optional[float] = None,
         cfg_trunc_ratio: Optional[float] = None,
         cfg_normalization: Union[bool, float, str, None] = None,
         max_sequence_length: int = 256,
@@ -384,7 +384,9 @@ class Lumina2Pipeline:
           height, width: pixels, multiples of :attr:`size_multiple` (16); default :attr:`default_image_size`.
           num_inference_steps: solver steps (default per solver: midpoint 17, dpm 20, euler/flow_euler 30).
             The original's ``--num_sampling_steps N`` (grid points) is ``N - 1`` here.
-          guidance_scale: CFG scale ``w``; ``<= 1`` disables CFG (no unconditional forwards).
+          guidance_scale: CFG scale ``w``; ``<= 1`` disables CFG (no unconditional forwards). Default: the
+            model's (``Components.guidance_scale``: 4.0, diffusers' default, unless the model directory
+            records another; the bundled shapes model uses 2.5).
           cfg_trunc_ratio: CFG-Trunc threshold, default 1.0 (guidance everywhere). ``cfg_trunc_mode="time"``
             (original): CFG while the model time ``t < cfg_trunc_ratio``; ``"steps"`` (diffusers): CFG for
             step ``i`` iff ``(i + 1) / N <= cfg_trunc_ratio``.
@@ -415,6 +417,8 @@ class Lumina2Pipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if guidance_scale is None:
+            guidance_scale = self.components.guidance_scale
         if not np.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         n = int(num_images_per_prompt)

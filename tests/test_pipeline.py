@@ -269,24 +269,27 @@ def test_system_prompt_and_noise_rules(pipe):
     assert not np.allclose(a[0], a[1])
 
 
-def test_model_directory_sets_the_default_system_prompt(reference, tmp_path):
-    """A model trained with another prefix records it (``Components.system_prompt``, in
-    ``lumina_jax_pipeline.json``); calls without ``system_prompt`` then use it, explicit ones still win."""
+def test_model_directory_sets_the_default_system_prompt_and_guidance(reference, tmp_path):
+    """A model trained with another prefix, or sampled best at another CFG scale, records it
+    (``Components.system_prompt`` / ``guidance_scale``, in ``lumina_jax_pipeline.json``); calls without
+    ``system_prompt`` / ``guidance_scale`` then use it, explicit ones still win."""
     import dataclasses
 
     comps = load_components(reference[2])
-    assert comps.system_prompt == "real"  # diffusers directories: the released model's prefix
-    d = save_components(tmp_path / "empty_prefix", dataclasses.replace(comps, system_prompt="empty"))
-    assert json.loads((d / "lumina_jax_pipeline.json").read_text())["system_prompt"] == "empty"
+    assert comps.system_prompt == "real" and comps.guidance_scale == 4.0  # diffusers dirs: the released model's
+    d = save_components(tmp_path / "own", dataclasses.replace(comps, system_prompt="empty", guidance_scale=2.5))
+    meta = json.loads((d / "lumina_jax_pipeline.json").read_text())
+    assert meta["system_prompt"] == "empty" and meta["guidance_scale"] == 2.5
     back = load_components(d)
-    assert back.system_prompt == "empty"
-    real = save_components(tmp_path / "real", comps) / "lumina_jax_pipeline.json"
-    assert "system_prompt" not in json.loads(real.read_text())
+    assert back.system_prompt == "empty" and back.guidance_scale == 2.5
+    real = json.loads((save_components(tmp_path / "real", comps) / "lumina_jax_pipeline.json").read_text())
+    assert "system_prompt" not in real and "guidance_scale" not in real
     p = Lumina2Pipeline(back)
-    run = lambda **kw: p(PROMPTS[:1], num_inference_steps=2, seed=0, output_type="latent", **kw).images  # noqa: E731
-    default, empty, real = run(), run(system_prompt="empty"), run(system_prompt="real")
-    np.testing.assert_array_equal(np.asarray(default), np.asarray(empty))
-    assert not np.allclose(np.asarray(default), np.asarray(real))
+    run = lambda **kw: np.asarray(p(PROMPTS[:1], num_inference_steps=2, seed=0, output_type="latent", **kw).images)  # noqa: E731
+    default = run()
+    np.testing.assert_array_equal(default, run(system_prompt="empty", guidance_scale=2.5))
+    assert not np.allclose(default, run(system_prompt="real", guidance_scale=2.5))
+    assert not np.allclose(default, run(system_prompt="empty", guidance_scale=4.0))
 
 
 def test_default_model_is_tiny_random_with_a_notice(monkeypatch, caplog, tmp_path):

@@ -128,6 +128,7 @@ def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     pipe = Lumina2Pipeline.from_pretrained(out, compilation_cache=False)
     assert pipe.default_image_size == 64 and pipe.size_multiple == 16
     assert pipe.components.system_prompt == "empty" and pipe.components.time_shift == build.DEFAULT_SHIFT
+    assert pipe.components.guidance_scale == build.DEFAULT_GUIDANCE == 2.5
     r = pipe([spec.EXAMPLE_PROMPT, "a green triangle at the top, on a black background"], num_inference_steps=2,
              seed=0, output_type="np")
     assert r.images.shape == (2, 64, 64, 3) and r.latents.shape == (2, 8, 8, 8)
@@ -172,7 +173,7 @@ def test_shipped_recipe_config_matches_its_encoders(tiny_world):
     assert dit.in_channels == vae.latent_channels and vae.downsample_factor == 8
     assert dit.cap_feat_dim == Gemma2Config.from_yaml(components.TEXT_CONFIG).hidden_size
     tokens = [(s.resolution // (vae.downsample_factor * dit.patch_size)) ** 2 for s in cfg.stages]
-    assert tokens == [4, 16]
+    assert tokens == [4, 16, 16]
     assert {s.data.system_prompt for s in cfg.stages} == {"empty"}
     assert all(s.data.vae.endswith("vae_f8") for s in cfg.stages)
     tok = load_tokenizer(work / "encoders" / "tokenizer")

@@ -57,6 +57,7 @@ DEFAULT_SCHEDULER: dict[str, Any] = {
     "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 6.0,
     "use_dynamic_shifting": False,
 }  # fmt: skip
+DEFAULT_GUIDANCE_SCALE = 4.0  # diffusers' Lumina2Pipeline default
 HUB_PATTERNS = ["model_index.json", "transformer/*", "text_encoder/*", "tokenizer/*", "vae/*", "scheduler/*"]
 
 
@@ -84,6 +85,9 @@ class Components:
     # a prefix); the pipeline's default when a call passes none. "real" (the released model's) unless the
     # model directory says otherwise (the bundled shapes model is trained with "empty").
     system_prompt: str = "real"
+    # The CFG scale the pipeline uses when a call passes none: 4.0 (diffusers' default, the released model's
+    # recommendation) unless the model directory records another (the bundled shapes model: 2.5).
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
 
     @property
     def time_shift(self) -> float:
@@ -269,7 +273,8 @@ def _load_lumina_jax(root: Path, dtype: Any) -> Components:
     tok = load_tokenizer(root / "tokenizer")
     return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root),
                       int(meta.get("default_image_size", 1024)), str(root), "lumina_jax",
-                      str(meta.get("system_prompt", "real")))
+                      str(meta.get("system_prompt", "real")),
+                      float(meta.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)))
 
 
 def _load_orbax_component(d: Path, model: str, cfg_cls: Any, dtype: Any) -> tuple[Any, Params]:
@@ -322,6 +327,8 @@ def save_components(path: str | os.PathLike, components: Components, *, dtype: A
                 ["scheduler"], "default_image_size": int(c.default_image_size), "source": c.source}  # fmt: skip
         if c.system_prompt != "real":
             meta["system_prompt"] = c.system_prompt
+        if float(c.guidance_scale) != DEFAULT_GUIDANCE_SCALE:
+            meta["guidance_scale"] = float(c.guidance_scale)
         (tmp / PIPELINE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(path)
 

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--solver", choices=sorted(SOLVERS), default=None, help="default midpoint")
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default per solver: midpoint 17, "
                     "dpm 20, euler/flow_euler 30)")  # fmt: skip
-    ap.add_argument("--cfg", type=float, default=4.0, help="guidance scale (<= 1 disables CFG); default 4")
+    ap.add_argument("--cfg", type=float, default=None,
+                    help="guidance scale (<= 1 disables CFG); default: the model's (4.0 for Lumina-Image 2.0)")
     ap.add_argument("--cfg-trunc", type=float, default=None, help="CFG-Trunc threshold (default 1.0 = off)")
     ap.add_argument("--cfg-trunc-mode", choices=["time", "steps"], default=None,
                     help="time: CFG while t < threshold (original, default); steps: (i+1)/N <= ratio (diffusers)")

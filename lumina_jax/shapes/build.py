@@ -5,7 +5,7 @@ The shipped model (trained f8 autoencoder stage, random frozen text encoder, no 
 
     python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), tokenizer, encoders
     python -m lumina_jax.shapes train-vae --work data/shapes        # encoders/vae_f8 (8x, 8 channels)
-    python -m lumina_jax train configs/train/shapes.yaml             # the project's trainer, 2 stages
+    python -m lumina_jax train configs/train/shapes.yaml             # the project's trainer, 3 stages
     python -m lumina_jax.shapes assemble --run runs/shapes --work data/shapes \
         --out lumina_jax/assets/default_model                        # EMA weights + encoders -> pipeline dir
 
@@ -25,7 +25,7 @@ stage of the pixel recipe); ``train-vae`` and ``train-text-encoder`` add ``encod
 (:mod:`lumina_jax.shapes.vae_train`) and ``encoders/text_encoder_lm`` (:mod:`lumina_jax.shapes.text_train`).
 ``assemble`` reads the run's latest checkpoint (:func:`lumina_jax.train.loop.restore_weights`), stores the
 Next-DiT in bf16 (under the repository's 20 MB budget) and the encoders in fp32, and records the system
-prompt the run trained with as the pipeline's default.
+prompt the run trained with and the CFG scale (``--guidance``, 2.5) as the pipeline's defaults.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from lumina_jax.shapes.text_train import TextTrainConfig, train_text_encoder
 from lumina_jax.shapes.vae_train import VAE_CONFIG, VAETrainConfig, train_vae
 
 DEFAULT_SHIFT = 3.0  # the shipped model trains its 64 px stage with e^mu = 3
+# the shipped model's best CFG scale (eval-shapes n=400, held-out shape: 90 % at 2.5, 85 % at 4; BENCHMARKS.md)
+DEFAULT_GUIDANCE = 2.5
 
 
 def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200) -> dict:  # fmt: skip
@@ -75,13 +77,13 @@ def trained_system_prompt(run: str | Path) -> str:
 
 
 def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float = DEFAULT_SHIFT,
-             which: str = "ema", transformer_dtype: str = "bf16", vae: str = "vae_f8",
+             guidance_scale: float = DEFAULT_GUIDANCE, which: str = "ema", transformer_dtype: str = "bf16", vae: str = "vae_f8",
              text_encoder: str = "text_encoder", overwrite: bool = True) -> Path:  # fmt: skip
     """EMA (or raw) weights of the training run ``run`` + the encoders of ``work`` (the autoencoder from
     ``work/encoders/<vae>``: ``vae_f8`` trained, ``vae`` identity stage, ``vae_f4`` session 5; the text
     encoder from ``work/encoders/<text_encoder>``: ``text_encoder`` random, ``text_encoder_lm`` pretrained)
-    -> a pipeline directory at ``out`` (scheduler ``shift``; default system prompt: the one the run trained
-    with). The transformer must read the autoencoder's latents and the text encoder's width, else a
+    -> a pipeline directory at ``out`` (scheduler ``shift``; default CFG scale ``guidance_scale``; default
+    system prompt: the one the run trained with). The transformer must read the autoencoder's latents and the text encoder's width, else a
     ``ValueError`` says which does not fit."""
     import jax
     import numpy as np
@@ -110,7 +112,7 @@ def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float
     sched = dict(DEFAULT_SCHEDULER, shift=float(shift))
     comps = Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, sched, 64,
                        "lumina_jax shapes model (python -m lumina_jax.shapes assemble)", "lumina_jax",
-                       trained_system_prompt(run))  # fmt: skip
+                       trained_system_prompt(run), float(guidance_scale))  # fmt: skip
     comps.check()
     return save_components(out, comps, overwrite=overwrite)
 
@@ -143,6 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--work", default="data/shapes")
     b.add_argument("--out", default="lumina_jax/assets/default_model")
     b.add_argument("--shift", type=float, default=DEFAULT_SHIFT)
+    b.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="the model's default CFG scale")
     b.add_argument("--which", choices=("ema", "params"), default="ema")
     b.add_argument("--transformer-dtype", choices=("bf16", "fp32"), default="bf16")
     b.add_argument("--vae", default="vae_f8",
@@ -171,8 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.cmd == "prepare":
         print(json.dumps(prepare(args.work, num_train=args.num_train, num_test=args.num_test), indent=2))
     else:
-        out = assemble(args.run, args.work, args.out, shift=args.shift, which=args.which,
-                       transformer_dtype=args.transformer_dtype, vae=args.vae,
+        out = assemble(args.run, args.work, args.out, shift=args.shift, guidance_scale=args.guidance,
+                       which=args.which, transformer_dtype=args.transformer_dtype, vae=args.vae,
                        text_encoder=args.text_encoder)  # fmt: skip
         print(f"wrote {out}")
     return 0
