@@ -285,7 +285,10 @@ def test_model_directory_sets_the_default_system_prompt_and_guidance(reference, 
     real = json.loads((save_components(tmp_path / "real", comps) / "lumina_jax_pipeline.json").read_text())
     assert "system_prompt" not in real and "guidance_scale" not in real
     p = Lumina2Pipeline(back)
-    run = lambda **kw: np.asarray(p(PROMPTS[:1], num_inference_steps=2, seed=0, output_type="latent", **kw).images)  # noqa: E731
+
+    def run(**kw):
+        return np.asarray(p(PROMPTS[:1], num_inference_steps=2, seed=0, output_type="latent", **kw).images)
+
     default = run()
     np.testing.assert_array_equal(default, run(system_prompt="empty", guidance_scale=2.5))
     assert not np.allclose(default, run(system_prompt="real", guidance_scale=2.5))

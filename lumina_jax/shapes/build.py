@@ -77,14 +77,14 @@ def trained_system_prompt(run: str | Path) -> str:
 
 
 def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float = DEFAULT_SHIFT,
-             guidance_scale: float = DEFAULT_GUIDANCE, which: str = "ema", transformer_dtype: str = "bf16", vae: str = "vae_f8",
-             text_encoder: str = "text_encoder", overwrite: bool = True) -> Path:  # fmt: skip
+             guidance_scale: float = DEFAULT_GUIDANCE, which: str = "ema", transformer_dtype: str = "bf16",
+             vae: str = "vae_f8", text_encoder: str = "text_encoder", overwrite: bool = True) -> Path:  # fmt: skip
     """EMA (or raw) weights of the training run ``run`` + the encoders of ``work`` (the autoencoder from
     ``work/encoders/<vae>``: ``vae_f8`` trained, ``vae`` identity stage, ``vae_f4`` session 5; the text
     encoder from ``work/encoders/<text_encoder>``: ``text_encoder`` random, ``text_encoder_lm`` pretrained)
     -> a pipeline directory at ``out`` (scheduler ``shift``; default CFG scale ``guidance_scale``; default
-    system prompt: the one the run trained with). The transformer must read the autoencoder's latents and the text encoder's width, else a
-    ``ValueError`` says which does not fit."""
+    system prompt: the one the run trained with). The transformer must read the autoencoder's latents and the
+    text encoder's width, else a ``ValueError`` says which does not fit."""
     import jax
     import numpy as np
 
@@ -112,7 +112,7 @@ def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float
     sched = dict(DEFAULT_SCHEDULER, shift=float(shift))
     comps = Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, sched, 64,
                        "lumina_jax shapes model (python -m lumina_jax.shapes assemble)", "lumina_jax",
-                       trained_system_prompt(run), float(guidance_scale))  # fmt: skip
+                       system_prompt=trained_system_prompt(run), guidance_scale=float(guidance_scale))  # fmt: skip
     comps.check()
     return save_components(out, comps, overwrite=overwrite)
 

@@ -8,8 +8,9 @@
 * **Autoencoder stage** of the pixel recipe (``configs/train/shapes_pixel.yaml``; the shipped model trains
   its own f8 autoencoder instead, :mod:`lumina_jax.shapes.vae_train`): the pixel-space *identity* stage,
   written as exact weights of the FLUX-architecture ``AutoencoderKL``
-  (``configs/model/shapes_vae_identity.yaml``: one level, so ``downsample_factor`` 1, 3 latent channels, 12 hidden channels in 3 GroupNorm groups, no mid-block attention). The pipeline's
-  VAE code path runs unchanged; encode and decode are the identity on [-1, 1] pixels to ~1e-6:
+  (``configs/model/shapes_vae_identity.yaml``: one level, so ``downsample_factor`` 1, 3 latent channels,
+  12 hidden channels in 3 GroupNorm groups, no mid-block attention). The pipeline's VAE code path runs
+  unchanged; encode and decode are the identity on [-1, 1] pixels to ~1e-6:
 
   - ``conv_in`` (centre tap) maps pixel channel ``g`` to the GroupNorm group ``[x_g, -x_g, K, -K]``
     (``K = 1000`` from the bias): the group mean is exactly 0 and its variance ``(mean(x^2) + K^2) / 2``

@@ -3,8 +3,9 @@
 A small FLUX-architecture ``AutoencoderKL`` (default ``configs/model/shapes_vae_f8.yaml``, the shipped
 model's: 8x down-sampling, 8 latent channels; ``configs/model/shapes_vae.yaml``: 4x, 4 channels, session 5)
 trained on rendered *training* scenes of the shapes world (held-out combinations are never rendered, so
-the autoencoder cannot leak them), at 64 px and 32 px (the resolutions of the DiT's progressive stages). Loss: L1 + MSE reconstruction of a posterior *sample* plus a small KL term, which
-keeps the latents smooth and their scale bounded, as for latent-diffusion autoencoders. After training,
+the autoencoder cannot leak them), at 64 px and 32 px (the resolutions of the DiT's progressive stages).
+Loss: L1 + MSE reconstruction of a posterior *sample* plus a small KL term, which keeps the latents smooth
+and their scale bounded, as for latent-diffusion autoencoders. After training,
 ``shift_factor`` and ``scaling_factor`` are set from the latents of held-back training scenes
 (mean and 1 / std), so the DiT sees roughly unit-variance latents; the result is written in diffusers'
 layout (:func:`lumina_jax.convert.vae.save_vae`), the format the trainer and pipeline load.
