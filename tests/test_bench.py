@@ -98,3 +98,13 @@ def test_trace_summary_and_hlo_names():
     assert s["top"][1][0] == some and "my_block" in s["top"][1][3]
     assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
     assert category("memcpy128") == "memcpy/memset"
+
+
+def test_convert_memory_bench_pth(tmp_path, capsys):
+    """The conversion-memory bench runs end to end on a tiny model, exporting a streamed .pth."""
+    from lumina_jax.bench import convert_memory
+
+    assert convert_memory.main(["--config", "nextdit_tiny", "--to", "pth", "--workdir", str(tmp_path / "w")]) == 0
+    out = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line and " " in line)
+    assert out["export"] == "pth" and float(out["save_peak_rss_gib"]) > 0
+    assert not (tmp_path / "w").exists()  # cleaned up without --keep

@@ -1,9 +1,10 @@
-"""``python -m lumina_jax.bench convert-memory [--config nextdit_2b] [--dtype fp32] [--workdir DIR]``
+"""``python -m lumina_jax.bench convert-memory [--config nextdit_2b] [--dtype fp32] [--to safetensors|pth]``
 
 Measures the peak host memory (max RSS) of a streaming conversion at the real model shape with
 random weights: writes a diffusers-format checkpoint, then in a fresh process loads it into JAX params
-(``load_transformer``) and exports it to the original format (``save_transformer``), reporting the
-peak RSS of each phase against the model's size. The target is "about one copy of the model".
+(``load_transformer``) and exports it to the original format (``save_transformer``; ``--to`` picks
+``consolidated.00-of-01.safetensors`` or ``.pth``), reporting the peak RSS of each phase against the
+model's size. The target is "about one copy of the model".
 Needs ~2x the model size of free disk in ``--workdir``.
 """
 
@@ -40,6 +41,7 @@ def main(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--config", default="nextdit_2b")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--to", default="safetensors", choices=["safetensors", "pth"], help="export file type")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     a = ap.parse_args(argv)
@@ -67,13 +69,15 @@ def main(argv: list[str]) -> int:
                                   index_name=DIFFUSERS_INDEX, max_shard_bytes=2 * 1024**3,
                                   specs=[(k, s, np.dtype(dt)) for k, s in shapes.items()])  # fmt: skip
         print(f"wrote random {a.config} ({model_gib:.2f} GiB {a.dtype}) in {time.time() - t0:.0f}s", flush=True)
-        r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(work / "consolidated.00-of-01.safetensors")],
+        r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(work / f"consolidated.00-of-01.{a.to}")],
                            capture_output=True, text=True)  # fmt: skip
         if r.returncode:
             print(r.stderr, file=sys.stderr)
+            if r.returncode < 0:  # e.g. SIGKILL from the kernel's OOM killer leaves no traceback
+                print(f"conversion process killed by signal {-r.returncode} (9: likely out of memory)", file=sys.stderr)
             return 1
         res = json.loads(r.stdout.strip().splitlines()[-1])
-        res.update(model_gib=model_gib, config=a.config, dtype=a.dtype)
+        res.update(model_gib=model_gib, config=a.config, dtype=a.dtype, export=a.to)
         res["load_peak_over_model"] = (res["load_peak_rss_gib"] - res["baseline_rss_gib"]) / model_gib
         res["save_peak_over_model"] = (res["save_peak_rss_gib"] - res["baseline_rss_gib"]) / model_gib
         for k, v in res.items():

@@ -423,31 +423,18 @@ def save_transformer(
         target = path if path.suffix else path / "consolidated.00-of-01.pth"
         with atomic_output(target, overwrite=overwrite) as tmp:
             rules = original_rules(config)
-            tensors = jax_to_torch(flat, rules, dtype)
-            if target.suffix == ".safetensors":  # streamed: one tensor in memory at a time
+            tensors, specs = jax_to_torch(flat, rules, dtype), jax_to_torch_specs(flat, rules, dtype)
+            if target.suffix == ".safetensors":  # both streamed: one tensor in memory at a time
                 from lumina_jax.convert.safetensors_io import save_file_streaming
 
                 meta = {"lumina_jax_config": json.dumps(config.to_dict())}
-                save_file_streaming(tmp, jax_to_torch_specs(flat, rules, dtype), tensors, metadata=meta)
-            else:  # torch.save pickles a whole dict: holds a second copy of the model
-                _torch_save(dict(tensors), tmp)
+                save_file_streaming(tmp, specs, tensors, metadata=meta)
+            else:
+                from lumina_jax.convert.torch_io import save_pth_streaming
+
+                save_pth_streaming(tmp, specs, tensors)
         return target
     raise ValueError(f"unknown format {format!r}; choose 'jax', 'diffusers' or 'original'")
-
-
-def _torch_save(tensors: dict[str, np.ndarray], path: Path) -> None:
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError("writing a .pth file needs torch; use a .safetensors path instead") from e
-    import ml_dtypes
-
-    def to_t(a: np.ndarray):
-        if a.dtype == ml_dtypes.bfloat16:
-            return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-        return torch.from_numpy(np.array(a))
-
-    torch.save({k: to_t(v) for k, v in tensors.items()}, path)
 
 
 # ----------------------------------------------------------------------------------------------
