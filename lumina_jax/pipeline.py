@@ -108,7 +108,7 @@ def check_image_size(height: int, width: int, multiple: int = 16, max_tokens_sid
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
         if v < multiple or v % multiple:
-            lo, hi = (v // multiple) * multiple, (v // multiple + 1) * multiple
+            lo, hi = (v // multiple) * multiple, max((v // multiple + 1) * multiple, multiple)
             near = f"{hi}" if lo < multiple else f"{lo} or {hi}"
             raise ValueError(f"{name}={v} is not a positive multiple of {multiple} (VAE factor x patch size); "
                              f"nearest valid {name}: {near}")
@@ -275,7 +275,8 @@ class Lumina2Pipeline:
         prefix = resolve_system_prompt(system_prompt)
         ids, mask = te.tokenize(prompts, prefix, max_sequence_length)
         if negative_prompts is not None:
-            ids_u, mask_u = te.tokenize(negative_prompts, "empty", max_sequence_length)
+            # negatives were broadcast to one per prompt: warning indices are those of ``prompt``
+            ids_u, mask_u = te.tokenize(negative_prompts, "empty", max_sequence_length, label="negative prompt")
             length = max(ids.shape[1], ids_u.shape[1])
             pad = lambda a, v: np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=v)  # noqa: E731
             pid = te.tokenizer.pad_token_id
@@ -380,10 +381,12 @@ class Lumina2Pipeline:
 
         Args (diffusers names; semantics noted where they differ):
           prompt: a string or a non-empty list of strings.
-          negative_prompt: the unconditional prompt(s); default ``""``. Used verbatim (no system prompt).
+          negative_prompt: the unconditional prompt(s); default ``""``. Used verbatim (no system prompt);
+            an empty or whitespace-only one is the unconditional prompt ``""``.
           height, width: pixels, multiples of :attr:`size_multiple` (16); default :attr:`default_image_size`.
           num_inference_steps: solver steps (default per solver: midpoint 17, dpm 20, euler/flow_euler 30).
-            The original's ``--num_sampling_steps N`` (grid points) is ``N - 1`` here.
+            For euler/midpoint the original's ``--num_sampling_steps N`` (grid points) is ``N - 1`` here;
+            for dpm it is ``N`` (the original's dpm counts steps).
           guidance_scale: CFG scale ``w``; ``<= 1`` disables CFG (no unconditional forwards). Default: the
             model's (``Components.guidance_scale``: 4.0, diffusers' default, unless the model directory
             records another; the bundled shapes model uses 2.5).
@@ -465,6 +468,8 @@ class Lumina2Pipeline:
             seeds = [int(seed) + k for k in range(b)] if np.ndim(seed) == 0 else [int(x) for x in seed]
             if len(seeds) != b:
                 raise ValueError(f"{len(seeds)} seeds for {b} images")
+            if min(seeds) < 0:
+                raise ValueError(f"seed must be a non-negative integer, got {seed!r} (pass seed=None for a random one)")
             noise = self.make_noise(seeds, height, width)
 
         phase = on_phase or (lambda name: None)
@@ -507,7 +512,8 @@ class Lumina2Pipeline:
         if callback is not None:
             total = schedule.num_steps
             on_step = lambda i: callback(int(i), total)  # noqa: E731
-        key = ("fused", renorm, decode, vae_tile, callback)
+        # the step count is in the key: ``on_step`` closes over it (a new count retraces anyway)
+        key = ("fused", renorm, decode, vae_tile, callback, schedule.num_steps if callback is not None else None)
         fn = self._jit(key, lambda: loop.make_generate_fn(self.dit, self.vae if decode else None, renorm=renorm,
                                                           vae_tile=vae_tile, on_step=on_step))  # fmt: skip
         args = (self.dit_params, self.vae_params, noise, feats, mask, schedule, scale, ratio)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -40,6 +41,16 @@ Params = dict[str, Any]
 DEFAULT_MAX_LENGTH = 256
 MIN_BUCKET = 64
 _DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn`` stacklevel (for the caller of this function) of the first frame outside
+    ``lumina_jax``, so a warning points at the user's line however deep inside the package it is raised."""
+    pkg = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class PromptTooLongError(ValueError):
@@ -168,8 +179,12 @@ class TextEncoder:
         return sorted(self._compiled)
 
     def tokenize(self, prompts: str | Sequence[str], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                 max_length: int = DEFAULT_MAX_LENGTH, on_truncate: str = "warn") -> tuple[np.ndarray, np.ndarray]:
-        """Right-padded token ids ``(B, bucket)`` int32 and mask ``(B, bucket)`` bool (NumPy)."""
+                 max_length: int = DEFAULT_MAX_LENGTH, on_truncate: str = "warn", *,
+                 label: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded token ids ``(B, bucket)`` int32 and mask ``(B, bucket)`` bool (NumPy).
+
+        ``label`` names the texts in the truncation warning/error (e.g. ``"negative prompt"``).
+        """
         if on_truncate not in ("warn", "error"):
             raise ValueError(f"on_truncate must be 'warn' or 'error', got {on_truncate!r}")
         if max_length > self.config.max_position_embeddings:
@@ -182,11 +197,11 @@ class TextEncoder:
         ids = self.tokenizer(texts, add_special_tokens=True, padding=False, truncation=False)["input_ids"]
         dropped = {i: len(x) - max_length for i, x in enumerate(ids) if len(x) > max_length}
         if dropped:
-            msg = (f"{len(dropped)} of {len(ids)} prompt(s) exceed max_length={max_length} tokens (counting "
-                   f"<bos> and the system prompt); tokens dropped per prompt (index: count): {dropped}")
+            msg = (f"{len(dropped)} of {len(ids)} {label}(s) exceed max_length={max_length} tokens (counting "
+                   f"<bos> and the system prompt); tokens dropped per {label} (index: count): {dropped}")
             if on_truncate == "error":
                 raise PromptTooLongError(msg)
-            warnings.warn(msg + " -- they were truncated", stacklevel=3)
+            warnings.warn(msg + " -- they were truncated", stacklevel=_user_stacklevel())
         ids = [x[:max_length] for x in ids]
         length = bucket_for(max(len(x) for x in ids), max_length, self.min_bucket)
         out = np.full((len(ids), length), self.tokenizer.pad_token_id, dtype=np.int32)
@@ -208,6 +223,11 @@ class TextEncoder:
     def encode_tokens(self, input_ids: np.ndarray, mask: np.ndarray) -> jax.Array:
         """Run the compiled forward for this ``(batch, length)``, compiling it on first use."""
         input_ids, mask = np.asarray(input_ids, np.int32), np.asarray(mask, bool)
+        bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        if bad.any():  # jnp.take would read NaN (or wrap) silently, poisoning the whole row
+            r, c = np.argwhere(bad)[0]
+            raise ValueError(f"token id {int(input_ids[r, c])} at [{r}, {c}] is outside the vocabulary "
+                             f"(0..{self.config.vocab_size - 1}); was the tokenizer made for this text encoder?")
         key = tuple(input_ids.shape)
         if key not in self._compiled:
             log.info("compiling the Gemma-2 encoder for batch %d, length %d", *key)

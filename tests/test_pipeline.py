@@ -130,6 +130,24 @@ def test_latent_output_without_cfg(pipe):
     assert out.seeds == [1] and np.array_equal(out.images, out.latents)
 
 
+def test_fused_progress_callback_reports_each_runs_step_count(pipe):
+    """One callback reused across runs of different lengths reports each run's own total."""
+    seen: list[tuple[int, int]] = []
+    for steps in (2, 3):
+        pipe("a cat", guidance_scale=1.0, solver="euler", num_inference_steps=steps, height=32, width=32, seed=1,
+             output_type="latent", mode="fused", callback=lambda i, n: seen.append((i, n)))  # fmt: skip
+    jax.effects_barrier()
+    assert sorted(seen) == [(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+
+
+def test_negative_prompt_truncation_warning_names_it_and_points_at_the_caller(pipe):
+    long = "a very long and detailed description of a cat " * 20
+    with pytest.warns(UserWarning, match=r"1 of 1 negative prompt\(s\) exceed max_length=64") as rec:
+        pipe("a cat", negative_prompt=long, max_sequence_length=64, num_inference_steps=1, solver="euler",
+             height=32, width=32, seed=0, output_type="latent")  # fmt: skip
+    assert [w.filename for w in rec if "negative prompt" in str(w.message)] == [__file__]
+
+
 def test_unrolled_layers_and_bf16_weight_cast(reference):
     """``scan_layers=False`` gives the scanned pipeline's latents; in bf16 the matmul weights are stored in
     bf16 (cast once) while norm scales keep their fp32 values (that the cast leaves the bf16 model's
@@ -249,6 +267,13 @@ def test_argument_errors(pipe, noise):
         pipe(PROMPTS, seed=[1, 2, 3])
     with pytest.raises(ValueError, match="cfg_trunc_mode"):
         pipe("a cat", cfg_trunc_mode="sometimes")
+    with pytest.raises(ValueError, match=r"seed must be a non-negative integer, got -1"):
+        pipe("a cat", seed=-1)
+    with pytest.raises(ValueError, match="cfg_trunc_ratio must be a finite number"):
+        pipe("a cat", cfg_trunc_ratio=float("nan"))
+    for bad in (-5, 0, -16):
+        with pytest.raises(ValueError, match=rf"height={bad} .* nearest valid height: 16$"):
+            check_image_size(bad, 64)
     check_image_size(1024, 768)
     with pytest.raises(ValueError, match="RoPE table"):
         check_image_size(16 * 600, 64, max_tokens_side=512)

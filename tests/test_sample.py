@@ -191,6 +191,20 @@ def test_solve_reports_each_step_through_a_host_callback(x0):
     np.testing.assert_allclose(out, run_jax("midpoint", x0, 6), rtol=1e-6)
 
 
+def test_solvers_run_outside_jit(x0):
+    """The public solver functions also run eagerly (the schedule's NumPy arrays indexed by the loop's
+    traced step index)."""
+    sched = S.make_schedule("dpm", 3)
+    x = jnp.asarray(x0, jnp.float32)
+    eager = S.dpm(v_jax, (jnp.float32(MU), jnp.float32(SD)), x, sched)
+    np.testing.assert_allclose(eager, run_jax("dpm", x0, 3), rtol=1e-6)
+
+
+def test_non_finite_trunc_ratio_is_an_error():
+    with pytest.raises(ValueError, match="cfg_trunc_ratio must be a finite number"):
+        S.make_schedule("midpoint", 4, cfg_trunc_ratio=float("nan"))
+
+
 @pytest.mark.parametrize("solver", sorted(S.SOLVERS))
 def test_result_does_not_depend_on_loop_segmentation(solver, x0):
     """Guidance flags split the loop into segments; the solver state (dpm's previous data prediction)

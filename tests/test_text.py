@@ -156,6 +156,14 @@ def test_truncation_warns_with_counts_or_raises(encoder, tok):
         encoder.tokenize([SHORT], on_truncate="ignore")
 
 
+def test_token_ids_outside_the_vocabulary_are_an_error(encoder):
+    vocab = encoder.config.vocab_size
+    mask = np.ones((1, 3), bool)
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} at \[0, 2\] is outside the vocabulary"):
+            encoder.encode_tokens(np.array([[2, 5, bad]]), mask)
+
+
 def test_short_prompts_compile_a_short_bucket_and_match_longer_buckets(pair, tok):
     enc = TextEncoder(pair[1], TINY, tok, dtype="fp32")
     f64, m64 = enc.encode([SHORT])

@@ -19,7 +19,8 @@ per image, no per-step progress).
 Presets (``--preset``; explicit options override): ``quality`` (midpoint, 17 steps = the original
 sample.sh), ``balanced`` (the same with CFG-Trunc at t < 0.25, the paper's setting), ``fast``
 (Flow-DPM-Solver, 10 steps, CFG-Trunc), ``diffusers`` (diffusers' Lumina2Pipeline semantics). The
-original ``--num_sampling_steps N`` (grid points) is ``--steps N-1`` here.
+original's ``--num_sampling_steps N`` is ``--steps N-1`` here for euler/midpoint (it counts grid points)
+and ``--steps N`` for dpm (it counts steps).
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ class Schedule:
 
     def at(self, i: jax.Array | int) -> dict[str, jax.Array]:
         """Coefficients of step ``i`` (scalars; ``t_eval`` -> ``(k,)``)."""
-        return {k: v[i] for k, v in self.arrays.items()}
+        return {k: jnp.asarray(v)[i] for k, v in self.arrays.items()}  # jnp: ``i`` may be traced
 
     def with_guidance(self, guided: tuple[tuple[bool, ...], ...]) -> "Schedule":
         if len(guided) != self.num_steps or any(len(g) != self.evals_per_step for g in guided):
