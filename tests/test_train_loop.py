@@ -141,6 +141,12 @@ def test_export_ema_and_params(tmp_path):
         want = jax.device_get(tr.state.ema if which == "ema" else tr.state.params)
         for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # FLOP accounting reads the autoencoder factor off the batch: 64 px as 8x8 latents vs 64x64 pixels
+    from lumina_jax.train import metrics
+
+    f8 = metrics.train_flops_per_sample(tr.model_config, 64, 8, aux=False)["train"] * 8
+    f1 = metrics.train_flops_per_sample(tr.model_config, 64, 8, aux=False, downsample=1)["train"] * 8
+    assert tr.flops(0, 8, (8, 8))[0] == tr.flops(0, 8)[0] == f8 and tr.flops(0, 8, (64, 64))[0] == f1 > 30 * f8
 
 
 def test_bench_train_runs_on_cpu(capsys):

@@ -108,7 +108,7 @@ class StubDiT(nn.Module):
         return h * (1.0 + t[:, None, None, None])
 
 
-def _stub_setup(grad_accum=1, lr=1e-2, trainable=None):
+def _stub_setup(grad_accum=1, lr=1e-2, trainable=None, batch=None):
     from lumina_jax.parallel.mesh import create_mesh
     from lumina_jax.train.state import init_state, state_shardings
     from lumina_jax.train.step import StepConfig, compile_train_step, make_train_step
@@ -116,12 +116,13 @@ def _stub_setup(grad_accum=1, lr=1e-2, trainable=None):
     model = StubDiT()
     b = 4
     rng = np.random.default_rng(0)
-    batch = {
+    batch = batch or {
         "latents": rng.standard_normal((b, 8, 8, 4)).astype(np.float32),
         "cap_feats": rng.standard_normal((b, 3, 5)).astype(np.float32),
         "cap_mask": np.ones((b, 3), bool),
         "valid": np.ones((b,), bool),
     }
+    b = batch["latents"].shape[0]
     params = model.init(jax.random.PRNGKey(0), batch["latents"], jnp.zeros(b), batch["cap_feats"], batch["cap_mask"])["params"]
     mask = optim.trainable_mask(params, trainable or [".*"])
     tx = optim.make_optimizer(optim.OptimizerConfig(), mask)
@@ -169,7 +170,8 @@ def test_trainer_aborts_after_consecutive_nonfinite(tmp_path):
 
 def test_grad_accumulation_equals_mean_of_micro_batches():
     """grad_accum=2 on a batch of 4 == mean of the gradients of its two strided halves (rows 0,2 and
-    1,3) with the per-micro-batch RNG folding the step uses."""
+    1,3) with the per-micro-batch RNG folding the step uses (each half's loss is its share of the
+    batch mean: its sum over 4 rows)."""
     import optax
 
     from lumina_jax.train.step import StepConfig, make_loss_fn
@@ -181,11 +183,11 @@ def test_grad_accumulation_equals_mean_of_micro_batches():
     grads, losses = [], []
     for i in range(2):
         mb = {k: v[i::2] for k, v in batch.items()}
-        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, jax.random.fold_in(rng, i))
+        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, jax.random.fold_in(rng, i), 4.0)
         grads.append(g)
         losses.append(loss)
-    g = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
-    np.testing.assert_allclose(float(m["loss"]), float(np.mean(losses)), rtol=1e-5)
+    g = jax.tree.map(lambda a, b: a + b, *grads)
+    np.testing.assert_allclose(float(m["loss"]), float(np.sum(losses)), rtol=1e-5)
     np.testing.assert_allclose(float(m["grad_norm"]), float(optax.global_norm(g)), rtol=1e-5)
 
 
@@ -215,6 +217,29 @@ def test_config_overrides_and_unknown_keys():
         load_config("tiny_synthetic", ["stages.0.data.kindd=x"])
     assert cfg.stage_bounds() == [(0, 10), (10, 20)]
     assert cfg.stage_at(9) == 0 and cfg.stage_at(10) == 1 and cfg.stage_at(99) == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("log.every=0", "log.every must be >= 1"),
+    ("max_nonfinite=0", "max_nonfinite must be >= 1"),
+    ("objective.aux_pool=0", "aux_pool must be >= 1"),
+    ("checkpoint.keep=0", "keep >= 1"),
+    ("grad_accum=true", "grad_accum: expected int, got bool"),
+    ("trainable={a: 1}", "trainable: expected a list, got dict"),
+])  # fmt: skip
+def test_out_of_range_settings_are_errors_at_load_time(override, message):
+    from lumina_jax.train.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny_synthetic", [override])
+
+
+def test_unknown_model_override_is_a_clear_error():
+    from lumina_jax.train.config import load_config, load_model_config
+
+    cfg = load_config("tiny_synthetic", ["model_overrides.bogus=1"])
+    with pytest.raises(ValueError, match=r"unknown model_overrides key\(s\) \['bogus'\]"):
+        load_model_config(cfg)
 
 
 def test_recipe_config_matches_spec():
@@ -298,6 +323,9 @@ def test_flops_and_peaks():
     assert f["forward"] == flops_forward(c, 256, 4096) and f["aux_forward"] == flops_forward(c, 256, 256)
     assert f["train"] == 3 * (f["forward"] + f["aux_forward"])
     assert 2.0e13 < f["forward"] < 3.0e13  # jax_notes §7: ~2.4e13 per 1024 px image
+    # models on pixels (no autoencoder): 64 px, patch 2 -> 32x32 tokens, pooled aux 8x8
+    px = metrics.train_flops_per_sample(c, 64, 16, aux=True, downsample=1)
+    assert metrics.latent_tokens(c, 64, downsample=1) == 1024 and px["aux_forward"] == flops_forward(c, 16, 64)
     assert metrics.remat_flops_per_sample(c, 1024, 256, "dots") == 0
     full = metrics.remat_flops_per_sample(c, 1024, 256, "full", aux=False)
     assert full == f["forward"]
@@ -344,3 +372,70 @@ def test_stage_time_shift_mu_and_t_sampling_override_the_objective(tmp_path):
                                                  "objective.time_shift=false", "stages.1.time_shift_mu=1.79"]))  # fmt: skip
     assert off.step_config(1).mu is None  # time_shift off wins
     off.metrics.close()
+
+
+
+@pytest.mark.parametrize("a", [1, 2, 4])
+def test_grad_accumulation_is_the_exact_batch_mean_with_padding_rows(a):
+    """Bucket batches carry padding rows (``valid`` False), unevenly spread over the micro-batches
+    (rows j, j+A, ...). The step's loss is still the mean of the per-sample losses over the valid rows
+    of the whole batch (spec §6.2), not a mean of per-micro-batch means."""
+    from lumina_jax.train import objective as obj
+
+    rng = np.random.default_rng(1)
+    scale = np.arange(1, 9, dtype=np.float32)[:, None, None, None] ** 2  # very different per-row losses
+    batch = {"latents": rng.standard_normal((8, 8, 8, 4)).astype(np.float32) * scale,
+             "cap_feats": rng.standard_normal((8, 3, 5)).astype(np.float32), "cap_mask": np.ones((8, 3), bool),
+             "valid": np.array([1, 1, 1, 1, 1, 0, 0, 0], bool)}  # fmt: skip
+    step, state, _, hp, _ = _stub_setup(grad_accum=a, batch=batch)
+    _, m = step(state, batch, hp)
+    # the same draws, reduced by hand: micro-batch i = rows i::a, keys fold_in(fold_in(seed, step), i)
+    model, total = StubDiT(), 0.0
+    for i in range(a):
+        mb = {k: v[i::a] for k, v in batch.items()}
+        k_main, k_aux = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), i))
+        apply = lambda x, t, mb=mb: model.apply({"params": state.params}, x, t, mb["cap_feats"], mb["cap_mask"])  # noqa: E731
+        per = obj.flow_loss(apply, jnp.asarray(mb["latents"]), k_main, t_sampling="lognorm", mu=0.5)
+        per = per + obj.flow_loss(apply, obj.avg_pool(jnp.asarray(mb["latents"]), 4), k_aux, t_sampling="lognorm", mu=0.5)
+        total += float(np.sum(np.asarray(per) * mb["valid"]))
+    np.testing.assert_allclose(float(m["loss"]), total / 5, rtol=1e-5)
+
+
+def test_aux_loss_crops_odd_pooled_sides_to_the_patch_size():
+    """A 496x128 px bucket has 62x16 latents, pooled by 4 to 15x4: one pooled row is cropped so the
+    patch-2 model can embed it (the original's crop sizes never produce an odd pooled side)."""
+    from lumina_jax.train import objective as obj
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 62, 16, 3)), jnp.float32)
+    full = obj.avg_pool(x, 4)
+    assert full.shape == (2, 15, 4, 3)
+    cropped = obj.avg_pool(x, 4, multiple=2)
+    assert cropped.shape == (2, 14, 4, 3)
+    np.testing.assert_array_equal(cropped, full[:, :14])  # remainder 1: the last pooled row goes
+    np.testing.assert_array_equal(obj.avg_pool(x[:, :56], 4, multiple=2), obj.avg_pool(x[:, :56], 4))
+    assert obj.avg_pool(jnp.zeros((1, 4 * 7, 4 * 9, 1)), 4, multiple=4).shape == (1, 4, 8, 1)
+    with pytest.raises(ValueError, match="smaller than the patch size 2"):
+        obj.avg_pool(jnp.zeros((1, 4, 16, 1)), 4, multiple=2)
+
+
+def test_multi_host_data_must_have_one_shape_on_every_host():
+    """Hosts reading different rows must build equal shapes: bucket batches or free caption padding are
+    refused up front (they would trace different programs per host), mixed + text_len is accepted."""
+    from lumina_jax.train.config import DataConfig, StageConfig
+    from lumina_jax.train.data import check_same_shapes_on_every_host
+
+    def stage(**kw):
+        paths = () if kw.get("kind") == "synthetic" else ("/data/x",)
+        extra = dict(vae="v", text_encoder="t") if kw.get("kind") == "images" else {}
+        return StageConfig(name="s", data=DataConfig(paths=paths, **extra, **kw))
+
+    for one_host in (stage(kind="latent_cache"), stage(kind="images")):
+        check_same_shapes_on_every_host(one_host, 1)
+    check_same_shapes_on_every_host(stage(kind="synthetic"), 4)
+    check_same_shapes_on_every_host(stage(kind="latent_cache", batching="mixed", text_len=256), 4)
+    with pytest.raises(ValueError, match=r"'bucket' batching picks each host's image size.*batching: mixed"):
+        check_same_shapes_on_every_host(stage(kind="latent_cache"), 2)
+    with pytest.raises(ValueError, match="without `text_len`"):
+        check_same_shapes_on_every_host(stage(kind="latent_cache", batching="mixed"), 2)
+    with pytest.raises(ValueError, match="encode offline"):
+        check_same_shapes_on_every_host(stage(kind="images", batching="mixed", text_len=256), 2)

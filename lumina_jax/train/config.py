@@ -128,6 +128,8 @@ class ObjectiveConfig:
 
         if self.t_sampling not in T_SAMPLINGS:
             raise ValueError(f"unknown t_sampling {self.t_sampling!r}; choose from {T_SAMPLINGS}")
+        if self.aux_pool < 1:
+            raise ValueError(f"objective.aux_pool must be >= 1, got {self.aux_pool}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,11 @@ class CheckpointConfig:
     keep_every: int = 0
     async_save: bool = True
 
+    def __post_init__(self):
+        if self.every < 0 or self.keep_every < 0 or self.keep < 1:
+            raise ValueError(f"checkpoint: every and keep_every must be >= 0 and keep >= 1, got every={self.every}, "
+                             f"keep={self.keep}, keep_every={self.keep_every}")
+
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
@@ -151,6 +158,10 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     dir: Optional[str] = None
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"log.every must be >= 1 (steps between metric lines), got {self.every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +218,9 @@ class TrainConfig:
                 raise ValueError(f"stage {s.name!r}: batch {s.batch} is not divisible by grad_accum {self.grad_accum}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1 (consecutive skipped steps before aborting), "
+                             f"got {self.max_nonfinite}")
 
     @property
     def total_steps(self) -> int:
@@ -277,12 +291,16 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
     if origin is tuple:
         if isinstance(v, (str, int, float)):
             v = [v]
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {type(v).__name__} {v!r}")
         elem = args[0] if args else Any
         return tuple(_coerce(elem, x, f"{where}.{i}") for i, x in enumerate(v))
     if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
     if tp is int and isinstance(v, float) and v.is_integer():
         return int(v)
+    if tp in (int, float) and isinstance(v, bool):
+        raise ValueError(f"{where}: expected {tp.__name__}, got bool {v!r}")
     if tp in (int, float, bool, str) and not isinstance(v, tp):
         raise ValueError(f"{where}: expected {tp.__name__}, got {type(v).__name__} {v!r}")
     return v
@@ -385,4 +403,8 @@ def load_model_config(cfg: TrainConfig):
     from lumina_jax.models.nextdit import NextDiTConfig
 
     mc = NextDiTConfig.from_yaml(cfg.model)
+    known = {f.name for f in dataclasses.fields(mc)}
+    unknown = sorted(set(cfg.model_overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown model_overrides key(s) {unknown}; model config keys: {sorted(known)}")
     return mc.replace(**cfg.model_overrides) if cfg.model_overrides else mc

@@ -162,6 +162,7 @@ def build_stage_iterator(
     the second is what to save with the run (the grain iterator itself for pipelines)."""
     d: DataConfig = stage.data
     start, stop, shard_index, shard_count = process_rows(stage.batch, mesh)
+    check_same_shapes_on_every_host(stage, shard_count)
     data_seed = d.seed if d.seed is not None else (seed * 1000 + stage_index) % 2**32
     if d.kind == "synthetic":
         lat = stage.resolution // 8
@@ -193,6 +194,31 @@ def build_stage_iterator(
     inner = iter(DataPipeline(sources, pc, weights=d.weights))
     enc = FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len, dtype=d.encoder_dtype)
     return EncodedIterator(inner, enc), inner
+
+
+def check_same_shapes_on_every_host(stage: StageConfig, shard_count: int) -> None:
+    """Raise ``ValueError`` when ``shard_count`` > 1 data shards (hosts feeding different rows) would
+    build batches of different shapes.
+
+    One SPMD step needs the same global shapes on every host, but a host's bucket batch takes its image
+    size from its own samples, and caption features are padded to the host's longest caption unless
+    ``text_len`` fixes it. Without this check the hosts would trace different programs and hang or
+    fail inside a collective. Agreeing on buckets across hosts is a known gap (BUILD.md).
+    """
+    d = stage.data
+    if shard_count <= 1 or d.kind == "synthetic":
+        return
+    need = "multi-host runs need `batching: mixed` (one token-budget shape everywhere) and a fixed `text_len`"
+    if d.kind == "images":
+        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and on-the-fly encoding "
+                         f"pads captions per host; encode offline (python -m lumina_jax preprocess) and train from "
+                         f"the latent cache: {need}")  # fmt: skip
+    if d.batching != "mixed":
+        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and {d.batching!r} "
+                         f"batching picks each host's image size from its own samples; {need}")  # fmt: skip
+    if d.text_len is None:
+        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and without `text_len` "
+                         f"captions are padded to each host's longest; {need} (e.g. text_len: 256)")  # fmt: skip
 
 
 def image_sources(path: str, *, system_prompt: str = "real", key_feature: Optional[str] = None) -> list:

@@ -11,9 +11,9 @@ step, with that stage's data iterator restored when the checkpoint was taken ins
 (a checkpoint at a stage boundary starts the next stage's data from its beginning). Otherwise params
 come from ``init`` (a checkpoint of any format, streamed into shardings) or a sharded random init.
 
-Per stage: the step is compiled once (one shape per stage: resolution, batch and caption length are
-fixed), data is drawn for this process's rows, and a checkpoint is forced at the stage's last step, so
-a restart never has to replay half a stage. ``stop_at`` ends the run early at a global step (with a
+Per stage: the step is compiled once per distinct batch shape (synthetic and ``mixed`` batches: one;
+``bucket`` batches: one per crop size and caption length met), data is drawn for this process's rows, and
+a checkpoint is forced at the stage's last step, so a restart never has to replay half a stage. ``stop_at`` ends the run early at a global step (with a
 checkpoint), for preemptible jobs and tests.
 """
 
@@ -176,12 +176,17 @@ class Trainer:
             _STEP_CACHE[key] = compile_train_step(fn, self.mesh, self.state_shardings, example_batch)
         return _STEP_CACHE[key]
 
-    def flops(self, stage_index: int, cap_len: int) -> tuple[float, float]:
+    def flops(self, stage_index: int, cap_len: int, latent_hw: Optional[tuple[int, int]] = None) -> tuple[float, float]:
+        """(useful, remat) FLOPs of one step of the stage. ``latent_hw``: the model input's spatial size
+        in a dense batch, which gives the autoencoder factor (8 for the FLUX VAE, 1 for pixel models;
+        8 is assumed without it)."""
         stage = self.cfg.stages[stage_index]
         aux = bool(self.cfg.objective.aux_loss_weight) and stage.data.batching != "mixed"
-        f = metrics_lib.train_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.objective.aux_pool, aux)
+        ds = 8 if latent_hw is None else max(1, round((stage.resolution**2 / (latent_hw[0] * latent_hw[1])) ** 0.5))
+        f = metrics_lib.train_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.objective.aux_pool,
+                                               aux, downsample=ds)  # fmt: skip
         r = metrics_lib.remat_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.remat,
-                                               self.cfg.objective.aux_pool, aux,
+                                               self.cfg.objective.aux_pool, aux, downsample=ds,
                                                attention_kernel=resolve_backend(self.cfg.attention) != "xla")  # fmt: skip
         return f["train"] * stage.batch, r * stage.batch
 
@@ -229,7 +234,8 @@ class Trainer:
         step_fn = self.compile_stage(si, first)
         hp = self.stage_hparams(si)
         cap_len = int(first["cap_feats"].shape[1])
-        useful, remat = self.flops(si, cap_len)
+        lat = first["latents"]
+        useful, remat = self.flops(si, cap_len, tuple(lat.shape[1:3]) if lat.ndim == 4 else None)
         n_dev = jax.device_count()
         log.info("stage %d/%d %r: steps %d..%d, %d px, global batch %d, mesh %s", si + 1, len(cfg.stages), stage.name,
                  step, end, stage.resolution, stage.batch, mesh_lib.describe(self.mesh))  # fmt: skip

@@ -46,26 +46,27 @@ def peak_tflops(device_kind: str) -> Optional[float]:
     return None
 
 
-def latent_tokens(model: NextDiTConfig, resolution: int) -> int:
-    """Image tokens of a square image of ``resolution`` pixels (VAE 8x, patch p)."""
-    side = resolution // 8 // model.patch_size
+def latent_tokens(model: NextDiTConfig, resolution: int, downsample: int = 8) -> int:
+    """Image tokens of a square image of ``resolution`` pixels (autoencoder ``downsample``x, patch p;
+    ``downsample`` 1 for models on pixels)."""
+    side = resolution // downsample // model.patch_size
     return side * side
 
 
 def train_flops_per_sample(
-    model: NextDiTConfig, resolution: int, cap_len: int, aux_pool: int = 4, aux: bool = True
+    model: NextDiTConfig, resolution: int, cap_len: int, aux_pool: int = 4, aux: bool = True, downsample: int = 8
 ) -> dict[str, float]:
     """Useful FLOPs per sample of one train step: ``{"forward", "aux_forward", "train"}``."""
-    fwd = flops_forward(model, cap_len, latent_tokens(model, resolution))
+    fwd = flops_forward(model, cap_len, latent_tokens(model, resolution, downsample))
     aux_fwd = 0.0
     if aux:
-        side = (resolution // 8) // aux_pool // model.patch_size
+        side = (resolution // downsample) // aux_pool // model.patch_size
         aux_fwd = flops_forward(model, cap_len, side * side)
     return {"forward": float(fwd), "aux_forward": float(aux_fwd), "train": 3.0 * (fwd + aux_fwd)}
 
 
-def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, policy: str,
-                           aux_pool: int = 4, aux: bool = True, *, attention_kernel: bool = False) -> float:  # fmt: skip
+def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, policy: str, aux_pool: int = 4,
+                           aux: bool = True, *, attention_kernel: bool = False, downsample: int = 8) -> float:  # fmt: skip
     """Extra (recomputed) matmul/attention FLOPs per sample under a remat policy of the block stacks.
 
     ``none``/``low_precision``: matmul and attention outputs are saved, nothing is recomputed (elementwise
@@ -86,9 +87,9 @@ def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, 
             return float(flops_forward(model, cap_len, n_img))
         raise ValueError(f"unknown remat policy {policy!r}")
 
-    total = one(latent_tokens(model, resolution))
+    total = one(latent_tokens(model, resolution, downsample))
     if aux:
-        side = (resolution // 8) // aux_pool // model.patch_size
+        side = (resolution // downsample) // aux_pool // model.patch_size
         total += one(side * side)
     return total
 

@@ -73,12 +73,23 @@ def interpolate(x1: jax.Array, x0: jax.Array, t: jax.Array) -> tuple[jax.Array, 
     return tb * x1 + (1.0 - tb) * x0, x1 - x0
 
 
-def avg_pool(latents: jax.Array, factor: int = 4) -> jax.Array:
-    """``(B, H, W, C)`` -> ``(B, H/f, W/f, C)`` average pooling (``nn.AvgPool2d(f)``; floor like PyTorch)."""
+def avg_pool(latents: jax.Array, factor: int = 4, multiple: int = 1) -> jax.Array:
+    """``(B, H, W, C)`` -> ``(B, H/f, W/f, C)`` average pooling (``nn.AvgPool2d(f)``; floor like PyTorch),
+    then centre-cropped to sides that are multiples of ``multiple`` (the model's patch size).
+
+    The crop is a deviation the original never needs: its crop sizes (spec §6.5: ``side // 32`` even)
+    pool to even latent sides, while the staircase rule we follow (:mod:`lumina_jax.data.crops`) also
+    yields sizes such as 496x128 px (latent 62x16 -> pooled 15x4), whose odd side the patch-2 model
+    cannot embed; there one pooled row/column (a 4-latent, 32 px strip of the image) is left out of the
+    auxiliary loss.
+    """
     b, h, w, c = latents.shape
     h2, w2 = h // factor, w // factor
-    x = latents[:, : h2 * factor, : w2 * factor].reshape(b, h2, factor, w2, factor, c)
-    return x.mean(axis=(2, 4))
+    if h2 < multiple or w2 < multiple:
+        raise ValueError(f"latents {h}x{w} pool by {factor} to {h2}x{w2}, smaller than the patch size {multiple}")
+    x = latents[:, : h2 * factor, : w2 * factor].reshape(b, h2, factor, w2, factor, c).mean(axis=(2, 4))
+    dh, dw = h2 % multiple, w2 % multiple
+    return x[:, dh // 2 : h2 - (dh - dh // 2), dw // 2 : w2 - (dw - dw // 2)]
 
 
 def flow_loss(
@@ -97,11 +108,3 @@ def flow_loss(
     xt, target = interpolate(x1, x0, t)
     pred = apply_fn(xt, t).astype(jnp.float32)
     return jnp.mean(jnp.square(pred - target), axis=tuple(range(1, x1.ndim)))
-
-
-def masked_mean(per_sample: jax.Array, weights: Optional[jax.Array]) -> jax.Array:
-    """Mean of ``per_sample`` over rows with ``weights`` (padding rows of a bucket have weight 0)."""
-    if weights is None:
-        return jnp.mean(per_sample)
-    w = weights.astype(jnp.float32)
-    return jnp.sum(per_sample * w) / jnp.maximum(jnp.sum(w), 1.0)

@@ -67,12 +67,23 @@ def _split_micro(x: jax.Array, a: int) -> jax.Array:
 
 
 def make_loss_fn(model: nn.Module, cfg: StepConfig) -> Callable:
-    """``loss_fn(params, micro_batch, rng) -> (loss, (main, aux))`` (fp32 scalars)."""
+    """``loss_fn(params, micro_batch, rng, denom) -> (loss, (main, aux))`` (fp32 scalars).
 
-    def loss_fn(params, mb, rng):
+    Each term is ``sum(per-sample loss over the micro-batch's valid rows) / denom``, ``denom`` being the
+    number of valid rows of the whole batch (spec §6.2), so the terms of the micro-batches of one step
+    add up to the exact batch mean however the padding rows of a bucket fall into them.
+    """
+
+    patch = getattr(getattr(model, "config", None), "patch_size", 1)  # the aux latent must patchify
+
+    def loss_fn(params, mb, rng, denom):
         k_main, k_aux = jax.random.split(rng)
         cap, cmask = mb["cap_feats"], mb["cap_mask"]
         valid = mb.get("valid")
+
+        def share(per):
+            w = jnp.ones_like(per) if valid is None else valid.astype(jnp.float32)
+            return jnp.sum(per * w) / denom
         if cfg.mixed:
             tokens, tmask = mb["latents"], mb["token_mask"]
             grid = mb["image_sizes"].astype(jnp.int32) // (VAE_FACTOR * model.config.patch_size)
@@ -85,17 +96,17 @@ def make_loss_fn(model: nn.Module, cfg: StepConfig) -> Callable:
             w = tmask.astype(jnp.float32)[..., None]
             per = jnp.sum(jnp.square(pred.astype(jnp.float32) - target) * w, axis=(1, 2))
             per = per / jnp.maximum(jnp.sum(w, axis=(1, 2)) * x1.shape[-1], 1.0)
-            main = obj.masked_mean(per, valid)
+            main = share(per)
             return main, (main, jnp.zeros((), jnp.float32))
 
         def apply(xt, t):
             return model.apply({"params": params}, xt, t, cap, cmask)
 
-        main = obj.masked_mean(obj.flow_loss(apply, mb["latents"], k_main, t_sampling=cfg.t_sampling, mu=cfg.mu), valid)
+        main = share(obj.flow_loss(apply, mb["latents"], k_main, t_sampling=cfg.t_sampling, mu=cfg.mu))
         aux = jnp.zeros((), jnp.float32)
         if cfg.aux_loss_weight:
-            pooled = obj.avg_pool(mb["latents"].astype(jnp.float32), cfg.aux_pool)
-            aux = obj.masked_mean(obj.flow_loss(apply, pooled, k_aux, t_sampling=cfg.t_sampling, mu=cfg.mu), valid)
+            pooled = obj.avg_pool(mb["latents"].astype(jnp.float32), cfg.aux_pool, multiple=patch)
+            aux = share(obj.flow_loss(apply, pooled, k_aux, t_sampling=cfg.t_sampling, mu=cfg.mu))
         return main + cfg.aux_loss_weight * aux, (main, aux)
 
     return loss_fn
@@ -121,6 +132,8 @@ def make_train_step(
             keys = MIXED_KEYS if cfg.mixed else DENSE_KEYS
             batch = {k: v for k, v in batch.items() if k in keys}
             micro = {k: _split_micro(v, a) for k, v in batch.items()}
+            rows = batch["latents"].shape[0]
+            denom = jnp.maximum(jnp.sum(batch["valid"].astype(jnp.float32)), 1.0) if "valid" in batch else rows
 
             def params_for_grad(p):
                 if trainable is None:
@@ -129,7 +142,7 @@ def make_train_step(
 
             def grad_one(i, mb):
                 def f(p):
-                    return loss_fn(params_for_grad(p), mb, jax.random.fold_in(rng, i))
+                    return loss_fn(params_for_grad(p), mb, jax.random.fold_in(rng, i), denom)
 
                 (loss, (main, aux)), g = jax.value_and_grad(f, has_aux=True)(state.params)
                 return loss, main, aux, g
@@ -146,9 +159,8 @@ def make_train_step(
                     return (acc_l + loss, acc_m + main, acc_a + aux, jax.tree.map(jnp.add, acc_g, g)), None
 
                 init = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros)
+                # each micro-batch's terms are already its share of the batch mean: sum them
                 (loss, main, aux, grads), _ = jax.lax.scan(body, init, (jnp.arange(a), micro))
-                loss, main, aux = loss / a, main / a, aux / a
-                grads = jax.tree.map(lambda g: g / a, grads)
 
             if trainable is not None:
                 grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, trainable)
