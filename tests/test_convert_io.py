@@ -1,4 +1,5 @@
-"""Streaming ``.pth`` writer: torch.load reads it bit-exactly, and it never holds two tensors at once."""
+"""Shared checkpoint I/O: the streaming ``.pth`` writer (torch.load reads it bit-exactly; it never holds
+two tensors at once), sharded safetensors writing, and which files a directory source reads."""
 
 from __future__ import annotations
 
@@ -86,3 +87,55 @@ def test_without_skip_data_falls_back_with_a_warning(tmp_path, monkeypatch):
         save_pth_streaming(tmp_path / "f.pth", _specs(arrays), iter(arrays.items()))
     sd = torch.load(tmp_path / "f.pth", weights_only=True)
     assert sd["layers.0.w"].numpy().tobytes() == arrays["layers.0.w"].tobytes()
+
+
+@pytest.mark.parametrize("with_specs", [False, True])
+def test_sharded_safetensors_hold_at_most_one_shard(tmp_path, with_specs):
+    """write_sharded_safetensors streams: with specs one tensor at a time, without them one shard's
+    tensors; both split the stream into the same shards and the index names them."""
+    import json
+
+    from lumina_jax.convert.common import write_sharded_safetensors
+    from lumina_jax.convert.safetensors_io import SafetensorsFile
+
+    arrays = [(f"t{i}", np.full((10, 10), i, np.float32)) for i in range(7)]  # 400 bytes each
+    pulled: list[int] = []
+    max_alive = 0
+    refs: list[weakref.ref] = []
+
+    def stream():
+        nonlocal max_alive
+        for i, (name, a) in enumerate(arrays):
+            gc.collect()
+            max_alive = max(max_alive, sum(r() is not None for r in refs))
+            a = a.copy()
+            refs.append(weakref.ref(a))
+            pulled.append(i)
+            yield name, a
+            del a
+
+    specs = [(k, v.shape, v.dtype) for k, v in arrays] if with_specs else None
+    paths = write_sharded_safetensors(stream(), tmp_path, max_shard_bytes=1000, specs=specs)
+    assert [p.name for p in paths] == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted([p.name for p in paths] + ["model.safetensors.index.json"])
+    assert max_alive <= (0 if with_specs else 2)  # 1000-byte shards hold two 400-byte tensors
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert weight_map == {f"t{i}": paths[i // 2].name for i in range(7)}
+    for i, (name, a) in enumerate(arrays):
+        np.testing.assert_array_equal(SafetensorsFile(paths[i // 2]).get(name), a)
+
+
+def test_directory_with_an_index_reads_only_its_shards(tmp_path):
+    """A variant file next to indexed shards (e.g. ``model.fp16.safetensors``) is not read, as in
+    transformers; without an index every file is."""
+    from lumina_jax.convert.common import TensorSource, write_sharded_safetensors
+    from lumina_jax.convert.safetensors_io import save_file
+
+    arrays = [(f"t{i}", np.full((10, 10), i, np.float32)) for i in range(3)]
+    write_sharded_safetensors(iter(arrays), tmp_path, max_shard_bytes=500)
+    save_file({"t0": np.zeros((10, 10), np.float16)}, tmp_path / "model.fp16.safetensors")
+    src = TensorSource(tmp_path)
+    assert sorted(src.keys()) == ["t0", "t1", "t2"] and src.get("t0").dtype == np.float32
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError, match="appears in more than one file"):
+        TensorSource(tmp_path)

@@ -170,6 +170,16 @@ def test_config_round_trips_through_transformers():
            "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "attention_bias": False}
     assert Gemma2Config.from_hf_config(old) == Gemma2Config.from_yaml(ROOT / "configs/model/gemma2_2b.yaml")
     assert transformers.Gemma2Config(**old).layer_types == list(Gemma2Config().layer_types)
+    # keys missing from a config.json take transformers' defaults, as from_pretrained would
+    optional = ("head_dim", "num_key_value_heads", "query_pre_attn_scalar", "attn_logit_softcapping",
+                "final_logit_softcapping", "sliding_window")  # fmt: skip
+    minimal = {k: v for k, v in old.items() if k not in optional}
+    ours, theirs = Gemma2Config.from_hf_config(minimal), transformers.Gemma2Config(**minimal)
+    assert [getattr(ours, k) for k in ("head_dim", "num_kv_heads", "query_pre_attn_scalar", "attn_logit_softcapping",
+                                       "final_logit_softcapping", "sliding_window")] == \
+        [getattr(theirs, k) for k in optional]  # fmt: skip
+    # an explicit null keeps its meaning
+    assert Gemma2Config.from_hf_config({**old, "attn_logit_softcapping": None}).attn_logit_softcapping is None
     with pytest.raises(ValueError, match="model_type"):
         Gemma2Config.from_hf_config({**old, "model_type": "gemma3_text"})
     with pytest.raises(ValueError, match="unknown Gemma2Config keys.*num_hidden_layers"):

@@ -102,8 +102,8 @@ def to_numpy(x: Any) -> np.ndarray:
 class TensorSource:
     """Read-only, lazily loaded mapping ``name -> np.ndarray`` over one or many files.
 
-    Accepts a ``.safetensors`` file, a directory with one or more ``*.safetensors`` (with or without an
-    index json), or a pickled PyTorch file (``.pth``/``.pt``/``.bin``; needs torch). Tensors are read on
+    Accepts a ``.safetensors`` file, a directory with one or more ``*.safetensors`` (with an index json
+    only the shards it names are read, else every file), or a pickled PyTorch file (``.pth``/``.pt``/``.bin``; needs torch). Tensors are read on
     ``get`` so that a converter can stream.
     """
 
@@ -128,6 +128,10 @@ class TensorSource:
                     missing = sorted(w for w in wanted if not (self.path / w).exists())
                     if missing:
                         raise CheckpointError(f"{self.path}: index {idx_name} names missing shards {missing}")
+                    # like transformers/diffusers: the index decides which files hold the weights (a
+                    # variant such as model.fp16.safetensors next to the shards is not read)
+                    files = sorted(self.path / w for w in wanted)
+                    break
         else:
             files = [self.path]
         for f in files:
@@ -239,32 +243,59 @@ def write_sharded_safetensors(
     One shard -> ``weights_name``; several -> ``{stem}-0000i-of-0000n.safetensors`` plus an index json,
     the names transformers/diffusers expect. With ``specs`` (name, shape, dtype of every tensor, in
     stream order) the shards are planned up front and each tensor is written as it arrives, so only
-    one tensor is in memory; without, one shard's tensors are held at a time.
+    one tensor is in memory; without, one shard's tensors (plus the next tensor) are held at a time: each
+    shard is written under a temporary name as soon as it is full and renamed once the count is known.
+    Both ways split the stream into the same shards.
     """
-    from lumina_jax.convert.safetensors_io import save_file_streaming
+    from lumina_jax.convert.safetensors_io import save_file, save_file_streaming
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = weights_name[: -len(".safetensors")]
-    if specs is None:
-        held = [(k, np.asarray(v)) for k, v in tensors]
-        specs = [(k, v.shape, v.dtype) for k, v in held]
-        tensors = held
+
+    def nbytes(shape, dtype) -> int:
+        return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
     plan: list[list[tuple[str, tuple[int, ...], Any]]] = [[]]
-    size = 0
-    for name, shape, dtype in specs:
-        nb = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if plan[-1] and size + nb > max_shard_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append((name, tuple(shape), np.dtype(dtype)))
-        size += nb
+    if specs is None:  # group as the stream arrives, writing each full shard at once
+        held: list[tuple[str, np.ndarray]] = []
+        written: list[Path] = []
+
+        def flush() -> None:
+            written.append(out_dir / f".{stem}.part{len(written):05d}.safetensors")
+            save_file(held, written[-1], metadata=metadata)
+            held.clear()
+
+        size = 0
+        for name, arr in tensors:
+            arr = np.asarray(arr)
+            if held and size + arr.nbytes > max_shard_bytes:
+                flush()
+                plan.append([])
+                size = 0
+            held.append((name, arr))
+            plan[-1].append((name, arr.shape, arr.dtype))
+            size += arr.nbytes
+        flush()
+    else:
+        size = 0
+        for name, shape, dtype in specs:
+            nb = nbytes(shape, dtype)
+            if plan[-1] and size + nb > max_shard_bytes:
+                plan.append([])
+                size = 0
+            plan[-1].append((name, tuple(shape), np.dtype(dtype)))
+            size += nb
     n = len(plan)
     names = [out_dir / weights_name] if n == 1 else [
         out_dir / f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
     ]  # fmt: skip
-    it = iter(tensors)
-    for path, shard in zip(names, plan):
-        save_file_streaming(path, shard, (next(it) for _ in shard), metadata=metadata)
+    if specs is None:
+        for tmp, path in zip(written, names):
+            os.replace(tmp, path)
+    else:
+        it = iter(tensors)
+        for path, shard in zip(names, plan):
+            save_file_streaming(path, shard, (next(it) for _ in shard), metadata=metadata)
     if n > 1:
         weight_map = {name: path.name for path, shard in zip(names, plan) for name, _, _ in shard}
         total = sum(p.stat().st_size for p in names)

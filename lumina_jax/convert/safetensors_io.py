@@ -155,6 +155,7 @@ def save_file_streaming(
                     f"got {got_name} {tuple(arr.shape)} {arr.dtype}"
                 )
             f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+            del arr  # before the stream makes the next one
 
 
 def save_file(

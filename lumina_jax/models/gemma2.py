@@ -80,6 +80,17 @@ _MASK_VALUE = -1e30  # finite so that fully masked rows give a uniform softmax, 
 _ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True, "gelu": False}  # -> approximate
 
 
+# transformers' Gemma2Config defaults for the keys whose absence changes the computation
+_HF_GEMMA2_DEFAULTS = {
+    "head_dim": 256,
+    "num_key_value_heads": 4,
+    "query_pre_attn_scalar": 256,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "sliding_window": 4096,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Gemma2Config:
     """Architecture of a Gemma-2 decoder used as an encoder (no LM head).
@@ -169,9 +180,12 @@ class Gemma2Config:
             raise ValueError(f"only default RoPE is supported, got rope_parameters={rope!r} "
                              f"rope_scaling={hf.get('rope_scaling')!r}")
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        # A key missing from config.json takes transformers' Gemma2Config default (what from_pretrained
+        # would compute with); an explicit null keeps its meaning (no soft-capping, no window).
+        d = _HF_GEMMA2_DEFAULTS
         heads = int(hf["num_attention_heads"])
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        window = hf.get("sliding_window", hf.get("sliding_window_size"))
+        head_dim = hf.get("head_dim", d["head_dim"]) or hf["hidden_size"] // heads
+        window = hf.get("sliding_window", hf.get("sliding_window_size", d["sliding_window"]))
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         layer_types = hf.get("layer_types")
         return cls(
@@ -180,17 +194,17 @@ class Gemma2Config:
             intermediate_size=int(hf["intermediate_size"]),
             num_layers=int(hf["num_hidden_layers"]),
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            num_kv_heads=int(hf.get("num_key_value_heads", d["num_key_value_heads"]) or heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
-            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", head_dim)),
-            attn_logit_softcapping=_opt_float(hf.get("attn_logit_softcapping")),
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", d["query_pre_attn_scalar"]) or head_dim),
+            attn_logit_softcapping=_opt_float(hf.get("attn_logit_softcapping", d["attn_logit_softcapping"])),
             sliding_window=None if window is None else int(window),
             layer_types=None if layer_types is None else tuple(layer_types),
             hidden_activation=act,
             max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-            final_logit_softcapping=_opt_float(hf.get("final_logit_softcapping")),
+            final_logit_softcapping=_opt_float(hf.get("final_logit_softcapping", d["final_logit_softcapping"])),
             pad_token_id=_int_or(hf.get("pad_token_id"), 0),
             eos_token_id=_int_or(hf.get("eos_token_id"), 1),
             bos_token_id=_int_or(hf.get("bos_token_id"), 2),
