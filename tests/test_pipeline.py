@@ -202,6 +202,12 @@ def test_components_layouts_cache_and_transformer_override(reference, tmp_path, 
     second = load_components(d, cache=cache)
     assert second.layout == "diffusers (cached)"
     _same_tree(second.transformer, comps.transformer)
+    # a cache that cannot be written (here: its root is a file) costs the cache, not the load
+    (tmp_path / "not_a_dir").write_text("x")
+    with caplog.at_level("WARNING", logger="lumina_jax.convert.components"):
+        third = load_components(d, cache=tmp_path / "not_a_dir")
+    assert third.layout == "diffusers" and "could not cache the converted weights" in caplog.text
+    _same_tree(third.transformer, comps.transformer)
 
     # an original-format transformer replaces the directory's one
     from lumina_jax.convert.nextdit import save_transformer

@@ -195,8 +195,12 @@ def load_components(
             try:
                 save_components(cached, comps)
                 log.info("cached the converted weights in %s", cached)
-            except FileExistsError:  # another process wrote it meanwhile
-                pass
+            except OSError as e:  # full disk, read-only cache folder...: the loaded weights are still good
+                if isinstance(e, FileExistsError) and (cached / PIPELINE_MARKER).exists():
+                    pass  # another process wrote it meanwhile
+                else:
+                    log.warning("could not cache the converted weights in %s (%s: %s); loading goes on "
+                                "without the cache", cached, type(e).__name__, e)
     elif layout == "diffusers":
         comps = _load_diffusers(root, dtype)
     else:
