@@ -209,8 +209,40 @@ def test_corrupt_cache_records_are_skipped_and_counted(tmp_path):
     good = [records.encode_record(cache.make_latent_record(**{
         k: v for k, v in r.items()})) for r in random_records(6)]
     bad = [b"garbage", records.encode_record({"schema": "something/else"})]
-    records.write_shard(tmp_path / records.shard_name(cache.LATENT_SHARD_PREFIX, 0), good[:3] + bad + good[3:])
+    name = records.shard_name(cache.LATENT_SHARD_PREFIX, 0)
+    records.write_shard(tmp_path / name, good[:3] + bad + good[3:])
+    records.write_json_atomic(tmp_path / "cache_info.json", {"num_records": 8, "shards": [name]})
     it = iter(DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config()))
     n = sum(int(b["valid"].sum()) for b in it)
     assert n == 6
     assert it.stats.skipped == {"c": {"bad_record": 2}}
+
+
+def test_incomplete_cache_is_refused_unless_allowed(tmp_path):
+    out = tmp_path / "cache"
+    cache.write_latent_cache(random_records(11), out, shard_size=4)
+    info = out / "cache_info.json"
+    assert len(cache.LatentCacheSource(out)) == 11
+    info.unlink()  # as after `preprocess --max-shards` or a crash: the shards so far, no cache_info.json
+    with pytest.raises(cache.IncompleteCacheError, match=rf"{out} is incomplete: it has 3 complete shard\(s\) but "
+                                                         r"no cache_info\.json .*preprocessing did not finish"):
+        cache.LatentCacheSource(out)
+    assert len(cache.LatentCacheSource(out, allow_incomplete=True)) == 11
+    # Multi-host runs: per-process directories that were not merged; an interrupted merge.
+    parts = tmp_path / "parts"
+    (parts / "process-00000-of-00002").mkdir(parents=True)
+    with pytest.raises(cache.IncompleteCacheError, match=r"per-process directories .*--merge --out"):
+        cache.LatentCacheSource(parts)
+    (parts / "merge_plan.json").write_text("{}")
+    with pytest.raises(cache.IncompleteCacheError, match="merge of its per-process directories was interrupted"):
+        cache.LatentCacheSource(parts)
+    # cache_info.json names the shards that are read; one that vanished is an error.
+    records.write_json_atomic(info, {"num_records": 8, "shards": ["latents-00000.array_record",
+                                                                  "latents-00001.array_record"]})
+    assert len(cache.LatentCacheSource(out)) == 8
+    records.write_json_atomic(info, {"num_records": 12, "shards": ["latents-00000.array_record",
+                                                                   "latents-00007.array_record"]})
+    with pytest.raises(cache.IncompleteCacheError, match=r"1 are missing \(latents-00007\.array_record\)"):
+        cache.LatentCacheSource(out)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        cache.LatentCacheSource(tmp_path / "nope")

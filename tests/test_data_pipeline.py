@@ -1,6 +1,7 @@
 """Input pipeline: transforms, bad data, bucketing/packing, dropout, resume, hosts, mixtures, workers."""
 
 import collections
+import dataclasses
 import json
 import logging
 
@@ -105,6 +106,22 @@ def test_source_with_no_usable_sample_is_an_error_naming_it(tmp_path):
         next(it)
 
 
+def test_consecutive_skip_limit_is_configurable_and_named_in_the_error():
+    png = testing.encode_image(testing.make_image(8, 8))
+    items = [{"image": png, "caption": ""}] * 6 + [{"image": png, "caption": f"c{i}"} for i in range(4)]
+    src = ListSource(items, name="blanks_first")
+    cfg = config(resolution=32, num_epochs=1, shuffle=False, probe_samples=0)
+    with pytest.raises(NoUsableSampleError, match=r"raise the limit \(5\) with PipelineConfig\.max_consecutive_skips"):
+        next(iter(DataPipeline(src, dataclasses.replace(cfg, max_consecutive_skips=5))))
+    renamed = dataclasses.replace(cfg, max_consecutive_skips=5, max_consecutive_skips_option="data.max_skips")
+    with pytest.raises(NoUsableSampleError, match=r"with data\.max_skips\."):
+        next(iter(DataPipeline(src, renamed)))
+    _, it = run(DataPipeline(src, dataclasses.replace(cfg, max_consecutive_skips=7)))
+    assert it.stats.samples == 4 and it.stats.skipped == {"blanks_first": {"empty_caption": 6}}
+    with pytest.raises(ValueError, match="max_consecutive_skips must be >= 1"):
+        config(max_consecutive_skips=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Transforms
 
@@ -128,6 +145,29 @@ def test_colour_modes_and_normalisation():
     np.testing.assert_allclose(by_key["pal"][..., :2], -1.0, atol=1e-6)
     for img in by_key.values():
         assert img.dtype == np.float32 and img.shape == (32, 32, 3)
+
+
+def test_single_channel_arrays_are_greyscale():
+    grey = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    items = [{"image": a, "caption": "x", "key": k} for k, a in [("hw", grey), ("hw1", grey[..., None]), ("rgb", rgb)]]
+    batches, it = run(DataPipeline(ListSource(items), config(
+        resolution=32, batch_size=1, num_epochs=1, shuffle=False, caption_dropout=0.0)))
+    assert it.stats.skipped == {}
+    by_key = {b["keys"][0]: b["images"][0] for b in batches}
+    np.testing.assert_array_equal(by_key["hw1"], by_key["hw"])
+    np.testing.assert_array_equal(by_key["hw1"], by_key["rgb"])
+
+
+def test_non_string_system_prompt_is_a_counted_bad_record(caplog):
+    caplog.set_level(logging.WARNING, logger="lumina_jax.data")
+    png = testing.encode_image(testing.make_image(16, 16))
+    items = [{"image": png, "caption": f"a{i}", "system_prompt": "base", "key": f"k{i}"} for i in range(12)]
+    items[9]["system_prompt"] = None
+    items[10]["system_prompt"] = 3
+    batches, it = run(DataPipeline(ListSource(items, name="sp"), config(resolution=32, num_epochs=1, shuffle=False)))
+    assert it.stats.samples == 10 and it.stats.skipped == {"sp": {"bad_record": 2}}
+    assert "k9 (system prompt is a NoneType" in caplog.text and "k10 (system prompt is a int" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +310,44 @@ def test_resume_at_the_end_of_a_finite_run(dataset):
     restored.set_state(json.loads(json.dumps(it.get_state())))
     assert_batches_equal(list(restored), reference[k:])
     assert restored.stats.to_dict() == ref_it.stats.to_dict()  # exact counts after a resume too
+
+
+def test_restoring_into_another_configuration_names_each_changed_setting():
+    png = testing.encode_image(testing.make_image(16, 16))
+    a = ListSource([{"image": png, "caption": f"a{i}"} for i in range(40)], name="A")
+    b = ListSource([{"image": png, "caption": f"b{i}"} for i in range(30)], name="B")
+    cfg = config(resolution=32)
+    it = iter(DataPipeline(a, cfg))
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    reference = [next(it) for _ in range(3)]
+    changes = [
+        (dict(num_workers=2), None, r"num_workers: 0 -> 2"),
+        (dict(seed=1, batch_size=2), None, r"batch_size: 4 -> 2; .*seed: 0 -> 1"),
+        (dict(shard_index=1, shard_count=2), None, r"shard_count: 1 -> 2; shard_index: 0 -> 1"),
+        (dict(batching="mixed"), None, r"batching: 'bucket' -> 'mixed'"),
+        ({}, [a, b], r"sources: \['A \(image, 40 records\)'\] -> \['A \(image, 40 records\)', 'B \(image, 30"),
+    ]
+    for change, srcs, match in changes:
+        with iter(DataPipeline(srcs or a, dataclasses.replace(cfg, **change))) as other:
+            with pytest.raises(ValueError, match=f"saved by a pipeline with other settings .*{match}"):
+                other.set_state(state)
+    two = iter(DataPipeline([a, b], cfg, weights=[1, 3]))
+    next(two)
+    with pytest.raises(ValueError, match=r"weights: \[0\.25, 0\.75\] -> \[0\.5, 0\.5\]"):
+        iter(DataPipeline([a, b], cfg)).set_state(json.loads(json.dumps(two.get_state())))
+    # Content-only settings may change; a state saved before the fingerprint existed is restored unchecked.
+    restored = iter(DataPipeline(a, dataclasses.replace(cfg, caption_dropout=0.5, read_threads=2)))
+    restored.set_state(state)
+    assert [b["ids"] for b in (next(restored) for _ in range(3))] == [b["ids"] for b in reference]
+    old = {k: v for k, v in state.items() if k != "config"}
+    restored = iter(DataPipeline(a, cfg))
+    restored.set_state(old)
+    assert_batches_equal([next(restored) for _ in range(3)], reference)
+    with iter(DataPipeline(a, config(resolution=32, num_workers=2))) as other:
+        with pytest.raises(ValueError, match="does not fit this pipeline.*num_workers"):
+            other.set_state(old)
 
 
 @pytest.mark.parametrize("drop_remainder", [False, True])

@@ -69,6 +69,72 @@ def test_jsonl_malformed_lines_are_counted(tmp_path, dataset):
     assert stats.skipped["bad"]["bad_record"] == 2
 
 
+def test_json_array_file_gives_one_record_per_element(tmp_path, dataset):
+    # The original loader reads a .json file with json.load (one array of records), a .jsonl line by line.
+    from lumina_jax.data.preprocess import open_source
+
+    jsonl, items = dataset
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    bad = [3, {"path": "images/x.png"}]  # not an object; no caption key: placeholders, as in JSONL
+    array = tmp_path / "data.json"
+    array.write_text(json.dumps(lines + bad, indent=2))
+    src = sources.JsonlSource(array, root=jsonl.parent)
+    ref = sources.JsonlSource(jsonl)
+    assert len(src) == len(items) + 2
+    for i in range(len(items)):
+        assert src.get(i) == ref.get(i)
+    n = len(items)
+    with pytest.raises(sources.SkipSample, match=rf"data\.json:\d+ \(element {n}\): the record is not a JSON obj"):
+        src.get(len(items))
+    got, stats = collect(DataPipeline(src, config()))
+    want, ref_stats = collect(DataPipeline(ref, config()))
+    assert got.keys() == want.keys() and stats.skipped["data"] == {
+        **ref_stats.skipped["data"], "bad_record": 2}
+    assert isinstance(open_source(array), sources.JsonlSource) and len(open_source(array)) == len(items) + 2
+    # In a META YAML too; a .json holding one object per line is still read as JSON lines.
+    (tmp_path / "lines.json").write_text(jsonl.read_text())
+    (tmp_path / "meta.yaml").write_text(f"META:\n  - path: data.json\n    root: {jsonl.parent}\n"
+                                        f"  - path: lines.json\n    root: {jsonl.parent}\n")
+    from_yaml = sources.load_yaml_sources(tmp_path / "meta.yaml")
+    assert [len(s) for s in from_yaml] == [len(items) + 2, len(items)]
+    # Element line numbers; an empty array; a malformed array is an error naming line and column.
+    (tmp_path / "two.json").write_text('\ufeff [\n{"path": "a.png", "prompt": "a"},\n\n  [1],\n"x"]\n')
+    two = sources.JsonlSource(tmp_path / "two.json")
+    assert len(two) == 3 and two.get(0).caption == "a"
+    with pytest.raises(sources.SkipSample, match=r"two\.json:4 \(element 1\)"):
+        two.get(1)
+    (tmp_path / "empty.json").write_text("[ ]")
+    assert len(sources.JsonlSource(tmp_path / "empty.json")) == 0
+    (tmp_path / "broken.json").write_text('[\n{"path": "a.png", "prompt": "a"},\n{"path": }\n]')
+    with pytest.raises(ValueError, match=r"broken\.json:3:10: invalid JSON"):
+        sources.JsonlSource(tmp_path / "broken.json")
+    (tmp_path / "unclosed.json").write_text('[{"path": "a.png", "prompt": "a"} {"path": "b.png"}]')
+    with pytest.raises(ValueError, match=r"unclosed\.json:1:35: .*expected ',' or ']'"):
+        sources.JsonlSource(tmp_path / "unclosed.json")
+
+
+def test_undecodable_bytes_are_counted_bad_records_naming_file_and_line(tmp_path, caplog):
+    png = tmp_path / "a.png"
+    testing.make_image(16, 16).save(png)
+    good = json.dumps({"path": "a.png", "prompt": "fine"}).encode()
+    (tmp_path / "latin1.jsonl").write_bytes(good + b"\n" + b'{"path": "a.png", "prompt": "caf\xe9"}\n')
+    caplog.set_level("WARNING")
+    src = sources.JsonlSource(tmp_path / "latin1.jsonl")
+    assert len(src) == 2 and src.get(0).caption == "fine"
+    with pytest.raises(sources.SkipSample, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        src.get(1)
+    assert "latin1.jsonl:2: not valid UTF-8" in caplog.text  # logged when the file is read
+    got, stats = collect(DataPipeline(src, config(resolution=32)))
+    assert len(got) == 1 and stats.skipped == {"latin1": {"bad_record": 1}}
+    # The same in a JSON array: only the element holding the bad byte is skipped.
+    latin1 = b'{"path": "a.png", "prompt": "caf\xe9"}'
+    (tmp_path / "arr.json").write_bytes(b"[" + good + b",\n" + latin1 + b", " + good + b"]")
+    arr = sources.JsonlSource(tmp_path / "arr.json")
+    assert len(arr) == 3 and arr.get(0).caption == arr.get(2).caption == "fine"
+    with pytest.raises(sources.SkipSample, match=r"arr\.json:2 \(element 1\): not valid UTF-8"):
+        arr.get(1)
+
+
 def test_yaml_meta_with_ratio(tmp_path, dataset):
     jsonl, items = dataset
     (tmp_path / "cfg").mkdir()

@@ -116,8 +116,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def config(out: Path, **kw) -> pp.PreprocessConfig:
-    return pp.PreprocessConfig(out_dir=str(out), resolution=RES, batch_size=BATCH, shard_size=SHARD,
-                               progress=False, **kw)  # fmt: skip
+    kw = {"resolution": RES, "batch_size": BATCH, "shard_size": SHARD, "progress": False, **kw}
+    return pp.PreprocessConfig(out_dir=str(out), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +286,45 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(encoders, data, cli
     with pytest.raises(pp.PreprocessError, match="batch_size: was 4, now 2"):
         pp.preprocess(source, encoders, pp.PreprocessConfig(out_dir=str(out), resolution=RES, batch_size=2,
                                                             shard_size=SHARD, progress=False))  # fmt: skip
+
+
+def test_max_shards_that_reach_the_end_complete_the_cache(encoders, data, cli_cache, tmp_path):
+    # 9 usable records in shards of 3: --max-shards 3 writes all of them, and so does a resume whose
+    # --max-shards covers exactly the shards left; both runs must end complete (cache_info.json written).
+    source = JsonlSource(data)
+    whole = tmp_path / "whole"
+    r = pp.preprocess(source, encoders, config(whole, shard_size=3, max_shards=3))
+    assert r.complete and (r.num_records, r.num_shards) == (9, 3) and (whole / "cache_info.json").exists()
+    assert "complete" in pp.format_summary(r).splitlines()[0] and "INCOMPLETE" not in pp.format_summary(r)
+    resumed = tmp_path / "resumed"
+    r1 = pp.preprocess(source, encoders, config(resumed, shard_size=3, max_shards=1))
+    assert not r1.complete and r1.num_shards == 1 and not (resumed / "cache_info.json").exists()
+    r2 = pp.preprocess(source, encoders, config(resumed, shard_size=3, max_shards=2))
+    assert r2.complete and (r2.num_records, r2.new_shards) == (9, 2) and (resumed / "cache_info.json").exists()
+    assert_same_records(read_all(resumed), read_all(whole))
+    assert sorted(r["key"] for r in read_all(whole)) == sorted(r["key"] for r in read_all(cli_cache[0]))
+
+
+def test_cli_max_consecutive_skips_is_the_option_the_error_names(models, data, tmp_path, capsys):
+    vae_dir, text_dir, tok_dir, _, _ = models
+    images = data.parent / "images"
+    lines = [{"path": str(images / f"gone_{i}.png"), "prompt": "missing"} for i in range(5)]
+    lines += [{"path": str(images / f"img_{i}.png"), "prompt": f"caption {i}"} for i in (1, 2, 4, 5)]
+    jsonl = tmp_path / "missing_first.jsonl"
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["--data", str(jsonl), "--vae", str(vae_dir), "--text-encoder", str(text_dir), "--tokenizer", str(tok_dir),
+            "--out", str(tmp_path / "out"), "--resolution", str(RES), "--batch", str(BATCH), "--shard-size",
+            str(SHARD), "--no-progress"]  # fmt: skip
+    rc = main([*args, "--max-consecutive-skips", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "3 records in a row were unusable (missing=3" in err
+    assert "raise the limit (3) with --max-consecutive-skips" in err
+    rc = main([*args, "--max-consecutive-skips", "6"])  # following the advice: the same --out resumes
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "samples written: 4" in out and "skipped in 'missing_first': missing=5" in out
+    with pytest.raises(ValueError, match="max_consecutive_skips must be >= 1"):
+        config(tmp_path, max_consecutive_skips=0)
 
 
 def test_two_hosts_write_disjoint_shards_covering_every_sample(encoders, data, cli_cache, tmp_path):

@@ -439,3 +439,29 @@ def test_multi_host_data_must_have_one_shape_on_every_host():
         check_same_shapes_on_every_host(stage(kind="latent_cache", batching="mixed"), 2)
     with pytest.raises(ValueError, match="encode offline"):
         check_same_shapes_on_every_host(stage(kind="images", batching="mixed", text_len=256), 2)
+
+
+def test_stage_data_skip_limit_reaches_the_pipeline_under_its_config_key(monkeypatch):
+    """``stages.N.data.max_consecutive_skips`` is passed to the data pipeline, whose error names that key."""
+    import lumina_jax.data as data_pkg
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train.config import load_config, load_model_config
+    from lumina_jax.train.data import build_stage_iterator
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(**kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(data_pkg, "PipelineConfig", capture)
+    cfg = load_config("tiny_synthetic", ["stages.1.data.kind=latent_cache", "stages.1.data.paths=[/nowhere]",
+                                         "stages.1.data.max_consecutive_skips=7"])  # fmt: skip
+    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+    with pytest.raises(Stop):
+        build_stage_iterator(cfg.stages[1], model_config=load_model_config(cfg), mesh=mesh, seed=0, stage_index=1)
+    assert seen["max_consecutive_skips"] == 7
+    assert seen["max_consecutive_skips_option"] == "stages.1.data.max_consecutive_skips"

@@ -24,6 +24,9 @@ Directory layout::
     <out_dir>/empty_prompt.ljr                  optional: features of "" (needed for caption dropout)
     <out_dir>/cache_info.json                   {"schema", "num_records", "shards"}, written last
 
+:class:`LatentCacheSource` reads the shards ``cache_info.json`` lists and refuses a directory without it
+(an unfinished cache) unless ``allow_incomplete=True``.
+
 Caption dropout on a cache replaces a sample's ``cap_feats``/``cap_mask`` with the stored features
 of the empty prompt (no system prompt), as the original does with the text.
 """
@@ -31,7 +34,9 @@ of the empty prompt (no system prompt), as the original does with the text.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -47,6 +52,10 @@ LATENT_SHARD_PREFIX = "latents"
 VAE_DOWNSAMPLE = 8
 LATENT_CHANNELS = 16
 _EMPTY_PROMPT_FILE = "empty_prompt.ljr"
+CACHE_INFO_FILE = "cache_info.json"
+_PART_DIR_RE = re.compile(r"^process-\d{5,}-of-\d{5,}$")
+
+logger = logging.getLogger(__name__)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -130,7 +139,7 @@ def write_latent_cache(
     paths = rec_lib.write_sharded(records, out_dir, shard_size, LATENT_SHARD_PREFIX, encode=_encode)
     reader = rec_lib.ShardedRecordReader(paths) if paths else None
     rec_lib.write_json_atomic(
-        out_dir / "cache_info.json",
+        out_dir / CACHE_INFO_FILE,
         {
             "schema": LATENT_CACHE_SCHEMA,
             "num_records": len(reader) if reader else 0,
@@ -140,17 +149,45 @@ def write_latent_cache(
     return paths
 
 
+class IncompleteCacheError(FileNotFoundError):
+    """A latent cache directory without ``cache_info.json`` (its writer did not finish), or whose
+    ``cache_info.json`` lists shards that are missing."""
+
+
 class LatentCacheSource:
     """Random access over a latent cache directory (``kind = "latent"``).
 
     ``get(index)`` returns the decoded record (arrays are read-only views). Picklable.
+
+    The cache must be complete: ``cache_info.json`` is written last, when the writer (``python -m
+    lumina_jax preprocess`` or :func:`write_latent_cache`) finished, and the shards it lists are read.
+    A directory without it raises :class:`IncompleteCacheError` naming the directory and what to run.
+
+    Args:
+      cache_dir: the cache directory.
+      name: source name for logs/stats (default: the directory name).
+      allow_incomplete: read whatever complete shards an unfinished cache holds (a warning names how
+        many), instead of raising; e.g. to inspect a cache while it is being written.
     """
 
     kind = "latent"
 
-    def __init__(self, cache_dir: str | os.PathLike, name: Optional[str] = None):
+    def __init__(self, cache_dir: str | os.PathLike, name: Optional[str] = None, allow_incomplete: bool = False):
         cache_dir = Path(cache_dir)
-        shards = rec_lib.list_shards(cache_dir, LATENT_SHARD_PREFIX)
+        if not cache_dir.is_dir():
+            raise FileNotFoundError(f"latent cache {cache_dir}: no such directory")
+        info_path = cache_dir / CACHE_INFO_FILE
+        if info_path.exists():
+            shards = _listed_shards(cache_dir, info_path)
+        else:
+            shards = rec_lib.list_shards(cache_dir, LATENT_SHARD_PREFIX)
+            if not allow_incomplete:
+                raise IncompleteCacheError(_incomplete_message(cache_dir, len(shards)))
+            if shards:
+                logger.warning(
+                    "%s: incomplete latent cache (no %s); reading its %d complete shard(s) "
+                    "(allow_incomplete=True)", cache_dir, CACHE_INFO_FILE, len(shards),
+                )
         if not shards:
             raise FileNotFoundError(f"no '{LATENT_SHARD_PREFIX}-*.array_record' shards in {cache_dir}")
         self.name = name or cache_dir.name
@@ -173,6 +210,43 @@ class LatentCacheSource:
         if record.get("schema") != LATENT_CACHE_SCHEMA:
             raise SkipSample("bad_record", f"schema {record.get('schema')!r}")
         return record
+
+
+def _listed_shards(cache_dir: Path, info_path: Path) -> list[Path]:
+    """The shard files ``cache_info.json`` lists; raises if it is unreadable or a listed shard is missing."""
+    try:
+        info = json.loads(info_path.read_text())
+        names = [str(n) for n in info["shards"]]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{info_path}: not a latent cache info file ({type(e).__name__}: {e})") from None
+    missing = [n for n in names if not (cache_dir / n).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise IncompleteCacheError(
+            f"latent cache {cache_dir}: {CACHE_INFO_FILE} lists {len(names)} shard(s) but {len(missing)} are "
+            f"missing ({shown}); the cache was moved or modified after it was written"
+        )
+    return [cache_dir / n for n in names]
+
+
+def _incomplete_message(cache_dir: Path, num_shards: int) -> str:
+    """Why ``cache_dir`` (a directory without ``cache_info.json``) is not a usable cache, and what to run."""
+    merge = f"`python -m lumina_jax preprocess --merge --out {cache_dir}`"
+    if (cache_dir / "merge_plan.json").exists():
+        return (f"latent cache {cache_dir} is incomplete: a merge of its per-process directories was interrupted "
+                f"(no {CACHE_INFO_FILE} yet, which is written last); rerun {merge}")  # fmt: skip
+    parts = sorted(p.name for p in cache_dir.iterdir() if p.is_dir() and _PART_DIR_RE.match(p.name))
+    if parts and not num_shards:
+        return (f"{cache_dir} holds the per-process directories of a multi-host preprocessing run ({parts[0]}, "
+                f"...), not one cache (no {CACHE_INFO_FILE}): when every process has finished, merge them with "
+                f"{merge}, or train on the process directories themselves")  # fmt: skip
+    if not num_shards:
+        return (f"{cache_dir} is not a latent cache: it has no {CACHE_INFO_FILE} and no "
+                f"'{LATENT_SHARD_PREFIX}-*.array_record' shards")  # fmt: skip
+    return (f"latent cache {cache_dir} is incomplete: it has {num_shards} complete shard(s) but no {CACHE_INFO_FILE} "
+            f"(written last, when the cache is complete), so preprocessing did not finish (stopped by --max-shards, "
+            f"or interrupted). Rerun the same `python -m lumina_jax preprocess` command to finish it (it resumes), "
+            f"or pass allow_incomplete=True to read the complete shards anyway")  # fmt: skip
 
 
 class LatentSampleLoader:

@@ -10,9 +10,11 @@ stores it through ``grain.checkpoint.CheckpointSave`` as one JSON file per proce
     restored = restore_with_data(mngr, step, data_iter, state=ocp.args.StandardRestore(abstract))
     train_state = restored["state"]          # data_iter now continues where it was saved
 
-The saved state contains the pipeline position (all sources, buckets and workers) and the counters;
-restore it into an iterator of an identically configured pipeline (same sources, seed, host count and
-``num_workers``).
+The saved state contains the pipeline position (all sources, buckets and workers), the counters and the
+settings it depends on; restore it into an iterator of an identically configured pipeline (same sources,
+seed, host slice, batching and ``num_workers``): a restore into another configuration raises
+``ValueError`` naming each setting that differs (see
+:func:`lumina_jax.data.pipeline.state_fingerprint`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Merge the per-process directories of a multi-host run into one cache (after all 
 
     python -m lumina_jax preprocess --merge --out cache_256
 
-``--data`` (repeatable; concatenated): an original-format ``.jsonl``, a ``META`` ``.yaml``, a directory of
+``--data`` (repeatable; concatenated): an original-format ``.jsonl`` or ``.json``, a ``META`` ``.yaml``, a directory of
 ``images-NNNNN.array_record`` shards, a prepared TFDS directory or ``tfds:NAME``. Rerunning an interrupted
 command resumes it (complete shards are skipped). Train on the result with ``data.kind: latent_cache``,
 ``data.paths: [cache_256]``; caption dropout is applied then, from the stored empty-prompt features.
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ckpt/text_encoder --tokenizer ckpt/tokenizer --out cache_256 --resolution 256 --batch 32",
     )
     p.add_argument("--data", action="append", default=[], metavar="SOURCE",
-                   help="a .jsonl (original format), a META .yaml, a directory of images-*.array_record shards, "
-                        "a prepared TFDS directory or tfds:NAME; repeat to concatenate")  # fmt: skip
+                   help="a .jsonl or .json (original format), a META .yaml, a directory of images-*.array_record "
+                        "shards, a prepared TFDS directory or tfds:NAME; repeat to concatenate")  # fmt: skip
     p.add_argument("--vae", metavar="PATH", help="diffusers AutoencoderKL directory (or a pipeline dir with vae/)")
     p.add_argument("--text-encoder", metavar="PATH", help="transformers Gemma-2 directory")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, metavar="N",
                    help="grain worker processes for decoding (default 0)")
     p.add_argument("--read-threads", type=int, default=4, metavar="N", help="decode threads (default 4)")
+    p.add_argument("--max-consecutive-skips", type=int, default=1000, metavar="N",
+                   help="stop with an error after N unusable records in a row (missing/corrupt images, bad "
+                        "records; default 1000); may be raised when resuming")  # fmt: skip
     p.add_argument("--max-shards", type=int, metavar="K",
                    help="stop after writing K new shards (exit status 3; rerun to continue)")
     p.add_argument("--merge", action="store_true",
@@ -114,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out_dir=args.out, resolution=args.resolution, batch_size=args.batch, shard_size=args.shard_size,
             max_length=args.max_length, bucket_window=args.bucket_window, process_index=index,
             process_count=count, num_workers=args.num_workers, read_threads=args.read_threads,
-            max_shards=args.max_shards, progress=not args.no_progress,
+            max_shards=args.max_shards, max_consecutive_skips=args.max_consecutive_skips,
+            progress=not args.no_progress,
         )  # fmt: skip
         # Validate the resolution (crop list) before loading any model.
         from lumina_jax.data.crops import crop_sizes_for_resolution

@@ -23,11 +23,14 @@ any number of hosts.
 Determinism: the same seed, sources, config, host count and ``num_workers`` give the same batches.
 Worker processes each batch their own slice of the stream, so changing ``num_workers`` changes the
 batches (not the per-sample content); restoring a saved state requires the same ``num_workers``.
+The saved state records the settings that decide the order (:func:`state_fingerprint`), and
+``set_state`` raises ``ValueError`` naming each one that differs in the restoring pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -73,7 +76,11 @@ class PipelineConfig:
       worker_buffer_size: batches buffered per worker.
       read_threads: threads reading/decoding samples of each source (per process).
       read_buffer_size: samples read ahead per source (default ``2 * batch_size``).
-      max_consecutive_skips: a source that skips this many records in a row is an error.
+      max_consecutive_skips: a source that skips this many records in a row is an error
+        (:class:`NoUsableSampleError`).
+      max_consecutive_skips_option: how the user sets ``max_consecutive_skips`` (a config key or
+        command-line flag); named by that error's advice. Callers that build this config from their
+        own settings set it to their option's name.
       probe_samples: records of each source tried at construction; if all fail (and that is the
         whole source) it is an error naming the source.
       text_len, text_pad_multiple: padding of cached text features (latent sources).
@@ -99,6 +106,7 @@ class PipelineConfig:
     read_threads: int = 2
     read_buffer_size: Optional[int] = None
     max_consecutive_skips: int = 1000
+    max_consecutive_skips_option: str = "PipelineConfig.max_consecutive_skips"
     probe_samples: int = 32
     text_len: Optional[int] = None
     text_pad_multiple: int = 8
@@ -114,6 +122,10 @@ class PipelineConfig:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(
+                f"{self.max_consecutive_skips_option} must be >= 1, got {self.max_consecutive_skips}"
+            )
         self.transform_config()  # validates resolution, caption_dropout, max_ratio, image_dtype
 
     @property
@@ -186,23 +198,32 @@ class EpochShardIndex:
 class SkipGuardIterDataset(grain.IterDataset):
     """Absorbs skip markers of one source into the next sample (``_skips_before``), so that mixture
     weights apply to usable samples; raises :class:`NoUsableSampleError` after
-    ``max_consecutive_skips`` skips in a row. Skips after the last sample of a finite source are
-    passed on in one ``_stats_only`` element."""
+    ``max_consecutive_skips`` skips in a row (its message names ``option``, the setting that raises
+    the limit). Skips after the last sample of a finite source are passed on in one ``_stats_only``
+    element."""
 
-    def __init__(self, parent: grain.IterDataset, source_name: str, max_consecutive_skips: int):
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        source_name: str,
+        max_consecutive_skips: int,
+        option: str = "max_consecutive_skips",
+    ):
         super().__init__(parent)
         self._source_name = source_name
         self._max = max_consecutive_skips
+        self._option = option
 
     def __iter__(self):
-        return _SkipGuardIterator(self._parent.__iter__(), self._source_name, self._max)
+        return _SkipGuardIterator(self._parent.__iter__(), self._source_name, self._max, self._option)
 
 
 class _SkipGuardIterator(grain.DatasetIterator):
-    def __init__(self, parent, source_name: str, max_consecutive_skips: int):
+    def __init__(self, parent, source_name: str, max_consecutive_skips: int, option: str):
         super().__init__(parent)
         self._source_name = source_name
         self._max = max_consecutive_skips
+        self._option = option
 
     def __next__(self) -> dict:
         tally = batching.SkipTally()
@@ -224,8 +245,8 @@ class _SkipGuardIterator(grain.DatasetIterator):
                 reasons = ", ".join(f"{k.split(chr(9))[1]}={v}" for k, v in tally.counts.items())
                 raise NoUsableSampleError(
                     f"source {self._source_name!r}: {consecutive} records in a row were unusable "
-                    f"({reasons}; e.g. {tally.examples[:3]}). Check the data, or raise "
-                    f"max_consecutive_skips."
+                    f"({reasons}; e.g. {tally.examples[:3]}). Check the data, or raise the limit "
+                    f"({self._max}) with {self._option}."
                 )
 
     def get_state(self) -> dict:
@@ -358,7 +379,9 @@ class DataPipeline:
             it = ds.to_iter_dataset(
                 grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=read_buffer)
             )
-            components.append(SkipGuardIterDataset(it, source.name, config.max_consecutive_skips))
+            components.append(SkipGuardIterDataset(
+                it, source.name, config.max_consecutive_skips, config.max_consecutive_skips_option
+            ))
 
         ds = components[0] if len(components) == 1 else grain.IterDataset.mix(components, self.weights)
         collate = batching.Collate(
@@ -382,22 +405,64 @@ class DataPipeline:
                 )
             )
         self.dataset: grain.IterDataset = ds
+        self.fingerprint = state_fingerprint(sources, config, self.weights)
 
     def __iter__(self) -> "DataIterator":
-        return DataIterator(iter(self.dataset))
+        return DataIterator(iter(self.dataset), self.fingerprint)
+
+
+def state_fingerprint(
+    sources: Sequence[Any], config: PipelineConfig, weights: Optional[Sequence[float]] = None
+) -> dict[str, Any]:
+    """The settings a saved iterator state depends on, as JSON values (stored in the state).
+
+    A state restored into a pipeline that differs in any of them would fail inside grain (other
+    ``num_workers``, sources or batching change the state's layout) or continue silently in another
+    order (seed, shuffling, host slice, crop sizes). Sources are identified by name, kind and record
+    count; mixture weights are normalised. Settings that only change a sample's content
+    (``caption_dropout``, ``image_dtype``, ...), ``num_epochs`` and the reading parallelism
+    (``read_threads``, buffers) are not included: they may change between a save and a restore.
+    """
+    shard_index, shard_count = config.host_shard()
+    if len(sources) > 1:
+        raw = list(weights) if weights is not None else [1.0] * len(sources)
+        total = float(sum(raw))
+        mix: Optional[list[float]] = [round(float(w) / total, 12) for w in raw]
+    else:
+        mix = None
+    fingerprint = {
+        "sources": [f"{s.name} ({getattr(s, 'kind', 'image')}, {len(s)} records)" for s in sources],
+        "weights": mix,
+        "seed": config.seed,
+        "shuffle": config.shuffle,
+        "shard_index": shard_index,
+        "shard_count": shard_count,
+        "drop_shard_remainder": config.drop_shard_remainder,
+        "num_workers": config.num_workers,
+        "batching": config.batching,
+        "batch_size": config.batch_size,
+        "bucket_window": config.bucket_window if config.bucket_window is not None else 16 * config.batch_size,
+        "drop_incomplete": config.drop_incomplete,
+        "resolution": config.resolution,
+        "max_ratio": config.max_ratio,
+    }
+    return json.loads(json.dumps(fingerprint))  # the form it has after a JSON round trip
 
 
 class DataIterator(grain.DatasetIterator):
     """Iterator over batches with exact counters (:attr:`stats`) and a JSON-serialisable state.
 
     ``get_state()`` / ``set_state()`` cover the whole pipeline (all sources, buckets, workers) and the
-    counters; use :func:`lumina_jax.data.checkpoint.save_data_state` or pass the iterator to
-    ``grain.checkpoint.CheckpointSave`` to store it with orbax.
+    counters; use :func:`lumina_jax.data.checkpoint.save_with_data` or pass the iterator to
+    ``grain.checkpoint.CheckpointSave`` to store it with orbax. The state also holds the pipeline's
+    :func:`state_fingerprint` (``"config"``); ``set_state`` refuses a state saved by a pipeline whose
+    fingerprint differs, naming each setting (states saved without one are restored unchecked).
     """
 
-    def __init__(self, inner: grain.DatasetIterator):
+    def __init__(self, inner: grain.DatasetIterator, fingerprint: Optional[dict[str, Any]] = None):
         super().__init__(inner)
         self.stats = DataStats()
+        self._fingerprint = fingerprint
 
     def __next__(self) -> dict:
         while True:
@@ -414,10 +479,31 @@ class DataIterator(grain.DatasetIterator):
             return batch
 
     def get_state(self) -> dict:
-        return {"pipeline": self._parent.get_state(), "stats": self.stats.to_dict()}
+        state = {"pipeline": self._parent.get_state(), "stats": self.stats.to_dict()}
+        if self._fingerprint is not None:
+            state["config"] = self._fingerprint
+        return state
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["pipeline"])
+        """Restores ``state`` (from :meth:`get_state`); ``ValueError`` if it does not fit this pipeline."""
+        saved = state.get("config")
+        if saved is not None and self._fingerprint is not None:
+            now = self._fingerprint
+            changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            if changed:
+                detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+                raise ValueError(
+                    f"cannot restore the data iterator: its state was saved by a pipeline with other settings "
+                    f"(saved -> now: {detail}). Restore it into a pipeline configured as when it was saved, or "
+                    f"start without the saved data state."
+                )
+        try:
+            self._parent.set_state(state["pipeline"])
+        except (KeyError, IndexError, TypeError) as e:  # a state of another layout (no fingerprint to check)
+            raise ValueError(
+                f"cannot restore the data iterator: the saved state does not fit this pipeline "
+                f"({type(e).__name__}: {e}); was it saved with other num_workers, sources or batching?"
+            ) from e
         self.stats = DataStats.from_dict(state["stats"])
 
     def __enter__(self) -> "DataIterator":

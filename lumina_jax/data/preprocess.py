@@ -125,9 +125,9 @@ def open_source(
 ) -> Any:
     """The image source a ``--data`` value names.
 
-    * ``*.jsonl`` / ``*.json``: original-format JSONL (:class:`~lumina_jax.data.sources.JsonlSource`;
-      its keys choose the system prompt);
-    * ``*.yaml`` / ``*.yml``: original ``META`` list of JSONL files, concatenated;
+    * ``*.jsonl`` / ``*.json``: original-format JSON lines, or a ``.json`` JSON array of records
+      (:class:`~lumina_jax.data.sources.JsonlSource`; their keys choose the system prompt);
+    * ``*.yaml`` / ``*.yml``: original ``META`` list of JSONL/JSON files, concatenated;
     * a directory of ``images-NNNNN.array_record`` shards or one such file
       (:class:`~lumina_jax.data.sources.ArrayRecordImageSource`);
     * a prepared TFDS dataset directory (with ``dataset_info.json``), or ``tfds:NAME`` / a registered TFDS
@@ -171,7 +171,7 @@ def open_source(
         if path.name.endswith(rec_lib.SHARD_SUFFIX):
             return src_lib.ArrayRecordImageSource([path], system_prompt=system_prompt)
         raise PreprocessError(
-            f"--data {text!r}: unknown file type (expected .jsonl, .yaml or .array_record)"
+            f"--data {text!r}: unknown file type (expected .jsonl, .json, .yaml or .array_record)"
         )
     if path.is_dir():
         if rec_lib.list_shards(path, src_lib.IMAGE_SHARD_PREFIX):
@@ -431,6 +431,9 @@ class PreprocessConfig:
       num_workers, read_threads: grain worker processes and decode threads of the pipeline.
       max_shards: stop after writing this many new shards (the cache stays resumable).
       probe_samples: records tried before starting (an unusable source fails fast).
+      max_consecutive_skips: this many unusable records in a row stop the run with
+        :class:`~lumina_jax.data.pipeline.NoUsableSampleError` (``--max-consecutive-skips``); not part of
+        the settings a resume checks, so an interrupted run can be resumed with a higher limit.
       progress: show a tqdm progress bar.
     """
 
@@ -447,10 +450,11 @@ class PreprocessConfig:
     read_threads: int = 4
     max_shards: Optional[int] = None
     probe_samples: int = 32
+    max_consecutive_skips: int = 1000
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("batch_size", "shard_size", "max_length", "read_threads"):
+        for name in ("batch_size", "shard_size", "max_length", "read_threads", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_shards is not None and self.max_shards < 1:
@@ -639,6 +643,8 @@ def _pipeline_config(cfg: PreprocessConfig, index: int, count: int) -> PipelineC
         random_crop_offset=False, image_dtype="float32", max_ratio=cfg.max_ratio, shard_index=index,
         shard_count=count, drop_shard_remainder=False, num_workers=cfg.num_workers,
         read_threads=cfg.read_threads, probe_samples=cfg.probe_samples,
+        max_consecutive_skips=cfg.max_consecutive_skips,
+        max_consecutive_skips_option="--max-consecutive-skips (PreprocessConfig.max_consecutive_skips)",
     )  # fmt: skip
 
 
@@ -731,14 +737,14 @@ def preprocess(source: Any, encoders: "Encoders | EncoderSpec", config: Preproce
             for _ in range(emitted):
                 yield None
             while True:
-                if stop_at is not None and emitted >= stop_at:
-                    raise _MaxShardsReached()
                 snapshot = it.get_state()
                 snap_counters = dict(counters)
                 try:
                     batch = next(it)
-                except StopIteration:
+                except StopIteration:  # checked before max_shards: a run that wrote the last record is complete
                     break
+                if stop_at is not None and emitted >= stop_at:
+                    raise _MaxShardsReached()
                 stats_holder["stats"] = it.stats
                 valid = np.flatnonzero(batch["valid"])
                 lo, hi = emitted, emitted + len(valid)

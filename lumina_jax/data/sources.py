@@ -7,11 +7,12 @@ unreadable record. The pipeline turns those into counted skips; it never lets th
 
 Sources here:
 
-* :class:`JsonlSource` -- the original repo's format: one JSON object per line with the image path and
+* :class:`JsonlSource` -- the original repo's format: one JSON object per line (``.jsonl``), or one JSON
+  array of such objects (a ``.json`` file, as the original loader reads it), with the image path and
   caption; ``{"image_path", "super_high_quality_caption"}`` gets the ``"align"`` system prompt and
   ``{"path" or "image_path", "prompt"}`` gets ``"base"`` (Template A), as in the original
-  ``finetune.py`` (spec §6.5). Relative image paths are resolved against ``root`` or the JSONL's folder.
-  :func:`load_yaml_sources` reads the original ``META:`` YAML list of JSONL files with ``ratio``.
+  ``finetune.py`` (spec §6.5). Relative image paths are resolved against ``root`` or the file's folder.
+  :func:`load_yaml_sources` reads the original ``META:`` YAML list of JSONL/JSON files with ``ratio``.
 * :class:`ArrayRecordImageSource` -- our own ArrayRecord shards, written by :func:`write_image_records`.
   Record schema (``LJR1`` container, see :mod:`lumina_jax.data.records`)::
 
@@ -29,14 +30,16 @@ Sources here:
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
 import math
 import os
 import random
+import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -120,7 +123,7 @@ def parse_original_item(item: Mapping[str, Any]) -> tuple[str, Optional[str], st
     :class:`SkipSample` ("bad_record") for anything else.
     """
     if not isinstance(item, Mapping):
-        raise SkipSample("bad_record", f"line is a {type(item).__name__}, not an object")
+        raise SkipSample("bad_record", f"the record is not a JSON object (got {type(item).__name__})")
     if "super_high_quality_caption" in item:
         path = item.get("image_path", item.get("path"))
         caption, system = item["super_high_quality_caption"], "align"
@@ -136,16 +139,146 @@ def parse_original_item(item: Mapping[str, Any]) -> tuple[str, Optional[str], st
     return path, caption, system
 
 
-class JsonlSource:
-    """Items of one or more JSONL files in the original repo's format (see module docstring).
+class _BadEntry:
+    """A line or array element that is not a record (invalid JSON, not UTF-8); ``message`` says why."""
 
-    Lines that are not valid JSON or lack the expected keys are kept as placeholders that the pipeline
-    skips and counts as ``bad_record``; blank lines are ignored.
+    def __init__(self, message: str):
+        self.message = message
+
+
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """``("<path>:<line>", value or _BadEntry)`` for each non-blank line of a JSON-lines file."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, _BadEntry(
+                    f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+                )
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, _BadEntry(f"invalid JSON ({e.msg})")
+
+
+def _json_array(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    """``("<path>:<line> (element <i>)", value or _BadEntry)`` for each element of a JSON array file.
+
+    Elements are decoded one at a time, so each is named by the line it starts on. An element that holds
+    bytes that are not UTF-8 becomes a :class:`_BadEntry`; a file that is not one well-formed JSON array
+    raises ``ValueError`` naming the line and column (its elements cannot be told apart).
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text, all_utf8 = data.decode("utf-8"), True
+    except UnicodeDecodeError:  # keep the bad bytes as lone surrogates; their elements are skipped
+        text, all_utf8 = data.decode("utf-8", errors="surrogateescape"), False
+    decoder = json.JSONDecoder()
+
+    def fail(pos: int, what: str) -> ValueError:
+        lineno = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return ValueError(
+            f"{path}:{lineno}:{column}: {what}; a .json file must hold one JSON array of records (or one "
+            f"JSON object per line)"
+        )
+
+    pos = _JSON_WHITESPACE.match(text, 0).end()
+    if text[pos : pos + 1] != "[":
+        raise fail(pos, "expected '[' (the start of a JSON array)")
+    pos = _JSON_WHITESPACE.match(text, pos + 1).end()
+    lineno, counted_to = 1, 0
+    index = 0
+    if text[pos : pos + 1] == "]":
+        pos += 1
+    else:
+        while True:
+            try:
+                value, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise fail(e.pos, f"invalid JSON ({e.msg})") from None
+            lineno += text.count("\n", counted_to, pos)
+            counted_to = pos
+            where = f"{path}:{lineno} (element {index})"
+            if not all_utf8 and not _is_utf8(text[pos:end]):
+                yield where, _BadEntry("not valid UTF-8")
+            else:
+                yield where, value
+            index += 1
+            pos = _JSON_WHITESPACE.match(text, end).end()
+            sep = text[pos : pos + 1]
+            if sep == "]":
+                pos += 1
+                break
+            if sep != ",":
+                raise fail(pos, "invalid JSON array (expected ',' or ']' after an element)")
+            pos = _JSON_WHITESPACE.match(text, pos + 1).end()
+    pos = _JSON_WHITESPACE.match(text, pos).end()
+    if pos != len(text):
+        raise fail(pos, "extra data after the JSON array")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: an undecodable byte kept by "surrogateescape"
+        return False
+    return True
+
+
+def _starts_with_array(path: Path) -> bool:
+    """Whether the file's first non-blank character (after a UTF-8 BOM) is ``[``."""
+    with open(path, "rb") as f:
+        chunk = f.read(1 << 16)
+        if chunk.startswith(codecs.BOM_UTF8):
+            chunk = chunk[len(codecs.BOM_UTF8):]
+        while chunk:
+            stripped = chunk.lstrip(b" \t\r\n")
+            if stripped:
+                return stripped[:1] == b"["
+            chunk = f.read(1 << 16)
+    return False
+
+
+def _read_original_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """The records of an original-format file as ``(location, value)``, in file order.
+
+    A ``.json`` file whose content is a JSON array gives one value per element (as the original loader's
+    ``json.load``); any other file (``.jsonl``, or a ``.json`` holding one object per line) is read as JSON
+    lines, blank lines ignored. ``location`` is ``"<path>:<line>"`` (plus ``" (element <i>)"`` for arrays).
+    A line or element that is not valid UTF-8 or not valid JSON gives a ``_BadEntry`` value instead of
+    stopping the file. Raises ``ValueError`` (naming line and column) for a ``.json`` array that is not
+    well-formed, since its elements cannot be separated then.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json" and _starts_with_array(path):
+        return _json_array(path, path.read_bytes())
+    return _json_lines(path)
+
+
+class JsonlSource:
+    """Items of an original-format file: JSON lines, or a ``.json`` JSON array (see the module docstring).
+
+    Lines or array elements that are not valid UTF-8 or valid JSON, or that lack the expected keys, are
+    kept as placeholders that the pipeline skips and counts as ``bad_record`` (their skip log names
+    ``<file>:<line>``); blank lines are ignored. A ``.json`` array that is not well-formed JSON as a whole
+    is a ``ValueError`` naming the line and column.
 
     Args:
-      path: the JSONL file.
+      path: the JSONL (or ``.json``) file.
       name: source name for logs/stats (default: the file stem).
-      root: folder that relative image paths are relative to (default: the JSONL's folder).
+      root: folder that relative image paths are relative to (default: the file's folder).
       ratio: subsample as the original ``META`` entry's ``ratio`` does (``random.seed(0)`` then
         ``random.sample(items, int(len * ratio))``: the same items are chosen). ``ratio > 1`` (not in
         the original) repeats the list ``floor(ratio)`` times plus such a sample of the fraction.
@@ -165,20 +298,23 @@ class JsonlSource:
         self.path = str(path)
         root = Path(root) if root is not None else path.parent
         entries: list[tuple] = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    img, caption, system = parse_original_item(json.loads(line))
-                except json.JSONDecodeError as e:
-                    entries.append((None, f"{path}:{lineno}: invalid JSON ({e.msg})", None))
-                    continue
-                except SkipSample as e:
-                    entries.append((None, f"{path}:{lineno}: {e.detail}", None))
-                    continue
-                full = img if os.path.isabs(img) else os.path.join(root, img)
-                entries.append((full, caption, system))
+        bad: list[str] = []
+        for where, value in _read_original_records(path):
+            try:
+                if isinstance(value, _BadEntry):
+                    raise SkipSample("bad_record", value.message)
+                img, caption, system = parse_original_item(value)
+            except SkipSample as e:
+                bad.append(f"{where}: {e.detail}")
+                entries.append((None, bad[-1], None))
+                continue
+            full = img if os.path.isabs(img) else os.path.join(root, img)
+            entries.append((full, caption, system))
+        if bad:
+            logger.warning(
+                "%s: %d of %d records are unusable and will be skipped as bad_record (first: %s)",
+                path, len(bad), len(entries), "; ".join(bad[:3]),
+            )
         if ratio is not None:
             entries = _subsample(entries, ratio)
         self._entries = entries
@@ -205,7 +341,7 @@ def _subsample(entries: list, ratio: float) -> list:
 
 
 def load_yaml_sources(path: str | os.PathLike) -> list[JsonlSource]:
-    """JSONL sources listed in an original-style YAML file.
+    """JSONL / JSON sources listed in an original-style YAML file.
 
     Format (relative ``path``/``root`` values are relative to the YAML file)::
 
@@ -213,7 +349,7 @@ def load_yaml_sources(path: str | os.PathLike) -> list[JsonlSource]:
           - path: data/part1.jsonl
             ratio: 0.5          # optional, see JsonlSource
             root: /images       # optional
-          - path: data/part2.jsonl
+          - path: data/part2.json   # one JSON array of records
 
     A top-level list (without ``META``) is accepted as well. Source names are the file stems (or an
     entry's ``name``); stems that repeat get ``#<position>`` appended. The original concatenates all

@@ -50,6 +50,14 @@ def decode_image(data: bytes) -> Image.Image:
     return image
 
 
+def image_from_array(data: np.ndarray) -> Image.Image:
+    """A PIL image of a decoded ``uint8`` array ``(H, W)`` or ``(H, W, 1)`` (grey), ``(H, W, 3)`` (RGB) or
+    ``(H, W, 4)`` (RGBA). Other arrays are left to PIL, which raises or gives a mode :func:`to_rgb` rejects."""
+    if data.ndim == 3 and data.shape[-1] == 1:
+        data = data[..., 0]  # PIL has no (H, W, 1) mode; it is greyscale ("L")
+    return Image.fromarray(data)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB image; transparency is composited on white as in the original ``to_rgb_if_rgba``."""
     mode = image.mode
@@ -137,6 +145,9 @@ class ImageSampleLoader:
             return skip_marker("unreadable", name, f"{default_key} ({type(e).__name__}: {e})")
 
         key = raw.key or default_key
+        if not isinstance(raw.system_prompt, str):
+            detail = f"system prompt is a {type(raw.system_prompt).__name__}, not a template name or text"
+            return skip_marker("bad_record", name, f"{key} ({detail})")
         caption = raw.caption
         if caption is None or caption.strip() == "":
             return skip_marker("empty_caption", name, key)
@@ -154,7 +165,7 @@ class ImageSampleLoader:
                 return skip_marker("unreadable", name, f"{key} ({e})")
         try:
             if isinstance(data, np.ndarray):
-                image = Image.fromarray(data if data.ndim == 3 or data.ndim == 2 else data[..., 0])
+                image = image_from_array(data)
             else:
                 image = decode_image(data)
         except Exception:  # noqa: BLE001 -- truncated / corrupt / not an image

@@ -44,8 +44,9 @@ class DataConfig:
 
     ``system_prompt`` is the template of TFDS sources (JSONL/YAML entries carry their own);
     ``key_feature`` names a TFDS feature that identifies a record (else ``source:index``);
-    ``encoder_dtype`` is the compute dtype of the frozen encoders (``bfloat16``; ``float32`` for models
-    sampled in fp32, e.g. the bundled shapes model).
+    ``max_consecutive_skips``: unusable records in a row (missing/corrupt images) before the stage stops
+    with an error naming this key; ``encoder_dtype`` is the compute dtype of the frozen encoders
+    (``bfloat16``; ``float32`` for models sampled in fp32, e.g. the bundled shapes model).
     """
 
     kind: str = "synthetic"
@@ -58,6 +59,7 @@ class DataConfig:
     caption_dropout: float = 0.1
     num_workers: int = 0
     read_threads: int = 2
+    max_consecutive_skips: int = 1000
     shuffle: bool = True
     seed: Optional[int] = None
     vae: Optional[str] = None

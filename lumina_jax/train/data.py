@@ -179,7 +179,8 @@ def build_stage_iterator(
         resolution=stage.resolution, batch_size=stop - start, batching=d.batching, seed=data_seed,
         shuffle=d.shuffle, caption_dropout=d.caption_dropout, shard_index=shard_index,
         shard_count=shard_count, num_workers=d.num_workers, read_threads=d.read_threads,
-        text_len=d.text_len,
+        text_len=d.text_len, max_consecutive_skips=d.max_consecutive_skips,
+        max_consecutive_skips_option=f"stages.{stage_index}.data.max_consecutive_skips",
     )  # fmt: skip
     if d.kind == "latent_cache":
         sources = [LatentCacheSource(p) for p in d.paths]
