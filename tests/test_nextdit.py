@@ -199,6 +199,15 @@ def test_bad_inputs_have_clear_errors():
         model.apply({"params": params}, jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), cap, mask)
     with pytest.raises(ValueError, match="caption features have dim"):
         model.apply({"params": params}, jnp.zeros((1, 8, 8, 16)), jnp.zeros(1), jnp.zeros((1, 4, 7)), mask)
+    x = jnp.zeros((1, 8, 8, 16))
+    for bad_mask in (jnp.ones((1, 5), bool), jnp.ones((1, 3), bool)):  # the original fails on these too
+        with pytest.raises(ValueError, match=r"caption features \(1, 4\) and caption mask"):
+            model.apply({"params": params}, x, jnp.zeros(1), cap, bad_mask)
+    with pytest.raises(ValueError, match=r"inputs disagree: 1 images, t \(2,\)"):
+        model.apply({"params": params}, x, jnp.zeros(2), cap, mask)
+    small = config.replace(axes_lens=(32, 3, 8))  # 8x8 latents = 4x4 patches: rows beyond the table
+    with pytest.raises(ValueError, match=r"latent grid 4x4 patches exceeds the RoPE table \(3x8"):
+        NextDiT(small).apply({"params": params}, x, jnp.zeros(1), cap, mask)
     with pytest.raises(ValueError, match="unknown NextDiT config keys"):
         NextDiTConfig.from_dict({"dim": 64, "n_layer": 3})
     with pytest.raises(ValueError, match="head_dim"):
@@ -296,3 +305,16 @@ def test_cast_matmul_weights_is_exact_in_bf16():
     flat = flatten(cast)
     assert {str(v.dtype) for k, v in flat.items() if k.endswith(("kernel", "bias", "attention/q"))} == {"bfloat16"}
     assert {str(v.dtype) for k, v in flat.items() if k.endswith("scale")} == {"float32"}
+
+
+def test_qkv_init_is_xavier_of_the_fused_weight():
+    """The original applies xavier_uniform to the fused qkv weight (dim x (Hq + 2 Hkv) hd); the split
+    q/k/v params share that bound (separate xavier draws would be 1.15-1.41x wider for the 2B)."""
+    config = NextDiTConfig.from_yaml("nextdit_small")
+    attn = init_params(config, 0)["layers"]["blocks"]["attention"]
+    c = config
+    bound = (6.0 / (c.dim + (c.n_heads + 2 * c.n_kv_heads) * c.head_dim)) ** 0.5
+    for name in ("q", "k", "v"):
+        w = np.asarray(attn[name])
+        assert 0.97 * bound < np.abs(w).max() <= bound, name
+        np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.02)

@@ -264,7 +264,10 @@ class Attention(nn.Module):
         c = self.config
         b, l, _ = x.shape
         hd, hq, hkv = c.head_dim, c.n_heads, c.n_kv_heads
-        init = _fp32_draw(nn.initializers.xavier_uniform())
+        # the original initialises the fused qkv weight with xavier_uniform: the bound of the fused
+        # (dim, (hq + 2 hkv) hd) matrix applies to each of the three slices
+        bound = (6.0 / (c.dim + (hq + 2 * hkv) * hd)) ** 0.5
+        init = _fp32_draw(lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound))
         wq = self.param("q", nn.with_logical_partitioning(init, ("embed", "heads")), (c.dim, hq * hd), self.param_dtype)
         wk = self.param("k", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), self.param_dtype)
         wv = self.param("v", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), self.param_dtype)
@@ -532,6 +535,9 @@ class NextDiT(nn.Module):
         if ch != c.in_channels:
             raise ValueError(f"latents have {ch} channels, the model expects {c.in_channels}")
         gh, gw = h // p, w // p
+        if gh > c.axes_lens[1] or gw > c.axes_lens[2]:
+            raise ValueError(f"latent grid {gh}x{gw} patches exceeds the RoPE table ({c.axes_lens[1]}x{c.axes_lens[2]} "
+                             f"positions, i.e. {c.axes_lens[1] * p}x{c.axes_lens[2] * p} latent pixels)")
         grid = jnp.broadcast_to(jnp.asarray([gh, gw], jnp.int32), (b, 2))
         out = self._forward(patchify(x, p), grid, t, cap_feats, cap_mask, uniform=True)
         return unpatchify(out, gh, gw, p, c.out_ch)
@@ -541,6 +547,9 @@ class NextDiT(nn.Module):
 
         Sample ``i`` uses its first ``grid_sizes[i,0] * grid_sizes[i,1]`` tokens (row-major grid). Returns
         output tokens ``(B, N, p*p*out_channels)``; padded token rows are zeros. See :func:`pack_latents`.
+        The grid sizes are traced values, so they are not checked here: grids beyond the RoPE table
+        (``axes_lens[1:]``) would share the last position; :func:`pack_latents` and the data pipeline's crop
+        sizes keep within it.
         """
         out = self._forward(img_tokens, grid_sizes.astype(jnp.int32), t, cap_feats, cap_mask, uniform=False)
         n_i = grid_sizes[:, 0] * grid_sizes[:, 1]
@@ -553,6 +562,9 @@ class NextDiT(nn.Module):
         lc = cap_feats.shape[1]
         if cap_feats.shape[-1] != c.cap_feat_dim:
             raise ValueError(f"caption features have dim {cap_feats.shape[-1]}, the model expects {c.cap_feat_dim}")
+        if cap_mask.shape != cap_feats.shape[:2] or cap_feats.shape[0] != b or jnp.shape(t) != (b,):
+            raise ValueError(f"inputs disagree: {b} images, t {jnp.shape(t)}, caption features "
+                             f"{cap_feats.shape[:2]} and caption mask {cap_mask.shape} (want (B,), (B, L), (B, L))")
         if lc > c.axes_lens[0] - 1:
             raise ValueError(f"caption length {lc} exceeds the RoPE table ({c.axes_lens[0]} positions)")
         cap_len = jnp.sum(cap_mask.astype(jnp.int32), axis=1)  # (B,) L_i
