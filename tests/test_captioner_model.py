@@ -27,11 +27,12 @@ pytest.importorskip("transformers")
 
 from lumina_jax.convert.captioner import torch_state_dict_to_params  # noqa: E402
 from lumina_jax.models.captioner import testing as T  # noqa: E402
-from lumina_jax.models.captioner.decode import GenerationConfig, generate, sample_logits  # noqa: E402
+from lumina_jax.models.captioner.decode import GenerationConfig, generate, sample_logits, top_p_mask  # noqa: E402
 from lumina_jax.models.captioner.model import (  # noqa: E402
     cast_params, forward_logits, image_features, param_logical_axes)
 from lumina_jax.models.captioner.processor import (  # noqa: E402
-    ImageProcessorConfig, Tokenizer, build_batch, chat_prompt, make_example, smart_resize)
+    ImageProcessorConfig, Tokenizer, UnsupportedImageError, build_batch, chat_prompt, load_image, make_example,
+    preprocess_image, smart_resize)
 from lumina_jax.models.captioner.vision import merged_slot_index  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -88,6 +89,59 @@ def test_smart_resize_matches_transformers():
             continue
         kw = dict(factor=28, min_pixels=56 * 56, max_pixels=int(rng.integers(56 * 56, 28 * 28 * 2000)))
         assert smart_resize(h, w, **kw) == hf_smart_resize(h, w, **kw), (h, w, kw)
+
+
+def test_smart_resize_refuses_extreme_aspect_ratios_with_a_named_error():
+    with pytest.raises(UnsupportedImageError, match="aspect ratio"):
+        smart_resize(2, 500)
+    assert isinstance(UnsupportedImageError("x"), ValueError)
+    assert smart_resize(3, 600)  # exactly 200 is allowed, as in transformers
+
+
+def _transparent_images(tmp_path):
+    """Images with transparency in every form PIL gives, in memory and as files (loaded by ``load_image``)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (60, 80, 4), dtype=np.uint8)
+    a[:20, :, 3] = 0  # fully transparent band
+    a[20:40, :, 3] = 255  # opaque band; the rest semi-transparent
+    rgba = Image.fromarray(a, "RGBA")
+    pal = Image.fromarray(a[..., :3]).convert("P")
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])
+    rgb_t = Image.fromarray(a[..., :3])
+    rgb_t.info["transparency"] = tuple(int(x) for x in a[0, 0, :3])
+    images = {"RGBA": rgba, "LA": rgba.convert("LA"), "PA": rgba.convert("PA"), "RGBa": rgba.convert("RGBa"),
+              "P+transparency": pal, "RGB+transparency": rgb_t, "array RGBA": a}
+    rgba.save(tmp_path / "rgba.png")
+    pal.save(tmp_path / "pal.png", transparency=pal.info["transparency"])
+    pal.save(tmp_path / "pal.gif", transparency=pal.info["transparency"])
+    for name in ("rgba.png", "pal.png", "pal.gif"):
+        images[f"file {name}"] = tmp_path / name
+    return images
+
+
+def test_transparency_is_composited_on_white_like_transformers(tmp_path):
+    """transformers' ``convert_to_rgb`` composites alpha / palette transparency over white before resizing;
+    a plain ``convert("RGB")`` keeps the hidden colours instead."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    proc = ImageProcessorConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    hf = Qwen2VLImageProcessorPil(min_pixels=proc.min_pixels, max_pixels=proc.max_pixels)
+    for name, image in _transparent_images(tmp_path).items():
+        if name.startswith("file"):
+            ours, grid = preprocess_image(load_image(image), proc)
+            with Image.open(image) as im:
+                ref = hf(images=[im], return_tensors="np")
+        else:
+            ours, grid = preprocess_image(image, proc)
+            ref = hf(images=[image], return_tensors="np")
+        assert grid == tuple(ref["image_grid_thw"][0][1:]), name
+        np.testing.assert_array_equal(ours, ref["pixel_values"], err_msg=name)
+    # fully transparent pixels are white after compositing
+    rgb = np.asarray(load_image(tmp_path / "rgba.png"))
+    assert (rgb[:20] == 255).all() and rgb.dtype == np.uint8
 
 
 def test_processor_matches_transformers(case):
@@ -201,6 +255,45 @@ def test_sampling():
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
     with pytest.raises(ValueError):
         GenerationConfig(top_p=0.0)
+
+
+def test_top_p_keeps_exactly_what_transformers_keeps(monkeypatch):
+    """Same kept set as ``TopPLogitsWarper``: the minimal prefix by sorted order, so a tie at the cut-off keeps
+    only as many tied tokens as needed (not all of them)."""
+    import functools
+
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    def hf(x, top_p):
+        return torch.isfinite(TopPLogitsWarper(top_p)(None, torch.tensor(x.reshape(-1, x.shape[-1])))).numpy()
+
+    masks = jax.jit(top_p_mask, static_argnums=1)
+
+    def ours(x, top_p):
+        return np.asarray(masks(jnp.asarray(x), top_p)).reshape(-1, x.shape[-1])
+
+    # the reviewer's case: two tied top tokens, top_p=0.3 needs one; HF keeps id 1 (its sort is stable here)
+    x = np.array([[2.0, 2.0, 0.0, 0.0]], np.float32)
+    assert hf(x, 0.3).tolist() == [[False, True, False, False]]
+    np.testing.assert_array_equal(ours(x, 0.3), hf(x, 0.3))
+    draws = sample_logits(jnp.asarray(np.repeat(x, 2000, 0)), jax.random.PRNGKey(0),
+                          GenerationConfig(temperature=1.0, top_p=0.3))
+    assert (np.asarray(draws) == 1).all()
+    rng = np.random.default_rng(0)
+    for top_p in (0.05, 0.3, 0.5, 0.9, 0.99):
+        # no ties, a vocabulary past torch's small-array sort: identical, leading batch dims too
+        x = rng.normal(0, 3, (2, 8, 1000)).astype(np.float32)
+        np.testing.assert_array_equal(ours(x, top_p), hf(x, top_p), err_msg=str(top_p))
+        # many ties (integer logits), <= 16 tokens: torch's sort is stable there, identical again
+        x = rng.integers(-3, 3, (64, 16)).astype(np.float32)
+        np.testing.assert_array_equal(ours(x, top_p), hf(x, top_p), err_msg=str(top_p))
+        # ties in a larger vocabulary: torch's default sort orders ties arbitrarily, so HF keeps the same
+        # number of tokens, and the very same ones when its sort is made stable
+        x = rng.integers(-3, 3, (64, 40)).astype(np.float32)
+        np.testing.assert_array_equal(ours(x, top_p).sum(-1), hf(x, top_p).sum(-1), err_msg=str(top_p))
+        with monkeypatch.context() as m:
+            m.setattr(torch, "sort", functools.partial(torch.sort, stable=True))
+            np.testing.assert_array_equal(ours(x, top_p), hf(x, top_p), err_msg=str(top_p))
 
 
 def test_logical_axes_cover_every_param(tok_dir):

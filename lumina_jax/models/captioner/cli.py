@@ -8,12 +8,20 @@ Output: one JSON object per line in the data pipeline's format (``lumina_jax.dat
 (``granularity``, ``perspective``, ``lang``, ``num_tokens``, ``truncated``) that the pipeline ignores.
 
 - Resumable: images already present in the output (or in any ``<stem>.NNNNN-of-NNNNN.jsonl`` part next to
-  it) are skipped; a line cut short by a crash is dropped before appending.
+  it) are skipped; a line cut short by a crash is dropped before appending (a complete last record that
+  only lost its newline is kept). File names that are not valid UTF-8 are written with ``\\udcXX`` escapes
+  (Python's surrogateescape form), which JSON readers and the next run map back to the same file.
 - Multi-host: the image list (sorted folder walk, or JSONL order) is split round-robin by
-  ``jax.process_index() / jax.process_count()`` (``--process-index/--process-count`` override); with more
-  than one process each writes ``<stem>.<index>-of-<count>.jsonl``. Each process only uses its own devices
-  (batch split over them, params replicated): no cross-host traffic.
-- Unreadable/corrupt images are skipped, counted and listed on stderr.
+  ``jax.process_index() / jax.process_count()``; the distributed runtime is started from the environment
+  (``launch/local.py``'s ``LUMINA_*`` variables, SLURM, a TPU pod; see :mod:`lumina_jax.parallel.distributed`).
+  ``--process-index/--process-count`` (both together) override that and start nothing. With more than one
+  process each writes ``<stem>.<index>-of-<count>.jsonl``. Each process only uses its own devices (batch
+  split over them, params replicated): no cross-host traffic; at the end the processes of a distributed
+  run wait for each other (so an early finisher does not hit JAX's shutdown-barrier timeout).
+- Unreadable/corrupt images are skipped, counted (``corrupt``) and listed on stderr; so are images the
+  Qwen2-VL processor does not take (aspect ratio > 200, ``unsupported``). Setup errors (tokenizer and
+  model disagree on ``<|image_pad|>``, an instruction containing it, bad options) stop the run before
+  any image is processed.
 - Shapes are bucketed (vision slots, prompt length), so a run compiles a handful of programs.
 """
 
@@ -22,11 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import IO, Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +44,53 @@ from lumina_jax.models.captioner.prompts import GRANULARITIES, LANGUAGES, PERSPE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280  # Qwen2-VL's processor default: at most 1280 image tokens
 DEFAULT_MAX_NEW_TOKENS = {"detailed": 512, "medium": 256, "short": 96, "tag": 128}
+# how long the processes of a distributed run wait for the slowest one at the end (JAX's own shutdown
+# barrier gives up after 5 minutes and aborts every process)
+DONE_BARRIER_TIMEOUT_S = 7 * 24 * 3600
+
+
+def _int_at_least(lowest: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= lowest``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lowest}"
+    return parse
+
+
+def _float_in(lowest: float, highest: float, *, open_low: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a float in ``[lowest, highest]`` (``(lowest, highest]`` with ``open_low``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > lowest if open_low else value >= lowest) or not value <= highest:
+            low = "(" if open_low else "["
+            raise argparse.ArgumentTypeError(f"must be in {low}{lowest}, {highest}], got {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _slot_buckets(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated positive integers, returned sorted."""
+    try:
+        values = sorted(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if values[0] < 1:
+        raise argparse.ArgumentTypeError(f"buckets must be >= 1, got {values[0]}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,26 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", choices=LANGUAGES, default="en")
     p.add_argument("--instruction", default=None, help="custom instruction text (overrides the templates)")
     p.add_argument("--system", default="You are a helpful assistant.", help="system prompt ('' for none)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default depends on --granularity")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
+                   help="default depends on --granularity: " + ", ".join(f"{k} {v}"
+                                                                          for k, v in DEFAULT_MAX_NEW_TOKENS.items()))
+    p.add_argument("--temperature", type=_float_in(0.0, float("inf")), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0)
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="compute dtype (and KV cache)")
     p.add_argument("--param-dtype", choices=("fp32", "bf16"), default=None, help="default: same as --dtype")
-    p.add_argument("--min-pixels", type=int, default=None, help="override preprocessor_config.json")
-    p.add_argument("--max-pixels", type=int, default=None,
+    p.add_argument("--min-pixels", type=_int_at_least(1), default=None, help="override preprocessor_config.json")
+    p.add_argument("--max-pixels", type=_int_at_least(1), default=None,
                    help="override preprocessor_config.json (default: its value, capped at 28*28*1280)")
-    p.add_argument("--slot-buckets", default=None,
+    p.add_argument("--slot-buckets", type=_slot_buckets, default=None,
                    help="comma-separated vision slot buckets (patches); default: doubling from 256 up to max-pixels")
-    p.add_argument("--prompt-multiple", type=int, default=64, help="prompt lengths round up to this multiple")
+    p.add_argument("--prompt-multiple", type=_int_at_least(1), default=64,
+                   help="prompt lengths round up to this multiple")
     p.add_argument("--attention-backend", default="auto", help="vision tower attention backend")
     p.add_argument("--decode-attention-backend", default="xla", help="LM decode-step attention backend")
     p.add_argument("--workers", type=int, default=4, help="threads decoding/resizing images")
-    p.add_argument("--limit", type=int, default=None, help="process at most this many not-yet-captioned images")
-    p.add_argument("--process-index", type=int, default=None, help="default: jax.process_index()")
-    p.add_argument("--process-count", type=int, default=None, help="default: jax.process_count()")
+    p.add_argument("--limit", type=_int_at_least(0), default=None,
+                   help="process at most this many not-yet-captioned images")
+    p.add_argument("--process-index", type=_int_at_least(0), default=None,
+                   help="with --process-count: this process's share; default: jax.process_index() of the "
+                        "distributed runtime started from the environment")
+    p.add_argument("--process-count", type=_int_at_least(1), default=None,
+                   help="with --process-index; default: jax.process_count()")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -105,6 +168,30 @@ def output_file(out: Path, index: int, count: int) -> Path:
     return out if count == 1 else out.with_name(f"{out.stem}.{index:05d}-of-{count:05d}{out.suffix}")
 
 
+def record_path(line: str) -> Optional[str]:
+    """``image_path`` of a complete output record (one JSON object with a string ``image_path``), else None."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError:
+        return None  # a line cut short by a crash
+    path = item.get("image_path") if isinstance(item, dict) else None
+    return path if isinstance(path, str) else None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: undecodable file-name bytes (PEP 383)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSONL line (newline included), UTF-8 encodable even for file names that are not valid UTF-8.
+
+    Non-ASCII text stays readable (``ensure_ascii=False``); a lone surrogate (how Python represents the
+    undecodable bytes of a file name, PEP 383) is written as its ``\\udcXX`` escape, which ``json.loads``
+    turns back into the same ``str``, so ``open(path)`` and the resume check find the same file again.
+    """
+    text = json.dumps(record, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+
+
 def done_set(out: Path) -> set[str]:
     """``image_path`` values already written to ``out`` or to any of its per-process parts."""
     done: set[str] = set()
@@ -114,24 +201,45 @@ def done_set(out: Path) -> set[str]:
             continue
         with open(f, encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if isinstance(item, dict) and isinstance(item.get("image_path"), str):
-                    done.add(os.path.normpath(item["image_path"]))
+                path = record_path(line)
+                if path is not None:
+                    done.add(os.path.normpath(path))
     return done
 
 
-def open_for_append(path: Path):
-    """Open ``path`` for appending after dropping an incomplete last line (from an interrupted run)."""
+def open_for_append(path: Path) -> IO[str]:
+    """Open ``path`` for appending after repairing its end from an interrupted run.
+
+    A last line without its newline is dropped if it is cut short (not a complete record); a complete
+    record that only lost its newline (counted as done by :func:`done_set`) gets the newline instead.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file() and path.stat().st_size:
         with open(path, "rb+") as f:
-            data = f.read()
-            if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                start = _last_line_start(f, size)
+                f.seek(start)
+                tail = f.read()
+                if record_path(tail.decode("utf-8", errors="replace")) is not None:
+                    f.write(b"\n")
+                else:
+                    f.truncate(start)
     return open(path, "a", encoding="utf-8")
+
+
+def _last_line_start(f: IO[bytes], size: int, block: int = 1 << 16) -> int:
+    """Offset just after the last ``\\n`` of the first ``size`` bytes of ``f`` (0 if none), reading backwards."""
+    end = size
+    while end > 0:
+        begin = max(0, end - block)
+        f.seek(begin)
+        i = f.read(end - begin).rfind(b"\n")
+        if i >= 0:
+            return begin + i + 1
+        end = begin
+    return 0
 
 
 def shard(items: Sequence[Any], index: int, count: int) -> list[Any]:
@@ -144,6 +252,59 @@ def shard(items: Sequence[Any], index: int, count: int) -> list[Any]:
 # main
 
 
+def process_slice(args: argparse.Namespace) -> tuple[int, int, bool]:
+    """``(index, count, distributed)``: this process's share of the image list.
+
+    ``--process-index/--process-count`` (both or neither) are taken as given and start nothing. Otherwise
+    JAX's distributed runtime is started when the environment describes a multi-process job
+    (:func:`lumina_jax.parallel.distributed.initialize`: ``LUMINA_*`` from ``launch/local.py``, SLURM, a
+    TPU pod, Open MPI) and the share is ``jax.process_index() / jax.process_count()``; ``distributed``
+    says that other processes take part (they wait for each other at the end, see :func:`wait_for_peers`).
+    Must run before the first JAX computation.
+    """
+    if (args.process_index is None) != (args.process_count is None):
+        raise SystemExit("caption: error: give both --process-index and --process-count, or neither")
+    if args.process_index is not None:
+        if args.process_index >= args.process_count:
+            raise SystemExit(f"caption: error: --process-index {args.process_index} is not below "
+                             f"--process-count {args.process_count}")
+        return args.process_index, args.process_count, False
+    import jax
+
+    from lumina_jax.parallel import distributed
+
+    distributed.initialize()
+    count = jax.process_count()
+    return jax.process_index(), count, count > 1
+
+
+_barriers = 0
+
+
+def wait_for_peers(timeout_s: float = DONE_BARRIER_TIMEOUT_S) -> None:
+    """Block until every process of the distributed run gets here (a coordination-service barrier).
+
+    Processes finish at different times (uneven shares, resumed runs); without this, one that ends more
+    than JAX's shutdown timeout (5 min) before the others makes the shutdown barrier fail and abort them
+    all. No device traffic: the barrier goes through the coordinator, so it works with any backend.
+    """
+    global _barriers
+    from jax._src import distributed as jax_distributed  # the public API has no barrier with a timeout
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        return
+    _barriers += 1
+    client.wait_at_barrier(f"lumina_caption_done_{_barriers}", int(timeout_s * 1000))
+
+
+class Skipped(NamedTuple):
+    """An image that is not captioned: ``kind`` ``"corrupt"`` (cannot be read/decoded) or ``"unsupported"``."""
+
+    kind: str
+    reason: str
+
+
 def _chunks(it: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(it), n):
         yield it[i:i + n]
@@ -151,21 +312,31 @@ def _chunks(it: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    index, count, distributed = process_slice(args)
+    status = _run(args, index, count)
+    if distributed:  # not after an error: that process's exit ends the others through JAX's runtime
+        wait_for_peers()
+    return status
+
+
+def _setup_error(message: str) -> SystemExit:
+    return SystemExit(f"caption: error: {message}")
+
+
+def _run(args: argparse.Namespace, index: int, count: int) -> int:
     t_start = time.perf_counter()
 
     import jax
     import jax.numpy as jnp
 
-    from lumina_jax.convert.captioner import load_captioner
+    from lumina_jax.convert.captioner import load_captioner, read_config
     from lumina_jax.models.captioner.decode import GenerationConfig, generate
     from lumina_jax.models.captioner.model import cast_params
     from lumina_jax.models.captioner.processor import (
-        ENDOFTEXT, IM_END, ImageProcessorConfig, Tokenizer, build_batch, default_slot_buckets, load_image,
-        make_example, round_up)
+        ENDOFTEXT, IM_END, ImageProcessorConfig, Tokenizer, UnsupportedImageError, build_batch,
+        default_slot_buckets, load_image, make_example, prompt_ids, round_up)
     from lumina_jax.models.captioner.vision import slots_needed
 
-    index = jax.process_index() if args.process_index is None else args.process_index
-    count = jax.process_count() if args.process_count is None else args.process_count
     out = Path(args.out)
     my_out = output_file(out, index, count)
 
@@ -180,14 +351,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"[caption] process {index}/{count}: {len(images)} images, {skipped_existing} already captioned, "
           f"{len(todo)} to do -> {my_out}", file=sys.stderr)
     if not todo:
-        print(json.dumps({"captioned": 0, "skipped_existing": skipped_existing, "corrupt": 0, "out": str(my_out)}))
+        print(json.dumps({"captioned": 0, "skipped_existing": skipped_existing, "corrupt": 0, "unsupported": 0,
+                          "out": str(my_out)}))
         return 0
 
-    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    config, params = load_captioner(args.model, dtype=args.param_dtype or args.dtype)
+    # everything that can be checked without the weights, before loading them
+    config = read_config(args.model)
     tok = Tokenizer.from_pretrained(args.model)
     proc = ImageProcessorConfig.from_pretrained(args.model, config)
-    overrides = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+    overrides = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
+                 if v is not None}
     if args.max_pixels is None and proc.max_pixels > DEFAULT_MAX_PIXELS:
         # the released preprocessor configs allow 16k tokens per image; captioning does not need that
         overrides["max_pixels"] = DEFAULT_MAX_PIXELS
@@ -197,7 +370,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         import dataclasses
 
         proc = dataclasses.replace(proc, **overrides)
-    proc.check_model(config)
+    text = instruction(args.granularity, args.perspective, args.lang, args.instruction)
+    system = args.system or None
+    try:
+        proc.check_model(config)
+        ids = prompt_ids(text, tok, config, system)
+    except (KeyError, ValueError) as e:
+        raise _setup_error(f"{args.model}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    v = config.vision
+    if args.slot_buckets:
+        buckets = args.slot_buckets
+        bad = [b for b in buckets if b % v.window_slots]
+        if bad:
+            raise _setup_error(f"--slot-buckets {bad} are not multiples of {v.window_slots} (window slots)")
+    else:
+        f = proc.factor
+        max_patches = (proc.max_pixels // (f * f)) * v.merge_unit  # an upper bound on patches per image
+        buckets = default_slot_buckets(v, max_patches)
     stops = list(config.eos_token_id)
     for t in (IM_END, ENDOFTEXT):
         i = tok.maybe_token_id(t)
@@ -205,21 +394,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             stops.append(i)
     pad_id = tok.maybe_token_id(ENDOFTEXT)
     pad_id = config.pad_token_id if pad_id is None else pad_id
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.granularity],
-                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                           stop_token_ids=tuple(stops), pad_token_id=int(pad_id or 0))
-    text = instruction(args.granularity, args.perspective, args.lang, args.instruction)
+    max_new = DEFAULT_MAX_NEW_TOKENS[args.granularity] if args.max_new_tokens is None else args.max_new_tokens
+    gen = GenerationConfig(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, stop_token_ids=tuple(stops), pad_token_id=int(pad_id or 0))
 
-    v = config.vision
-    f = proc.factor
-    max_patches = (proc.max_pixels // (f * f)) * v.merge_unit  # an upper bound on patches per image
-    if args.slot_buckets:
-        buckets = sorted(int(x) for x in args.slot_buckets.split(","))
-        bad = [b for b in buckets if b % v.window_slots]
-        if bad:
-            raise SystemExit(f"--slot-buckets {bad} are not multiples of {v.window_slots} (window slots)")
-    else:
-        buckets = default_slot_buckets(v, max_patches)
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    _, params = load_captioner(args.model, dtype=args.param_dtype or args.dtype)
 
     devices = jax.local_devices()
     n_dev = len(devices)
@@ -231,26 +411,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     put_batch = _device_placer(devices, params)
     params = put_batch.params
 
-    corrupt: list[str] = []
+    skipped: dict[str, list[str]] = {"corrupt": [], "unsupported": []}
     captioned = 0
     rng = jax.random.PRNGKey(args.seed + 1000003 * index)
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), disable=args.no_progress or None, desc="caption", unit="img")
 
-    def prepare(path: Path):
+    def prepare(path: Path) -> tuple[Path, Any]:
         try:
-            return path, make_example(load_image(path), text, tok, config, proc, args.system or None)
-        except Exception as e:  # noqa: BLE001 - any decoder error means "corrupt image", counted below
-            return path, e
+            image = load_image(path)
+        except Exception as e:  # noqa: BLE001 - any error opening/decoding the file: a corrupt image
+            return path, Skipped("corrupt", f"{type(e).__name__}: {e}")
+        try:
+            return path, make_example(image, text, tok, config, proc, system, ids=ids)
+        except UnsupportedImageError as e:  # anything else is a bug or a setup error: it stops the run
+            return path, Skipped("unsupported", str(e))
 
     with open_for_append(my_out) as fout, ThreadPoolExecutor(max(1, args.workers)) as pool:
         for chunk in _chunks(todo, B * 4):
             by_bucket: dict[int, list] = {}
             for path, ex in pool.map(prepare, chunk):
-                if isinstance(ex, Exception):
-                    corrupt.append(str(path))
-                    print(f"[caption] skipping unreadable image {path}: {type(ex).__name__}: {ex}", file=sys.stderr)
+                if isinstance(ex, Skipped):
+                    skipped[ex.kind].append(str(path))
+                    what = "unreadable" if ex.kind == "corrupt" else "unsupported"
+                    print(f"[caption] skipping {what} image {path}: {ex.reason}", file=sys.stderr)
                     bar.update(1)
                     continue
                 need = slots_needed(ex.grid, v)
@@ -276,14 +461,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         rec = {"image_path": rel[path], "prompt": caption, "granularity": args.granularity,
                                "perspective": args.perspective, "lang": args.lang,
                                "num_tokens": int(lengths[row]), "truncated": not bool(finished[row])}
-                        fout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        fout.write(json_line(rec))
                     fout.flush()
                     captioned += len(group)
                     bar.update(len(group))
     bar.close()
     dt = time.perf_counter() - t_start
-    summary = {"captioned": captioned, "skipped_existing": skipped_existing, "corrupt": len(corrupt),
-               "seconds": round(dt, 2), "images_per_s": round(captioned / dt, 3) if dt else None, "out": str(my_out)}
+    summary = {"captioned": captioned, "skipped_existing": skipped_existing, "corrupt": len(skipped["corrupt"]),
+               "unsupported": len(skipped["unsupported"]), "seconds": round(dt, 2),
+               "images_per_s": round(captioned / dt, 3) if dt else None, "out": str(my_out)}
     print(json.dumps(summary))
     return 0
 

@@ -7,8 +7,10 @@ lengths (left padding, ``kv_start``) and M-RoPE offsets (``next_position``: afte
 positions run ahead of the slot index, like HF's ``rope_deltas``).
 
 Sampling per step (HF order): ``temperature == 0`` is greedy (``argmax``; ties -> lowest id, as torch);
-otherwise logits / temperature, then top-k, then top-p (nucleus: keep the smallest prefix of the sorted
-distribution whose mass reaches ``top_p``; the most likely token always stays), then a categorical draw.
+otherwise logits / temperature, then top-k (tokens tied with the k-th logit stay, as HF), then top-p (HF's
+``TopPLogitsWarper``: sort ascending, stable, drop the tokens whose cumulative mass is ``<= 1 - top_p``, keep
+at least the last one; of tokens tied at the cut-off only those needed by sorted order stay, i.e. the ones
+with the higher ids), then a categorical draw.
 After a row stops it emits ``pad_token_id``.
 """
 
@@ -65,13 +67,25 @@ def sample_logits(logits: jax.Array, rng: jax.Array, gen: GenerationConfig) -> j
         kth = jax.lax.top_k(logits, gen.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if gen.top_p < 1.0:
-        srt = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
-        probs = jax.nn.softmax(srt, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted token
-        keep = before < gen.top_p  # the first token always stays (before == 0)
-        threshold = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, neg, logits)
+        logits = jnp.where(top_p_mask(logits, gen.top_p), logits, neg)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
+    """``(..., V)`` bool: the tokens transformers' ``TopPLogitsWarper(top_p, min_tokens_to_keep=1)`` keeps.
+
+    Sort ascending (stable: tied logits stay in id order), take the cumulative softmax mass and drop every
+    sorted token whose cumulative mass is ``<= 1 - top_p``; the last (most likely) one always stays. So
+    the kept set is the minimal prefix of the descending order that reaches ``top_p``, and a tie at the
+    cut-off keeps only as many tied tokens as needed (those later in sorted order, i.e. higher ids). That is
+    HF's result exactly where torch sorts stably (up to 16 tokens, or ``stable=True``); above that torch's
+    default sort orders tied logits arbitrarily, and HF keeps the same number of them, not always the same ids.
+    """
+    order = jnp.argsort(logits, axis=-1, stable=True)  # ascending
+    srt = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+    drop = (cum <= 1.0 - top_p).at[..., -1].set(False)
+    return jnp.put_along_axis(jnp.ones(logits.shape, bool), order, ~drop, axis=-1, inplace=False)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "gen", "dtype", "precision", "attention_backend",

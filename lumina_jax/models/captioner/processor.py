@@ -1,10 +1,11 @@
 """Host-side input processing for the captioner, in NumPy/PIL (no torch at inference).
 
 - :func:`smart_resize` / :func:`preprocess_image`: the Qwen2-VL image processor (transformers 5.24
-  ``Qwen2VLImageProcessorPil``): RGB, bicubic resize (PIL, uint8) to sides that are multiples of
-  ``patch_size * merge_size`` with a pixel count inside ``[min_pixels, max_pixels]``, ``x / 255``, CLIP
-  mean/std normalisation, and patch flattening (each patch ``(C, T, P, P)`` with the still image repeated
-  over the ``temporal_patch_size`` frames; patches ordered merged token by merged token).
+  ``Qwen2VLImageProcessorPil``): RGB (transparency composited over white, :func:`convert_to_rgb`), bicubic
+  resize (PIL, uint8) to sides that are multiples of ``patch_size * merge_size`` with a pixel count inside
+  ``[min_pixels, max_pixels]``, ``x / 255``, CLIP mean/std normalisation, and patch flattening (each patch
+  ``(C, T, P, P)`` with the still image repeated over the ``temporal_patch_size`` frames; patches ordered
+  merged token by merged token).
 - :class:`Tokenizer`: a ``tokenizers`` tokenizer read from ``tokenizer.json`` of a model directory, with the
   Qwen special tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|image_pad|>``,
   ``<|vision_end|>``).
@@ -116,14 +117,23 @@ class ImageProcessorConfig:
             raise ValueError(f"image processor (patch, temporal, merge)={mine} does not match the model's {theirs}")
 
 
+MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses longer/shorter side ratios above this
+
+
+class UnsupportedImageError(ValueError):
+    """A readable image the Qwen2-VL processor cannot take (aspect ratio above :data:`MAX_ASPECT_RATIO`)."""
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
     """Sides that are multiples of ``factor``, area within ``[min_pixels, max_pixels]``, aspect kept.
 
-    Same arithmetic as transformers' ``smart_resize`` (Python's round-half-even included).
+    Same arithmetic as transformers' ``smart_resize`` (Python's round-half-even included). Raises
+    :class:`UnsupportedImageError` for an aspect ratio above :data:`MAX_ASPECT_RATIO` (as transformers does).
     """
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} > 200 is not supported")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise UnsupportedImageError(f"aspect ratio {max(height, width) / min(height, width):.1f} > "
+                                    f"{MAX_ASPECT_RATIO} is not supported ({width}x{height} px)")
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if h * w > max_pixels:
@@ -137,14 +147,41 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h, w
 
 
-def preprocess_image(image: Any, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int]]:
-    """A PIL image (or HWC uint8 array) -> ``(patches (gh*gw, C*T*P*P) float32, (gh, gw))``."""
+def convert_to_rgb(image: Any) -> Any:
+    """An RGB PIL image; transparency is composited over white first, as transformers' ``convert_to_rgb``.
+
+    A PIL image with an alpha band (RGBA, LA, PA, ...) or a ``transparency`` entry (palette or RGB/L with a
+    transparent colour) goes through RGBA and ``alpha_composite`` onto opaque white; any other mode is a
+    plain ``convert("RGB")``. Arrays follow transformers' array path: ``(H, W, 4)`` is blended onto white
+    in float64 and rounded, ``(H, W, 1)`` / ``(H, W)`` grey is repeated over three channels.
+    """
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+        x = image
+        if x.ndim == 3 and x.shape[-1] == 4:
+            white = 255 if np.issubdtype(x.dtype, np.integer) else 1.0
+            alpha = x[..., 3:4] / white
+            blend = alpha * x[..., :3] + (1 - alpha) * white
+            x = np.round(blend).astype(x.dtype) if white == 255 else blend.astype(x.dtype)
+        elif x.ndim == 3 and x.shape[-1] == 1:
+            x = np.repeat(x, 3, axis=-1)
+        image = Image.fromarray(x)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def preprocess_image(image: Any, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """A PIL image (or HWC uint8 array) -> ``(patches (gh*gw, C*T*P*P) float32, (gh, gw))``.
+
+    Raises :class:`UnsupportedImageError` for an aspect ratio the processor does not support.
+    """
+    from PIL import Image
+
+    image = convert_to_rgb(image)
     width, height = image.size
     rh, rw = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     image = image.resize((rw, rh), resample=Image.Resampling.BICUBIC)
@@ -166,12 +203,13 @@ def patchify(x: np.ndarray, patch: int, merge: int, temporal: int) -> tuple[np.n
 
 
 def load_image(path: str | os.PathLike) -> Any:
-    """Open and fully decode an image file as RGB; raises on unreadable / truncated files."""
+    """Open and fully decode an image file as RGB (:func:`convert_to_rgb`: transparency composited over
+    white); raises on unreadable / truncated files."""
     from PIL import Image
 
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB")
+        return convert_to_rgb(im)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,15 +341,40 @@ class Example:
     grid: tuple[int, int]
 
 
-def make_example(image: Any, instruction: str, tokenizer: Tokenizer, config: CaptionerConfig,
-                 proc: ImageProcessorConfig, system: Optional[str] = DEFAULT_SYSTEM) -> Example:
-    """Preprocess one image and tokenize its chat prompt (image tokens expanded)."""
-    patches, grid = preprocess_image(image, proc)
-    n = grid[0] * grid[1] // config.vision.merge_unit
-    ids = tokenizer.encode(chat_prompt(instruction, system))
+def prompt_ids(instruction: str, tokenizer: Tokenizer, config: CaptionerConfig,
+               system: Optional[str] = DEFAULT_SYSTEM) -> list[int]:
+    """Token ids of the one-image chat prompt (one unexpanded ``<|image_pad|>``), checked against the model.
+
+    Raises ``ValueError`` naming the problem when the tokenizer's ``<|image_pad|>`` id is not the model's
+    ``image_token_id`` (tokenizer and model from different checkpoints), or when the instruction or the
+    system prompt holds ``<|image_pad|>`` itself (the prompt must carry exactly one image).
+    """
     image_id = tokenizer.token_id(IMAGE_PAD)
     if image_id != config.image_token_id:
-        raise ValueError(f"tokenizer's {IMAGE_PAD} id {image_id} != model image_token_id {config.image_token_id}")
+        raise ValueError(f"the tokenizer's {IMAGE_PAD} id {image_id} != the model's image_token_id "
+                         f"{config.image_token_id}: tokenizer and model come from different checkpoints")
+    ids = tokenizer.encode(chat_prompt(instruction, system))
+    n = sum(1 for t in ids if t == image_id)
+    if n != 1:
+        raise ValueError(f"the chat prompt holds {n} {IMAGE_PAD} tokens instead of 1: the instruction or the "
+                         f"system prompt must not contain {IMAGE_PAD}")
+    return ids
+
+
+def make_example(image: Any, instruction: str, tokenizer: Tokenizer, config: CaptionerConfig,
+                 proc: ImageProcessorConfig, system: Optional[str] = DEFAULT_SYSTEM, *,
+                 ids: Optional[Sequence[int]] = None) -> Example:
+    """Preprocess one image and tokenize its chat prompt (image tokens expanded).
+
+    ``ids``: the prompt's tokens from :func:`prompt_ids` (computed and checked once by a caller captioning
+    many images with one prompt); by default computed here from ``instruction`` and ``system``. Raises
+    ``ValueError`` for a prompt/model mismatch (see :func:`prompt_ids`) and :class:`UnsupportedImageError`
+    for an image the processor does not take.
+    """
+    if ids is None:
+        ids = prompt_ids(instruction, tokenizer, config, system)
+    patches, grid = preprocess_image(image, proc)
+    n = grid[0] * grid[1] // config.vision.merge_unit
     return Example(expand_image_tokens(ids, config.image_token_id, [n]), patches, grid)
 
 

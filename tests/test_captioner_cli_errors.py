@@ -1,0 +1,292 @@
+"""``python -m lumina_jax caption``: option and setup errors, skips with reasons, resume edge cases and the
+multi-process split (unit level with a patched JAX, and a real 2-process run through ``launch/local.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from lumina_jax.models.captioner import cli  # noqa: E402
+from lumina_jax.models.captioner import testing as T  # noqa: E402
+from lumina_jax.models.captioner.cli import done_set, main, open_for_append  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# the same settings as test_captioner_cli.py: one vision bucket and one prompt length, one compiled program
+COMMON = ["--batch-size", "2", "--max-new-tokens", "6", "--dtype", "fp32", "--no-progress", "--workers", "2",
+          "--slot-buckets", "512", "--prompt-multiple", "512"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    T.save_tiny_model(d, "qwen2_5_vl", max_pixels=64 * 64)
+    return d
+
+
+def _images(root: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = root / f"img{i}.png"
+        T.random_image(rng, 40 + 10 * i, 60).save(p)
+        paths.append(p)
+    return paths
+
+
+def _args(model_dir, images, out, *extra):
+    return ["--model", str(model_dir), "--images", str(images), "--out", str(out), *COMMON, *extra]
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _summary(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if the model weights get loaded (errors must come before that)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the error was found")
+
+    monkeypatch.setattr("lumina_jax.convert.captioner.load_captioner", fail)
+
+
+# ----------------------------------------------------------------------------------------------
+# options
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--batch-size", "0", "must be >= 1"),
+    ("--prompt-multiple", "0", "must be >= 1"),
+    ("--max-new-tokens", "0", "must be >= 1"),
+    ("--max-new-tokens", "-3", "must be >= 1"),
+    ("--top-p", "0", "must be in (0.0, 1.0]"),
+    ("--top-p", "1.5", "must be in (0.0, 1.0]"),
+    ("--top-k", "-1", "must be >= 0"),
+    ("--temperature", "-0.5", "must be in [0.0, inf]"),
+    ("--limit", "-1", "must be >= 0"),
+    ("--min-pixels", "0", "must be >= 1"),
+    ("--slot-buckets", "512,x", "comma-separated"),
+    ("--batch-size", "two", "not an integer"),
+])
+def test_bad_options_fail_in_argparse_naming_the_option(tmp_path, capsys, no_weights, option, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o.jsonl"),
+              option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and option in err and message in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_process_index_and_count_go_together(tmp_path, capsys, no_weights):
+    base = ["--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match="both --process-index and --process-count"):
+        main(base + ["--process-index", "1"])
+    with pytest.raises(SystemExit, match="--process-index 2 is not below --process-count 2"):
+        main(base + ["--process-index", "2", "--process-count", "2"])
+
+
+def test_explicit_max_new_tokens_is_used(tmp_path, model_dir, capsys):
+    _images(tmp_path / "imgs", 2)
+    out = tmp_path / "caps.jsonl"
+    args = _args(model_dir, tmp_path / "imgs", out) + ["--max-new-tokens", "1"]  # the later value wins
+    assert main(args) == 0
+    assert [r["num_tokens"] for r in _read(out)] == [1, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# setup errors fail fast; per-image problems are skips with their reason
+
+
+def test_instruction_with_image_token_fails_before_loading(tmp_path, model_dir, capsys, no_weights):
+    _images(tmp_path / "imgs", 2)
+    out = tmp_path / "caps.jsonl"
+    with pytest.raises(SystemExit, match=r"must not contain <\|image_pad\|>"):
+        main(_args(model_dir, tmp_path / "imgs", out, "--instruction", "What is <|image_pad|> here?"))
+    with pytest.raises(SystemExit, match=r"must not contain <\|image_pad\|>"):
+        main(_args(model_dir, tmp_path / "imgs", out, "--system", "You see <|image_pad|>."))
+    assert not out.exists() or not out.read_text()
+
+
+def test_tokenizer_model_image_token_mismatch_fails_before_loading(tmp_path, model_dir, capsys, no_weights):
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["image_token_id"] = cfg["image_token_id"] - 1  # still a valid token id, but not <|image_pad|>
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _images(tmp_path / "imgs", 2)
+    with pytest.raises(SystemExit, match="image_token_id") as e:
+        main(_args(bad, tmp_path / "imgs", tmp_path / "caps.jsonl"))
+    assert "different checkpoints" in str(e.value.code)
+
+
+def test_extreme_aspect_ratio_is_an_unsupported_skip_not_corrupt(tmp_path, model_dir, capsys):
+    imgs = tmp_path / "imgs"
+    _images(imgs, 2)
+    T.random_image(np.random.default_rng(1), 2, 500).save(imgs / "thin.png")  # 250:1
+    (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "caps.jsonl"
+    assert main(_args(model_dir, imgs, out)) == 0
+    captured = capsys.readouterr()
+    s = json.loads(captured.out.strip().splitlines()[-1])
+    assert (s["captioned"], s["corrupt"], s["unsupported"]) == (2, 1, 1)
+    assert "skipping unsupported image" in captured.err and "thin.png: aspect ratio 250.0 > 200" in captured.err
+    assert "skipping unreadable image" in captured.err and "broken.png" in captured.err
+    assert sorted(r["image_path"] for r in _read(out)) == ["imgs/img0.png", "imgs/img1.png"]
+
+
+def test_unexpected_errors_in_preprocessing_stop_the_run(tmp_path, model_dir, monkeypatch):
+    """Only decode errors are 'corrupt images'; a bug in preprocessing is not hidden behind per-image skips."""
+    _images(tmp_path / "imgs", 2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("lumina_jax.models.captioner.processor.make_example", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(_args(model_dir, tmp_path / "imgs", tmp_path / "caps.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------
+# output and resume
+
+
+def test_complete_last_record_without_newline_is_kept(tmp_path):
+    out = tmp_path / "caps.jsonl"
+    recs = [{"image_path": f"imgs/img{i}.png", "prompt": f"caption {i}"} for i in range(3)]
+    out.write_text("\n".join(json.dumps(r) for r in recs), encoding="utf-8")  # crash before the last "\n"
+    assert done_set(out) == {r["image_path"] for r in recs}
+    with open_for_append(out) as f:
+        f.write(json.dumps({"image_path": "imgs/img3.png", "prompt": "caption 3"}) + "\n")
+    assert [r["image_path"] for r in _read(out)] == [f"imgs/img{i}.png" for i in range(4)]
+    # a line cut short is still dropped (its image is not in done_set, so it is redone)
+    out.write_text(json.dumps(recs[0]) + "\n" + '{"image_path": "imgs/im', encoding="utf-8")
+    assert done_set(out) == {"imgs/img0.png"}
+    with open_for_append(out):
+        pass
+    assert out.read_text(encoding="utf-8") == json.dumps(recs[0]) + "\n"
+    # a single unterminated line, longer than the backwards-reading block
+    long = {"image_path": "imgs/a.png", "prompt": "x" * 200_000}
+    out.write_text(json.dumps(long), encoding="utf-8")
+    with open_for_append(out):
+        pass
+    assert _read(out) == [long]
+    out.write_text(json.dumps(long)[:-1], encoding="utf-8")
+    with open_for_append(out):
+        pass
+    assert out.read_text(encoding="utf-8") == ""
+
+
+def test_resume_after_a_crash_before_the_last_newline_loses_nothing(tmp_path, model_dir, capsys):
+    _images(tmp_path / "imgs", 4)
+    out = tmp_path / "caps.jsonl"
+    args = _args(model_dir, tmp_path / "imgs", out)
+    assert main(args + ["--limit", "2"]) == 0
+    out.write_text(out.read_text(encoding="utf-8").rstrip("\n"), encoding="utf-8")
+    assert main(args) == 0
+    s = _summary(capsys)
+    assert (s["captioned"], s["skipped_existing"]) == (2, 2)
+    assert sorted(r["image_path"] for r in _read(out)) == [f"imgs/img{i}.png" for i in range(4)]
+
+
+def test_file_names_that_are_not_utf8_survive_and_resume(tmp_path, model_dir, capsys):
+    imgs = tmp_path / "imgs"
+    paths = _images(imgs, 2)
+    odd = imgs / os.fsdecode(b"caf\xe9-\xff.png")  # Latin-1 bytes: not UTF-8; Python holds them as surrogates
+    try:
+        paths[1].rename(odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("the file system does not take undecodable names")
+    out = tmp_path / "caps.jsonl"
+    assert main(_args(model_dir, imgs, out)) == 0
+    assert _summary(capsys)["captioned"] == 2
+    text = out.read_bytes().decode("utf-8")  # strict: the file is valid UTF-8
+    assert "\\udce9" in text and "\\udcff" in text
+    rows = _read(out)
+    assert {r["image_path"] for r in rows} == {"imgs/img0.png", "imgs/" + odd.name}
+    assert all((out.parent / r["image_path"]).is_file() for r in rows)  # the escaped name opens the file
+    assert main(_args(model_dir, imgs, out)) == 0  # the next run recognises it as done
+    s = _summary(capsys)
+    assert (s["captioned"], s["skipped_existing"]) == (0, 2)
+
+
+def test_json_line_keeps_text_readable():
+    line = cli.json_line({"image_path": "a/\udcff.png", "prompt": "一只猫 é"})
+    assert line.endswith("\n") and "一只猫 é" in line and "\\udcff" in line
+    assert json.loads(line) == {"image_path": "a/\udcff.png", "prompt": "一只猫 é"}
+    line.encode("utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-process split
+
+
+def test_split_follows_the_distributed_runtime(tmp_path, model_dir, capsys, monkeypatch):
+    """No --process-index/--process-count: the runtime is initialised and its index/count split the list."""
+    import jax
+
+    from lumina_jax.parallel import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "initialize", lambda *a, **k: calls.append("initialize") or "explicit")
+    monkeypatch.setattr(jax, "process_index", lambda *a: 1)
+    monkeypatch.setattr(jax, "process_count", lambda *a: 2)
+    monkeypatch.setattr(cli, "wait_for_peers", lambda *a, **k: calls.append("wait"))
+    paths = _images(tmp_path / "imgs", 5)
+    out = tmp_path / "caps.jsonl"
+    assert main(_args(model_dir, tmp_path / "imgs", out)) == 0
+    assert calls == ["initialize", "wait"]  # initialised first; waits for the other process at the end
+    part = tmp_path / "caps.00001-of-00002.jsonl"
+    assert sorted(r["image_path"] for r in _read(part)) == [f"imgs/{p.name}" for p in paths[1::2]]
+    assert not out.exists() and not (tmp_path / "caps.00000-of-00002.jsonl").exists()
+
+    # explicit flags: nothing is initialised, no waiting
+    calls.clear()
+    assert main(_args(model_dir, tmp_path / "imgs", out, "--process-index", "0", "--process-count", "2")) == 0
+    assert calls == []
+    assert sorted(r["image_path"] for r in _read(tmp_path / "caps.00000-of-00002.jsonl")) == [
+        f"imgs/{p.name}" for p in paths[0::2]]
+
+
+@pytest.mark.slow
+def test_two_processes_through_the_local_launcher(tmp_path, model_dir):
+    """A real 2-process run (gloo, 2 CPU devices each): disjoint complete parts; a rerun with nothing left
+    for one process and work for the other ends cleanly."""
+    paths = _images(tmp_path / "imgs", 5)
+    out = tmp_path / "caps.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+
+    def launch():
+        cmd = [sys.executable, str(REPO / "launch/local.py"), "-n", "2", "-d", "2", "--timeout", "240",
+               "--log-dir", str(tmp_path / "logs"), "--command", "caption", "--",
+               *_args(model_dir, tmp_path / "imgs", out)]
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+
+    launch()
+    parts = [tmp_path / f"caps.0000{i}-of-00002.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert sorted(r["image_path"] for r in _read(part)) == [f"imgs/{p.name}" for p in paths[i::2]]
+    assert not out.exists()
+    # drop process 1's records: process 0 has nothing to do, process 1 redoes its share
+    parts[1].write_text("")
+    launch()
+    assert sorted(r["image_path"] for p in parts for r in _read(p)) == [f"imgs/{p.name}" for p in paths]
+    log1 = (tmp_path / "logs" / "process_1.log").read_text()
+    assert '"captioned": 2' in log1
