@@ -84,6 +84,18 @@ def test_distributed_resolution_from_env():
     assert distributed.resolve(env={"TPU_WORKER_HOSTNAMES": "localhost"})[0] == "none"
     assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"})[0] == "slurm"
     assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})[0] == "none"
+    # launch/slurm.sbatch: one task per node with 8 GPUs -> all 8 local devices (JAX alone would give
+    # each process only GPU SLURM_LOCALID); one task per GPU -> JAX's default
+    node = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}
+    assert distributed.resolve(env=node) == ("slurm", {"local_device_ids": list(range(8))})
+    assert distributed.resolve(env={**node, "SLURM_NTASKS_PER_NODE": "1(x2)"})[1] == {"local_device_ids": list(range(8))}
+    assert distributed.resolve(env={**node, "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8"}) == ("slurm", {})
+    # xpk GPU workloads: coordinator, node count and rank from xpk's variables
+    xpk = {"JAX_COORDINATOR_ADDRESS": "wl-slice-job-0-0.wl", "JAX_COORDINATOR_PORT": "6002", "NNODES": "2",
+           "NODE_RANK": "1"}  # fmt: skip
+    assert distributed.resolve(env=xpk) == ("xpk-gpu", {"coordinator_address": "wl-slice-job-0-0.wl:6002",
+                                                        "num_processes": 2, "process_id": 1})  # fmt: skip
+    assert distributed.resolve(env={**xpk, "NNODES": "1"}) == ("none", {})
 
 
 def test_process_rows_single_process():

@@ -5,11 +5,16 @@ Call :func:`initialize` first thing in an entry point, before any JAX computatio
 1. explicit arguments (``coordinator``, ``num_processes``, ``process_id``), e.g. from CLI flags;
 2. the project's variables ``LUMINA_COORDINATOR`` (``host:port``), ``LUMINA_NUM_PROCESSES``,
    ``LUMINA_PROCESS_ID`` (set by ``launch/local.py`` and usable by any scheduler);
-3. a cluster JAX detects itself: a multi-host TPU slice / pod (``TPU_WORKER_HOSTNAMES`` with several
+3. xpk GPU workloads (``JAX_COORDINATOR_ADDRESS``, ``JAX_COORDINATOR_PORT``, ``NNODES`` > 1,
+   ``NODE_RANK``; one process per node with all its GPUs) -- explicit arguments from those;
+4. a cluster JAX detects itself: a multi-host TPU slice / pod (``TPU_WORKER_HOSTNAMES`` with several
    hosts, or ``MEGASCALE_*`` multi-slice variables), SLURM with more than one task
    (``SLURM_JOB_ID`` + ``SLURM_NTASKS`` > 1; JAX reads ``SLURM_*`` to find the coordinator), or
-   Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1) -- then ``jax.distributed.initialize()`` without arguments;
-4. otherwise nothing (single process).
+   Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1) -- then ``jax.distributed.initialize()`` without arguments,
+   except that SLURM with one task per node (``launch/slurm.sbatch``) passes ``local_device_ids`` for
+   all the node's GPUs (``SLURM_GPUS_ON_NODE``): JAX would otherwise give each process only GPU
+   ``SLURM_LOCALID``, i.e. one GPU per node;
+5. otherwise nothing (single process).
 
 On CPU (tests, the local launcher) collectives across processes need gloo, which must be selected
 before the backend starts; this module does that when ``JAX_PLATFORMS`` is ``cpu``.
@@ -69,8 +74,25 @@ def resolve(
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id {process_id} not in [0, {num_processes})")
         return "explicit", dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("NNODES", "1") or 1) > 1 and "NODE_RANK" in env:
+        address = env["JAX_COORDINATOR_ADDRESS"]
+        if ":" not in address:
+            address = f"{address}:{env.get('JAX_COORDINATOR_PORT', '6002')}"
+        return "xpk-gpu", dict(coordinator_address=address, num_processes=int(env["NNODES"]),
+                               process_id=int(env["NODE_RANK"]))  # fmt: skip
     cluster = detect_cluster(env)
+    if cluster == "slurm" and _slurm_tasks_per_node(env) == 1 and int(env.get("SLURM_GPUS_ON_NODE", "0") or 0) > 1:
+        return cluster, dict(local_device_ids=list(range(int(env["SLURM_GPUS_ON_NODE"]))))
     return (cluster, {}) if cluster else ("none", {})
+
+
+def _slurm_tasks_per_node(env: Mapping[str, str]) -> Optional[int]:
+    """Tasks per node of a SLURM step (``SLURM_NTASKS_PER_NODE``, e.g. ``1`` or ``8(x2)``; else tasks / nodes)."""
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        return int(per_node.split("(")[0].split(",")[0])
+    nodes, tasks = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES"), env.get("SLURM_NTASKS")
+    return int(tasks) // int(nodes) if nodes and tasks and int(nodes) > 0 else None
 
 
 def initialize(
