@@ -11,8 +11,9 @@ Starts ``--num-processes`` copies of ``python -m lumina_jax train CONFIG key=val
     JAX_PLATFORMS=cpu  XLA_FLAGS=--xla_force_host_platform_device_count=<devices-per-process>
 
 (:mod:`lumina_jax.parallel.distributed` reads these and selects gloo CPU collectives). Output of
-process ``i`` goes to ``<log-dir>/process_<i>.log`` (and process 0's also to the console). If one
-process fails the others are stopped; the exit code is the first non-zero one.
+process ``i`` goes to ``<log-dir>/process_<i>.log``; process 0's is also streamed to the console as it is
+written. If one process fails (or ``--timeout`` passes: exit code 124) the others are stopped, the last
+lines of every process's log go to stderr, and the exit code is the first non-zero one.
 
 Variables: ``LAUNCH_PORT`` (default: a free port), ``DRY_RUN=1`` (same as ``--dry-run``: print the
 environment and commands, run nothing), ``PYTHON`` (interpreter, default: this one).
@@ -39,6 +40,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def echo_new(path: Path, pos: int) -> int:
+    """Write what was appended to ``path`` since byte ``pos`` to stdout; returns the new position."""
+    with open(path, "rb") as f:
+        f.seek(pos)
+        chunk = f.read()
+    if chunk:
+        sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+        sys.stdout.flush()
+    return pos + len(chunk)
+
+
 def build(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
     port = int(os.environ.get("LAUNCH_PORT") or args.port or free_port())
     python = os.environ.get("PYTHON", sys.executable)
@@ -59,8 +82,9 @@ def build(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-processes", "-n", type=int, default=2)
-    p.add_argument("--devices-per-process", "-d", type=int, default=4)
+    p.add_argument("--num-processes", "-n", type=positive_int, default=2, help="processes to start (>= 1)")
+    p.add_argument("--devices-per-process", "-d", type=positive_int, default=4,
+                   help="virtual CPU devices per process (>= 1)")
     p.add_argument("--module", default="lumina_jax", help="python -m MODULE (default lumina_jax)")
     p.add_argument("--command", default="train", help="first argument to the module ('' for none)")
     p.add_argument("--port", type=int, default=None)
@@ -88,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"started {len(procs)} processes; logs in {log_dir}", flush=True)
     start = time.time()
     rc = 0
+    log0, pos0 = log_dir / "process_0.log", 0
     try:
         while True:
+            pos0 = echo_new(log0, pos0)
             codes = [pr.poll() for pr, _ in procs]
             bad = [c for c in codes if c not in (None, 0)]
             if bad:
@@ -107,12 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 os.killpg(pr.pid, signal.SIGKILL)  # our own children, by process group id
                 pr.wait()
             log.close()
+        echo_new(log0, pos0)  # what process 0 wrote last
     if rc:
         for i in range(len(procs)):
             tail = (log_dir / f"process_{i}.log").read_text()[-3000:]
             print(f"--- process {i} (last lines) ---\n{tail}", file=sys.stderr)
-    else:
-        print((log_dir / "process_0.log").read_text()[-2000:])
     return rc
 
 

@@ -13,7 +13,7 @@
 #   IMAGE     (required) docker image with the repo and its requirements installed (--docker-image)
 #   TPU_TYPE  e.g. v5p-128, v6e-256 (TPU)   or   DEVICE_TYPE e.g. h100-80gb-8 (GPU; then NUM_NODES)
 #   NUM_SLICES (TPU, default 1)   NUM_NODES (GPU, default 1)
-#   WORKLOAD  name (default lumina-<user>-<date>)   PROJECT, ZONE (default: gcloud's)
+#   WORKLOAD  name (default lumina-<user>-<date>, made a valid xpk name)   PROJECT, ZONE (default: gcloud's)
 #   WORKDIR   directory of the repo inside the image (default /app)
 #   LIBTPU_INIT_ARGS  exported in the command when set
 #   DRY_RUN=1 print the xpk command instead of running it
@@ -25,7 +25,14 @@ if [[ $# -lt 1 ]]; then
 fi
 : "${CLUSTER:?set CLUSTER}"
 : "${IMAGE:?set IMAGE}"
-WORKLOAD="${WORKLOAD:-lumina-${USER:-user}-$(date +%m%d-%H%M)}"
+if [[ -z "${WORKLOAD:-}" ]]; then
+  # xpk workload names: [a-z]([-a-z0-9]*[a-z0-9])?, at most 40 characters. "lumina-" (7) + user (<= 23)
+  # + "-MMDD-HHMM" (10): the user name is lower-cased, other characters become '-', trimmed to 23.
+  user="$(printf '%s' "${USER:-user}" | tr '[:upper:]' '[:lower:]' | tr -c 'a-z0-9-' '-')"
+  user="${user:0:23}"
+  user="$(printf '%s' "${user}" | sed -e 's/-*$//' -e 's/^-*//')"
+  WORKLOAD="lumina-${user:-user}-$(date +%m%d-%H%M)"
+fi
 WORKDIR="${WORKDIR:-/app}"
 
 args=""

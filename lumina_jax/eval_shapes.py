@@ -6,10 +6,12 @@
 Half of the ``n`` prompts describe *held-out* scenes (a colour/shape/position triple never seen in training,
 :data:`lumina_jax.shapes.spec.HELD_OUT`), half *seen* ones; the scenes are fixed (seeded), the caption
 phrasing varies. Images come from :class:`lumina_jax.pipeline.Lumina2Pipeline` with its default settings
-(solver, steps, CFG scale 4.0 for "on", 1.0 = no CFG for "off") and are scored by the deterministic
-checker :mod:`lumina_jax.shapes.checker` (colour by pixel clustering, shape by geometry, position by
-centroid). Prints accuracy per attribute (per object), background, object count and all-correct (per
-image) for seen vs held-out. Exit status 0 (1 with ``--min-heldout`` thresholds not met).
+(solver, steps; for "on" the model's CFG scale, 2.5 for the bundled model, or ``--guidance``; 1.0 = no CFG
+for "off") and are scored by the deterministic checker :mod:`lumina_jax.shapes.checker` (colour by pixel
+clustering, shape by geometry, position by centroid). Prints accuracy per attribute (per object),
+background, object count and all-correct (per image) for seen vs held-out (``n/a`` for a split without
+images: ``--n 1`` has no held-out one). Exit status 0 (1 with ``--min-heldout`` thresholds not met; they
+apply to CFG on when it is evaluated, else to CFG off).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+ATTRIBUTES = ("colour", "shape", "position")
+ACCURACIES = (*ATTRIBUTES, "background", "count", "all")
 
 
 def prompts_for(n: int, seed: int = 0) -> list[tuple[str, "object", str]]:
@@ -55,6 +60,8 @@ def evaluate(pipe, n: int = 200, *, guidance_scale: Optional[float] = None, seed
     for split in ("seen", "held_out"):
         idx = [k for k, it in enumerate(items) if it[0] == split]
         res[split] = checker.check_many([images[k] for k in idx], [items[k][1] for k in idx])
+        if not idx:  # no images (n < 2 has no held-out split): no accuracy, not 0 %
+            res[split].update({c: None for c in ACCURACIES})
     res["seconds"] = round(seconds, 1)
     if save_dir:
         from PIL import Image
@@ -70,19 +77,57 @@ def evaluate(pipe, n: int = 200, *, guidance_scale: Optional[float] = None, seed
 
 
 def format_table(results: dict[str, dict]) -> str:
-    cols = ("colour", "shape", "position", "background", "count", "all")
+    cols = ACCURACIES
     lines = [f"{'setting':10s} {'split':9s} " + " ".join(f"{c:>10s}" for c in cols) + "    images"]
     for name, r in results.items():
         for split in ("held_out", "seen"):
             m = r[split]
-            lines.append(f"{name:10s} {split:9s} " + " ".join(f"{100 * m[c]:9.1f}%" for c in cols)
-                         + f"    {m['n_images']}")  # fmt: skip
+            cells = (f"{'n/a':>10s}" if m[c] is None else f"{100 * m[c]:9.1f}%" for c in cols)
+            lines.append(f"{name:10s} {split:9s} " + " ".join(cells) + f"    {m['n_images']}")
     return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def min_accuracies(text: str) -> tuple[float, float, float]:
+    """argparse type of ``--min-heldout``: ``C,S,P`` (colour, shape, position) or one value for all three."""
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not numbers: {text!r} (e.g. 0.9,0.8,0.8 or 0.9)") from None
+    if len(vals) == 1:
+        vals *= 3
+    if len(vals) != 3 or not all(0.0 <= v <= 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"want one value or three (colour,shape,position) in [0, 1], got {text!r}")
+    return vals[0], vals[1], vals[2]
+
+
+def check_min_heldout(results: dict[str, dict], mins: Sequence[float]) -> Optional[str]:
+    """``None`` if the held-out accuracies of CFG on (if evaluated, else CFG off) reach ``mins`` (colour,
+    shape, position), else a message saying which did not."""
+    name = "cfg_on" if "cfg_on" in results else "cfg_off"
+    held = results[name]["held_out"]
+    if held["n_images"] == 0:
+        raise ValueError("--min-heldout: the held-out split is empty (--n 1): use --n 2 or more")
+    got = {a: held[a] for a in ATTRIBUTES}
+    low = {a: g for (a, g), m in zip(got.items(), mins) if g < m}
+    if low:
+        return f"{name} held-out accuracies {got} below --min-heldout {dict(zip(ATTRIBUTES, mins))}: {sorted(low)}"
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lumina_jax eval-shapes", description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=200, help="images per setting (half held-out, half seen)")
+    p.add_argument("--n", type=positive_int, default=200, help="images per setting (half held-out, half seen)")
     p.add_argument("--checkpoint", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--cfg", choices=("on", "off", "both"), default="both",
                    help="CFG on (the model's guidance scale, or --guidance), off (1.0) or both")
@@ -92,12 +137,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--solver", default=None)
     p.add_argument("--shift", type=float, default=None, help="sampler time shift (default: the model's scheduler)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=25)
+    p.add_argument("--batch", type=positive_int, default=25, help="prompts per pipeline call (>= 1)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--save-dir", default=None, help="write the images here")
-    p.add_argument("--min-heldout", default=None,
-                   help="colour,shape,position minimum held-out accuracies with CFG on, e.g. 0.9,0.8,0.8")
+    p.add_argument("--min-heldout", type=min_accuracies, default=None,
+                   help="colour,shape,position minimum held-out accuracies (e.g. 0.9,0.8,0.8; one value: all "
+                   "three) of CFG on, or of CFG off with --cfg off; exit status 1 if not met")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.min_heldout and args.n < 2:
+        p.error(f"--min-heldout: --n {args.n} gives no held-out images (half of --n are held-out): use --n 2 or more")
 
     from lumina_jax.pipeline import Lumina2Pipeline
 
@@ -117,11 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    if args.min_heldout and "cfg_on" in results:
-        mins = [float(x) for x in args.min_heldout.split(",")]
-        got = [results["cfg_on"]["held_out"][a] for a in ("colour", "shape", "position")]
-        if any(g < m for g, m in zip(got, mins)):
-            print(f"held-out accuracies {got} below {mins}", file=sys.stderr)
+    if args.min_heldout:
+        msg = check_min_heldout(results, args.min_heldout)
+        if msg:
+            print(msg, file=sys.stderr)
             return 1
     return 0
 

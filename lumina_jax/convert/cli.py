@@ -13,6 +13,17 @@ import time
 
 from lumina_jax.convert.errors import CheckpointError
 
+# the library's errors name its Python arguments; the CLI names its flags instead
+_ARG_TO_FLAG = (("pass overwrite=True", "pass --overwrite"), ("pass config=", "pass --config NAME (or a YAML path)"))
+
+
+def cli_message(e: BaseException) -> str:
+    """The error's message with the library's argument names (``overwrite=True``, ``config=``) as CLI flags."""
+    msg = str(e)
+    for arg, flag in _ARG_TO_FLAG:
+        msg = msg.replace(arg, flag)
+    return msg
+
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m lumina_jax convert", description=__doc__,
@@ -37,7 +48,7 @@ def main(argv: list[str]) -> int:
         print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s; writing {args.to}", flush=True)
         out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out} in {time.time() - t0:.1f}s")
     return 0

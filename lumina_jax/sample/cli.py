@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time: CFG while t < threshold (original, default); steps: (i+1)/N <= ratio (diffusers)")
     ap.add_argument("--renorm", type=_renorm, default=None,
                     help="CFG-Renorm: clamp (original, default), rows (diffusers), off, or a clamp ratio")
-    ap.add_argument("--shift", type=float, default=None, help="time shift (default: the model's, 6.0)")
+    ap.add_argument("--shift", type=float, default=None,
+                    help="time shift (default: the model's scheduler shift; 3.0 for the bundled model, 6.0 for "
+                    "Lumina-Image 2.0)")
     ap.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 (default: model's)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the first image; image k uses seed+k")
     ap.add_argument("--n", type=int, default=1, help="images per prompt")

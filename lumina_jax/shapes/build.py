@@ -46,12 +46,14 @@ DEFAULT_SHIFT = 3.0  # the shipped model trains its 64 px stage with e^mu = 3
 DEFAULT_GUIDANCE = 2.5
 
 
-def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200) -> dict:  # fmt: skip
+def prepare(work: str | Path, *, num_train: int = 16000, num_test: int = 200, overwrite: bool = False) -> dict:
+    """Dataset + frozen encoders under ``work``. A dataset already there with other split sizes is a
+    ``ValueError`` unless ``overwrite`` (then it is prepared again)."""
     from lumina_jax.shapes import components, tfds_builder
 
     work = Path(work)
     t0 = time.perf_counter()
-    builder_dir = tfds_builder.prepare(work / "tfds", num_train=num_train, num_test=num_test)
+    builder_dir = tfds_builder.prepare(work / "tfds", num_train=num_train, num_test=num_test, overwrite=overwrite)
     t_data = time.perf_counter() - t0
     enc = components.save_encoders(work / "encoders")
     info = {"builder_dir": builder_dir, "encoders": {k: str(v) for k, v in enc.items()},
@@ -117,13 +119,29 @@ def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float
     return save_components(out, comps, overwrite=overwrite)
 
 
+DESCRIPTION = ("Build the bundled shapes model end to end: prepare (dataset + encoders), train-vae, "
+               "train-text-encoder, then train with `python -m lumina_jax train configs/train/shapes.yaml` "
+               "and assemble the run into a pipeline directory.")
+# what `assemble` raises for a missing/mismatched run, encoder or output (reported without a traceback)
+ASSEMBLE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
+
+
+def check_output(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Fail before training when ``out`` exists and is not to be replaced (the save would fail after it)."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists: pass --overwrite to replace it after training, "
+                              f"or another {flag}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lumina_jax.shapes", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lumina_jax.shapes", description=DESCRIPTION)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare", help="dataset (TFDS array_record) + frozen encoders")
     a.add_argument("--work", default="data/shapes")
     a.add_argument("--num-train", type=int, default=16000)
     a.add_argument("--num-test", type=int, default=200)
+    a.add_argument("--overwrite", action="store_true",
+                   help="prepare the dataset again if WORK/tfds holds one with other split sizes")
     v = sub.add_parser("train-vae",
                        help="train the autoencoder stage (default: 8x, 8 latent channels) into WORK/encoders/vae_f8")
     v.add_argument("--work", default="data/shapes")
@@ -134,12 +152,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     v.add_argument("--seed", type=int, default=VAETrainConfig.seed)
     v.add_argument("--config", default=str(VAE_CONFIG),
                    help="autoencoder model config (YAML; default: configs/model/shapes_vae_f8.yaml)")
+    v.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     t = sub.add_parser("train-text-encoder",
                        help="pretrain the tiny Gemma-2 as a causal LM on captions into WORK/encoders/text_encoder_lm")
     t.add_argument("--work", default="data/shapes")
     t.add_argument("--out", default=None, help="output directory (default: WORK/encoders/text_encoder_lm)")
     t.add_argument("--steps", type=int, default=TextTrainConfig.steps)
     t.add_argument("--seed", type=int, default=TextTrainConfig.seed)
+    t.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     b = sub.add_parser("assemble", help="run checkpoint + encoders -> pipeline directory")
     b.add_argument("--run", default="runs/shapes")
     b.add_argument("--work", default="data/shapes")
@@ -161,21 +181,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.cmd == "train-vae":
         out = Path(args.out) if args.out else Path(args.work) / "encoders" / "vae_f8"
+        try:
+            check_output(out, args.overwrite)
+        except FileExistsError as e:
+            v.error(str(e))
         m = train_vae(out, VAETrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed),
-                      config_path=args.config)
+                      config_path=args.config, overwrite=args.overwrite)  # fmt: skip
         print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
         print(f"wrote {out}")
     elif args.cmd == "train-text-encoder":
         out = Path(args.out) if args.out else Path(args.work) / "encoders" / "text_encoder_lm"
+        try:
+            check_output(out, args.overwrite)
+        except FileExistsError as e:
+            t.error(str(e))
         m = train_text_encoder(out, Path(args.work) / "encoders" / "tokenizer",
-                               TextTrainConfig(steps=args.steps, seed=args.seed))  # fmt: skip
+                               TextTrainConfig(steps=args.steps, seed=args.seed), overwrite=args.overwrite)  # fmt: skip
         print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
         print(f"wrote {out}")
     elif args.cmd == "prepare":
-        print(json.dumps(prepare(args.work, num_train=args.num_train, num_test=args.num_test), indent=2))
+        try:
+            info = prepare(args.work, num_train=args.num_train, num_test=args.num_test, overwrite=args.overwrite)
+        except ValueError as e:
+            a.error(str(e))
+        print(json.dumps(info, indent=2))
     else:
-        out = assemble(args.run, args.work, args.out, shift=args.shift, guidance_scale=args.guidance,
-                       which=args.which, transformer_dtype=args.transformer_dtype, vae=args.vae,
-                       text_encoder=args.text_encoder)  # fmt: skip
+        try:
+            out = assemble(args.run, args.work, args.out, shift=args.shift, guidance_scale=args.guidance,
+                           which=args.which, transformer_dtype=args.transformer_dtype, vae=args.vae,
+                           text_encoder=args.text_encoder)  # fmt: skip
+        except ASSEMBLE_ERRORS as e:
+            print(f"shapes assemble: error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {out}")
     return 0

@@ -61,8 +61,12 @@ def lm_logits(params: Any, ids: Any, mask: Any, config: Any) -> Any:
 
 
 def train_text_encoder(out_dir: str | Path, tokenizer_dir: str | Path, cfg: TextTrainConfig = TextTrainConfig(), *,
-                       config_path: str | Path = TEXT_CONFIG, progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Train, save to ``out_dir`` (transformers layout); returns metrics (next-token loss/accuracy)."""
+                       config_path: str | Path = TEXT_CONFIG, progress: bool = True,
+                       overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Train, save to ``out_dir`` (transformers layout); returns metrics (next-token loss/accuracy).
+    An existing ``out_dir`` is a ``FileExistsError`` before training, unless ``overwrite`` (then replaced)."""
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
     import jax
     import jax.numpy as jnp
     import optax
@@ -111,6 +115,6 @@ def train_text_encoder(out_dir: str | Path, tokenizer_dir: str | Path, cfg: Text
                "train_accuracy": hist[-1]["accuracy"], "held_out_loss": float(ho_loss),
                "held_out_accuracy": float(ho_acc), "history": hist, "config": dataclasses.asdict(cfg)}  # fmt: skip
     out_dir = Path(out_dir)
-    save_text_encoder(out_dir, gcfg, jax.tree.map(np.asarray, params))
+    save_text_encoder(out_dir, gcfg, jax.tree.map(np.asarray, params), overwrite=overwrite)
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics

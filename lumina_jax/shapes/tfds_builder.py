@@ -86,11 +86,36 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
                         "scene": json.dumps(scene.to_dict()), "held_out": "1" if spec.is_held_out(scene) else "0"}  # fmt: skip
 
 
+def prepared_split_sizes(builder_dir: str | os.PathLike) -> Optional[dict[str, int]]:
+    """``{split: num_examples}`` of a prepared builder directory (from its ``dataset_info.json``), or
+    ``None`` when nothing is prepared there."""
+    info_path = epath.Path(builder_dir) / "dataset_info.json"
+    if not info_path.exists():
+        return None
+    splits = json.loads(info_path.read_text()).get("splits", [])
+    return {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in splits}
+
+
 def prepare(data_dir: str | os.PathLike, *, num_train: int = 16000, num_test: int = 200, seed: int = 0,
-            size: int = 64) -> str:  # fmt: skip
-    """Prepare the dataset as ``array_record`` under ``data_dir``; returns the builder directory."""
-    b = ShapesWorld(num_train=num_train, num_test=num_test, seed=seed, size=size, data_dir=str(data_dir),
-                    file_format="array_record")  # fmt: skip
+            size: int = 64, overwrite: bool = False) -> str:  # fmt: skip
+    """Prepare the dataset as ``array_record`` under ``data_dir``; returns the builder directory.
+
+    An existing preparation is reused when its split sizes are the requested ones; with other sizes a
+    ``ValueError`` says so, unless ``overwrite`` (then it is deleted and prepared again)."""
+    def builder() -> ShapesWorld:
+        return ShapesWorld(num_train=num_train, num_test=num_test, seed=seed, size=size, data_dir=str(data_dir),
+                           file_format="array_record")  # fmt: skip
+
+    b = builder()
+    have = prepared_split_sizes(b.data_dir)
+    want = {"train": num_train, "test_seen": num_test, "test_held_out": num_test}
+    if have is not None and have != want:
+        if not overwrite:
+            raise ValueError(f"{b.data_dir} already holds a dataset with split sizes {have}, not the requested "
+                             f"{want} (--num-train {num_train}, --num-test {num_test}): pass another --work, "
+                             "remove that folder, or pass --overwrite to prepare it again")
+        epath.Path(b.data_dir).rmtree()
+        b = builder()
     tfds.disable_progress_bar()
     b.download_and_prepare()
     return str(b.data_dir)

@@ -47,8 +47,11 @@ def render_batch(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 
 def train_vae(out_dir: str | Path, cfg: VAETrainConfig = VAETrainConfig(), *, config_path: str | Path = VAE_CONFIG,
-              progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Train, calibrate the latent scaling, save to ``out_dir`` (diffusers layout); returns metrics."""
+              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Train, calibrate the latent scaling, save to ``out_dir`` (diffusers layout); returns metrics.
+    An existing ``out_dir`` is a ``FileExistsError`` before training, unless ``overwrite`` (then replaced)."""
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
     import jax
     import jax.numpy as jnp
     import optax
@@ -105,6 +108,6 @@ def train_vae(out_dir: str | Path, cfg: VAETrainConfig = VAETrainConfig(), *, co
         "latent_mean": shift, "latent_std": float(z.std()), "history": hist, "config": dataclasses.asdict(cfg),
     }  # fmt: skip
     out_dir = Path(out_dir)
-    save_vae(out_dir, vcfg, jax.tree.map(np.asarray, params))
+    save_vae(out_dir, vcfg, jax.tree.map(np.asarray, params), overwrite=overwrite)
     (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics

@@ -1,0 +1,51 @@
+"""``launch/local.py``: argument validation and process 0's output streamed to the console."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("launch_local", REPO / "launch" / "local.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("flag", ["-n", "-d"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_counts_must_be_positive(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        _load().main([flag, value, "--dry-run", "--", "cfg.yaml"])
+    assert e.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_process_0_output_is_streamed(tmp_path):
+    # process 0 prints, then hangs past --timeout: its output must already be on the console
+    (tmp_path / "hang_after_print.py").write_text("import time\nprint('hello from process', flush=True)\n"
+                                                  "time.sleep(60)\n")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    cmd = [sys.executable, str(REPO / "launch/local.py"), "-n", "1", "-d", "1", "--timeout", "3",
+           "--module", "hang_after_print", "--command", "", "--log-dir", str(tmp_path / "logs")]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 124
+    assert "hello from process" in p.stdout
+
+
+def test_success_prints_process_0_output_once(tmp_path):
+    (tmp_path / "say_hi.py").write_text("print('hi there')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    cmd = [sys.executable, str(REPO / "launch/local.py"), "-n", "2", "-d", "1", "--module", "say_hi",
+           "--command", "", "--log-dir", str(tmp_path / "logs")]  # fmt: skip
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("hi there") == 1

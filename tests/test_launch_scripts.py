@@ -1,0 +1,38 @@
+"""Shell launchers (dry runs): xpk's default workload name, slurm's quoted checkout path."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+XPK_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=dict(os.environ, **env), capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("user", ["John.Doe", "ADMIN_user@Corp.example.com-with-a-very-long-name", "__", "a-"])
+def test_xpk_default_workload_is_a_valid_name(user):
+    env = {"DRY_RUN": "1", "CLUSTER": "c", "IMAGE": "img", "TPU_TYPE": "v6e-8", "WORKLOAD": "", "USER": user}
+    p = _run(["bash", "launch/xpk.sh", "cfg"], env)
+    assert p.returncode == 0, p.stderr
+    words = shlex.split(p.stdout)
+    name = words[words.index("--workload") + 1]
+    assert XPK_NAME.fullmatch(name) and len(name) <= 40, name
+    assert name.startswith("lumina-") and re.search(r"-\d{4}-\d{4}$", name)
+
+
+def test_slurm_cd_quotes_the_checkout(tmp_path):
+    repo = tmp_path / "my checkout"
+    p = _run(["bash", "launch/slurm.sbatch", "cfg"], {"DRY_RUN": "1", "REPO_DIR": str(repo), "VENV": ""})
+    assert p.returncode == 0, p.stderr
+    words = shlex.split(p.stdout.splitlines()[-1])
+    inner = words[words.index("-c") + 1]
+    assert shlex.split(inner)[:2] == ["cd", str(repo)]
