@@ -20,17 +20,10 @@ from lumina_jax.models.captioner import cli  # noqa: E402
 from lumina_jax.models.captioner import testing as T  # noqa: E402
 from lumina_jax.models.captioner.cli import done_set, main, open_for_append  # noqa: E402
 
+# the settings and tiny model of test_captioner_cli.py: one vision bucket, one prompt length, one program
+from test_captioner_cli import COMMON, model_dir  # noqa: E402,F401  (model_dir: a pytest fixture)
+
 REPO = Path(__file__).resolve().parent.parent
-# the same settings as test_captioner_cli.py: one vision bucket and one prompt length, one compiled program
-COMMON = ["--batch-size", "2", "--max-new-tokens", "6", "--dtype", "fp32", "--no-progress", "--workers", "2",
-          "--slot-buckets", "512", "--prompt-multiple", "512"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    T.save_tiny_model(d, "qwen2_5_vl", max_pixels=64 * 64)
-    return d
 
 
 def _images(root: Path, n: int, seed: int = 0) -> list[Path]:
