@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import yaml
 
@@ -42,3 +43,19 @@ class YamlConfig:
         d = yaml.safe_load(p.read_text()) or {}
         d.pop("command", None)  # configs may carry the command that uses them
         return cls.from_dict(d)
+
+
+def int_at_least(lowest: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= lowest``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lowest}"
+    return parse

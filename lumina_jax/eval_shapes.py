@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lumina_jax.config_utils import int_at_least
+
 ATTRIBUTES = ("colour", "shape", "position")
 ACCURACIES = (*ATTRIBUTES, "background", "count", "all")
 
@@ -87,17 +89,6 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def min_accuracies(text: str) -> tuple[float, float, float]:
     """argparse type of ``--min-heldout``: ``C,S,P`` (colour, shape, position) or one value for all three."""
     try:
@@ -127,7 +118,7 @@ def check_min_heldout(results: dict[str, dict], mins: Sequence[float]) -> Option
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lumina_jax eval-shapes", description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=positive_int, default=200, help="images per setting (half held-out, half seen)")
+    p.add_argument("--n", type=int_at_least(1), default=200, help="images per setting (half held-out, half seen)")
     p.add_argument("--checkpoint", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--cfg", choices=("on", "off", "both"), default="both",
                    help="CFG on (the model's guidance scale, or --guidance), off (1.0) or both")
@@ -137,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--solver", default=None)
     p.add_argument("--shift", type=float, default=None, help="sampler time shift (default: the model's scheduler)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=positive_int, default=25, help="prompts per pipeline call (>= 1)")
+    p.add_argument("--batch", type=int_at_least(1), default=25, help="prompts per pipeline call (>= 1)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--save-dir", default=None, help="write the images here")
     p.add_argument("--min-heldout", type=min_accuracies, default=None,

@@ -39,6 +39,7 @@ from typing import IO, Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from lumina_jax.config_utils import int_at_least
 from lumina_jax.models.captioner.prompts import GRANULARITIES, LANGUAGES, PERSPECTIVES, instruction
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -47,22 +48,6 @@ DEFAULT_MAX_NEW_TOKENS = {"detailed": 512, "medium": 256, "short": 96, "tag": 12
 # how long the processes of a distributed run wait for the slowest one at the end (JAX's own shutdown
 # barrier gives up after 5 minutes and aborts every process)
 DONE_BARRIER_TIMEOUT_S = 7 * 24 * 3600
-
-
-def _int_at_least(lowest: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer ``>= lowest``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {lowest}"
-    return parse
 
 
 def _float_in(lowest: float, highest: float, *, open_low: bool = False) -> Callable[[str], float]:
@@ -105,32 +90,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", choices=LANGUAGES, default="en")
     p.add_argument("--instruction", default=None, help="custom instruction text (overrides the templates)")
     p.add_argument("--system", default="You are a helpful assistant.", help="system prompt ('' for none)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None,
                    help="default depends on --granularity: " + ", ".join(f"{k} {v}"
                                                                           for k, v in DEFAULT_MAX_NEW_TOKENS.items()))
     p.add_argument("--temperature", type=_float_in(0.0, float("inf")), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0)
-    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="compute dtype (and KV cache)")
     p.add_argument("--param-dtype", choices=("fp32", "bf16"), default=None, help="default: same as --dtype")
-    p.add_argument("--min-pixels", type=_int_at_least(1), default=None, help="override preprocessor_config.json")
-    p.add_argument("--max-pixels", type=_int_at_least(1), default=None,
+    p.add_argument("--min-pixels", type=int_at_least(1), default=None, help="override preprocessor_config.json")
+    p.add_argument("--max-pixels", type=int_at_least(1), default=None,
                    help="override preprocessor_config.json (default: its value, capped at 28*28*1280)")
     p.add_argument("--slot-buckets", type=_slot_buckets, default=None,
                    help="comma-separated vision slot buckets (patches); default: doubling from 256 up to max-pixels")
-    p.add_argument("--prompt-multiple", type=_int_at_least(1), default=64,
+    p.add_argument("--prompt-multiple", type=int_at_least(1), default=64,
                    help="prompt lengths round up to this multiple")
     p.add_argument("--attention-backend", default="auto", help="vision tower attention backend")
     p.add_argument("--decode-attention-backend", default="xla", help="LM decode-step attention backend")
     p.add_argument("--workers", type=int, default=4, help="threads decoding/resizing images")
-    p.add_argument("--limit", type=_int_at_least(0), default=None,
+    p.add_argument("--limit", type=int_at_least(0), default=None,
                    help="process at most this many not-yet-captioned images")
-    p.add_argument("--process-index", type=_int_at_least(0), default=None,
+    p.add_argument("--process-index", type=int_at_least(0), default=None,
                    help="with --process-count: this process's share; default: jax.process_index() of the "
                         "distributed runtime started from the environment")
-    p.add_argument("--process-count", type=_int_at_least(1), default=None,
+    p.add_argument("--process-count", type=int_at_least(1), default=None,
                    help="with --process-index; default: jax.process_count()")
     p.add_argument("--no-progress", action="store_true")
     return p
