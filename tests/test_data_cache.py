@@ -1,6 +1,7 @@
 """Record format, latent-cache writer/reader, and training batches from a cache."""
 
 import json
+import pickle
 
 import ml_dtypes
 import numpy as np
@@ -246,3 +247,130 @@ def test_incomplete_cache_is_refused_unless_allowed(tmp_path):
         cache.LatentCacheSource(out)
     with pytest.raises(FileNotFoundError, match="no such directory"):
         cache.LatentCacheSource(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Size index (record_sizes.npy, per-shard *.sizes.npy sidecars)
+
+
+def expected_sizes(recs):
+    return np.array([[r["latent"].shape[0] * 8, r["latent"].shape[1] * 8, r["cap_feats"].shape[0]] for r in recs],
+                    np.int32)  # fmt: skip
+
+
+def test_size_index_holds_each_records_crop_size_and_caption_length(cache_dir):
+    want = expected_sizes(random_records(23))
+    assert len({tuple(r[:2]) for r in want}) == 3 and len(set(want[:, 2])) > 3  # mixed sizes and lengths
+    index = np.load(cache_dir / cache.RECORD_SIZES_FILE)
+    assert index.dtype == np.int32
+    np.testing.assert_array_equal(index, want)
+    for k, shard in enumerate(records.list_shards(cache_dir, cache.LATENT_SHARD_PREFIX)):
+        sidecar = cache_dir / shard.name.replace(".array_record", ".sizes.npy")
+        assert cache.shard_sizes_path(shard) == sidecar
+        np.testing.assert_array_equal(np.load(sidecar), want[5 * k: 5 * k + 5])
+    src = cache.LatentCacheSource(cache_dir)
+    sizes = src.record_sizes()
+    np.testing.assert_array_equal(sizes, want)
+    assert sizes.dtype == np.int32 and not sizes.flags.writeable and src.record_sizes() is sizes  # loaded once
+    for i in (0, 7, 22):  # what the records themselves hold
+        rec = src.get(i)
+        assert [*rec["crop_size"], rec["cap_feats"].shape[0]] == sizes[i].tolist()
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone._record_sizes is None  # not shipped to worker processes
+    np.testing.assert_array_equal(clone.record_sizes(), want)
+
+
+def test_size_index_resume_rebuilds_missing_sidecars(tmp_path):
+    recs = random_records(11, seed=3)
+    paths = cache.write_latent_cache(recs, tmp_path, shard_size=4)
+    want = expected_sizes(recs)
+    sidecars = [cache.shard_sizes_path(p) for p in paths]
+    # A crash between a shard's rename and its sidecar's write (before cache_info.json), and a damaged
+    # sidecar of another shard (one row short).
+    sidecars[1].unlink()
+    np.save(sidecars[2], want[8:10])
+    (tmp_path / cache.CACHE_INFO_FILE).unlink()
+    (tmp_path / cache.RECORD_SIZES_FILE).unlink()
+    lazy = Lazy(recs)
+    cache.write_latent_cache(lazy, tmp_path, shard_size=4)
+    assert lazy.seen == []  # built from the shards' records, nothing encoded again
+    np.testing.assert_array_equal(np.load(sidecars[1]), want[4:8])
+    np.testing.assert_array_equal(np.load(sidecars[2]), want[8:])
+    np.testing.assert_array_equal(cache.LatentCacheSource(tmp_path).record_sizes(), want)
+    # A shard that is written again gets a fresh sidecar.
+    paths[0].unlink()
+    np.save(sidecars[0], np.zeros((4, 3), np.int32))
+    cache.write_latent_cache(recs, tmp_path, shard_size=4)
+    np.testing.assert_array_equal(np.load(tmp_path / cache.RECORD_SIZES_FILE), want)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_record_sizes_without_index_is_none_and_index_latent_cache_restores_it(tmp_path):
+    recs = random_records(13, seed=5)
+    cache.write_latent_cache(recs, tmp_path, shard_size=4)
+    want = np.load(tmp_path / cache.RECORD_SIZES_FILE)
+    np.testing.assert_array_equal(want, expected_sizes(recs))
+    # Without record_sizes.npy: assembled from the sidecars; without those too: None.
+    (tmp_path / cache.RECORD_SIZES_FILE).unlink()
+    np.testing.assert_array_equal(cache.LatentCacheSource(tmp_path).record_sizes(), want)
+    sidecars = sorted(tmp_path.glob("latents-*.sizes.npy"))
+    assert len(sidecars) == 4
+    sidecars[3].unlink()
+    assert cache.LatentCacheSource(tmp_path).record_sizes() is None
+    for p in sidecars[:3]:
+        p.unlink()
+    assert cache.LatentCacheSource(tmp_path).record_sizes() is None
+    path = cache.index_latent_cache(tmp_path, threads=2, progress=False)
+    assert path == tmp_path / cache.RECORD_SIZES_FILE
+    restored = np.load(path)
+    assert restored.dtype == want.dtype and restored.shape == want.shape
+    np.testing.assert_array_equal(restored, want)
+    np.testing.assert_array_equal(cache.LatentCacheSource(tmp_path).record_sizes(), want)
+    # Idempotent: sidecars that match their shards are kept as they are.
+    stamps = [p.stat().st_mtime_ns for p in sidecars]
+    cache.index_latent_cache(tmp_path, progress=False)
+    assert [p.stat().st_mtime_ns for p in sidecars] == stamps
+    np.testing.assert_array_equal(np.load(path), want)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_mismatched_size_index_raises_naming_the_file(tmp_path):
+    cache.write_latent_cache(random_records(9), tmp_path, shard_size=4)
+    index = tmp_path / cache.RECORD_SIZES_FILE
+    want = np.load(index)
+    np.save(index, want[:-1])
+    with pytest.raises(ValueError, match=rf"{index}: record size index of 8 records, but the cache has 9 "
+                                         rf"records; rebuild it with `python -m lumina_jax preprocess --index "
+                                         rf"--out {tmp_path}`"):  # fmt: skip
+        cache.LatentCacheSource(tmp_path).record_sizes()
+    np.save(index, want[:, :2])
+    with pytest.raises(ValueError, match=rf"{index}: not a record size index .*\(9, 2\)"):
+        cache.LatentCacheSource(tmp_path).record_sizes()
+    cache.index_latent_cache(tmp_path, progress=False)  # the fix the message names
+    np.testing.assert_array_equal(cache.LatentCacheSource(tmp_path).record_sizes(), want)
+    # Assembled from sidecars that do not match the shards.
+    index.unlink()
+    np.save(tmp_path / "latents-00001.sizes.npy", want[:2])
+    with pytest.raises(ValueError, match=r"size sidecars .* of the 3 shard\(s\) .*: record size index of 7 records"):
+        cache.LatentCacheSource(tmp_path).record_sizes()
+
+
+def test_index_of_corrupt_records_is_zero_and_incomplete_caches_are_refused(tmp_path, caplog):
+    recs = random_records(6)
+    good = [records.encode_record(cache.make_latent_record(**r)) for r in recs]
+    bad = [b"garbage", records.encode_record({"schema": "something/else"})]
+    name = records.shard_name(cache.LATENT_SHARD_PREFIX, 0)
+    records.write_shard(tmp_path / name, good[:3] + bad + good[3:])
+    records.write_json_atomic(tmp_path / "cache_info.json", {"num_records": 8, "shards": [name]})
+    assert cache.LatentCacheSource(tmp_path).record_sizes() is None
+    with caplog.at_level("WARNING", logger="lumina_jax.data.cache"):
+        cache.index_latent_cache(tmp_path, progress=False)
+    assert "2 of 8 record(s) could not be decoded" in caplog.text
+    want = expected_sizes(recs)
+    np.testing.assert_array_equal(cache.LatentCacheSource(tmp_path).record_sizes(),
+                                  np.concatenate([want[:3], np.zeros((2, 3), np.int32), want[3:]]))  # fmt: skip
+    (tmp_path / "cache_info.json").unlink()
+    with pytest.raises(cache.IncompleteCacheError, match="is incomplete"):
+        cache.index_latent_cache(tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        cache.index_latent_cache(tmp_path / "nope")

@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +35,7 @@ from test_text import sp_dir  # noqa: E402,F401 -- reused fixture: tiny sentence
 from lumina_jax.convert.gemma2 import save_text_encoder  # noqa: E402
 from lumina_jax.convert.vae import save_vae  # noqa: E402
 from lumina_jax.data import preprocess as pp  # noqa: E402
-from lumina_jax.data.cache import LatentCacheSource  # noqa: E402
+from lumina_jax.data.cache import LatentCacheSource, write_latent_cache  # noqa: E402
 from lumina_jax.data.cli import main  # noqa: E402
 from lumina_jax.data.pipeline import DataPipeline, PipelineConfig  # noqa: E402
 from lumina_jax.data.sources import (  # noqa: E402
@@ -167,6 +170,11 @@ def read_all(cache_dir: Path) -> list[dict]:
     return [src.get(i) for i in range(len(src))]
 
 
+def true_sizes(cache_dir: Path) -> np.ndarray:
+    """``[H, W, L]`` of every record, read from the records themselves."""
+    return np.array([[*r["crop_size"], r["cap_feats"].shape[0]] for r in read_all(cache_dir)], np.int32)
+
+
 def assert_same_records(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for ra, rb in zip(a, b):
@@ -187,7 +195,8 @@ def test_cli_cache_equals_on_the_fly_values_in_bf16(cli_cache, on_the_fly):
     ref, empty = on_the_fly
     src = LatentCacheSource(out)
     assert len(src) == len(ref) == 9
-    assert [p.name for p in sorted(out.glob("latents-*"))] == [f"latents-0000{i}.array_record" for i in range(5)]
+    assert [p.name for p in sorted(out.glob("latents-*.array_record"))] == [
+        f"latents-0000{i}.array_record" for i in range(5)]  # fmt: skip
     seen = set()
     for i in range(len(src)):
         rec = src.get(i)
@@ -201,6 +210,9 @@ def test_cli_cache_equals_on_the_fly_values_in_bf16(cli_cache, on_the_fly):
         assert rec["prompt"].startswith("You are an assistant designed to generate high-quality images")
         assert rec["id"].startswith("data:")
     assert seen == set(ref)
+    sizes = src.record_sizes()  # the size index
+    np.testing.assert_array_equal(sizes, true_sizes(out))
+    assert {tuple(s[:2]) for s in sizes} == {(64, 64), (48, 64)} and len(set(sizes[:, 2])) > 1
     np.testing.assert_array_equal(src.empty_prompt[0], empty)
     assert src.empty_prompt[1].tolist() == [True]
 
@@ -261,7 +273,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(encoders, data, cli
         pp.preprocess(source, encoders, config(out))
     monkeypatch.undo()
     assert not list(out.glob(".*tmp"))  # no partial shard left behind
-    done = len(list(out.glob("latents-*")))
+    done = len(list(out.glob("latents-*.array_record")))
     assert 2 <= done < 5
     # 3. resume: encodes only what is missing, ends with what an uninterrupted run writes
     calls["n"] = 0
@@ -277,6 +289,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(encoders, data, cli
     assert calls["n"] < 3  # an uninterrupted run encodes 3 batches
     assert r3.skipped == {"data": EXPECTED_SKIPS} and r3.records_read == 13  # counters restored, not recounted
     assert_same_records(read_all(out), read_all(cli_cache[0]))
+    np.testing.assert_array_equal(LatentCacheSource(out).record_sizes(), LatentCacheSource(cli_cache[0]).record_sizes())
     # 4. a complete cache is left alone
     calls["n"] = 0
     r4 = pp.preprocess(source, encoders, config(out))
@@ -351,6 +364,9 @@ def test_two_hosts_write_disjoint_shards_covering_every_sample(encoders, data, c
             total[reason] = total.get(reason, 0) + n
     assert total == EXPECTED_SKIPS
     assert sum(r.slice_records for r in results) == 13
+    for p in parts:  # each process directory is a cache with its own size index
+        np.testing.assert_array_equal(LatentCacheSource(p).record_sizes(), true_sizes(p))
+    (parts[1] / "latents-00000.sizes.npy").unlink()  # a part without a sidecar: built after the move
 
     merged = pp.merge_parts(out)
     assert (merged.num_records, merged.parts, merged.skipped) == (9, 2, {"data": EXPECTED_SKIPS})
@@ -359,6 +375,10 @@ def test_two_hosts_write_disjoint_shards_covering_every_sample(encoders, data, c
     assert sorted(src.get(i)["key"] for i in range(len(src))) == sorted(whole)
     assert src.empty_prompt is not None
     assert json.loads((out / "cache_info.json").read_text())["num_records"] == 9
+    np.testing.assert_array_equal(np.load(out / "record_sizes.npy"), true_sizes(out))
+    shards = sorted(p.name for p in out.glob("latents-*.array_record"))
+    assert sorted(p.name for p in out.glob("latents-*.sizes.npy")) == [n.replace(".array_record", ".sizes.npy")
+                                                                       for n in shards]  # fmt: skip
 
 
 def test_cli_errors_name_the_problem(data, tmp_path, capsys):
@@ -402,3 +422,69 @@ def test_open_source_dispatch(data, tmp_path):
         pp.open_source(tmp_path / "empty")
     with pytest.raises(pp.PreprocessError, match="no such file"):
         pp.open_source(tmp_path / "nope.jsonl")
+
+
+def fake_parts(out: Path, counts: Sequence[int]) -> np.ndarray:
+    """Finished per-process directories without running the encoders; returns the merged cache's sizes."""
+    from test_data_cache import expected_sizes, random_records
+
+    want = []
+    for i, n in enumerate(counts):
+        recs = random_records(n, seed=i)
+        d = out / pp.part_dir_name(i, len(counts))
+        write_latent_cache(recs, d, shard_size=SHARD)
+        (d / pp.STATE_FILE).write_text(json.dumps({"complete": {"skipped": {"data": {"missing": i}}}}))
+        want.append(expected_sizes(recs))
+    return np.concatenate(want)
+
+
+def test_interrupted_merge_moves_every_sidecar_and_cli_merge_index(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cache"
+    want = fake_parts(out, [5, 4])
+    real = os.replace
+    moved = []
+
+    def crash_between_shard_and_sidecar(src, dst):
+        if str(src).endswith(".sizes.npy") and "process-" in str(src):
+            moved.append(src)
+            if len(moved) == 3:
+                raise OSError("simulated crash")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_between_shard_and_sidecar)
+    with pytest.raises(OSError, match="simulated crash"):
+        pp.merge_parts(out)
+    monkeypatch.undo()
+    assert (out / pp.MERGE_PLAN_FILE).exists() and (out / "latents-00002.array_record").exists()
+    assert not (out / "latents-00002.sizes.npy").exists()
+    rc = main(["--merge", "--index", "--out", str(out), "--no-progress"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].startswith(f"merged 2 process directories into {out}: 9 records in 5 shards")
+    assert lines[1].startswith(f"size index {out / 'record_sizes.npy'}: 9 records, 3 distinct crop sizes")
+    np.testing.assert_array_equal(np.load(out / "record_sizes.npy"), want)
+    np.testing.assert_array_equal(LatentCacheSource(out).record_sizes(), true_sizes(out))
+    assert len(list(out.glob("latents-*.sizes.npy"))) == 5 and not list(out.glob("process-*"))
+
+
+def test_cli_index_builds_the_size_index_of_an_older_cache(cli_cache, tmp_path, capsys):
+    out = tmp_path / "cache"
+    shutil.copytree(cli_cache[0], out)
+    want = np.load(out / "record_sizes.npy")
+    for p in [out / "record_sizes.npy", *out.glob("latents-*.sizes.npy")]:  # as written before the index
+        p.unlink()
+    assert LatentCacheSource(out).record_sizes() is None
+    rc = main(["--index", "--out", str(out), "--no-progress"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    lo, hi = want[:, 2].min(), want[:, 2].max()
+    assert stdout.strip() == (f"size index {out / 'record_sizes.npy'}: 9 records, 2 distinct crop sizes, "
+                              f"caption lengths {lo}-{hi}")  # fmt: skip
+    np.testing.assert_array_equal(LatentCacheSource(out).record_sizes(), want)
+    assert len(list(out.glob("latents-*.sizes.npy"))) == 5
+    rc = main(["--index", "--out", str(tmp_path / "empty_dir_nope"), "--no-progress"])
+    assert rc == 2 and "no such directory" in capsys.readouterr().err
+    (out / "cache_info.json").unlink()
+    rc = main(["--index", "--out", str(out), "--no-progress"])
+    assert rc == 2 and f"latent cache {out} is incomplete" in capsys.readouterr().err

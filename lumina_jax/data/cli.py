@@ -10,6 +10,11 @@ Merge the per-process directories of a multi-host run into one cache (after all 
 
     python -m lumina_jax preprocess --merge --out cache_256
 
+Build the size index (``record_sizes.npy``: crop size and caption length of every record) of a cache
+written before it existed; preprocessing and ``--merge`` write it themselves::
+
+    python -m lumina_jax preprocess --index --out cache_256
+
 ``--data`` (repeatable; concatenated): an original-format ``.jsonl`` or ``.json``, a ``META`` ``.yaml``, a directory of
 ``images-NNNNN.array_record`` shards, a prepared TFDS directory or ``tfds:NAME``. Rerunning an interrupted
 command resumes it (complete shards are skipped). Train on the result with ``data.kind: latent_cache``,
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -77,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after writing K new shards (exit status 3; rerun to continue)")
     p.add_argument("--merge", action="store_true",
                    help="merge the process-*-of-* directories in --out into one cache, then exit")
+    p.add_argument("--index", action="store_true",
+                   help="build the size index (record_sizes.npy) of the cache in --out, then exit (with "
+                        "--merge: after merging); reads the records of shards without a size sidecar, "
+                        "--read-threads shards at a time")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with tracebacks")
     return p
@@ -95,6 +105,20 @@ def _process_slice(args: argparse.Namespace) -> tuple[Optional[int], Optional[in
     return args.process_index, args.process_count
 
 
+def _index_summary(path: Path) -> str:
+    """One line about a written ``record_sizes.npy``: records, distinct crop sizes, caption lengths."""
+    import numpy as np
+
+    sizes = np.load(path)
+    good = sizes[sizes[:, 0] > 0]
+    line = f"size index {path}: {len(sizes)} records, {len(np.unique(good[:, :2], axis=0))} distinct crop sizes"
+    if len(good):
+        line += f", caption lengths {int(good[:, 2].min())}-{int(good[:, 2].max())}"
+    if len(good) < len(sizes):
+        line += f", {len(sizes) - len(good)} unreadable records (size [0, 0, 0])"
+    return line
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -104,13 +128,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.merge:
-            m = pp.merge_parts(args.out)
+            m = pp.merge_parts(args.out, progress=not args.no_progress)
             skipped = sum(n for r in m.skipped.values() for n in r.values())
             print(f"merged {m.parts} process directories into {m.out_dir}: {m.num_records} records in "
                   f"{m.num_shards} shards ({skipped} records were skipped while encoding)")  # fmt: skip
+        if args.index:
+            from lumina_jax.data.cache import index_latent_cache
+
+            path = index_latent_cache(args.out, threads=args.read_threads, progress=not args.no_progress)
+            print(_index_summary(path))
+        if args.merge or args.index:
             return 0
         if not args.data:
-            raise pp.PreprocessError("--data is required (or --merge)")
+            raise pp.PreprocessError("--data is required (or --merge / --index)")
         models = pp.EncoderSpec(args.vae, args.text_encoder, args.tokenizer, dtype=args.dtype)  # checks paths
         index, count = _process_slice(args)
         config = pp.PreprocessConfig(

@@ -52,9 +52,11 @@ settings that decide which record lands where (source, resolution, batch, bucket
 shard size, models, dtype, host split) are checked against the state file; a mismatch is an error.
 ``max_shards`` stops a run after that many new shards (time-boxed or preemptible jobs).
 
-Output files per cache directory: ``latents-NNNNN.array_record``, ``cache_config.json``,
-``empty_prompt.ljr``, ``cache_info.json`` (written last: the cache is complete), plus
-``preprocess_state.json`` and ``preprocess_summary.json`` (samples written, skips by reason, ...).
+Output files per cache directory: ``latents-NNNNN.array_record``, their size sidecars
+``latents-NNNNN.sizes.npy``, ``cache_config.json``, ``empty_prompt.ljr``, ``record_sizes.npy`` (the size
+index: ``[H, W, L]`` per record, see :mod:`lumina_jax.data.cache`), ``cache_info.json`` (written last: the
+cache is complete), plus ``preprocess_state.json`` and ``preprocess_summary.json`` (samples written, skips
+by reason, ...). A merge carries the sidecars along with their shards and writes ``record_sizes.npy``.
 """
 
 from __future__ import annotations
@@ -82,9 +84,13 @@ from lumina_jax.data.cache import (
     LATENT_CACHE_SCHEMA,
     LATENT_CHANNELS,
     LATENT_SHARD_PREFIX,
+    RECORD_SIZES_FILE,
+    SIZES_SUFFIX,
     VAE_DOWNSAMPLE,
     make_latent_record,
+    shard_sizes_path,
     write_latent_cache,
+    write_size_index,
 )
 from lumina_jax.data.pipeline import DataPipeline, PipelineConfig
 from lumina_jax.data.stats import DataStats
@@ -96,7 +102,8 @@ SUMMARY_FILE = "preprocess_summary.json"
 MERGE_PLAN_FILE = "merge_plan.json"
 STATE_VERSION = 1
 _PART_RE = re.compile(r"^process-(\d{5,})-of-(\d{5,})$")
-_CACHE_FILES = ("cache_config.json", "cache_info.json", "empty_prompt.ljr", STATE_FILE, SUMMARY_FILE)
+_CACHE_FILES = ("cache_config.json", "cache_info.json", "empty_prompt.ljr", RECORD_SIZES_FILE, STATE_FILE,
+                SUMMARY_FILE)  # fmt: skip
 _DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "float32": jnp.float32}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -906,11 +913,14 @@ def find_parts(out_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(parts.items()))
 
 
-def merge_parts(out_dir: str | os.PathLike) -> MergeResult:
+def merge_parts(out_dir: str | os.PathLike, *, progress: bool = False) -> MergeResult:
     """Moves the shards of every ``process-i-of-n`` directory into ``out_dir`` as one cache.
 
-    Shards are renumbered in process order (no data is copied: files are renamed). Resumable: the plan
-    is written first and an interrupted merge continues where it stopped when run again.
+    Shards are renumbered in process order (no data is copied: files are renamed); each shard's size
+    sidecar moves with it (renamed to the new shard's), one a part lacks is built by reading the shard,
+    and ``record_sizes.npy`` is written before ``cache_info.json``. Resumable: the plan is written first
+    and an interrupted merge continues where it stopped when run again. ``progress``: a bar over the
+    records read to build missing sidecars.
     """
     out = Path(out_dir)
     plan_path = out / MERGE_PLAN_FILE
@@ -920,6 +930,8 @@ def merge_parts(out_dir: str | os.PathLike) -> MergeResult:
         parts = find_parts(out)
         if rec_lib.list_shards(out, LATENT_SHARD_PREFIX):
             raise PreprocessError(f"{out} already holds latent shards; merge into an empty directory")
+        for stray in out.glob(f"{LATENT_SHARD_PREFIX}-*{SIZES_SUFFIX}"):  # sidecars of no shard
+            stray.unlink()
         configs = {(d / "cache_config.json").read_text() for d in parts.values()}
         if len(configs) != 1:
             raise PreprocessError(f"{out}: the processes' cache_config.json differ (different shard sizes?)")
@@ -943,12 +955,17 @@ def merge_parts(out_dir: str | os.PathLike) -> MergeResult:
             shutil.copyfile(first / name, tmp)
             os.replace(tmp, out / name)
     for src, dst in plan["moves"]:
+        # The shard moves first, then its sidecar: a rerun after a crash in between moves the sidecar.
+        src_sizes, dst_sizes = shard_sizes_path(out / src), shard_sizes_path(out / dst)
         if (out / src).exists():
+            dst_sizes.unlink(missing_ok=True)  # not this shard's: its own follows it
             os.replace(out / src, out / dst)
         elif not (out / dst).exists():
             raise PreprocessError(f"{out}: {src} vanished before it was moved to {dst}")
+        if src_sizes.exists():
+            os.replace(src_sizes, dst_sizes)
     names = [dst for _, dst in plan["moves"]]
-    num_records = _count_records(out, names) if names else 0
+    num_records = len(write_size_index(out, [out / n for n in names], progress=progress))
     rec_lib.write_json_atomic(out / "cache_info.json",
                               {"schema": LATENT_CACHE_SCHEMA, "num_records": num_records, "shards": names})
     rec_lib.write_json_atomic(out / SUMMARY_FILE, {"samples_written": num_records, "skipped": plan["skipped"],

@@ -28,7 +28,7 @@ import re
 import struct
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -171,6 +171,7 @@ def write_sharded(
     shard_size: int,
     prefix: str,
     encode: Callable[[Mapping[str, Any]], bytes] = encode_record,
+    on_shard: Optional[Callable[[Path, int], None]] = None,
 ) -> list[Path]:
     """Writes ``records`` as shards of ``shard_size`` records, skipping shards that already exist.
 
@@ -179,6 +180,9 @@ def write_sharded(
     are never touched, so a lazy sequence (e.g. one that runs an encoder in ``__getitem__``) does no
     work for them; a plain iterable is consumed and its finished records discarded.
     The same ``records`` and ``shard_size`` must be used when resuming.
+    ``on_shard(path, num_records)`` is called after each newly written shard is renamed into place
+    (not for shards that already existed); ``encode`` has then been called once for each of its
+    records, in order, and for no record of a later shard.
     Returns the paths of all shards, in order.
     """
     if shard_size < 1:
@@ -196,7 +200,9 @@ def write_sharded(
             if path.name in done:
                 continue
             lo, hi = shard * shard_size, min(n, (shard + 1) * shard_size)
-            write_shard(path, (encode(records[i]) for i in range(lo, hi)))
+            count = write_shard(path, (encode(records[i]) for i in range(lo, hi)))
+            if on_shard is not None:
+                on_shard(path, count)
         return paths
 
     iterator: Iterator[Mapping[str, Any]] = iter(records)
@@ -207,7 +213,9 @@ def write_sharded(
         path = out_dir / shard_name(prefix, shard)
         paths.append(path)
         if path.name not in done:
-            write_shard(path, (encode(r) for r in chunk))
+            count = write_shard(path, (encode(r) for r in chunk))
+            if on_shard is not None:
+                on_shard(path, count)
         if len(chunk) < shard_size:
             break
     return paths
