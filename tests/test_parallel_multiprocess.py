@@ -1,7 +1,10 @@
 """A real 2-process run on localhost (gloo, 4 virtual CPU devices each) through ``launch/local.py``:
-train 2 steps, checkpoint, stop; start again and resume to step 4; compare with a single-process
+train 5 steps, checkpoint, stop; start again and resume to step 6; compare with a single-process
 8-device run of the same config (same mesh shape, same global batches). Gradient accumulation (2
 micro-batches) and the data iterator checkpoint (one JSON per process) are exercised on the way.
+Stage 0 reads synthetic latents; stage 1 reads a latent cache of several crop sizes with bucket batches,
+which only works on two hosts because both follow the global bucket plan (each reads its rows of the
+same global batch), and gives the same global batches as one process.
 
 No persistent compilation cache here: with gloo CPU collectives an executable loaded from the cache
 by one process and compiled by the other deadlocked in our runs.
@@ -20,8 +23,27 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["configs/train/tiny_synthetic.yaml", "mesh.preset=null", "mesh.data=2", "mesh.fsdp=4", "grad_accum=2",
-        "stages.0.steps=4", "stages.1.steps=1", "stages.0.batch=16", "stages.1.batch=16", "checkpoint.every=2", "log.every=1",
-        "objective.aux_loss_weight=0", "log.progress=false"]  # fmt: skip
+        "stages.0.steps=4", "stages.1.steps=2", "stages.0.batch=16", "stages.1.batch=16", "checkpoint.every=2", "log.every=1",
+        "objective.aux_loss_weight=0", "log.progress=false", "stages.1.data.kind=latent_cache"]  # fmt: skip
+FINAL_STEP = 6
+CROP_SIZES = [(128, 128), (96, 160), (160, 96)]  # pixels; latents (H/8, W/8, 16)
+
+
+def _write_cache(path: Path) -> str:
+    """A latent cache (with its size index) whose 48 records have 3 crop sizes and varied caption lengths."""
+    from lumina_jax.data.cache import write_latent_cache
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(48):
+        h, w = CROP_SIZES[i % 3]
+        n = int(rng.integers(3, 13))
+        recs.append({"latent": rng.standard_normal((h // 8, w // 8, 16)).astype(np.float32),
+                     "cap_feats": rng.standard_normal((n, 32)).astype(np.float32), "cap_mask": np.ones(n, bool),
+                     "prompt": f"p{i}", "key": f"k{i}"})  # fmt: skip
+    empty = (np.zeros((2, 32), np.float32), np.array([True, False]))
+    write_latent_cache(recs, path, shard_size=16, empty_prompt_features=empty)
+    return f"stages.1.data.paths=[{path}]"
 
 
 def _env():
@@ -31,18 +53,19 @@ def _env():
 
 
 def _local(run_dir, *extra, timeout=600):
+    *overrides, stop, at = extra
     cmd = [sys.executable, str(REPO / "launch/local.py"), "-n", "2", "-d", "4", "--timeout", str(timeout), "--",
-           *ARGS, f"run_dir={run_dir}", *extra]  # fmt: skip
+           *ARGS, f"run_dir={run_dir}", *overrides, stop, at]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout + 60)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return p.stdout
 
 
-def _restore(run_dir, step):
+def _restore(run_dir, step, data):
     from lumina_jax.train.config import load_config
     from lumina_jax.train.loop import Trainer
 
-    cfg = load_config(ARGS[0], [*ARGS[1:], f"run_dir={run_dir}", "mesh.data=1", "mesh.fsdp=1"])
+    cfg = load_config(ARGS[0], [*ARGS[1:], data, f"run_dir={run_dir}", "mesh.data=1", "mesh.fsdp=1"])
     tr = Trainer(cfg)  # a 1-device mesh: the 8-device checkpoints restore onto it
     state, meta = tr.restore(step)
     tr.ckpt.close()
@@ -52,20 +75,23 @@ def _restore(run_dir, step):
 @pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
     mp, sp = tmp_path / "mp", tmp_path / "sp"
-    _local(mp, "--stop-at", "2")
-    out = _local(mp, "--stop-at", "4")
-    assert "resuming" in out or (mp / "checkpoints" / "4").exists()
+    data = _write_cache(tmp_path / "cache")
+    _local(mp, data, "--stop-at", "5")  # stops inside stage 1: the resume restores the global plan's state
+    out = _local(mp, data, "--stop-at", str(FINAL_STEP))
+    assert "resuming" in out or (mp / "checkpoints" / str(FINAL_STEP)).exists()
     env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, f"run_dir={sp}", "--stop-at", "4"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, data, f"run_dir={sp}", "--stop-at",
+                        str(FINAL_STEP)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, p.stderr[-6000:]
-    # each process saved its own data-iterator state
-    names = sorted(x.name for x in (mp / "checkpoints" / "4" / "data_iter").iterdir() if x.suffix == ".json")
+    # each process saved its own data-iterator state; stage 1's is the global plan's
+    it_dir = mp / "checkpoints" / str(FINAL_STEP) / "data_iter"
+    names = sorted(x.name for x in it_dir.iterdir() if x.suffix == ".json")
     assert names == ["process_0-of-2.json", "process_1-of-2.json"], names
-    a, meta_a = _restore(mp, 4)
-    b, meta_b = _restore(sp, 4)
+    assert '"bucket_plan": "global"' in (it_dir / names[1]).read_text()
+    a, meta_a = _restore(mp, FINAL_STEP, data)
+    b, meta_b = _restore(sp, FINAL_STEP, data)
     assert "2 processes" in meta_a["mesh"] and "1 processes" in meta_b["mesh"]
-    assert int(a.step) == int(b.step) == 4
+    assert int(a.step) == int(b.step) == FINAL_STEP
     errs = []
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)

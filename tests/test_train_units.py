@@ -419,8 +419,9 @@ def test_aux_loss_crops_odd_pooled_sides_to_the_patch_size():
 
 
 def test_multi_host_data_must_have_one_shape_on_every_host():
-    """Hosts reading different rows must build equal shapes: bucket batches or free caption padding are
-    refused up front (they would trace different programs per host), mixed + text_len is accepted."""
+    """Hosts reading different rows must build equal shapes: per-host buckets, free caption padding of mixed
+    batches and on-the-fly encoding are refused up front (they would trace different programs per host);
+    bucket batches of latent caches (global plan) and mixed + text_len are accepted."""
     from lumina_jax.train.config import DataConfig, StageConfig
     from lumina_jax.train.data import check_same_shapes_on_every_host
 
@@ -429,16 +430,20 @@ def test_multi_host_data_must_have_one_shape_on_every_host():
         extra = dict(vae="v", text_encoder="t") if kw.get("kind") == "images" else {}
         return StageConfig(name="s", data=DataConfig(paths=paths, **extra, **kw))
 
-    for one_host in (stage(kind="latent_cache"), stage(kind="images")):
+    for one_host in (stage(kind="latent_cache"), stage(kind="images"), stage(kind="latent_cache", bucket_plan="host")):
         check_same_shapes_on_every_host(one_host, 1)
     check_same_shapes_on_every_host(stage(kind="synthetic"), 4)
     check_same_shapes_on_every_host(stage(kind="latent_cache", batching="mixed", text_len=256), 4)
-    with pytest.raises(ValueError, match=r"'bucket' batching picks each host's image size.*batching: mixed"):
-        check_same_shapes_on_every_host(stage(kind="latent_cache"), 2)
+    check_same_shapes_on_every_host(stage(kind="latent_cache"), 4)
+    check_same_shapes_on_every_host(stage(kind="latent_cache", bucket_plan="global"), 4)
+    with pytest.raises(ValueError, match=r"`bucket_plan: host` picks each host's image size.*bucket_plan: auto"):
+        check_same_shapes_on_every_host(stage(kind="latent_cache", bucket_plan="host"), 2)
     with pytest.raises(ValueError, match="without `text_len`"):
         check_same_shapes_on_every_host(stage(kind="latent_cache", batching="mixed"), 2)
     with pytest.raises(ValueError, match="encode offline"):
         check_same_shapes_on_every_host(stage(kind="images", batching="mixed", text_len=256), 2)
+    with pytest.raises(ValueError, match="bucket_plan must be"):
+        stage(kind="latent_cache", bucket_plan="everyone")
 
 
 def test_stage_data_skip_limit_reaches_the_pipeline_under_its_config_key(monkeypatch):

@@ -1,8 +1,10 @@
-"""``python -m lumina_jax.bench data [--kind raw cache] [--res 256 1024] [--workers 0 1 2] [--n 256]``
+"""``python -m lumina_jax.bench data [--kind raw cache] [--res 256 1024] [--workers 0 1 2] [--n 256] [--plan global host]``
 
 Images/s delivered by the input pipeline (decode + crop + normalise for raw JPEG/PNG; record reads for
 the latent cache) on this machine, on images it generates itself. Compare with what one accelerator
-consumes (see BENCHMARKS.md for the rates we compare against).
+consumes (see BENCHMARKS.md for the rates we compare against). ``--plan``: who buckets cache records
+(``global``: the plan every host agrees on, from the size index; ``host``: per-host buckets); raw
+images always use ``host``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--kind", nargs="+", default=["raw", "cache"], choices=["raw", "cache"])
     ap.add_argument("--res", nargs="+", type=int, default=[256, 1024])
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--plan", nargs="+", default=["global"], choices=["global", "host"])
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", default=None)
@@ -28,9 +31,13 @@ def main(argv: list[str]) -> int:
     for kind in a.kind:
         for res in a.res:
             for w in a.workers:
-                ips = bench_data(kind=kind, res=res, workers=w, n=a.n, batch_size=a.batch)
-                rows.append(dict(kind=kind, res=res, workers=w, images_per_s=ips))
-                print_table(rows[-1:]) if len(rows) == 1 else print(f"{kind:5s} {res:5d} {w:2d} {ips:10.1f}", flush=True)
+                for plan in a.plan if kind == "cache" else ["host"]:
+                    ips = bench_data(kind=kind, res=res, workers=w, n=a.n, batch_size=a.batch, bucket_plan=plan)
+                    rows.append(dict(kind=kind, res=res, workers=w, plan=plan, images_per_s=ips))
+                    if len(rows) == 1:
+                        print_table(rows[-1:])
+                    else:
+                        print(f"{kind:5s} {res:5d} {w:2d} {plan:6s} {ips:10.1f}", flush=True)
     print()
     print_table(rows)
     if a.json:

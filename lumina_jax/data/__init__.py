@@ -13,7 +13,8 @@ Quick start::
 
 Modules: :mod:`.sources` (JSONL/YAML, ArrayRecord, TFDS, in-memory), :mod:`.tfds_folder` (TFDS builder
 for captioned image folders), :mod:`.crops` (crop-size list, best-fit crop), :mod:`.transforms`,
-:mod:`.batching`, :mod:`.pipeline`, :mod:`.cache` (latent cache), :mod:`.checkpoint` (orbax),
+:mod:`.batching`, :mod:`.pipeline`, :mod:`.global_plan` (crop-size buckets every host agrees on),
+:mod:`.cache` (latent cache and its size index), :mod:`.checkpoint` (orbax),
 :mod:`.records` (record format), :mod:`.bench`, :mod:`.testing` (synthetic data).
 """
 

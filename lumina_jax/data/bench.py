@@ -61,6 +61,7 @@ def bench_data(
     seed: int = 0,
     read_threads: int = 2,
     tmp_dir: Optional[str] = None,
+    bucket_plan: str = "auto",
 ) -> float:
     """Images (valid samples) per second delivered by the pipeline on this machine.
 
@@ -69,6 +70,7 @@ def bench_data(
       res: stage resolution (256 or 1024 in the paper's stages; any multiple of 16 works).
       workers: grain worker processes (0 = in-process).
       n: timed samples; ``min(n, 64)`` distinct items are generated and repeated.
+      bucket_plan: ``PipelineConfig.bucket_plan`` (the cache is indexed, so ``auto`` = ``global``).
     """
     from lumina_jax.data import cache, pipeline, sources
 
@@ -91,6 +93,7 @@ def bench_data(
             read_threads=read_threads,
             shard_index=0,
             shard_count=1,
+            bucket_plan=bucket_plan,
         )
         it = iter(pipeline.DataPipeline(source, config))
         try:
@@ -105,7 +108,7 @@ def bench_data(
             it.close()
     rate = count / elapsed
     logger.info(
-        "bench_data kind=%s res=%d workers=%d batch=%d: %d samples in %.2fs = %.1f images/s",
-        kind, res, workers, batch_size, count, elapsed, rate,
+        "bench_data kind=%s res=%d workers=%d batch=%d plan=%s: %d samples in %.2fs = %.1f images/s",
+        kind, res, workers, batch_size, bucket_plan, count, elapsed, rate,
     )
     return rate

@@ -61,8 +61,14 @@ class PipelineConfig:
       batching: ``"bucket"`` (default: one crop size per batch, dense arrays) or ``"mixed"``
         (any sizes per batch, patch tokens padded to the token budget); see
         :mod:`lumina_jax.data.batching`.
+      bucket_plan: who decides the buckets of ``bucket`` batching. ``"host"``: each host buckets its own
+        samples (hosts may pick different sizes at one step). ``"global"``: every host computes the
+        same plan of global batches from the latent caches' size indexes and reads its rows of each
+        (:mod:`lumina_jax.data.global_plan`); needed to train on several hosts with buckets. ``"auto"``
+        (default): ``"global"`` when every source is a latent cache with a size index, else ``"host"``.
       bucket_window: longest wait of a sample in a bucket, in samples read after it (default
-        ``16 * batch_size``); a bucket still incomplete then is emitted padded.
+        ``16 * batch_size``; with the global plan, in global samples, default ``16 * global batch``);
+        a bucket still incomplete then is emitted padded.
       drop_incomplete: drop (and count) buckets that do not fill, instead of padding them.
       seed: seeds shuffling and per-sample randomness.
       shuffle: shuffle each epoch (False: records in order; still sharded by host).
@@ -89,6 +95,7 @@ class PipelineConfig:
     resolution: int = 1024
     batch_size: int = 16
     batching: str = "bucket"
+    bucket_plan: str = "auto"
     bucket_window: Optional[int] = None
     drop_incomplete: bool = False
     seed: int = 0
@@ -114,6 +121,10 @@ class PipelineConfig:
     def __post_init__(self):
         if self.batching not in ("bucket", "mixed"):
             raise ValueError(f"batching must be 'bucket' or 'mixed', got {self.batching!r}")
+        if self.bucket_plan not in ("auto", "global", "host"):
+            raise ValueError(f"bucket_plan must be 'auto', 'global' or 'host', got {self.bucket_plan!r}")
+        if self.bucket_plan == "global" and self.batching != "bucket":
+            raise ValueError("bucket_plan='global' plans crop-size buckets; it needs batching='bucket'")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_epochs is not None and self.num_epochs < 1:
@@ -358,43 +369,18 @@ class DataPipeline:
         self.weights = list(weights) if weights is not None else None
         self.kind = kinds.pop()
         shard_index, shard_count = config.host_shard()
-        read_buffer = config.read_buffer_size or 2 * config.batch_size
 
-        components = []
+        self.bucket_plan = resolve_bucket_plan(sources, config)
+        loaders = []
         for source_id, source in enumerate(sources):
             loader = _make_loader(source, source_id, config)
             if config.probe_samples > 0:
                 probe_source(source, loader, config.probe_samples)
-            index = EpochShardIndex(
-                len(source), config.seed, source_id, shard_index, shard_count,
-                config.drop_shard_remainder, config.shuffle,
-            )
-            if index.per_epoch == 0:
-                raise ValueError(
-                    f"source {source.name!r} has {len(source)} records, fewer than the "
-                    f"{shard_count} hosts sharing it"
-                )
-            total = index.per_epoch * config.num_epochs if config.num_epochs else sys.maxsize
-            ds = grain.MapDataset.range(total).map(index).map(loader)
-            it = ds.to_iter_dataset(
-                grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=read_buffer)
-            )
-            components.append(SkipGuardIterDataset(
-                it, source.name, config.max_consecutive_skips, config.max_consecutive_skips_option
-            ))
-
-        ds = components[0] if len(components) == 1 else grain.IterDataset.mix(components, self.weights)
-        collate = batching.Collate(
-            self.kind, config.batching, config.token_budget, config.text_len, config.text_pad_multiple
-        )
-        ds = batching.BatchIterDataset(
-            ds,
-            config.batch_size,
-            collate,
-            key_fn=batching.size_key if config.batching == "bucket" else None,
-            window=config.bucket_window,
-            drop_incomplete=config.drop_incomplete,
-        )
+            loaders.append(loader)
+        if self.bucket_plan == "global":
+            ds = self._global_plan(loaders, shard_index, shard_count)
+        else:
+            ds = self._host_batches(loaders, shard_index, shard_count)
         if tokenize is not None:
             ds = ds.map(BatchTokenize(tokenize))
         if config.num_workers > 0:
@@ -405,14 +391,112 @@ class DataPipeline:
                 )
             )
         self.dataset: grain.IterDataset = ds
-        self.fingerprint = state_fingerprint(sources, config, self.weights)
+        self.fingerprint = state_fingerprint(sources, config, self.weights, self.bucket_plan)
+
+    def _components(self, loaders: Sequence[Callable], shard_index: int, shard_count: int,
+                    read_threads: int, read_buffer: int) -> grain.IterDataset:  # fmt: skip
+        """Each source's epoch-shuffled ``(epoch, record)`` stream of host slice ``shard_index`` through its
+        loader, skip-guarded, then mixed by the weights."""
+        config = self.config
+        components = []
+        for source_id, (source, loader) in enumerate(zip(self.sources, loaders)):
+            index = EpochShardIndex(
+                len(source), config.seed, source_id, shard_index, shard_count,
+                config.drop_shard_remainder, config.shuffle,
+            )  # fmt: skip
+            if index.per_epoch == 0:
+                raise ValueError(
+                    f"source {source.name!r} has {len(source)} records, fewer than the "
+                    f"{shard_count} hosts sharing it"
+                )
+            total = index.per_epoch * config.num_epochs if config.num_epochs else sys.maxsize
+            ds = grain.MapDataset.range(total).map(index).map(loader)
+            it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer))
+            components.append(SkipGuardIterDataset(
+                it, source.name, config.max_consecutive_skips, config.max_consecutive_skips_option
+            ))  # fmt: skip
+        return components[0] if len(components) == 1 else grain.IterDataset.mix(components, self.weights)
+
+    def _host_batches(self, loaders: Sequence[Callable], shard_index: int, shard_count: int) -> grain.IterDataset:
+        """Batches of this host's own samples (per-host buckets, or mixed)."""
+        config = self.config
+        read_buffer = config.read_buffer_size or 2 * config.batch_size
+        ds = self._components(loaders, shard_index, shard_count, config.read_threads, read_buffer)
+        collate = batching.Collate(
+            self.kind, config.batching, config.token_budget, config.text_len, config.text_pad_multiple
+        )
+        return batching.BatchIterDataset(
+            ds,
+            config.batch_size,
+            collate,
+            key_fn=batching.size_key if config.batching == "bucket" else None,
+            window=config.bucket_window,
+            drop_incomplete=config.drop_incomplete,
+        )
+
+    def _global_plan(self, loaders: Sequence[Callable], shard_index: int, shard_count: int) -> grain.IterDataset:
+        """Buckets planned over the global stream from the size indexes; this host reads its rows
+        (:mod:`lumina_jax.data.global_plan`)."""
+        from lumina_jax.data import global_plan
+
+        config = self.config
+        refs = [global_plan.SizeRefLoader(s, i) for i, s in enumerate(self.sources)]
+        global_batch = config.batch_size * shard_count
+        ds = self._components(refs, 0, 1, read_threads=1, read_buffer=2 * global_batch)
+        ds = batching.BatchIterDataset(
+            ds, global_batch, global_plan.plan_collate, key_fn=batching.size_key,
+            window=config.bucket_window, drop_incomplete=config.drop_incomplete,
+        )  # fmt: skip
+        text_len = config.text_len or global_plan.global_text_len(
+            self.sources, config.caption_dropout, config.text_pad_multiple
+        )
+        collate = batching.Collate(self.kind, "bucket", config.token_budget, text_len, config.text_pad_multiple)
+        start = shard_index * config.batch_size
+        ds = ds.map(global_plan.HostRows(
+            loaders, [s.cache_dir for s in self.sources], (start, start + config.batch_size), collate,
+            count_plan_skips=shard_index == 0, read_threads=config.read_threads,
+            max_consecutive_skips=config.max_consecutive_skips, option=config.max_consecutive_skips_option,
+        ))  # fmt: skip
+        if config.num_workers == 0:  # read the next batch while this one trains (workers do that otherwise)
+            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+        return ds
 
     def __iter__(self) -> "DataIterator":
         return DataIterator(iter(self.dataset), self.fingerprint)
 
 
+def _record_sizes(source: Any) -> Optional[np.ndarray]:
+    """A latent source's size index (``None`` without one, or for sources that cannot have one)."""
+    sizes = getattr(source, "record_sizes", None)
+    return sizes() if callable(sizes) else None
+
+
+def resolve_bucket_plan(sources: Sequence[Any], config: PipelineConfig) -> str:
+    """``"global"`` or ``"host"``: what ``config.bucket_plan`` means for these sources (see
+    :class:`PipelineConfig`). Raises ``ValueError`` for ``"global"`` with sources lacking a size index."""
+    if config.batching != "bucket" or config.bucket_plan == "host":
+        return "host"
+    missing = [s for s in sources if getattr(s, "kind", "image") != "latent" or _record_sizes(s) is None]
+    if not missing:
+        return "global"
+    if config.bucket_plan == "auto":
+        return "host"
+    from lumina_jax.data.global_plan import INDEX_COMMAND
+
+    why = []
+    for s in missing:
+        if getattr(s, "kind", "image") != "latent":
+            why.append(f"{s.name!r} is an image source (crop sizes are only known after decoding)")
+        else:
+            why.append(f"latent cache {s.cache_dir} has no size index (build it: `{INDEX_COMMAND.format(dir=s.cache_dir)}`)")
+    raise ValueError("bucket_plan='global' needs the crop size of every record without reading it: " + "; ".join(why))
+
+
 def state_fingerprint(
-    sources: Sequence[Any], config: PipelineConfig, weights: Optional[Sequence[float]] = None
+    sources: Sequence[Any],
+    config: PipelineConfig,
+    weights: Optional[Sequence[float]] = None,
+    bucket_plan: str = "host",
 ) -> dict[str, Any]:
     """The settings a saved iterator state depends on, as JSON values (stored in the state).
 
@@ -422,6 +506,7 @@ def state_fingerprint(
     count; mixture weights are normalised. Settings that only change a sample's content
     (``caption_dropout``, ``image_dtype``, ...), ``num_epochs`` and the reading parallelism
     (``read_threads``, buffers) are not included: they may change between a save and a restore.
+    ``bucket_plan`` is the resolved plan (:func:`resolve_bucket_plan`).
     """
     shard_index, shard_count = config.host_shard()
     if len(sources) > 1:
@@ -446,6 +531,8 @@ def state_fingerprint(
         "resolution": config.resolution,
         "max_ratio": config.max_ratio,
     }
+    if bucket_plan == "global":  # absent for per-host plans, so states saved before the global plan still match
+        fingerprint["bucket_plan"] = "global"
     return json.loads(json.dumps(fingerprint))  # the form it has after a JSON round trip
 
 

@@ -45,7 +45,10 @@ class DataConfig:
     ``system_prompt`` is the template of TFDS sources (JSONL/YAML entries carry their own);
     ``key_feature`` names a TFDS feature that identifies a record (else ``source:index``);
     ``max_consecutive_skips``: unusable records in a row (missing/corrupt images) before the stage stops
-    with an error naming this key; ``encoder_dtype`` is the compute dtype of the frozen encoders
+    with an error naming this key; ``bucket_plan`` (``auto``, ``global``, ``host``) decides who picks
+    the crop size of ``bucket`` batches (:class:`lumina_jax.data.PipelineConfig`): on several hosts
+    ``auto`` means ``global`` (every host derives the same plan from the latent caches' size indexes);
+    ``encoder_dtype`` is the compute dtype of the frozen encoders
     (``bfloat16``; ``float32`` for models sampled in fp32, e.g. the bundled shapes model).
     """
 
@@ -55,6 +58,7 @@ class DataConfig:
     num_samples: int = 64
     cap_len: int = 8
     batching: str = "bucket"
+    bucket_plan: str = "auto"
     text_len: Optional[int] = None
     caption_dropout: float = 0.1
     num_workers: int = 0
@@ -75,6 +79,8 @@ class DataConfig:
             raise ValueError(f"encoder_dtype must be 'bfloat16' or 'float32', got {self.encoder_dtype!r}")
         if self.kind not in ("synthetic", "latent_cache", "images"):
             raise ValueError(f"unknown data kind {self.kind!r}; choose synthetic, latent_cache or images")
+        if self.bucket_plan not in ("auto", "global", "host"):
+            raise ValueError(f"bucket_plan must be 'auto', 'global' or 'host', got {self.bucket_plan!r}")
         if self.kind != "synthetic" and not self.paths:
             raise ValueError(f"data kind {self.kind!r} needs 'paths'")
         object.__setattr__(self, "paths", tuple(self.paths) if not isinstance(self.paths, str) else (self.paths,))

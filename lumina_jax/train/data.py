@@ -12,7 +12,9 @@ Kinds (:class:`lumina_jax.train.config.DataConfig`):
   batches (what the multi-process parity test relies on), and its state is one integer.
 * ``latent_cache``: :class:`lumina_jax.data.DataPipeline` over :class:`lumina_jax.data.LatentCacheSource`
   directories (bucketed dense batches by default, or ``batching: mixed`` token batches), sharded per
-  host by the pipeline itself. Caption dropout (default 10 %) happens there.
+  host by the pipeline itself. Caption dropout (default 10 %) happens there. On several hosts the
+  buckets come from the global plan (:mod:`lumina_jax.data.global_plan`), so every host builds the
+  same shapes at every step.
 * ``images``: the same pipeline over raw captioned images plus :class:`FrozenEncoders` (VAE encoder and
   Gemma-2, frozen, not part of the train state) that turn each batch into latents and caption features
   before the step.
@@ -175,8 +177,10 @@ def build_stage_iterator(
 
     from lumina_jax.data import DataPipeline, LatentCacheSource, PipelineConfig
 
+    # Several hosts with bucket batches: the buckets must come from the global plan (one shape per step).
+    plan = "global" if shard_count > 1 and d.batching == "bucket" and d.bucket_plan == "auto" else d.bucket_plan
     pc = PipelineConfig(
-        resolution=stage.resolution, batch_size=stop - start, batching=d.batching, seed=data_seed,
+        resolution=stage.resolution, batch_size=stop - start, batching=d.batching, bucket_plan=plan, seed=data_seed,
         shuffle=d.shuffle, caption_dropout=d.caption_dropout, shard_index=shard_index,
         shard_count=shard_count, num_workers=d.num_workers, read_threads=d.read_threads,
         text_len=d.text_len, max_consecutive_skips=d.max_consecutive_skips,
@@ -184,7 +188,14 @@ def build_stage_iterator(
     )  # fmt: skip
     if d.kind == "latent_cache":
         sources = [LatentCacheSource(p) for p in d.paths]
-        it = iter(DataPipeline(sources, pc, weights=d.weights))
+        try:
+            it = iter(DataPipeline(sources, pc, weights=d.weights))
+        except ValueError as e:
+            if plan != "global" or d.bucket_plan == "global":
+                raise
+            raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need "
+                             f"the global bucket plan, which reads each record's size from the cache's size index: "
+                             f"{e}. (Or use `batching: mixed` with a fixed `text_len`.)") from e  # fmt: skip
         return it, it
     # images
     if not d.vae or not d.text_encoder:
@@ -201,25 +212,27 @@ def check_same_shapes_on_every_host(stage: StageConfig, shard_count: int) -> Non
     """Raise ``ValueError`` when ``shard_count`` > 1 data shards (hosts feeding different rows) would
     build batches of different shapes.
 
-    One SPMD step needs the same global shapes on every host, but a host's bucket batch takes its image
-    size from its own samples, and caption features are padded to the host's longest caption unless
-    ``text_len`` fixes it. Without this check the hosts would trace different programs and hang or
-    fail inside a collective. Agreeing on buckets across hosts is a known gap (BUILD.md).
+    One SPMD step needs the same global shapes on every host. Bucket batches of latent caches get them
+    from the global bucket plan (:mod:`lumina_jax.data.global_plan`, chosen by :func:`build_stage_iterator`),
+    unless ``bucket_plan: host`` asks for per-host buckets; mixed batches need a fixed ``text_len``
+    (captions would be padded to each host's longest); on-the-fly encoding pads captions per host.
+    Without this check the hosts would trace different programs and hang or fail inside a collective.
     """
     d = stage.data
     if shard_count <= 1 or d.kind == "synthetic":
         return
-    need = "multi-host runs need `batching: mixed` (one token-budget shape everywhere) and a fixed `text_len`"
     if d.kind == "images":
         raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and on-the-fly encoding "
                          f"pads captions per host; encode offline (python -m lumina_jax preprocess) and train from "
-                         f"the latent cache: {need}")  # fmt: skip
-    if d.batching != "mixed":
-        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and {d.batching!r} "
-                         f"batching picks each host's image size from its own samples; {need}")  # fmt: skip
-    if d.text_len is None:
+                         f"the latent cache")  # fmt: skip
+    if d.batching == "bucket" and d.bucket_plan == "host":
+        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and `bucket_plan: host` "
+                         f"picks each host's image size from its own samples; use `bucket_plan: auto` (the global "
+                         f"plan) or `batching: mixed` with a fixed `text_len`")  # fmt: skip
+    if d.batching == "mixed" and d.text_len is None:
         raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and without `text_len` "
-                         f"captions are padded to each host's longest; {need} (e.g. text_len: 256)")  # fmt: skip
+                         f"captions are padded to each host's longest; mixed batches on several hosts need a fixed "
+                         f"`text_len` (e.g. text_len: 256)")  # fmt: skip
 
 
 def image_sources(path: str, *, system_prompt: str = "real", key_feature: Optional[str] = None) -> list:

@@ -1,0 +1,226 @@
+"""The global bucket plan: hosts agree on every batch's crop size without talking to each other."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from lumina_jax.data import cache, records
+from lumina_jax.data.pipeline import DataPipeline, NoUsableSampleError, PipelineConfig
+
+D = 8
+SIZES = [(64, 64), (32, 128), (128, 32), (48, 80), (80, 48)]
+
+
+def make_records(n, seed=0, sizes=SIZES):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = sizes[int(rng.integers(len(sizes)))]
+        length = int(rng.integers(2, 30))
+        out.append({
+            "latent": rng.standard_normal((h // 8, w // 8, 16)).astype(np.float32),
+            "cap_feats": rng.standard_normal((length, D)).astype(np.float32),
+            "cap_mask": np.ones(length, bool),
+            "prompt": f"p{i}",
+            "key": f"k{i}",
+        })
+    return out
+
+
+EMPTY = (np.full((3, D), 0.25, np.float32), np.array([True, True, False]))
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    cache.write_latent_cache(make_records(61, seed=1), a, shard_size=16, empty_prompt_features=EMPTY)
+    cache.write_latent_cache(make_records(37, seed=2), b, shard_size=16, empty_prompt_features=EMPTY)
+    return a, b
+
+
+def config(**kw):
+    base = dict(resolution=128, batch_size=3, seed=5, shard_index=0, shard_count=1, num_epochs=1,
+                caption_dropout=0.0, read_threads=2, bucket_window=24, probe_samples=4)  # fmt: skip
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def sources(caches):
+    return [cache.LatentCacheSource(caches[0], name="a"), cache.LatentCacheSource(caches[1], name="b")]
+
+
+def host_batches(caches, hosts, **kw):
+    """Batches of each of ``hosts`` simulated hosts (lists of equal length)."""
+    per_host = []
+    for h in range(hosts):
+        pipe = DataPipeline(sources(caches), config(shard_index=h, shard_count=hosts, **kw), weights=[2, 1])
+        per_host.append(list(pipe))
+    return per_host
+
+
+def test_hosts_build_the_same_shapes_and_the_global_batches_do_not_depend_on_the_host_count(caches):
+    two = host_batches(caches, 2, bucket_plan="global")
+    assert len(two[0]) == len(two[1]) > 5
+    for b0, b1 in zip(*two):
+        for key in ("latents", "cap_feats", "cap_mask", "image_sizes", "valid"):
+            assert b0[key].shape == b1[key].shape, key
+    one = host_batches(caches, 1, batch_size=6, bucket_plan="global")[0]
+    assert len(one) == len(two[0])
+    for whole, b0, b1 in zip(one, *two):
+        assert whole["ids"] == b0["ids"] + b1["ids"]
+        np.testing.assert_array_equal(whole["latents"], np.concatenate([b0["latents"], b1["latents"]]))
+        np.testing.assert_array_equal(whole["valid"], np.concatenate([b0["valid"], b1["valid"]]))
+    # Per-host buckets, the old way, disagree somewhere: what the plan exists to prevent.
+    apart = host_batches(caches, 2, bucket_plan="host")
+    assert any(b0["latents"].shape != b1["latents"].shape for b0, b1 in zip(*apart))
+
+
+def test_every_record_once_per_epoch_with_its_own_content(caches):
+    srcs = sources(caches)
+    per_host = host_batches(caches, 2, bucket_plan="global")
+    seen = []
+    text_lens = set()
+    for batch in itertools.chain(*per_host):
+        text_lens.add(batch["cap_feats"].shape[1])
+        for r, sample_id in enumerate(batch["ids"]):
+            name, index = sample_id.split(":")
+            rec = srcs[name == "b"].get(int(index))
+            np.testing.assert_array_equal(batch["latents"][r], rec["latent"])
+            n = rec["cap_feats"].shape[0]
+            np.testing.assert_array_equal(batch["cap_feats"][r, :n], rec["cap_feats"])
+            assert not batch["cap_mask"][r, n:].any()
+            if batch["valid"][r]:
+                seen.append(sample_id)
+    # The mixture ends with its first exhausted source (as per-host); nothing is delivered twice.
+    assert len(seen) == len(set(seen)) > 40
+    longest = max(int(s.record_sizes()[:, 2].max()) for s in srcs)
+    assert text_lens == {-(-longest // 8) * 8}  # one caption length for the whole run
+
+
+def test_resume_continues_exactly(caches):
+    cfg = config(bucket_plan="global", shard_index=1, shard_count=2, num_epochs=None)
+    it = iter(DataPipeline(sources(caches), cfg, weights=[2, 1]))
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it) for _ in range(9)]
+    again = iter(DataPipeline(sources(caches), cfg, weights=[2, 1]))
+    again.set_state(state)
+    got = [next(again) for _ in range(9)]
+    for w, g in zip(want, got):
+        assert w["ids"] == g["ids"]
+        np.testing.assert_array_equal(w["latents"], g["latents"])
+    assert state["config"]["bucket_plan"] == "global"
+    host = iter(DataPipeline(sources(caches), config(bucket_plan="host", shard_index=1, shard_count=2, num_epochs=None),
+                             weights=[2, 1]))  # fmt: skip
+    with pytest.raises(ValueError, match="bucket_plan: 'global' -> None"):
+        host.set_state(state)
+
+
+def test_auto_uses_the_index_and_global_without_one_names_the_command(caches, tmp_path):
+    assert DataPipeline(sources(caches), config()).bucket_plan == "global"
+    assert DataPipeline(sources(caches), config(batching="mixed", text_len=32)).bucket_plan == "host"
+    cache.write_latent_cache(make_records(5), tmp_path, shard_size=4)
+    for f in [tmp_path / "record_sizes.npy", *tmp_path.glob("*.sizes.npy")]:
+        f.unlink()
+    bare = cache.LatentCacheSource(tmp_path, name="bare")
+    assert bare.record_sizes() is None
+    assert DataPipeline(bare, config()).bucket_plan == "host"
+    with pytest.raises(ValueError, match=rf"{tmp_path} has no size index .*preprocess --index --out {tmp_path}"):
+        DataPipeline(bare, config(bucket_plan="global"))
+    with pytest.raises(ValueError, match="needs batching='bucket'"):
+        config(bucket_plan="global", batching="mixed")
+
+
+def _corrupt_cache(tmp_path, bad_positions, n=12):
+    """A one-shard cache whose records at ``bad_positions`` are garbage, with a size index that lists them
+    (as if they broke after indexing)."""
+    recs = make_records(n, seed=3, sizes=[(64, 64)])
+    name = records.shard_name(cache.LATENT_SHARD_PREFIX, 0)
+    blobs = [records.encode_record(cache.make_latent_record(**r)) for r in recs]
+    for p in bad_positions:
+        blobs[p] = b"garbage"
+    records.write_shard(tmp_path / name, blobs)
+    sizes = np.asarray([[64, 64, r["cap_feats"].shape[0]] for r in recs], np.int32)
+    np.save(tmp_path / "record_sizes.npy", sizes)
+    records.write_json_atomic(tmp_path / "cache_info.json", {"num_records": n, "shards": [name]})
+    return sizes
+
+
+def test_unreadable_rows_become_padding_and_are_counted_by_their_host(tmp_path):
+    _corrupt_cache(tmp_path, bad_positions=[2, 7])
+    total_valid, skipped = 0, {}
+    for h in range(2):
+        it = iter(DataPipeline(cache.LatentCacheSource(tmp_path, name="c"),
+                               config(bucket_plan="global", shard_index=h, shard_count=2, shuffle=False)))  # fmt: skip
+        for batch in it:
+            assert batch["latents"].shape == (3, 8, 8, 16)
+            for r, sample_id in enumerate(batch["ids"]):
+                if sample_id in ("c:2", "c:7"):
+                    assert not batch["valid"][r]
+            total_valid += int(batch["valid"].sum())
+        for reason, n in it.stats.skipped.get("c", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    assert total_valid == 10 and skipped == {"bad_record": 2}
+
+
+def test_index_rows_of_unreadable_records_are_left_out_and_counted_once(tmp_path):
+    sizes = _corrupt_cache(tmp_path, bad_positions=[4])
+    sizes[4] = 0  # what index_latent_cache writes for a record it could not read
+    np.save(tmp_path / "record_sizes.npy", sizes)
+    counts = []
+    for h in range(2):
+        it = iter(DataPipeline(cache.LatentCacheSource(tmp_path, name="c"),
+                               config(bucket_plan="global", shard_index=h, shard_count=2)))  # fmt: skip
+        ids = [i for b in it for i, v in zip(b["ids"], b["valid"]) if v]
+        assert "c:4" not in ids
+        counts.append(it.stats.total_skipped())
+    assert counts == [1, 0]  # shard 0 reports the plan's skips, so the hosts' counters sum to the total
+
+
+def test_a_stale_index_is_an_error_naming_the_fix(tmp_path):
+    sizes = _corrupt_cache(tmp_path, bad_positions=[])
+    sizes[5, :2] = (32, 128)
+    np.save(tmp_path / "record_sizes.npy", sizes)
+    pipe = DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config(bucket_plan="global", shuffle=False))
+    with pytest.raises(ValueError, match=r"record 5 of latent cache .* is \(64, 64\) px but its size index says "
+                                         r"\(32, 128\).*preprocess --index"):  # fmt: skip
+        list(pipe)
+
+
+def test_a_run_of_unreadable_records_stops_with_the_limit_named(tmp_path):
+    _corrupt_cache(tmp_path, bad_positions=list(range(12)))
+    pipe = DataPipeline(cache.LatentCacheSource(tmp_path, name="c"),
+                        config(bucket_plan="global", max_consecutive_skips=2, probe_samples=0))  # fmt: skip
+    with pytest.raises(NoUsableSampleError, match=r"2 records in a row could not be read.*limit \(2\)"):
+        list(pipe)
+
+
+def test_the_trainer_uses_the_global_plan_on_several_hosts_and_names_the_index_command(caches, tmp_path, monkeypatch):
+    import jax
+
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train import data as train_data
+    from lumina_jax.train.config import DataConfig, StageConfig
+    from lumina_jax.train.config import load_model_config, load_config
+
+    model_config = load_model_config(load_config("tiny_synthetic", []))
+    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+    monkeypatch.setattr(train_data, "process_rows", lambda batch, mesh: (batch // 2, batch, 1, 2))  # host 1 of 2
+
+    def build(path, **kw):
+        data = DataConfig(kind="latent_cache", paths=(str(path),), caption_dropout=0.0, **kw)
+        stage = StageConfig(name="s", resolution=128, batch=6, data=data)
+        return train_data.build_stage_iterator(stage, model_config=model_config, mesh=mesh, seed=0, stage_index=0)
+
+    it, _ = build(caches[0])
+    assert it.get_state()["config"]["bucket_plan"] == "global"
+    batch = next(it)
+    assert batch["latents"].shape[0] == 3
+    cache.write_latent_cache(make_records(4), tmp_path, shard_size=4)
+    for f in [tmp_path / "record_sizes.npy", *tmp_path.glob("*.sizes.npy")]:
+        f.unlink()
+    with pytest.raises(ValueError, match=rf"stage 's': 2 hosts .*global bucket plan.*preprocess --index --out {tmp_path}"):
+        build(tmp_path)
