@@ -470,3 +470,95 @@ def test_stage_data_skip_limit_reaches_the_pipeline_under_its_config_key(monkeyp
         build_stage_iterator(cfg.stages[1], model_config=load_model_config(cfg), mesh=mesh, seed=0, stage_index=1)
     assert seen["max_consecutive_skips"] == 7
     assert seen["max_consecutive_skips_option"] == "stages.1.data.max_consecutive_skips"
+
+
+POOL_SIZES = [(16, 16), (8, 32), (12, 20), (20, 12), (62, 16), (4, 4), (2, 30)]  # latent sides; last two too small
+
+
+def test_pool_tokens_is_avg_pool_in_token_space():
+    """Token-packed pooling == patchify(avg_pool(latent)) per sample (odd pooled sides centre-cropped as
+    avg_pool does), zeros past each pooled grid; samples too small to pool to one patch get grid (0, 0)."""
+    from lumina_jax.data.batching import patchify
+
+    p, f, c, t = 2, 4, 3, 256
+    rng = np.random.default_rng(0)
+    lats = [rng.standard_normal((h, w, c)).astype(np.float32) for h, w in POOL_SIZES]
+    tokens = np.zeros((len(lats), t, p * p * c), np.float32)
+    for i, lat in enumerate(lats):
+        tk = patchify(lat, p)
+        tokens[i, : len(tk)] = tk
+    grid = np.asarray([[h // p, w // p] for h, w in POOL_SIZES], np.int32)
+    pooled, grid2 = jax.jit(obj.pool_tokens, static_argnums=(2, 3))(tokens, grid, f, p)
+    pooled, grid2 = np.asarray(pooled), np.asarray(grid2)
+    assert pooled.shape == (len(lats), t // 16, p * p * c)
+    for i, lat in enumerate(lats):
+        if min(lat.shape[:2]) // f < p:
+            assert tuple(grid2[i]) == (0, 0) and not pooled[i].any()
+            continue
+        want = np.asarray(obj.avg_pool(jnp.asarray(lat[None]), f, multiple=p))[0]
+        assert tuple(grid2[i]) == (want.shape[0] // p, want.shape[1] // p)
+        want_tokens = patchify(want, p)
+        np.testing.assert_allclose(pooled[i, : len(want_tokens)], want_tokens, atol=1e-6)
+        assert not pooled[i, len(want_tokens):].any()
+
+
+def _tiny_dit():
+    from lumina_jax.models.nextdit import NextDiT, NextDiTConfig
+
+    cfg = NextDiTConfig(patch_size=2, in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=1,
+                        multiple_of=16, cap_feat_dim=8, axes_dims=(4, 6, 6), axes_lens=(64, 64, 64))  # fmt: skip
+    return NextDiT(cfg)
+
+
+def test_mixed_batch_loss_equals_the_dense_loss_including_the_aux_term(monkeypatch):
+    """A one-size batch as packed tokens (mixed) and as dense latents gives the same main and auxiliary
+    losses and gradients when both draw the same noise (served in each layout), with the real Next-DiT:
+    the token path, its masks and pool_tokens agree with the dense step. The mixed batch also carries a
+    padding row too small to pool (latent 2x16 -> pooled grid (0, 0)): it must add nothing, NaN included."""
+    from lumina_jax.data.batching import patchify
+    from lumina_jax.train.step import StepConfig, make_loss_fn
+
+    model = _tiny_dit()
+    rng = np.random.default_rng(1)
+    b, h, w, c = 2, 16, 24, 4  # latents; pooled 4x6, aux tokens 2x3
+    n_tok = (h // 2) * (w // 2)
+    budget = n_tok + 16  # padding tokens past each sample
+    lat = rng.standard_normal((b, h, w, c)).astype(np.float32)
+    cap = rng.standard_normal((b + 1, 5, 8)).astype(np.float32)
+    cmask = np.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+    tokens = rng.standard_normal((b + 1, budget, 2 * 2 * c)).astype(np.float32)  # row 2: a 16x128 px sample
+    tokens[:b] = 0
+    for i in range(b):
+        tokens[i, :n_tok] = patchify(lat[i], 2)
+    dense = {"latents": lat, "cap_feats": cap[:b], "cap_mask": cmask[:b], "valid": np.ones(b, bool)}
+    sizes = np.asarray([[h * 8, w * 8]] * b + [[16, 128]], np.int32)
+    mixed = {"latents": tokens, "cap_feats": cap, "cap_mask": cmask, "valid": np.asarray([True, True, False]),
+             "token_mask": np.arange(budget)[None] < np.asarray([[n_tok], [n_tok], [8]]), "image_sizes": sizes}  # fmt: skip
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(lat), jnp.zeros(b), cap[:b], cmask[:b])["params"]
+
+    noise = {}
+    for side_h, side_w, t in ((h, w, budget), (h // 4, w // 4, budget // 16)):
+        z = rng.standard_normal((b, side_h, side_w, c)).astype(np.float32)
+        noise[(b, side_h, side_w, c)] = z
+        zt = rng.standard_normal((b + 1, t, 2 * 2 * c)).astype(np.float32)
+        zt[:b, : (side_h // 2) * (side_w // 2)] = np.stack([patchify(z[i], 2) for i in range(b)])
+        noise[(b + 1, t, 2 * 2 * c)] = zt
+    real_normal = jax.random.normal
+
+    def normal(key, shape=(), dtype=jnp.float32):
+        shape = tuple(shape)
+        if shape == (b + 1,):  # the mixed batch's t draw: the dense batch's values plus one for the extra row
+            return jnp.concatenate([real_normal(key, (b,), dtype), jnp.zeros((1,), dtype)])
+        return jnp.asarray(noise[shape], dtype) if shape in noise else real_normal(key, shape, dtype)
+
+    monkeypatch.setattr(jax.random, "normal", normal)
+    out = {}
+    for name, batch, is_mixed in (("dense", dense, False), ("mixed", mixed, True)):
+        loss_fn = make_loss_fn(model, StepConfig(seed=0, mu=0.5, aux_loss_weight=1.0, aux_pool=4, mixed=is_mixed))
+        grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+        (loss, (main, aux)), g = grad_fn(params, batch, jax.random.PRNGKey(3), 2.0)
+        out[name] = (float(main), float(aux), g)
+    assert out["dense"][1] > 0
+    np.testing.assert_allclose(out["mixed"][:2], out["dense"][:2], rtol=2e-5)
+    for x, y in zip(jax.tree.leaves(out["mixed"][2]), jax.tree.leaves(out["dense"][2])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-6)

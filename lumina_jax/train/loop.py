@@ -164,8 +164,6 @@ class Trainer:
         stage = cfg.stages[stage_index]
         lr_fn = optim.lr_schedule(cfg.optimizer)
         sc = self.step_config(stage_index)
-        if sc.mixed and sc.aux_loss_weight:
-            log.warning("stage %s: mixed (token) batches have no auxiliary pooled loss; it is skipped", stage.name)
         trainable = None if all(jax.tree.leaves(self.trainable)) else self.trainable
         # the peak LR is a run-time argument (stage_hparams), so it is not part of the program
         shapes = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in example_batch.items()))
@@ -181,7 +179,7 @@ class Trainer:
         in a dense batch, which gives the autoencoder factor (8 for the FLUX VAE, 1 for pixel models;
         8 is assumed without it)."""
         stage = self.cfg.stages[stage_index]
-        aux = bool(self.cfg.objective.aux_loss_weight) and stage.data.batching != "mixed"
+        aux = bool(self.cfg.objective.aux_loss_weight)
         ds = 8 if latent_hw is None else max(1, round((stage.resolution**2 / (latent_hw[0] * latent_hw[1])) ** 0.5))
         f = metrics_lib.train_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.objective.aux_pool,
                                                aux, downsample=ds)  # fmt: skip

@@ -92,6 +92,58 @@ def avg_pool(latents: jax.Array, factor: int = 4, multiple: int = 1) -> jax.Arra
     return x[:, dh // 2 : h2 - (dh - dh // 2), dw // 2 : w2 - (dw - dw // 2)]
 
 
+def pool_tokens(tokens: jax.Array, grid: jax.Array, factor: int, patch: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`avg_pool` for token-packed mixed-size batches.
+
+    ``tokens`` ``(B, T, p*p*C)``: sample ``i``'s latent ``(p*gh_i, p*gw_i, C)`` as row-major ``p x p``
+    patches (:func:`lumina_jax.data.batching.patchify`), ``grid`` ``(B, 2)`` = ``(gh_i, gw_i)`` (traced).
+    Returns ``(pooled, pooled_grid)``: each sample's latent pooled by ``factor``, centre-cropped to
+    multiples of ``patch`` exactly as :func:`avg_pool`, re-patchified and packed into ``T // factor**2``
+    tokens (zeros past each sample's grid), and the pooled grids. A sample too small to pool to one
+    patch gets the grid ``(0, 0)`` (no tokens), so callers weight it out.
+
+    One gather of ``factor**2`` latent values per pooled value (the same number of elements as
+    ``tokens``), so shapes stay static whatever the sizes in the batch.
+    """
+    b, t, d = tokens.shape
+    p, f = patch, factor
+    c = d // (p * p)
+    if c * p * p != d:
+        raise ValueError(f"token width {d} is not patch {p} x {p} x channels")
+    t2 = t // (f * f)
+    if t2 < 1:
+        raise ValueError(f"{t} tokens per sample pool by {f} to less than one token")
+    grid = grid.astype(jnp.int32)
+    pooled_side = (p * grid) // f  # (B, 2) pooled latent sides, floor like nn.AvgPool2d
+    crop = pooled_side % p
+    grid2 = (pooled_side - crop) // p  # (B, 2) pooled token grid after the centre crop
+    grid2 = jnp.where(jnp.all(grid2 >= 1, axis=1, keepdims=True), grid2, 0)
+    off = crop // 2  # (B, 2) pooled pixels cropped at the top / left
+
+    n2 = jnp.arange(t2, dtype=jnp.int32)
+    gw2 = jnp.maximum(grid2[:, 1:2], 1)
+    a, bb = n2[None] // gw2, n2[None] % gw2  # (B, T2) pooled token row / column
+    u = jnp.arange(p, dtype=jnp.int32)
+    r = jnp.arange(f, dtype=jnp.int32)
+    # latent row of (pooled token a, sub-row u, pooling offset r): ((off + a*p + u) * f + r)
+    y = ((off[:, 0, None, None, None] + a[:, :, None, None] * p + u[None, None, :, None]) * f
+         + r[None, None, None, :])  # (B, T2, p, f)  # fmt: skip
+    x = ((off[:, 1, None, None, None] + bb[:, :, None, None] * p + u[None, None, :, None]) * f
+         + r[None, None, None, :])  # (B, T2, p, f)  # fmt: skip
+    gw = grid[:, 1, None, None, None, None, None]
+    y6, x6 = y[:, :, :, :, None, None], x[:, :, None, None, :, :]  # (B, T2, p_u, f_r, p_v, f_s)
+    token = (y6 // p) * gw + (x6 // p)
+    within = (y6 % p) * p + (x6 % p)
+    flat = (token * (p * p) + within).reshape(b, -1)  # index into (T * p * p) latent values
+    live = (n2[None] < grid2[:, 0:1] * grid2[:, 1:2])  # (B, T2)
+    flat = jnp.where(jnp.repeat(live, p * p * f * f, axis=1), flat, 0)
+    values = tokens.reshape(b, t * p * p, c)
+    g = jnp.take_along_axis(values, flat[..., None], axis=1)  # (B, T2*p*f*p*f, C)
+    g = g.reshape(b, t2, p, f, p, f, c).astype(jnp.float32).mean(axis=(3, 5))  # (B, T2, p_u, p_v, C)
+    pooled = g.reshape(b, t2, p * p * c) * live[..., None]
+    return pooled, grid2
+
+
 def flow_loss(
     apply_fn: Callable[[jax.Array, jax.Array], jax.Array],
     latents: jax.Array,

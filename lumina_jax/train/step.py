@@ -17,8 +17,9 @@ the model's activation constraints resolve to the mesh. Per step:
 Batch formats (NumPy or jax arrays, batch-major):
   dense:  ``latents`` (B, h, w, C), ``cap_feats`` (B, L, D), ``cap_mask`` (B, L), optional ``valid`` (B,)
   mixed:  ``latents`` (B, T, p*p*C) patch tokens + ``token_mask`` (B, T) + ``image_sizes`` (B, 2) pixels
-          (:mod:`lumina_jax.data.batching` "mixed" mode); the auxiliary loss is skipped in this mode
-          (pooling needs 2-D latents).
+          (:mod:`lumina_jax.data.batching` "mixed" mode); the auxiliary loss pools each sample in
+          token space (:func:`lumina_jax.train.objective.pool_tokens`, the same values as the dense
+          :func:`~lumina_jax.train.objective.avg_pool`), into ``T / aux_pool**2`` tokens.
 """
 
 from __future__ import annotations
@@ -76,6 +77,19 @@ def make_loss_fn(model: nn.Module, cfg: StepConfig) -> Callable:
 
     patch = getattr(getattr(model, "config", None), "patch_size", 1)  # the aux latent must patchify
 
+    def token_flow_loss(params, tokens, grid, rng, cap, cmask):
+        """Per-sample flow MSE over each sample's own tokens (mixed batches); 0 for an empty grid."""
+        k_t, k_n = jax.random.split(rng)
+        x1 = tokens.astype(jnp.float32)
+        t = obj.sample_t(k_t, x1.shape[0], cfg.t_sampling, cfg.mu)
+        x0 = jax.random.normal(k_n, x1.shape, jnp.float32)
+        xt, target = obj.interpolate(x1, x0, t)
+        pred = model.apply({"params": params}, xt, grid, t, cap, cmask, method=model.forward_tokens)
+        n = grid[:, 0] * grid[:, 1]
+        w = (jnp.arange(x1.shape[1])[None, :] < n[:, None]).astype(jnp.float32)[..., None]
+        per = jnp.sum(jnp.square(pred.astype(jnp.float32) - target) * w, axis=(1, 2))
+        return per / jnp.maximum(jnp.sum(w, axis=(1, 2)) * x1.shape[-1], 1.0)
+
     def loss_fn(params, mb, rng, denom):
         k_main, k_aux = jax.random.split(rng)
         cap, cmask = mb["cap_feats"], mb["cap_mask"]
@@ -85,19 +99,13 @@ def make_loss_fn(model: nn.Module, cfg: StepConfig) -> Callable:
             w = jnp.ones_like(per) if valid is None else valid.astype(jnp.float32)
             return jnp.sum(per * w) / denom
         if cfg.mixed:
-            tokens, tmask = mb["latents"], mb["token_mask"]
             grid = mb["image_sizes"].astype(jnp.int32) // (VAE_FACTOR * model.config.patch_size)
-            k_t, k_n = jax.random.split(k_main)
-            x1 = tokens.astype(jnp.float32)
-            t = obj.sample_t(k_t, x1.shape[0], cfg.t_sampling, cfg.mu)
-            x0 = jax.random.normal(k_n, x1.shape, jnp.float32)
-            xt, target = obj.interpolate(x1, x0, t)
-            pred = model.apply({"params": params}, xt, grid, t, cap, cmask, method=model.forward_tokens)
-            w = tmask.astype(jnp.float32)[..., None]
-            per = jnp.sum(jnp.square(pred.astype(jnp.float32) - target) * w, axis=(1, 2))
-            per = per / jnp.maximum(jnp.sum(w, axis=(1, 2)) * x1.shape[-1], 1.0)
-            main = share(per)
-            return main, (main, jnp.zeros((), jnp.float32))
+            main = share(token_flow_loss(params, mb["latents"], grid, k_main, cap, cmask))
+            aux = jnp.zeros((), jnp.float32)
+            if cfg.aux_loss_weight:
+                pooled, grid2 = obj.pool_tokens(mb["latents"], grid, cfg.aux_pool, model.config.patch_size)
+                aux = share(token_flow_loss(params, pooled, grid2, k_aux, cap, cmask))
+            return main + cfg.aux_loss_weight * aux, (main, aux)
 
         def apply(xt, t):
             return model.apply({"params": params}, xt, t, cap, cmask)
