@@ -115,7 +115,7 @@ def test_resume_continues_exactly(caches):
     assert state["config"]["bucket_plan"] == "global"
     host = iter(DataPipeline(sources(caches), config(bucket_plan="host", shard_index=1, shard_count=2, num_epochs=None),
                              weights=[2, 1]))  # fmt: skip
-    with pytest.raises(ValueError, match="bucket_plan: 'global' -> None"):
+    with pytest.raises(ValueError, match=r"bucket_plan: 'global' -> None.*The bucket plan changed.*bucket_plan=host"):
         host.set_state(state)
 
 
@@ -185,9 +185,33 @@ def test_a_stale_index_is_an_error_naming_the_fix(tmp_path):
     sizes[5, :2] = (32, 128)
     np.save(tmp_path / "record_sizes.npy", sizes)
     pipe = DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config(bucket_plan="global", shuffle=False))
-    with pytest.raises(ValueError, match=r"record 5 of latent cache .* is \(64, 64\) px but its size index says "
-                                         r"\(32, 128\).*preprocess --index"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"record 5 of latent cache .* is \(64, 64, \d+\) .* but its size index says "
+                                         r"\(32, 128, \d+\).*preprocess --index"):  # fmt: skip
         list(pipe)
+    # A caption length that disagrees is stale too; records among the probed ones fail at start-up.
+    sizes[5, :2] = (64, 64)
+    sizes[1, 2] += 1
+    np.save(tmp_path / "record_sizes.npy", sizes)
+    with pytest.raises(ValueError, match=r"record 1 of latent cache .* size index says \(64, 64, \d+\): the index is stale"):
+        DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config(bucket_plan="global", shuffle=False))
+
+
+def test_text_len_shorter_than_the_longest_indexed_caption_fails_at_start_up(caches):
+    longest = max(int(s.record_sizes()[:, 2].max()) for s in sources(caches))
+    with pytest.raises(ValueError, match=rf"text_len={longest - 1} is shorter than the longest caption .*{longest} "
+                                         r"tokens.*stages\.N\.data\.text_len"):  # fmt: skip
+        DataPipeline(sources(caches), config(bucket_plan="global", text_len=longest - 1))
+    batch = next(iter(DataPipeline(sources(caches), config(bucket_plan="global", text_len=longest + 3))))
+    assert batch["cap_feats"].shape[1] == longest + 3
+
+
+def test_the_default_window_counts_global_samples_and_the_fingerprint_says_so(caches):
+    pipe = DataPipeline(sources(caches), config(bucket_plan="global", shard_index=1, shard_count=2))
+    assert pipe.fingerprint["bucket_window"] == 24
+    default = DataPipeline(sources(caches), config(bucket_plan="global", shard_index=1, shard_count=2, bucket_window=None))
+    assert default.fingerprint["bucket_window"] == 64 * 3 * 2
+    with pytest.raises(ValueError, match=r"bucket_window \(5\) must be >= the global batch \(6 = 3 rows x 2 hosts\)"):
+        DataPipeline(sources(caches), config(bucket_plan="global", shard_index=1, shard_count=2, bucket_window=5))
 
 
 def test_a_run_of_unreadable_records_stops_with_the_limit_named(tmp_path):
@@ -210,8 +234,8 @@ def test_the_trainer_uses_the_global_plan_on_several_hosts_and_names_the_index_c
     mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
     monkeypatch.setattr(train_data, "process_rows", lambda batch, mesh: (batch // 2, batch, 1, 2))  # host 1 of 2
 
-    def build(path, **kw):
-        data = DataConfig(kind="latent_cache", paths=(str(path),), caption_dropout=0.0, **kw)
+    def build(path, dropout=0.0, **kw):
+        data = DataConfig(kind="latent_cache", paths=(str(path),), caption_dropout=dropout, **kw)
         stage = StageConfig(name="s", resolution=128, batch=6, data=data)
         return train_data.build_stage_iterator(stage, model_config=model_config, mesh=mesh, seed=0, stage_index=0)
 
@@ -219,8 +243,22 @@ def test_the_trainer_uses_the_global_plan_on_several_hosts_and_names_the_index_c
     assert it.get_state()["config"]["bucket_plan"] == "global"
     batch = next(it)
     assert batch["latents"].shape[0] == 3
-    cache.write_latent_cache(make_records(4), tmp_path, shard_size=4)
+    cache.write_latent_cache(make_records(4), tmp_path, shard_size=4)  # indexed, no empty-prompt features
+    with pytest.raises(ValueError, match="empty-prompt") as err:  # other errors are not blamed on the index
+        build(tmp_path, dropout=0.1)
+    assert "size index" not in str(err.value)
     for f in [tmp_path / "record_sizes.npy", *tmp_path.glob("*.sizes.npy")]:
         f.unlink()
     with pytest.raises(ValueError, match=rf"stage 's': 2 hosts .*global bucket plan.*preprocess --index --out {tmp_path}"):
         build(tmp_path)
+
+
+def test_plan_benchmark_runs_and_reports_padding(tmp_path, capsys):
+    from lumina_jax.bench import data as bench_cli
+
+    assert bench_cli.main(["--plan-records", "20000", "--batch", "64", "--res", "256",
+                           "--json", str(tmp_path / "plan.json")]) == 0  # fmt: skip
+    row = json.loads((tmp_path / "plan.json").read_text())[0]
+    assert row["records"] == 20000 and row["global_batch"] == 64 and 0.9 < row["real_rows"] <= 1.0
+    assert row["ms_per_batch"] > 0 and row["restore_s"] >= 0
+    assert "real_rows" in capsys.readouterr().out

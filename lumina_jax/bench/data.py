@@ -23,7 +23,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plan-records", type=int, default=0, metavar="N",
+                    help="instead: time the global bucket plan alone over a size index of N records "
+                         "(global batch --batch, stage --res; e.g. --plan-records 100000000 --batch 1024 --res 1024)")
     a = ap.parse_args(argv)
+    if a.plan_records:
+        from lumina_jax.bench import print_table
+        from lumina_jax.data.bench import bench_plan
+
+        rows = [bench_plan(records=a.plan_records, global_batch=a.batch, res=r) for r in a.res]
+        print_table(rows)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     from lumina_jax.bench import print_table
     from lumina_jax.data.bench import bench_data
 

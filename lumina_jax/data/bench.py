@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from lumina_jax.data.crops import best_crop_size
+
 logger = logging.getLogger("lumina_jax.data")
 
 _TEXT_LEN, _TEXT_DIM = 128, 2304
@@ -112,3 +114,87 @@ def bench_data(
         kind, res, workers, batch_size, bucket_plan, count, elapsed, rate,
     )
     return rate
+
+
+# (width / height, share): a photo-like mix of aspect ratios for :func:`bench_plan`.
+PLAN_ASPECTS = ((1.0, 0.30), (4 / 3, 0.15), (3 / 4, 0.15), (3 / 2, 0.10), (2 / 3, 0.10), (16 / 9, 0.08),
+                (9 / 16, 0.04), (2.0, 0.03), (0.5, 0.02), (5 / 4, 0.02), (4 / 5, 0.01))  # fmt: skip
+
+
+def best_hw(ratio: float, crop_list) -> tuple[int, int]:
+    """``(H, W)`` of the best crop size for an image of aspect ``ratio`` = width / height."""
+    w, h = best_crop_size(round(1000 * ratio), 1000, crop_list)
+    return h, w
+
+
+class _IndexOnlySource:
+    """A latent source that has only a size index (records are never read): for :func:`bench_plan`."""
+
+    kind = "latent"
+    empty_prompt = None
+
+    def __init__(self, index_path: Path, name: str):
+        self.index_path, self.name, self.cache_dir = index_path, name, str(index_path.parent)
+        self._sizes: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.record_sizes())
+
+    def record_sizes(self) -> np.ndarray:
+        if self._sizes is None:
+            self._sizes = np.load(self.index_path, mmap_mode="r")
+        return self._sizes
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _sizes=None)
+
+
+def bench_plan(records: int = 10_000_000, global_batch: int = 1024, batches: int = 50, res: int = 1024,
+               seed: int = 0, tmp_dir: Optional[str] = None) -> dict:  # fmt: skip
+    """Cost of the global bucket plan alone (:mod:`lumina_jax.data.global_plan`) over a memory-mapped size
+    index of ``records`` rows: seconds to the first global batch, milliseconds per later batch, the share
+    of real (non-padding) rows, and the restore (replay) time of a state saved after them.
+
+    Crop sizes follow a photo-like mix of aspect ratios (:data:`PLAN_ASPECTS`, each mapped to its best
+    crop size at ``res``); caption lengths are uniform in [20, 256].
+    """
+    import json
+
+    from lumina_jax.data import crops, pipeline
+
+    crop_list = crops.crop_sizes_for_resolution(res)
+    ratios = np.asarray([r for r, _ in PLAN_ASPECTS], np.float64)
+    weights = np.asarray([w for _, w in PLAN_ASPECTS], np.float64)
+    sizes = np.asarray([best_hw(r, crop_list) for r in ratios], np.int32)
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+        path = Path(tmp) / "record_sizes.npy"
+        index = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(records, 3))
+        rng = np.random.default_rng(seed)
+        for lo in range(0, records, 10_000_000):
+            hi = min(records, lo + 10_000_000)
+            index[lo:hi, :2] = sizes[rng.choice(len(sizes), size=hi - lo, p=weights / weights.sum())]
+            index[lo:hi, 2] = rng.integers(20, 257, size=hi - lo)
+        index.flush()
+        del index
+        config = pipeline.PipelineConfig(resolution=res, batch_size=global_batch, shard_index=0, shard_count=1,
+                                         seed=seed, caption_dropout=0.0, probe_samples=0, bucket_plan="global")  # fmt: skip
+        pipe = pipeline.DataPipeline(_IndexOnlySource(path, "index"), config)
+        it = iter(pipe.plan_dataset)
+        start = time.perf_counter()
+        next(it)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        real = 0
+        for _ in range(batches):
+            real += len(next(it)["plan_refs"])
+        per_batch = (time.perf_counter() - start) / batches
+        state = json.loads(json.dumps(it.get_state()))
+        again = iter(pipe.plan_dataset)
+        start = time.perf_counter()
+        again.set_state(state)
+        restore = time.perf_counter() - start
+    out = dict(records=records, global_batch=global_batch, res=res, first_batch_s=first, ms_per_batch=per_batch * 1e3,
+               real_rows=real / (batches * global_batch), restore_s=restore)  # fmt: skip
+    logger.info("bench_plan %s", out)
+    return out
+

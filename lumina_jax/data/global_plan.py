@@ -10,8 +10,8 @@ The global plan fixes that without any communication between hosts:
    record's crop size and caption length read from the cache's size index
    (:meth:`lumina_jax.data.cache.LatentCacheSource.record_sizes`), not from the record.
 2. The same :class:`~lumina_jax.data.batching.BatchIterDataset` groups those references into global
-   batches of ``global_batch`` rows of one crop size (window and padding rules unchanged, counted in
-   global samples). Only references wait in the window, never decoded samples.
+   batches of ``global_batch`` rows of one crop size (padding rules unchanged; the window counts global
+   samples, default 64 global batches). Only references wait in the window, never decoded samples.
 3. Host ``h`` reads the records of rows ``[h * B, (h + 1) * B)`` of each global batch
    (:class:`HostRows`, in a thread pool) and collates them; caption features are padded to one length
    for the whole run (``text_len``, or the longest caption in the size indexes), so every host builds
@@ -63,17 +63,17 @@ class SizeRefLoader:
 
 
 def plan_collate(refs: Sequence[dict], n_valid: int) -> dict:
-    """One global batch of the plan: the references of its ``n_valid`` real rows and their crop size."""
+    """One global batch of the plan: the references ``(source, epoch, record, caption length)`` of its
+    ``n_valid`` real rows and their crop size."""
     return {
-        "plan_refs": [r["ref"] for r in refs[:n_valid]],
+        "plan_refs": [(*r["ref"], r["cap_len"]) for r in refs[:n_valid]],
         "image_size": tuple(refs[0]["image_size"]),
         "global_rows": len(refs),
     }
 
 
-def global_text_len(sources: Sequence[Any], caption_dropout: float, multiple: int) -> int:
-    """The caption length every batch is padded to: the longest caption in the size indexes (and the
-    empty prompt's, if captions are dropped), rounded up to ``multiple``."""
+def longest_caption(sources: Sequence[Any], caption_dropout: float) -> int:
+    """The longest caption feature length in the size indexes (and the empty prompt's, if captions are dropped)."""
     longest = 1
     for s in sources:
         sizes = s.record_sizes()
@@ -81,7 +81,42 @@ def global_text_len(sources: Sequence[Any], caption_dropout: float, multiple: in
             longest = max(longest, int(sizes[:, 2].max()))
         if caption_dropout > 0 and s.empty_prompt is not None:
             longest = max(longest, int(s.empty_prompt[0].shape[0]))
-    return -(-longest // multiple) * multiple
+    return longest
+
+
+def check_text_len(sources: Sequence[Any], text_len: Optional[int], caption_dropout: float, multiple: int) -> int:
+    """The caption length every batch is padded to: ``text_len``, or the longest caption rounded up to
+    ``multiple``. A ``text_len`` shorter than the longest caption is refused here, at start-up on every
+    host, not at the step (different on each host) whose batch first holds a longer one."""
+    longest = longest_caption(sources, caption_dropout)
+    if text_len is None:
+        return -(-longest // multiple) * multiple
+    if text_len < longest:
+        raise ValueError(f"text_len={text_len} is shorter than the longest caption in the latent caches' size "
+                         f"indexes ({longest} tokens); set text_len >= {longest} (training config: "
+                         f"stages.N.data.text_len) or leave it unset to pad to the longest")  # fmt: skip
+    return text_len
+
+
+def check_probe(source: Any, loader: Any, count: int) -> None:
+    """Compares the first ``count`` readable records of ``source`` with their size index rows, so a stale
+    index fails at start-up (every host reads the same records here) rather than mid-run on one host."""
+    sizes = source.record_sizes()
+    for index in range(min(count, len(source))):
+        sample = loader((0, index))
+        if is_skip(sample):
+            continue
+        row = tuple(int(v) for v in sizes[index])
+        got = (*(int(v) for v in sample["image_size"]), int(np.shape(sample["cap_feats"])[0]))
+        if row != got and not (sample.get("caption_dropped") and row[:2] == got[:2]):
+            raise ValueError(_stale(source.cache_dir, index, got, row))
+
+
+def _stale(cache_dir: str, index: int, got: tuple, planned: tuple) -> str:
+    return (f"record {index} of latent cache {cache_dir} is {got} ([H px, W px, caption length]) but its size index "
+            f"says {planned}: the index is stale (the cache changed after it was indexed). Delete "
+            f"{cache_dir}/record_sizes.npy and {cache_dir}/*.sizes.npy, then rebuild the index with "
+            f"`{INDEX_COMMAND.format(dir=cache_dir)}`")  # fmt: skip
 
 
 class HostRows:
@@ -125,26 +160,23 @@ class HostRows:
         state["_pool"] = None  # threads do not pickle; each worker process starts its own
         return state
 
-    def _load(self, ref: tuple[int, int, int]) -> dict:
-        source_id, epoch, index = ref
+    def _load(self, ref: tuple[int, int, int, int]) -> dict:
+        source_id, epoch, index, _ = ref
         return self.loaders[source_id]((epoch, index))
 
-    def _load_all(self, refs: list[tuple[int, int, int]]) -> list[dict]:
+    def _load_all(self, refs: list[tuple[int, int, int, int]]) -> list[dict]:
         if self.read_threads == 1 or len(refs) <= 1:
             return [self._load(r) for r in refs]
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix="host_rows")
         return list(self._pool.map(self._load, refs))
 
-    def _check_size(self, sample: dict, ref: tuple[int, int, int], planned: tuple[int, int]) -> None:
-        if tuple(int(v) for v in sample["image_size"]) != planned:
-            source_id, _, index = ref
-            d = self.cache_dirs[source_id]
-            raise ValueError(
-                f"record {index} of latent cache {d} is {tuple(sample['image_size'])} px but its size index says "
-                f"{planned}: the index is stale (the cache changed after it was indexed). Delete {d}/record_sizes.npy "
-                f"and {d}/*.sizes.npy, then rebuild the index with `{INDEX_COMMAND.format(dir=d)}`"
-            )
+    def _check_size(self, sample: dict, ref: tuple[int, int, int, int], planned: tuple[int, int]) -> None:
+        source_id, _, index, cap_len = ref
+        got = (*(int(v) for v in sample["image_size"]), int(np.shape(sample["cap_feats"])[0]))
+        # A dropped caption carries the empty prompt's features, whose length the index does not list.
+        if got[:2] != planned or (got[2] != cap_len and not sample.get("caption_dropped")):
+            raise ValueError(_stale(self.cache_dirs[source_id], index, got, (*planned, cap_len)))
 
     def __call__(self, plan: dict) -> dict:
         tally = batching.SkipTally()
@@ -189,7 +221,7 @@ class HostRows:
         batch["_skips"] = dict(tally.take(), dropped_incomplete=dropped)
         return batch
 
-    def _any_readable(self, refs: list[tuple[int, int, int]], planned: tuple[int, int]) -> dict:
+    def _any_readable(self, refs: list[tuple[int, int, int, int]], planned: tuple[int, int]) -> dict:
         """A readable record of the global batch (to fill a host whose own rows all failed)."""
         for ref in refs:
             sample = self._load(ref)

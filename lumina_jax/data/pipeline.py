@@ -47,8 +47,15 @@ logger = logging.getLogger("lumina_jax.data")
 Tokenize = Callable[[list[str]], Mapping[str, np.ndarray]]
 
 
+GLOBAL_WINDOW = 64  # default bucket window of the global plan, in global batches
+
+
 class NoUsableSampleError(RuntimeError):
     """A source yields no usable sample."""
+
+
+class MissingSizeIndexError(ValueError):
+    """The global bucket plan was asked for, but a source has no size index (or cannot have one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +74,10 @@ class PipelineConfig:
         (:mod:`lumina_jax.data.global_plan`); needed to train on several hosts with buckets. ``"auto"``
         (default): ``"global"`` when every source is a latent cache with a size index, else ``"host"``.
       bucket_window: longest wait of a sample in a bucket, in samples read after it (default
-        ``16 * batch_size``; with the global plan, in global samples, default ``16 * global batch``);
-        a bucket still incomplete then is emitted padded.
+        ``16 * batch_size``: decoded samples wait there; with the global plan it counts global samples,
+        default ``64 * global batch``: only references wait, and at a global batch of 1024 with a
+        photo-like mix of aspect ratios 16x leaves 15 % padding rows, 64x 0.5 %, BENCHMARKS.md); a
+        bucket still incomplete then is emitted padded.
       drop_incomplete: drop (and count) buckets that do not fill, instead of padding them.
       seed: seeds shuffling and per-sample randomness.
       shuffle: shuffle each epoch (False: records in order; still sharded by host).
@@ -371,6 +380,7 @@ class DataPipeline:
         shard_index, shard_count = config.host_shard()
 
         self.bucket_plan = resolve_bucket_plan(sources, config)
+        self.plan_dataset: Optional[grain.IterDataset] = None
         loaders = []
         for source_id, source in enumerate(sources):
             loader = _make_loader(source, source_id, config)
@@ -441,15 +451,24 @@ class DataPipeline:
 
         config = self.config
         refs = [global_plan.SizeRefLoader(s, i) for i, s in enumerate(self.sources)]
+        if config.probe_samples > 0:
+            for source, loader in zip(self.sources, loaders):
+                global_plan.check_probe(source, loader, config.probe_samples)
         global_batch = config.batch_size * shard_count
-        ds = self._components(refs, 0, 1, read_threads=1, read_buffer=2 * global_batch)
+        window = config.bucket_window if config.bucket_window is not None else GLOBAL_WINDOW * global_batch
+        if window < global_batch:
+            raise ValueError(f"bucket_window ({window}) must be >= the global batch ({global_batch} = {config.batch_size} "
+                             f"rows x {shard_count} hosts): with the global bucket plan it counts global samples")  # fmt: skip
+        # Index lookups take microseconds: no prefetch threads (grain's prefetch buffer bookkeeping would cost
+        # O(buffer) per element, O(global_batch^2) per batch).
+        ds = self._components(refs, 0, 1, read_threads=0, read_buffer=0)
         ds = batching.BatchIterDataset(
             ds, global_batch, global_plan.plan_collate, key_fn=batching.size_key,
-            window=config.bucket_window, drop_incomplete=config.drop_incomplete,
+            window=window, drop_incomplete=config.drop_incomplete,
         )  # fmt: skip
-        text_len = config.text_len or global_plan.global_text_len(
-            self.sources, config.caption_dropout, config.text_pad_multiple
-        )
+        self.plan_dataset = ds  # the plan alone (references, no record read): for benchmarks and inspection
+        text_len = global_plan.check_text_len(self.sources, config.text_len, config.caption_dropout,
+                                              config.text_pad_multiple)  # fmt: skip
         collate = batching.Collate(self.kind, "bucket", config.token_budget, text_len, config.text_pad_multiple)
         start = shard_index * config.batch_size
         ds = ds.map(global_plan.HostRows(
@@ -489,7 +508,8 @@ def resolve_bucket_plan(sources: Sequence[Any], config: PipelineConfig) -> str:
             why.append(f"{s.name!r} is an image source (crop sizes are only known after decoding)")
         else:
             why.append(f"latent cache {s.cache_dir} has no size index (build it: `{INDEX_COMMAND.format(dir=s.cache_dir)}`)")
-    raise ValueError("bucket_plan='global' needs the crop size of every record without reading it: " + "; ".join(why))
+    raise MissingSizeIndexError("bucket_plan='global' needs the crop size of every record without reading it: "
+                                + "; ".join(why))
 
 
 def state_fingerprint(
@@ -533,6 +553,8 @@ def state_fingerprint(
     }
     if bucket_plan == "global":  # absent for per-host plans, so states saved before the global plan still match
         fingerprint["bucket_plan"] = "global"
+        if config.bucket_window is None:  # the plan's default window counts global samples
+            fingerprint["bucket_window"] = GLOBAL_WINDOW * config.batch_size * shard_count
     return json.loads(json.dumps(fingerprint))  # the form it has after a JSON round trip
 
 
@@ -579,10 +601,15 @@ class DataIterator(grain.DatasetIterator):
             changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
             if changed:
                 detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+                hint = ""
+                if "bucket_plan" in changed:
+                    hint = (" The bucket plan changed: a latent cache was indexed (or its index removed) since the "
+                            "save; set bucket_plan='host' (training config: stages.N.data.bucket_plan=host) to "
+                            "continue with per-host buckets, or 'global' to keep the global plan.")
                 raise ValueError(
                     f"cannot restore the data iterator: its state was saved by a pipeline with other settings "
                     f"(saved -> now: {detail}). Restore it into a pipeline configured as when it was saved, or "
-                    f"start without the saved data state."
+                    f"start without the saved data state.{hint}"
                 )
         try:
             self._parent.set_state(state["pipeline"])

@@ -176,6 +176,12 @@ def build_stage_iterator(
         return it, it
 
     from lumina_jax.data import DataPipeline, LatentCacheSource, PipelineConfig
+    from lumina_jax.data.pipeline import MissingSizeIndexError
+
+    if start != shard_index * (stop - start):  # the pipeline feeds rows [i * B, (i + 1) * B) of shard i
+        raise ValueError(f"process {jax.process_index()} feeds rows [{start}, {stop}) of the global batch, not a "
+                         f"block of equal size at position {shard_index}; give every process the same number of "
+                         f"devices")  # fmt: skip
 
     # Several hosts with bucket batches: the buckets must come from the global plan (one shape per step).
     plan = "global" if shard_count > 1 and d.batching == "bucket" and d.bucket_plan == "auto" else d.bucket_plan
@@ -190,8 +196,8 @@ def build_stage_iterator(
         sources = [LatentCacheSource(p) for p in d.paths]
         try:
             it = iter(DataPipeline(sources, pc, weights=d.weights))
-        except ValueError as e:
-            if plan != "global" or d.bucket_plan == "global":
+        except MissingSizeIndexError as e:
+            if d.bucket_plan == "global":
                 raise
             raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need "
                              f"the global bucket plan, which reads each record's size from the cache's size index: "
