@@ -262,3 +262,46 @@ def test_plan_benchmark_runs_and_reports_padding(tmp_path, capsys):
     assert row["records"] == 20000 and row["global_batch"] == 64 and 0.9 < row["real_rows"] <= 1.0
     assert row["ms_per_batch"] > 0 and row["restore_s"] >= 0
     assert "real_rows" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_two_hosts_resumes_on_one_host_with_the_global_plan(caches, tmp_path):
+    """The global plan's state does not depend on the host count: a checkpoint written by 2 processes (one
+    data-iterator JSON each) restores into 1 process, which continues with the same global batches as an
+    uninterrupted 1-process run. Per-host states are refused with the reason."""
+    import jax
+
+    from lumina_jax.train.checkpoint import DataStateMismatchError, RunCheckpoints
+
+    def pipe(hosts, index=0, plan="global"):
+        cfg = config(bucket_plan=plan, shard_index=index, shard_count=hosts, batch_size=6 // hosts,
+                     num_epochs=None)  # fmt: skip
+        return iter(DataPipeline(sources(caches), cfg, weights=[2, 1]))
+
+    two = [pipe(2, h) for h in range(2)]
+    for it in two:
+        for _ in range(5):
+            next(it)
+    one = pipe(1)
+    for _ in range(5):
+        next(one)
+    want = [next(one)["ids"] for _ in range(4)]
+
+    ck = RunCheckpoints(tmp_path / "ck", async_save=False)
+    target = {"w": np.arange(3, dtype=np.float32)}
+    ck.save(5, target, {"step": 5}, two[0])
+    folder = tmp_path / "ck" / "5" / "data_iter"
+    (folder / "process_0-of-1.json").unlink()
+    for h, it in enumerate(two):  # what two processes would have written
+        (folder / f"process_{h}-of-2.json").write_text(json.dumps(it.get_state()))
+    restored = pipe(1)
+    state, meta = ck.restore(5, jax.eval_shape(lambda: target), restored)
+    np.testing.assert_array_equal(np.asarray(state["w"]), target["w"])
+    assert [next(restored)["ids"] for _ in range(4)] == want
+
+    host = iter(DataPipeline(sources(caches), config(bucket_plan="host", shard_index=0, shard_count=2,
+                                                     num_epochs=None), weights=[2, 1]))  # fmt: skip
+    next(host)
+    (folder / "process_0-of-2.json").write_text(json.dumps(host.get_state()))
+    with pytest.raises(DataStateMismatchError, match=r"written by 2 processes and this run has 1: .*per-host slice"):
+        ck.restore(5, jax.eval_shape(lambda: target), pipe(1, plan="host"))
+    ck.close()

@@ -4,7 +4,8 @@ train 5 steps, checkpoint, stop; start again and resume to step 6; compare with 
 micro-batches) and the data iterator checkpoint (one JSON per process) are exercised on the way.
 Stage 0 reads synthetic latents; stage 1 reads a latent cache of several crop sizes with bucket batches,
 which only works on two hosts because both follow the global bucket plan (each reads its rows of the
-same global batch), and gives the same global batches as one process.
+same global batch), and gives the same global batches as one process. The 2-process step-5 checkpoint
+is also resumed by one process (elastic resume: the plan's state does not depend on the host count).
 
 No persistent compilation cache here: with gloo CPU collectives an executable loaded from the cache
 by one process and compiled by the other deadlocked in our runs.
@@ -13,6 +14,7 @@ by one process and compiled by the other deadlocked in our runs.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +63,15 @@ def _local(run_dir, *extra, timeout=600):
     return p.stdout
 
 
+def _errors(tree_a, tree_b) -> list[float]:
+    """Sorted relative L2 errors of the leaves of two trees."""
+    errs = []
+    for x, y in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        errs.append(float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)))
+    return sorted(errs)
+
+
 def _restore(run_dir, step, data):
     from lumina_jax.train.config import load_config
     from lumina_jax.train.loop import Trainer
@@ -77,12 +88,16 @@ def test_two_processes_match_single_process(tmp_path):
     mp, sp = tmp_path / "mp", tmp_path / "sp"
     data = _write_cache(tmp_path / "cache")
     _local(mp, data, "--stop-at", "5")  # stops inside stage 1: the resume restores the global plan's state
+    elastic = tmp_path / "elastic"
+    shutil.copytree(mp, elastic)  # the same step-5 checkpoint, to be resumed by ONE process
     out = _local(mp, data, "--stop-at", str(FINAL_STEP))
     assert "resuming" in out or (mp / "checkpoints" / str(FINAL_STEP)).exists()
     env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, data, f"run_dir={sp}", "--stop-at",
-                        str(FINAL_STEP)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-6000:]
+    for run_dir in (sp, elastic):
+        p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, data, f"run_dir={run_dir}", "--stop-at",
+                            str(FINAL_STEP)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-6000:]
+    assert "data iterator state of 2 processes restored into 1" in p.stderr
     # each process saved its own data-iterator state; stage 1's is the global plan's
     it_dir = mp / "checkpoints" / str(FINAL_STEP) / "data_iter"
     names = sorted(x.name for x in it_dir.iterdir() if x.suffix == ".json")
@@ -92,13 +107,14 @@ def test_two_processes_match_single_process(tmp_path):
     b, meta_b = _restore(sp, FINAL_STEP, data)
     assert "2 processes" in meta_a["mesh"] and "1 processes" in meta_b["mesh"]
     assert int(a.step) == int(b.step) == FINAL_STEP
-    errs = []
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        errs.append(float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)))
-    errs.sort()
+    errs = _errors(a.params, b.params)
     print(f"2-process (stop+resume) vs 1-process 8 devices: relative L2 over params: max {errs[-1]:.2e}, "
           f"95th percentile {errs[int(0.95 * len(errs))]:.2e}")
+    c, _ = _restore(elastic, FINAL_STEP, data)
+    elastic_errs = _errors(c.params, b.params)
+    print(f"2 processes to step 5, then 1 process (elastic resume) vs 1-process: max {elastic_errs[-1]:.2e}, "
+          f"95th percentile {elastic_errs[int(0.95 * len(elastic_errs))]:.2e}")
+    assert elastic_errs[int(0.95 * len(elastic_errs))] <= 1e-6 and elastic_errs[-1] <= 1e-4
     # Gloo and in-process collectives sum in different orders (fp32 roundoff). AdamW with eps 1e-15 turns
     # roundoff-sized gradients of the zero-initialised adaLN weights into lr-sized steps of random sign,
     # so one such leaf can differ by ~1e-5 (measured 1.5e-5, noise_refiner adaLN kernel; others <= 6e-7);

@@ -526,7 +526,8 @@ def state_fingerprint(
     count; mixture weights are normalised. Settings that only change a sample's content
     (``caption_dropout``, ``image_dtype``, ...), ``num_epochs`` and the reading parallelism
     (``read_threads``, buffers) are not included: they may change between a save and a restore.
-    ``bucket_plan`` is the resolved plan (:func:`resolve_bucket_plan`).
+    ``bucket_plan`` is the resolved plan (:func:`resolve_bucket_plan`); a global plan's state records the
+    global batch instead of the host slice, since its order does not depend on the number of hosts.
     """
     shard_index, shard_count = config.host_shard()
     if len(sources) > 1:
@@ -552,7 +553,11 @@ def state_fingerprint(
         "max_ratio": config.max_ratio,
     }
     if bucket_plan == "global":  # absent for per-host plans, so states saved before the global plan still match
-        fingerprint["bucket_plan"] = "global"
+        # The plan depends on the global batch, not on how it is split over hosts: the state can move to
+        # another number of hosts (lumina_jax.train.checkpoint).
+        for key in ("shard_index", "shard_count", "batch_size"):
+            del fingerprint[key]
+        fingerprint.update(bucket_plan="global", global_batch=config.batch_size * shard_count)
         if config.bucket_window is None:  # the plan's default window counts global samples
             fingerprint["bucket_window"] = GLOBAL_WINDOW * config.batch_size * shard_count
     return json.loads(json.dumps(fingerprint))  # the form it has after a JSON round trip

@@ -5,7 +5,8 @@ Layout (``<run_dir>/checkpoints/<step>/``), one directory per saved step, writte
     state/      params, ema, opt_state, step, nonfinite counters (StandardSave; sharded arrays, each
                 process writes its own shards; tensorstore/OCDBT)
     data_iter/  the data iterator of the stage that produced the step, one JSON per process
-                (``grain.checkpoint``; ``process_<i>-of-<n>.json``)
+                (``grain.checkpoint``; ``process_<i>-of-<n>.json``); restorable into another number
+                of processes when it does not depend on the host count (:meth:`RunCheckpoints.restore`)
     meta/       JSON: step, stage index/name, the full train config, the model config, mesh, versions
 
 The state is stored as nested dicts keyed by the pytree path (``state/params/layers/blocks/...``,
@@ -98,6 +99,20 @@ def from_nested(nested: dict, like: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+class DataStateMismatchError(ValueError):
+    """A checkpoint's data iterator state cannot be restored into this run's processes."""
+
+
+def _host_count_free(state: Any) -> bool:
+    """Whether a saved data iterator state means the same on any number of processes: the global bucket
+    plan's (:mod:`lumina_jax.data.global_plan`) or the synthetic stream's (a global sample position)."""
+    if not isinstance(state, dict):
+        return False
+    if set(state) == {"position"}:  # SyntheticLatents
+        return True
+    return (state.get("config") or {}).get("bucket_plan") == "global"
+
+
 class RunCheckpoints:
     """Thin wrapper of ``ocp.CheckpointManager`` for a run directory (see the module docstring)."""
 
@@ -145,13 +160,60 @@ class RunCheckpoints:
 
     def restore(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:
         """Restore ``step`` into ``target`` (a tree of ``ShapeDtypeStruct`` with shardings, any mesh);
-        restores ``data_iter`` in place when given. Returns ``(state, meta)``."""
+        restores ``data_iter`` in place when given. Returns ``(state, meta)``.
+
+        The data iterator state is per process. If the checkpoint was written by another number of
+        processes, a state that does not depend on the host count (the global bucket plan's, or the
+        synthetic stream's global position) is restored from the file of process ``i mod n_saved``, with
+        its per-host counters reset on processes past ``n_saved``; any other state is refused with
+        :class:`DataStateMismatchError` (its order was a per-host slice of the data)."""
         items = {STATE: ocp.args.StandardRestore(to_nested(target)), META: ocp.args.JsonRestore()}
         item = checkpointable(data_iter)
+        elastic = None
         if item is not None:
-            items[DATA] = grain.checkpoint.CheckpointRestore(item)
+            elastic = self._other_process_count_state(step)
+            if elastic is None:
+                items[DATA] = grain.checkpoint.CheckpointRestore(item)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if elastic is not None:
+            text, reset_stats = elastic
+            item.set_state(json.loads(text) if isinstance(item, grain.DatasetIterator) else text.encode())
+            if reset_stats and hasattr(data_iter, "stats"):
+                from lumina_jax.data.stats import DataStats
+
+                data_iter.stats = DataStats()
         return from_nested(out[STATE], target), out[META]
+
+    def _other_process_count_state(self, step: int) -> Optional[tuple[str, bool]]:
+        """``None`` if ``step``'s data iterator was saved by as many processes as this run has; else the
+        JSON text to restore this process from and whether to reset its counters (see :meth:`restore`)."""
+        from etils import epath
+
+        index, count = jax.process_index(), jax.process_count()
+        folder = epath.Path(str(self.directory)) / str(step) / DATA
+        if (folder / f"process_{index}-of-{count}.json").exists():
+            return None
+        saved = sorted(p.name for p in folder.glob("process_*-of-*.json")) if folder.exists() else []
+        counts = {int(n.rsplit("-of-", 1)[1].split(".")[0]) for n in saved}
+        if len(counts) != 1:
+            raise DataStateMismatchError(
+                f"checkpoint step {step}: no data iterator state for process {index} of {count} in {folder} "
+                f"(found {saved or 'none'})"
+            )
+        n_saved = counts.pop()
+        text = (folder / f"process_{index % n_saved}-of-{n_saved}.json").read_text()
+        state = json.loads(text)
+        if not _host_count_free(state):
+            raise DataStateMismatchError(
+                f"checkpoint step {step} was written by {n_saved} processes and this run has {count}: its data "
+                f"iterator state is a per-host slice of the data (per-host buckets or mixed batches), which cannot "
+                f"move to another number of processes. Resume with {n_saved} processes, or use latent caches with "
+                f"a size index (the global bucket plan), whose state does not depend on the host count."
+            )
+        log.warning("checkpoint step %d: data iterator state of %d processes restored into %d (process %d takes "
+                    "process %d's state%s)", step, n_saved, count, index, index % n_saved,
+                    "; its counters restart" if index >= n_saved else "")  # fmt: skip
+        return text, index >= n_saved
 
     def restore_subtree(self, step: int, name: str, target: Any) -> Any:
         """Restore only ``state/<name>`` (e.g. ``"ema"`` or ``"params"``) into ``target`` (partial restore:
