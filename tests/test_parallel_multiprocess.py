@@ -5,7 +5,8 @@ micro-batches) and the data iterator checkpoint (one JSON per process) are exerc
 Stage 0 reads synthetic latents; stage 1 reads a latent cache of several crop sizes with bucket batches,
 which only works on two hosts because both follow the global bucket plan (each reads its rows of the
 same global batch), and gives the same global batches as one process. The 2-process step-5 checkpoint
-is also resumed by one process (elastic resume: the plan's state does not depend on the host count).
+is also resumed by one process on one device (elastic resume: the plan's state does not depend on the
+host count, the train state restores onto any mesh).
 
 No persistent compilation cache here: with gloo CPU collectives an executable loaded from the cache
 by one process and compiled by the other deadlocked in our runs.
@@ -93,10 +94,15 @@ def test_two_processes_match_single_process(tmp_path):
     out = _local(mp, data, "--stop-at", str(FINAL_STEP))
     assert "resuming" in out or (mp / "checkpoints" / str(FINAL_STEP)).exists()
     env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    for run_dir in (sp, elastic):
-        p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, data, f"run_dir={run_dir}", "--stop-at",
-                            str(FINAL_STEP)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert p.returncode == 0, p.stderr[-6000:]
+    p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, data, f"run_dir={sp}", "--stop-at",
+                        str(FINAL_STEP)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-6000:]
+    # Elastic: one process with ONE device (another process count and mesh) continues the 2-process run.
+    p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, data, f"run_dir={elastic}", "mesh.data=1",
+                        "mesh.fsdp=1", "--stop-at", str(FINAL_STEP)], cwd=REPO,
+                       env=dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-6000:]
     assert "data iterator state of 2 processes restored into 1" in p.stderr
     # each process saved its own data-iterator state; stage 1's is the global plan's
     it_dir = mp / "checkpoints" / str(FINAL_STEP) / "data_iter"
@@ -112,7 +118,7 @@ def test_two_processes_match_single_process(tmp_path):
           f"95th percentile {errs[int(0.95 * len(errs))]:.2e}")
     c, _ = _restore(elastic, FINAL_STEP, data)
     elastic_errs = _errors(c.params, b.params)
-    print(f"2 processes to step 5, then 1 process (elastic resume) vs 1-process: max {elastic_errs[-1]:.2e}, "
+    print(f"2 processes to step 5, then 1 process on 1 device (elastic resume) vs 1-process: max {elastic_errs[-1]:.2e}, "
           f"95th percentile {elastic_errs[int(0.95 * len(elastic_errs))]:.2e}")
     assert elastic_errs[int(0.95 * len(elastic_errs))] <= 1e-6 and elastic_errs[-1] <= 1e-4
     # Gloo and in-process collectives sum in different orders (fp32 roundoff). AdamW with eps 1e-15 turns
