@@ -192,3 +192,20 @@ def test_bench_train_falls_back_to_a_batch_that_fits(tmp_path, monkeypatch, caps
     monkeypatch.setattr(bench_train, "_run", broken)
     with pytest.raises(ValueError, match="unknown remat"):
         bench_train.main(["--batch", "8"])
+
+
+def test_resume_without_the_data_state_restarts_the_stage_data(tmp_path):
+    """``checkpoint.resume_data=false``: the train state is restored, the stage's data starts over (the
+    escape hatch when a saved data position no longer fits, e.g. changed data)."""
+    from lumina_jax.train.loop import Trainer
+
+    extra = ["stages.0.steps=2", "stages.1.steps=4", "checkpoint.every=1", "stages.1.data.num_samples=24"]
+    seen_a, seen_b = [], []
+    hook = lambda seen: (lambda step, b: seen.append((step, tuple(b["ids"]))))  # noqa: E731
+    a = Trainer(make_cfg(tmp_path / "a", *extra), stop_at=4, batch_hook=hook(seen_a))
+    assert a.run().step == 4
+    b = Trainer(make_cfg(tmp_path / "a", *extra, "checkpoint.resume_data=false"), batch_hook=hook(seen_b))
+    assert b.run().step == 6
+    stage1 = [ids for step, ids in seen_a if step >= 2]  # the batches stage 1 gave before the stop
+    assert [ids for _, ids in seen_b] == stage1  # ... are given again from the start of the stage
+    assert int(b.state.step) == 6

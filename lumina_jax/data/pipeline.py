@@ -614,7 +614,7 @@ class DataIterator(grain.DatasetIterator):
                 raise ValueError(
                     f"cannot restore the data iterator: its state was saved by a pipeline with other settings "
                     f"(saved -> now: {detail}). Restore it into a pipeline configured as when it was saved, or "
-                    f"start without the saved data state.{hint}"
+                    f"start without the saved data state (training config: checkpoint.resume_data=false).{hint}"
                 )
         try:
             self._parent.set_state(state["pipeline"])

@@ -59,6 +59,15 @@ class DataStats:
             logger.warning("skipped a sample of source %r (%s): %s", source, reason, key)
         self.dropped_incomplete += int(tally.get("dropped_incomplete", 0))
 
+    def merge(self, other: "DataStats") -> None:
+        """Adds ``other``'s counters to these (e.g. the counters of several processes' saved states)."""
+        for name in ("batches", "samples", "padded_rows", "dropped_incomplete", "captions_dropped", "logged_examples"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for source, reasons in other.skipped.items():
+            per = self.skipped.setdefault(source, {})
+            for reason, n in reasons.items():
+                per[reason] = per.get(reason, 0) + n
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -164,9 +164,11 @@ class RunCheckpoints:
 
         The data iterator state is per process. If the checkpoint was written by another number of
         processes, a state that does not depend on the host count (the global bucket plan's, or the
-        synthetic stream's global position) is restored from the file of process ``i mod n_saved``, with
-        its per-host counters reset on processes past ``n_saved``; any other state is refused with
-        :class:`DataStateMismatchError` (its order was a per-host slice of the data)."""
+        synthetic stream's global position) is restored from the file of process ``i mod n_saved``; any
+        other state is refused with
+        :class:`DataStateMismatchError` unless its fingerprint shows it fits this process's slice (e.g.
+        processes that fed the same rows). Counters of the saved processes are summed into the new ones
+        (process ``i`` takes ``i, i + count, ...``) or restart at zero on processes past ``n_saved``."""
         items = {STATE: ocp.args.StandardRestore(to_nested(target)), META: ocp.args.JsonRestore()}
         item = checkpointable(data_iter)
         elastic = None
@@ -176,17 +178,24 @@ class RunCheckpoints:
                 items[DATA] = grain.checkpoint.CheckpointRestore(item)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         if elastic is not None:
-            text, reset_stats = elastic
-            item.set_state(json.loads(text) if isinstance(item, grain.DatasetIterator) else text.encode())
-            if reset_stats and hasattr(data_iter, "stats"):
-                from lumina_jax.data.stats import DataStats
-
-                data_iter.stats = DataStats()
+            text, stats = elastic
+            try:
+                item.set_state(json.loads(text) if isinstance(item, grain.DatasetIterator) else text.encode())
+            except ValueError as e:  # the fingerprint check of a per-host state (other host slice)
+                raise DataStateMismatchError(
+                    f"checkpoint step {step} was written by another number of processes and its data iterator state "
+                    f"is a per-host slice of the data that does not fit this process: {e}"
+                ) from e
+            if stats is not None and hasattr(data_iter, "stats"):
+                data_iter.stats = stats
+            if hasattr(item, "start_prefetch"):
+                item.start_prefetch()
         return from_nested(out[STATE], target), out[META]
 
-    def _other_process_count_state(self, step: int) -> Optional[tuple[str, bool]]:
+    def _other_process_count_state(self, step: int) -> Optional[tuple[str, Any]]:
         """``None`` if ``step``'s data iterator was saved by as many processes as this run has; else the
-        JSON text to restore this process from and whether to reset its counters (see :meth:`restore`)."""
+        JSON text to restore this process from and its counters (:class:`lumina_jax.data.stats.DataStats`:
+        the sum over the saved processes ``j = i mod count``; ``None`` for states without counters)."""
         from etils import epath
 
         index, count = jax.process_index(), jax.process_count()
@@ -195,25 +204,33 @@ class RunCheckpoints:
             return None
         saved = sorted(p.name for p in folder.glob("process_*-of-*.json")) if folder.exists() else []
         counts = {int(n.rsplit("-of-", 1)[1].split(".")[0]) for n in saved}
-        if len(counts) != 1:
+        if len(counts) != 1 or count in counts:
             raise DataStateMismatchError(
                 f"checkpoint step {step}: no data iterator state for process {index} of {count} in {folder} "
-                f"(found {saved or 'none'})"
+                f"(found {saved or 'none'}); resume without it with checkpoint.resume_data=false"
             )
         n_saved = counts.pop()
-        text = (folder / f"process_{index % n_saved}-of-{n_saved}.json").read_text()
+        texts = {j: (folder / f"process_{j}-of-{n_saved}.json").read_text() for j in range(index % n_saved, n_saved, count)}
+        text = texts[index % n_saved]
         state = json.loads(text)
-        if not _host_count_free(state):
+        if not _host_count_free(state) and not isinstance(state.get("config"), dict):
             raise DataStateMismatchError(
-                f"checkpoint step {step} was written by {n_saved} processes and this run has {count}: its data "
-                f"iterator state is a per-host slice of the data (per-host buckets or mixed batches), which cannot "
-                f"move to another number of processes. Resume with {n_saved} processes, or use latent caches with "
-                f"a size index (the global bucket plan), whose state does not depend on the host count."
+                f"checkpoint step {step} was written by {n_saved} processes and this run has {count}, and its data "
+                f"iterator state cannot be checked against this process's slice of the data. Resume with {n_saved} "
+                f"processes, or without the data state (checkpoint.resume_data=false)."
             )
+        stats = None
+        if "stats" in state:
+            from lumina_jax.data.stats import DataStats
+
+            stats = DataStats()
+            if index < n_saved:  # process i adds up the counters of saved processes i, i + count, ...
+                for t in texts.values():
+                    stats.merge(DataStats.from_dict(json.loads(t)["stats"]))
         log.warning("checkpoint step %d: data iterator state of %d processes restored into %d (process %d takes "
-                    "process %d's state%s)", step, n_saved, count, index, index % n_saved,
-                    "; its counters restart" if index >= n_saved else "")  # fmt: skip
-        return text, index >= n_saved
+                    "process %d's position%s)", step, n_saved, count, index, index % n_saved,
+                    "" if stats is None or index < n_saved else "; its counters restart")  # fmt: skip
+        return text, stats
 
     def restore_subtree(self, step: int, name: str, target: Any) -> Any:
         """Restore only ``state/<name>`` (e.g. ``"ema"`` or ``"params"``) into ``target`` (partial restore:

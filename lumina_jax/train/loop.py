@@ -212,6 +212,10 @@ class Trainer:
                 if state is None:
                     if latest is not None:
                         same_stage = meta.get("data_stage") == si and self.ckpt.has_data(latest)
+                        if same_stage and not cfg.checkpoint.resume_data:
+                            log.warning("checkpoint.resume_data=false: the data of stage %s starts from its beginning, "
+                                        "not from step %d's position", stage.name, latest)  # fmt: skip
+                            same_stage = False
                         state, _ = self.restore(latest, ckpt_it if same_stage else None)
                     else:
                         state = self.fresh_state()
