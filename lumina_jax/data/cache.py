@@ -45,12 +45,12 @@ of the empty prompt (no system prompt), as the original does with the text.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -154,9 +154,7 @@ def write_latent_cache(
         feats, mask = empty_prompt_features
         empty = make_latent_record(np.zeros((1, 1, LATENT_CHANNELS)), feats, mask, prompt="")
         data = rec_lib.encode_record({k: empty[k] for k in ("schema", "cap_feats", "cap_mask", "prompt")})
-        tmp = out_dir / f".{_EMPTY_PROMPT_FILE}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, out_dir / _EMPTY_PROMPT_FILE)
+        rec_lib.write_bytes_atomic(out_dir / _EMPTY_PROMPT_FILE, data)
     pending: list[tuple[int, int, int]] = []  # size rows of the shard being written
 
     def encode(record: Mapping[str, Any]) -> bytes:
@@ -209,14 +207,9 @@ def _size_row(record: Mapping[str, Any]) -> tuple[int, int, int]:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array, dtype=np.int32), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.int32), allow_pickle=False)
+    rec_lib.write_bytes_atomic(path, buf.getvalue())
 
 
 def _load_sizes(path: Path, mmap: bool = False) -> np.ndarray:

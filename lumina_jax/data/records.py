@@ -235,11 +235,21 @@ def _is_indexable(obj: Any) -> bool:
     )
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to a hidden temp sibling and renames it to ``path`` (removed if the write fails), so
+    readers see the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 class ShardedRecordReader:

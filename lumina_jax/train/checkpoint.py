@@ -165,9 +165,8 @@ class RunCheckpoints:
         The data iterator state is per process. If the checkpoint was written by another number of
         processes, a state that does not depend on the host count (the global bucket plan's, or the
         synthetic stream's global position) is restored from the file of process ``i mod n_saved``; any
-        other state is refused with
-        :class:`DataStateMismatchError` unless its fingerprint shows it fits this process's slice (e.g.
-        processes that fed the same rows). Counters of the saved processes are summed into the new ones
+        other state is refused with :class:`DataStateMismatchError` unless its fingerprint shows it fits
+        this process's slice (e.g. processes that fed the same rows). Counters of the saved processes are summed into the new ones
         (process ``i`` takes ``i, i + count, ...``) or restart at zero on processes past ``n_saved``."""
         items = {STATE: ocp.args.StandardRestore(to_nested(target)), META: ocp.args.JsonRestore()}
         item = checkpointable(data_iter)
@@ -213,14 +212,15 @@ class RunCheckpoints:
         texts = {j: (folder / f"process_{j}-of-{n_saved}.json").read_text() for j in range(index % n_saved, n_saved, count)}
         text = texts[index % n_saved]
         state = json.loads(text)
-        if not _host_count_free(state) and not isinstance(state.get("config"), dict):
+        checkable = isinstance(state, dict) and isinstance(state.get("config"), dict)  # carries a fingerprint
+        if not _host_count_free(state) and not checkable:
             raise DataStateMismatchError(
                 f"checkpoint step {step} was written by {n_saved} processes and this run has {count}, and its data "
                 f"iterator state cannot be checked against this process's slice of the data. Resume with {n_saved} "
                 f"processes, or without the data state (checkpoint.resume_data=false)."
             )
         stats = None
-        if "stats" in state:
+        if isinstance(state, dict) and "stats" in state:
             from lumina_jax.data.stats import DataStats
 
             stats = DataStats()
