@@ -108,3 +108,24 @@ def test_convert_memory_bench_pth(tmp_path, capsys):
     out = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line and " " in line)
     assert out["export"] == "pth" and float(out["save_peak_rss_gib"]) > 0
     assert not (tmp_path / "w").exists()  # cleaned up without --keep
+
+
+def test_data_bench_rows_for_both_plans_and_the_plan_alone(tmp_path):
+    """``bench data``: raw and cached data through the global plan (raw images indexed first) and per-host
+    buckets; ``--plan-records``: the plan alone over cache-like and raw-image-like indexes."""
+    from lumina_jax.bench import data
+
+    out = tmp_path / "data.json"
+    assert data.main(["--kind", "raw", "cache", "--res", "64", "--workers", "0", "--plan", "global", "host",
+                      "--n", "16", "--batch", "4", "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(r["kind"], r["plan"]) for r in rows] == [("raw", "global"), ("raw", "host"), ("cache", "global"),
+                                                      ("cache", "host")]  # fmt: skip
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["index_images_per_s"] > 0 and rows[1]["index_images_per_s"] is None
+    assert data.main(["--plan-records", "20000", "--batch", "64", "--res", "256", "--kind", "cache", "raw",
+                      "--json", str(out)]) == 0  # fmt: skip
+    plan = json.loads(out.read_text())
+    assert [r["kind"] for r in plan] == ["cache", "raw"]
+    for r in plan:
+        assert r["ms_per_batch"] > 0 and 0.5 < r["real_rows"] <= 1.0 and r["restore_s"] >= 0

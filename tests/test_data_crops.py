@@ -122,3 +122,20 @@ def test_crop_is_centred_on_extreme_aspect_ratios(src):
     arr = np.broadcast_to(ramp[None, :], (h, w)) if w > h else np.broadcast_to(ramp[:, None], (h, w))
     out = crops.var_center_crop(Image.fromarray(arr.astype(np.uint8), "L"), crops.crop_sizes_for_resolution(64))
     assert abs(np.asarray(out, np.float32).mean() - 127.5) < 3
+
+
+@pytest.mark.parametrize("resolution", [64, 256, 1024])
+def test_crop_fitter_gives_best_crop_size_everywhere(resolution):
+    """The bisection fitter (global plan of raw images) answers exactly as the linear scan, ties included."""
+    sizes = crops.crop_sizes_for_resolution(resolution)
+    fit = crops.CropFitter(sizes)
+    rng = np.random.default_rng(resolution)
+    dims = [tuple(int(x) for x in rng.integers(1, 6000, 2)) for _ in range(3000)]
+    dims += [(cw * k, ch * k) for cw, ch in sizes for k in (1, 3)]  # exact aspect ratios
+    dims += [(200, 100), (100, 200), (1, 1), (10_000, 1), (1, 10_000), (4000, 3000), (1920, 1080)]
+    for w, h in dims:
+        assert fit(w, h) == crops.best_crop_size(w, h, sizes), (w, h)
+    tie = crops.CropFitter([(32, 32), (128, 32)])  # 2:1 scores 0.5 against both: the larger wins
+    assert tie(200, 100) == (128, 32)
+    with pytest.raises(ValueError, match="positive"):
+        fit(0, 5)

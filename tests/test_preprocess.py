@@ -488,3 +488,49 @@ def test_cli_index_builds_the_size_index_of_an_older_cache(cli_cache, tmp_path, 
     (out / "cache_info.json").unlink()
     rc = main(["--index", "--out", str(out), "--no-progress"])
     assert rc == 2 and f"latent cache {out} is incomplete" in capsys.readouterr().err
+
+
+def test_raw_images_on_two_hosts_encode_to_one_shape(models, data, tmp_path, monkeypatch):
+    """Raw-image training on several hosts (``train.data.build_stage_iterator``, each of 2 simulated hosts
+    feeding its rows): the global plan over the image size index gives both hosts the same crop size at
+    each step, and the frozen encoders pad captions to ``max_text_len``, so both build the same shapes;
+    the padding changes no feature (the same rows encoded with the text encoder's own length bucket)."""
+    from lumina_jax.data.image_index import index_image_source
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train import data as train_data
+    from lumina_jax.train.config import DataConfig, StageConfig
+
+    vae_dir, text_dir, tok_dir, _, _ = models
+    jsonl = tmp_path / "data.jsonl"  # a copy: an index next to the shared fixture would change its plan
+    jsonl.write_text(data.read_text().replace('"images/', f'"{data.parent}/images/'))
+    d = DataConfig(kind="images", paths=(str(jsonl),), vae=str(vae_dir), text_encoder=str(text_dir),
+                   tokenizer=str(tok_dir), max_text_len=128, encoder_dtype="float32", caption_dropout=0.0,
+                   read_threads=1)  # fmt: skip
+    stage = StageConfig(name="raw", resolution=RES, steps=4, batch=4, data=d)
+    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+
+    def host_batches(h):
+        monkeypatch.setattr(train_data, "process_rows", lambda b, m: (2 * h, 2 * h + 2, h, 2))
+        it, _ = train_data.build_stage_iterator(stage, model_config=NextDiTConfig.from_yaml("nextdit_tiny"),
+                                                mesh=mesh, seed=0, stage_index=0)  # fmt: skip
+        return [next(it) for _ in range(3)]
+
+    with pytest.raises(ValueError, match=r"2 hosts .* global bucket plan.*preprocess --index --data"):
+        host_batches(0)
+    index_image_source(JsonlSource(jsonl), progress=False)
+    b0s, b1s = host_batches(0), host_batches(1)
+    for b0, b1 in zip(b0s, b1s):
+        for key in ("latents", "cap_feats", "cap_mask"):
+            assert b0[key].shape == b1[key].shape, key
+        assert b0["cap_feats"].shape[1] == 128
+    free = train_data.FrozenEncoders(str(vae_dir), str(text_dir), str(tok_dir), max_text_len=128, dtype="float32")
+    rows = next(iter(DataPipeline(JsonlSource(jsonl), PipelineConfig(
+        resolution=RES, batch_size=2, shard_index=0, shard_count=2, caption_dropout=0.0, bucket_plan="global"))))
+    assert rows["ids"] == b0s[0]["ids"]
+    f0 = free(rows)
+    n = f0["cap_feats"].shape[1]
+    assert n < 128  # the text encoder's own bucket
+    np.testing.assert_array_equal(b0s[0]["cap_feats"][:, :n], f0["cap_feats"])
+    np.testing.assert_array_equal(b0s[0]["latents"], f0["latents"])
+    assert not b0s[0]["cap_mask"][:, n:].any() and not b0s[0]["cap_feats"][:, n:].any()

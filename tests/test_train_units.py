@@ -420,8 +420,8 @@ def test_aux_loss_crops_odd_pooled_sides_to_the_patch_size():
 
 def test_multi_host_data_must_have_one_shape_on_every_host():
     """Hosts reading different rows must build equal shapes: per-host buckets, free caption padding of mixed
-    batches and on-the-fly encoding are refused up front (they would trace different programs per host);
-    bucket batches of latent caches (global plan) and mixed + text_len are accepted."""
+    batches and mixed batches of raw images are refused up front (they would trace different programs per
+    host); bucket batches of latent caches and raw images (global plan) and mixed + text_len are accepted."""
     from lumina_jax.train.config import DataConfig, StageConfig
     from lumina_jax.train.data import check_same_shapes_on_every_host
 
@@ -436,6 +436,9 @@ def test_multi_host_data_must_have_one_shape_on_every_host():
     check_same_shapes_on_every_host(stage(kind="latent_cache", batching="mixed", text_len=256), 4)
     check_same_shapes_on_every_host(stage(kind="latent_cache"), 4)
     check_same_shapes_on_every_host(stage(kind="latent_cache", bucket_plan="global"), 4)
+    check_same_shapes_on_every_host(stage(kind="images"), 4)  # global plan over the image size index
+    with pytest.raises(ValueError, match=r"`bucket_plan: host` picks each host's image size"):
+        check_same_shapes_on_every_host(stage(kind="images", bucket_plan="host"), 2)
     with pytest.raises(ValueError, match=r"`bucket_plan: host` picks each host's image size.*bucket_plan: auto"):
         check_same_shapes_on_every_host(stage(kind="latent_cache", bucket_plan="host"), 2)
     with pytest.raises(ValueError, match="without `text_len`"):

@@ -2,9 +2,11 @@
 
 Images/s delivered by the input pipeline (decode + crop + normalise for raw JPEG/PNG; record reads for
 the latent cache) on this machine, on images it generates itself. Compare with what one accelerator
-consumes (see BENCHMARKS.md for the rates we compare against). ``--plan``: who buckets cache records
-(``global``: the plan every host agrees on, from the size index; ``host``: per-host buckets); raw
-images always use ``host``.
+consumes (see BENCHMARKS.md for the rates we compare against). ``--plan``: who buckets the records
+(``global``: the plan every host agrees on, from the size index -- raw images are indexed first, and
+the row reports the header reads/s of that indexing; ``host``: per-host buckets).
+``--plan-records N``: the global plan alone over a synthetic index of N records (``--kind cache``: crop
+sizes and caption lengths; ``--kind raw``: original image sizes, fitted to the crop list by the plan).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main(argv: list[str]) -> int:
         from lumina_jax.bench import print_table
         from lumina_jax.data.bench import bench_plan
 
-        rows = [bench_plan(records=a.plan_records, global_batch=a.batch, res=r) for r in a.res]
+        rows = [bench_plan(records=a.plan_records, global_batch=a.batch, res=r, kind=k) for k in a.kind for r in a.res]
         print_table(rows)
         if a.json:
             with open(a.json, "w") as f:
@@ -44,9 +46,12 @@ def main(argv: list[str]) -> int:
     for kind in a.kind:
         for res in a.res:
             for w in a.workers:
-                for plan in a.plan if kind == "cache" else ["host"]:
-                    ips = bench_data(kind=kind, res=res, workers=w, n=a.n, batch_size=a.batch, bucket_plan=plan)
-                    rows.append(dict(kind=kind, res=res, workers=w, plan=plan, images_per_s=ips))
+                for plan in a.plan:
+                    info: dict = {}
+                    ips = bench_data(kind=kind, res=res, workers=w, n=a.n, batch_size=a.batch, bucket_plan=plan,
+                                     info=info)  # fmt: skip
+                    rows.append(dict(kind=kind, res=res, workers=w, plan=plan, images_per_s=ips,
+                                     index_images_per_s=info.get("index_images_per_s")))  # fmt: skip
                     if len(rows) == 1:
                         print_table(rows[-1:])
                     else:

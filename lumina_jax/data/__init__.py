@@ -14,6 +14,7 @@ Quick start::
 Modules: :mod:`.sources` (JSONL/YAML, ArrayRecord, TFDS, in-memory), :mod:`.tfds_folder` (TFDS builder
 for captioned image folders), :mod:`.crops` (crop-size list, best-fit crop), :mod:`.transforms`,
 :mod:`.batching`, :mod:`.pipeline`, :mod:`.global_plan` (crop-size buckets every host agrees on),
+:mod:`.image_index` (raw images' sizes from their headers, for that plan),
 :mod:`.cache` (latent cache and its size index), :mod:`.checkpoint` (orbax),
 :mod:`.records` (record format), :mod:`.bench`, :mod:`.testing` (synthetic data).
 """

@@ -54,6 +54,9 @@ def _make_cache(folder: Path, n: int, res: int, seed: int) -> Path:
     return out
 
 
+REPEAT_RECORDS = 10_000  # records the raw benchmark source lists (its few images, repeated)
+
+
 def bench_data(
     kind: str = "raw",
     res: int = 256,
@@ -64,6 +67,7 @@ def bench_data(
     read_threads: int = 2,
     tmp_dir: Optional[str] = None,
     bucket_plan: str = "auto",
+    info: Optional[dict] = None,
 ) -> float:
     """Images (valid samples) per second delivered by the pipeline on this machine.
 
@@ -72,7 +76,9 @@ def bench_data(
       res: stage resolution (256 or 1024 in the paper's stages; any multiple of 16 works).
       workers: grain worker processes (0 = in-process).
       n: timed samples; ``min(n, 64)`` distinct items are generated and repeated.
-      bucket_plan: ``PipelineConfig.bucket_plan`` (the cache is indexed, so ``auto`` = ``global``).
+      bucket_plan: ``PipelineConfig.bucket_plan`` (the cache is indexed, so ``auto`` = ``global``; raw
+        images are indexed first for ``global``: :mod:`lumina_jax.data.image_index`).
+      info: if given, gets ``index_images_per_s`` (raw images with the global plan: header reads/s).
     """
     from lumina_jax.data import cache, pipeline, sources
 
@@ -84,7 +90,18 @@ def bench_data(
         if kind == "raw":
             from lumina_jax.data import testing
 
-            source = sources.JsonlSource(testing.write_bench_images(tmp / "raw", n_items, res, seed))
+            # The file's few images listed ~10k times (JSONL ``ratio``): shuffling a tiny source costs
+            # grain's index_shuffle ~0.4 ms per record (n = 64; ~3 us from n = 1e5), which real datasets
+            # never pay and which would dominate the plan here.
+            source = sources.JsonlSource(testing.write_bench_images(tmp / "raw", n_items, res, seed),
+                                         ratio=REPEAT_RECORDS / n_items)  # fmt: skip
+            if bucket_plan == "global":
+                from lumina_jax.data.image_index import index_image_source
+
+                start = time.perf_counter()
+                index_image_source(source, threads=read_threads, progress=False)
+                if info is not None:  # the file's rows (its images), not the repeated records
+                    info["index_images_per_s"] = source.size_index_spec()[1] / (time.perf_counter() - start)
         else:
             source = cache.LatentCacheSource(_make_cache(tmp, n_items, res, seed))
         config = pipeline.PipelineConfig(
@@ -128,13 +145,13 @@ def best_hw(ratio: float, crop_list) -> tuple[int, int]:
 
 
 class _IndexOnlySource:
-    """A latent source that has only a size index (records are never read): for :func:`bench_plan`."""
+    """A source that has only a size index (records are never read): for :func:`bench_plan`."""
 
-    kind = "latent"
     empty_prompt = None
 
-    def __init__(self, index_path: Path, name: str):
+    def __init__(self, index_path: Path, name: str, kind: str = "latent"):
         self.index_path, self.name, self.cache_dir = index_path, name, str(index_path.parent)
+        self.kind = kind
         self._sizes: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
@@ -150,13 +167,16 @@ class _IndexOnlySource:
 
 
 def bench_plan(records: int = 10_000_000, global_batch: int = 1024, batches: int = 50, res: int = 1024,
-               seed: int = 0, tmp_dir: Optional[str] = None) -> dict:  # fmt: skip
+               seed: int = 0, tmp_dir: Optional[str] = None, kind: str = "cache") -> dict:  # fmt: skip
     """Cost of the global bucket plan alone (:mod:`lumina_jax.data.global_plan`) over a memory-mapped size
     index of ``records`` rows: seconds to the first global batch, milliseconds per later batch, the share
     of real (non-padding) rows, and the restore (replay) time of a state saved after them.
 
-    Crop sizes follow a photo-like mix of aspect ratios (:data:`PLAN_ASPECTS`, each mapped to its best
-    crop size at ``res``); caption lengths are uniform in [20, 256].
+    ``kind="cache"``: a latent cache's index; crop sizes follow a photo-like mix of aspect ratios
+    (:data:`PLAN_ASPECTS`, each mapped to its best crop size at ``res``), caption lengths are uniform in
+    [20, 256]. ``kind="raw"``: a raw-image index (:mod:`lumina_jax.data.image_index`) of original image
+    sizes with the same aspect mix, scaled by 1-2x and each side jittered by up to 1 % (many distinct
+    sizes), so the plan also fits every image to the crop list.
     """
     import json
 
@@ -172,13 +192,20 @@ def bench_plan(records: int = 10_000_000, global_batch: int = 1024, batches: int
         rng = np.random.default_rng(seed)
         for lo in range(0, records, 10_000_000):
             hi = min(records, lo + 10_000_000)
-            index[lo:hi, :2] = sizes[rng.choice(len(sizes), size=hi - lo, p=weights / weights.sum())]
-            index[lo:hi, 2] = rng.integers(20, 257, size=hi - lo)
+            pick = sizes[rng.choice(len(sizes), size=hi - lo, p=weights / weights.sum())]
+            if kind == "raw":  # original images: 1-2x the crop, each side jittered by up to 1 %
+                scale = rng.uniform(1.0, 2.0, size=(hi - lo, 1)) * rng.uniform(0.99, 1.01, size=(hi - lo, 2))
+                index[lo:hi, :2] = np.round(pick * scale).astype(np.int32)
+                index[lo:hi, 2] = 0
+            else:
+                index[lo:hi, :2] = pick
+                index[lo:hi, 2] = rng.integers(20, 257, size=hi - lo)
         index.flush()
         del index
         config = pipeline.PipelineConfig(resolution=res, batch_size=global_batch, shard_index=0, shard_count=1,
                                          seed=seed, caption_dropout=0.0, probe_samples=0, bucket_plan="global")  # fmt: skip
-        pipe = pipeline.DataPipeline(_IndexOnlySource(path, "index"), config)
+        source = _IndexOnlySource(path, "index", kind="image" if kind == "raw" else "latent")
+        pipe = pipeline.DataPipeline(source, config)
         it = iter(pipe.plan_dataset)
         start = time.perf_counter()
         next(it)
@@ -193,7 +220,8 @@ def bench_plan(records: int = 10_000_000, global_batch: int = 1024, batches: int
         start = time.perf_counter()
         again.set_state(state)
         restore = time.perf_counter() - start
-    out = dict(records=records, global_batch=global_batch, res=res, first_batch_s=first, ms_per_batch=per_batch * 1e3,
+    out = dict(kind=kind, records=records, global_batch=global_batch, res=res, first_batch_s=first,
+               ms_per_batch=per_batch * 1e3,
                real_rows=real / (batches * global_batch), restore_s=restore)  # fmt: skip
     logger.info("bench_plan %s", out)
     return out

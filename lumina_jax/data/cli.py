@@ -15,6 +15,12 @@ written before it existed; preprocessing and ``--merge`` write it themselves::
 
     python -m lumina_jax preprocess --index --out cache_256
 
+Build the image size index of raw-image data (each image's size from its header, next to the data: see
+:mod:`lumina_jax.data.image_index`), so that several hosts can train on it with bucket batches (the global
+bucket plan); ``--data`` as in the training config's ``data.paths``::
+
+    python -m lumina_jax preprocess --index --data data.jsonl [--data meta.yaml ...] [--read-threads 16]
+
 ``--data`` (repeatable; concatenated): an original-format ``.jsonl`` or ``.json``, a ``META`` ``.yaml``, a directory of
 ``images-NNNNN.array_record`` shards, a prepared TFDS directory or ``tfds:NAME``. Rerunning an interrupted
 command resumes it (complete shards are skipped). Train on the result with ``data.kind: latent_cache``,
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", metavar="PATH", help="transformers Gemma-2 directory")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer directory (default: tokenizer/ next to --text-encoder, else --text-encoder)")
-    p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; rerun to resume)")
+    p.add_argument("--out", metavar="DIR", help="cache directory (created; rerun to resume); required except "
+                   "for --index --data")
     p.add_argument("--resolution", type=int, default=1024, metavar="PX",
                    help="stage resolution in px: 256 or 1024 (any multiple of 16 works; default 1024)")
     p.add_argument("--batch", type=int, default=16, metavar="N",
@@ -86,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", action="store_true",
                    help="build the size index (record_sizes.npy) of the cache in --out, then exit (with "
                         "--merge: after merging); reads the records of shards without a size sidecar, "
-                        "--read-threads shards at a time")  # fmt: skip
+                        "--read-threads shards at a time. With --data (and no --out): write the image size "
+                        "index of each raw-image source (image headers, --read-threads at a time)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with tracebacks")
     return p
@@ -119,6 +127,20 @@ def _index_summary(path: Path) -> str:
     return line
 
 
+def _index_images(args: argparse.Namespace) -> int:
+    """``--index --data ...``: the image size index of every source the ``--data`` values name."""
+    from lumina_jax.data import image_index
+    from lumina_jax.data import preprocess as pp
+
+    for spec in args.data:
+        source = pp.open_source(spec, system_prompt=args.system_prompt, tfds_split=args.tfds_split,
+                                tfds_data_dir=args.tfds_data_dir, image_key=args.image_key,
+                                caption_key=args.caption_key)  # fmt: skip
+        for path in image_index.index_image_source(source, threads=args.read_threads, progress=not args.no_progress):
+            print(image_index.summary(path))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -127,6 +149,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lumina_jax.data.pipeline import NoUsableSampleError
 
     try:
+        if args.index and args.data and not args.out:
+            return _index_images(args)
+        if not args.out:
+            raise pp.PreprocessError("--out is required (except for --index --data)")
         if args.merge:
             m = pp.merge_parts(args.out, progress=not args.no_progress)
             skipped = sum(n for r in m.skipped.values() for n in r.values())

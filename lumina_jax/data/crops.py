@@ -21,7 +21,9 @@ the 193 follow from the code above with patch 16 (``8 * model.patch_size``) and 
 
 from __future__ import annotations
 
+import bisect
 import functools
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -76,6 +78,39 @@ def best_crop_size(width: int, height: int, crop_sizes: Sequence[CropSize]) -> C
     if best is None:
         raise ValueError("crop_sizes is empty")
     return best[1]
+
+
+class CropFitter:
+    """:func:`best_crop_size` for many images at once-per-image cost O(log n) (the global bucket plan fits
+    every record of a raw-image index; 193 sizes at 1024 px made the linear scan ~100 us per image).
+
+    The score ``min(sx, sy) / max(sx, sy)`` equals ``exp(-|log(cw / ch) - log(w / h)|)``: it falls with
+    the distance between the log aspect ratios. So the best size is among those nearest in log aspect
+    ratio; the few within ``1e-9`` of the nearest distance are scored with :func:`best_crop_size` itself,
+    so float rounding and ties resolve exactly as there (checked on random sizes in the tests).
+    """
+
+    def __init__(self, crop_sizes: Sequence[CropSize]):
+        if not crop_sizes:
+            raise ValueError("crop_sizes is empty")
+        logs = [math.log(cw / ch) for cw, ch in crop_sizes]
+        order = sorted(range(len(crop_sizes)), key=logs.__getitem__)
+        self._logs = [logs[i] for i in order]
+        self._sizes = [tuple(crop_sizes[i]) for i in order]
+
+    def __call__(self, width: int, height: int) -> CropSize:
+        if width <= 0 or height <= 0:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        x, logs, n = math.log(width / height), self._logs, len(self._logs)
+        i = bisect.bisect_left(logs, x)
+        nearest = min(abs(logs[j] - x) for j in (i - 1, i) if 0 <= j < n)
+        tol = nearest + 1e-9
+        lo, hi = i - 1, i
+        while lo >= 0 and x - logs[lo] <= tol:
+            lo -= 1
+        while hi < n and logs[hi] - x <= tol:
+            hi += 1
+        return best_crop_size(width, height, self._sizes[lo + 1:hi])
 
 
 def resize_and_crop(

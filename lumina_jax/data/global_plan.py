@@ -8,7 +8,9 @@ The global plan fixes that without any communication between hosts:
 1. Every host builds the same *global* stream of record references ``(source, epoch, record)`` -- the
    whole epoch permutation of each source (not a host's slice), mixed by the same weights -- with each
    record's crop size and caption length read from the cache's size index
-   (:meth:`lumina_jax.data.cache.LatentCacheSource.record_sizes`), not from the record.
+   (:meth:`lumina_jax.data.cache.LatentCacheSource.record_sizes`), not from the record. Raw-image
+   sources work the same way from their image size index (:mod:`lumina_jax.data.image_index`: each
+   image's pixel size, from which the crop size follows; captions are encoded after batching).
 2. The same :class:`~lumina_jax.data.batching.BatchIterDataset` groups those references into global
    batches of ``global_batch`` rows of one crop size (padding rules unchanged; the window counts global
    samples, default 64 global batches). Only references wait in the window, never decoded samples.
@@ -35,6 +37,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from lumina_jax.data import batching
+from lumina_jax.data.crops import CropFitter
 from lumina_jax.data.pipeline import NoUsableSampleError
 from lumina_jax.data.transforms import is_skip, skip_marker
 
@@ -44,22 +47,40 @@ INDEX_COMMAND = "python -m lumina_jax preprocess --index --out {dir}"
 class SizeRefLoader:
     """``(epoch, record) -> {"ref", "image_size", "cap_len"}`` from a source's size index (no record read).
 
-    Holds the source, not its index: each process (grain workers too) maps ``record_sizes.npy`` itself,
-    so the index is never pickled or copied per process. Index rows ``[0, 0, 0]`` (records that were
-    unreadable when the index was built) give skip markers.
+    Latent caches: the index row is ``[H px, W px, caption length]``, the crop size itself; rows
+    ``[0, 0, 0]`` (records unreadable when the index was built) give skip markers. Raw-image sources
+    (:mod:`lumina_jax.data.image_index`): the row is ``[H px, W px, skip]`` of the original image, the
+    crop size is its best fit in ``crop_sizes`` (the loader's choice, so the plan and the decoded sample
+    agree), the caption length is 0 (captions are encoded after batching), and a row with ``skip`` > 0
+    gives a skip marker with the reason the loader would have given.
+
+    Holds the source, not its index: each process (grain workers too) maps the index itself, so it is
+    never pickled or copied per process.
     """
 
-    def __init__(self, source: Any, source_id: int):
+    def __init__(self, source: Any, source_id: int, crop_sizes: Optional[Sequence[tuple[int, int]]] = None):
         self.source = source
         self.source_id = source_id
         self.source_name = source.name
+        self.is_image = getattr(source, "kind", "image") == "image"
+        if self.is_image and not crop_sizes:
+            raise ValueError("a raw-image source's plan needs the stage's crop sizes")
+        self.fit = CropFitter(crop_sizes) if self.is_image else None
 
     def __call__(self, item: tuple[int, int]) -> dict:
         epoch, index = int(item[0]), int(item[1])
-        h, w, length = (int(v) for v in self.source.record_sizes()[index])
-        if h <= 0 or w <= 0:
-            return skip_marker("unreadable", self.source_name, f"{self.source_name}:{index} (size index row 0)")
-        return {"ref": (self.source_id, epoch, index), "image_size": (h, w), "cap_len": length}
+        h, w, third = (int(v) for v in self.source.record_sizes()[index])
+        ref = (self.source_id, epoch, index)
+        if not self.is_image:
+            if h <= 0 or w <= 0:
+                return skip_marker("unreadable", self.source_name, f"{self.source_name}:{index} (size index row 0)")
+            return {"ref": ref, "image_size": (h, w), "cap_len": third}
+        if third > 0 or h <= 0 or w <= 0:
+            from lumina_jax.data.image_index import reason_of
+
+            return skip_marker(reason_of(third), self.source_name, f"{self.source_name}:{index} (size index)")
+        cw, ch = self.fit(w, h)
+        return {"ref": ref, "image_size": (ch, cw), "cap_len": 0}
 
 
 def plan_collate(refs: Sequence[dict], n_valid: int) -> dict:
@@ -72,10 +93,14 @@ def plan_collate(refs: Sequence[dict], n_valid: int) -> dict:
     }
 
 
+def _latent(source: Any) -> bool:
+    return getattr(source, "kind", "image") == "latent"
+
+
 def longest_caption(sources: Sequence[Any], caption_dropout: float) -> int:
     """The longest caption feature length in the size indexes (and the empty prompt's, if captions are dropped)."""
     longest = 1
-    for s in sources:
+    for s in filter(_latent, sources):  # raw-image captions are encoded after batching, at a fixed length
         sizes = s.record_sizes()
         if len(sizes):
             longest = max(longest, int(sizes[:, 2].max()))
@@ -98,21 +123,40 @@ def check_text_len(sources: Sequence[Any], text_len: Optional[int], caption_drop
     return text_len
 
 
-def check_probe(source: Any, loader: Any, count: int) -> None:
-    """Compares the first ``count`` readable records of ``source`` with their size index rows, so a stale
-    index fails at start-up (every host reads the same records here) rather than mid-run on one host."""
-    sizes = source.record_sizes()
+def check_probe(source: Any, loader: Any, ref_loader: SizeRefLoader, count: int) -> None:
+    """Compares the first ``count`` readable records of ``source`` with what their size index rows plan
+    (``ref_loader``), so a stale index fails at start-up (every host reads the same records here) rather
+    than mid-run on one host."""
     for index in range(min(count, len(source))):
         sample = loader((0, index))
-        if is_skip(sample):
+        planned = ref_loader((0, index))
+        if is_skip(sample) or is_skip(planned):
             continue
-        row = tuple(int(v) for v in sizes[index])
-        got = (*(int(v) for v in sample["image_size"]), int(np.shape(sample["cap_feats"])[0]))
-        if row != got and not (sample.get("caption_dropped") and row[:2] == got[:2]):
-            raise ValueError(_stale(source.cache_dir, index, got, row))
+        check_sample(source, index, sample, tuple(planned["image_size"]), planned["cap_len"])
 
 
-def _stale(cache_dir: str, index: int, got: tuple, planned: tuple) -> str:
+def check_sample(source: Any, index: int, sample: dict, planned: tuple[int, int], cap_len: int) -> None:
+    """``ValueError`` (the index is stale) if a read sample's crop size, or a latent record's caption
+    length, is not what the plan said."""
+    got = tuple(int(v) for v in sample["image_size"])
+    if not _latent(source):
+        if got != planned:
+            raise ValueError(_stale(source, index, got, planned))
+        return
+    got = (*got, int(np.shape(sample["cap_feats"])[0]))
+    # A dropped caption carries the empty prompt's features, whose length the index does not list.
+    if got[:2] != planned or (got[2] != cap_len and not sample.get("caption_dropped")):
+        raise ValueError(_stale(source, index, got, (*planned, cap_len)))
+
+
+def _stale(source: Any, index: int, got: tuple, planned: tuple) -> str:
+    if not _latent(source):
+        from lumina_jax.data.image_index import INDEX_COMMAND as IMAGE_INDEX_COMMAND
+
+        return (f"record {index} of {source.name!r} crops to {got} px (H, W) but its size index plans {planned}: "
+                f"the index is stale (the data changed after it was indexed); rebuild it with "
+                f"`{IMAGE_INDEX_COMMAND.format(path=source.index_data_path)}`")  # fmt: skip
+    cache_dir = source.cache_dir
     return (f"record {index} of latent cache {cache_dir} is {got} ([H px, W px, caption length]) but its size index "
             f"says {planned}: the index is stale (the cache changed after it was indexed). Delete "
             f"{cache_dir}/record_sizes.npy and {cache_dir}/*.sizes.npy, then rebuild the index with "
@@ -123,8 +167,9 @@ class HostRows:
     """A global plan batch -> this host's rows as a collated batch (a picklable grain map).
 
     Args:
-      loaders: per source, ``(epoch, record) -> sample`` (:class:`lumina_jax.data.cache.LatentSampleLoader`).
-      cache_dirs: per source, its directory (named in errors).
+      loaders: per source, ``(epoch, record) -> sample`` (:class:`lumina_jax.data.cache.LatentSampleLoader`
+        or :class:`lumina_jax.data.transforms.ImageSampleLoader`).
+      sources: the sources (named in errors).
       rows: ``(start, stop)`` rows of each global batch that this host feeds.
       collate: :class:`lumina_jax.data.batching.Collate` (latent, bucket, fixed ``text_len``).
       count_plan_skips: report the plan's own skip counts (index rows ``[0, 0, 0]``); True on one shard.
@@ -135,7 +180,7 @@ class HostRows:
     def __init__(
         self,
         loaders: Sequence[Any],
-        cache_dirs: Sequence[str],
+        sources: Sequence[Any],
         rows: tuple[int, int],
         collate: batching.Collate,
         *,
@@ -145,7 +190,7 @@ class HostRows:
         option: str = "max_consecutive_skips",
     ):
         self.loaders = list(loaders)
-        self.cache_dirs = list(cache_dirs)
+        self.sources = list(sources)
         self.start, self.stop = rows
         self.collate = collate
         self.count_plan_skips = count_plan_skips
@@ -165,18 +210,20 @@ class HostRows:
         return self.loaders[source_id]((epoch, index))
 
     def _load_all(self, refs: list[tuple[int, int, int, int]]) -> list[dict]:
-        if self.read_threads == 1 or len(refs) <= 1:
-            return [self._load(r) for r in refs]
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix="host_rows")
-        return list(self._pool.map(self._load, refs))
+        """Each distinct record read once (padding rows repeat records of their batch)."""
+        distinct = list(dict.fromkeys(refs))
+        if self.read_threads == 1 or len(distinct) <= 1:
+            loaded = [self._load(r) for r in distinct]
+        else:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix="host_rows")
+            loaded = list(self._pool.map(self._load, distinct))
+        by_ref = dict(zip(distinct, loaded))
+        return [by_ref[r] for r in refs]
 
     def _check_size(self, sample: dict, ref: tuple[int, int, int, int], planned: tuple[int, int]) -> None:
         source_id, _, index, cap_len = ref
-        got = (*(int(v) for v in sample["image_size"]), int(np.shape(sample["cap_feats"])[0]))
-        # A dropped caption carries the empty prompt's features, whose length the index does not list.
-        if got[:2] != planned or (got[2] != cap_len and not sample.get("caption_dropped")):
-            raise ValueError(_stale(self.cache_dirs[source_id], index, got, (*planned, cap_len)))
+        check_sample(self.sources[source_id], index, sample, planned, cap_len)
 
     def __call__(self, plan: dict) -> dict:
         tally = batching.SkipTally()
@@ -230,5 +277,5 @@ class HostRows:
                 return sample
         raise NoUsableSampleError(
             f"no record of a {len(refs)}-row global batch of size {planned} could be read (e.g. "
-            f"{self.cache_dirs[refs[0][0]]} record {refs[0][2]}); check the latent caches"
+            f"{self.sources[refs[0][0]].name!r} record {refs[0][2]}); check the data"
         )

@@ -70,9 +70,10 @@ class PipelineConfig:
         :mod:`lumina_jax.data.batching`.
       bucket_plan: who decides the buckets of ``bucket`` batching. ``"host"``: each host buckets its own
         samples (hosts may pick different sizes at one step). ``"global"``: every host computes the
-        same plan of global batches from the latent caches' size indexes and reads its rows of each
+        same plan of global batches from the sources' size indexes (latent caches' ``record_sizes.npy``,
+        raw images' :mod:`lumina_jax.data.image_index`) and reads its rows of each
         (:mod:`lumina_jax.data.global_plan`); needed to train on several hosts with buckets. ``"auto"``
-        (default): ``"global"`` when every source is a latent cache with a size index, else ``"host"``.
+        (default): ``"global"`` when every source has a size index, else ``"host"``.
       bucket_window: longest wait of a sample in a bucket, in samples read after it (default
         ``16 * batch_size``: decoded samples wait there; with the global plan it counts global samples,
         default ``64 * global batch``: only references wait, and at a global batch of 1024 with a
@@ -450,10 +451,11 @@ class DataPipeline:
         from lumina_jax.data import global_plan
 
         config = self.config
-        refs = [global_plan.SizeRefLoader(s, i) for i, s in enumerate(self.sources)]
+        crop_sizes = config.transform_config().crop_sizes if self.kind == "image" else None
+        refs = [global_plan.SizeRefLoader(s, i, crop_sizes) for i, s in enumerate(self.sources)]
         if config.probe_samples > 0:
-            for source, loader in zip(self.sources, loaders):
-                global_plan.check_probe(source, loader, config.probe_samples)
+            for source, loader, ref in zip(self.sources, loaders, refs):
+                global_plan.check_probe(source, loader, ref, config.probe_samples)
         global_batch = config.batch_size * shard_count
         window = config.bucket_window if config.bucket_window is not None else GLOBAL_WINDOW * global_batch
         if window < global_batch:
@@ -472,7 +474,7 @@ class DataPipeline:
         collate = batching.Collate(self.kind, "bucket", config.token_budget, text_len, config.text_pad_multiple)
         start = shard_index * config.batch_size
         ds = ds.map(global_plan.HostRows(
-            loaders, [s.cache_dir for s in self.sources], (start, start + config.batch_size), collate,
+            loaders, self.sources, (start, start + config.batch_size), collate,
             count_plan_skips=shard_index == 0, read_threads=config.read_threads,
             max_consecutive_skips=config.max_consecutive_skips, option=config.max_consecutive_skips_option,
         ))  # fmt: skip
@@ -485,31 +487,44 @@ class DataPipeline:
 
 
 def _record_sizes(source: Any) -> Optional[np.ndarray]:
-    """A latent source's size index (``None`` without one, or for sources that cannot have one)."""
+    """A source's size index (``None`` without one, or for sources that cannot have one)."""
     sizes = getattr(source, "record_sizes", None)
     return sizes() if callable(sizes) else None
 
 
 def resolve_bucket_plan(sources: Sequence[Any], config: PipelineConfig) -> str:
     """``"global"`` or ``"host"``: what ``config.bucket_plan`` means for these sources (see
-    :class:`PipelineConfig`). Raises ``ValueError`` for ``"global"`` with sources lacking a size index."""
+    :class:`PipelineConfig`). Raises :class:`MissingSizeIndexError` for ``"global"`` with sources lacking a
+    size index (latent caches: ``record_sizes.npy``; raw images: :mod:`lumina_jax.data.image_index`)."""
     if config.batching != "bucket" or config.bucket_plan == "host":
         return "host"
-    missing = [s for s in sources if getattr(s, "kind", "image") != "latent" or _record_sizes(s) is None]
+    missing = [s for s in sources if _record_sizes(s) is None]
     if not missing:
         return "global"
     if config.bucket_plan == "auto":
         return "host"
     from lumina_jax.data.global_plan import INDEX_COMMAND
+    from lumina_jax.data.image_index import INDEX_COMMAND as IMAGE_INDEX_COMMAND
 
     why = []
     for s in missing:
-        if getattr(s, "kind", "image") != "latent":
-            why.append(f"{s.name!r} is an image source (crop sizes are only known after decoding)")
-        else:
+        if getattr(s, "kind", "image") == "latent":
             why.append(f"latent cache {s.cache_dir} has no size index (build it: `{INDEX_COMMAND.format(dir=s.cache_dir)}`)")
+        elif _indexable(s):
+            why.append(f"image source {s.name!r} has no size index (build it: "
+                       f"`{IMAGE_INDEX_COMMAND.format(path=s.index_data_path)}`)")  # fmt: skip
+        else:
+            why.append(f"image source {s.name!r} ({type(s).__name__}) cannot have a size index (JSONL/JSON files, "
+                       f"prepared TFDS datasets and ArrayRecord shard folders can)")  # fmt: skip
     raise MissingSizeIndexError("bucket_plan='global' needs the crop size of every record without reading it: "
                                 + "; ".join(why))
+
+
+def _indexable(source: Any) -> bool:
+    parts = getattr(source, "_sources", None)
+    if parts is not None:
+        return all(_indexable(p) for p in parts)
+    return getattr(source, "index_data_path", None) is not None
 
 
 def state_fingerprint(

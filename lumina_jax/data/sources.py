@@ -267,7 +267,49 @@ def _read_original_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]
     return _json_lines(path)
 
 
-class JsonlSource:
+def image_index_suffix() -> str:
+    from lumina_jax.data.image_index import IMAGE_SIZES_SUFFIX
+
+    return IMAGE_SIZES_SUFFIX
+
+
+class SizeIndexed:
+    """Mixin of image sources that can have a size index (:mod:`lumina_jax.data.image_index`).
+
+    Subclasses define ``size_index_spec() -> (file, records, index -> RawItem)`` (or ``None``) and
+    ``index_data_path`` (the ``--data`` value that rebuilds it); :meth:`_index_rows` maps the file's
+    rows to the source's records (identity unless overridden).
+    """
+
+    _record_sizes: Optional[np.ndarray] = None
+
+    def size_index_spec(self) -> Optional[tuple[str, int, Any]]:
+        raise NotImplementedError
+
+    def _index_rows(self, sizes: np.ndarray) -> np.ndarray:
+        return sizes
+
+    def record_sizes(self) -> Optional[np.ndarray]:
+        """``int32 (len(self), 3)``: ``[H px, W px, skip]`` of each record (memory-mapped when the rows
+        are the file's), or ``None`` without an index. Loaded once; ``ValueError`` for a stale index."""
+        if self._record_sizes is None:
+            from lumina_jax.data.image_index import load_index
+
+            spec = self.size_index_spec()
+            if spec is None:
+                return None
+            path, count, _ = spec
+            sizes = load_index(path, count, self.index_data_path)
+            self._record_sizes = None if sizes is None else self._index_rows(sizes)
+        return self._record_sizes
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_record_sizes", None)  # mapped again on demand, not shipped to every worker process
+        return state
+
+
+class JsonlSource(SizeIndexed):
     """Items of an original-format file: JSON lines, or a ``.json`` JSON array (see the module docstring).
 
     Lines or array elements that are not valid UTF-8 or valid JSON, or that lack the expected keys, are
@@ -296,6 +338,7 @@ class JsonlSource:
         path = Path(path)
         self.name = name or path.stem
         self.path = str(path)
+        self.index_data_path = self.path
         root = Path(root) if root is not None else path.parent
         entries: list[tuple] = []
         bad: list[str] = []
@@ -315,18 +358,29 @@ class JsonlSource:
                 "%s: %d of %d records are unusable and will be skipped as bad_record (first: %s)",
                 path, len(bad), len(entries), "; ".join(bad[:3]),
             )
+        self._entries = entries  # every record of the file; ``ratio`` picks rows of it
+        self._rows: Optional[np.ndarray] = None
         if ratio is not None:
-            entries = _subsample(entries, ratio)
-        self._entries = entries
+            self._rows = np.asarray(_subsample(list(range(len(entries))), ratio), np.int64)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) if self._rows is None else len(self._rows)
 
     def get(self, index: int) -> RawItem:
-        path, caption, system = self._entries[index]
+        return self._file_record(index if self._rows is None else int(self._rows[index]))
+
+    def _file_record(self, row: int) -> RawItem:
+        path, caption, system = self._entries[row]
         if path is None:
             raise SkipSample("bad_record", caption)
         return RawItem(key=path, caption=caption, system_prompt=system, image_path=path)
+
+    def size_index_spec(self) -> tuple[str, int, Any]:
+        """``(index file, records, row -> RawItem)`` of the file's records (before ``ratio``)."""
+        return self.path + image_index_suffix(), len(self._entries), self._file_record
+
+    def _index_rows(self, sizes: np.ndarray) -> np.ndarray:
+        return sizes if self._rows is None else sizes[self._rows]
 
 
 def _subsample(entries: list, ratio: float) -> list:
@@ -409,6 +463,24 @@ class ConcatSource:
         s = int(np.searchsorted(self._offsets, index, side="right") - 1)
         return self._sources[s].get(index - int(self._offsets[s]))
 
+    def record_sizes(self) -> Optional[np.ndarray]:
+        """The parts' size indexes concatenated (once), ``None`` unless every part has one."""
+        if getattr(self, "_record_sizes", None) is None:
+            parts = []
+            for s in self._sources:
+                get = getattr(s, "record_sizes", None)
+                sizes = get() if callable(get) else None
+                if sizes is None:
+                    return None
+                parts.append(sizes)
+            self._record_sizes = np.concatenate(parts)
+        return self._record_sizes
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_record_sizes", None)
+        return state
+
 
 # ---------------------------------------------------------------------------------------------------
 # ArrayRecord shards of our own schema
@@ -453,7 +525,7 @@ def write_image_records(
     return rec_lib.write_sharded(items, out_dir, shard_size, prefix, encode=encode)
 
 
-class ArrayRecordImageSource:
+class ArrayRecordImageSource(SizeIndexed):
     """Reads shards written by :func:`write_image_records`.
 
     Args:
@@ -470,10 +542,13 @@ class ArrayRecordImageSource:
         system_prompt: str = "base",
         prefix: str = IMAGE_SHARD_PREFIX,
     ):
+        self.index_data_path: Optional[str] = None  # a folder's shards have a size index; a list of files not
         if isinstance(paths, (str, os.PathLike)):
             folder = Path(paths)
             shard_paths = rec_lib.list_shards(folder, prefix) if folder.is_dir() else [folder]
             name = name or folder.name
+            if folder.is_dir():
+                self.index_data_path = str(folder)
         else:
             shard_paths = [Path(p) for p in paths]
             name = name or (shard_paths[0].parent.name if shard_paths else "array_record")
@@ -485,6 +560,12 @@ class ArrayRecordImageSource:
 
     def __len__(self) -> int:
         return len(self._reader)
+
+    def size_index_spec(self) -> Optional[tuple[str, int, Any]]:
+        """``(index file, records, index -> RawItem)``; ``None`` for shards given as a list of files."""
+        if self.index_data_path is None:
+            return None
+        return os.path.join(self.index_data_path, "image_sizes.npy"), len(self), self.get
 
     def get(self, index: int) -> RawItem:
         try:
@@ -505,7 +586,7 @@ class ArrayRecordImageSource:
 # TFDS
 
 
-class TfdsSource:
+class TfdsSource(SizeIndexed):
     """A TFDS dataset prepared with ``file_format="array_record"``, read with ``tfds.data_source``.
 
     The image feature is read undecoded (``tfds.decode.SkipDecoding``) when it is a
@@ -553,9 +634,18 @@ class TfdsSource:
         self.name = source_name or f"{builder.name}/{split}"
         self.system_prompt = system_prompt
         self._image_key, self._caption_key, self._key_key = image_key, caption_key, key_key
+        self.split = split
+        self.index_data_path = str(builder.data_dir)
 
     def __len__(self) -> int:
         return len(self._source)
+
+    def size_index_spec(self) -> tuple[str, int, Any]:
+        """``(index file, records, index -> RawItem)``: ``<dataset dir>/<split>.image_sizes.npy``."""
+        from lumina_jax.data.image_index import split_file_name
+
+        path = os.path.join(self.index_data_path, split_file_name(self.split) + image_index_suffix())
+        return path, len(self), self.get
 
     def get(self, index: int) -> RawItem:
         ex = self._source[index]

@@ -93,12 +93,14 @@ class FrozenEncoders:
 
     The VAE runs jitted on the process's local rows (replicated params, ~84M); the text encoder is
     :class:`lumina_jax.text.TextEncoder`; both compute in ``dtype`` (``"bfloat16"`` default, as the
-    original trains; ``"float32"`` when the model will be sampled with fp32 encoders). For large runs
-    prefer a latent cache.
+    original trains; ``"float32"`` when the model will be sampled with fp32 encoders). Caption features
+    are padded to the longest caption's length bucket, or to ``max_text_len`` with ``fixed_text_len``
+    (several hosts: every host must build the same shapes; padding changes no output, the model masks
+    it). For large runs prefer a latent cache.
     """
 
     def __init__(self, vae_path: str, text_encoder_path: str, tokenizer_path: Optional[str] = None,
-                 max_text_len: int = 256, dtype: str = "bfloat16"):  # fmt: skip
+                 max_text_len: int = 256, dtype: str = "bfloat16", fixed_text_len: bool = False):  # fmt: skip
         import jax.numpy as jnp
 
         from lumina_jax.convert.vae import load_vae
@@ -110,6 +112,7 @@ class FrozenEncoders:
         self.text = TextEncoder.from_pretrained(text_encoder_path, tokenizer_path,
                                                 dtype="bf16" if dtype == "bfloat16" else "fp32")  # fmt: skip
         self.max_text_len = max_text_len
+        self.fixed_text_len = fixed_text_len
         model = AutoencoderKL(self.vae_config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
         cfg = self.vae_config
 
@@ -128,8 +131,13 @@ class FrozenEncoders:
         latents = np.asarray(self._encode(self.vae_params, np.asarray(batch["images"], np.float32)))
         # The pipeline already replaced dropped captions by "" (caption dropout).
         feats, mask = self.text.encode(list(batch["prompts"]), system_prompt="empty", max_length=self.max_text_len)
+        feats, mask = np.asarray(feats, np.float32), np.asarray(mask)
+        if self.fixed_text_len and feats.shape[1] < self.max_text_len:
+            pad = self.max_text_len - feats.shape[1]
+            feats = np.pad(feats, ((0, 0), (0, pad), (0, 0)))
+            mask = np.pad(mask, ((0, 0), (0, pad)))
         out = {k: v for k, v in batch.items() if k not in ("images",)}
-        out.update(latents=latents, cap_feats=np.asarray(feats, np.float32), cap_mask=np.asarray(mask))
+        out.update(latents=latents, cap_feats=feats, cap_mask=mask)
         return out
 
 
@@ -209,8 +217,16 @@ def build_stage_iterator(
     sources = []
     for p in d.paths:
         sources.extend(image_sources(p, system_prompt=d.system_prompt, key_feature=d.key_feature))
-    inner = iter(DataPipeline(sources, pc, weights=d.weights))
-    enc = FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len, dtype=d.encoder_dtype)
+    try:
+        inner = iter(DataPipeline(sources, pc, weights=d.weights))
+    except MissingSizeIndexError as e:
+        if d.bucket_plan == "global":
+            raise
+        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need "
+                         f"the global bucket plan, which reads each image's size from the data's size index: "
+                         f"{e}. (Or encode offline into a latent cache: python -m lumina_jax preprocess.)") from e  # fmt: skip
+    enc = FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len, dtype=d.encoder_dtype,
+                         fixed_text_len=shard_count > 1)  # fmt: skip
     return EncodedIterator(inner, enc), inner
 
 
@@ -218,19 +234,20 @@ def check_same_shapes_on_every_host(stage: StageConfig, shard_count: int) -> Non
     """Raise ``ValueError`` when ``shard_count`` > 1 data shards (hosts feeding different rows) would
     build batches of different shapes.
 
-    One SPMD step needs the same global shapes on every host. Bucket batches of latent caches get them
-    from the global bucket plan (:mod:`lumina_jax.data.global_plan`, chosen by :func:`build_stage_iterator`),
-    unless ``bucket_plan: host`` asks for per-host buckets; mixed batches need a fixed ``text_len``
-    (captions would be padded to each host's longest); on-the-fly encoding pads captions per host.
-    Without this check the hosts would trace different programs and hang or fail inside a collective.
+    One SPMD step needs the same global shapes on every host. Bucket batches get them from the global
+    bucket plan (:mod:`lumina_jax.data.global_plan`, chosen by :func:`build_stage_iterator`; latent caches
+    and raw images with a size index), unless ``bucket_plan: host`` asks for per-host buckets; mixed
+    batches need a fixed ``text_len`` (captions would be padded to each host's longest); raw images are
+    encoded on the fly with captions padded to ``max_text_len``. Without this check the hosts would trace
+    different programs and hang or fail inside a collective.
     """
     d = stage.data
     if shard_count <= 1 or d.kind == "synthetic":
         return
-    if d.kind == "images":
-        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and on-the-fly encoding "
-                         f"pads captions per host; encode offline (python -m lumina_jax preprocess) and train from "
-                         f"the latent cache")  # fmt: skip
+    if d.kind == "images" and d.batching != "bucket":
+        raise ValueError(f"stage {stage.name!r}: raw-image training encodes bucket batches (batching: bucket); "
+                         f"for mixed batches encode offline (python -m lumina_jax preprocess) and train from the "
+                         f"latent cache")  # fmt: skip
     if d.batching == "bucket" and d.bucket_plan == "host":
         raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and `bucket_plan: host` "
                          f"picks each host's image size from its own samples; use `bucket_plan: auto` (the global "

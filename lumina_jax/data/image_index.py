@@ -1,0 +1,209 @@
+"""Size index of raw-image sources: each record's pixel size, read from image headers, without decoding.
+
+The global bucket plan (:mod:`lumina_jax.data.global_plan`) needs every record's crop size before any
+host reads the record. For a latent cache that is stored at encoding time; for raw images the crop size
+is a function of the image's size and the stage's crop list (:func:`lumina_jax.data.crops.best_crop_size`),
+and the size is in the image's header. This module writes, once per source, an ``int32 (N, 3)`` array
+``[H px, W px, skip]`` next to the data:
+
+* :class:`~lumina_jax.data.sources.JsonlSource`: ``<file>.image_sizes.npy`` (rows of the file, before
+  any ``ratio`` subsampling, so one index serves every ratio);
+* :class:`~lumina_jax.data.sources.TfdsSource`: ``<dataset version dir>/<split>.image_sizes.npy``;
+* :class:`~lumina_jax.data.sources.ArrayRecordImageSource` opened from a folder: ``<folder>/image_sizes.npy``;
+* :class:`~lumina_jax.data.sources.ConcatSource`: its parts' indexes, concatenated.
+
+``skip`` is 0 for a usable record, else ``1 + SKIP_REASONS.index(reason)`` for a record the loader would
+skip (missing file, empty caption, undecodable header, unsupported mode, ...), so the plan leaves it out
+and counts it under the same reason. Build it with ``python -m lumina_jax preprocess --index --data PATH``
+(PATH as in the training config's ``data.paths``); rebuild it when the data changes. A stale index (other
+record count) is refused when it is loaded; the start-up probe of the global plan also decodes the
+first records and compares their crop sizes with the index.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from lumina_jax.data import records as rec_lib
+from lumina_jax.data.sources import RawItem, SkipSample
+from lumina_jax.data.transforms import _TO_RGB_DIRECT, _WITH_ALPHA, SKIP_REASONS
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZES_SUFFIX = ".image_sizes.npy"
+INDEX_COMMAND = "python -m lumina_jax preprocess --index --data {path}"
+
+
+def split_file_name(split: str) -> str:
+    """A split spec (``"train"``, ``"train[:10%]"``) as a file-name stem."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", split)
+
+
+def _reason_code(reason: str) -> int:
+    return 1 + SKIP_REASONS.index(reason)
+
+
+def reason_of(code: int) -> str:
+    """The skip reason an index row's third column encodes (``code`` > 0)."""
+    return SKIP_REASONS[code - 1] if 0 < code <= len(SKIP_REASONS) else "unreadable"
+
+
+def raw_item_size(item: RawItem) -> tuple[int, int, int]:
+    """``(H, W, 0)`` of an item's image from its header (not decoded), or ``(0, 0, code)`` with the
+    reason the training loader would skip it for (:class:`lumina_jax.data.transforms.ImageSampleLoader`)."""
+    if not isinstance(item.system_prompt, str):
+        return 0, 0, _reason_code("bad_record")
+    if item.caption is None or item.caption.strip() == "":
+        return 0, 0, _reason_code("empty_caption")
+    data = item.image
+    if isinstance(data, np.ndarray):
+        if data.ndim not in (2, 3) or data.dtype != np.uint8:
+            return 0, 0, _reason_code("undecodable")
+        return int(data.shape[0]), int(data.shape[1]), 0
+    try:
+        if data is None:
+            if item.image_path is None:
+                return 0, 0, _reason_code("bad_record")
+            image = Image.open(item.image_path)
+        else:
+            image = Image.open(io.BytesIO(data))
+    except FileNotFoundError:
+        return 0, 0, _reason_code("missing")
+    except OSError as e:
+        if data is None and not isinstance(e, Image.UnidentifiedImageError):
+            return 0, 0, _reason_code("unreadable")
+        return 0, 0, _reason_code("undecodable")
+    except Exception:  # noqa: BLE001 -- not an image
+        return 0, 0, _reason_code("undecodable")
+    with image:
+        if image.mode not in _TO_RGB_DIRECT and image.mode not in _WITH_ALPHA:
+            return 0, 0, _reason_code("unsupported_mode")
+        w, h = image.size
+    if w <= 0 or h <= 0:
+        return 0, 0, _reason_code("undecodable")
+    return int(h), int(w), 0
+
+
+def _row(get: Any, index: int) -> tuple[int, int, int]:
+    try:
+        item = get(index)
+    except SkipSample as e:
+        return 0, 0, _reason_code(e.reason if e.reason in SKIP_REASONS else "bad_record")
+    except FileNotFoundError:
+        return 0, 0, _reason_code("missing")
+    except Exception:  # noqa: BLE001 -- as the loader: an unreadable record is a skip, not an error
+        return 0, 0, _reason_code("unreadable")
+    return raw_item_size(item)
+
+
+def compute_image_sizes(get: Any, count: int, *, threads: int = 8, progress: bool = True,
+                        desc: str = "image sizes") -> np.ndarray:  # fmt: skip
+    """``int32 (count, 3)`` rows :func:`raw_item_size` of ``get(0) ... get(count - 1)``, read by ``threads``
+    threads (header reads are I/O bound), with a tqdm bar if ``progress``."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    out = np.zeros((count, 3), np.int32)
+    bar = None
+    if progress and count:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=count, desc=desc, unit="img")
+        except ImportError:
+            pass
+    chunk = 256
+    starts = range(0, count, chunk)
+
+    def work(start: int) -> int:
+        stop = min(start + chunk, count)
+        for i in range(start, stop):
+            out[i] = _row(get, i)
+        return stop - start
+
+    try:
+        if threads == 1:
+            done = map(work, starts)
+        else:
+            pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="image_sizes")
+            done = pool.map(work, starts)
+        for n in done:
+            if bar is not None:
+                bar.update(n)
+    finally:
+        if threads > 1:
+            pool.shutdown()
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def save_index(path: str | os.PathLike, sizes: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(sizes, dtype=np.int32), allow_pickle=False)
+    rec_lib.write_bytes_atomic(path, buf.getvalue())
+
+
+def load_index(path: str | os.PathLike, count: int, data: str) -> Optional[np.ndarray]:
+    """The index at ``path`` (memory-mapped, read-only), ``None`` if there is none; ``ValueError`` naming
+    the file and the command that rebuilds it if it is not ``int32 (count, 3)`` (a stale index)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    fix = f"rebuild it with `{INDEX_COMMAND.format(path=data)}`"
+    try:
+        sizes = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"image size index {path} is unreadable ({e}); {fix}") from e
+    if sizes.ndim != 2 or sizes.shape[1] != 3 or sizes.dtype != np.int32:
+        raise ValueError(f"image size index {path} is {sizes.dtype} {sizes.shape}, not int32 (N, 3); {fix}")
+    if sizes.shape[0] != count:
+        raise ValueError(f"image size index {path} has {sizes.shape[0]} rows but {data} has {count} records: "
+                         f"the index is stale (the data changed after it was indexed); {fix}")  # fmt: skip
+    return sizes
+
+
+def index_image_source(source: Any, *, threads: int = 8, progress: bool = True) -> list[Path]:
+    """Writes the size index of ``source`` (of each part of a :class:`ConcatSource`); returns the files
+    written. Raises ``ValueError`` for a source that cannot have one (in-memory lists, ArrayRecord
+    shards given as a list of files)."""
+    parts = getattr(source, "_sources", None)
+    if parts is not None:
+        written = [p for part in parts for p in index_image_source(part, threads=threads, progress=progress)]
+        source.__dict__.pop("_record_sizes", None)  # concatenated again on next use
+        return written
+    spec = getattr(source, "size_index_spec", None)
+    target = spec() if callable(spec) else None
+    if target is None:
+        raise ValueError(f"image source {source.name!r} ({type(source).__name__}) cannot have a size index: "
+                         f"only JSONL/JSON files, prepared TFDS datasets and ArrayRecord shard folders have one")  # fmt: skip
+    path, count, get = target
+    sizes = compute_image_sizes(get, count, threads=threads, progress=progress, desc=f"indexing {source.name}")
+    save_index(path, sizes)
+    bad = int((sizes[:, 2] > 0).sum())
+    if bad:
+        reasons: dict[str, int] = {}
+        for code, n in zip(*np.unique(sizes[sizes[:, 2] > 0, 2], return_counts=True)):
+            reasons[reason_of(int(code))] = int(n)
+        logger.warning("%s: %d of %d records are unusable and stay out of the plan (%s)", source.name, bad,
+                       count, ", ".join(f"{r}={n}" for r, n in sorted(reasons.items())))  # fmt: skip
+    source.__dict__.pop("_record_sizes", None)  # the new index is mapped on next use
+    return [Path(path)]
+
+
+def summary(path: str | os.PathLike) -> str:
+    """One line about a written image size index."""
+    sizes = np.load(path)
+    good = sizes[sizes[:, 2] == 0]
+    line = f"image size index {path}: {len(sizes)} records, {len(np.unique(good[:, :2], axis=0))} distinct sizes"
+    if len(good) < len(sizes):
+        line += f", {len(sizes) - len(good)} unusable records"
+    return line

@@ -1,0 +1,177 @@
+"""Image size indexes: the global bucket plan over raw images (several hosts train on JSONL/TFDS data)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lumina_jax.data import image_index, testing
+from lumina_jax.data.cli import main as preprocess_main
+from lumina_jax.data.pipeline import DataPipeline, MissingSizeIndexError, PipelineConfig
+from lumina_jax.data.sources import ConcatSource, JsonlSource, ListSource, TfdsSource, load_yaml_sources
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """30 items (24 usable of 9 sizes, 6 broken in known ways) and the JSONL naming them, indexed."""
+    jsonl, items = testing.make_test_dataset(tmp_path_factory.mktemp("images"), seed=3)
+    image_index.index_image_source(JsonlSource(jsonl), threads=2, progress=False)
+    return jsonl, items
+
+
+def config(**kw):
+    base = dict(resolution=64, batch_size=3, seed=5, shard_index=0, shard_count=1, num_epochs=1,
+                caption_dropout=0.0, read_threads=2, bucket_window=24, probe_samples=4, bucket_plan="global")  # fmt: skip
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def run(jsonl, **kw):
+    it = iter(DataPipeline([JsonlSource(jsonl)], config(**kw)))
+    return list(it), it.stats
+
+
+def test_index_rows_are_the_header_sizes_and_the_loaders_skip_reasons(dataset):
+    jsonl, items = dataset
+    sizes = JsonlSource(jsonl).record_sizes()
+    assert sizes.dtype == np.int32 and sizes.shape == (len(items), 3)
+    assert isinstance(sizes, np.memmap)  # mapped, not loaded per process
+    for item, (h, w, code) in zip(items, sizes):
+        if item.expected_skip is None or item.defect == "truncated":  # a truncated file's header is intact
+            assert (h, w, code) == (item.height, item.width, 0), item.file
+        else:
+            assert (h, w) == (0, 0) and image_index.reason_of(int(code)) == item.expected_skip, item.file
+
+
+def test_two_hosts_rows_make_the_one_host_batch_and_skips_add_up(dataset):
+    jsonl, items = dataset
+    one, stats_one = run(jsonl, batch_size=6)
+    two = [run(jsonl, shard_index=h, shard_count=2) for h in range(2)]
+    (b0s, s0), (b1s, s1) = two
+    assert len(one) == len(b0s) == len(b1s) > 3
+    for whole, b0, b1 in zip(one, b0s, b1s):
+        assert b0["images"].shape == b1["images"].shape  # one program on every host
+        assert whole["ids"] == b0["ids"] + b1["ids"]
+        np.testing.assert_array_equal(whole["images"], np.concatenate([b0["images"], b1["images"]]))
+        np.testing.assert_array_equal(whole["valid"], np.concatenate([b0["valid"], b1["valid"]]))
+    assert len({b["images"].shape for b in one}) > 3  # several crop sizes
+    # Every usable record once, and the skips counted as the per-host pipeline counts them.
+    ids = [i for b in one for i, v in zip(b["ids"], b["valid"]) if v]
+    assert len(ids) == len(set(ids)) == sum(it.expected_skip is None for it in items)
+    expected = {}
+    for it in items:
+        if it.expected_skip:
+            expected[it.expected_skip] = expected.get(it.expected_skip, 0) + 1
+    _, host_stats = run(jsonl, batch_size=6, bucket_plan="host")
+    assert stats_one.skipped == host_stats.skipped == {"data": expected}
+    merged = {k: s0.skipped["data"].get(k, 0) + s1.skipped["data"].get(k, 0) for k in expected}
+    assert merged == expected  # the plan's skips on shard 0, read failures where they were read
+    # The crop size each row was planned with is the one the loader made from the decoded image.
+    for b in one:
+        assert {tuple(s) for s in b["image_sizes"]} == {b["images"].shape[1:3]}
+
+
+def test_resume_is_exact(dataset):
+    jsonl, _ = dataset
+    pipe = DataPipeline([JsonlSource(jsonl)], config(batch_size=4, num_epochs=None))
+    it = iter(pipe)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(4)]
+    again = iter(DataPipeline([JsonlSource(jsonl)], config(batch_size=4, num_epochs=None)))
+    again.set_state(json.loads(json.dumps(state)))
+    for a, b in zip(want, [next(again) for _ in range(4)]):
+        assert a["ids"] == b["ids"]
+        np.testing.assert_array_equal(a["images"], b["images"])
+
+
+def test_ratio_and_yaml_sources_use_the_files_index(dataset, tmp_path):
+    jsonl, _ = dataset
+    full = np.asarray(JsonlSource(jsonl).record_sizes())
+    half = JsonlSource(jsonl, ratio=1.5)
+    assert len(half) == 45 and [half.get(i).key for i in range(3)] == [half._entries[r][0] for r in half._rows[:3]]
+    np.testing.assert_array_equal(half.record_sizes(), full[half._rows])
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(f"META:\n  - path: {jsonl}\n    ratio: 0.5\n  - path: {jsonl}\n    name: again\n")
+    both = ConcatSource(load_yaml_sources(meta))
+    sizes = both.record_sizes()
+    assert sizes.shape == (15 + 30, 3)
+    np.testing.assert_array_equal(sizes[15:], full)
+    assert DataPipeline(load_yaml_sources(meta), config()).bucket_plan == "global"
+
+
+def test_missing_and_stale_indexes_are_refused_with_the_fix(dataset, tmp_path):
+    jsonl, _ = dataset
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text(jsonl.read_text().replace("images/", f"{jsonl.parent}/images/"))
+    with pytest.raises(MissingSizeIndexError, match=rf"has no size index .*preprocess --index --data {fresh}"):
+        DataPipeline([JsonlSource(fresh)], config())
+    assert DataPipeline([JsonlSource(fresh)], config(bucket_plan="auto")).bucket_plan == "host"
+    with pytest.raises(MissingSizeIndexError, match="ListSource.*cannot have a size index"):
+        DataPipeline([ListSource([{"image": b"", "caption": "c"}])], config())
+    with pytest.raises(ValueError, match="cannot have a size index"):
+        image_index.index_image_source(ListSource([{"image": b"", "caption": "c"}]), progress=False)
+    # An index of another record count: named with its file and the command.
+    sizes = np.asarray(JsonlSource(jsonl).record_sizes())
+    image_index.save_index(str(fresh) + image_index.IMAGE_SIZES_SUFFIX, sizes[:-1])
+    with pytest.raises(ValueError, match=r"29 rows but .*30 records.*stale.*preprocess --index --data"):
+        DataPipeline([JsonlSource(fresh)], config())
+    # Right count, wrong sizes (the data changed): the start-up probe decodes the first records.
+    first = int(np.flatnonzero((sizes[:, 2] == 0) & (sizes[:, 0] != sizes[:, 1]))[0])
+    assert first < 4  # inside the probe
+    wrong = sizes.copy()
+    wrong[first, :2] = wrong[first, 1::-1]  # H and W swapped: another crop size
+    image_index.save_index(str(fresh) + image_index.IMAGE_SIZES_SUFFIX, wrong)
+    with pytest.raises(ValueError, match=rf"record {first} of 'fresh' crops to .* size index plans .*stale"):
+        DataPipeline([JsonlSource(fresh)], config())
+
+
+def test_cli_indexes_data_paths(dataset, tmp_path, capsys):
+    jsonl, items = dataset
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(jsonl.read_text().replace("images/", f"{jsonl.parent}/images/"))
+    assert preprocess_main(["--index", "--data", str(copy), "--no-progress", "--read-threads", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"image size index {copy}.image_sizes.npy: 30 records" in out and "5 unusable records" in out
+    np.testing.assert_array_equal(JsonlSource(copy).record_sizes(), JsonlSource(jsonl).record_sizes())
+    assert preprocess_main(["--data", str(copy), "--no-progress"]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_tfds_source_index(tmp_path):
+    from lumina_jax.data import tfds_folder
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(40, 30), (30, 90), (64, 64), (90, 30)]):
+        testing.make_image(w, h, "RGB", i).save(folder / f"im{i}.png")
+        (folder / f"im{i}.txt").write_text(f"caption {i}\n")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "broken.txt").write_text("broken\n")
+    builder_dir = tfds_folder.prepare_captioned_image_folder(folder, tmp_path / "tfds")
+    src = TfdsSource(builder_dir=builder_dir, key_key="key")
+    assert src.record_sizes() is None
+    (path,) = image_index.index_image_source(src, threads=1, progress=False)
+    assert path.name == "train.image_sizes.npy" and str(path.parent) == str(builder_dir)
+    sizes = TfdsSource(builder_dir=builder_dir, key_key="key").record_sizes()
+    by_key = {src.get(i).key: tuple(int(v) for v in sizes[i]) for i in range(len(src))}
+    assert by_key["im1.png"] == (90, 30, 0) and by_key["im3.png"] == (30, 90, 0)
+    assert image_index.reason_of(by_key["broken.jpg"][2]) == "undecodable"
+    batches = list(DataPipeline(TfdsSource(builder_dir=builder_dir), config(batch_size=2)))
+    assert sum(int(b["valid"].sum()) for b in batches) == 4
+
+
+def test_array_record_folder_index(dataset, tmp_path):
+    from lumina_jax.data.sources import ArrayRecordImageSource, write_image_records
+
+    jsonl, items = dataset
+    usable = [it for it in items if it.expected_skip is None][:6]
+    write_image_records([{"image_path": str(jsonl.parent / "images" / it.file), "caption": it.caption}
+                         for it in usable], tmp_path / "ar", shard_size=4)  # fmt: skip
+    src = ArrayRecordImageSource(tmp_path / "ar")
+    (path,) = image_index.index_image_source(src, threads=2, progress=False)
+    assert path == tmp_path / "ar" / "image_sizes.npy"
+    np.testing.assert_array_equal(src.record_sizes(), [(it.height, it.width, 0) for it in usable])
+    shards = sorted((tmp_path / "ar").glob("*.array_record"))
+    assert ArrayRecordImageSource(shards).record_sizes() is None  # a list of files has no index
