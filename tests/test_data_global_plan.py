@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -180,19 +181,30 @@ def test_index_rows_of_unreadable_records_are_left_out_and_counted_once(tmp_path
     assert counts == [1, 0]  # shard 0 reports the plan's skips, so the hosts' counters sum to the total
 
 
-def test_a_stale_index_is_an_error_naming_the_fix(tmp_path):
+def test_a_stale_index_fails_at_start_up_and_mid_run_costs_a_counted_row(tmp_path, caplog):
     sizes = _corrupt_cache(tmp_path, bad_positions=[])
-    sizes[5, :2] = (32, 128)
+    good = sizes.copy()
+    sizes[5, :2] = (32, 128)  # past the probe (4 records): found when read
     np.save(tmp_path / "record_sizes.npy", sizes)
-    pipe = DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config(bucket_plan="global", shuffle=False))
-    with pytest.raises(ValueError, match=r"record 5 of latent cache .* is \(64, 64, \d+\) .* but its size index says "
-                                         r"\(32, 128, \d+\).*preprocess --index"):  # fmt: skip
-        list(pipe)
-    # A caption length that disagrees is stale too; records among the probed ones fail at start-up.
-    sizes[5, :2] = (64, 64)
+    it = iter(DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config(bucket_plan="global", shuffle=False)))
+    with caplog.at_level("WARNING"):
+        batches = list(it)
+    # Raising would stop only the host that read it (the others would wait in a collective): a padding row.
+    assert it.stats.skipped == {"c": {"stale_index": 1}}
+    assert "c:5" not in [i for b in batches for i, v in zip(b["ids"], b["valid"]) if v]
+    assert re.search(r"record 5 of latent cache .* is \(64, 64, \d+\) .* but its size index says \(32, 128, \d+\).*"
+                     r"preprocess --index.*counted as stale_index", caplog.text)  # fmt: skip
+    # Records among the probed ones fail at start-up: a caption length that disagrees...
+    sizes = good.copy()
     sizes[1, 2] += 1
     np.save(tmp_path / "record_sizes.npy", sizes)
     with pytest.raises(ValueError, match=r"record 1 of latent cache .* size index says \(64, 64, \d+\): the index is stale"):
+        DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config(bucket_plan="global", shuffle=False))
+    # ... and a readable record the index calls unreadable (the plan would never train on it).
+    sizes = good.copy()
+    sizes[2] = 0
+    np.save(tmp_path / "record_sizes.npy", sizes)
+    with pytest.raises(ValueError, match=r"record 2 of latent cache .* is readable .* says unusable"):
         DataPipeline(cache.LatentCacheSource(tmp_path, name="c"), config(bucket_plan="global", shuffle=False))
 
 

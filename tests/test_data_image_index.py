@@ -89,9 +89,11 @@ def test_resume_is_exact(dataset):
 def test_ratio_and_yaml_sources_use_the_files_index(dataset, tmp_path):
     jsonl, _ = dataset
     full = np.asarray(JsonlSource(jsonl).record_sizes())
-    half = JsonlSource(jsonl, ratio=1.5)
-    assert len(half) == 45 and [half.get(i).key for i in range(3)] == [half._entries[r][0] for r in half._rows[:3]]
-    np.testing.assert_array_equal(half.record_sizes(), full[half._rows])
+    every = JsonlSource(jsonl)
+    for ratio, n in ((1.5, 45), (0.3, 9)):
+        part = JsonlSource(jsonl, ratio=ratio)
+        assert len(part) == n and [part.get(i).key for i in range(n)] == [every.get(r).key for r in part._rows]
+        np.testing.assert_array_equal(part.record_sizes(), full[part._rows])
     meta = tmp_path / "meta.yaml"
     meta.write_text(f"META:\n  - path: {jsonl}\n    ratio: 0.5\n  - path: {jsonl}\n    name: again\n")
     both = ConcatSource(load_yaml_sources(meta))
@@ -99,6 +101,77 @@ def test_ratio_and_yaml_sources_use_the_files_index(dataset, tmp_path):
     assert sizes.shape == (15 + 30, 3)
     np.testing.assert_array_equal(sizes[15:], full)
     assert DataPipeline(load_yaml_sources(meta), config()).bucket_plan == "global"
+
+
+def test_a_yaml_root_gets_its_own_index_and_the_messages_name_the_yaml(dataset, tmp_path, capsys):
+    """The same file under another ``root`` names other images: its index is its own, built through the YAML."""
+    jsonl, _ = dataset
+    moved = tmp_path / "lists" / "data.jsonl"  # relative paths now resolve only against the YAML's root
+    moved.parent.mkdir()
+    moved.write_text(jsonl.read_text())
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(f"META:\n  - path: lists/data.jsonl\n    root: {jsonl.parent}\n")
+    with pytest.raises(MissingSizeIndexError, match=rf"preprocess --index --data {meta}`"):
+        DataPipeline(load_yaml_sources(meta), config())
+    both = ConcatSource(load_yaml_sources(meta) + [JsonlSource(moved)], name="both")
+    with pytest.raises(MissingSizeIndexError, match=rf"'both' has no size index .*--data {meta} --data {moved}`"):
+        DataPipeline(both, config())
+    assert preprocess_main(["--index", "--data", str(meta), "--no-progress"]) == 0
+    (written,) = [line.split()[3].rstrip(":") for line in capsys.readouterr().out.splitlines()]
+    assert written.startswith(f"{moved}.root-") and written.endswith(".image_sizes.npy")
+    np.testing.assert_array_equal(load_yaml_sources(meta)[0].record_sizes(), JsonlSource(jsonl).record_sizes())
+    assert JsonlSource(moved).record_sizes() is None  # the file under its own folder is another source
+    with pytest.raises(MissingSizeIndexError, match=rf"--data {meta} --data {moved}`"):
+        DataPipeline(both, config())
+
+
+def test_the_probe_refuses_an_index_that_leaves_readable_images_out(dataset, tmp_path):
+    """Images missing when the index was built and back now would never be trained on: an error at start-up."""
+    jsonl, items = dataset
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(jsonl.read_text().replace('"images/', f'"{jsonl.parent}/images/'))
+    sizes = np.asarray(JsonlSource(jsonl).record_sizes()).copy()
+    first = int(np.flatnonzero(sizes[:, 2] == 0)[0])
+    sizes[first] = (0, 0, 1 + image_index.SKIP_REASONS.index("missing"))
+    image_index.save_index(str(copy) + image_index.IMAGE_SIZES_SUFFIX, sizes)
+    with pytest.raises(ValueError, match=rf"record {first} of 'copy' is readable but its size index says unusable "
+                                         r"\(missing\).*preprocess --index --data"):  # fmt: skip
+        DataPipeline([JsonlSource(copy)], config())
+
+
+def test_an_image_changed_after_indexing_is_a_counted_padding_row(dataset, tmp_path, caplog):
+    jsonl, items = dataset
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for it in items:
+        if (jsonl.parent / "images" / it.file).exists():
+            (folder / it.file).write_bytes((jsonl.parent / "images" / it.file).read_bytes())
+    copy = tmp_path / "data.jsonl"
+    copy.write_text(jsonl.read_text())
+    image_index.index_image_source(JsonlSource(copy), progress=False)
+    sizes = JsonlSource(copy).record_sizes()
+    late = int(np.flatnonzero(sizes[:, 2] == 0)[-1])  # past the probe
+    assert late >= 4
+    h, w = int(sizes[late, 0]), int(sizes[late, 1])
+    testing.make_image(4 * h, w, "RGB").save(folder / items[late].file)  # another aspect ratio, same name
+    with caplog.at_level("WARNING"):
+        it = iter(DataPipeline([JsonlSource(copy)], config(batch_size=6)))
+        batches = list(it)
+    assert it.stats.skipped["data"]["stale_index"] == 1 and "counted as stale_index" in caplog.text
+    assert f"data:{late}" not in [i for b in batches for i, v in zip(b["ids"], b["valid"]) if v]
+
+
+def test_decoded_arrays_are_judged_as_the_loader_judges_them():
+    from lumina_jax.data.sources import RawItem
+
+    def row(array):
+        return image_index.raw_item_size(RawItem(key="k", caption="c", system_prompt="base", image=array))
+
+    assert row(np.zeros((5, 7, 3), np.uint8)) == (5, 7, 0)
+    assert row(np.zeros((5, 7, 1), np.uint8)) == (5, 7, 0)
+    assert row(np.zeros((5, 7), bool)) == (5, 7, 0)  # mode "1", which the loader converts
+    assert image_index.reason_of(row(np.zeros((5, 7, 5), np.uint8))[2]) == "undecodable"
+    assert image_index.reason_of(row(np.zeros((5, 7), np.float64))[2]) == "unsupported_mode"
 
 
 def test_missing_and_stale_indexes_are_refused_with_the_fix(dataset, tmp_path):
@@ -123,7 +196,7 @@ def test_missing_and_stale_indexes_are_refused_with_the_fix(dataset, tmp_path):
     wrong = sizes.copy()
     wrong[first, :2] = wrong[first, 1::-1]  # H and W swapped: another crop size
     image_index.save_index(str(fresh) + image_index.IMAGE_SIZES_SUFFIX, wrong)
-    with pytest.raises(ValueError, match=rf"record {first} of 'fresh' crops to .* size index plans .*stale"):
+    with pytest.raises(ValueError, match=rf"record {first} of 'fresh' crops to .* size index says .*stale"):
         DataPipeline([JsonlSource(fresh)], config())
 
 
@@ -137,6 +210,10 @@ def test_cli_indexes_data_paths(dataset, tmp_path, capsys):
     np.testing.assert_array_equal(JsonlSource(copy).record_sizes(), JsonlSource(jsonl).record_sizes())
     assert preprocess_main(["--data", str(copy), "--no-progress"]) == 2
     assert "--out is required" in capsys.readouterr().err
+    assert preprocess_main(["--index", "--data", str(copy), "--out", str(tmp_path)]) == 2
+    assert "--data (index raw images) or --out (index a latent cache), not both" in capsys.readouterr().err
+    with pytest.raises(PermissionError, match=r"cannot write the image size index .*nowhere"):
+        image_index.check_writable(tmp_path / "nowhere" / "x.image_sizes.npy")
 
 
 def test_tfds_source_index(tmp_path):
@@ -175,3 +252,21 @@ def test_array_record_folder_index(dataset, tmp_path):
     np.testing.assert_array_equal(src.record_sizes(), [(it.height, it.width, 0) for it in usable])
     shards = sorted((tmp_path / "ar").glob("*.array_record"))
     assert ArrayRecordImageSource(shards).record_sizes() is None  # a list of files has no index
+
+
+def test_plan_digest_tells_indexes_apart(dataset, tmp_path):
+    """What the trainer compares across processes before planning (a differing copy would hang them)."""
+    from lumina_jax.data.global_plan import plan_digest
+
+    jsonl, _ = dataset
+    copy = tmp_path / "data.jsonl"
+    copy.write_text(jsonl.read_text().replace('"images/', f'"{jsonl.parent}/images/'))
+    sizes = np.asarray(JsonlSource(jsonl).record_sizes()).copy()
+    image_index.save_index(str(copy) + image_index.IMAGE_SIZES_SUFFIX, sizes)
+    a = plan_digest([JsonlSource(jsonl)])
+    assert a.dtype == np.uint32 and a.shape == (8,)
+    np.testing.assert_array_equal(plan_digest([JsonlSource(jsonl)]), a)
+    np.testing.assert_array_equal(plan_digest([JsonlSource(copy, name="data")]), a)  # same data elsewhere
+    sizes[7, :2] += 16
+    image_index.save_index(str(copy) + image_index.IMAGE_SIZES_SUFFIX, sizes)
+    assert not np.array_equal(plan_digest([JsonlSource(copy, name="data")]), a)

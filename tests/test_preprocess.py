@@ -496,6 +496,7 @@ def test_raw_images_on_two_hosts_encode_to_one_shape(models, data, tmp_path, mon
     each step, and the frozen encoders pad captions to ``max_text_len``, so both build the same shapes;
     the padding changes no feature (the same rows encoded with the text encoder's own length bucket)."""
     from lumina_jax.data.image_index import index_image_source
+    from lumina_jax.data.preprocess import _pipeline_config
     from lumina_jax.models.nextdit import NextDiTConfig
     from lumina_jax.parallel.mesh import create_mesh
     from lumina_jax.train import data as train_data
@@ -519,6 +520,8 @@ def test_raw_images_on_two_hosts_encode_to_one_shape(models, data, tmp_path, mon
     with pytest.raises(ValueError, match=r"2 hosts .* global bucket plan.*preprocess --index --data"):
         host_batches(0)
     index_image_source(JsonlSource(jsonl), progress=False)
+    # preprocess keeps per-process buckets though the data is indexed now (its saved state must still fit)
+    assert DataPipeline(JsonlSource(jsonl), _pipeline_config(config(tmp_path / "c"), 0, 1)).bucket_plan == "host"
     b0s, b1s = host_batches(0), host_batches(1)
     for b0, b1 in zip(b0s, b1s):
         for key in ("latents", "cap_feats", "cap_mask"):

@@ -149,7 +149,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lumina_jax.data.pipeline import NoUsableSampleError
 
     try:
-        if args.index and args.data and not args.out:
+        if args.index and args.data:
+            if args.out:
+                raise pp.PreprocessError("--index takes --data (index raw images) or --out (index a latent cache), "
+                                         "not both")  # fmt: skip
             return _index_images(args)
         if not args.out:
             raise pp.PreprocessError("--out is required (except for --index --data)")
@@ -185,8 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tfds_data_dir=args.tfds_data_dir, image_key=args.image_key, caption_key=args.caption_key,
         )  # fmt: skip
         result = pp.preprocess(source, models, config)  # loads the models only if there is work left
-    except (FileNotFoundError, NotADirectoryError, ValueError, FloatingPointError, pp.PreprocessError,
-            NoUsableSampleError) as e:  # fmt: skip
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, FloatingPointError,
+            pp.PreprocessError, NoUsableSampleError) as e:  # fmt: skip
         if args.verbose:
             raise
         print(f"preprocess: error: {e}", file=sys.stderr)

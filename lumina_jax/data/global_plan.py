@@ -32,6 +32,7 @@ counted by shard 0 only, so the hosts' counters add up to the run's totals.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -42,6 +43,8 @@ from lumina_jax.data.pipeline import NoUsableSampleError
 from lumina_jax.data.transforms import is_skip, skip_marker
 
 INDEX_COMMAND = "python -m lumina_jax preprocess --index --out {dir}"
+
+logger = logging.getLogger(__name__)
 
 
 class SizeRefLoader:
@@ -123,6 +126,23 @@ def check_text_len(sources: Sequence[Any], text_len: Optional[int], caption_drop
     return text_len
 
 
+def plan_digest(sources: Sequence[Any], rows: int = 4096) -> np.ndarray:
+    """``uint32 (8,)``: a digest of what the plan is computed from -- each source's name, length and
+    ``rows`` evenly spaced rows of its size index (not the whole index: 1.2 GB at 100M records). Hosts
+    whose digests differ would plan different batches and hang in the first collective; comparing them
+    at start-up (:func:`lumina_jax.train.data.build_stage_iterator`) turns that into an error."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in sources:
+        sizes = s.record_sizes()
+        h.update(f"{s.name}\t{len(sizes)}\n".encode())
+        if len(sizes):
+            picks = np.unique(np.linspace(0, len(sizes) - 1, min(rows, len(sizes))).astype(np.int64))
+            h.update(np.ascontiguousarray(np.asarray(sizes)[picks], np.int32).tobytes())
+    return np.frombuffer(h.digest(), np.uint32).copy()
+
+
 def check_probe(source: Any, loader: Any, ref_loader: SizeRefLoader, count: int) -> None:
     """Compares the first ``count`` readable records of ``source`` with what their size index rows plan
     (``ref_loader``), so a stale index fails at start-up (every host reads the same records here) rather
@@ -130,8 +150,10 @@ def check_probe(source: Any, loader: Any, ref_loader: SizeRefLoader, count: int)
     for index in range(min(count, len(source))):
         sample = loader((0, index))
         planned = ref_loader((0, index))
-        if is_skip(sample) or is_skip(planned):
-            continue
+        if is_skip(sample):
+            continue  # an unreadable record the index thinks usable only costs a padding row
+        if is_skip(planned):  # a usable record the plan would leave out: silently never trained on
+            raise ValueError(_stale(source, index, "readable", f"unusable ({planned['_skip']})"))
         check_sample(source, index, sample, tuple(planned["image_size"]), planned["cap_len"])
 
 
@@ -149,12 +171,13 @@ def check_sample(source: Any, index: int, sample: dict, planned: tuple[int, int]
         raise ValueError(_stale(source, index, got, (*planned, cap_len)))
 
 
-def _stale(source: Any, index: int, got: tuple, planned: tuple) -> str:
+def _stale(source: Any, index: int, got: Any, planned: Any) -> str:
     if not _latent(source):
         from lumina_jax.data.image_index import INDEX_COMMAND as IMAGE_INDEX_COMMAND
 
-        return (f"record {index} of {source.name!r} crops to {got} px (H, W) but its size index plans {planned}: "
-                f"the index is stale (the data changed after it was indexed); rebuild it with "
+        what = f"crops to {got} px (H, W)" if isinstance(got, tuple) else f"is {got}"
+        return (f"record {index} of {source.name!r} {what} but its size index says {planned}: the index is stale "
+                f"(the data changed after it was indexed); rebuild it with "
                 f"`{IMAGE_INDEX_COMMAND.format(path=source.index_data_path)}`")  # fmt: skip
     cache_dir = source.cache_dir
     return (f"record {index} of latent cache {cache_dir} is {got} ([H px, W px, caption length]) but its size index "
@@ -171,8 +194,14 @@ class HostRows:
         or :class:`lumina_jax.data.transforms.ImageSampleLoader`).
       sources: the sources (named in errors).
       rows: ``(start, stop)`` rows of each global batch that this host feeds.
-      collate: :class:`lumina_jax.data.batching.Collate` (latent, bucket, fixed ``text_len``).
-      count_plan_skips: report the plan's own skip counts (index rows ``[0, 0, 0]``); True on one shard.
+      collate: :class:`lumina_jax.data.batching.Collate` (bucket; latent records padded to a fixed
+        ``text_len``).
+      count_plan_skips: report the plan's own skip counts (records the size index marks unusable); True on
+        one shard.
+
+    A record whose crop size (or caption length) is not what the plan said -- it changed after the index
+    was built -- becomes a padding row counted as ``stale_index``, with a warning: raising would stop
+    only the host that read it and leave the others waiting in a collective.
       read_threads: records read concurrently.
       max_consecutive_skips, option: unreadable rows in a row before :class:`NoUsableSampleError`.
     """
@@ -198,6 +227,7 @@ class HostRows:
         self.max_consecutive_skips = max_consecutive_skips
         self.option = option
         self._consecutive = 0
+        self._warned_stale = 0
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     def __getstate__(self) -> dict:
@@ -254,7 +284,16 @@ class HostRows:
                         )
                 samples.append(None)
                 continue
-            self._check_size(sample, ref, planned)
+            try:
+                self._check_size(sample, ref, planned)
+            except ValueError as e:  # changed since indexed: raising here would stop this host only (a hang)
+                if self._warned_stale < 3:
+                    self._warned_stale += 1
+                    logger.warning("%s; the record is left out (counted as stale_index)", e)
+                if is_real:
+                    tally.add_marker(skip_marker("stale_index", self.sources[ref[0]].name, str(sample.get("key"))))
+                samples.append(None)
+                continue
             if is_real:
                 self._consecutive = 0
             samples.append(sample)
@@ -269,13 +308,34 @@ class HostRows:
         return batch
 
     def _any_readable(self, refs: list[tuple[int, int, int, int]], planned: tuple[int, int]) -> dict:
-        """A readable record of the global batch (to fill a host whose own rows all failed)."""
+        """A readable record of the global batch (to fill a host whose own rows all failed); if the only
+        readable ones changed size since indexing, a blank sample of the planned size (every row of the
+        batch is then padding, on every host: they all see the same records)."""
+        stale = None
         for ref in refs:
             sample = self._load(ref)
             if not is_skip(sample):
-                self._check_size(sample, ref, planned)
+                try:
+                    self._check_size(sample, ref, planned)
+                except ValueError:
+                    stale = stale or sample
+                    continue
                 return sample
+        if stale is not None:
+            return _blank(stale, planned)
         raise NoUsableSampleError(
             f"no record of a {len(refs)}-row global batch of size {planned} could be read (e.g. "
             f"{self.sources[refs[0][0]].name!r} record {refs[0][2]}); check the data"
         )
+
+
+def _blank(sample: dict, size: tuple[int, int]) -> dict:
+    """``sample`` with zero pixels (or latents) of crop size ``size`` ``(H, W)`` px: a padding row."""
+    out = dict(sample, image_size=tuple(size))
+    if "image" in sample:
+        out["image"] = np.zeros((size[0], size[1], np.shape(sample["image"])[-1]), np.asarray(sample["image"]).dtype)
+    if "latent" in sample:
+        lat = np.asarray(sample["latent"])
+        scale = int(sample["image_size"][0]) // lat.shape[0]  # pixels per latent row (the VAE's factor)
+        out["latent"] = np.zeros((size[0] // scale, size[1] // scale, lat.shape[-1]), lat.dtype)
+    return out

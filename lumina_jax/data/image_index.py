@@ -7,7 +7,8 @@ and the size is in the image's header. This module writes, once per source, an `
 ``[H px, W px, skip]`` next to the data:
 
 * :class:`~lumina_jax.data.sources.JsonlSource`: ``<file>.image_sizes.npy`` (rows of the file, before
-  any ``ratio`` subsampling, so one index serves every ratio);
+  any ``ratio`` subsampling, so one index serves every ratio; a YAML entry with its own ``root`` gets
+  ``<file>.root-<hash>.image_sizes.npy``, since the same file then names other images);
 * :class:`~lumina_jax.data.sources.TfdsSource`: ``<dataset version dir>/<split>.image_sizes.npy``;
 * :class:`~lumina_jax.data.sources.ArrayRecordImageSource` opened from a folder: ``<folder>/image_sizes.npy``;
 * :class:`~lumina_jax.data.sources.ConcatSource`: its parts' indexes, concatenated.
@@ -17,7 +18,9 @@ skip (missing file, empty caption, undecodable header, unsupported mode, ...), s
 and counts it under the same reason. Build it with ``python -m lumina_jax preprocess --index --data PATH``
 (PATH as in the training config's ``data.paths``); rebuild it when the data changes. A stale index (other
 record count) is refused when it is loaded; the start-up probe of the global plan also decodes the
-first records and compares their crop sizes with the index.
+first records and compares them with the index (crop size, and whether they are usable). A record that
+changed later (another crop size at training time) becomes a padding row counted as ``stale_index``
+with a warning naming the rebuild command, so one edited image cannot stop a run or hang its hosts.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from PIL import Image
 
 from lumina_jax.data import records as rec_lib
 from lumina_jax.data.sources import RawItem, SkipSample
-from lumina_jax.data.transforms import _TO_RGB_DIRECT, _WITH_ALPHA, SKIP_REASONS
+from lumina_jax.data.transforms import _TO_RGB_DIRECT, _WITH_ALPHA, SKIP_REASONS, image_from_array
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +68,10 @@ def raw_item_size(item: RawItem) -> tuple[int, int, int]:
     if item.caption is None or item.caption.strip() == "":
         return 0, 0, _reason_code("empty_caption")
     data = item.image
-    if isinstance(data, np.ndarray):
-        if data.ndim not in (2, 3) or data.dtype != np.uint8:
-            return 0, 0, _reason_code("undecodable")
-        return int(data.shape[0]), int(data.shape[1]), 0
     try:
-        if data is None:
+        if isinstance(data, np.ndarray):
+            image = image_from_array(data)  # as the loader: a PIL view of the array, no decoding
+        elif data is None:
             if item.image_path is None:
                 return 0, 0, _reason_code("bad_record")
             image = Image.open(item.image_path)
@@ -171,6 +172,19 @@ def load_index(path: str | os.PathLike, count: int, data: str) -> Optional[np.nd
     return sizes
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """``PermissionError`` naming ``path`` if its folder does not take a new file (tried, then removed)."""
+    folder = Path(path).parent
+    probe = folder / f".{Path(path).name}.{os.getpid()}.write_test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write the image size index {path}: {e.strerror or e}; the index is kept next "
+                              f"to the data, so its folder must be writable (for a JSONL: copy it to a writable "
+                              f"folder with absolute image paths, or give its folder as the YAML entry's root)") from e  # fmt: skip
+
+
 def index_image_source(source: Any, *, threads: int = 8, progress: bool = True) -> list[Path]:
     """Writes the size index of ``source`` (of each part of a :class:`ConcatSource`); returns the files
     written. Raises ``ValueError`` for a source that cannot have one (in-memory lists, ArrayRecord
@@ -186,6 +200,7 @@ def index_image_source(source: Any, *, threads: int = 8, progress: bool = True) 
         raise ValueError(f"image source {source.name!r} ({type(source).__name__}) cannot have a size index: "
                          f"only JSONL/JSON files, prepared TFDS datasets and ArrayRecord shard folders have one")  # fmt: skip
     path, count, get = target
+    check_writable(path)  # before reading every header, not after
     sizes = compute_image_sizes(get, count, threads=threads, progress=progress, desc=f"indexing {source.name}")
     save_index(path, sizes)
     bad = int((sizes[:, 2] > 0).sum())

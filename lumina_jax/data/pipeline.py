@@ -623,9 +623,10 @@ class DataIterator(grain.DatasetIterator):
                 detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
                 hint = ""
                 if "bucket_plan" in changed:
-                    hint = (" The bucket plan changed: a latent cache was indexed (or its index removed) since the "
-                            "save; set bucket_plan='host' (training config: stages.N.data.bucket_plan=host) to "
-                            "continue with per-host buckets, or 'global' to keep the global plan.")
+                    hint = (" The bucket plan changed: the data was indexed (a latent cache's or raw images' size "
+                            "index appeared, or was removed) since the save; set bucket_plan='host' (training "
+                            "config: stages.N.data.bucket_plan=host) to continue with per-host buckets, or "
+                            "'global' to keep the global plan.")
                 raise ValueError(
                     f"cannot restore the data iterator: its state was saved by a pipeline with other settings "
                     f"(saved -> now: {detail}). Restore it into a pipeline configured as when it was saved, or "

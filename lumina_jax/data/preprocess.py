@@ -645,7 +645,10 @@ class _StateFile:
 
 def _pipeline_config(cfg: PreprocessConfig, index: int, count: int) -> PipelineConfig:
     return PipelineConfig(
-        resolution=cfg.resolution, batch_size=cfg.batch_size, batching="bucket", bucket_window=cfg.bucket_window,
+        # Per-process buckets whatever the sources' indexes: every process encodes its own records and
+        # writes its own shards; a resumable run must not switch plans because an image index appeared.
+        resolution=cfg.resolution, batch_size=cfg.batch_size, batching="bucket", bucket_plan="host",
+        bucket_window=cfg.bucket_window,
         drop_incomplete=False, seed=0, shuffle=False, num_epochs=1, caption_dropout=0.0,
         random_crop_offset=False, image_dtype="float32", max_ratio=cfg.max_ratio, shard_index=index,
         shard_count=count, drop_shard_remainder=False, num_workers=cfg.num_workers,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -338,6 +339,9 @@ class JsonlSource(SizeIndexed):
         path = Path(path)
         self.name = name or path.stem
         self.path = str(path)
+        self.root = None if root is None else str(root)  # None: the file's folder
+        # What `preprocess --index --data` needs to rebuild this source's index (load_yaml_sources
+        # names the YAML instead: the entry's `root` changes what the file's paths point to).
         self.index_data_path = self.path
         root = Path(root) if root is not None else path.parent
         entries: list[tuple] = []
@@ -358,26 +362,35 @@ class JsonlSource(SizeIndexed):
                 "%s: %d of %d records are unusable and will be skipped as bad_record (first: %s)",
                 path, len(bad), len(entries), "; ".join(bad[:3]),
             )
-        self._entries = entries  # every record of the file; ``ratio`` picks rows of it
-        self._rows: Optional[np.ndarray] = None
+        self._file_records = len(entries)
+        self._rows: Optional[np.ndarray] = None  # the file rows ``ratio`` picked (None: every row, in order)
         if ratio is not None:
-            self._rows = np.asarray(_subsample(list(range(len(entries))), ratio), np.int64)
+            rows = _subsample(list(range(len(entries))), ratio)
+            entries = [entries[r] for r in rows]
+            self._rows = np.asarray(rows, np.int64)
+        self._entries = entries
 
     def __len__(self) -> int:
-        return len(self._entries) if self._rows is None else len(self._rows)
+        return len(self._entries)
 
     def get(self, index: int) -> RawItem:
-        return self._file_record(index if self._rows is None else int(self._rows[index]))
-
-    def _file_record(self, row: int) -> RawItem:
-        path, caption, system = self._entries[row]
+        path, caption, system = self._entries[index]
         if path is None:
             raise SkipSample("bad_record", caption)
         return RawItem(key=path, caption=caption, system_prompt=system, image_path=path)
 
     def size_index_spec(self) -> tuple[str, int, Any]:
-        """``(index file, records, row -> RawItem)`` of the file's records (before ``ratio``)."""
-        return self.path + image_index_suffix(), len(self._entries), self._file_record
+        """``(index file, records, row -> RawItem)`` over the file's rows (before ``ratio``):
+        ``<file>.image_sizes.npy``, or ``<file>.root-<hash>.image_sizes.npy`` for an explicit ``root``
+        (the same file under another root names other images)."""
+        tag = ""
+        if self.root is not None and os.path.abspath(self.root) != os.path.abspath(os.path.dirname(self.path)):
+            tag = ".root-" + hashlib.sha1(os.path.abspath(self.root).encode()).hexdigest()[:10]
+        if self._rows is None:
+            read = self.get
+        else:  # the file's every row, not only the picked ones (one index serves every ratio)
+            read = JsonlSource(self.path, root=self.root).get
+        return self.path + tag + image_index_suffix(), self._file_records, read
 
     def _index_rows(self, sizes: np.ndarray) -> np.ndarray:
         return sizes if self._rows is None else sizes[self._rows]
@@ -432,7 +445,9 @@ def load_yaml_sources(path: str | os.PathLike) -> list[JsonlSource]:
         root = meta.get("root")
         if root is not None and not os.path.isabs(root):
             root = path.parent / root
-        sources.append(JsonlSource(jsonl, name=meta.get("name"), root=root, ratio=meta.get("ratio")))
+        source = JsonlSource(jsonl, name=meta.get("name"), root=root, ratio=meta.get("ratio"))
+        source.index_data_path = str(path)  # indexing the YAML indexes each entry with its own root
+        sources.append(source)
         named.append("name" in meta)
     # Names key the skip counters and must be unique; files with the same stem get "#<position>".
     stems = [s.name for s in sources]
@@ -442,7 +457,7 @@ def load_yaml_sources(path: str | os.PathLike) -> list[JsonlSource]:
     return sources
 
 
-class ConcatSource:
+class ConcatSource(SizeIndexed):
     """Several image sources as one (the original concatenates all JSONL files of a YAML)."""
 
     kind = "image"
@@ -463,9 +478,18 @@ class ConcatSource:
         s = int(np.searchsorted(self._offsets, index, side="right") - 1)
         return self._sources[s].get(index - int(self._offsets[s]))
 
+    @property
+    def index_data_path(self) -> Optional[str]:
+        """The ``--data`` values that rebuild the parts' indexes (``None`` if a part cannot have one)."""
+        paths = [getattr(s, "index_data_path", None) for s in self._sources]
+        return None if None in paths else " --data ".join(dict.fromkeys(paths))
+
+    def size_index_spec(self) -> None:
+        return None  # each part has its own (see image_index.index_image_source)
+
     def record_sizes(self) -> Optional[np.ndarray]:
         """The parts' size indexes concatenated (once), ``None`` unless every part has one."""
-        if getattr(self, "_record_sizes", None) is None:
+        if self._record_sizes is None:
             parts = []
             for s in self._sources:
                 get = getattr(s, "record_sizes", None)
@@ -475,11 +499,6 @@ class ConcatSource:
                 parts.append(sizes)
             self._record_sizes = np.concatenate(parts)
         return self._record_sizes
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_record_sizes", None)
-        return state
 
 
 # ---------------------------------------------------------------------------------------------------

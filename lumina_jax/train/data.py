@@ -203,13 +203,15 @@ def build_stage_iterator(
     if d.kind == "latent_cache":
         sources = [LatentCacheSource(p) for p in d.paths]
         try:
-            it = iter(DataPipeline(sources, pc, weights=d.weights))
+            pipe = DataPipeline(sources, pc, weights=d.weights)
         except MissingSizeIndexError as e:
             if d.bucket_plan == "global":
                 raise
             raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need "
                              f"the global bucket plan, which reads each record's size from the cache's size index: "
                              f"{e}. (Or use `batching: mixed` with a fixed `text_len`.)") from e  # fmt: skip
+        _check_same_plan_everywhere(stage, pipe)
+        it = iter(pipe)
         return it, it
     # images
     if not d.vae or not d.text_encoder:
@@ -218,16 +220,36 @@ def build_stage_iterator(
     for p in d.paths:
         sources.extend(image_sources(p, system_prompt=d.system_prompt, key_feature=d.key_feature))
     try:
-        inner = iter(DataPipeline(sources, pc, weights=d.weights))
+        pipe = DataPipeline(sources, pc, weights=d.weights)
     except MissingSizeIndexError as e:
         if d.bucket_plan == "global":
             raise
         raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need "
                          f"the global bucket plan, which reads each image's size from the data's size index: "
                          f"{e}. (Or encode offline into a latent cache: python -m lumina_jax preprocess.)") from e  # fmt: skip
+    _check_same_plan_everywhere(stage, pipe)
+    inner = iter(pipe)
     enc = FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len, dtype=d.encoder_dtype,
                          fixed_text_len=shard_count > 1)  # fmt: skip
     return EncodedIterator(inner, enc), inner
+
+
+def _check_same_plan_everywhere(stage: StageConfig, pipe: Any) -> None:
+    """With the global plan on several processes: ``ValueError`` on every process unless all read the same
+    size indexes (sampled digest, :func:`lumina_jax.data.global_plan.plan_digest`); hosts with their own,
+    different copies of the data would otherwise plan different batches and hang in a collective."""
+    if pipe.bucket_plan != "global" or jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    from lumina_jax.data.global_plan import plan_digest
+
+    digests = np.asarray(multihost_utils.process_allgather(plan_digest(pipe.sources)))
+    differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+    if differ:
+        raise ValueError(f"stage {stage.name!r}: processes {differ} read other size indexes than process 0 "
+                         f"(sources {[s.name for s in pipe.sources]}): every host must see the same data and "
+                         f"index (one shared copy, or identical copies built from the same files)")  # fmt: skip
 
 
 def check_same_shapes_on_every_host(stage: StageConfig, shard_count: int) -> None:
