@@ -183,8 +183,7 @@ def build_stage_iterator(
         )  # fmt: skip
         return it, it
 
-    from lumina_jax.data import DataPipeline, LatentCacheSource, PipelineConfig
-    from lumina_jax.data.pipeline import MissingSizeIndexError
+    from lumina_jax.data import LatentCacheSource, PipelineConfig
 
     if start != shard_index * (stop - start):  # the pipeline feeds rows [i * B, (i + 1) * B) of shard i
         raise ValueError(f"process {jax.process_index()} feeds rows [{start}, {stop}) of the global batch, not a "
@@ -201,16 +200,8 @@ def build_stage_iterator(
         max_consecutive_skips_option=f"stages.{stage_index}.data.max_consecutive_skips",
     )  # fmt: skip
     if d.kind == "latent_cache":
-        sources = [LatentCacheSource(p) for p in d.paths]
-        try:
-            pipe = DataPipeline(sources, pc, weights=d.weights)
-        except MissingSizeIndexError as e:
-            if d.bucket_plan == "global":
-                raise
-            raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need "
-                             f"the global bucket plan, which reads each record's size from the cache's size index: "
-                             f"{e}. (Or use `batching: mixed` with a fixed `text_len`.)") from e  # fmt: skip
-        _check_same_plan_everywhere(stage, pipe)
+        pipe = _stage_pipeline(stage, [LatentCacheSource(p) for p in d.paths], pc, shard_count,
+                               "(Or use `batching: mixed` with a fixed `text_len`.)")  # fmt: skip
         it = iter(pipe)
         return it, it
     # images
@@ -219,19 +210,29 @@ def build_stage_iterator(
     sources = []
     for p in d.paths:
         sources.extend(image_sources(p, system_prompt=d.system_prompt, key_feature=d.key_feature))
-    try:
-        pipe = DataPipeline(sources, pc, weights=d.weights)
-    except MissingSizeIndexError as e:
-        if d.bucket_plan == "global":
-            raise
-        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need "
-                         f"the global bucket plan, which reads each image's size from the data's size index: "
-                         f"{e}. (Or encode offline into a latent cache: python -m lumina_jax preprocess.)") from e  # fmt: skip
-    _check_same_plan_everywhere(stage, pipe)
+    pipe = _stage_pipeline(stage, sources, pc, shard_count,
+                           "(Or encode offline into a latent cache: python -m lumina_jax preprocess.)")  # fmt: skip
     inner = iter(pipe)
     enc = FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len, dtype=d.encoder_dtype,
                          fixed_text_len=shard_count > 1)  # fmt: skip
     return EncodedIterator(inner, enc), inner
+
+
+def _stage_pipeline(stage: StageConfig, sources: list, pc: Any, shard_count: int, alternative: str) -> Any:
+    """The stage's ``DataPipeline``; a missing size index on several hosts is an error naming the fix."""
+    from lumina_jax.data import DataPipeline
+    from lumina_jax.data.pipeline import MissingSizeIndexError
+
+    try:
+        pipe = DataPipeline(sources, pc, weights=stage.data.weights)
+    except MissingSizeIndexError as e:
+        if stage.data.bucket_plan == "global":
+            raise
+        raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need the "
+                         f"global bucket plan, which reads each record's size from its size index: {e}. "
+                         f"{alternative}") from e  # fmt: skip
+    _check_same_plan_everywhere(stage, pipe)
+    return pipe
 
 
 def _check_same_plan_everywhere(stage: StageConfig, pipe: Any) -> None:
