@@ -47,7 +47,9 @@ class DataConfig:
     ``max_consecutive_skips``: unusable records in a row (missing/corrupt images) before the stage stops
     with an error naming this key; ``bucket_plan`` (``auto``, ``global``, ``host``) decides who picks
     the crop size of ``bucket`` batches (:class:`lumina_jax.data.PipelineConfig`): on several hosts
-    ``auto`` means ``global`` (every host derives the same plan from the latent caches' size indexes);
+    ``auto`` means ``global`` (every host derives the same plan from the sources' size indexes: a latent
+    cache's own, or raw images' ``python -m lumina_jax preprocess --index --data PATH``; raw images on
+    several hosts get caption features padded to ``max_text_len``);
     ``encoder_dtype`` is the compute dtype of the frozen encoders
     (``bfloat16``; ``float32`` for models sampled in fp32, e.g. the bundled shapes model).
     """
