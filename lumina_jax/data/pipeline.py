@@ -473,14 +473,17 @@ class DataPipeline:
                                               config.text_pad_multiple)  # fmt: skip
         collate = batching.Collate(self.kind, "bucket", config.token_budget, text_len, config.text_pad_multiple)
         start = shard_index * config.batch_size
-        ds = ds.map(global_plan.HostRows(
+        rows = global_plan.HostRows(
             loaders, self.sources, (start, start + config.batch_size), collate,
             count_plan_skips=shard_index == 0, read_threads=config.read_threads,
             max_consecutive_skips=config.max_consecutive_skips, option=config.max_consecutive_skips_option,
-        ))  # fmt: skip
-        if config.num_workers == 0:  # read the next batch while this one trains (workers do that otherwise)
-            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
-        return ds
+        )  # fmt: skip
+        if config.num_workers > 0:  # each worker process prepares whole batches: they overlap already
+            return ds.map(rows)
+        # In this process: reads of the next 2 batches are in flight while one is collated, and the
+        # collated batch waits while the model trains.
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds.map(rows.submit), prefetch_buffer_size=2)
+        return grain.experimental.ThreadPrefetchIterDataset(ds.map(rows.finish), prefetch_buffer_size=2)
 
     def __iter__(self) -> "DataIterator":
         return DataIterator(iter(self.dataset), self.fingerprint)
