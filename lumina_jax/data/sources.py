@@ -285,7 +285,8 @@ class SizeIndexed:
     _record_sizes: Optional[np.ndarray] = None
 
     def size_index_spec(self) -> Optional[tuple[str, int, Any]]:
-        raise NotImplementedError
+        """``(index file, records, index -> RawItem)``; ``None`` (this default): no index possible."""
+        return None
 
     def _index_rows(self, sizes: np.ndarray) -> np.ndarray:
         return sizes
@@ -480,12 +481,10 @@ class ConcatSource(SizeIndexed):
 
     @property
     def index_data_path(self) -> Optional[str]:
-        """The ``--data`` values that rebuild the parts' indexes (``None`` if a part cannot have one)."""
+        """The ``--data`` values that rebuild the parts' indexes (``None`` if a part cannot have one);
+        each part has its own index (see :func:`lumina_jax.data.image_index.index_image_source`)."""
         paths = [getattr(s, "index_data_path", None) for s in self._sources]
         return None if None in paths else " --data ".join(dict.fromkeys(paths))
-
-    def size_index_spec(self) -> None:
-        return None  # each part has its own (see image_index.index_image_source)
 
     def record_sizes(self) -> Optional[np.ndarray]:
         """The parts' size indexes concatenated (once), ``None`` unless every part has one."""
