@@ -198,12 +198,12 @@ class HostRows:
         ``text_len``).
       count_plan_skips: report the plan's own skip counts (records the size index marks unusable); True on
         one shard.
+      read_threads: records read concurrently.
+      max_consecutive_skips, option: unreadable rows in a row before :class:`NoUsableSampleError`.
 
     A record whose crop size (or caption length) is not what the plan said -- it changed after the index
     was built -- becomes a padding row counted as ``stale_index``, with a warning: raising would stop
     only the host that read it and leave the others waiting in a collective.
-      read_threads: records read concurrently.
-      max_consecutive_skips, option: unreadable rows in a row before :class:`NoUsableSampleError`.
     """
 
     def __init__(
