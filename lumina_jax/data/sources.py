@@ -387,11 +387,15 @@ class JsonlSource(SizeIndexed):
         tag = ""
         if self.root is not None and os.path.abspath(self.root) != os.path.abspath(os.path.dirname(self.path)):
             tag = ".root-" + hashlib.sha1(os.path.abspath(self.root).encode()).hexdigest()[:10]
+        return self.path + tag + image_index_suffix(), self._file_records, self._read_file_row
+
+    def _read_file_row(self, row: int) -> RawItem:
+        """Row ``row`` of the file, picked by ``ratio`` or not (one index serves every ratio)."""
         if self._rows is None:
-            read = self.get
-        else:  # the file's every row, not only the picked ones (one index serves every ratio)
-            read = JsonlSource(self.path, root=self.root).get
-        return self.path + tag + image_index_suffix(), self._file_records, read
+            return self.get(row)
+        if getattr(self, "_whole_file", None) is None:  # parsed again once, only to build an index
+            self._whole_file = JsonlSource(self.path, root=self.root)
+        return self._whole_file.get(row)
 
     def _index_rows(self, sizes: np.ndarray) -> np.ndarray:
         return sizes if self._rows is None else sizes[self._rows]
