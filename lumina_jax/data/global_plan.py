@@ -246,34 +246,23 @@ class HostRows:
         wanted = [refs[r % len(refs)] for r in range(self.start, self.stop)]
         return wanted, [r < len(refs) for r in range(self.start, self.stop)]
 
-    def submit(self, plan: dict) -> dict:
-        """Starts reading this host's rows of ``plan`` in the thread pool; :meth:`finish` collects them.
-        Run ahead of ``finish`` (a thread prefetch between them), reads overlap the collation of
-        earlier batches."""
-        if plan.get("_stats_only") or self.read_threads == 1:
-            return dict(plan, _reads=None)
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix="host_rows")
-        distinct = list(dict.fromkeys(self._wanted(plan)[0]))  # padding rows repeat records: read once
-        return dict(plan, _reads={r: self._pool.submit(self._load, r) for r in distinct})
-
-    def _load_all(self, refs: list[tuple[int, int, int, int]], reads: Optional[dict]) -> list[dict]:
-        if reads is None:
-            reads = {}
-            for r in dict.fromkeys(refs):
-                reads[r] = self._load(r)
-            return [reads[r] for r in refs]
-        return [reads[r].result() for r in refs]
+    def _load_all(self, refs: list[tuple[int, int, int, int]]) -> list[dict]:
+        """Each distinct record read once (padding rows repeat records of their batch)."""
+        distinct = list(dict.fromkeys(refs))
+        if self.read_threads == 1 or len(distinct) <= 1:
+            loaded = [self._load(r) for r in distinct]
+        else:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix="host_rows")
+            loaded = list(self._pool.map(self._load, distinct))
+        by_ref = dict(zip(distinct, loaded))
+        return [by_ref[r] for r in refs]
 
     def _check_size(self, sample: dict, ref: tuple[int, int, int, int], planned: tuple[int, int]) -> None:
         source_id, _, index, cap_len = ref
         check_sample(self.sources[source_id], index, sample, planned, cap_len)
 
     def __call__(self, plan: dict) -> dict:
-        return self.finish(self.submit(plan))
-
-    def finish(self, plan: dict) -> dict:
-        """The collated batch of this host's rows of ``plan`` (from :meth:`submit`)."""
         tally = batching.SkipTally()
         plan_skips = plan.get("_skips") if self.count_plan_skips else None
         dropped = 0
@@ -284,7 +273,7 @@ class HostRows:
             return {"_stats_only": True, "_skips": dict(tally.take(), dropped_incomplete=dropped)}
         refs, planned = plan["plan_refs"], tuple(plan["image_size"])
         wanted, real = self._wanted(plan)
-        loaded = self._load_all(wanted, plan["_reads"])
+        loaded = self._load_all(wanted)
         samples: list[Optional[dict]] = []
         for ref, is_real, sample in zip(wanted, real, loaded):
             if is_skip(sample):

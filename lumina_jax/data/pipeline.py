@@ -478,12 +478,13 @@ class DataPipeline:
             count_plan_skips=shard_index == 0, read_threads=config.read_threads,
             max_consecutive_skips=config.max_consecutive_skips, option=config.max_consecutive_skips_option,
         )  # fmt: skip
-        if config.num_workers > 0:  # each worker process prepares whole batches: they overlap already
-            return ds.map(rows)
-        # In this process: reads of the next 2 batches are in flight while one is collated, and the
-        # collated batch waits while the model trains.
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds.map(rows.submit), prefetch_buffer_size=2)
-        return grain.experimental.ThreadPrefetchIterDataset(ds.map(rows.finish), prefetch_buffer_size=2)
+        ds = ds.map(rows)
+        if config.num_workers == 0:  # read the next batch while this one trains (workers do that otherwise)
+            # One prefetch layer only: a read-ahead built from two nested thread prefetches (reads of the next
+            # batches in flight while one is collated: 0.76x -> 1.05x of the per-host reader in-process at
+            # 1024 px, BENCHMARKS.md) hung a full-suite run once, and was taken out.
+            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+        return ds
 
     def __iter__(self) -> "DataIterator":
         return DataIterator(iter(self.dataset), self.fingerprint)
