@@ -45,7 +45,6 @@ of the empty prompt (no system prompt), as the original does with the text.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -169,7 +168,7 @@ def write_latent_cache(
         pending.clear()
         if rows.shape[0] != count:  # write_sharded encodes each record of a shard once, in order
             raise RuntimeError(f"{path}: {count} records written but {rows.shape[0]} sizes collected")
-        _save_npy_atomic(shard_sizes_path(path), rows)
+        rec_lib.write_int32_npy_atomic(shard_sizes_path(path), rows)
 
     paths = rec_lib.write_sharded(
         records, out_dir, shard_size, LATENT_SHARD_PREFIX, encode=encode, on_shard=on_shard
@@ -204,12 +203,6 @@ def _size_row(record: Mapping[str, Any]) -> tuple[int, int, int]:
     """``(H px, W px, L)`` of a cache record (``crop_size`` and ``cap_feats.shape[0]``)."""
     h, w = (int(s) for s in record["crop_size"])
     return h, w, int(np.shape(record["cap_feats"])[0])
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.int32), allow_pickle=False)
-    rec_lib.write_bytes_atomic(path, buf.getvalue())
 
 
 def _load_sizes(path: Path, mmap: bool = False) -> np.ndarray:
@@ -319,7 +312,7 @@ def shard_index_sizes(shards: Sequence[str | os.PathLike], *, threads: int = 4,
 
     def build(i: int) -> int:
         sizes, bad = _read_shard_sizes(shards[i], advance)
-        _save_npy_atomic(shard_sizes_path(shards[i]), sizes)
+        rec_lib.write_int32_npy_atomic(shard_sizes_path(shards[i]), sizes)
         out[i] = sizes
         if bad:
             logger.warning("%s: %d of %d record(s) could not be decoded; their size rows are [0, 0, 0]",
@@ -375,7 +368,7 @@ def write_size_index(cache_dir: str | os.PathLike, shards: Sequence[str | os.Pat
     lists or will list, in order) concatenated; missing ones are built first (:func:`shard_index_sizes`).
     Call it before writing ``cache_info.json``. Returns the index."""
     index = _concat_sizes(shard_index_sizes(shards, threads=threads, progress=progress))
-    _save_npy_atomic(Path(cache_dir) / RECORD_SIZES_FILE, index)
+    rec_lib.write_int32_npy_atomic(Path(cache_dir) / RECORD_SIZES_FILE, index)
     return index
 
 

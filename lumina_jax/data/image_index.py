@@ -148,9 +148,8 @@ def compute_image_sizes(get: Any, count: int, *, threads: int = 8, progress: boo
 
 
 def save_index(path: str | os.PathLike, sizes: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(sizes, dtype=np.int32), allow_pickle=False)
-    rec_lib.write_bytes_atomic(path, buf.getvalue())
+    """Writes an image size index atomically (int32 ``.npy``)."""
+    rec_lib.write_int32_npy_atomic(path, sizes)
 
 
 def load_index(path: str | os.PathLike, count: int, data: str) -> Optional[np.ndarray]:

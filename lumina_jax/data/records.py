@@ -21,6 +21,7 @@ always whole; :func:`write_sharded` uses that to resume an interrupted job by sk
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -246,6 +247,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_int32_npy_atomic(path: str | os.PathLike, array: Any) -> None:
+    """``array`` as an int32 ``.npy`` file, written atomically (:func:`write_bytes_atomic`)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.int32), allow_pickle=False)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
