@@ -270,3 +270,79 @@ def test_plan_digest_tells_indexes_apart(dataset, tmp_path):
     sizes[7, :2] += 16
     image_index.save_index(str(copy) + image_index.IMAGE_SIZES_SUFFIX, sizes)
     assert not np.array_equal(plan_digest([JsonlSource(copy, name="data")]), a)
+
+
+def test_an_index_dir_holds_the_indexes_of_data_that_is_not_written_to(dataset, tmp_path, capsys):
+    """``--index-dir`` / ``data.index_dir``: indexes for read-only data (nothing is written next to it);
+    each source gets its own file there, named after the file it would have next to the data."""
+    from lumina_jax.data.sources import ArrayRecordImageSource, write_image_records
+
+    jsonl, items = dataset
+    data = tmp_path / "data"
+    data.mkdir()
+    copy = data / "copy.jsonl"
+    copy.write_text(jsonl.read_text().replace("images/", f"{jsonl.parent}/images/"))
+    usable = [it for it in items if it.expected_skip is None][:4]
+    write_image_records([{"image_path": str(jsonl.parent / "images" / it.file), "caption": it.caption}
+                         for it in usable], data / "ar", shard_size=4)  # fmt: skip
+    before = sorted(p.name for p in data.rglob("*"))
+    index_dir = tmp_path / "indexes" / "new"  # created by the command
+    assert preprocess_main(["--index", "--data", str(copy), "--data", str(data / "ar"), "--index-dir",
+                            str(index_dir), "--no-progress"]) == 0  # fmt: skip
+    assert sorted(p.name for p in data.rglob("*")) == before  # the data folder is untouched
+    written = sorted(p.name for p in index_dir.iterdir())
+    assert len(written) == 2 and written[0].startswith("ar.") and written[1].startswith("copy.jsonl."), written
+    assert str(index_dir) in capsys.readouterr().out
+    # A source finds it only when told where (training: data.index_dir).
+    src = JsonlSource(copy)
+    assert src.record_sizes() is None
+    image_index.set_index_dir(src, index_dir)
+    np.testing.assert_array_equal(src.record_sizes(), JsonlSource(jsonl).record_sizes())
+    ar = ArrayRecordImageSource(data / "ar")
+    image_index.set_index_dir(ar, index_dir)
+    np.testing.assert_array_equal(ar.record_sizes(), [(it.height, it.width, 0) for it in usable])
+    # Same file name elsewhere: another index file (the hash is of the full path).
+    other = tmp_path / "other" / "copy.jsonl"
+    other.parent.mkdir()
+    other.write_text(copy.read_text())
+    assert image_index.relocated(str(other) + image_index.IMAGE_SIZES_SUFFIX, index_dir) != \
+        image_index.relocated(str(copy) + image_index.IMAGE_SIZES_SUFFIX, index_dir)  # fmt: skip
+    assert image_index.relocated("x/y.image_sizes.npy", None) == "x/y.image_sizes.npy"
+    # A missing index in the folder: the error's command names the folder; a pipeline reads it.
+    lost = JsonlSource(other)
+    image_index.set_index_dir(lost, index_dir)
+    with pytest.raises(MissingSizeIndexError, match=rf"--index --data {other} --index-dir {index_dir}`"):
+        DataPipeline([lost], config())
+    concat = ConcatSource([JsonlSource(copy), ArrayRecordImageSource(data / "ar")])
+    image_index.set_index_dir(concat, index_dir)
+    pipe = DataPipeline([concat], config())
+    assert pipe.bucket_plan == "global"
+    assert sum(int(b["valid"].sum()) for b in pipe) == 24 + 4
+    # --index-dir belongs to --index --data.
+    assert preprocess_main(["--index", "--out", str(tmp_path / "cache"), "--index-dir", str(index_dir)]) == 2
+    assert "--index-dir goes with --index --data" in capsys.readouterr().err
+
+
+def test_data_index_dir_reaches_the_training_sources(dataset, tmp_path, monkeypatch):
+    import jax
+
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train import data as train_data
+    from lumina_jax.train.config import DataConfig, StageConfig, load_config, load_model_config
+
+    with pytest.raises(ValueError, match="index_dir is where raw images' size indexes live"):
+        DataConfig(kind="latent_cache", paths=("c",), index_dir=str(tmp_path))
+    jsonl, _ = dataset
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(jsonl.read_text().replace("images/", f"{jsonl.parent}/images/"))
+    index_dir = tmp_path / "ix"
+    stage = StageConfig(resolution=64, batch=3, data=DataConfig(kind="images", paths=(str(copy),), vae="v",
+                        text_encoder="t", bucket_plan="global", index_dir=str(index_dir)))  # fmt: skip
+    kw = dict(model_config=load_model_config(load_config("tiny_synthetic", [])), seed=0, stage_index=0,
+              mesh=create_mesh({"data": 1}, devices=jax.devices()[:1]))  # fmt: skip
+    with pytest.raises(MissingSizeIndexError, match=f"--index-dir {index_dir}`"):
+        train_data.build_stage_iterator(stage, **kw)
+    assert preprocess_main(["--index", "--data", str(copy), "--index-dir", str(index_dir), "--no-progress"]) == 0
+    monkeypatch.setattr(train_data, "FrozenEncoders", lambda *a, **k: None)  # no encoders needed to plan
+    _, inner = train_data.build_stage_iterator(stage, **kw)
+    assert inner.get_state()["config"]["bucket_plan"] == "global"

@@ -15,11 +15,13 @@ written before it existed; preprocessing and ``--merge`` write it themselves::
 
     python -m lumina_jax preprocess --index --out cache_256
 
-Build the image size index of raw-image data (each image's size from its header, next to the data: see
-:mod:`lumina_jax.data.image_index`), so that several hosts can train on it with bucket batches (the global
-bucket plan); ``--data`` as in the training config's ``data.paths``::
+Build the image size index of raw-image data (each image's size from its header, next to the data or in
+``--index-dir``: see :mod:`lumina_jax.data.image_index`), so that several hosts can train on it with bucket
+batches (the global bucket plan); ``--data`` as in the training config's ``data.paths``, ``--index-dir`` as
+its ``data.index_dir`` (for data that cannot be written to)::
 
-    python -m lumina_jax preprocess --index --data data.jsonl [--data meta.yaml ...] [--read-threads 16]
+    python -m lumina_jax preprocess --index --data data.jsonl [--data meta.yaml ...] [--read-threads 16] \
+        [--index-dir DIR]
 
 ``--data`` (repeatable; concatenated): an original-format ``.jsonl`` or ``.json``, a ``META`` ``.yaml``, a directory of
 ``images-NNNNN.array_record`` shards, a prepared TFDS directory or ``tfds:NAME``. Rerunning an interrupted
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--merge: after merging); reads the records of shards without a size sidecar, "
                         "--read-threads shards at a time. With --data (and no --out): write the image size "
                         "index of each raw-image source (image headers, --read-threads at a time)")  # fmt: skip
+    p.add_argument("--index-dir", metavar="DIR",
+                   help="with --index --data: write the image size indexes into DIR (created) instead of next to "
+                        "the data, e.g. for read-only data; train with data.index_dir: DIR")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; errors with tracebacks")
     return p
@@ -132,10 +137,13 @@ def _index_images(args: argparse.Namespace) -> int:
     from lumina_jax.data import image_index
     from lumina_jax.data import preprocess as pp
 
+    if args.index_dir is not None:
+        Path(args.index_dir).mkdir(parents=True, exist_ok=True)
     for spec in args.data:
         source = pp.open_source(spec, system_prompt=args.system_prompt, tfds_split=args.tfds_split,
                                 tfds_data_dir=args.tfds_data_dir, image_key=args.image_key,
                                 caption_key=args.caption_key)  # fmt: skip
+        image_index.set_index_dir(source, args.index_dir)
         for path in image_index.index_image_source(source, threads=args.read_threads, progress=not args.no_progress):
             print(image_index.summary(path))
     return 0
@@ -154,6 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise pp.PreprocessError("--index takes --data (index raw images) or --out (index a latent cache), "
                                          "not both")  # fmt: skip
             return _index_images(args)
+        if args.index_dir is not None:
+            raise pp.PreprocessError("--index-dir goes with --index --data (the image size index of raw images)")
         if not args.out:
             raise pp.PreprocessError("--out is required (except for --index --data)")
         if args.merge:

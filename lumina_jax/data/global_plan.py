@@ -173,12 +173,12 @@ def check_sample(source: Any, index: int, sample: dict, planned: tuple[int, int]
 
 def _stale(source: Any, index: int, got: Any, planned: Any) -> str:
     if not _latent(source):
-        from lumina_jax.data.image_index import INDEX_COMMAND as IMAGE_INDEX_COMMAND
+        from lumina_jax.data.image_index import index_command
 
         what = f"crops to {got} px (H, W)" if isinstance(got, tuple) else f"is {got}"
         return (f"record {index} of {source.name!r} {what} but its size index says {planned}: the index is stale "
                 f"(the data changed after it was indexed); rebuild it with "
-                f"`{IMAGE_INDEX_COMMAND.format(path=source.index_data_path)}`")  # fmt: skip
+                f"`{index_command(source)}`")  # fmt: skip
     cache_dir = source.cache_dir
     return (f"record {index} of latent cache {cache_dir} is {got} ([H px, W px, caption length]) but its size index "
             f"says {planned}: the index is stale (the cache changed after it was indexed). Delete "

@@ -4,7 +4,7 @@ The global bucket plan (:mod:`lumina_jax.data.global_plan`) needs every record's
 host reads the record. For a latent cache that is stored at encoding time; for raw images the crop size
 is a function of the image's size and the stage's crop list (:func:`lumina_jax.data.crops.best_crop_size`),
 and the size is in the image's header. This module writes, once per source, an ``int32 (N, 3)`` array
-``[H px, W px, skip]`` next to the data:
+``[H px, W px, skip]`` next to the data, or in an index folder of your choice (below):
 
 * :class:`~lumina_jax.data.sources.JsonlSource`: ``<file>.image_sizes.npy`` (rows of the file, before
   any ``ratio`` subsampling, so one index serves every ratio; a YAML entry with its own ``root`` gets
@@ -12,6 +12,11 @@ and the size is in the image's header. This module writes, once per source, an `
 * :class:`~lumina_jax.data.sources.TfdsSource`: ``<dataset version dir>/<split>.image_sizes.npy``;
 * :class:`~lumina_jax.data.sources.ArrayRecordImageSource` opened from a folder: ``<folder>/image_sizes.npy``;
 * :class:`~lumina_jax.data.sources.ConcatSource`: its parts' indexes, concatenated.
+
+Data that cannot be written to (a read-only mount, a ``gs://`` TFDS folder) gets its index in a folder
+given with ``--index-dir DIR`` (training: ``data.index_dir``): the file keeps the name it would have next to
+the data, with a hash of that full path inserted (:func:`relocated`), so one folder holds the indexes of
+many sources. Every host must then name the data by the same path.
 
 ``skip`` is 0 for a usable record, else ``1 + SKIP_REASONS.index(reason)`` for a record the loader would
 skip (missing file, empty caption, undecodable header, unsupported mode, ...), so the plan leaves it out
@@ -26,6 +31,7 @@ with a warning naming the rebuild command, so one edited image cannot stop a run
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import io
 import logging
 import os
@@ -44,6 +50,39 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SIZES_SUFFIX = ".image_sizes.npy"
 INDEX_COMMAND = "python -m lumina_jax preprocess --index --data {path}"
+
+
+def relocated(path: str, index_dir: Optional[str | os.PathLike]) -> str:
+    """Where the index that would be ``path`` (next to the data) lives when indexes go to ``index_dir``:
+    ``<index_dir>/<name>.<hash>.image_sizes.npy``, ``name`` from ``path``'s file name (its folder's
+    name for ``<folder>/image_sizes.npy``) and ``hash`` of the absolute ``path`` (as written for URLs),
+    so indexes of different sources never collide. ``path`` itself when ``index_dir`` is ``None``."""
+    if index_dir is None:
+        return path
+    text = str(path)
+    full = text if "://" in text else os.path.abspath(text)
+    name = os.path.basename(full)
+    stem = name[: -len(IMAGE_SIZES_SUFFIX)] if name.endswith(IMAGE_SIZES_SUFFIX) else ""
+    stem = stem or os.path.basename(os.path.dirname(full)) or "data"
+    digest = hashlib.sha1(full.encode()).hexdigest()[:10]
+    return os.path.join(os.fspath(index_dir), f"{stem}.{digest}{IMAGE_SIZES_SUFFIX}")
+
+
+def index_command(source: Any) -> str:
+    """The command that (re)builds ``source``'s index, with its ``--index-dir`` if it has one."""
+    command = INDEX_COMMAND.format(path=source.index_data_path)
+    index_dir = getattr(source, "index_dir", None)
+    return command if index_dir is None else f"{command} --index-dir {index_dir}"
+
+
+def set_index_dir(source: Any, index_dir: Optional[str | os.PathLike]) -> None:
+    """Makes ``source`` (each part of a :class:`~lumina_jax.data.sources.ConcatSource`) keep its index in
+    ``index_dir`` (``None``: next to the data); indexes already mapped are dropped."""
+    for part in getattr(source, "_sources", ()):
+        set_index_dir(part, index_dir)
+    if hasattr(source, "size_index_spec"):
+        source.index_dir = None if index_dir is None else os.fspath(index_dir)
+        source.__dict__.pop("_record_sizes", None)
 
 
 def split_file_name(split: str) -> str:
@@ -152,13 +191,13 @@ def save_index(path: str | os.PathLike, sizes: np.ndarray) -> None:
     rec_lib.write_int32_npy_atomic(path, sizes)
 
 
-def load_index(path: str | os.PathLike, count: int, data: str) -> Optional[np.ndarray]:
+def load_index(path: str | os.PathLike, count: int, command: str) -> Optional[np.ndarray]:
     """The index at ``path`` (memory-mapped, read-only), ``None`` if there is none; ``ValueError`` naming
-    the file and the command that rebuilds it if it is not ``int32 (count, 3)`` (a stale index)."""
+    the file and ``command`` (which rebuilds it) if it is not ``int32 (count, 3)`` (a stale index)."""
     path = Path(path)
     if not path.is_file():
         return None
-    fix = f"rebuild it with `{INDEX_COMMAND.format(path=data)}`"
+    fix = f"rebuild it with `{command}`"
     try:
         sizes = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
@@ -166,7 +205,7 @@ def load_index(path: str | os.PathLike, count: int, data: str) -> Optional[np.nd
     if sizes.ndim != 2 or sizes.shape[1] != 3 or sizes.dtype != np.int32:
         raise ValueError(f"image size index {path} is {sizes.dtype} {sizes.shape}, not int32 (N, 3); {fix}")
     if sizes.shape[0] != count:
-        raise ValueError(f"image size index {path} has {sizes.shape[0]} rows but {data} has {count} records: "
+        raise ValueError(f"image size index {path} has {sizes.shape[0]} rows but its data has {count} records: "
                          f"the index is stale (the data changed after it was indexed); {fix}")  # fmt: skip
     return sizes
 
@@ -179,9 +218,9 @@ def check_writable(path: str | os.PathLike) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"cannot write the image size index {path}: {e.strerror or e}; the index is kept next "
-                              f"to the data, so its folder must be writable (for a JSONL: copy it to a writable "
-                              f"folder with absolute image paths, or give its folder as the YAML entry's root)") from e  # fmt: skip
+        raise PermissionError(f"cannot write the image size index {path}: {e.strerror or e}; give a writable "
+                              f"folder for the index with --index-dir DIR (and train with data.index_dir "
+                              f"set to it)") from e  # fmt: skip
 
 
 def index_image_source(source: Any, *, threads: int = 8, progress: bool = True) -> list[Path]:
@@ -199,6 +238,7 @@ def index_image_source(source: Any, *, threads: int = 8, progress: bool = True) 
         raise ValueError(f"image source {source.name!r} ({type(source).__name__}) cannot have a size index: "
                          f"only JSONL/JSON files, prepared TFDS datasets and ArrayRecord shard folders have one")  # fmt: skip
     path, count, get = target
+    path = relocated(path, getattr(source, "index_dir", None))
     check_writable(path)  # before reading every header, not after
     sizes = compute_image_sizes(get, count, threads=threads, progress=progress, desc=f"indexing {source.name}")
     save_index(path, sizes)

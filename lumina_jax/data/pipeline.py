@@ -508,7 +508,7 @@ def resolve_bucket_plan(sources: Sequence[Any], config: PipelineConfig) -> str:
     if config.bucket_plan == "auto":
         return "host"
     from lumina_jax.data.global_plan import INDEX_COMMAND
-    from lumina_jax.data.image_index import INDEX_COMMAND as IMAGE_INDEX_COMMAND
+    from lumina_jax.data.image_index import index_command
 
     why = []
     for s in missing:
@@ -516,7 +516,7 @@ def resolve_bucket_plan(sources: Sequence[Any], config: PipelineConfig) -> str:
             why.append(f"latent cache {s.cache_dir} has no size index (build it: `{INDEX_COMMAND.format(dir=s.cache_dir)}`)")
         elif _indexable(s):
             why.append(f"image source {s.name!r} has no size index (build it: "
-                       f"`{IMAGE_INDEX_COMMAND.format(path=s.index_data_path)}`)")  # fmt: skip
+                       f"`{index_command(s)}`)")  # fmt: skip
         else:
             why.append(f"image source {s.name!r} ({type(s).__name__}) cannot have a size index (JSONL/JSON files, "
                        f"prepared TFDS datasets and ArrayRecord shard folders can)")  # fmt: skip

@@ -283,6 +283,7 @@ class SizeIndexed:
     """
 
     _record_sizes: Optional[np.ndarray] = None
+    index_dir: Optional[str] = None  # where the index lives when not next to the data (image_index.set_index_dir)
 
     def size_index_spec(self) -> Optional[tuple[str, int, Any]]:
         """``(index file, records, index -> RawItem)``; ``None`` (this default): no index possible."""
@@ -295,13 +296,13 @@ class SizeIndexed:
         """``int32 (len(self), 3)``: ``[H px, W px, skip]`` of each record (memory-mapped when the rows
         are the file's), or ``None`` without an index. Loaded once; ``ValueError`` for a stale index."""
         if self._record_sizes is None:
-            from lumina_jax.data.image_index import load_index
+            from lumina_jax.data.image_index import index_command, load_index, relocated
 
             spec = self.size_index_spec()
             if spec is None:
                 return None
             path, count, _ = spec
-            sizes = load_index(path, count, self.index_data_path)
+            sizes = load_index(relocated(path, self.index_dir), count, index_command(self))
             self._record_sizes = None if sizes is None else self._index_rows(sizes)
         return self._record_sizes
 

@@ -49,7 +49,9 @@ class DataConfig:
     the crop size of ``bucket`` batches (:class:`lumina_jax.data.PipelineConfig`): on several hosts
     ``auto`` means ``global`` (every host derives the same plan from the sources' size indexes: a latent
     cache's own, or raw images' ``python -m lumina_jax preprocess --index --data PATH``; raw images on
-    several hosts get caption features padded to ``max_text_len``);
+    several hosts get caption features padded to ``max_text_len``); ``index_dir``: the folder that holds
+    the raw images' size indexes when they cannot be written next to the data (``preprocess --index
+    --data PATH --index-dir DIR``);
     ``encoder_dtype`` is the compute dtype of the frozen encoders
     (``bfloat16``; ``float32`` for models sampled in fp32, e.g. the bundled shapes model).
     """
@@ -75,6 +77,7 @@ class DataConfig:
     system_prompt: str = "real"
     key_feature: Optional[str] = None
     encoder_dtype: str = "bfloat16"
+    index_dir: Optional[str] = None
 
     def __post_init__(self):
         if self.encoder_dtype not in ("bfloat16", "float32"):
@@ -85,6 +88,9 @@ class DataConfig:
             raise ValueError(f"bucket_plan must be 'auto', 'global' or 'host', got {self.bucket_plan!r}")
         if self.kind != "synthetic" and not self.paths:
             raise ValueError(f"data kind {self.kind!r} needs 'paths'")
+        if self.index_dir is not None and self.kind != "images":
+            raise ValueError(f"index_dir is where raw images' size indexes live (data kind 'images'), not for "
+                             f"kind {self.kind!r}")  # fmt: skip
         object.__setattr__(self, "paths", tuple(self.paths) if not isinstance(self.paths, str) else (self.paths,))
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))

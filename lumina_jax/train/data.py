@@ -207,9 +207,13 @@ def build_stage_iterator(
     # images
     if not d.vae or not d.text_encoder:
         raise ValueError(f"stage {stage.name!r}: data kind 'images' needs 'vae' and 'text_encoder' paths")
+    from lumina_jax.data.image_index import set_index_dir
+
     sources = []
     for p in d.paths:
         sources.extend(image_sources(p, system_prompt=d.system_prompt, key_feature=d.key_feature))
+    for source in sources:
+        set_index_dir(source, d.index_dir)
     pipe = _stage_pipeline(stage, sources, pc, shard_count,
                            "(Or encode offline into a latent cache: python -m lumina_jax preprocess.)")  # fmt: skip
     inner = iter(pipe)
