@@ -8,7 +8,7 @@ Starts ``--num-processes`` copies of ``python -m lumina_jax train CONFIG key=val
 ``--module``), each with
 
     LUMINA_COORDINATOR=127.0.0.1:<port>  LUMINA_NUM_PROCESSES=<n>  LUMINA_PROCESS_ID=<i>
-    JAX_PLATFORMS=cpu  XLA_FLAGS=--xla_force_host_platform_device_count=<devices-per-process>
+    JAX_PLATFORMS=cpu  XLA_FLAGS="<your XLA_FLAGS> --xla_force_host_platform_device_count=<devices-per-process>"
 
 (:mod:`lumina_jax.parallel.distributed` reads these and selects gloo CPU collectives). Output of
 process ``i`` goes to ``<log-dir>/process_<i>.log``; process 0's is also streamed to the console as it is
@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lumina_jax.xla_flags import with_cpu_devices  # noqa: E402 -- no JAX import
 
 
 def free_port() -> int:
@@ -74,7 +77,7 @@ def build(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
             "LUMINA_PROCESS_ID": str(i),
             "JAX_PLATFORMS": "cpu",
             "PYTHONUNBUFFERED": "1",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices_per_process}",
+            "XLA_FLAGS": with_cpu_devices(args.devices_per_process),
         }
         jobs.append((env, [python, "-m", args.module, *([args.command] if args.command else []), *cmd_tail]))
     return jobs

@@ -6,6 +6,11 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ["JAX_PLATFORMS"] == "cpu" and os.environ.get("LUMINA_TEST_XLA_DEFAULTS") != "1":
+    # Faster compiles (no fast-math), inherited by the suite's subprocesses: lumina_jax/xla_flags.py.
+    from lumina_jax.xla_flags import cpu_fast_compile, set_flags
+
+    os.environ["XLA_FLAGS"] = set_flags(cpu_fast_compile())
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

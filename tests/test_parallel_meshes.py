@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from lumina_jax.xla_flags import with_cpu_devices
+
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-5
 MESHES = {
@@ -37,7 +39,7 @@ MESHES = {
 def subprocess_env(devices: int = 8) -> dict:
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=with_cpu_devices(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
         JAX_COMPILATION_CACHE_DIR=env.get("JAX_COMPILATION_CACHE_DIR", "/tmp/lumina_jax_test_jit_cache"),

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import pytest
 
+from lumina_jax.xla_flags import with_cpu_devices
 from test_text import sp_dir  # noqa: F401 -- reused fixture: tiny sentencepiece tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,14 +97,14 @@ def test_two_processes_match_single_process(tmp_path):
     shutil.copytree(mp, elastic)  # the same step-5 checkpoint, to be resumed by ONE process
     out = _local(mp, data, "--stop-at", str(FINAL_STEP))
     assert "resuming" in out or (mp / "checkpoints" / str(FINAL_STEP)).exists()
-    env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS=with_cpu_devices(8))
     p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, data, f"run_dir={sp}", "--stop-at",
                         str(FINAL_STEP)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, p.stderr[-6000:]
     # Elastic: one process with ONE device (another process count and mesh) continues the 2-process run.
     p = subprocess.run([sys.executable, "-m", "lumina_jax", "train", *ARGS, data, f"run_dir={elastic}", "mesh.data=1",
                         "mesh.fsdp=1", "--stop-at", str(FINAL_STEP)], cwd=REPO,
-                       env=dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                       env=dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS=with_cpu_devices(1)),
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, p.stderr[-6000:]
     assert "data iterator state of 2 processes restored into 1" in p.stderr

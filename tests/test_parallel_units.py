@@ -127,14 +127,40 @@ def _run(cmd, env=None):
 
 def test_local_launcher_dry_run():
     p = _run([sys.executable, "launch/local.py", "-n", "3", "-d", "2", "--port", "4242", "--dry-run", "--",
-              "configs/train/tiny_synthetic.yaml", "run_dir=/tmp/x"])  # fmt: skip
+              "configs/train/tiny_synthetic.yaml", "run_dir=/tmp/x"],
+             {"XLA_FLAGS": "--xla_force_host_platform_device_count=7 --xla_cpu_enable_fast_math=false"})  # fmt: skip
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 3
     for i, line in enumerate(lines):
         assert f"LUMINA_PROCESS_ID={i}" in line and "LUMINA_NUM_PROCESSES=3" in line
-        assert "LUMINA_COORDINATOR=127.0.0.1:4242" in line and "device_count=2" in line
+        assert "LUMINA_COORDINATOR=127.0.0.1:4242" in line
+        # the user's other XLA flags are kept, the device count replaced (not given twice)
+        assert "XLA_FLAGS='--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2'" in line
         assert line.endswith("-m lumina_jax train configs/train/tiny_synthetic.yaml run_dir=/tmp/x")
+
+
+def test_xla_flags_are_set_by_name():
+    from lumina_jax.xla_flags import set_flags, with_cpu_devices
+
+    assert set_flags(["--a=1", "--c"], "--a=0 --b=2 --c") == "--b=2 --a=1 --c"
+    assert set_flags([], "") == ""
+    assert with_cpu_devices(4, "--xla_force_host_platform_device_count=8 --x=1") == \
+        "--x=1 --xla_force_host_platform_device_count=4"  # fmt: skip
+    with pytest.raises(ValueError, match="device count must be >= 1"):
+        with_cpu_devices(0, "")
+
+
+@pytest.mark.parametrize("jaxlib, expected", [("0.10.2", 2), ("0.11.2", 1), ("1.0.0", 1)])
+def test_fast_compile_flags_follow_the_jaxlib_version(monkeypatch, jaxlib, expected):
+    """jaxlib 0.11 removed --xla_cpu_use_fusion_emitters: XLA aborts on an unknown flag."""
+    import importlib.metadata
+
+    from lumina_jax import xla_flags
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: jaxlib)
+    flags = xla_flags.cpu_fast_compile()
+    assert flags[0] == "--xla_backend_optimization_level=0" and len(flags) == expected
 
 
 def test_tpu_pod_dry_run():
@@ -162,12 +188,12 @@ def test_xpk_dry_run():
 
 def test_slurm_dry_run():
     p = _run(["bash", "launch/slurm.sbatch", "configs/train/lumina2_2b.yaml", "run_dir=/shared/r"],
-             {"DRY_RUN": "1", "REPO_DIR": "/repo", "VENV": ""})  # fmt: skip
+             {"DRY_RUN": "1", "REPO_DIR": "/repo", "VENV": "", "XLA_FLAGS": ""})  # fmt: skip
     assert p.returncode == 0, p.stderr
     out = p.stdout.replace("\\", "")
     assert "srun --ntasks-per-node=1" in out and "cd /repo" in out
     assert "python -m lumina_jax train configs/train/lumina2_2b.yaml run_dir=/shared/r" in out
-    assert "XLA_FLAGS=" in out
+    assert "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true" in out  # its defaults, none set
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -175,6 +201,7 @@ def test_slurm_dry_run():
 
 def _memcheck(tmp_path, config: str, layers: int, dtype: str) -> dict:
     out = tmp_path / f"mem_{config}_{layers}_{dtype}.json"
+    # default XLA flags: the suite's fast-compile ones slow the random init of these real widths 3x
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     p = subprocess.run([sys.executable, "-m", "lumina_jax.parallel.memcheck", "--config", config, "--layers",

@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.child:  # re-run with the virtual devices set before JAX starts
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
+        from lumina_jax.xla_flags import with_cpu_devices
+
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_cpu_devices(args.devices))
         return subprocess.call([sys.executable, "-m", "lumina_jax.parallel.memcheck", "--child", *(argv or sys.argv[1:])],
                                env=env)  # fmt: skip
     r = measure(args.config, args.dtype, args.mesh, args.layers, args.refiner_layers)
