@@ -272,7 +272,7 @@ def test_plan_digest_tells_indexes_apart(dataset, tmp_path):
     assert not np.array_equal(plan_digest([JsonlSource(copy, name="data")]), a)
 
 
-def test_an_index_dir_holds_the_indexes_of_data_that_is_not_written_to(dataset, tmp_path, capsys):
+def test_an_index_dir_holds_the_indexes_of_data_that_is_not_written_to(dataset, tmp_path, capsys, monkeypatch):
     """``--index-dir`` / ``data.index_dir``: indexes for read-only data (nothing is written next to it);
     each source gets its own file there, named after the file it would have next to the data."""
     from lumina_jax.data.sources import ArrayRecordImageSource, write_image_records
@@ -308,11 +308,31 @@ def test_an_index_dir_holds_the_indexes_of_data_that_is_not_written_to(dataset, 
     assert image_index.relocated(str(other) + image_index.IMAGE_SIZES_SUFFIX, index_dir) != \
         image_index.relocated(str(copy) + image_index.IMAGE_SIZES_SUFFIX, index_dir)  # fmt: skip
     assert image_index.relocated("x/y.image_sizes.npy", None) == "x/y.image_sizes.npy"
-    # A missing index in the folder: the error's command names the folder; a pipeline reads it.
+    # A missing index in the folder: the error names the file looked for and the command with the folder.
     lost = JsonlSource(other)
     image_index.set_index_dir(lost, index_dir)
-    with pytest.raises(MissingSizeIndexError, match=rf"--index --data {other} --index-dir {index_dir}`"):
+    looked_for = image_index.relocated(str(other) + image_index.IMAGE_SIZES_SUFFIX, index_dir)
+    with pytest.raises(MissingSizeIndexError,
+                       match=rf"looked for {looked_for}; .*--index --data {other} --index-dir {index_dir}`"):  # fmt: skip
         DataPipeline([lost], config())
+    from lumina_jax.data.global_plan import _stale
+
+    assert f"--index-dir {index_dir}`" in _stale(src, 0, (64, 64), (32, 32))
+    # The hash is of the absolute path: a relative --data from the data folder names the same index.
+    monkeypatch.chdir(data)
+    rel = tmp_path / "rel_ix"
+    assert preprocess_main(["--index", "--data", "copy.jsonl", "--index-dir", str(rel), "--no-progress"]) == 0
+    image_index.set_index_dir(src, rel)
+    np.testing.assert_array_equal(src.record_sizes(), JsonlSource(jsonl).record_sizes())
+    # Sources travel to grain worker processes pickled, their index folder with them.
+    import pickle
+
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(src)).record_sizes(), src.record_sizes())
+    # A URL is refused (indexes are memory-mapped), as is an unwritable folder, by name.
+    assert preprocess_main(["--index", "--data", "copy.jsonl", "--index-dir", "gs://bucket/ix"]) == 2
+    assert "is a URL" in capsys.readouterr().err and not (data / "gs:").exists()
+    with pytest.raises(PermissionError, match=r"nowhere.*the index folder must be writable"):
+        image_index.check_writable(tmp_path / "nowhere" / "x.image_sizes.npy", index_dir=True)
     concat = ConcatSource([JsonlSource(copy), ArrayRecordImageSource(data / "ar")])
     image_index.set_index_dir(concat, index_dir)
     pipe = DataPipeline([concat], config())
@@ -332,6 +352,8 @@ def test_data_index_dir_reaches_the_training_sources(dataset, tmp_path, monkeypa
 
     with pytest.raises(ValueError, match="index_dir is where raw images' size indexes live"):
         DataConfig(kind="latent_cache", paths=("c",), index_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="'gs://b/ix' is a URL"):
+        DataConfig(kind="images", paths=("c",), index_dir="gs://b/ix")
     jsonl, _ = dataset
     copy = tmp_path / "copy.jsonl"
     copy.write_text(jsonl.read_text().replace("images/", f"{jsonl.parent}/images/"))
@@ -346,3 +368,44 @@ def test_data_index_dir_reaches_the_training_sources(dataset, tmp_path, monkeypa
     monkeypatch.setattr(train_data, "FrozenEncoders", lambda *a, **k: None)  # no encoders needed to plan
     _, inner = train_data.build_stage_iterator(stage, **kw)
     assert inner.get_state()["config"]["bucket_plan"] == "global"
+
+
+def test_every_host_fails_when_one_cannot_plan(dataset, tmp_path, monkeypatch):
+    """Several processes compare plan digests at start-up; a process whose pipeline fails (here: no index
+    where it looked) still joins that exchange, so the others fail with it instead of waiting forever."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train import data as train_data
+    from lumina_jax.train.config import DataConfig, StageConfig, load_config, load_model_config
+
+    jsonl, _ = dataset
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(jsonl.read_text().replace("images/", f"{jsonl.parent}/images/"))
+    sent, others = [], {}
+
+    def allgather(mine):  # process 0 is this one; process 1 sends others["digest"]
+        sent.append(np.asarray(mine))
+        return np.stack([mine, others.get("digest", mine)])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    monkeypatch.setattr(train_data, "process_rows", lambda batch, mesh: (0, batch // 2, 0, 2))
+    monkeypatch.setattr(train_data, "FrozenEncoders", lambda *a, **k: None)
+    stage = StageConfig(resolution=64, batch=4, data=DataConfig(kind="images", paths=(str(copy),), vae="v",
+                        text_encoder="t", index_dir=str(tmp_path / "ix")))  # fmt: skip
+    kw = dict(model_config=load_model_config(load_config("tiny_synthetic", [])), seed=0, stage_index=0,
+              mesh=create_mesh({"data": 1}, devices=jax.devices()[:1]))  # fmt: skip
+    with pytest.raises(ValueError, match="has no size index"):  # this host: no index, yet it joined the exchange
+        train_data.build_stage_iterator(stage, **kw)
+    assert len(sent) == 1 and not sent[0].any()
+    assert preprocess_main(["--index", "--data", str(copy), "--index-dir", str(tmp_path / "ix"), "--no-progress"]) == 0
+    train_data.build_stage_iterator(stage, **kw)  # both hosts agree
+    assert len(sent) == 2 and sent[1].any()
+    others["digest"] = np.zeros(8, np.uint32)  # the other host failed
+    with pytest.raises(ValueError, match=r"processes \[1\] could not build their data pipeline"):
+        train_data.build_stage_iterator(stage, **kw)
+    others["digest"] = sent[1] + 1  # the other host read another index
+    with pytest.raises(ValueError, match=r"processes \[1\] read other size indexes than process 0"):
+        train_data.build_stage_iterator(stage, **kw)

@@ -138,6 +138,7 @@ def _index_images(args: argparse.Namespace) -> int:
     from lumina_jax.data import preprocess as pp
 
     if args.index_dir is not None:
+        image_index.check_index_dir(args.index_dir)  # a URL would become a local folder named "gs:"
         Path(args.index_dir).mkdir(parents=True, exist_ok=True)
     for spec in args.data:
         source = pp.open_source(spec, system_prompt=args.system_prompt, tfds_split=args.tfds_split,

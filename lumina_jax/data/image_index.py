@@ -13,10 +13,11 @@ and the size is in the image's header. This module writes, once per source, an `
 * :class:`~lumina_jax.data.sources.ArrayRecordImageSource` opened from a folder: ``<folder>/image_sizes.npy``;
 * :class:`~lumina_jax.data.sources.ConcatSource`: its parts' indexes, concatenated.
 
-Data that cannot be written to (a read-only mount, a ``gs://`` TFDS folder) gets its index in a folder
-given with ``--index-dir DIR`` (training: ``data.index_dir``): the file keeps the name it would have next to
-the data, with a hash of that full path inserted (:func:`relocated`), so one folder holds the indexes of
-many sources. Every host must then name the data by the same path.
+Data that cannot be written to (a read-only mount) gets its index in a local or mounted folder given
+with ``--index-dir DIR`` (training: ``data.index_dir``): the file keeps the name it would have next to the
+data, with a hash of that absolute path inserted (:func:`relocated`), so one folder holds the indexes of
+many sources. The hash is of the path as written (not symlinks resolved): every host must name the data
+by the same path, and a missing index's error names the file that was looked for.
 
 ``skip`` is 0 for a usable record, else ``1 + SKIP_REASONS.index(reason)`` for a record the loader would
 skip (missing file, empty caption, undecodable header, unsupported mode, ...), so the plan leaves it out
@@ -36,6 +37,7 @@ import io
 import logging
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,14 +72,38 @@ def relocated(path: str, index_dir: Optional[str | os.PathLike]) -> str:
 
 def index_command(source: Any) -> str:
     """The command that (re)builds ``source``'s index, with its ``--index-dir`` if it has one."""
-    command = INDEX_COMMAND.format(path=source.index_data_path)
+    paths = source.index_data_path.split(" --data ")  # a ConcatSource's parts
+    command = INDEX_COMMAND.format(path=" --data ".join(shlex.quote(p) for p in paths))
     index_dir = getattr(source, "index_dir", None)
-    return command if index_dir is None else f"{command} --index-dir {index_dir}"
+    return command if index_dir is None else f"{command} --index-dir {shlex.quote(index_dir)}"
+
+
+def missing_index_files(source: Any) -> list[str]:
+    """The index files ``source`` (its parts) looked for and did not find."""
+    parts = getattr(source, "_sources", None)
+    if parts is not None:
+        return [f for part in parts for f in missing_index_files(part)]
+    spec = getattr(source, "size_index_spec", None)
+    target = spec() if callable(spec) else None
+    if target is None:
+        return []
+    path = relocated(target[0], getattr(source, "index_dir", None))
+    return [] if os.path.isfile(path) else [path]
+
+
+def check_index_dir(index_dir: str | os.PathLike) -> None:
+    """``ValueError`` for a URL: indexes are memory-mapped, so the folder must be local or mounted."""
+    if "://" in os.fspath(index_dir):
+        raise ValueError(f"index folder {os.fspath(index_dir)!r} is a URL; image size indexes are memory-mapped "
+                         f"files, give a local or mounted folder")  # fmt: skip
 
 
 def set_index_dir(source: Any, index_dir: Optional[str | os.PathLike]) -> None:
     """Makes ``source`` (each part of a :class:`~lumina_jax.data.sources.ConcatSource`) keep its index in
-    ``index_dir`` (``None``: next to the data); indexes already mapped are dropped."""
+    ``index_dir`` (``None``: next to the data); indexes already mapped are dropped. ``ValueError`` for a
+    URL (:func:`check_index_dir`)."""
+    if index_dir is not None:
+        check_index_dir(index_dir)
     for part in getattr(source, "_sources", ()):
         set_index_dir(part, index_dir)
     if hasattr(source, "size_index_spec"):
@@ -210,17 +236,18 @@ def load_index(path: str | os.PathLike, count: int, command: str) -> Optional[np
     return sizes
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """``PermissionError`` naming ``path`` if its folder does not take a new file (tried, then removed)."""
+def check_writable(path: str | os.PathLike, index_dir: bool = False) -> None:
+    """``PermissionError`` naming ``path`` if its folder does not take a new file (tried, then removed);
+    ``index_dir``: the folder is an ``--index-dir`` (the message suggests one otherwise)."""
     folder = Path(path).parent
     probe = folder / f".{Path(path).name}.{os.getpid()}.write_test"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"cannot write the image size index {path}: {e.strerror or e}; give a writable "
-                              f"folder for the index with --index-dir DIR (and train with data.index_dir "
-                              f"set to it)") from e  # fmt: skip
+        fix = ("the index folder must be writable" if index_dir else "give a writable folder for the index with "
+               "--index-dir DIR (and train with data.index_dir set to it)")  # fmt: skip
+        raise PermissionError(f"cannot write the image size index {path}: {e.strerror or e}; {fix}") from e
 
 
 def index_image_source(source: Any, *, threads: int = 8, progress: bool = True) -> list[Path]:
@@ -238,8 +265,9 @@ def index_image_source(source: Any, *, threads: int = 8, progress: bool = True) 
         raise ValueError(f"image source {source.name!r} ({type(source).__name__}) cannot have a size index: "
                          f"only JSONL/JSON files, prepared TFDS datasets and ArrayRecord shard folders have one")  # fmt: skip
     path, count, get = target
-    path = relocated(path, getattr(source, "index_dir", None))
-    check_writable(path)  # before reading every header, not after
+    index_dir = getattr(source, "index_dir", None)
+    path = relocated(path, index_dir)
+    check_writable(path, index_dir=index_dir is not None)  # before reading every header, not after
     sizes = compute_image_sizes(get, count, threads=threads, progress=progress, desc=f"indexing {source.name}")
     save_index(path, sizes)
     bad = int((sizes[:, 2] > 0).sum())

@@ -508,15 +508,15 @@ def resolve_bucket_plan(sources: Sequence[Any], config: PipelineConfig) -> str:
     if config.bucket_plan == "auto":
         return "host"
     from lumina_jax.data.global_plan import INDEX_COMMAND
-    from lumina_jax.data.image_index import index_command
+    from lumina_jax.data.image_index import index_command, missing_index_files
 
     why = []
     for s in missing:
         if getattr(s, "kind", "image") == "latent":
             why.append(f"latent cache {s.cache_dir} has no size index (build it: `{INDEX_COMMAND.format(dir=s.cache_dir)}`)")
         elif _indexable(s):
-            why.append(f"image source {s.name!r} has no size index (build it: "
-                       f"`{index_command(s)}`)")  # fmt: skip
+            why.append(f"image source {s.name!r} has no size index (looked for {', '.join(missing_index_files(s))}; "
+                       f"build it: `{index_command(s)}`)")  # fmt: skip
         else:
             why.append(f"image source {s.name!r} ({type(s).__name__}) cannot have a size index (JSONL/JSON files, "
                        f"prepared TFDS datasets and ArrayRecord shard folders can)")  # fmt: skip

@@ -88,6 +88,10 @@ class DataConfig:
             raise ValueError(f"bucket_plan must be 'auto', 'global' or 'host', got {self.bucket_plan!r}")
         if self.kind != "synthetic" and not self.paths:
             raise ValueError(f"data kind {self.kind!r} needs 'paths'")
+        if self.index_dir is not None:
+            from lumina_jax.data.image_index import check_index_dir
+
+            check_index_dir(self.index_dir)
         if self.index_dir is not None and self.kind != "images":
             raise ValueError(f"index_dir is where raw images' size indexes live (data kind 'images'), not for "
                              f"kind {self.kind!r}")  # fmt: skip

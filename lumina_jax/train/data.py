@@ -223,33 +223,52 @@ def build_stage_iterator(
 
 
 def _stage_pipeline(stage: StageConfig, sources: list, pc: Any, shard_count: int, alternative: str) -> Any:
-    """The stage's ``DataPipeline``; a missing size index on several hosts is an error naming the fix."""
+    """The stage's ``DataPipeline``; a missing size index on several hosts is an error naming the fix.
+    With the global plan on several processes, a process that cannot build its pipeline still joins the
+    start-up digest exchange (:func:`_check_same_plan_everywhere`), so every process fails instead of
+    the others waiting for it in the collective."""
     from lumina_jax.data import DataPipeline
     from lumina_jax.data.pipeline import MissingSizeIndexError
 
     try:
         pipe = DataPipeline(sources, pc, weights=stage.data.weights)
-    except MissingSizeIndexError as e:
-        if stage.data.bucket_plan == "global":
+    except Exception as e:
+        if pc.batching == "bucket" and pc.bucket_plan == "global":
+            _exchange_plan_digests(None)
+        if not isinstance(e, MissingSizeIndexError) or stage.data.bucket_plan == "global":
             raise
         raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, so bucket batches need the "
                          f"global bucket plan, which reads each record's size from its size index: {e}. "
                          f"{alternative}") from e  # fmt: skip
-    _check_same_plan_everywhere(stage, pipe)
+    if pipe.bucket_plan == "global":
+        _check_same_plan_everywhere(stage, pipe)
     return pipe
+
+
+def _exchange_plan_digests(digest: Any) -> np.ndarray:
+    """Every process's plan digest (:func:`lumina_jax.data.global_plan.plan_digest`; zeros from a process
+    that could not build its pipeline, ``digest`` ``None``), one row per process; one collective."""
+    mine = np.zeros(8, np.uint32) if digest is None else np.asarray(digest, np.uint32)
+    if jax.process_count() == 1:
+        return mine[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(mine))
 
 
 def _check_same_plan_everywhere(stage: StageConfig, pipe: Any) -> None:
     """With the global plan on several processes: ``ValueError`` on every process unless all read the same
     size indexes (sampled digest, :func:`lumina_jax.data.global_plan.plan_digest`); hosts with their own,
     different copies of the data would otherwise plan different batches and hang in a collective."""
-    if pipe.bucket_plan != "global" or jax.process_count() == 1:
+    if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     from lumina_jax.data.global_plan import plan_digest
 
-    digests = np.asarray(multihost_utils.process_allgather(plan_digest(pipe.sources)))
+    digests = _exchange_plan_digests(plan_digest(pipe.sources))
+    failed = [i for i in range(len(digests)) if not digests[i].any()]
+    if failed:
+        raise ValueError(f"stage {stage.name!r}: processes {failed} could not build their data pipeline (their logs "
+                         f"say why, e.g. a size index missing where they looked)")  # fmt: skip
     differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
     if differ:
         raise ValueError(f"stage {stage.name!r}: processes {differ} read other size indexes than process 0 "
