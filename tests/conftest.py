@@ -32,6 +32,35 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=f"needs a {marker.upper()} (running on {backend})"))
 
 
+@pytest.fixture(autouse=True)
+def _close_data_iterators(monkeypatch):
+    """Closes the data iterators a test opened when it ends. Left to the garbage collector, an iterator
+    is closed whenever (and in whatever thread) its last reference goes -- seen inside its own prefetch
+    thread ("cannot join current thread"), or during a later test; closing here stops its prefetch
+    threads and worker processes in the main thread, between tests."""
+    import sys
+    import weakref
+
+    module = sys.modules.get("lumina_jax.data.pipeline")  # not imported: this test opens no pipeline
+    if module is None:
+        yield
+        return
+    opened = []
+    make = module.DataPipeline.__iter__
+
+    def tracked(self):
+        it = make(self)
+        opened.append(weakref.ref(it))
+        return it
+
+    monkeypatch.setattr(module.DataPipeline, "__iter__", tracked)
+    yield
+    for ref in opened:
+        it = ref()
+        if it is not None:
+            it.close()
+
+
 def rel_l2(a, b) -> float:
     """Relative L2 error ||a - b|| / ||b|| in float64."""
     import numpy as np
