@@ -137,13 +137,13 @@ def _index_images(args: argparse.Namespace) -> int:
     from lumina_jax.data import image_index
     from lumina_jax.data import preprocess as pp
 
-    if args.index_dir is not None:
+    sources = [pp.open_source(spec, system_prompt=args.system_prompt, tfds_split=args.tfds_split,
+                              tfds_data_dir=args.tfds_data_dir, image_key=args.image_key,
+                              caption_key=args.caption_key) for spec in args.data]  # fmt: skip
+    if args.index_dir is not None:  # created once every --data value opened
         image_index.check_index_dir(args.index_dir)  # a URL would become a local folder named "gs:"
         Path(args.index_dir).mkdir(parents=True, exist_ok=True)
-    for spec in args.data:
-        source = pp.open_source(spec, system_prompt=args.system_prompt, tfds_split=args.tfds_split,
-                                tfds_data_dir=args.tfds_data_dir, image_key=args.image_key,
-                                caption_key=args.caption_key)  # fmt: skip
+    for source in sources:
         image_index.set_index_dir(source, args.index_dir)
         for path in image_index.index_image_source(source, threads=args.read_threads, progress=not args.no_progress):
             print(image_index.summary(path))
