@@ -123,6 +123,15 @@ def test_a_yaml_root_gets_its_own_index_and_the_messages_name_the_yaml(dataset, 
     assert JsonlSource(moved).record_sizes() is None  # the file under its own folder is another source
     with pytest.raises(MissingSizeIndexError, match=rf"--data {meta} --data {moved}`"):
         DataPipeline(both, config())
+    # In an index folder the root's own index stays apart from the file's.
+    ix = tmp_path / "ix"
+    assert preprocess_main(["--index", "--data", str(meta), "--data", str(moved), "--index-dir", str(ix),
+                            "--no-progress"]) == 0  # fmt: skip
+    names = sorted(p.name for p in ix.iterdir())
+    assert len(names) == 2 and names[0].startswith("data.jsonl.") and names[1].startswith("data.jsonl.root-"), names
+    from_yaml = load_yaml_sources(meta)[0]
+    image_index.set_index_dir(from_yaml, ix)
+    np.testing.assert_array_equal(from_yaml.record_sizes(), JsonlSource(jsonl).record_sizes())
 
 
 def test_the_probe_refuses_an_index_that_leaves_readable_images_out(dataset, tmp_path):
@@ -237,6 +246,13 @@ def test_tfds_source_index(tmp_path):
     assert image_index.reason_of(by_key["broken.jpg"][2]) == "undecodable"
     batches = list(DataPipeline(TfdsSource(builder_dir=builder_dir), config(batch_size=2)))
     assert sum(int(b["valid"].sum()) for b in batches) == 4
+    # In an index folder: named after the split, the same rows.
+    moved = TfdsSource(builder_dir=builder_dir, key_key="key")
+    image_index.set_index_dir(moved, tmp_path / "ix")
+    (tmp_path / "ix").mkdir()
+    (path,) = image_index.index_image_source(moved, threads=1, progress=False)
+    assert path.parent == tmp_path / "ix" and path.name.startswith("train.") and path.name.endswith(".image_sizes.npy")
+    np.testing.assert_array_equal(moved.record_sizes(), sizes)
 
 
 def test_array_record_folder_index(dataset, tmp_path):
