@@ -319,3 +319,35 @@ def test_a_checkpoint_of_two_hosts_resumes_on_one_host_with_the_global_plan(cach
     with pytest.raises(DataStateMismatchError, match=r"another number of processes .*per-host slice.*shard_count: 2 -> 1"):
         ck.restore(5, jax.eval_shape(lambda: target), pipe(1, plan="host"))
     ck.close()
+
+
+def test_read_ahead_submits_the_next_batches_before_collating_and_keeps_an_exact_state():
+    """``ReadAhead``: reads of the next ``depth`` plan batches are in flight while one is collated; its
+    state is the position of the oldest batch not yet returned (nothing skipped or repeated on resume)."""
+    import grain
+
+    from lumina_jax.data.global_plan import ReadAhead
+
+    events = []
+
+    class Rows:
+        def submit(self, plan):
+            events.append(("submit", plan))
+            return plan, None
+
+        def finish(self, pending):
+            events.append(("finish", pending[0]))
+            return {"plan": pending[0]}
+
+    plans = grain.MapDataset.range(7).to_iter_dataset()
+    it = iter(ReadAhead(plans, Rows(), depth=2))
+    assert next(it)["plan"] == 0
+    assert events == [("submit", 0), ("submit", 1), ("submit", 2), ("finish", 0)]  # 1 and 2 read meanwhile
+    state = it.get_state()
+    rest = [b["plan"] for b in it]
+    assert rest == [1, 2, 3, 4, 5, 6]
+    again = iter(ReadAhead(plans, Rows(), depth=2))
+    again.set_state(state)
+    assert [b["plan"] for b in again] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        ReadAhead(plans, Rows(), depth=0)

@@ -15,7 +15,8 @@ The global plan fixes that without any communication between hosts:
    batches of ``global_batch`` rows of one crop size (padding rules unchanged; the window counts global
    samples, default 64 global batches). Only references wait in the window, never decoded samples.
 3. Host ``h`` reads the records of rows ``[h * B, (h + 1) * B)`` of each global batch
-   (:class:`HostRows`, in a thread pool) and collates them; caption features are padded to one length
+   (:class:`HostRows`, in a thread pool; in-process, :class:`ReadAhead` keeps the reads of the next two
+   batches in flight while one is collated) and collates them; caption features are padded to one length
    for the whole run (``text_len``, or the longest caption in the size indexes), so every host builds
    the same shapes at every step.
 
@@ -31,10 +32,13 @@ counted by shard 0 only, so the hosts' counters add up to the run's totals.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import copy
 import logging
 from typing import Any, Optional, Sequence
 
+import grain
 import numpy as np
 
 from lumina_jax.data import batching
@@ -246,23 +250,32 @@ class HostRows:
         wanted = [refs[r % len(refs)] for r in range(self.start, self.stop)]
         return wanted, [r < len(refs) for r in range(self.start, self.stop)]
 
-    def _load_all(self, refs: list[tuple[int, int, int, int]]) -> list[dict]:
-        """Each distinct record read once (padding rows repeat records of their batch)."""
+    def _submit_loads(self, refs: list[tuple[int, int, int, int]]) -> "_Loads":
+        """Starts reading each distinct record once (padding rows repeat records of their batch), in the
+        thread pool unless reads are serial."""
         distinct = list(dict.fromkeys(refs))
         if self.read_threads == 1 or len(distinct) <= 1:
-            loaded = [self._load(r) for r in distinct]
-        else:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix="host_rows")
-            loaded = list(self._pool.map(self._load, distinct))
-        by_ref = dict(zip(distinct, loaded))
-        return [by_ref[r] for r in refs]
+            return _Loads(refs, distinct, [self._load(r) for r in distinct])
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix="host_rows")
+        return _Loads(refs, distinct, [self._pool.submit(self._load, r) for r in distinct])
 
     def _check_size(self, sample: dict, ref: tuple[int, int, int, int], planned: tuple[int, int]) -> None:
         source_id, _, index, cap_len = ref
         check_sample(self.sources[source_id], index, sample, planned, cap_len)
 
     def __call__(self, plan: dict) -> dict:
+        return self.finish(self.submit(plan))
+
+    def submit(self, plan: dict) -> tuple[dict, Optional["_Loads"]]:
+        """Starts reading this host's rows of ``plan`` (in the thread pool); :meth:`finish` collates them."""
+        if plan.get("_stats_only"):
+            return plan, None
+        return plan, self._submit_loads(self._wanted(plan)[0])
+
+    def finish(self, pending: tuple[dict, Optional["_Loads"]]) -> dict:
+        """The batch of a :meth:`submit` once its reads are done: skips counted, padding rows filled."""
+        plan, loads = pending
         tally = batching.SkipTally()
         plan_skips = plan.get("_skips") if self.count_plan_skips else None
         dropped = 0
@@ -273,7 +286,7 @@ class HostRows:
             return {"_stats_only": True, "_skips": dict(tally.take(), dropped_incomplete=dropped)}
         refs, planned = plan["plan_refs"], tuple(plan["image_size"])
         wanted, real = self._wanted(plan)
-        loaded = self._load_all(wanted)
+        loaded = loads.samples()
         samples: list[Optional[dict]] = []
         for ref, is_real, sample in zip(wanted, real, loaded):
             if is_skip(sample):
@@ -331,6 +344,89 @@ class HostRows:
             f"no record of a {len(refs)}-row global batch of size {planned} could be read (e.g. "
             f"{self.sources[refs[0][0]].name!r} record {refs[0][2]}); check the data"
         )
+
+
+class _Loads:
+    """The reads of one batch's rows: samples (serial reads) or futures (the pool's)."""
+
+    def __init__(self, refs: list, distinct: list, loaded: list):
+        self.refs, self.distinct, self.loaded = refs, distinct, loaded
+
+    def samples(self) -> list[dict]:
+        """One sample per ref, once every read is done."""
+        done = [f.result() if isinstance(f, concurrent.futures.Future) else f for f in self.loaded]
+        by_ref = dict(zip(self.distinct, done))
+        return [by_ref[r] for r in self.refs]
+
+    def cancel(self) -> None:
+        """Drops the reads not started yet."""
+        for f in self.loaded:
+            if isinstance(f, concurrent.futures.Future):
+                f.cancel()
+
+
+class ReadAhead(grain.IterDataset):
+    """Plan batches (``parent``) mapped by ``rows`` (:class:`HostRows`), with the reads of the next
+    ``depth`` batches in flight while one is collated: in-process, the read pool would otherwise idle
+    while the batch is collated and the plan advanced. No thread of its own (the reads run in the pool
+    of ``rows``); the state is the plan's position before the oldest batch not yet returned, so a
+    checkpoint neither skips nor repeats a batch. Worker processes (``num_workers`` > 0) overlap whole
+    batches without it."""
+
+    def __init__(self, parent: grain.IterDataset, rows: HostRows, depth: int = 2):
+        super().__init__(parent)
+        if depth < 1:
+            raise ValueError(f"read-ahead depth must be >= 1, got {depth}")
+        self._rows = rows
+        self._depth = depth
+
+    def __iter__(self) -> "_ReadAheadIterator":
+        return _ReadAheadIterator(self._parent.__iter__(), self._rows, self._depth)
+
+
+class _ReadAheadIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, rows: HostRows, depth: int):
+        super().__init__(parent)
+        self._rows = rows
+        self._depth = depth
+        self._pending: collections.deque = collections.deque()  # (plan state before the batch, submitted)
+        self._exhausted = False
+
+    def _fill(self) -> None:
+        while not self._exhausted and len(self._pending) < self._depth:
+            state = copy.deepcopy(self._parent.get_state())
+            try:
+                plan = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                return
+            self._pending.append((state, self._rows.submit(plan)))
+
+    def __next__(self) -> dict:
+        self._fill()
+        if not self._pending:
+            raise StopIteration
+        _, submitted = self._pending.popleft()
+        self._fill()  # the next batches' reads start before this one is collated
+        return self._rows.finish(submitted)
+
+    def get_state(self) -> dict:
+        return copy.deepcopy(self._pending[0][0]) if self._pending else self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._drop_pending()
+        self._parent.set_state(state)
+        self._exhausted = False
+
+    def _drop_pending(self) -> None:
+        for _, (_, loads) in self._pending:
+            if loads is not None:
+                loads.cancel()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._drop_pending()
+        super().close()
 
 
 def _blank(sample: dict, size: tuple[int, int]) -> dict:

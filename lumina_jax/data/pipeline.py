@@ -478,13 +478,12 @@ class DataPipeline:
             count_plan_skips=shard_index == 0, read_threads=config.read_threads,
             max_consecutive_skips=config.max_consecutive_skips, option=config.max_consecutive_skips_option,
         )  # fmt: skip
-        ds = ds.map(rows)
-        if config.num_workers == 0:  # read the next batch while this one trains (workers do that otherwise)
-            # One prefetch layer only: a read-ahead built from two nested thread prefetches (reads of the next
-            # batches in flight while one is collated: 0.76x -> 1.05x of the per-host reader in-process at
-            # 1024 px, BENCHMARKS.md) hung a full-suite run once, and was taken out.
-            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
-        return ds
+        if config.num_workers > 0:
+            return ds.map(rows)  # each worker process reads and collates whole batches
+        # In-process: the reads of the next batches run while one is collated (global_plan.ReadAhead), and
+        # one prefetch thread prepares the next batch while this one trains.
+        ds = global_plan.ReadAhead(ds, rows, depth=2)
+        return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
 
     def __iter__(self) -> "DataIterator":
         return DataIterator(iter(self.dataset), self.fingerprint)
