@@ -351,3 +351,36 @@ def test_read_ahead_submits_the_next_batches_before_collating_and_keeps_an_exact
     assert [b["plan"] for b in again] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="depth must be >= 1"):
         ReadAhead(plans, Rows(), depth=0)
+    end = iter(ReadAhead(plans, Rows(), depth=2))
+    assert len(list(end)) == 7
+    after_end = iter(ReadAhead(plans, Rows(), depth=2))
+    after_end.set_state(end.get_state())
+    assert list(after_end) == []
+
+    # An error of the plan comes after the batches before it, as without read-ahead.
+    def plan_then_fail(i):
+        if i == 3:
+            raise NoUsableSampleError("plan failed")
+        return i
+
+    failing = iter(ReadAhead(plans.map(plan_then_fail), Rows(), depth=2))
+    got = [next(failing)["plan"] for _ in range(3)]
+    with pytest.raises(NoUsableSampleError, match="plan failed"):
+        next(failing)
+    assert got == [0, 1, 2]
+
+
+def test_host_rows_read_in_the_pool_when_submitted_ahead():
+    """Submitted for read-ahead, even one record on one read thread goes to the pool (else the reads of
+    the next batches would run before this one is collated, in the same thread)."""
+    import concurrent.futures
+
+    from lumina_jax.data.global_plan import HostRows
+
+    rows = HostRows([lambda key: {"key": key}], [None], (0, 1), collate=None, count_plan_skips=False, read_threads=1)
+    plan = {"plan_refs": [(0, 0, 5, 3)], "image_size": (64, 64)}
+    _, ahead = rows.submit(plan)
+    assert [type(f) for f in ahead.loaded] == [concurrent.futures.Future]
+    assert ahead.samples() == [{"key": (0, 5)}]
+    _, serial = rows.submit(plan, background=False)  # the map over plan batches (worker processes)
+    assert serial.loaded == [{"key": (0, 5)}]

@@ -15,8 +15,8 @@ The global plan fixes that without any communication between hosts:
    batches of ``global_batch`` rows of one crop size (padding rules unchanged; the window counts global
    samples, default 64 global batches). Only references wait in the window, never decoded samples.
 3. Host ``h`` reads the records of rows ``[h * B, (h + 1) * B)`` of each global batch
-   (:class:`HostRows`, in a thread pool; in-process, :class:`ReadAhead` keeps the reads of the next two
-   batches in flight while one is collated) and collates them; caption features are padded to one length
+   (:class:`HostRows`, in a thread pool; in-process, :class:`ReadAhead` keeps the reads of the next
+   batch in flight while one is collated) and collates them; caption features are padded to one length
    for the whole run (``text_len``, or the longest caption in the size indexes), so every host builds
    the same shapes at every step.
 
@@ -250,11 +250,12 @@ class HostRows:
         wanted = [refs[r % len(refs)] for r in range(self.start, self.stop)]
         return wanted, [r < len(refs) for r in range(self.start, self.stop)]
 
-    def _submit_loads(self, refs: list[tuple[int, int, int, int]]) -> "_Loads":
-        """Starts reading each distinct record once (padding rows repeat records of their batch), in the
-        thread pool unless reads are serial."""
+    def _submit_loads(self, refs: list[tuple[int, int, int, int]], background: bool) -> "_Loads":
+        """Starts reading each distinct record once (padding rows repeat records of their batch): in the
+        thread pool, or here when ``background`` is off and the reads are serial anyway (one thread or
+        one record)."""
         distinct = list(dict.fromkeys(refs))
-        if self.read_threads == 1 or len(distinct) <= 1:
+        if not background and (self.read_threads == 1 or len(distinct) <= 1):
             return _Loads(refs, distinct, [self._load(r) for r in distinct])
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix="host_rows")
@@ -265,13 +266,14 @@ class HostRows:
         check_sample(self.sources[source_id], index, sample, planned, cap_len)
 
     def __call__(self, plan: dict) -> dict:
-        return self.finish(self.submit(plan))
+        return self.finish(self.submit(plan, background=False))
 
-    def submit(self, plan: dict) -> tuple[dict, Optional["_Loads"]]:
-        """Starts reading this host's rows of ``plan`` (in the thread pool); :meth:`finish` collates them."""
+    def submit(self, plan: dict, background: bool = True) -> tuple[dict, Optional["_Loads"]]:
+        """Starts reading this host's rows of ``plan`` in the thread pool (``background``; else serial
+        reads may run here, as the map over plan batches does); :meth:`finish` collates them."""
         if plan.get("_stats_only"):
             return plan, None
-        return plan, self._submit_loads(self._wanted(plan)[0])
+        return plan, self._submit_loads(self._wanted(plan)[0], background)
 
     def finish(self, pending: tuple[dict, Optional["_Loads"]]) -> dict:
         """The batch of a :meth:`submit` once its reads are done: skips counted, padding rows filled."""
@@ -373,7 +375,7 @@ class ReadAhead(grain.IterDataset):
     checkpoint neither skips nor repeats a batch. Worker processes (``num_workers`` > 0) overlap whole
     batches without it."""
 
-    def __init__(self, parent: grain.IterDataset, rows: HostRows, depth: int = 2):
+    def __init__(self, parent: grain.IterDataset, rows: HostRows, depth: int = 1):
         super().__init__(parent)
         if depth < 1:
             raise ValueError(f"read-ahead depth must be >= 1, got {depth}")
@@ -391,6 +393,7 @@ class _ReadAheadIterator(grain.DatasetIterator):
         self._depth = depth
         self._pending: collections.deque = collections.deque()  # (plan state before the batch, submitted)
         self._exhausted = False
+        self._error: Optional[BaseException] = None  # raised by the plan ahead of the pending batches
 
     def _fill(self) -> None:
         while not self._exhausted and len(self._pending) < self._depth:
@@ -400,23 +403,29 @@ class _ReadAheadIterator(grain.DatasetIterator):
             except StopIteration:
                 self._exhausted = True
                 return
+            except Exception as e:  # noqa: BLE001 -- raised in order, after the batches before it
+                self._exhausted, self._error = True, e
+                return
             self._pending.append((state, self._rows.submit(plan)))
 
     def __next__(self) -> dict:
         self._fill()
         if not self._pending:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
             raise StopIteration
         _, submitted = self._pending.popleft()
         self._fill()  # the next batches' reads start before this one is collated
         return self._rows.finish(submitted)
 
     def get_state(self) -> dict:
-        return copy.deepcopy(self._pending[0][0]) if self._pending else self._parent.get_state()
+        return self._pending[0][0] if self._pending else self._parent.get_state()
 
     def set_state(self, state: dict) -> None:
         self._drop_pending()
         self._parent.set_state(state)
-        self._exhausted = False
+        self._exhausted, self._error = False, None
 
     def _drop_pending(self) -> None:
         for _, (_, loads) in self._pending:
@@ -427,6 +436,9 @@ class _ReadAheadIterator(grain.DatasetIterator):
     def close(self) -> None:
         self._drop_pending()
         super().close()
+
+    def __str__(self) -> str:
+        return f"ReadAhead(depth={self._depth})"
 
 
 def _blank(sample: dict, size: tuple[int, int]) -> dict:

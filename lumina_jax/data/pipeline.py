@@ -480,9 +480,10 @@ class DataPipeline:
         )  # fmt: skip
         if config.num_workers > 0:
             return ds.map(rows)  # each worker process reads and collates whole batches
-        # In-process: the reads of the next batches run while one is collated (global_plan.ReadAhead), and
+        # In-process: the reads of the next batch run while one is collated (global_plan.ReadAhead; depth 2
+        # measured the same as 1 and holds one more decoded batch, BENCHMARKS.md), and
         # one prefetch thread prepares the next batch while this one trains.
-        ds = global_plan.ReadAhead(ds, rows, depth=2)
+        ds = global_plan.ReadAhead(ds, rows, depth=1)
         return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
 
     def __iter__(self) -> "DataIterator":
