@@ -78,17 +78,24 @@ def index_command(source: Any) -> str:
     return command if index_dir is None else f"{command} --index-dir {shlex.quote(index_dir)}"
 
 
+def index_target(source: Any) -> Optional[tuple[str, int, Any]]:
+    """``(index file, records, row -> RawItem)`` of a source that can have an index (not a
+    :class:`~lumina_jax.data.sources.ConcatSource`), in its ``index_dir`` if it has one; else ``None``."""
+    spec = getattr(source, "size_index_spec", None)
+    target = spec() if callable(spec) else None
+    if target is None:
+        return None
+    path, count, get = target
+    return relocated(path, getattr(source, "index_dir", None)), count, get
+
+
 def missing_index_files(source: Any) -> list[str]:
     """The index files ``source`` (its parts) looked for and did not find."""
     parts = getattr(source, "_sources", None)
     if parts is not None:
         return [f for part in parts for f in missing_index_files(part)]
-    spec = getattr(source, "size_index_spec", None)
-    target = spec() if callable(spec) else None
-    if target is None:
-        return []
-    path = relocated(target[0], getattr(source, "index_dir", None))
-    return [] if os.path.isfile(path) else [path]
+    target = index_target(source)
+    return [] if target is None or os.path.isfile(target[0]) else [target[0]]
 
 
 def check_index_dir(index_dir: str | os.PathLike) -> None:
@@ -259,15 +266,12 @@ def index_image_source(source: Any, *, threads: int = 8, progress: bool = True) 
         written = [p for part in parts for p in index_image_source(part, threads=threads, progress=progress)]
         source.__dict__.pop("_record_sizes", None)  # concatenated again on next use
         return written
-    spec = getattr(source, "size_index_spec", None)
-    target = spec() if callable(spec) else None
+    target = index_target(source)
     if target is None:
         raise ValueError(f"image source {source.name!r} ({type(source).__name__}) cannot have a size index: "
                          f"only JSONL/JSON files, prepared TFDS datasets and ArrayRecord shard folders have one")  # fmt: skip
     path, count, get = target
-    index_dir = getattr(source, "index_dir", None)
-    path = relocated(path, index_dir)
-    check_writable(path, index_dir=index_dir is not None)  # before reading every header, not after
+    check_writable(path, index_dir=getattr(source, "index_dir", None) is not None)  # before reading every header, not after
     sizes = compute_image_sizes(get, count, threads=threads, progress=progress, desc=f"indexing {source.name}")
     save_index(path, sizes)
     bad = int((sizes[:, 2] > 0).sum())

@@ -296,13 +296,13 @@ class SizeIndexed:
         """``int32 (len(self), 3)``: ``[H px, W px, skip]`` of each record (memory-mapped when the rows
         are the file's), or ``None`` without an index. Loaded once; ``ValueError`` for a stale index."""
         if self._record_sizes is None:
-            from lumina_jax.data.image_index import index_command, load_index, relocated
+            from lumina_jax.data.image_index import index_command, index_target, load_index
 
-            spec = self.size_index_spec()
-            if spec is None:
+            target = index_target(self)
+            if target is None:
                 return None
-            path, count, _ = spec
-            sizes = load_index(relocated(path, self.index_dir), count, index_command(self))
+            path, count, _ = target
+            sizes = load_index(path, count, index_command(self))
             self._record_sizes = None if sizes is None else self._index_rows(sizes)
         return self._record_sizes
 
