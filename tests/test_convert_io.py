@@ -137,5 +137,13 @@ def test_directory_with_an_index_reads_only_its_shards(tmp_path):
     src = TensorSource(tmp_path)
     assert sorted(src.keys()) == ["t0", "t1", "t2"] and src.get("t0").dtype == np.float32
     (tmp_path / "model.safetensors.index.json").unlink()
-    with pytest.raises(CheckpointError, match="appears in more than one file"):
+    with pytest.raises(CheckpointError, match=r"appears in more than one file \(model-00001-of-0000\d.safetensors "
+                                              r"and model.fp16.safetensors\)"):  # fmt: skip
         TensorSource(tmp_path)
+    # An unsharded directory: the variant of its one file is not read (diffusers' ``variant=`` files).
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(dict(arrays), single / "diffusion_pytorch_model.safetensors")
+    save_file({"t0": np.zeros((10, 10), np.float16)}, single / "diffusion_pytorch_model.fp16.safetensors")
+    src = TensorSource(single)
+    assert sorted(src.keys()) == ["t0", "t1", "t2"] and src.get("t0").dtype == np.float32

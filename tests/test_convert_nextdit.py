@@ -100,6 +100,30 @@ def test_original_prefix_and_inferred_config(diffusers_dir, tmp_path):
     assert config2.ffn_hidden == config.ffn_hidden
 
 
+def test_our_safetensors_export_reloads_with_its_config(tmp_path):
+    """What the shapes do not tell (patch size, RoPE split, eps, table sizes) comes back from the config
+    our ``.safetensors`` export stores; a ``.pth`` (no metadata) is inferred, ``config=`` overrides."""
+    import dataclasses
+
+    from lumina_jax.models.nextdit import NextDiTConfig
+
+    config = dataclasses.replace(NextDiTConfig.from_yaml("nextdit_tiny"), patch_size=4, in_channels=4,
+                                 axes_dims=(2, 6, 8), qk_norm_eps=1e-5, axes_lens=(64, 96, 96))  # fmt: skip
+    from lumina_jax.models.nextdit import init_params
+
+    params = init_params(config, 0)
+    path = save_transformer(tmp_path / "o.safetensors", config, params, "original")
+    loaded, params2 = load_transformer(path)
+    assert loaded == config
+    _assert_bit_exact(flatten(params2), {k: np.asarray(v) for k, v in flatten(params).items()})
+    inferred, _ = load_transformer(save_transformer(tmp_path / "o.pth", config, params, "original"), config=config)
+    assert inferred == config
+    bad = tmp_path / "bad.safetensors"
+    save_file(_tensors(path), bad, metadata={"lumina_jax_config": json.dumps({"dim": 7, "n_heads": 2})})
+    with pytest.raises(CheckpointError, match="stored lumina_jax_config is not a valid config"):
+        load_transformer(bad)
+
+
 def test_bf16_export_and_keep_dtype(diffusers_dir, tmp_path):
     _, d = diffusers_dir
     config, params = load_transformer(d)
@@ -243,7 +267,7 @@ def test_sharded_export(diffusers_dir, tmp_path):
     _assert_bit_exact(_tensors(d), _tensors(out))
 
 
-def test_cli_convert(diffusers_dir, tmp_path):
+def test_cli_convert(diffusers_dir, tmp_path, monkeypatch, capsys):
     _, d = diffusers_dir
     dst = tmp_path / "cli.safetensors"
     r = subprocess.run([sys.executable, "-m", "lumina_jax", "convert", str(d), str(dst), "--to", "original"],
@@ -253,3 +277,15 @@ def test_cli_convert(diffusers_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lumina_jax", "convert", str(tmp_path / "missing"), str(tmp_path / "y"),
                         "--to", "jax"], capture_output=True, text=True, cwd=Path(__file__).parent.parent)  # fmt: skip
     assert r.returncode != 0 and "no such file" in r.stderr
+    # An existing destination is refused before the source is read; an unwritable one is an error line.
+    from lumina_jax.convert.cli import main as convert_main
+
+    assert convert_main([str(tmp_path / "missing"), str(dst), "--to", "original"]) == 1
+    from lumina_jax.convert import nextdit as convert_nextdit
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(convert_nextdit, "save_transformer", read_only)
+    assert convert_main([str(d), str(tmp_path / "ro" / "x.safetensors"), "--to", "original"]) == 1
+    assert "error: [Errno 30] Read-only file system" in capsys.readouterr().err

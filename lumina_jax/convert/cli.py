@@ -1,4 +1,4 @@
-"""``python -m lumina_jax convert SRC DST --to jax|diffusers|original [--dtype fp32|bf16]``.
+"""``python -m lumina_jax convert SRC DST --to jax|diffusers|original [--dtype fp32|bf16|fp16] [--config NAME] [--overwrite]``.
 
 Converts a Next-DiT checkpoint between the project's own format, a diffusers ``transformer/``
 directory and the original Alpha-VLLM layout. The source format is detected. Nothing is written at
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from lumina_jax.convert.errors import CheckpointError
 
@@ -41,13 +42,17 @@ def main(argv: list[str]) -> int:
 
     t0 = time.time()
     try:
+        dst = Path(args.dst)
+        target = dst if args.to != "original" or dst.suffix else dst / "consolidated.00-of-01.pth"
+        if target.exists() and not args.overwrite:  # before the (long) load, not after
+            raise FileExistsError(f"{target} already exists (pass --overwrite to replace it)")
         fmt = detect_format(args.src)
         config = NextDiTConfig.from_yaml(args.config) if args.config else None
         print(f"reading {args.src} ({fmt})", flush=True)
         config, params = load_transformer(args.src, config=config, dtype=None)
         print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s; writing {args.to}", flush=True)
         out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:  # OSError: unwritable destination, full disk, ...
         print(f"error: {cli_message(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out} in {time.time() - t0:.1f}s")

@@ -110,7 +110,9 @@ class TensorSource:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._where: dict[str, Any] = {}
+        self._file_of: dict[str, Path] = {}
         self._torch_sd: dict[str, Any] | None = None
+        self.metadata: dict[str, str] = {}  # the safetensors files' ``__metadata__``, merged
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
         files: list[Path]
@@ -132,11 +134,15 @@ class TensorSource:
                     # variant such as model.fp16.safetensors next to the shards is not read)
                     files = sorted(self.path / w for w in wanted)
                     break
+            else:  # no index: a variant (model.fp16.safetensors) next to its main file is not read either
+                stems = {f.stem for f in files}
+                files = [f for f in files if f.stem.rpartition(".")[0] not in stems]
         else:
             files = [self.path]
         for f in files:
             if f.suffix == ".safetensors":
                 st = SafetensorsFile(f)
+                self.metadata.update(st.metadata)
                 for k in st.keys():
                     self._add(k, st, f)
             else:
@@ -145,8 +151,10 @@ class TensorSource:
 
     def _add(self, key: str, where: Any, f: Path) -> None:
         if key in self._where:
-            raise CheckpointError(f"{self.path}: tensor {key!r} appears in more than one file ({f.name})")
+            raise CheckpointError(f"{self.path}: tensor {key!r} appears in more than one file "
+                                  f"({self._file_of[key].name} and {f.name})")  # fmt: skip
         self._where[key] = where
+        self._file_of[key] = f
 
     @staticmethod
     def _load_torch(f: Path) -> dict[str, Any]:

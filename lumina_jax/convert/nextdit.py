@@ -337,6 +337,20 @@ def infer_original_config(shapes: dict[str, tuple[int, ...]], patch_size: int = 
     )
 
 
+def _stored_config(src: TensorSource) -> Optional[NextDiTConfig]:
+    """The config our ``.safetensors`` export stores in its metadata (``lumina_jax_config``), so that a
+    reload does not have to infer it from the shapes (patch size, RoPE split, eps and table sizes are
+    not in them); ``None`` for other files."""
+    text = src.metadata.get("lumina_jax_config")
+    if text is None:
+        return None
+    try:
+        return NextDiTConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{src.path}: its stored lumina_jax_config is not a valid config ({e}); pass "
+                              f"config= (--config) to override it") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # public API
 
@@ -351,8 +365,9 @@ def load_transformer(
 
     Formats (detected from ``path``): the project's own directory (``lumina_jax.json`` + orbax), a
     diffusers ``transformer/`` directory (config.json + safetensors), or an original checkpoint (a
-    ``.pth``/``.safetensors`` file, or a directory with ``consolidated*``; the config is inferred from
-    the shapes unless ``config`` is given; ``model.diffusion_model.`` prefixes are stripped).
+    ``.pth``/``.safetensors`` file, or a directory with ``consolidated*``; the config is the one our
+    ``.safetensors`` export stores in its metadata, else inferred from the shapes, unless ``config`` is
+    given; ``model.diffusion_model.`` prefixes are stripped).
     ``dtype`` is the param dtype (``"fp32"`` default; ``None`` keeps the checkpoint's).
     """
     path = Path(path)
@@ -369,7 +384,7 @@ def load_transformer(
     else:
         src = _Prefixed(_original_source(path))
         if config is None:
-            config = infer_original_config(src.shapes())
+            config = _stored_config(src.src) or infer_original_config(src.shapes())
     found = src.shapes()
     # norm_final is unused by the forward; tolerate repackaged original files that dropped it.
     rules = [r for r in RULES[fmt](config) if r.key in found or r.key != "norm_final.weight"]
