@@ -66,6 +66,20 @@ def test_diffusers_round_trip_bit_exact_and_loadable(diffusers_dir, tmp_path):
     x, t, cap, mask = inputs(config, batch=2, h=6, w=8, cap_lens=[4, 7], cap_pad=7)
     ours = _jax_out(config, params, x, t, cap, mask)
     assert rel_l2(diffusers_forward(reloaded, x, t, cap, mask), ours) <= 1e-5
+    # the config comes back too, including what the model does not use (the default size)
+    theirs = json.loads((d / "config.json").read_text())
+    again = json.loads((out_dir / "config.json").read_text())
+    assert {k: v for k, v in theirs.items() if not k.startswith("_")} == \
+        {k: v for k, v in again.items() if not k.startswith("_")}  # fmt: skip
+    small = tmp_path / "small"
+    small.mkdir()
+    for f in d.iterdir():
+        (small / f.name).symlink_to(f)
+    (small / "config.json").unlink()
+    (small / "config.json").write_text(json.dumps(dict(theirs, sample_size=16)))
+    via_jax = save_transformer(tmp_path / "small_jax", *load_transformer(small), "jax")
+    out = save_transformer(tmp_path / "small_out", *load_transformer(via_jax), "diffusers")
+    assert json.loads((out / "config.json").read_text())["sample_size"] == 16
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -255,10 +255,7 @@ def _load_diffusers(root: Path, dtype: Any) -> Components:
     g_cfg, g_params = load_text_encoder(root / "text_encoder", dtype=dtype)
     v_cfg, v_params = load_vae(root / "vae", dtype=dtype)
     tok = load_tokenizer(root / "tokenizer")
-    size = 1024
-    cfg_file = root / "transformer" / "config.json"
-    if cfg_file.exists():
-        size = int(json.loads(cfg_file.read_text()).get("sample_size", 128)) * v_cfg.downsample_factor
+    size = t_cfg.sample_size * v_cfg.downsample_factor  # diffusers' default size (config.json sample_size)
     return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root), size,
                       str(root), "diffusers")
 

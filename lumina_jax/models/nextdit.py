@@ -77,6 +77,9 @@ class NextDiTConfig(YamlConfig):
     # velocity head must reproduce the noise in every patch feature. Cannot be exported to PyTorch.
     prediction: str = "velocity"
     data_min_gap: float = 0.05
+    # diffusers' ``sample_size``: the default generation size in latent pixels (128: 1024 px with the
+    # FLUX VAE). Not used by the model; kept so that conversions give it back unchanged.
+    sample_size: int = 128
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -130,7 +133,7 @@ class NextDiTConfig(YamlConfig):
         "hidden_size": "dim", "num_layers": "n_layers", "num_refiner_layers": "n_refiner_layers",
         "num_attention_heads": "n_heads", "num_kv_heads": "n_kv_heads", "multiple_of": "multiple_of",
         "ffn_dim_multiplier": "ffn_dim_multiplier", "norm_eps": "norm_eps", "axes_dim_rope": "axes_dims",
-        "axes_lens": "axes_lens", "cap_feat_dim": "cap_feat_dim",
+        "axes_lens": "axes_lens", "cap_feat_dim": "cap_feat_dim", "sample_size": "sample_size",
     }  # fmt: skip
 
     def require_velocity_head(self, target: str) -> None:
@@ -150,7 +153,7 @@ class NextDiTConfig(YamlConfig):
             raise ValueError("diffusers' Lumina2Transformer2DModel always has q/k norms; qk_norm=False cannot be exported")
         d = {theirs: getattr(self, ours) for theirs, ours in self._DIFFUSERS_KEYS.items()}
         d["axes_dim_rope"], d["axes_lens"] = list(self.axes_dims), list(self.axes_lens)
-        d.update({"_class_name": "Lumina2Transformer2DModel", "sample_size": 128, "scaling_factor": 1.0})
+        d.update({"_class_name": "Lumina2Transformer2DModel", "scaling_factor": 1.0})
         return d
 
 
