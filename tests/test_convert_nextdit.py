@@ -114,6 +114,20 @@ def test_original_prefix_and_inferred_config(diffusers_dir, tmp_path):
     assert config2.ffn_hidden == config.ffn_hidden
 
 
+def test_layers_stored_in_different_dtypes_keep_their_values(diffusers_dir, tmp_path):
+    """A keep-dtype load stacks the layers of a weight in one array: a file whose layers differ in dtype
+    (here layer 0 in bf16, layer 1 in fp32) is stacked in fp32, so no layer loses precision."""
+    _, d = diffusers_dir
+    sd = _tensors(save_transformer(tmp_path / "o.safetensors", *load_transformer(d), "original"))
+    key0, key1 = "layers.0.feed_forward.w1.weight", "layers.1.feed_forward.w1.weight"
+    sd[key0] = sd[key0].astype(ml_dtypes.bfloat16)
+    save_file(sd, tmp_path / "mixed.safetensors")
+    config, params = load_transformer(tmp_path / "mixed.safetensors", dtype=None)
+    out = _tensors(save_transformer(tmp_path / "again.safetensors", config, params, "original"))
+    assert out[key1].dtype == np.float32 and out[key1].tobytes() == sd[key1].tobytes()
+    np.testing.assert_array_equal(out[key0], sd[key0].astype(np.float32))
+
+
 def test_our_safetensors_export_reloads_with_its_config(tmp_path):
     """What the shapes do not tell (patch size, RoPE split, eps, table sizes) comes back from the config
     our ``.safetensors`` export stores; a ``.pth`` (no metadata) is inferred, ``config=`` overrides."""

@@ -199,6 +199,11 @@ def torch_to_jax(
             else:
                 if part.path not in flat:
                     flat[part.path] = np.empty(shapes[part.path], dtype=piece.dtype)
+                elif piece.dtype != flat[part.path].dtype:  # layers stored in different dtypes (keep-dtype load)
+                    wide = np.float64 if np.float64 in (piece.dtype, flat[part.path].dtype) else np.float32
+                    if flat[part.path].dtype != wide:
+                        log.info("%s: layers in different dtypes; stacked as %s", rule.key, np.dtype(wide).name)
+                        flat[part.path] = flat[part.path].astype(wide)  # exact: every weight dtype fits
                 flat[part.path][part.layer] = piece
     fill_dtype = dtype or next((v.dtype for v in flat.values()), np.dtype(np.float32))
     for path in shapes:
