@@ -212,6 +212,32 @@ def _copy_with(d: Path, dst: Path, edit) -> Path:
     return dst
 
 
+def test_malformed_metadata_is_an_error_naming_its_file(diffusers_dir, tmp_path):
+    _, d = diffusers_dir
+    bad = _copy_with(d, tmp_path / "bad", lambda sd: None)
+    cfg = json.loads((d / "config.json").read_text())
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"{bad / 'config.json'}: not valid JSON"):
+        load_transformer(bad)
+    (bad / "config.json").write_text(json.dumps(dict(cfg, axes_dim_rope=[2, 2, 2])))
+    with pytest.raises(CheckpointError, match=rf"{bad / 'config.json'}: not a valid Next-DiT config .*axes_dims"):
+        load_transformer(bad)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r"index.json: no 'weight_map' entry"):
+        load_transformer(bad)
+    jax_dir = save_transformer(tmp_path / "j", *load_transformer(d), "jax")
+    (jax_dir / "lumina_jax.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"lumina_jax.json: no 'config' entry"):
+        load_transformer(jax_dir)
+    # safetensors headers: a JSON list, or an entry whose offsets are not two integers
+    for header in (b"[]", json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}).encode()):
+        f = tmp_path / "h.safetensors"
+        f.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+        with pytest.raises(CheckpointError, match=r"h.safetensors: corrupt safetensors header"):
+            TensorSource(f)
+
+
 def test_missing_unexpected_misshaped_keys_are_named(diffusers_dir, tmp_path):
     _, d = diffusers_dir
 

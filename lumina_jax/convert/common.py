@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
@@ -126,7 +126,10 @@ class TensorSource:
             for idx_name in (SAFETENSORS_INDEX, DIFFUSERS_INDEX):
                 idx = self.path / idx_name
                 if idx.exists():
-                    wanted = set(json.loads(idx.read_text())["weight_map"].values())
+                    weight_map = read_json(idx, key="weight_map")["weight_map"]
+                    if not isinstance(weight_map, dict):
+                        raise CheckpointError(f"{idx}: 'weight_map' is not an object")
+                    wanted = set(weight_map.values())
                     missing = sorted(w for w in wanted if not (self.path / w).exists())
                     if missing:
                         raise CheckpointError(f"{self.path}: index {idx_name} names missing shards {missing}")
@@ -198,10 +201,22 @@ def read_config_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
     f = path / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{path}: no config.json (expected {what})")
+    return read_json(f, "object")
+
+
+def read_json(f: str | os.PathLike, kind: str = "object", key: Optional[str] = None) -> Any:
+    """The JSON document in ``f`` (an ``"object"``, holding ``key`` when given); anything else -- not
+    JSON, another type, the key missing -- is a :class:`CheckpointError` naming the file."""
+    f = Path(f)
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        doc = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if kind == "object" and not isinstance(doc, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, found {type(doc).__name__}")
+    if key is not None and key not in doc:
+        raise CheckpointError(f"{f}: no {key!r} entry")
+    return doc
 
 
 # ----------------------------------------------------------------------------------------------

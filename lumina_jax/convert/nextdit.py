@@ -30,6 +30,7 @@ from lumina_jax.convert.common import (
     atomic_output,
     cast,
     flatten,
+    read_json,
     resolve_dtype,
     to_numpy,
     unflatten,
@@ -342,6 +343,16 @@ def infer_original_config(shapes: dict[str, tuple[int, ...]], patch_size: int = 
     )
 
 
+def _config_of(f: Path, make: Any) -> NextDiTConfig:
+    """``make()``, a config read from ``f``; an invalid one is a :class:`CheckpointError` naming ``f``."""
+    try:
+        return make()
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{f}: not a valid Next-DiT config ({e})") from None
+
+
 def _stored_config(src: TensorSource) -> Optional[NextDiTConfig]:
     """The config our ``.safetensors`` export stores in its metadata (``lumina_jax_config``), so that a
     reload does not have to infer it from the shapes (patch size, RoPE split, eps and table sizes are
@@ -384,7 +395,7 @@ def load_transformer(
         if config is None:
             if not cfg_file.exists():
                 raise CheckpointError(f"{path}: diffusers directory without config.json")
-            config = NextDiTConfig.from_diffusers_config(json.loads(cfg_file.read_text()))
+            config = _config_of(cfg_file, lambda: NextDiTConfig.from_diffusers_config(read_json(cfg_file)))
         src: Any = TensorSource(path)
     else:
         src = _Prefixed(_original_source(path))
@@ -476,8 +487,8 @@ def _save_jax(tmp: Path, config: NextDiTConfig, flat: dict, dtype: Any) -> None:
 def _load_jax(path: Path, dtype: Any) -> tuple[NextDiTConfig, dict]:
     import orbax.checkpoint as ocp
 
-    meta = json.loads((path / JAX_MARKER).read_text())
-    config = NextDiTConfig.from_dict(meta["config"])
+    marker = path / JAX_MARKER
+    config = _config_of(marker, lambda: NextDiTConfig.from_dict(read_json(marker, key="config")["config"]))
     if not (path / "params").exists():
         raise CheckpointError(f"{path}: missing params/ (incomplete checkpoint)")
     try:

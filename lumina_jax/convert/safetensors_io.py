@@ -61,7 +61,14 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", {}) or {}
+        for name, v in header.items():
+            offsets = v.get("data_offsets") if isinstance(v, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and isinstance(v.get("shape"), list)):  # fmt: skip
+                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: {v!r}")
         self._header: dict[str, dict] = header
         self._data_start = 8 + n
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
