@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -299,6 +300,20 @@ def test_nothing_written_on_failure(diffusers_dir, tmp_path):
         nd.write_sharded_safetensors = orig
     assert calls["n"] == 1 and not (tmp_path / "mid").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mid")]
+    # folders made for the output go again; a killed run's temporary goes when the next run starts
+    import socket
+
+    with pytest.raises(CheckpointError):
+        save_transformer(tmp_path / "new" / "deeper" / "o", config, broken, "original")  # -> o/consolidated...pth
+    assert not (tmp_path / "new").exists()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs
+    stale = tmp_path / f".again.safetensors.tmp-{socket.gethostname()}-{gone.pid}-x7"
+    (stale / "again.safetensors").mkdir(parents=True)
+    alive = tmp_path / f".again.safetensors.tmp-{socket.gethostname()}-{os.getppid()}-y8"  # running
+    alive.mkdir()
+    save_transformer(tmp_path / "again.safetensors", config, params, "original")
+    assert not stale.exists() and alive.exists()
 
 
 def test_unknown_format_and_paths(tmp_path):

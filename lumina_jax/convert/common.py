@@ -14,9 +14,12 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -26,6 +29,8 @@ import numpy as np
 
 from lumina_jax.convert.errors import CheckpointError
 from lumina_jax.convert.safetensors_io import SafetensorsFile
+
+log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 
@@ -228,14 +233,20 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     """Yield a temporary path next to ``dst``; move it to ``dst`` only if the block succeeds.
 
     Works for files and directories. With ``overwrite`` an existing ``dst`` is replaced (after the new
-    one is complete); without it an existing ``dst`` is an error before any work is done.
+    one is complete); without it an existing ``dst`` is an error before any work is done. Folders made
+    for ``dst`` are removed again if the block fails; temporaries left by a killed run on this host
+    (``.<name>.tmp-<host>-<pid>-*`` of a process that is gone) are removed when the next run starts.
     """
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    made = [p for p in [dst.parent, *dst.parent.parents] if not p.exists()]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tag = f".{dst.name}.tmp-{socket.gethostname()}-"
+    _remove_stale_temporaries(dst.parent, tag)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f"{tag}{os.getpid()}-", dir=dst.parent))
     tmp = tmp_root / dst.name
+    done = False
     try:
         yield tmp
         if not tmp.exists():
@@ -247,8 +258,28 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             os.replace(tmp, dst)
+        done = True
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+        if not done:
+            for folder in made:  # innermost first; only if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _remove_stale_temporaries(folder: Path, tag: str) -> None:
+    """Removes ``folder/<tag><pid>-*`` temporaries whose process (on this host) no longer runs."""
+    for p in folder.glob(f"{glob.escape(tag)}*"):
+        pid = p.name[len(tag):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a run that was killed", p)
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def write_sharded_safetensors(
