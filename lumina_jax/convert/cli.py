@@ -46,6 +46,10 @@ def main(argv: list[str]) -> int:
         target = dst if args.to != "original" or dst.suffix else dst / "consolidated.00-of-01.pth"
         if target.exists() and not args.overwrite:  # before the (long) load, not after
             raise FileExistsError(f"{target} already exists (pass --overwrite to replace it)")
+        src = Path(args.src).resolve()
+        if src.is_dir() and src in dst.resolve().parents:
+            raise ValueError(f"{args.dst} is inside the checkpoint {args.src}: another weights file there would "
+                             f"become part of that checkpoint; write it elsewhere")  # fmt: skip
         fmt = detect_format(args.src)
         config = NextDiTConfig.from_yaml(args.config) if args.config else None
         print(f"reading {args.src} ({fmt})", flush=True)
