@@ -275,8 +275,9 @@ def test_argument_errors(pipe, noise):
         pipe("a cat", cfg_trunc_mode="sometimes")
     with pytest.raises(ValueError, match=r"seed must be a non-negative integer, got -1"):
         pipe("a cat", seed=-1)
-    with pytest.raises(ValueError, match="cfg_trunc_ratio must be a finite number"):
-        pipe("a cat", cfg_trunc_ratio=float("nan"))
+    for bad in (float("nan"), -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"cfg_trunc_ratio must be in \[0, 1\]"):
+            pipe("a cat", cfg_trunc_ratio=bad)
     for bad in (-5, 0, -16):
         with pytest.raises(ValueError, match=rf"height={bad} .* nearest valid height: 16$"):
             check_image_size(bad, 64)
@@ -410,5 +411,14 @@ def test_cli_errors(reference, tmp_path, capsys):
     assert rc == 2 and "no such directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["a cat", "--solver", "heun"])
+    # an unwritable --out is refused before the model loads; an existing image is replaced, with a notice
+    (tmp_path / "file").write_text("")
+    rc = main(["a cat", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "file" / "x.png")])
+    assert rc == 2 and "is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "old.png").write_bytes(b"")
+    rc = main(["a cat", "--checkpoint", str(reference[2]), "--size", "64x64", "--steps", "2", "--compilation-cache",
+               "off", "--no-progress", "--out", str(tmp_path / "old.png")])  # fmt: skip
+    assert rc == 0 and f"replacing {tmp_path / 'old.png'}" in capsys.readouterr().err
+    assert (tmp_path / "old.png").stat().st_size > 0
     assert output_paths(str(tmp_path) + "/", [7, 8]) == [tmp_path / "lumina_7.png", tmp_path / "lumina_8.png"]
     assert output_paths("a.png", [1]) == [Path("a.png")]

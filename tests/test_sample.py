@@ -200,9 +200,10 @@ def test_solvers_run_outside_jit(x0):
     np.testing.assert_allclose(eager, run_jax("dpm", x0, 3), rtol=1e-6)
 
 
-def test_non_finite_trunc_ratio_is_an_error():
-    with pytest.raises(ValueError, match="cfg_trunc_ratio must be a finite number"):
-        S.make_schedule("midpoint", 4, cfg_trunc_ratio=float("nan"))
+@pytest.mark.parametrize("ratio", [float("nan"), -0.5, 1.5])
+def test_trunc_ratio_outside_0_1_is_an_error(ratio):
+    with pytest.raises(ValueError, match=r"cfg_trunc_ratio must be in \[0, 1\]"):
+        S.make_schedule("midpoint", 4, cfg_trunc_ratio=ratio)
 
 
 @pytest.mark.parametrize("solver", sorted(S.SOLVERS))

@@ -118,8 +118,9 @@ def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_r
     n, k = eval_times.shape
     if trunc_mode not in TRUNC_MODES:
         raise ValueError(f"unknown cfg truncation mode {trunc_mode!r}; choose from {TRUNC_MODES}")
-    if not np.isfinite(float(cfg_trunc_ratio)):
-        raise ValueError(f"cfg_trunc_ratio must be a finite number, got {cfg_trunc_ratio!r}")
+    if not 0.0 <= float(cfg_trunc_ratio) <= 1.0:  # NaN fails too
+        raise ValueError(f"cfg_trunc_ratio must be in [0, 1] (1: guidance at every step, 0: none), got "
+                         f"{cfg_trunc_ratio!r}")  # fmt: skip
     if not float(guidance_scale) > 1.0:
         on = np.zeros((n, k), bool)
     elif trunc_mode == "time":

@@ -5,8 +5,8 @@ keys ``prompt``, ``negative_prompt``, ``seed`` and ``lumina_jax`` = JSON of the 
 where they went. ``--out out.png`` with several images writes ``out_000.png``, ``out_001.png``, ...; an
 ``--out`` that is a directory (or ends with ``/``) gets ``lumina_<seed>.png`` files.
 
-Without ``--checkpoint`` the bundled default model is used; while none is bundled that is a tiny random
-model (a notice says so, images are noise). ``--checkpoint`` takes a diffusers pipeline directory
+Without ``--checkpoint`` the bundled default model is used (``lumina_jax/assets/default_model``: a small
+model of a synthetic shapes world; if that folder is missing, a tiny random model with a notice). ``--checkpoint`` takes a diffusers pipeline directory
 (e.g. a download of Alpha-VLLM/Lumina-Image-2.0), a directory written by
 ``lumina_jax.convert.components.save_components``, or a hub id.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "dpm 20, euler/flow_euler 30)")  # fmt: skip
     ap.add_argument("--cfg", type=float, default=None,
                     help="guidance scale (<= 1 disables CFG); default: the model's (4.0 for Lumina-Image 2.0)")
-    ap.add_argument("--cfg-trunc", type=float, default=None, help="CFG-Trunc threshold (default 1.0 = off)")
+    ap.add_argument("--cfg-trunc", type=float, default=None, help="CFG-Trunc threshold in [0, 1]: guidance while t < it (default 1.0: guidance at every step, 0: none)")
     ap.add_argument("--cfg-trunc-mode", choices=["time", "steps"], default=None,
                     help="time: CFG while t < threshold (original, default); steps: (i+1)/N <= ratio (diffusers)")
     ap.add_argument("--renorm", type=_renorm, default=None,
@@ -106,6 +107,18 @@ def output_paths(out: str, seeds: list[Optional[int]]) -> list[Path]:
     if len(seeds) == 1:
         return [p]
     return [p.with_name(f"{p.stem}_{i:03d}{p.suffix}") for i in range(len(seeds))]
+
+
+def check_output_location(out: str) -> None:
+    """``ValueError`` unless the images of ``--out`` can be written: the nearest existing folder on the
+    way must be a folder we can write to (missing folders are made when saving)."""
+    p = Path(out)
+    folder = p if out.endswith(("/", "\\")) or p.is_dir() else p.parent
+    existing = next((q for q in [folder, *folder.parents] if q.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write to {existing}")
 
 
 def save_png(image: Any, path: Path, prompt: str, seed: Optional[int], settings: dict[str, Any]) -> None:
@@ -159,6 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     stats = _CacheStats()
     t0 = time.perf_counter()
     try:
+        check_output_location(args.out)  # before the model loads and the images are made, not after
         print("loading model ...", file=err, flush=True)
         pipe = Lumina2Pipeline.from_pretrained(args.checkpoint, transformer=args.transformer, dtype=args.dtype,
                                                cache=args.cache_weights, compilation_cache=cc)  # fmt: skip
@@ -176,8 +190,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     marks.pop(prev)
             marks[name] = now
             if name == "compile":
-                print("compiling (first run of these shapes; later runs load it from the cache) ...", file=err,
-                      flush=True)  # fmt: skip
+                print("compiling (or loading from the compilation cache) ...", file=err, flush=True)
             elif name == "encode":
                 print("encoding prompts ...", file=err, flush=True)
             elif name == "decode":
@@ -204,8 +217,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: error: {e}", file=err)
         return 2
     paths = output_paths(args.out, out.seeds)
-    for img, path, prompt, seed in zip(out.images, paths, out.prompts, out.seeds):
-        save_png(img, path, prompt, seed, out.settings)
+    try:
+        for img, path, prompt, seed in zip(out.images, paths, out.prompts, out.seeds):
+            if path.exists():
+                print(f"replacing {path}", file=err)
+            save_png(img, path, prompt, seed, out.settings)
+    except OSError as e:
+        print(f"{PROG}: error: cannot write the image: {e}", file=err)
+        return 2
     t = out.timings
     print(f"{out.settings['solver']}, {out.settings['num_inference_steps']} steps "
           f"({out.settings['num_model_evaluations']} evaluations, {out.settings['num_guided_evaluations']} with CFG); "
