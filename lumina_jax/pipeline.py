@@ -174,6 +174,13 @@ class Lumina2Output:
 # the pipeline
 
 
+
+def _integer(value: Any, name: str) -> int:
+    """``value`` as an int; ``ValueError`` naming ``name`` for anything else (floats are not rounded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
 class Lumina2Pipeline:
     """Lumina-Image 2.0 text-to-image (see the module docstring for semantics and options).
 
@@ -424,7 +431,7 @@ class Lumina2Pipeline:
             guidance_scale = self.components.guidance_scale
         if not np.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        n = int(num_images_per_prompt)
+        n = _integer(num_images_per_prompt, "num_images_per_prompt")
         if n < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         height = self.default_image_size if height is None else height
@@ -435,7 +442,7 @@ class Lumina2Pipeline:
         check_image_size(height, width, self.size_multiple, max_tokens_side=min(tcfg.axes_lens[1:]),
                          patch_px=self.size_multiple)  # fmt: skip
         max_len = min(tcfg.axes_lens[0] - 1, self.components.text_encoder_config.max_position_embeddings)
-        if not 1 <= max_sequence_length <= max_len:
+        if not 1 <= _integer(max_sequence_length, "max_sequence_length") <= max_len:
             raise ValueError(f"max_sequence_length must be in [1, {max_len}], got {max_sequence_length}")
         s = self.resolve_settings(solver=solver, num_inference_steps=num_inference_steps,
                                   cfg_trunc_ratio=cfg_trunc_ratio, cfg_normalization=cfg_normalization,
@@ -465,7 +472,10 @@ class Lumina2Pipeline:
         else:
             if seed is None:
                 seed = int(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF)
-            seeds = [int(seed) + k for k in range(b)] if np.ndim(seed) == 0 else [int(x) for x in seed]
+            if np.ndim(seed) == 0:
+                seeds = [_integer(seed, "seed") + k for k in range(b)]
+            else:
+                seeds = [_integer(x, "seed") for x in seed]
             if len(seeds) != b:
                 raise ValueError(f"{len(seeds)} seeds for {b} images")
             if min(seeds) < 0:

@@ -278,6 +278,10 @@ def test_argument_errors(pipe, noise):
     for bad in (float("nan"), -0.5, 1.5):
         with pytest.raises(ValueError, match=r"cfg_trunc_ratio must be in \[0, 1\]"):
             pipe("a cat", cfg_trunc_ratio=bad)
+    for kw in ({"seed": 1.5}, {"seed": [0, 2.5]}, {"num_images_per_prompt": 1.7}, {"max_sequence_length": 10.5}):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=rf"{name} must be an integer, got"):
+            pipe(["a cat", "a dog"] if name == "seed" and isinstance(kw[name], list) else "a cat", **kw)
     for bad in (-5, 0, -16):
         with pytest.raises(ValueError, match=rf"height={bad} .* nearest valid height: 16$"):
             check_image_size(bad, 64)
