@@ -413,6 +413,9 @@ def test_cli_errors(reference, tmp_path, capsys):
     assert rc == 2 and "992 or 1008" in capsys.readouterr().err
     rc = main(["a cat", "--checkpoint", str(tmp_path / "missing"), "--compilation-cache", "off"])
     assert rc == 2 and "no such directory" in capsys.readouterr().err
+    rc = main(["a cat", "--checkpoint", str(reference[2]), "--cfg-trunc", "2", "--compilation-cache", "off",
+               "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert rc == 2 and "error: --cfg-trunc must be in [0, 1]" in capsys.readouterr().err  # the flag, not the argument
     with pytest.raises(SystemExit):
         main(["a cat", "--solver", "heun"])
     # an unwritable --out is refused before the model loads; an existing image is replaced, with a notice

@@ -18,10 +18,11 @@ from lumina_jax.convert.errors import CheckpointError
 _ARG_TO_FLAG = (("pass overwrite=True", "pass --overwrite"), ("pass config=", "pass --config NAME (or a YAML path)"))
 
 
-def cli_message(e: BaseException) -> str:
-    """The error's message with the library's argument names (``overwrite=True``, ``config=``) as CLI flags."""
+def cli_message(e: BaseException, table: tuple[tuple[str, str], ...] = _ARG_TO_FLAG) -> str:
+    """The error's message with the library's argument names (``overwrite=True``, ``config=``) as the CLI
+    flags of ``table`` (``(text, replacement)`` pairs, applied in order)."""
     msg = str(e)
-    for arg, flag in _ARG_TO_FLAG:
+    for arg, flag in table:
         msg = msg.replace(arg, flag)
     return msg
 

@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Pipeline argument names in error messages -> this command's flags.
+_ARG_TO_FLAG = (
+    ("pass seed=None for a random one", "leave out --seed for a random one"),
+    ("pass it as transformer=", "pass it with --transformer"), ("num_inference_steps", "--steps"),
+    ("guidance_scale", "--cfg"), ("cfg_trunc_ratio", "--cfg-trunc"), ("max_sequence_length", "--max-length"),
+    ("cfg_normalization", "--renorm"), ("num_images_per_prompt", "--n"), ("time_shift", "--shift"),
+)  # fmt: skip
+
+
 def output_paths(out: str, seeds: list[Optional[int]]) -> list[Path]:
     """Where each image goes (see the module docstring)."""
     p = Path(out)
@@ -214,7 +223,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         )  # fmt: skip
         on_phase("done")
     except (ValueError, TypeError, CheckpointError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=err)
+        from lumina_jax.convert.cli import cli_message
+
+        print(f"{PROG}: error: {cli_message(e, _ARG_TO_FLAG)}", file=err)
         return 2
     paths = output_paths(args.out, out.seeds)
     try:
