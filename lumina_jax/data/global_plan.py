@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import copy
 import logging
 from typing import Any, Optional, Sequence
 
@@ -397,7 +396,7 @@ class _ReadAheadIterator(grain.DatasetIterator):
 
     def _fill(self) -> None:
         while not self._exhausted and len(self._pending) < self._depth:
-            state = copy.deepcopy(self._parent.get_state())
+            state = self._parent.get_state()  # a fresh dict (the plan's BatchIterator builds it), kept as is
             try:
                 plan = next(self._parent)
             except StopIteration:
