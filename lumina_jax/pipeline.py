@@ -52,7 +52,7 @@ from lumina_jax.sample import loop
 from lumina_jax.sample.cfg import RENORM_MODES, TRUNC_MODES, resolve_cfg_normalization
 from lumina_jax.sample.solvers import DEFAULT_SOLVER, PRESETS, SOLVERS, Schedule, init_state, make_schedule
 from lumina_jax.text import TextEncoder
-from lumina_jax.text_templates import SYSTEM_PROMPTS
+from lumina_jax.text_templates import SYSTEM_PROMPTS, check_template_name
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,14 @@ def resolve_system_prompt(system_prompt: Optional[str]) -> str:
     ``None`` -> the default template (``"real"``, the diffusers default sentence). A template name of
     :data:`lumina_jax.text_templates.SYSTEM_PROMPTS` -> that template. Any other string is handled like
     diffusers does: ``system_prompt + " <Prompt Start> "``, unless it already contains ``<Prompt Start>``
-    (then it is used verbatim).
+    (then it is used verbatim). A single word that is not a template name is a ``ValueError`` (a
+    misspelt name).
     """
     if system_prompt is None:
         return SYSTEM_PROMPTS["real"]
     if not isinstance(system_prompt, str):
         raise TypeError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
+    check_template_name(system_prompt)
     if system_prompt in SYSTEM_PROMPTS:
         return SYSTEM_PROMPTS[system_prompt]
     if "<Prompt Start>" in system_prompt:
@@ -158,7 +160,8 @@ def _as_prompt_list(prompt: Union[str, Sequence[str]], what: str = "prompt") -> 
 class Lumina2Output:
     """``images``: PIL images (``output_type="pil"``), a float32 ``(B, H, W, 3)`` array in [0, 1] (``"np"``)
     or the final latents ``(B, h, w, C)`` (``"latent"``). ``latents`` are always the final latents.
-    ``seeds[k]`` regenerates image ``k`` alone; ``settings`` are the resolved options (for metadata);
+    ``prompts[k]``, ``negative_prompts[k]`` (``None`` when no evaluation was guided) and ``seeds[k]`` are
+    image ``k``'s (``seeds[k]`` regenerates it alone); ``settings`` are the resolved options (for metadata);
     ``timings`` in seconds: ``text_encode``, ``compile``, ``sample`` (steps, and decode when fused),
     ``decode`` (stepwise only), ``total``."""
 
@@ -168,6 +171,7 @@ class Lumina2Output:
     seeds: list[Optional[int]]
     settings: dict[str, Any]
     timings: dict[str, float]
+    negative_prompts: list[Optional[str]] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,8 +517,10 @@ class Lumina2Pipeline:
                         num_images_per_prompt=n, max_sequence_length=max_sequence_length,
                         system_prompt=resolve_system_prompt(system_prompt), negative_prompt=negatives,
                         num_model_evaluations=schedule.num_evaluations, num_guided_evaluations=schedule.num_guided,
-                        preset=preset, dtype=self.dtype, model=self.components.source)  # fmt: skip
-        return Lumina2Output(out, latents_np, [p for p in prompts for _ in range(n)], seeds, settings, timings)
+                        preset=preset, mode=mode, dtype=self.dtype, model=self.components.source)  # fmt: skip
+        per_image = [None] * b if negatives is None else [q for q in negatives for _ in range(n)]
+        return Lumina2Output(out, latents_np, [p for p in prompts for _ in range(n)], seeds, settings, timings,
+                             per_image)  # fmt: skip
 
     def _run_fused(self, noise, feats, mask, schedule: Schedule, scale, ratio, renorm: str, decode: bool,
                    vae_tile, callback, phase):

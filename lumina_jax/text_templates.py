@@ -12,6 +12,9 @@ the original and diffusers, so :func:`build_prompt` maps ``""`` to ``""``.
 
 from __future__ import annotations
 
+import difflib
+import re
+
 _PROMPT_START = " <Prompt Start> "
 
 SYSTEM_PROMPTS: dict[str, str] = {
@@ -42,17 +45,29 @@ SYSTEM_PROMPTS: dict[str, str] = {
 DEFAULT_SYSTEM_PROMPT = "real"
 
 
+def check_template_name(name_or_text: str) -> None:
+    """``ValueError`` for a single word (letters, digits, ``_``, ``-``) that is not a template name:
+    a misspelt name (``"realistic"``) would otherwise become the system prompt's text, silently."""
+    if name_or_text not in SYSTEM_PROMPTS and re.fullmatch(r"[\w-]+", name_or_text):
+        close = difflib.get_close_matches(name_or_text, SYSTEM_PROMPTS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown system prompt template {name_or_text!r}{hint}; templates: "
+                         f"{', '.join(SYSTEM_PROMPTS)}. A custom system prompt is a text with spaces")  # fmt: skip
+
+
 def resolve_system_prompt(name_or_text: str) -> str:
     """Returns the prefix for a template name, or ``name_or_text`` itself if it is not a name.
 
     A custom string is used verbatim (no separator is added), so it should end with
-    ``" <Prompt Start> "`` if it is meant to look like the built-in templates.
+    ``" <Prompt Start> "`` if it is meant to look like the built-in templates. A single word that is
+    not a template name is a ``ValueError`` (see :func:`check_template_name`).
     """
     if not isinstance(name_or_text, str):
         raise TypeError(
             f"system prompt must be a template name {sorted(SYSTEM_PROMPTS)} or a string, "
             f"got {type(name_or_text).__name__}"
         )
+    check_template_name(name_or_text)
     return SYSTEM_PROMPTS.get(name_or_text, name_or_text)
 
 

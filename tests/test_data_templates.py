@@ -85,3 +85,12 @@ def test_build_prompt_rules():
         tt.build_prompt(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         tt.resolve_system_prompt(3)  # type: ignore[arg-type]
+    # a single word that is not a template is a misspelt name, not text
+    with pytest.raises(ValueError, match=r"unknown system prompt template 'aligned' \(did you mean 'align'\?\)"):
+        tt.build_prompt("a dog", "aligned")
+    with pytest.raises(ValueError, match="unknown system prompt template 'xyz'; templates: real, base"):
+        tt.resolve_system_prompt("xyz")
+    from lumina_jax.data.sources import ListSource
+
+    with pytest.raises(ValueError, match="'rael'"):  # a source's default fails when it is built
+        ListSource([], system_prompt="rael")

@@ -429,3 +429,56 @@ def test_cli_errors(reference, tmp_path, capsys):
     assert (tmp_path / "old.png").stat().st_size > 0
     assert output_paths(str(tmp_path) + "/", [7, 8]) == [tmp_path / "lumina_7.png", tmp_path / "lumina_8.png"]
     assert output_paths("a.png", [1]) == [Path("a.png")]
+
+
+def test_saved_images_record_their_own_negative_prompt_mode_and_version(pipe, tmp_path):
+    from PIL import Image
+
+    import lumina_jax
+    from lumina_jax.sample.cli import save_images
+
+    out = pipe(["a cat", "a dog"], negative_prompt=["blurry", "dark"], num_inference_steps=2, height=32, width=32,
+               seed=1, num_images_per_prompt=2, mode="fused")  # fmt: skip
+    assert out.negative_prompts == ["blurry", "blurry", "dark", "dark"]
+    paths = [tmp_path / f"{i}.png" for i in range(3)] + [tmp_path / "3.jpg"]
+    save_images(out, paths)
+    for i, p in enumerate(paths[:3]):
+        im = Image.open(p)
+        meta = json.loads(im.text["lumina_jax"])
+        assert im.text["negative_prompt"] == meta["negative_prompt"] == out.negative_prompts[i]
+        assert im.text["prompt"] == meta["prompt"] == out.prompts[i] and meta["seed"] == 1 + i
+        assert meta["mode"] == "fused" and meta["lumina_jax_version"] == lumina_jax.__version__
+    jpg = Image.open(paths[3])
+    assert jpg.format == "JPEG" and jpg.size == (32, 32)
+    meta = json.loads(jpg.getexif()[0x010E])
+    assert meta["prompt"] == "a dog" and meta["negative_prompt"] == "dark" and meta["seed"] == 4
+    # no CFG: no negative prompt was used, none is recorded
+    out = pipe("a cat", guidance_scale=1.0, num_inference_steps=2, height=32, width=32, seed=1)
+    assert out.negative_prompts == [None]
+    save_images(out, [tmp_path / "u.png"])
+    im = Image.open(tmp_path / "u.png")
+    assert im.text["negative_prompt"] == "" and json.loads(im.text["lumina_jax"])["negative_prompt"] is None
+
+
+def test_cli_output_names_quiet_and_template_names(reference, tmp_path, capsys):
+    from PIL import Image
+
+    from lumina_jax.sample.cli import main, output_paths
+
+    assert output_paths("a.jpg", [1]) == [Path("a.jpg")] and output_paths("a.WEBP", [1]) == [Path("a.WEBP")]
+    assert output_paths("run.v2", [1]) == [Path("run.v2.png")] and output_paths("pic", [1]) == [Path("pic.png")]
+    assert output_paths("a.jpg", [1, 2]) == [Path("a_000.jpg"), Path("a_001.jpg")]
+    with pytest.raises(ValueError, match=r"cannot write \.gif images"):
+        output_paths("a.gif", [1])
+    common = ["--checkpoint", str(reference[2]), "--compilation-cache", "off", "--size", "32x32", "--steps", "2"]
+    # a refused suffix is reported before the model loads
+    assert main(["a cat", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "a.bmp")]) == 2
+    assert "cannot write .bmp images" in capsys.readouterr().err
+    # a misspelt template name is an error, not the system prompt's text
+    assert main(["a cat", *common, "--system-prompt", "realistic", "--out", str(tmp_path / "x.png")]) == 2
+    assert "unknown system prompt template 'realistic' (did you mean 'real'?)" in capsys.readouterr().err
+    # --quiet: only the written paths
+    assert main(["a cat", *common, "--quiet", "--out", str(tmp_path / "q.jpg")]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and cap.out == f"wrote {tmp_path / 'q.jpg'}\n"
+    assert Image.open(tmp_path / "q.jpg").format == "JPEG"

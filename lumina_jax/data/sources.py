@@ -45,6 +45,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from lumina_jax.data import records as rec_lib
+from lumina_jax.text_templates import resolve_system_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class ListSource:
     def __init__(self, items: Sequence[Mapping[str, Any]], name: str = "list", system_prompt: str = "base"):
         self.name = name
         self.system_prompt = system_prompt
+        resolve_system_prompt(system_prompt)  # a misspelt template name fails here, not at the first batch
         self._items = list(items)
 
     def __len__(self) -> int:
@@ -579,6 +581,7 @@ class ArrayRecordImageSource(SizeIndexed):
             raise FileNotFoundError(f"no '{prefix}-*.array_record' shards in {paths}")
         self.name = name
         self.system_prompt = system_prompt
+        resolve_system_prompt(system_prompt)  # a misspelt template name fails here, not at the first batch
         self._reader = rec_lib.ShardedRecordReader(shard_paths)
 
     def __len__(self) -> int:
@@ -656,6 +659,7 @@ class TfdsSource(SizeIndexed):
         self._source = builder.as_data_source(split=split, decoders=decoders)
         self.name = source_name or f"{builder.name}/{split}"
         self.system_prompt = system_prompt
+        resolve_system_prompt(system_prompt)  # a misspelt template name fails here, not at the first batch
         self._image_key, self._caption_key, self._key_key = image_key, caption_key, key_key
         self.split = split
         self.index_data_path = str(builder.data_dir)

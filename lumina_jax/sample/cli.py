@@ -1,9 +1,11 @@
 """``python -m lumina_jax generate "a prompt" [more prompts] --out out.png [--checkpoint PATH] [options]``
 
-Writes one PNG per image (prompt, negative prompt, seed and every setting in the PNG text metadata:
-keys ``prompt``, ``negative_prompt``, ``seed`` and ``lumina_jax`` = JSON of the settings) and prints
-where they went. ``--out out.png`` with several images writes ``out_000.png``, ``out_001.png``, ...; an
-``--out`` that is a directory (or ends with ``/``) gets ``lumina_<seed>.png`` files.
+Writes one image per prompt and seed and prints where they went. PNG (the default) keeps the prompt,
+negative prompt, seed and every setting in its text metadata (keys ``prompt``, ``negative_prompt``,
+``seed`` and ``lumina_jax`` = JSON of the settings, the mode and the package version); ``--out x.jpg``
+or ``x.webp`` writes that format with the same JSON in the EXIF image description. ``--out out.png``
+with several images writes ``out_000.png``, ``out_001.png``, ...; an ``--out`` that is a directory (or
+ends with ``/``) gets ``lumina_<seed>.png`` files; a name with another suffix gets ``.png`` appended.
 
 Without ``--checkpoint`` the bundled default model is used (``lumina_jax/assets/default_model``: a small
 model of a synthetic shapes world; if that folder is missing, a tiny random model with a notice). ``--checkpoint`` takes a diffusers pipeline directory
@@ -36,6 +38,12 @@ from typing import Any, Optional
 
 PROG = "python -m lumina_jax generate"
 
+# --out suffix -> PIL format; other image suffixes are refused rather than given a second suffix
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl", ".ppm", ".tga", ".ico")
+_PRESET_FLAGS = {"solver": "--solver", "num_inference_steps": "--steps", "cfg_trunc_ratio": "--cfg-trunc",
+                 "cfg_normalization": "--renorm", "cfg_trunc_mode": "--cfg-trunc-mode"}  # fmt: skip
+
 
 def _size(s: str) -> tuple[int, int]:
     try:
@@ -64,11 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", nargs="+", help="one or more prompts")
-    ap.add_argument("--out", default="lumina.png", help="output PNG path or directory (default lumina.png)")
+    ap.add_argument("--out", default="lumina.png",
+                    help="output image (.png, default lumina.png; or .jpg/.webp) or directory")
     ap.add_argument("--checkpoint", default=None, help="model directory or hub id (default: bundled model)")
     ap.add_argument("--transformer", default=None, help="replace the transformer with this checkpoint (any format)")
     ap.add_argument("--negative", default=None, help='negative prompt (default "")')
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="; ".join(
+        f"{name}: " + " ".join(f"{_PRESET_FLAGS.get(k, k)} {v}" for k, v in opts.items())
+        for name, opts in PRESETS.items()) + " (explicit options override a preset's)")  # fmt: skip
     ap.add_argument("--solver", choices=sorted(SOLVERS), default=None, help="default midpoint")
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default per solver: midpoint 17, "
                     "dpm 20, euler/flow_euler 30)")  # fmt: skip
@@ -92,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory, or 'off'")
     ap.add_argument("--cache-weights", action="store_true",
                     help="cache converted diffusers weights as orbax (faster later loads)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (the phase messages stay)")
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="print only the written paths and errors (no progress bar, phases or timings)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -107,20 +120,26 @@ _ARG_TO_FLAG = (
 
 
 def output_paths(out: str, seeds: list[Optional[int]]) -> list[Path]:
-    """Where each image goes (see the module docstring)."""
+    """Where each image goes (see the module docstring); ``ValueError`` for an image suffix that is
+    not written (``.gif``, ``.bmp``, ...)."""
     p = Path(out)
     if out.endswith(("/", "\\")) or p.is_dir():
         return [p / f"lumina_{s if s is not None else i}.png" for i, s in enumerate(seeds)]
-    if p.suffix.lower() != ".png":
-        p = p.with_suffix(p.suffix + ".png") if p.suffix else p.with_suffix(".png")
+    suffix = p.suffix.lower()
+    if suffix in _OTHER_IMAGE_SUFFIXES:
+        raise ValueError(f"--out {out}: cannot write {suffix} images; use .png (with metadata), .jpg or .webp")
+    if suffix not in FORMATS:
+        p = p.with_name(p.name + ".png")
     if len(seeds) == 1:
         return [p]
     return [p.with_name(f"{p.stem}_{i:03d}{p.suffix}") for i in range(len(seeds))]
 
 
 def check_output_location(out: str) -> None:
-    """``ValueError`` unless the images of ``--out`` can be written: the nearest existing folder on the
-    way must be a folder we can write to (missing folders are made when saving)."""
+    """``ValueError`` unless the images of ``--out`` can be written: a suffix that is written, and the
+    nearest existing folder on the way must be a folder we can write to (missing folders are made when
+    saving)."""
+    output_paths(out, [0])
     p = Path(out)
     folder = p if out.endswith(("/", "\\")) or p.is_dir() else p.parent
     existing = next((q for q in [folder, *folder.parents] if q.exists()), Path("."))
@@ -130,19 +149,50 @@ def check_output_location(out: str) -> None:
         raise ValueError(f"--out {out}: cannot write to {existing}")
 
 
-def save_png(image: Any, path: Path, prompt: str, seed: Optional[int], settings: dict[str, Any]) -> None:
-    """Write ``image`` (PIL) with the prompt and settings as PNG text chunks."""
+def image_metadata(prompt: str, negative_prompt: Optional[str], seed: Optional[int],
+                   settings: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`save_image` records: the settings with this image's prompt, negative prompt (``None``
+    without CFG) and seed, and the package version."""
+    from lumina_jax import __version__
+
+    meta = {k: v for k, v in settings.items() if k != "negative_prompt"}
+    return dict(meta, prompt=prompt, negative_prompt=negative_prompt, seed=seed, lumina_jax_version=__version__)
+
+
+def save_image(image: Any, path: Path, prompt: str, negative_prompt: Optional[str], seed: Optional[int],
+               settings: dict[str, Any]) -> None:
+    """Write ``image`` (PIL) to ``path`` in the format of its suffix (PNG unless ``.jpg``/``.jpeg``/
+    ``.webp``), with :func:`image_metadata` as PNG text chunks (``prompt``, ``negative_prompt``, ``seed``,
+    ``lumina_jax`` = the JSON) or, for JPEG/WebP, as JSON in the EXIF image description."""
+    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
-    info.add_itxt("prompt", prompt)
-    neg = settings.get("negative_prompt")
-    info.add_itxt("negative_prompt", "" if not neg else str(neg[0]))
-    info.add_text("seed", "" if seed is None else str(seed))
-    info.add_itxt("lumina_jax", json.dumps(dict(settings, prompt=prompt, seed=seed), default=str))
-    info.add_text("Software", "lumina-jax")
+    meta = json.dumps(image_metadata(prompt, negative_prompt, seed, settings), default=str)
+    fmt = FORMATS.get(path.suffix.lower(), "PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    if fmt == "PNG":
+        info = PngInfo()
+        info.add_itxt("prompt", prompt)
+        info.add_itxt("negative_prompt", negative_prompt or "")
+        info.add_text("seed", "" if seed is None else str(seed))
+        info.add_itxt("lumina_jax", meta)
+        info.add_text("Software", "lumina-jax")
+        image.save(path, format=fmt, pnginfo=info)
+        return
+    exif = Image.Exif()
+    exif[0x010E] = meta  # ImageDescription
+    exif[0x0131] = "lumina-jax"  # Software
+    image.save(path, format=fmt, exif=exif, quality=95)
+
+
+def save_images(out: Any, paths: list[Path], on_replace: Optional[Any] = None) -> None:
+    """Write every image of a :class:`~lumina_jax.pipeline.Lumina2Output` (``output_type="pil"``) to
+    ``paths`` with :func:`save_image`; ``on_replace(path)`` is called before an existing file is replaced."""
+    negatives = out.negative_prompts or [None] * len(out.images)
+    for img, path, prompt, neg, seed in zip(out.images, paths, out.prompts, negatives, out.seeds):
+        if on_replace is not None and path.exists():
+            on_replace(path)
+        save_image(img, path, prompt, neg, seed, out.settings)
 
 
 class _CacheStats:
@@ -175,6 +225,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from lumina_jax.pipeline import Lumina2Pipeline
 
     err = sys.stderr
+
+    def say(msg: str) -> None:  # progress and timings; --quiet leaves only the paths and errors
+        if not args.quiet:
+            print(msg, file=err, flush=True)
+
     cc: Any = True
     if args.compilation_cache is not None:
         cc = False if args.compilation_cache.lower() in ("off", "none", "0", "false") else args.compilation_cache
@@ -182,10 +237,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         check_output_location(args.out)  # before the model loads and the images are made, not after
-        print("loading model ...", file=err, flush=True)
+        say("loading model ...")
         pipe = Lumina2Pipeline.from_pretrained(args.checkpoint, transformer=args.transformer, dtype=args.dtype,
                                                cache=args.cache_weights, compilation_cache=cc)  # fmt: skip
-        print(f"loaded {pipe.components.source} in {time.perf_counter() - t0:.1f}s", file=err, flush=True)
+        say(f"loaded {pipe.components.source} in {time.perf_counter() - t0:.1f}s")
         bar: dict[str, Any] = {}
         marks: dict[str, float] = {}
 
@@ -193,21 +248,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             now = time.perf_counter()
             for prev in list(marks):
                 if prev == "compile":
-                    print(f"compiled in {now - marks.pop(prev):.1f}s (cache: {stats.hits} hits, "
-                          f"{stats.misses} misses)", file=err, flush=True)  # fmt: skip
+                    say(f"compiled in {now - marks.pop(prev):.1f}s (cache: {stats.hits} hits, {stats.misses} misses)")
                 else:
                     marks.pop(prev)
             marks[name] = now
             if name == "compile":
-                print("compiling (or loading from the compilation cache) ...", file=err, flush=True)
+                say("compiling (or loading from the compilation cache) ...")
             elif name == "encode":
-                print("encoding prompts ...", file=err, flush=True)
+                say("encoding prompts ...")
             elif name == "decode":
-                print("decoding ...", file=err, flush=True)
+                say("decoding ...")
 
         def on_step(i: int, n: int) -> None:
             if "bar" not in bar:
-                bar["bar"] = tqdm(total=n, desc="sampling", unit="step", file=err, disable=args.no_progress)
+                bar["bar"] = tqdm(total=n, desc="sampling", unit="step", file=err,
+                                  disable=args.no_progress or args.quiet)
             bar["bar"].update(1)
             if i + 1 == n:
                 bar["bar"].close()
@@ -229,19 +284,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     paths = output_paths(args.out, out.seeds)
     try:
-        for img, path, prompt, seed in zip(out.images, paths, out.prompts, out.seeds):
-            if path.exists():
-                print(f"replacing {path}", file=err)
-            save_png(img, path, prompt, seed, out.settings)
+        save_images(out, paths, on_replace=lambda path: print(f"replacing {path}", file=err))
     except OSError as e:
         print(f"{PROG}: error: cannot write the image: {e}", file=err)
         return 2
     t = out.timings
-    print(f"{out.settings['solver']}, {out.settings['num_inference_steps']} steps "
-          f"({out.settings['num_model_evaluations']} evaluations, {out.settings['num_guided_evaluations']} with CFG); "
-          f"text {t['text_encode']:.2f}s, compile {t['compile']:.2f}s, sampling {t['sample']:.2f}s"
-          + (f", decode {t['decode']:.2f}s" if "decode" in t else "")
-          + f"; XLA cache {stats.hits} hits, {stats.misses} misses", file=err)  # fmt: skip
+    say(f"{out.settings['solver']}, {out.settings['num_inference_steps']} steps "
+        f"({out.settings['num_model_evaluations']} evaluations, {out.settings['num_guided_evaluations']} with CFG); "
+        f"text {t['text_encode']:.2f}s, compile {t['compile']:.2f}s, sampling {t['sample']:.2f}s"
+        + (f", decode {t['decode']:.2f}s" if "decode" in t else "")
+        + f"; XLA cache {stats.hits} hits, {stats.misses} misses")  # fmt: skip
     for path in paths:
         print(f"wrote {path}")
     return 0
