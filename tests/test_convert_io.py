@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lumina_jax.convert.errors import CheckpointError
-from lumina_jax.convert.torch_io import save_pth_streaming, to_torch
+from lumina_jax.convert.torch_io import read_pth_metadata, save_pth_streaming, to_torch
 
 
 def _arrays():
@@ -44,6 +44,27 @@ def test_bit_exact_through_torch_load(tmp_path, mmap):
         assert t.device.type == "cpu" and tuple(t.shape) == a.shape and t.dtype == to_torch(a).dtype, k
         got = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
         assert got.tobytes() == a.tobytes(), k
+
+
+def test_metadata_record_round_trip(tmp_path):
+    """``metadata`` goes into an extra archive record: torch.load (mmap or not) still reads the file,
+    read_pth_metadata gives it back, files without it give {}; a corrupt record is a clear error."""
+    arrays = _arrays()
+    path = tmp_path / "m.pth"
+    save_pth_streaming(path, _specs(arrays), iter(arrays.items()), metadata={"k": "v", "json": '{"a": 1}'})
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None
+    for mmap in (False, True):
+        sd = torch.load(path, weights_only=True, mmap=mmap)
+        assert sd["layers.0.w"].numpy().tobytes() == arrays["layers.0.w"].tobytes()
+    assert read_pth_metadata(path) == {"k": "v", "json": '{"a": 1}'}
+    torch.save({"a": torch.zeros(2)}, tmp_path / "plain.pth")
+    assert read_pth_metadata(tmp_path / "plain.pth") == {}
+    with zipfile.ZipFile(tmp_path / "plain.pth", "a") as zf:
+        prefix = zf.namelist()[0].split("/")[0]
+        zf.writestr(f"{prefix}/lumina_jax_metadata.json", "[1, 2]")
+    with pytest.raises(CheckpointError, match="not an object of strings"):
+        read_pth_metadata(tmp_path / "plain.pth")
 
 
 def test_one_tensor_in_memory_at_a_time(tmp_path):
@@ -84,7 +105,8 @@ def test_without_skip_data_falls_back_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.delattr(torch.serialization, "skip_data")
     arrays = _arrays()
     with pytest.warns(UserWarning, match="second copy"):
-        save_pth_streaming(tmp_path / "f.pth", _specs(arrays), iter(arrays.items()))
+        save_pth_streaming(tmp_path / "f.pth", _specs(arrays), iter(arrays.items()), metadata={"k": "v"})
+    assert read_pth_metadata(tmp_path / "f.pth") == {"k": "v"}
     sd = torch.load(tmp_path / "f.pth", weights_only=True)
     assert sd["layers.0.w"].numpy().tobytes() == arrays["layers.0.w"].tobytes()
 

@@ -129,9 +129,11 @@ def test_layers_stored_in_different_dtypes_keep_their_values(diffusers_dir, tmp_
     np.testing.assert_array_equal(out[key0], sd[key0].astype(np.float32))
 
 
-def test_our_safetensors_export_reloads_with_its_config(tmp_path):
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_our_original_export_reloads_with_its_config(tmp_path, suffix):
     """What the shapes do not tell (patch size, RoPE split, eps, table sizes) comes back from the config
-    our ``.safetensors`` export stores; a ``.pth`` (no metadata) is inferred, ``config=`` overrides."""
+    our export stores (safetensors metadata / a record in the .pth archive); ``config=`` overrides;
+    a file without it is inferred."""
     import dataclasses
 
     from lumina_jax.models.nextdit import NextDiTConfig
@@ -141,12 +143,21 @@ def test_our_safetensors_export_reloads_with_its_config(tmp_path):
     from lumina_jax.models.nextdit import init_params
 
     params = init_params(config, 0)
-    path = save_transformer(tmp_path / "o.safetensors", config, params, "original")
+    path = save_transformer(tmp_path / f"o{suffix}", config, params, "original")
     loaded, params2 = load_transformer(path)
     assert loaded == config
     _assert_bit_exact(flatten(params2), {k: np.asarray(v) for k, v in flatten(params).items()})
-    inferred, _ = load_transformer(save_transformer(tmp_path / "o.pth", config, params, "original"), config=config)
-    assert inferred == config
+    other = dataclasses.replace(config, axes_lens=(64, 64, 64))
+    assert load_transformer(path, config=other)[0] == other
+    bare = tmp_path / f"bare{suffix}"  # the same tensors, no stored config: inferred (patch 2, equal split)
+    if suffix == ".pth":
+        torch.save({k: torch.from_numpy(v.copy()) for k, v in _tensors(path).items()}, bare)
+    else:
+        save_file(_tensors(path), bare)
+    with pytest.raises(CheckpointError, match="RoPE split|patch"):
+        load_transformer(bare)
+    if suffix == ".pth":
+        return
     bad = tmp_path / "bad.safetensors"
     save_file(_tensors(path), bad, metadata={"lumina_jax_config": json.dumps({"dim": 7, "n_heads": 2})})
     with pytest.raises(CheckpointError, match="stored lumina_jax_config is not a valid config"):
@@ -314,6 +325,72 @@ def test_nothing_written_on_failure(diffusers_dir, tmp_path):
     alive.mkdir()
     save_transformer(tmp_path / "again.safetensors", config, params, "original")
     assert not stale.exists() and alive.exists()
+
+
+def test_killed_overwrite_is_recovered(diffusers_dir, tmp_path, capsys):
+    """An --overwrite killed between its two renames left DST missing and the old one aside: the next
+    run puts it back (and then refuses to replace it without --overwrite); killed after the renames,
+    the old one is deleted. Entries of a running process are left alone."""
+    import socket
+
+    from lumina_jax.convert.cli import main
+
+    _, d = diffusers_dir
+    config, params = load_transformer(d)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    dst = tmp_path / "o.safetensors"
+    first = save_transformer(dst, config, params, "original")
+    aside = tmp_path / f".o.safetensors.old-{host}-{gone.pid}"
+    os.replace(first, aside)  # what a kill between the renames leaves
+    rc = main([str(d), str(dst), "--to", "original"])
+    assert rc == 1 and "already exists (pass --overwrite" in capsys.readouterr().err
+    assert dst.exists() and not aside.exists()
+    _assert_bit_exact(_tensors(dst), _tensors(save_transformer(tmp_path / "ref.safetensors", config, params,
+                                                               "original")))  # fmt: skip
+    aside.write_bytes(b"old")  # killed after both renames: the old one is only deleted
+    running = tmp_path / f".o.safetensors.old-{host}-{os.getppid()}"
+    running.write_bytes(b"theirs")
+    save_transformer(dst, config, params, "original", overwrite=True)
+    assert not aside.exists() and running.read_bytes() == b"theirs"
+    # a directory output (diffusers) comes back the same way
+    out = save_transformer(tmp_path / "dir", config, params, "diffusers")
+    os.replace(out, tmp_path / f".dir.old-{host}-{gone.pid}")
+    with pytest.raises(FileExistsError):
+        save_transformer(tmp_path / "dir", config, params, "diffusers")
+    _assert_bit_exact(_tensors(tmp_path / "dir"), _tensors(d))
+
+
+def test_original_folder_picks_its_weights_file(diffusers_dir, tmp_path, capsys):
+    from lumina_jax.convert.cli import main
+    from lumina_jax.convert.nextdit import original_weights_file
+
+    _, d = diffusers_dir
+    config, params = load_transformer(d)
+    folder = tmp_path / "orig"
+    save_transformer(folder, config, params, "original")  # -> folder/consolidated.00-of-01.pth
+    ema = {k: v * 0 for k, v in flatten(params).items()}
+    from lumina_jax.convert.common import unflatten
+
+    save_transformer(folder / "consolidated_ema.00-of-01.pth", config, unflatten(ema), "original")
+    assert original_weights_file(folder) == folder / "consolidated.00-of-01.pth"  # not the EMA weights
+    _assert_bit_exact(flatten(load_transformer(folder)[1]), {k: np.asarray(v) for k, v in flatten(params).items()})
+    assert main([str(folder), str(tmp_path / "j"), "--to", "jax"]) == 0
+    assert f"reading {folder / 'consolidated.00-of-01.pth'} (original)" in capsys.readouterr().out
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"consolidated.{i:02d}-of-02.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model-parallel shards \['consolidated.00-of-02.pth', "
+                                              r"'consolidated.01-of-02.pth'\] are not supported"):
+        load_transformer(shards)
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("consolidated.00-of-01.pth", "consolidated.pth"):
+        (two / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match="several weights files"):
+        load_transformer(two)
 
 
 def test_unknown_format_and_paths(tmp_path):

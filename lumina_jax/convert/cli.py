@@ -2,7 +2,10 @@
 
 Converts a Next-DiT checkpoint between the project's own format, a diffusers ``transformer/``
 directory and the original Alpha-VLLM layout. The source format is detected. Nothing is written at
-``DST`` unless the whole conversion succeeds.
+``DST`` unless the whole conversion succeeds; an ``--overwrite`` that is killed leaves the old ``DST``
+(put back by the next run if the kill came between the two renames that replace it). The config goes
+with the weights in every format (for ``--to original``, in the file's metadata: the original code
+ignores it, a reload here uses it); ``--config`` overrides it.
 """
 
 from __future__ import annotations
@@ -30,21 +33,26 @@ def cli_message(e: BaseException, table: tuple[tuple[str, str], ...] = _ARG_TO_F
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m lumina_jax convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("src", help="checkpoint: project dir, diffusers transformer dir, or original .pth/.safetensors")
-    ap.add_argument("dst", help="output path (a file for --to original with a .pth/.safetensors suffix)")
+    ap.add_argument("src", help="checkpoint: project dir, diffusers transformer dir, original .pth/.safetensors "
+                    "file, or a folder with consolidated.00-of-01.* (the EMA file consolidated_ema.* is read "
+                    "only when passed itself)")  # fmt: skip
+    ap.add_argument("dst", help="output path; for --to original a .pth or .safetensors file, or a folder that "
+                    "gets consolidated.00-of-01.pth")  # fmt: skip
     ap.add_argument("--to", required=True, choices=["jax", "diffusers", "original"])
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="export dtype (default: keep)")
     ap.add_argument("--config", default=None, help="model config name/YAML for original checkpoints (else inferred)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = ap.parse_args(argv)
 
-    from lumina_jax.convert.nextdit import detect_format, load_transformer, save_transformer
+    from lumina_jax.convert.common import recover_replaced
+    from lumina_jax.convert.nextdit import detect_format, load_transformer, original_weights_file, save_transformer
     from lumina_jax.models.nextdit import NextDiTConfig, param_count
 
     t0 = time.time()
     try:
         dst = Path(args.dst)
         target = dst if args.to != "original" or dst.suffix else dst / "consolidated.00-of-01.pth"
+        recover_replaced(target)  # a killed --overwrite run's old DST comes back first
         if target.exists() and not args.overwrite:  # before the (long) load, not after
             raise FileExistsError(f"{target} already exists (pass --overwrite to replace it)")
         src = Path(args.src).resolve()
@@ -53,7 +61,8 @@ def main(argv: list[str]) -> int:
                              f"become part of that checkpoint; write it elsewhere")  # fmt: skip
         fmt = detect_format(args.src)
         config = NextDiTConfig.from_yaml(args.config) if args.config else None
-        print(f"reading {args.src} ({fmt})", flush=True)
+        where = original_weights_file(args.src) if fmt == "original" else args.src
+        print(f"reading {where} ({fmt})", flush=True)
         config, params = load_transformer(args.src, config=config, dtype=None)
         print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s; writing {args.to}", flush=True)
         out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)

@@ -117,7 +117,7 @@ class TensorSource:
         self._where: dict[str, Any] = {}
         self._file_of: dict[str, Path] = {}
         self._torch_sd: dict[str, Any] | None = None
-        self.metadata: dict[str, str] = {}  # the safetensors files' ``__metadata__``, merged
+        self.metadata: dict[str, str] = {}  # the files' ``__metadata__`` (safetensors) or metadata record (.pth), merged
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
         files: list[Path]
@@ -156,6 +156,9 @@ class TensorSource:
             else:
                 for k, v in self._load_torch(f).items():
                     self._add(k, v, f)
+                from lumina_jax.convert.torch_io import read_pth_metadata
+
+                self.metadata.update(read_pth_metadata(f))
 
     def _add(self, key: str, where: Any, f: Path) -> None:
         if key in self._where:
@@ -235,9 +238,11 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     Works for files and directories. With ``overwrite`` an existing ``dst`` is replaced (after the new
     one is complete); without it an existing ``dst`` is an error before any work is done. Folders made
     for ``dst`` are removed again if the block fails; temporaries left by a killed run on this host
-    (``.<name>.tmp-<host>-<pid>-*`` of a process that is gone) are removed when the next run starts.
+    (``.<name>.tmp-<host>-<pid>-*`` of a process that is gone) are removed when the next run starts, and
+    an old ``dst`` that a killed run had moved aside is put back (:func:`recover_replaced`).
     """
     dst = Path(dst)
+    recover_replaced(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
     made = [p for p in [dst.parent, *dst.parent.parents] if not p.exists()]
@@ -252,7 +257,7 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         if not tmp.exists():
             raise CheckpointError(f"nothing was written for {dst}")
         if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            old = dst.with_name(f"{_old_tag(dst)}{os.getpid()}")
             os.replace(dst, old)
             os.replace(tmp, dst)
             shutil.rmtree(old) if old.is_dir() else old.unlink()
@@ -267,8 +272,12 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
                     folder.rmdir()
 
 
-def _remove_stale_temporaries(folder: Path, tag: str) -> None:
-    """Removes ``folder/<tag><pid>-*`` temporaries whose process (on this host) no longer runs."""
+def _old_tag(dst: Path) -> str:
+    return f".{dst.name}.old-{socket.gethostname()}-"
+
+
+def _left_by_dead_process(folder: Path, tag: str) -> Iterator[Path]:
+    """``folder/<tag><pid>[-*]`` entries whose process (on this host) no longer runs."""
     for p in folder.glob(f"{glob.escape(tag)}*"):
         pid = p.name[len(tag):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -276,10 +285,33 @@ def _remove_stale_temporaries(folder: Path, tag: str) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            log.info("removing %s, left by a run that was killed", p)
-            shutil.rmtree(p, ignore_errors=True)
+            yield p
         except PermissionError:  # alive, another user's
             pass
+
+
+def _remove_stale_temporaries(folder: Path, tag: str) -> None:
+    """Removes ``folder/<tag><pid>-*`` temporaries whose process (on this host) no longer runs."""
+    for p in _left_by_dead_process(folder, tag):
+        log.info("removing %s, left by a run that was killed", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def recover_replaced(dst: str | os.PathLike) -> None:
+    """Undo what a killed overwrite left: :func:`atomic_output` replaces ``dst`` with two renames (old
+    ``dst`` -> ``.<name>.old-<host>-<pid>``, new -> ``dst``) and then deletes the old one. Killed between
+    the renames, ``dst`` is missing and its old version is put back here; killed after them, the old
+    version is deleted. Only entries of processes that no longer run on this host are touched."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        return
+    for old in sorted(_left_by_dead_process(dst.parent, _old_tag(dst))):
+        if dst.exists() or dst.is_symlink():
+            log.info("removing %s, the previous %s that a killed run had replaced", old, dst.name)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            log.warning("putting back %s: a run replacing it was killed before the new one was in place", dst)
+            os.replace(old, dst)
 
 
 def write_sharded_safetensors(

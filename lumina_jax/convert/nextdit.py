@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
@@ -270,12 +271,36 @@ def detect_format(path: str | os.PathLike) -> Format:
     raise CheckpointError(f"{p}: unknown checkpoint file type {p.suffix!r}")
 
 
+def original_weights_file(path: str | os.PathLike) -> Path:
+    """The file an original checkpoint ``path`` (a file, or a folder of ``consolidated*`` files) is read
+    from: in a folder, ``consolidated.*`` (safetensors before pth) rather than the EMA weights
+    ``consolidated_ema.*`` (pass that file itself to read them). Model-parallel shards
+    (``consolidated.00-of-02.pth``, ...) are a :class:`CheckpointError`: how their tensors were split is
+    not recorded, so they cannot be merged here."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for pattern in ("consolidated*.safetensors", "consolidated*.pth"):
+        files = sorted(path.glob(pattern))
+        if files:
+            break
+    else:
+        raise CheckpointError(f"{path}: no consolidated*.safetensors or consolidated*.pth file")
+    main = [f for f in files if not f.name.startswith("consolidated_ema")]
+    shards = [f.name for f in main if (m := re.search(r"\.\d+-of-(\d+)\.", f.name)) and int(m.group(1)) > 1]
+    if shards:
+        raise CheckpointError(f"{path}: model-parallel shards {shards} are not supported (how their tensors were "
+                              f"split is not recorded); merge them into one consolidated.00-of-01 file first")
+    if len(main) > 1:
+        raise CheckpointError(f"{path}: several weights files ({[f.name for f in main]}); pass the one to read")
+    if main and len(files) > 1:
+        log.info("reading %s; the EMA weights (%s) are read when that file is passed", main[0].name,
+                 ", ".join(f.name for f in files if f not in main))  # fmt: skip
+    return (main or files)[0]
+
+
 def _original_source(path: Path) -> TensorSource:
-    if path.is_dir():
-        files = sorted(path.glob("consolidated*.safetensors")) or sorted(path.glob("consolidated*.pth"))
-        files = [f for f in files if "ema" not in f.name] or files
-        path = files[0]
-    return TensorSource(path)
+    return TensorSource(original_weights_file(path))
 
 
 class _Prefixed:
@@ -354,7 +379,8 @@ def _config_of(f: Path, make: Any) -> NextDiTConfig:
 
 
 def _stored_config(src: TensorSource) -> Optional[NextDiTConfig]:
-    """The config our ``.safetensors`` export stores in its metadata (``lumina_jax_config``), so that a
+    """The config our original-format export stores in its metadata (``lumina_jax_config``: the
+    safetensors ``__metadata__``, or the ``.pth`` archive's metadata record), so that a
     reload does not have to infer it from the shapes (patch size, RoPE split, eps and table sizes are
     not in them); ``None`` for other files."""
     text = src.metadata.get("lumina_jax_config")
@@ -382,7 +408,7 @@ def load_transformer(
     Formats (detected from ``path``): the project's own directory (``lumina_jax.json`` + orbax), a
     diffusers ``transformer/`` directory (config.json + safetensors), or an original checkpoint (a
     ``.pth``/``.safetensors`` file, or a directory with ``consolidated*``; the config is the one our
-    ``.safetensors`` export stores in its metadata, else inferred from the shapes, unless ``config`` is
+    export stores in the file's metadata, else inferred from the shapes, unless ``config`` is
     given; ``model.diffusion_model.`` prefixes are stripped).
     ``dtype`` is the param dtype (``"fp32"`` default; ``None`` keeps the checkpoint's).
     """
@@ -455,15 +481,15 @@ def save_transformer(
         with atomic_output(target, overwrite=overwrite) as tmp:
             rules = original_rules(config)
             tensors, specs = jax_to_torch(flat, rules, dtype), jax_to_torch_specs(flat, rules, dtype)
+            meta = {"lumina_jax_config": json.dumps(config.to_dict())}
             if target.suffix == ".safetensors":  # both streamed: one tensor in memory at a time
                 from lumina_jax.convert.safetensors_io import save_file_streaming
 
-                meta = {"lumina_jax_config": json.dumps(config.to_dict())}
                 save_file_streaming(tmp, specs, tensors, metadata=meta)
             else:
                 from lumina_jax.convert.torch_io import save_pth_streaming
 
-                save_pth_streaming(tmp, specs, tensors)
+                save_pth_streaming(tmp, specs, tensors, metadata=meta)
         return target
     raise ValueError(f"unknown format {format!r}; choose 'jax', 'diffusers' or 'original'")
 

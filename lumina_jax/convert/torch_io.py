@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import os
 import pickle
 import struct
@@ -68,11 +69,18 @@ def _torch_dtype(dtype: Any):
         raise CheckpointError(f"cannot write a tensor of dtype {dtype} to a .pth file") from None
 
 
-def save_pth_streaming(path: str | os.PathLike, specs: list[TensorSpec], arrays: Iterable[tuple[str, np.ndarray]]) -> None:
+METADATA_RECORD = "lumina_jax_metadata.json"
+"""Name of the extra zip record (next to ``data.pkl``) holding a ``.pth`` file's string metadata, the
+counterpart of a safetensors ``__metadata__``; ``torch.load`` does not read records it does not know."""
+
+
+def save_pth_streaming(path: str | os.PathLike, specs: list[TensorSpec], arrays: Iterable[tuple[str, np.ndarray]],
+                       metadata: dict[str, str] | None = None) -> None:
     """Write ``{name: tensor}`` to the ``.pth`` file ``path``, one array of ``arrays`` in memory at a time.
 
     ``specs`` lists ``(name, shape, dtype)`` of every tensor; ``arrays`` yields ``(name, array)`` in the
-    same order (a mismatch is a :class:`CheckpointError` naming the tensor).
+    same order (a mismatch is a :class:`CheckpointError` naming the tensor). ``metadata`` (strings) goes
+    into an extra record that :func:`read_pth_metadata` reads back.
     """
     torch = _torch()
     if not hasattr(torch.serialization, "skip_data"):
@@ -82,6 +90,7 @@ def save_pth_streaming(path: str | os.PathLike, specs: list[TensorSpec], arrays:
             stacklevel=2,
         )
         torch.save({name: to_torch(a) for name, a in arrays}, path)
+        _add_metadata(path, metadata)
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -113,6 +122,40 @@ def save_pth_streaming(path: str | os.PathLike, specs: list[TensorSpec], arrays:
                 f.seek(pos)
                 f.write(crc)
             del arr, data
+    _add_metadata(path, metadata)
+
+
+def _archive_prefix(zf: zipfile.ZipFile) -> str:
+    pkl = next((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+    if pkl is None:
+        raise CheckpointError(f"{zf.filename}: not a torch.save archive (no data.pkl)")
+    return pkl[: -len("data.pkl")]
+
+
+def _add_metadata(path: str | os.PathLike, metadata: dict[str, str] | None) -> None:
+    """Append the :data:`METADATA_RECORD` to a finished archive (the tensor records do not move)."""
+    if not metadata:
+        return
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(_archive_prefix(zf) + METADATA_RECORD, json.dumps(metadata, sort_keys=True))
+
+
+def read_pth_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata :func:`save_pth_streaming` stored in ``path`` (``{}`` for other ``.pth`` files,
+    including the legacy non-zip format)."""
+    if not zipfile.is_zipfile(path):
+        return {}
+    with zipfile.ZipFile(path) as zf:
+        name = _archive_prefix(zf) + METADATA_RECORD
+        if name not in zf.namelist():
+            return {}
+        try:
+            meta = json.loads(zf.read(name))
+        except (ValueError, zipfile.BadZipFile, zlib.error) as e:
+            raise CheckpointError(f"{path}: its {METADATA_RECORD} record is corrupt ({e})") from None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{path}: its {METADATA_RECORD} record is not an object of strings")
+    return meta
 
 
 @dataclass(frozen=True)
