@@ -384,3 +384,30 @@ def test_host_rows_read_in_the_pool_when_submitted_ahead():
     assert ahead.samples() == [{"key": (0, 5)}]
     _, serial = rows.submit(plan, background=False)  # the map over plan batches (worker processes)
     assert serial.loaded == [{"key": (0, 5)}]
+
+
+def test_moving_the_read_ahead_restarts_the_run_of_skips():
+    """set_state puts the iterator where a restarted run would be: its count of unreadable rows in a
+    row starts from zero (a resumed run must not stop earlier than a fresh one)."""
+    import grain
+
+    from lumina_jax.data.global_plan import HostRows, ReadAhead
+
+    class Rows(HostRows):
+        def __init__(self):  # only the skip counter matters here
+            self._consecutive = 0
+
+        def submit(self, plan, background=True):
+            return plan, None
+
+        def finish(self, pending):
+            self._consecutive += 1  # as if every row were unreadable
+            return pending[0]
+
+    rows = Rows()
+    it = iter(ReadAhead(grain.MapDataset.range(5).to_iter_dataset(), rows))
+    assert next(it) == 0 and next(it) == 1 and rows._consecutive == 2
+    state = it.get_state()
+    assert next(it) == 2
+    it.set_state(state)
+    assert rows._consecutive == 0 and next(it) == 2 and rows._consecutive == 1

@@ -267,6 +267,10 @@ class HostRows:
     def __call__(self, plan: dict) -> dict:
         return self.finish(self.submit(plan, background=False))
 
+    def restart_skip_run(self) -> None:
+        """Forget the unreadable rows in a row counted so far (an iterator moved to another position)."""
+        self._consecutive = 0
+
     def submit(self, plan: dict, background: bool = True) -> tuple[dict, Optional["_Loads"]]:
         """Starts reading this host's rows of ``plan`` in the thread pool (``background``; else serial
         reads may run here, as the map over plan batches does); :meth:`finish` collates them."""
@@ -424,6 +428,7 @@ class _ReadAheadIterator(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         self._drop_pending()
         self._parent.set_state(state)
+        self._rows.restart_skip_run()  # as after a restart: the run of skips counts from this position
         self._exhausted, self._error = False, None
 
     def _drop_pending(self) -> None:
