@@ -339,6 +339,9 @@ def test_read_ahead_submits_the_next_batches_before_collating_and_keeps_an_exact
             events.append(("finish", pending[0]))
             return {"plan": pending[0]}
 
+        def restart_skip_run(self):
+            events.append(("restart", None))
+
     plans = grain.MapDataset.range(7).to_iter_dataset()
     it = iter(ReadAhead(plans, Rows(), depth=2))
     assert next(it)["plan"] == 0
