@@ -362,6 +362,42 @@ def test_killed_overwrite_is_recovered(diffusers_dir, tmp_path, capsys):
     _assert_bit_exact(_tensors(tmp_path / "dir"), _tensors(d))
 
 
+@pytest.mark.parametrize("fmt", ["jax", "diffusers", "original"])
+def test_verify_reads_the_output_back_and_names_what_differs(diffusers_dir, tmp_path, fmt):
+    from lumina_jax.convert.nextdit import verify_transformer
+
+    _, d = diffusers_dir
+    config, params = load_transformer(d, dtype=None)
+    dst = tmp_path / ("o.pth" if fmt == "original" else "o")
+    out = save_transformer(dst, config, params, fmt, dtype="bf16")
+    n = verify_transformer(out, config, params, fmt, dtype="bf16")
+    assert n == len(_tensors(out) if fmt != "jax" else flatten(params))
+    with pytest.raises(CheckpointError, match="tensors differ"):  # not what was asked for
+        verify_transformer(out, config, params, fmt, dtype=None)
+    flat = flatten(params)
+    key = "x_embedder/bias"
+    changed = dict(flat, **{key: np.asarray(flat[key]).copy()})
+    changed[key][3] += 1e-3  # one value
+    from lumina_jax.convert.common import unflatten
+
+    torch_key = "x_embedder.bias"
+    with pytest.raises(CheckpointError, match=rf"1 tensors differ .*{torch_key if fmt != 'jax' else key}.*other values"):
+        verify_transformer(out, config, unflatten(changed), fmt, dtype="bf16")
+    import dataclasses
+
+    other = dataclasses.replace(config, axes_lens=(99, 99, 99))
+    with pytest.raises(CheckpointError, match="axes_lens" if fmt != "diffusers" else "config.json"):
+        verify_transformer(out, other, params, fmt, dtype="bf16")
+
+
+def test_cli_verify(diffusers_dir, tmp_path, capsys):
+    from lumina_jax.convert.cli import main
+
+    _, d = diffusers_dir
+    assert main([str(d), str(tmp_path / "o.safetensors"), "--to", "original", "--verify"]) == 0
+    assert f"verified {tmp_path / 'o.safetensors'}: " in capsys.readouterr().out
+
+
 def test_original_folder_picks_its_weights_file(diffusers_dir, tmp_path, capsys):
     from lumina_jax.convert.cli import main
     from lumina_jax.convert.nextdit import original_weights_file

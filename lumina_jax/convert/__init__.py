@@ -11,6 +11,7 @@ from typing import Any
 _EXPORTS = {
     "load_transformer": "lumina_jax.convert.nextdit",
     "save_transformer": "lumina_jax.convert.nextdit",
+    "verify_transformer": "lumina_jax.convert.nextdit",
     "load_text_encoder": "lumina_jax.convert.gemma2",
     "save_text_encoder": "lumina_jax.convert.gemma2",
     "load_vae": "lumina_jax.convert.vae",

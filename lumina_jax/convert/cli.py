@@ -1,4 +1,4 @@
-"""``python -m lumina_jax convert SRC DST --to jax|diffusers|original [--dtype fp32|bf16|fp16] [--config NAME] [--overwrite]``.
+"""``python -m lumina_jax convert SRC DST --to jax|diffusers|original [--dtype fp32|bf16|fp16] [--config NAME] [--overwrite] [--verify]``.
 
 Converts a Next-DiT checkpoint between the project's own format, a diffusers ``transformer/``
 directory and the original Alpha-VLLM layout. The source format is detected. Nothing is written at
@@ -42,10 +42,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="export dtype (default: keep)")
     ap.add_argument("--config", default=None, help="model config name/YAML for original checkpoints (else inferred)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    ap.add_argument("--verify", action="store_true", help="read DST back and check every tensor bit for bit "
+                    "against the source (and the stored config); one more read of the output")  # fmt: skip
     args = ap.parse_args(argv)
 
     from lumina_jax.convert.common import recover_replaced
-    from lumina_jax.convert.nextdit import detect_format, load_transformer, original_weights_file, save_transformer
+    from lumina_jax.convert.nextdit import (
+        detect_format,
+        load_transformer,
+        original_weights_file,
+        save_transformer,
+        verify_transformer,
+    )
     from lumina_jax.models.nextdit import NextDiTConfig, param_count
 
     t0 = time.time()
@@ -66,6 +74,9 @@ def main(argv: list[str]) -> int:
         config, params = load_transformer(args.src, config=config, dtype=None)
         print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s; writing {args.to}", flush=True)
         out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)
+        if args.verify:
+            n = verify_transformer(out, config, params, args.to, dtype=args.dtype)
+            print(f"verified {out}: {n} tensors bit-exact", flush=True)
     except (CheckpointError, OSError, ValueError) as e:  # OSError: unwritable destination, full disk, ...
         print(f"error: {cli_message(e)}", file=sys.stderr)
         return 1

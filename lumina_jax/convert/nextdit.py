@@ -494,6 +494,55 @@ def save_transformer(
     raise ValueError(f"unknown format {format!r}; choose 'jax', 'diffusers' or 'original'")
 
 
+def verify_transformer(path: str | os.PathLike, config: NextDiTConfig, params: dict, format: Format, *,
+                       dtype: Any = None) -> int:
+    """Read a :func:`save_transformer` output back and check that it holds exactly ``params`` (cast to
+    ``dtype`` as the export did; bit for bit) and ``config``; returns the number of tensors checked.
+
+    Tensors are compared one at a time for the diffusers and original formats (one tensor in memory
+    besides ``params``); the project's format is restored whole (a second copy of the model). A
+    difference is a :class:`CheckpointError` naming the tensors (up to 5) or the config fields.
+    """
+    path = Path(path)
+    flat = flatten(params)
+    if format == "jax":
+        got_config, got = _load_jax(path, None)
+        got_flat = flatten(got)
+        pairs: Iterator[tuple[str, np.ndarray, np.ndarray]] = (
+            (k, cast(to_numpy(v), resolve_dtype(dtype)), got_flat[k]) for k, v in flat.items())  # fmt: skip
+        expected_keys, found_keys = set(flat), set(got_flat)
+    else:
+        if format == "diffusers":  # config.json holds what diffusers knows (e.g. not the original's eps)
+            want = json.loads(json.dumps(config.to_diffusers_config()))
+            written = read_json(path / "config.json")
+            if written != want:
+                raise CheckpointError(f"{path / 'config.json'}: differs from the model's config in "
+                                      f"{sorted(k for k in want.keys() | written.keys() if want.get(k) != written.get(k))}")
+            got_config = config
+            src: Any = TensorSource(path)
+        else:
+            src = _Prefixed(_original_source(path))
+            got_config = _stored_config(src.src)
+        rules = RULES[format](config)
+        pairs = ((k, want, src.get(k)) for k, want in jax_to_torch(flat, rules, dtype))
+        expected_keys, found_keys = {r.key for r in rules}, set(src.keys())
+    if got_config != config:
+        fields = [f.name for f in dataclasses.fields(config) if getattr(got_config, f.name, None) != getattr(config, f.name)]
+        raise CheckpointError(f"{path}: the stored config differs from the model's in {fields or 'its presence'}")
+    if expected_keys != found_keys:
+        raise CheckpointError(f"{path}: tensors missing {sorted(expected_keys - found_keys)[:5]}, "
+                              f"unexpected {sorted(found_keys - expected_keys)[:5]}")  # fmt: skip
+    bad, n = [], 0
+    for key, want, got_arr in pairs:
+        n += 1
+        if want.dtype != got_arr.dtype or want.shape != got_arr.shape or want.tobytes() != got_arr.tobytes():
+            bad.append(f"{key} ({want.dtype} {want.shape} expected, {got_arr.dtype} {got_arr.shape} read"
+                       f"{'' if want.shape != got_arr.shape or want.dtype != got_arr.dtype else ', other values'})")
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors differ from the params written: {bad[:5]}")
+    return n
+
+
 # ----------------------------------------------------------------------------------------------
 # the project's own format (orbax)
 
