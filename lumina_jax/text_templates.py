@@ -46,13 +46,26 @@ DEFAULT_SYSTEM_PROMPT = "real"
 
 
 def check_template_name(name_or_text: str) -> None:
-    """``ValueError`` for a single word (letters, digits, ``_``, ``-``) that is not a template name:
-    a misspelt name (``"realistic"``) would otherwise become the system prompt's text, silently."""
-    if name_or_text not in SYSTEM_PROMPTS and re.fullmatch(r"[\w-]+", name_or_text):
+    """``ValueError`` for a single ASCII word (letters, digits, ``_``, ``-``) that is not a template
+    name: a misspelt name (``"realistic"``) would otherwise become the system prompt's text, silently.
+    Text in scripts written without spaces (Chinese, Japanese) is text."""
+    if name_or_text not in SYSTEM_PROMPTS and re.fullmatch(r"[A-Za-z0-9_-]+", name_or_text):
         close = difflib.get_close_matches(name_or_text, SYSTEM_PROMPTS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown system prompt template {name_or_text!r}{hint}; templates: "
                          f"{', '.join(SYSTEM_PROMPTS)}. A custom system prompt is a text with spaces")  # fmt: skip
+
+
+def system_prompt_problem(name_or_text: object) -> str | None:
+    """Why a record's system prompt cannot be used (not a string, a misspelt template name), or
+    ``None``; the data loaders skip such records (counted as ``bad_record``) instead of raising."""
+    if not isinstance(name_or_text, str):
+        return f"system prompt is a {type(name_or_text).__name__}, not a template name or text"
+    try:
+        check_template_name(name_or_text)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def resolve_system_prompt(name_or_text: str) -> str:

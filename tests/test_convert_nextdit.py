@@ -156,7 +156,19 @@ def test_our_original_export_reloads_with_its_config(tmp_path, suffix):
         save_file(_tensors(path), bare)
     with pytest.raises(CheckpointError, match="RoPE split|patch"):
         load_transformer(bare)
-    if suffix == ".pth":
+    if suffix == ".pth":  # a damaged metadata record: an error naming it, unless config= is given
+        import zipfile
+
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        record = next(n for n in names if n.endswith("lumina_jax_metadata.json"))
+        damaged = tmp_path / "damaged.pth"
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(damaged, "w") as out:
+            for n in names:
+                out.writestr(src.getinfo(n), b"not json" if n == record else src.read(n))
+        with pytest.raises(CheckpointError, match="lumina_jax_metadata.json record is corrupt.*pass config="):
+            load_transformer(damaged)
+        assert load_transformer(damaged, config=config)[0] == config
         return
     bad = tmp_path / "bad.safetensors"
     save_file(_tensors(path), bad, metadata={"lumina_jax_config": json.dumps({"dim": 7, "n_heads": 2})})
@@ -327,7 +339,7 @@ def test_nothing_written_on_failure(diffusers_dir, tmp_path):
     assert not stale.exists() and alive.exists()
 
 
-def test_killed_overwrite_is_recovered(diffusers_dir, tmp_path, capsys):
+def test_killed_overwrite_is_recovered(diffusers_dir, tmp_path, capsys, monkeypatch):
     """An --overwrite killed between its two renames left DST missing and the old one aside: the next
     run puts it back (and then refuses to replace it without --overwrite); killed after the renames,
     the old one is deleted. Entries of a running process are left alone."""
@@ -354,6 +366,23 @@ def test_killed_overwrite_is_recovered(diffusers_dir, tmp_path, capsys):
     running.write_bytes(b"theirs")
     save_transformer(dst, config, params, "original", overwrite=True)
     assert not aside.exists() and running.read_bytes() == b"theirs"
+    # the refusal comes before the (long) load
+    import lumina_jax.convert.nextdit as nd
+
+    os.replace(dst, aside)
+    loads = []
+    monkeypatch.setattr(nd, "load_transformer", lambda *a, **k: loads.append(a))
+    assert main([str(d), str(dst), "--to", "original"]) == 1 and loads == []
+    assert dst.exists() and not aside.exists()
+    monkeypatch.undo()
+    # a DST that is a link to a folder is replaced by the new output; the link goes, not its target
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    (tmp_path / "link").symlink_to(target)
+    save_transformer(tmp_path / "link", config, params, "diffusers", overwrite=True)
+    assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink() and (target / "keep").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".link")]
     # a directory output (diffusers) comes back the same way
     out = save_transformer(tmp_path / "dir", config, params, "diffusers")
     os.replace(out, tmp_path / f".dir.old-{host}-{gone.pid}")
@@ -427,6 +456,26 @@ def test_original_folder_picks_its_weights_file(diffusers_dir, tmp_path, capsys)
         (two / name).write_bytes(b"")
     with pytest.raises(CheckpointError, match="several weights files"):
         load_transformer(two)
+
+    def folder_of(*names):
+        f = tmp_path / "-".join(names)
+        f.mkdir()
+        for name in names:
+            (f / name).write_bytes(b"")
+        return f
+
+    # the EMA file is not read although its suffix sorts first; a folder of EMA weights alone is
+    f = folder_of("consolidated.00-of-01.pth", "consolidated_ema.00-of-01.safetensors")
+    assert original_weights_file(f) == f / "consolidated.00-of-01.pth"
+    f = folder_of("consolidated.00-of-01.pth", "consolidated.00-of-01.safetensors")
+    assert original_weights_file(f) == f / "consolidated.00-of-01.safetensors"
+    f = folder_of("consolidated_ema.00-of-01.pth")
+    assert original_weights_file(f) == f / "consolidated_ema.00-of-01.pth"
+    # shards are refused whichever file names them, EMA or passed directly
+    with pytest.raises(CheckpointError, match="model-parallel shards"):
+        original_weights_file(folder_of("consolidated_ema.00-of-02.pth", "consolidated_ema.01-of-02.pth"))
+    with pytest.raises(CheckpointError, match="model-parallel shards"):
+        load_transformer(shards / "consolidated.00-of-02.pth")
 
 
 def test_unknown_format_and_paths(tmp_path):

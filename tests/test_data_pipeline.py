@@ -159,15 +159,27 @@ def test_single_channel_arrays_are_greyscale():
     np.testing.assert_array_equal(by_key["hw1"], by_key["rgb"])
 
 
-def test_non_string_system_prompt_is_a_counted_bad_record(caplog):
+def test_unusable_system_prompt_is_a_counted_bad_record(caplog):
+    """Not a string, or one ASCII word that is not a template (a misspelt name in the data): the record
+    is skipped and counted, the run goes on; text without spaces in other scripts is text."""
+    from lumina_jax.data.image_index import raw_item_size, reason_of
+    from lumina_jax.data.sources import RawItem
+
     caplog.set_level(logging.WARNING, logger="lumina_jax.data")
     png = testing.encode_image(testing.make_image(16, 16))
     items = [{"image": png, "caption": f"a{i}", "system_prompt": "base", "key": f"k{i}"} for i in range(12)]
     items[9]["system_prompt"] = None
     items[10]["system_prompt"] = 3
+    items[11]["system_prompt"] = "photo"
+    items[8]["system_prompt"] = "你是一个生成高质量图像的助手"
     batches, it = run(DataPipeline(ListSource(items, name="sp"), config(resolution=32, num_epochs=1, shuffle=False)))
-    assert it.stats.samples == 10 and it.stats.skipped == {"sp": {"bad_record": 2}}
+    assert it.stats.samples == 9 and it.stats.skipped == {"sp": {"bad_record": 3}}
     assert "k9 (system prompt is a NoneType" in caplog.text and "k10 (system prompt is a int" in caplog.text
+    assert "k11 (unknown system prompt template 'photo'" in caplog.text
+    assert any(p.startswith("你是") for b in batches for p in b["prompts"])
+    # the size index judges them as the loader does
+    assert reason_of(raw_item_size(RawItem(key="k", caption="c", system_prompt="photo", image=png))[2]) == "bad_record"
+    assert raw_item_size(RawItem(key="k", caption="c", system_prompt="base", image=png)) == (16, 16, 0)
 
 
 # --------------------------------------------------------------------------------------------------

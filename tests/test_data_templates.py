@@ -90,6 +90,7 @@ def test_build_prompt_rules():
         tt.build_prompt("a dog", "aligned")
     with pytest.raises(ValueError, match="unknown system prompt template 'xyz'; templates: real, base"):
         tt.resolve_system_prompt("xyz")
+    assert tt.resolve_system_prompt("你是一个生成高质量图像的助手") == "你是一个生成高质量图像的助手"  # text, not a name
     from lumina_jax.data.sources import ListSource
 
     with pytest.raises(ValueError, match="'rael'"):  # a source's default fails when it is built

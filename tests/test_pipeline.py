@@ -452,6 +452,15 @@ def test_saved_images_record_their_own_negative_prompt_mode_and_version(pipe, tm
     assert jpg.format == "JPEG" and jpg.size == (32, 32)
     meta = json.loads(jpg.getexif()[0x010E])
     assert meta["prompt"] == "a dog" and meta["negative_prompt"] == "dark" and meta["seed"] == 4
+    # a prompt too long for JPEG's 64 KiB EXIF segment keeps its start there (PNG keeps it whole)
+    from lumina_jax.sample.cli import save_image
+
+    long = "a cat " * 20000
+    save_image(out.images[0], tmp_path / "long.jpg", long, None, 1, out.settings)
+    meta = json.loads(Image.open(tmp_path / "long.jpg").getexif()[0x010E])
+    assert meta["prompt_truncated"] and long.startswith(meta["prompt"]) and len(meta["prompt"]) == 2000
+    save_image(out.images[0], tmp_path / "long.png", long, None, 1, out.settings)
+    assert Image.open(tmp_path / "long.png").text["prompt"] == long
     # no CFG: no negative prompt was used, none is recorded
     out = pipe("a cat", guidance_scale=1.0, num_inference_steps=2, height=32, width=32, seed=1)
     assert out.negative_prompts == [None]

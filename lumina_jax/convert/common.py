@@ -118,6 +118,7 @@ class TensorSource:
         self._file_of: dict[str, Path] = {}
         self._torch_sd: dict[str, Any] | None = None
         self.metadata: dict[str, str] = {}  # the files' ``__metadata__`` (safetensors) or metadata record (.pth), merged
+        self.metadata_error: Optional[str] = None  # why a .pth metadata record could not be read
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
         files: list[Path]
@@ -158,7 +159,10 @@ class TensorSource:
                     self._add(k, v, f)
                 from lumina_jax.convert.torch_io import read_pth_metadata
 
-                self.metadata.update(read_pth_metadata(f))
+                try:
+                    self.metadata.update(read_pth_metadata(f))
+                except CheckpointError as e:  # the weights may still be read, with a config given
+                    self.metadata_error = str(e)
 
     def _add(self, key: str, where: Any, f: Path) -> None:
         if key in self._where:
@@ -260,7 +264,7 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
             old = dst.with_name(f"{_old_tag(dst)}{os.getpid()}")
             os.replace(dst, old)
             os.replace(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            _remove(old)
         else:
             os.replace(tmp, dst)
         done = True
@@ -308,10 +312,20 @@ def recover_replaced(dst: str | os.PathLike) -> None:
     for old in sorted(_left_by_dead_process(dst.parent, _old_tag(dst))):
         if dst.exists() or dst.is_symlink():
             log.info("removing %s, the previous %s that a killed run had replaced", old, dst.name)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # another run got there first
+                _remove(old)
         else:
             log.warning("putting back %s: a run replacing it was killed before the new one was in place", dst)
-            os.replace(old, dst)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(old, dst)
+
+
+def _remove(p: Path) -> None:
+    """Deletes a file, a link (not what it points to) or a folder tree."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
 
 
 def write_sharded_safetensors(

@@ -273,30 +273,35 @@ def detect_format(path: str | os.PathLike) -> Format:
 
 def original_weights_file(path: str | os.PathLike) -> Path:
     """The file an original checkpoint ``path`` (a file, or a folder of ``consolidated*`` files) is read
-    from: in a folder, ``consolidated.*`` (safetensors before pth) rather than the EMA weights
-    ``consolidated_ema.*`` (pass that file itself to read them). Model-parallel shards
-    (``consolidated.00-of-02.pth``, ...) are a :class:`CheckpointError`: how their tensors were split is
-    not recorded, so they cannot be merged here."""
+    from: in a folder, ``consolidated.*`` rather than the EMA weights ``consolidated_ema.*`` (pass that
+    file itself to read them; a folder with only EMA weights is read from them), ``.safetensors`` before
+    ``.pth``. Model-parallel shards (``consolidated.00-of-02.pth``, ...) are a :class:`CheckpointError`:
+    how their tensors were split is not recorded, so they cannot be merged here."""
     path = Path(path)
-    if not path.is_dir():
-        return path
-    for pattern in ("consolidated*.safetensors", "consolidated*.pth"):
-        files = sorted(path.glob(pattern))
-        if files:
-            break
-    else:
-        raise CheckpointError(f"{path}: no consolidated*.safetensors or consolidated*.pth file")
-    main = [f for f in files if not f.name.startswith("consolidated_ema")]
-    shards = [f.name for f in main if (m := re.search(r"\.\d+-of-(\d+)\.", f.name)) and int(m.group(1)) > 1]
+    files = [path]
+    if path.is_dir():
+        files = sorted(path.glob("consolidated*.safetensors")) + sorted(path.glob("consolidated*.pth"))
+        if not files:
+            raise CheckpointError(f"{path}: no consolidated*.safetensors or consolidated*.pth file")
+    shards = [f.name for f in files if (m := re.search(r"\.\d+-of-(\d+)\.", f.name)) and int(m.group(1)) > 1]
     if shards:
         raise CheckpointError(f"{path}: model-parallel shards {shards} are not supported (how their tensors were "
                               f"split is not recorded); merge them into one consolidated.00-of-01 file first")
-    if len(main) > 1:
-        raise CheckpointError(f"{path}: several weights files ({[f.name for f in main]}); pass the one to read")
-    if main and len(files) > 1:
-        log.info("reading %s; the EMA weights (%s) are read when that file is passed", main[0].name,
-                 ", ".join(f.name for f in files if f not in main))  # fmt: skip
-    return (main or files)[0]
+    if not path.is_dir():
+        return path
+    main = [f for f in files if not f.name.startswith("consolidated_ema")]
+    ema = [f for f in files if f not in main]
+    for group in (main, ema):
+        if not group:
+            continue
+        stems = {f.stem for f in group}
+        if len(stems) > 1:
+            raise CheckpointError(f"{path}: several weights files ({[f.name for f in group]}); pass the one to read")
+        if main and ema:
+            log.info("reading %s; the EMA weights (%s) are read when that file is passed", group[0].name,
+                     ", ".join(f.name for f in ema))  # fmt: skip
+        return group[0]  # .safetensors sorts first
+    raise AssertionError("unreachable")
 
 
 def _original_source(path: Path) -> TensorSource:
@@ -383,6 +388,8 @@ def _stored_config(src: TensorSource) -> Optional[NextDiTConfig]:
     safetensors ``__metadata__``, or the ``.pth`` archive's metadata record), so that a
     reload does not have to infer it from the shapes (patch size, RoPE split, eps and table sizes are
     not in them); ``None`` for other files."""
+    if src.metadata_error is not None:
+        raise CheckpointError(f"{src.metadata_error}; pass config= (--config) to read the weights without it")
     text = src.metadata.get("lumina_jax_config")
     if text is None:
         return None

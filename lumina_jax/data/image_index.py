@@ -47,6 +47,7 @@ from PIL import Image
 from lumina_jax.data import records as rec_lib
 from lumina_jax.data.sources import RawItem, SkipSample
 from lumina_jax.data.transforms import _TO_RGB_DIRECT, _WITH_ALPHA, SKIP_REASONS, image_from_array
+from lumina_jax.text_templates import system_prompt_problem
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def reason_of(code: int) -> str:
 def raw_item_size(item: RawItem) -> tuple[int, int, int]:
     """``(H, W, 0)`` of an item's image from its header (not decoded), or ``(0, 0, code)`` with the
     reason the training loader would skip it for (:class:`lumina_jax.data.transforms.ImageSampleLoader`)."""
-    if not isinstance(item.system_prompt, str):
+    if system_prompt_problem(item.system_prompt) is not None:
         return 0, 0, _reason_code("bad_record")
     if item.caption is None or item.caption.strip() == "":
         return 0, 0, _reason_code("empty_caption")

@@ -145,8 +145,8 @@ class ImageSampleLoader:
             return skip_marker("unreadable", name, f"{default_key} ({type(e).__name__}: {e})")
 
         key = raw.key or default_key
-        if not isinstance(raw.system_prompt, str):
-            detail = f"system prompt is a {type(raw.system_prompt).__name__}, not a template name or text"
+        detail = text_templates.system_prompt_problem(raw.system_prompt)
+        if detail is not None:
             return skip_marker("bad_record", name, f"{key} ({detail})")
         caption = raw.caption
         if caption is None or caption.strip() == "":

@@ -5,7 +5,9 @@ negative prompt, seed and every setting in its text metadata (keys ``prompt``, `
 ``seed`` and ``lumina_jax`` = JSON of the settings, the mode and the package version); ``--out x.jpg``
 or ``x.webp`` writes that format with the same JSON in the EXIF image description. ``--out out.png``
 with several images writes ``out_000.png``, ``out_001.png``, ...; an ``--out`` that is a directory (or
-ends with ``/``) gets ``lumina_<seed>.png`` files; a name with another suffix gets ``.png`` appended.
+ends with ``/``) gets ``lumina_<seed>.png`` files; a name with another suffix gets ``.png`` appended
+(other image suffixes, ``.gif``, ``.bmp``, ..., are refused). JPEG keeps at most 2000 characters of a
+very long prompt in its metadata (``prompt_truncated``).
 
 Without ``--checkpoint`` the bundled default model is used (``lumina_jax/assets/default_model``: a small
 model of a synthetic shapes world; if that folder is missing, a tiny random model with a notice). ``--checkpoint`` takes a diffusers pipeline directory
@@ -39,8 +41,10 @@ from typing import Any, Optional
 PROG = "python -m lumina_jax generate"
 
 # --out suffix -> PIL format; other image suffixes are refused rather than given a second suffix
-FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-_OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl", ".ppm", ".tga", ".ico")
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".webp": "WEBP"}
+_OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k",
+                         ".ppm", ".pgm", ".tga", ".ico", ".svg", ".pdf", ".eps", ".psd", ".exr", ".hdr")  # fmt: skip
+_EXIF_MAX = 60_000  # JPEG keeps EXIF in one 64 KiB segment
 _PRESET_FLAGS = {"solver": "--solver", "num_inference_steps": "--steps", "cfg_trunc_ratio": "--cfg-trunc",
                  "cfg_normalization": "--renorm", "cfg_trunc_mode": "--cfg-trunc-mode"}  # fmt: skip
 
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 16 (default: model's)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the first image; image k uses seed+k")
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
-    ap.add_argument("--system-prompt", default=None, help="template name (real, base, align, ...) or text")
+    ap.add_argument("--system-prompt", default=None, help="template name (real, base, align, aesthetics, 4grid, "
+                    "empty; default: the model's) or a text (with spaces: one word is taken for a misspelt name)")
     ap.add_argument("--max-length", type=int, default=256, help="max text tokens incl. system prompt")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--mode", choices=["stepwise", "fused"], default="stepwise")
@@ -104,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-weights", action="store_true",
                     help="cache converted diffusers weights as orbax (faster later loads)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (the phase messages stay)")
-    ap.add_argument("-q", "--quiet", action="store_true",
-                    help="print only the written paths and errors (no progress bar, phases or timings)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="print only the written paths, errors and "
+                    "notices of replaced files (no progress bar, phases or timings)")  # fmt: skip
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -179,6 +184,9 @@ def save_image(image: Any, path: Path, prompt: str, negative_prompt: Optional[st
         info.add_text("Software", "lumina-jax")
         image.save(path, format=fmt, pnginfo=info)
         return
+    if len(meta) > _EXIF_MAX:  # long prompts: keep their start, say so
+        short = image_metadata(prompt[:2000], (negative_prompt or "")[:2000] or negative_prompt, seed, settings)
+        meta = json.dumps(dict(short, prompt_truncated=True), default=str)
     exif = Image.Exif()
     exif[0x010E] = meta  # ImageDescription
     exif[0x0131] = "lumina-jax"  # Software
@@ -285,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     paths = output_paths(args.out, out.seeds)
     try:
         save_images(out, paths, on_replace=lambda path: print(f"replacing {path}", file=err))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: what PIL refuses to encode
         print(f"{PROG}: error: cannot write the image: {e}", file=err)
         return 2
     t = out.timings
