@@ -129,6 +129,33 @@ def test_exact_resume_across_stage_boundary(tmp_path, stop):
     assert b2.ckpt.all_steps()[-1] == 8
 
 
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(tmp_path):
+    """SIGINT (Ctrl-C) / SIGTERM (preemption) during a step: the step finishes, a checkpoint is written
+    at it, the run returns ``stopped_by``; resuming gives the straight run's state bit for bit."""
+    import os
+    import signal
+
+    from lumina_jax.train.loop import Trainer
+
+    extra = ["stages.0.steps=4", "stages.1.steps=4", "stages.1.lr=5e-4", "checkpoint.every=2",
+             "stages.1.data.num_samples=24"]  # fmt: skip (the exact-resume test's program: compiled once)
+    a = Trainer(make_cfg(tmp_path / "a", *extra), stop_at=6)
+    a.run()
+
+    def hook(step, batch):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    b = Trainer(make_cfg(tmp_path / "b", *extra), stop_at=6, batch_hook=hook)
+    rb = b.run()
+    assert rb.stopped_by == signal.SIGINT and rb.step == 3 and b.ckpt.all_steps()[-1] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    b2 = Trainer(make_cfg(tmp_path / "b", *extra), stop_at=6)
+    assert b2.run().stopped_by is None
+    for x, y in zip(leaves(a.state), leaves(b2.state)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_export_ema_and_params(tmp_path):
     from lumina_jax.convert.nextdit import load_transformer
     from lumina_jax.train.loop import Trainer, export_weights

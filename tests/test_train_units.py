@@ -5,6 +5,7 @@ tree layout, the TensorBoard writer, FLOP accounting and the CLI's error paths."
 from __future__ import annotations
 
 import math
+import sys
 
 import flax.linen as nn
 import jax
@@ -235,11 +236,10 @@ def test_out_of_range_settings_are_errors_at_load_time(override, message):
 
 
 def test_unknown_model_override_is_a_clear_error():
-    from lumina_jax.train.config import load_config, load_model_config
+    from lumina_jax.train.config import load_config
 
-    cfg = load_config("tiny_synthetic", ["model_overrides.bogus=1"])
     with pytest.raises(ValueError, match=r"unknown model_overrides key\(s\) \['bogus'\]"):
-        load_model_config(cfg)
+        load_config("tiny_synthetic", ["model_overrides.bogus=1"])  # when the config is read, not at the run
 
 
 def test_recipe_config_matches_spec():
@@ -260,6 +260,68 @@ def test_cli_rejects_unknown_key(capsys):
     assert "optimizer.nope" in capsys.readouterr().err
     assert main(["tiny_synthetic", "--print-config", "seed=7"]) == 0
     assert "seed: 7" in capsys.readouterr().out
+
+
+def test_cli_refuses_names_and_yaml_it_cannot_use_before_the_run(capsys, tmp_path):
+    from lumina_jax.train.cli import main
+
+    for override, want in [("attention=flsh", "unknown attention backend 'flsh'"),
+                           ("remat=sometimes", "unknown remat policy 'sometimes'"),
+                           ("model=nextdit_tyny", "no NextDiT config 'nextdit_tyny'"),
+                           ("mesh.preset=ddp", "unknown mesh preset 'ddp'"),
+                           ("stages.0.data={kind: images", "is not valid YAML")]:  # fmt: skip
+        assert main(["tiny_synthetic", "--print-config", override]) == 2, override
+        assert want in capsys.readouterr().err, override
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: nextdit_tiny\nstages: [\n")
+    assert main([str(bad)]) == 2 and f"{bad}: not valid YAML" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tiny_synthetic", "--stop-at", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_resume_check_refuses_another_state_and_lists_changes():
+    import dataclasses
+
+    from lumina_jax.train.config import load_config, load_model_config
+    from lumina_jax.train.loop import ResumeMismatchError, check_resume
+
+    cfg = load_config("tiny_synthetic", ["run_dir=/a"])
+    meta = {"step": 5, "config": cfg.to_dict(), "model_config": load_model_config(cfg).to_dict()}
+
+    def check(*overrides):
+        new = load_config("tiny_synthetic", ["run_dir=/b", *overrides])
+        return check_resume(meta, new, load_model_config(new), "/b")
+
+    assert check() == [] and check("log.every=3", "checkpoint.keep=9") == []  # nothing that changes training
+    assert check("optimizer.lr=0.05", "stages.0.steps=5") == [("optimizer.lr", cfg.optimizer.lr, 0.05),
+                                                             ("stages.0.steps", cfg.stages[0].steps, 5)]  # fmt: skip
+    with pytest.raises(ResumeMismatchError, match=r"another model \(step 5; n_layers: 2 -> 3\)"):
+        check("model_overrides={n_layers: 3}")
+    assert check("model_overrides={n_layers: 2}") == [("model_overrides.n_layers", "<unset>", 2)]  # the same model
+    with pytest.raises(ResumeMismatchError, match=r"ema_decay: 0.95 -> None"):
+        check("ema_decay=null")
+    with pytest.raises(ResumeMismatchError, match=r"trainable"):
+        check("trainable=[layers]")
+    assert dataclasses.replace(cfg, run_dir="/c").run_dir == "/c"
+
+
+def test_a_folder_that_is_not_a_run_is_named(tmp_path):
+    from lumina_jax.convert.errors import CheckpointError
+    from lumina_jax.train.checkpoint import RunCheckpoints
+    from lumina_jax.train.loop import restore_weights
+
+    (tmp_path / "junk" / "checkpoints" / "5").mkdir(parents=True)
+    (tmp_path / "junk" / "checkpoints" / "5" / "readme.txt").write_text("x")
+    ck = RunCheckpoints(tmp_path / "junk" / "checkpoints", read_only=True)
+    with pytest.raises(CheckpointError, match=r"5 has no meta/: .*junk is not a lumina-jax run directory"):
+        ck.read_meta(ck.latest_step())
+    with pytest.raises(FileNotFoundError, match="has no checkpoints/ folder"):
+        restore_weights(tmp_path)
+    from lumina_jax.convert.nextdit import detect_format
+
+    with pytest.raises(CheckpointError, match=r"is a training run; .*train export"):
+        detect_format(tmp_path / "junk")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint layout
@@ -565,3 +627,27 @@ def test_mixed_batch_loss_equals_the_dense_loss_including_the_aux_term(monkeypat
     np.testing.assert_allclose(out["mixed"][:2], out["dense"][:2], rtol=2e-5)
     for x, y in zip(jax.tree.leaves(out["mixed"][2]), jax.tree.leaves(out["dense"][2])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-6)
+
+
+def test_cli_logging_shows_info_lines_once_after_a_library_configured_the_root_logger(capsys):
+    import logging
+
+    from lumina_jax import log_setup
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    bare = logging.StreamHandler(sys.stderr)  # what a library's basicConfig() leaves (the trainer's imports do)
+    root.addHandler(bare)
+    try:
+        log_setup.setup(logging.INFO)
+        log_setup.setup(logging.INFO)  # again (a second in-process CLI call): still one line per record
+        logging.getLogger("lumina_jax.train").info("resuming from here")
+        err = capsys.readouterr().err
+        assert err.count("resuming from here") == 1 and "INFO lumina_jax.train: resuming from here" in err
+        kept = [h for h in saved[0] if type(h).__name__ != "_StderrHandler"]  # pytest's own
+        assert bare not in root.handlers and all(h in root.handlers for h in kept)
+    finally:
+        for h in list(root.handlers):
+            if h not in saved[0]:
+                root.removeHandler(h)
+        root.setLevel(saved[1])

@@ -265,6 +265,10 @@ def detect_format(path: str | os.PathLike) -> Format:
             raise CheckpointError(f"{p} looks like a whole pipeline; pass {p / 'transformer'} for the transformer")
         if list(p.glob("consolidated*.pth")) or list(p.glob("consolidated*.safetensors")):
             return "original"
+        run = p if (p / "checkpoints").is_dir() else p.parent if p.name == "checkpoints" else None
+        if run is not None:
+            raise CheckpointError(f"{p} is a training run; write its weights as a checkpoint first: "
+                                  f"python -m lumina_jax train export {run} OUT")
         raise CheckpointError(f"{p}: cannot tell the checkpoint format (no {JAX_MARKER}, config.json or consolidated*)")
     if p.suffix in (".pth", ".pt", ".bin", ".safetensors"):
         return "original"

@@ -152,8 +152,9 @@ def _index_images(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    from lumina_jax import log_setup
+
+    log_setup.setup(logging.DEBUG if args.verbose else logging.INFO, "%(levelname)s %(name)s: %(message)s")
     from lumina_jax.data import preprocess as pp
     from lumina_jax.data.pipeline import NoUsableSampleError
 

@@ -105,6 +105,10 @@ class MeshConfig:
             raise ValueError(f"unknown mesh keys {unknown}; known: {sorted(known)}")
         return cls(**d)
 
+    def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown mesh preset {self.preset!r}; choose from {sorted(PRESETS)}")
+
     def ici_sizes(self) -> dict[str, int]:
         """Axis sizes within a slice, before -1 is resolved (preset, then explicit fields)."""
         if self.preset is not None and self.preset not in PRESETS:

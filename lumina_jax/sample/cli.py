@@ -222,7 +222,9 @@ class _CacheStats:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from lumina_jax import log_setup
+
+    log_setup.setup(logging.INFO if args.verbose else logging.WARNING, "%(levelname)s %(message)s")
     if args.n < 1:
         print(f"{PROG}: error: --n must be >= 1", file=sys.stderr)
         return 2

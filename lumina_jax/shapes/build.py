@@ -176,9 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "train":
         p.error("training runs through the project's trainer: python -m lumina_jax train configs/train/shapes.yaml")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from lumina_jax import log_setup
+
+    log_setup.setup(logging.INFO)
     if args.cmd == "train-vae":
         out = Path(args.out) if args.out else Path(args.work) / "encoders" / "vae_f8"
         try:

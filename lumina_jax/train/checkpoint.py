@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lumina_jax.convert.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 STATE, DATA, META = "state", "data_iter", "meta"
@@ -156,6 +158,10 @@ class RunCheckpoints:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def read_meta(self, step: int) -> dict:
+        if "://" not in str(self.directory) and not (Path(self.directory) / str(step) / META).exists():
+            raise CheckpointError(f"{self.directory}/{step} has no {META}/: {Path(self.directory).parent} is not a "
+                                  f"lumina-jax run directory, or that checkpoint is damaged (move it away to resume "
+                                  f"from the one before); checkpoints there: {self.all_steps()}")  # fmt: skip
         return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
     def restore(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:

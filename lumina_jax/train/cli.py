@@ -23,58 +23,92 @@ import logging
 import sys
 from typing import Optional
 
+from lumina_jax import log_setup
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lumina_jax train", description="Train Next-DiT from a YAML config.",
-                                epilog="Overrides: dotted keys of the YAML, e.g. optimizer.lr=1e-4 stages.0.batch=64")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m lumina_jax train", description="Train Next-DiT from a YAML config.",
+        epilog="Overrides: dotted keys of the YAML, e.g. optimizer.lr=1e-4 stages.0.batch=64. The same command "
+        "resumes a run from its run_dir's latest checkpoint; SIGTERM / Ctrl-C stop after the current step with a "
+        "checkpoint. Weights of a run: python -m lumina_jax train export RUN_DIR OUT --format jax|diffusers|original",
+    )  # fmt: skip
     p.add_argument("config", help="configs/train/<name>.yaml, a bundled name (e.g. tiny_synthetic) or a path")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this global step (checkpointed)")
+    p.add_argument("--stop-at", type=_at_least_one, default=None, help="stop after this global step (checkpointed)")
     p.add_argument("--coordinator", default=None, help="multi-process coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
     return p
 
 
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lumina_jax train export",
-                                description="Export EMA or raw weights of a run checkpoint.")  # fmt: skip
-    p.add_argument("run_dir")
-    p.add_argument("out")
-    p.add_argument("--which", choices=("ema", "params"), default="ema")
-    p.add_argument("--format", choices=("jax", "diffusers", "original"), default="jax")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true")
+                                description="Write the EMA or raw weights of a run's checkpoint as a model checkpoint "
+                                "(readable by generate --transformer, convert and init=).")  # fmt: skip
+    p.add_argument("run_dir", help="the run's run_dir (holds checkpoints/)")
+    p.add_argument("out", help="output path (a folder; for --format original a .pth/.safetensors file or a folder)")
+    p.add_argument("--which", choices=("ema", "params"), default="ema", help="EMA (default) or the raw weights")
+    p.add_argument("--format", choices=("jax", "diffusers", "original"), default="jax", help="default jax")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="written dtype (default: fp32, as trained)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return p
+
+
+def _error(e: BaseException, verbose: bool) -> int:
+    from lumina_jax.convert.cli import cli_message
+
+    if verbose:
+        raise e
+    print(f"error: {cli_message(e)}", file=sys.stderr)
+    return 2
+
+
+def _train_error(e: BaseException, verbose: bool) -> int:
+    rc = _error(e, verbose)
+    print("(-v shows where it was raised)", file=sys.stderr)
+    return rc
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export":
         args = _export_parser().parse_args(argv[1:])
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log_setup.setup(logging.INFO)
+        logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
+        from lumina_jax.convert.errors import CheckpointError
         from lumina_jax.train.loop import export_weights
 
-        out = export_weights(args.run_dir, args.out, which=args.which, format=args.format, dtype=args.dtype,
-                             step=args.step, overwrite=args.overwrite)  # fmt: skip
+        try:
+            out = export_weights(args.run_dir, args.out, which=args.which, format=args.format, dtype=args.dtype,
+                                 step=args.step, overwrite=args.overwrite)  # fmt: skip
+        except (CheckpointError, OSError, ValueError) as e:
+            return _error(e, False)
         print(f"wrote {out}")
         return 0
 
     parser = _train_parser()
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_setup.setup(logging.DEBUG if args.verbose else logging.INFO)
 
     from lumina_jax.train.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -93,13 +127,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("distributed: %s; process %d/%d, %d local / %d global devices (%s)", mode, jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)  # fmt: skip
 
+    from lumina_jax.convert.errors import CheckpointError
+    from lumina_jax.data.pipeline import NoUsableSampleError
     from lumina_jax.train.loop import NonFiniteLossError, Trainer
 
     try:
         result = Trainer(cfg, stop_at=args.stop_at).run()
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, NoUsableSampleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (CheckpointError, OSError, ValueError) as e:  # a setting the run cannot use: one line, not a traceback
+        return _train_error(e, args.verbose)
+    if result.stopped_by is not None:
+        log.info("stopped at step %d by signal %d; checkpointed, the same command resumes", result.step,
+                 result.stopped_by)  # fmt: skip
+        return 128 + result.stopped_by
     log.info("done at step %d (stage %d); %d non-finite steps skipped", result.step, result.stage, result.nonfinite)
     return 0
 

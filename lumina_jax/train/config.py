@@ -245,6 +245,19 @@ class TrainConfig:
         if self.max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be >= 1 (consecutive skipped steps before aborting), "
                              f"got {self.max_nonfinite}")
+        self._check_names()
+
+    def _check_names(self) -> None:
+        """Names that would otherwise fail only once the run has started (at model init or tracing)."""
+        import lumina_jax.parallel.context  # noqa: F401 -- registers the context-parallel attention backends
+        from lumina_jax.models.nextdit import REMAT_POLICIES
+        from lumina_jax.ops.attention import available_backends
+
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
+        if self.attention not in available_backends():
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose from {available_backends()}")
+        load_model_config(self)  # FileNotFoundError naming the bundled configs; unknown model_overrides
 
     @property
     def total_steps(self) -> int:
@@ -332,7 +345,10 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
 
 def parse_value(text: str) -> Any:
     """A command-line value: YAML, with ``1e-4``-style floats (YAML 1.1 would keep them strings)."""
-    v = yaml.safe_load(text) if text != "" else ""
+    try:
+        v = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override value {text!r} is not valid YAML ({e})") from None
     if isinstance(v, str):
         try:
             return int(v)
@@ -406,7 +422,10 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Trai
     if not p.exists():
         names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no train config {str(path_or_name)!r}; bundled: {names}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML ({e})") from None
     return config_from_dict(raw, overrides)
 
 

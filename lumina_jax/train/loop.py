@@ -54,12 +54,118 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class ResumeMismatchError(ValueError):
+    """The run directory's checkpoint was written for another model or training state layout."""
+
+
+# Settings that change the layout of a checkpoint's state besides the model (compared as a whole):
+# a resume with other values cannot continue that run.
+_STATE_KEYS = ("ema_decay", "trainable")
+# Settings that do not change the training itself (not reported when they change).
+_QUIET_KEYS = ("run_dir", "command", "log", "samples", "checkpoint.keep", "checkpoint.keep_every")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of the leaves (empty mappings and lists have none)."""
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(d, (list, tuple)):
+        return {k: v for i, sub in enumerate(d) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: d}
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every setting that differs between two ``TrainConfig.to_dict()``s
+    (keys of :data:`_QUIET_KEYS` left out)."""
+    a, b = _flat(old), _flat(new)
+    out = []
+    for k in sorted(a.keys() | b.keys()):
+        if any(k == q or k.startswith(q + ".") for q in _QUIET_KEYS):
+            continue
+        if a.get(k, "<unset>") != b.get(k, "<unset>"):
+            out.append((k, a.get(k, "<unset>"), b.get(k, "<unset>")))
+    return out
+
+
+def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any) -> list[tuple[str, Any, Any]]:
+    """Compare the config saved with a checkpoint (``meta``) with the one resuming it: another model,
+    EMA on/off or another trainable set is a :class:`ResumeMismatchError` (the saved state cannot be
+    continued); other changes (LR, stage lengths, data, ...) are returned for a warning."""
+    step = meta.get("step")
+    changes = config_changes(meta.get("config") or {}, cfg.to_dict())
+    saved_model = meta.get("model_config")
+    if saved_model is not None and saved_model != model_config.to_dict():
+        diff = [f"{k}: {saved_model.get(k)!r} -> {v!r}" for k, v in model_config.to_dict().items() if saved_model.get(k) != v]
+        raise ResumeMismatchError(f"{run_dir} holds a run of another model (step {step}; {', '.join(diff)}); use "
+                                  f"another run_dir, or the model it was trained with")  # fmt: skip
+    state = [c for c in changes if c[0].split(".")[0] in _STATE_KEYS]
+    if state:
+        raise ResumeMismatchError(
+            f"{run_dir}: its checkpoint (step {step}) holds another training state layout than this config makes ("
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in state) + "); use another run_dir, or the saved values")
+    return changes
+
+
 @dataclasses.dataclass
 class RunResult:
     step: int
     stage: int
     last_metrics: dict
     nonfinite: int
+    stopped_by: Optional[int] = None  # the signal (SIGTERM, SIGINT) that ended the run early, checkpointed
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT ask the run to stop after the current step with a checkpoint (preemption, Ctrl-C).
+
+    One process: our handlers record the signal (a second Ctrl-C interrupts at once). Several processes:
+    JAX's preemption service (started by ``jax.distributed``) takes SIGTERM and agrees on a step that
+    every process reaches (``multihost_utils.reached_preemption_sync_point``); a stop on one host alone
+    would leave the others waiting in a collective."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict[int, Any] = {}
+        self._multi = jax.process_count() > 1
+
+    def __enter__(self) -> "_StopSignals":
+        import signal
+        import threading
+
+        if self._multi or threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.signum = signum
+        signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+        log.warning("%s: stopping after this step with a checkpoint (Ctrl-C again to quit without one)",
+                    signal.Signals(signum).name)  # fmt: skip
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def stop_at(self, step: int) -> bool:
+        if not self._multi:
+            return self.signum is not None
+        from jax.experimental import multihost_utils
+
+        try:
+            if multihost_utils.reached_preemption_sync_point(step):
+                import signal
+
+                self.signum = int(signal.SIGTERM)
+                return True
+        except RuntimeError:  # the preemption service is off
+            pass
+        return False
 
 
 class Trainer:
@@ -110,6 +216,7 @@ class Trainer:
         self.metrics = metrics_lib.MetricLog(self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.primary)
         self._sample_fn = _load_sample_fn(cfg.samples.fn) if cfg.samples.fn else None
         self._peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind)
+        self._signals = _StopSignals()
 
     # ------------------------------------------------------------------ state
 
@@ -161,7 +268,6 @@ class Trainer:
         """The step for a stage, jitted with shardings (compiled on first call; stages of equal shapes
         and objective settings produce the same program, which jax's caches then reuse)."""
         cfg = self.cfg
-        stage = cfg.stages[stage_index]
         lr_fn = optim.lr_schedule(cfg.optimizer)
         sc = self.step_config(stage_index)
         trainable = None if all(jax.tree.leaves(self.trainable)) else self.trainable
@@ -198,12 +304,24 @@ class Trainer:
         if latest is not None:
             meta = self.ckpt.read_meta(latest)
             step = int(meta["step"])
+            changes = check_resume(meta, cfg, self.model_config, cfg.run_dir)
             log.info("resuming from %s step %d (stage %s)", self.ckpt.directory, step, meta.get("stage_name"))
+            if changes:
+                log.warning("resuming with settings changed since step %d: %s", step,
+                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))  # fmt: skip
+                if cfg.stage_at(step) != meta.get("stage") and step < cfg.total_steps:
+                    log.warning("with the new stage lengths step %d is in stage %r (was %r)", step,
+                                cfg.stages[cfg.stage_at(step)].name, meta.get("stage_name"))  # fmt: skip
+            if step >= total:
+                log.warning("%s is at step %d, the run's last step is %d: nothing to train (raise the stages' steps "
+                            "or --stop-at to go on)", cfg.run_dir, step, total)  # fmt: skip
             if dropped := self.metrics.rewind(step):
                 log.info("dropped %d metrics.jsonl rows logged after step %d (repeated by this run)", dropped, step)
         last_metrics: dict = {}
+        self._signals = _StopSignals()
         try:
-            while step < total:
+            self._signals.__enter__()
+            while step < total and self._signals.signum is None:
                 si = cfg.stage_at(step)
                 stage = cfg.stages[si]
                 start, end = cfg.stage_bounds()[si]
@@ -223,11 +341,13 @@ class Trainer:
                 if hasattr(it, "close"):
                     it.close()
         finally:
+            self._signals.__exit__()
             self.ckpt.wait()
             self.metrics.close()
         self.state = state
         nonfinite = int(jax.device_get(state.nonfinite)) if state is not None else 0
-        return RunResult(step=step, stage=cfg.stage_at(max(step - 1, 0)), last_metrics=last_metrics, nonfinite=nonfinite)
+        return RunResult(step=step, stage=cfg.stage_at(max(step - 1, 0)), last_metrics=last_metrics, nonfinite=nonfinite,
+                         stopped_by=self._signals.signum)  # fmt: skip
 
     def _run_stage(self, si: int, state: TrainState, step: int, stop: int, it, ckpt_it):
         cfg, stage = self.cfg, self.cfg.stages[si]
@@ -261,10 +381,14 @@ class Trainer:
                     last = self._report(*pending, useful, remat, n_dev, bar)
                 pending = (step, m)
                 every = cfg.checkpoint.every
-                if step == end or step == stop or (every and step % every == 0):
+                stopping = self._signals.stop_at(step)
+                if step == end or step == stop or (every and step % every == 0) or stopping:
                     last = self._report(*pending, useful, remat, n_dev, bar, force=True)
                     pending = None
                     self.ckpt.save(step, state, self.meta(step, si, si), ckpt_it)
+                if stopping:
+                    log.warning("stopped at step %d with a checkpoint; the same command resumes from it", step)
+                    break
                 if self._sample_fn and cfg.samples.every and step % cfg.samples.every == 0:
                     self._samples(state, step, stage)
             if pending is not None:
@@ -372,10 +496,14 @@ def restore_weights(run_dir: str | Path, *, which: str = "ema", step: Optional[i
 
     if which not in ("ema", "params"):
         raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
+    if "://" not in str(run_dir) and not (Path(run_dir) / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: not a training run's run_dir")
     ck = ckpt_lib.RunCheckpoints(Path(run_dir) / "checkpoints", read_only=True)
     step = ck.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+    if step not in ck.all_steps():
+        raise FileNotFoundError(f"no checkpoint of step {step} in {run_dir}/checkpoints; steps there: {ck.all_steps()}")
     meta = ck.read_meta(step)
     if which == "ema" and meta["config"].get("ema_decay") is None:
         raise ValueError(f"run {run_dir} was trained without EMA; export which='params'")
