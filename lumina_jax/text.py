@@ -61,6 +61,17 @@ class PromptTooLongError(ValueError):
 # tokenizer
 
 
+def default_tokenizer_path(text_encoder_path: str | os.PathLike) -> Path:
+    """Where the tokenizer of a text encoder is when not given: ``tokenizer/`` inside a pipeline folder
+    passed as the text encoder, a sibling ``tokenizer/`` (Lumina-Image-2.0 / diffusers layout), else the
+    text encoder's own folder."""
+    p = Path(text_encoder_path)
+    for candidate in (p / "tokenizer", p.parent / "tokenizer"):
+        if candidate.is_dir():
+            return candidate
+    return p
+
+
 def load_tokenizer(path_or_hub_id: str | os.PathLike, *, subfolder: Optional[str] = None) -> Any:
     """Load the Gemma tokenizer for Lumina: right padding, ``<bos>`` prepended, no ``<eos>`` appended.
 
@@ -153,6 +164,7 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.min_bucket = int(min_bucket)
+        self.last_truncated = 0  # prompts cut to max_length by the last tokenize call
         self.precision = precision
         if len(tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the encoder's vocab_size is "
@@ -163,14 +175,13 @@ class TextEncoder:
     @classmethod
     def from_pretrained(cls, text_encoder_path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
                         **kwargs: Any) -> "TextEncoder":
-        """Load a transformers Gemma-2 directory; the tokenizer defaults to a sibling ``tokenizer/``
-        folder (Lumina-Image-2.0 / diffusers pipeline layout) or the same directory."""
+        """Load a transformers Gemma-2 directory (or the project's component / pipeline folder); the
+        tokenizer defaults to :func:`default_tokenizer_path`."""
         from lumina_jax.convert.gemma2 import load_text_encoder
 
         config, params = load_text_encoder(text_encoder_path)
         if tokenizer_path is None:
-            sibling = Path(text_encoder_path).parent / "tokenizer"
-            tokenizer_path = sibling if sibling.is_dir() else text_encoder_path
+            tokenizer_path = default_tokenizer_path(text_encoder_path)
         return cls(params, config, load_tokenizer(tokenizer_path), **kwargs)
 
     @property
@@ -183,10 +194,13 @@ class TextEncoder:
                  label: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
         """Right-padded token ids ``(B, bucket)`` int32 and mask ``(B, bucket)`` bool (NumPy).
 
-        ``label`` names the texts in the truncation warning/error (e.g. ``"negative prompt"``).
+        Prompts over ``max_length`` tokens are cut to it: with a warning (``on_truncate="warn"``),
+        silently (``"quiet"``; :attr:`last_truncated` says how many were cut), or not at all
+        (``"error"``: :class:`PromptTooLongError`). ``label`` names the texts in the warning/error
+        (e.g. ``"negative prompt"``).
         """
-        if on_truncate not in ("warn", "error"):
-            raise ValueError(f"on_truncate must be 'warn' or 'error', got {on_truncate!r}")
+        if on_truncate not in ("warn", "error", "quiet"):
+            raise ValueError(f"on_truncate must be 'warn', 'error' or 'quiet', got {on_truncate!r}")
         if max_length > self.config.max_position_embeddings:
             raise ValueError(f"max_length={max_length} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
@@ -196,7 +210,8 @@ class TextEncoder:
         texts = [build_prompt(p, system_prompt) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=True, padding=False, truncation=False)["input_ids"]
         dropped = {i: len(x) - max_length for i, x in enumerate(ids) if len(x) > max_length}
-        if dropped:
+        self.last_truncated = len(dropped)
+        if dropped and on_truncate != "quiet":
             msg = (f"{len(dropped)} of {len(ids)} {label}(s) exceed max_length={max_length} tokens (counting "
                    f"<bos> and the system prompt); tokens dropped per {label} (index: count): {dropped}")
             if on_truncate == "error":

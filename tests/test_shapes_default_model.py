@@ -32,3 +32,32 @@ def test_bundled_model_evaluator_accuracy():
     both = {k: (res["seen"][k] + res["held_out"][k]) / 2 for k in ("colour", "shape", "position", "background", "count")}
     for k, v in MIN_ACCURACY.items():
         assert both[k] >= v, (k, both, res)
+
+
+def test_its_encoders_load_where_a_vae_or_text_encoder_path_is_taken(tmp_path):
+    """preprocess --vae/--text-encoder and a training config's data.vae/text_encoder read the project's
+    own component folders (the pipeline folder itself or its vae/ and text_encoder/)."""
+    import numpy as np
+
+    from lumina_jax.convert.common import flatten
+    from lumina_jax.convert.components import load_components
+    from lumina_jax.convert.gemma2 import load_text_encoder
+    from lumina_jax.convert.vae import load_vae
+    from lumina_jax.text import TextEncoder
+
+    comps = load_components(DEFAULT_MODEL_DIR)
+    for path in (DEFAULT_MODEL_DIR, DEFAULT_MODEL_DIR / "vae"):
+        cfg, params = load_vae(path)
+        assert cfg == comps.vae_config
+        for k, v in flatten(comps.vae).items():
+            np.testing.assert_array_equal(flatten(params)[k], v)
+    for path in (DEFAULT_MODEL_DIR, DEFAULT_MODEL_DIR / "text_encoder"):
+        cfg, params = load_text_encoder(path)
+        assert cfg == comps.text_encoder_config
+        text = TextEncoder.from_pretrained(path)  # its tokenizer found in the pipeline folder
+        assert text.tokenize(["a red circle"])[0].shape[0] == 1
+    from lumina_jax.convert.errors import CheckpointError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_vae(tmp_path / "empty")

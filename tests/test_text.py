@@ -152,6 +152,9 @@ def test_truncation_warns_with_counts_or_raises(encoder, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to truncate -> no warning
         encoder.tokenize([SHORT], max_length=max_length, on_truncate="error")
+        assert encoder.last_truncated == 0
+        quiet, _ = encoder.tokenize(prompts, max_length=max_length, on_truncate="quiet")  # cut, counted, no warning
+        assert encoder.last_truncated == 2 and np.array_equal(quiet, ids)
     with pytest.raises(ValueError, match="on_truncate"):
         encoder.tokenize([SHORT], on_truncate="ignore")
 

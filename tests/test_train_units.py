@@ -651,3 +651,25 @@ def test_cli_logging_shows_info_lines_once_after_a_library_configured_the_root_l
             if h not in saved[0]:
                 root.removeHandler(h)
         root.setLevel(saved[1])
+
+
+def test_raw_image_training_says_once_that_captions_are_cut_and_counts_them(caplog):
+    from lumina_jax.train.data import FrozenEncoders
+
+    class Text:  # cuts 2 captions per call, as TextEncoder.encode(on_truncate="quiet") reports
+        last_truncated = 0
+
+        def encode(self, prompts, system_prompt, max_length, on_truncate):
+            assert on_truncate == "quiet"
+            self.last_truncated = 2
+            return np.zeros((len(prompts), max_length, 4), np.float32), np.ones((len(prompts), max_length), bool)
+
+    enc = object.__new__(FrozenEncoders)
+    enc.text, enc.vae_params, enc.max_text_len, enc.fixed_text_len, enc.truncated = Text(), None, 8, False, 0
+    enc._encode = lambda params, images: np.zeros((len(images), 2, 2, 16), np.float32)
+    batch = {"images": np.zeros((3, 16, 16, 3), np.float32), "prompts": ["a", "b", "c"]}
+    with caplog.at_level("WARNING", logger="lumina_jax.train.data"):
+        for _ in range(3):
+            out = enc(dict(batch))
+    assert out["cap_feats"].shape == (3, 8, 4) and enc.truncated == 6
+    assert caplog.text.count("captions longer than max_text_len=8 tokens are truncated") == 1

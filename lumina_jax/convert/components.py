@@ -269,8 +269,8 @@ def _load_lumina_jax(root: Path, dtype: Any) -> Components:
         raise CheckpointError(f"{root}: layout version {meta.get('version')} is newer than this code "
                               f"({LAYOUT_VERSION})")
     t_cfg, t_params = load_transformer(root / "transformer", dtype=dtype)
-    g_cfg, g_params = _load_orbax_component(root / "text_encoder", "gemma2", Gemma2Config, dtype)
-    v_cfg, v_params = _load_orbax_component(root / "vae", "vae", VAEConfig, dtype)
+    g_cfg, g_params = load_component(root / "text_encoder", "gemma2", Gemma2Config, dtype)
+    v_cfg, v_params = load_component(root / "vae", "vae", VAEConfig, dtype)
     tok = load_tokenizer(root / "tokenizer")
     return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root),
                       int(meta.get("default_image_size", 1024)), str(root), "lumina_jax",
@@ -278,7 +278,18 @@ def _load_lumina_jax(root: Path, dtype: Any) -> Components:
                       float(meta.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)))
 
 
-def _load_orbax_component(d: Path, model: str, cfg_cls: Any, dtype: Any) -> tuple[Any, Params]:
+def component_dir(path: str | os.PathLike, name: str) -> Optional[Path]:
+    """The project-format component folder (``lumina_jax.json`` + ``params/``) that ``path`` is, or its
+    ``name/`` subfolder in a project pipeline folder (e.g. the bundled default model); ``None`` else."""
+    path = Path(path)
+    for d in (path, path / name):
+        if (d / COMPONENT_MARKER).is_file() and (d / "params").exists():
+            return d
+    return None
+
+
+def load_component(d: Path, model: str, cfg_cls: Any, dtype: Any) -> tuple[Any, Params]:
+    """``(config, params)`` of a project-format component folder holding ``model`` ("vae", "gemma2")."""
     import orbax.checkpoint as ocp
 
     marker = d / COMPONENT_MARKER

@@ -217,7 +217,13 @@ def load_text_encoder(path: str | os.PathLike, *, dtype: Any = "fp32") -> tuple[
     Streams tensor by tensor into preallocated stacked NumPy arrays, so peak host memory is about one
     copy of the model in ``dtype``. Returns NumPy params; ``jax.device_put`` them (with a sharding) to use.
     Raises :class:`CheckpointError` naming missing / unexpected / mis-shaped keys or a truncated file.
+    The project's own component folder (``save_components``' ``text_encoder/``) is read too.
     """
+    from lumina_jax.convert.components import component_dir, load_component
+
+    own = component_dir(path, "text_encoder")
+    if own is not None:
+        return load_component(own, "gemma2", Gemma2Config, dtype)
     path = Path(path)
     cfg_file = path / "config.json"
     hf = read_config_json(path, "a transformers Gemma-2 directory")

@@ -296,8 +296,14 @@ def load_vae(path: str | os.PathLike, *, dtype: Any = "fp32") -> tuple[VAEConfig
     directory containing one. Every key and shape is checked before any tensor is read (missing,
     unexpected and mis-shaped keys are named in the :class:`CheckpointError`); tensors are then read
     one at a time. Params are host NumPy arrays in ``dtype`` (``None`` keeps the stored dtype), as a
-    nested dict for ``AutoencoderKL.apply({'params': params}, ...)``.
+    nested dict for ``AutoencoderKL.apply({'params': params}, ...)``. The project's own component
+    folder (``save_components``' ``vae/``, e.g. in the bundled default model) is read too.
     """
+    from lumina_jax.convert.components import component_dir, load_component
+
+    own = component_dir(path, "vae")
+    if own is not None:
+        return load_component(own, "vae", VAEConfig, dtype)
     d = _diffusers_dir(Path(path))
     cfg = load_vae_config(d)
     # Prefer the canonical file: hub folders may also hold variants (``*.fp16.safetensors``).

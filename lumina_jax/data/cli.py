@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], metavar="SOURCE",
                    help="a .jsonl or .json (original format), a META .yaml, a directory of images-*.array_record "
                         "shards, a prepared TFDS directory or tfds:NAME; repeat to concatenate")  # fmt: skip
-    p.add_argument("--vae", metavar="PATH", help="diffusers AutoencoderKL directory (or a pipeline dir with vae/)")
-    p.add_argument("--text-encoder", metavar="PATH", help="transformers Gemma-2 directory")
+    p.add_argument("--vae", metavar="PATH", help="the FLUX VAE (16 latent channels, 8x: the cache's layout): a "
+                   "diffusers AutoencoderKL directory, or a pipeline dir with vae/")  # fmt: skip
+    p.add_argument("--text-encoder", metavar="PATH", help="transformers Gemma-2 directory, the project's "
+                   "text_encoder/ folder, or a pipeline dir (e.g. the bundled lumina_jax/assets/default_model)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer directory (default: tokenizer/ next to --text-encoder, else --text-encoder)")
     p.add_argument("--out", metavar="DIR", help="cache directory (created; rerun to resume); required except "

@@ -293,12 +293,11 @@ class Encoders:
         """
         from lumina_jax.convert.gemma2 import load_text_encoder
         from lumina_jax.convert.vae import load_vae
-        from lumina_jax.text import TextEncoder, load_tokenizer
+        from lumina_jax.text import TextEncoder, default_tokenizer_path, load_tokenizer
 
         check_component_paths(vae, text_encoder, tokenizer)
         if tokenizer is None:
-            sibling = Path(text_encoder).parent / "tokenizer"
-            tokenizer = sibling if sibling.is_dir() else text_encoder
+            tokenizer = default_tokenizer_path(text_encoder)
         devices = list(devices) if devices is not None else list(jax.local_devices())
         replicated = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec())
         vae_config, vae_params = load_vae(vae)
@@ -398,8 +397,9 @@ class EncoderSpec:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         check_component_paths(self.vae, self.text_encoder, self.tokenizer)
         if self.tokenizer is None:
-            sibling = Path(self.text_encoder).parent / "tokenizer"
-            object.__setattr__(self, "tokenizer", str(sibling if sibling.is_dir() else self.text_encoder))
+            from lumina_jax.text import default_tokenizer_path
+
+            object.__setattr__(self, "tokenizer", str(default_tokenizer_path(self.text_encoder)))
 
     @property
     def num_devices(self) -> int:

@@ -22,6 +22,8 @@ Kinds (:class:`lumina_jax.train.config.DataConfig`):
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any, Iterator, Optional
 
 import jax
@@ -29,6 +31,8 @@ import numpy as np
 
 from lumina_jax.parallel.sharding import global_batch, process_rows
 from lumina_jax.train.config import DataConfig, StageConfig
+
+logger = logging.getLogger(__name__)
 
 
 class SyntheticLatents:
@@ -113,6 +117,7 @@ class FrozenEncoders:
                                                 dtype="bf16" if dtype == "bfloat16" else "fp32")  # fmt: skip
         self.max_text_len = max_text_len
         self.fixed_text_len = fixed_text_len
+        self.truncated = 0  # captions cut to max_text_len so far
         model = AutoencoderKL(self.vae_config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
         cfg = self.vae_config
 
@@ -129,8 +134,17 @@ class FrozenEncoders:
         if np.ndim(batch["images"]) != 4:
             raise ValueError("raw-image training needs dense batches (batching: bucket)")
         latents = np.asarray(self._encode(self.vae_params, np.asarray(batch["images"], np.float32)))
-        # The pipeline already replaced dropped captions by "" (caption dropout).
-        feats, mask = self.text.encode(list(batch["prompts"]), system_prompt="empty", max_length=self.max_text_len)
+        # The pipeline already replaced dropped captions by "" (caption dropout). Captions longer than
+        # max_text_len are cut (as the original's tokenizer call does): said once per run, then counted.
+        feats, mask = self.text.encode(list(batch["prompts"]), system_prompt="empty", max_length=self.max_text_len,
+                                       on_truncate="quiet")  # fmt: skip
+        cut = self.text.last_truncated
+        if cut:
+            if not self.truncated:
+                logger.warning("captions longer than max_text_len=%d tokens are truncated (%d in this batch of %d; "
+                               "raise the stage's data.max_text_len to keep them whole); counted from here on",
+                               self.max_text_len, cut, len(batch["prompts"]))  # fmt: skip
+            self.truncated += cut
         feats, mask = np.asarray(feats, np.float32), np.asarray(mask)
         if self.fixed_text_len and feats.shape[1] < self.max_text_len:
             pad = self.max_text_len - feats.shape[1]
