@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from lumina_jax.config_utils import int_at_least  # noqa: E402 -- no JAX import
 from lumina_jax.xla_flags import with_cpu_devices  # noqa: E402 -- no JAX import
 
 
@@ -41,17 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def echo_new(path: Path, pos: int) -> int:
@@ -85,8 +75,8 @@ def build(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-processes", "-n", type=positive_int, default=2, help="processes to start (>= 1)")
-    p.add_argument("--devices-per-process", "-d", type=positive_int, default=4,
+    p.add_argument("--num-processes", "-n", type=int_at_least(1), default=2, help="processes to start (>= 1)")
+    p.add_argument("--devices-per-process", "-d", type=int_at_least(1), default=4,
                    help="virtual CPU devices per process (>= 1)")
     p.add_argument("--module", default="lumina_jax", help="python -m MODULE (default lumina_jax)")
     p.add_argument("--command", default="train", help="first argument to the module ('' for none)")

@@ -24,16 +24,7 @@ import sys
 from typing import Optional
 
 from lumina_jax import log_setup
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from lumina_jax.config_utils import int_at_least
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -46,7 +37,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="configs/train/<name>.yaml, a bundled name (e.g. tiny_synthetic) or a path")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--stop-at", type=_at_least_one, default=None, help="stop after this global step (checkpointed)")
+    p.add_argument("--stop-at", type=int_at_least(1), default=None, help="stop after this global step (checkpointed)")
     p.add_argument("--coordinator", default=None, help="multi-process coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
