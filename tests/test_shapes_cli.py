@@ -59,7 +59,7 @@ def test_assemble_errors_without_traceback(tmp_path, capsys):
                      "--out", str(tmp_path / "out")])  # fmt: skip
     assert rc == 2
     err = capsys.readouterr().err
-    assert "shapes assemble: error: no checkpoint" in err and "Traceback" not in err
+    assert "shapes assemble: error: " in err and "has no checkpoints/ folder" in err and "Traceback" not in err
 
 
 def test_help_description_is_a_full_sentence(capsys):
