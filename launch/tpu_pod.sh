@@ -33,7 +33,7 @@ remote="set -e; cd ${REPO_DIR}"
 [[ -n "${VENV}" ]] && remote+="; source ${VENV}/bin/activate"
 [[ -n "${SETUP:-}" ]] && remote+="; ${SETUP}"
 [[ -n "${LIBTPU_INIT_ARGS:-}" ]] && remote+="; export LIBTPU_INIT_ARGS=$(printf '%q' "${LIBTPU_INIT_ARGS}")"
-remote+="; python -m lumina_jax train${args}"
+remote+="; exec python -m lumina_jax train${args}"  # exec: SIGTERM reaches python
 
 cmd=(gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --command="${remote}")
 [[ -n "${PROJECT:-}" ]] && cmd+=(--project="${PROJECT}")

@@ -39,7 +39,7 @@ args=""
 for a in "$@"; do args+=" $(printf '%q' "$a")"; done
 inner="cd ${WORKDIR}"
 [[ -n "${LIBTPU_INIT_ARGS:-}" ]] && inner+=" && export LIBTPU_INIT_ARGS=$(printf '%q' "${LIBTPU_INIT_ARGS}")"
-inner+=" && python -m lumina_jax train${args}"
+inner+=" && exec python -m lumina_jax train${args}"  # exec: SIGTERM reaches python (preemption checkpoint)
 
 cmd=(xpk workload create --cluster "${CLUSTER}" --workload "${WORKLOAD}" --docker-image "${IMAGE}" --command "${inner}")
 if [[ -n "${TPU_TYPE:-}" ]]; then

@@ -40,7 +40,10 @@ class YamlConfig:
         if not p.exists():
             names = sorted(q.stem for q in MODEL_CONFIG_DIR.glob(f"{cls._prefix}*.yaml"))
             raise FileNotFoundError(f"no {cls._what} config {name_or_path!r}; bundled configs: {names}")
-        d = yaml.safe_load(p.read_text()) or {}
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: not valid YAML ({e})") from None
         d.pop("command", None)  # configs may carry the command that uses them
         return cls.from_dict(d)
 

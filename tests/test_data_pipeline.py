@@ -554,3 +554,31 @@ def test_batcher_window_flush_padding_and_skip_tally():
     # Trailing skips after the last sample still get reported.
     tail = _toy_batches("AAxx", batch_size=2, window=4)
     assert tail[-1]["_stats_only"] and tail[-1]["_skips"]["counts"] == {"toy\tundecodable": 2}
+
+
+def test_data_workers_ignore_sigint_so_the_trainer_can_stop_with_a_checkpoint(monkeypatch):
+    """A terminal's Ctrl-C reaches the worker processes too; they must outlive the trainer's last step."""
+    import signal
+
+    import grain
+
+    from lumina_jax.data import pipeline as pl
+
+    seen = {}
+    real = grain.IterDataset.mp_prefetch
+
+    def spy(self, options=None, worker_init_fn=None, **kw):
+        seen["init"] = worker_init_fn
+        return real(self, options, **kw)
+
+    monkeypatch.setattr(grain.IterDataset, "mp_prefetch", spy)
+    png = testing.encode_image(testing.make_image(16, 16))
+    items = [{"image": png, "caption": f"a{i}", "key": f"k{i}"} for i in range(4)]
+    DataPipeline(ListSource(items, name="w"), config(resolution=32, num_epochs=1, num_workers=1))
+    assert seen["init"] is pl._workers_ignore_sigint
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        pl._workers_ignore_sigint(0, 1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -36,3 +36,13 @@ def test_slurm_cd_quotes_the_checkout(tmp_path):
     words = shlex.split(p.stdout.splitlines()[-1])
     inner = words[words.index("-c") + 1]
     assert shlex.split(inner)[:2] == ["cd", str(repo)]
+
+
+def test_the_trainer_is_execd_so_that_sigterm_reaches_it():
+    """A shell left in between (PID 1 in a container) neither receives nor forwards SIGTERM, and the
+    trainer's preemption checkpoint would never be written."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "launch"
+    for name in ("xpk.sh", "slurm.sbatch", "tpu_pod.sh"):
+        assert "exec python -m lumina_jax train" in (root / name).read_text(), name

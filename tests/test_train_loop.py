@@ -150,6 +150,20 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact
     rb = b.run()
     assert rb.stopped_by == signal.SIGINT and rb.step == 3 and b.ckpt.all_steps()[-1] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    # a signal while the checkpoint is restored: no step (and no compilation) before stopping
+    early = Trainer(make_cfg(tmp_path / "b", *extra), stop_at=6)
+    restore = early.restore
+
+    def restore_then_signal(*a, **k):
+        out = restore(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    early.restore = restore_then_signal
+    batches = []
+    early.batch_hook = lambda step, batch: batches.append(step)
+    re = early.run()
+    assert (re.stopped_by, re.step, batches, early.ckpt.all_steps()[-1]) == (signal.SIGTERM, 3, [], 3)
     b2 = Trainer(make_cfg(tmp_path / "b", *extra), stop_at=6)
     assert b2.run().stopped_by is None
     for x, y in zip(leaves(a.state), leaves(b2.state)):

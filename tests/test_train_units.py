@@ -275,6 +275,8 @@ def test_cli_refuses_names_and_yaml_it_cannot_use_before_the_run(capsys, tmp_pat
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: nextdit_tiny\nstages: [\n")
     assert main([str(bad)]) == 2 and f"{bad}: not valid YAML" in capsys.readouterr().err
+    assert main(["tiny_synthetic", "--print-config", f"model={bad}"]) == 2  # a model YAML too
+    assert f"{bad}: not valid YAML" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["tiny_synthetic", "--stop-at", "0"])
     assert "must be >= 1" in capsys.readouterr().err
@@ -301,8 +303,17 @@ def test_resume_check_refuses_another_state_and_lists_changes():
     assert check("model_overrides={n_layers: 2}") == [("model_overrides.n_layers", "<unset>", 2)]  # the same model
     with pytest.raises(ResumeMismatchError, match=r"ema_decay: 0.95 -> None"):
         check("ema_decay=null")
+    assert check("ema_decay=0.99") == [("ema_decay", 0.95, 0.99)]  # another decay: the same state layout
     with pytest.raises(ResumeMismatchError, match=r"trainable"):
         check("trainable=[layers]")
+    # patterns that select the same params (as the trainer's mask comparison tells) are no change of state
+    new = load_config("tiny_synthetic", ["trainable=['.*', layers]"])
+    assert check_resume(meta, new, load_model_config(new), "/b", lambda saved: True) == [
+        ("trainable.1", "<unset>", "layers")]  # fmt: skip
+    # a checkpoint written before a field existed: the field's default is no change
+    old = {"step": 5, "config": {k: v for k, v in cfg.to_dict().items() if k != "scan_layers"},
+           "model_config": {k: v for k, v in load_model_config(cfg).to_dict().items() if k != "sample_size"}}
+    assert check_resume(old, cfg, load_model_config(cfg), "/a") == []
     assert dataclasses.replace(cfg, run_dir="/c").run_dir == "/c"
 
 

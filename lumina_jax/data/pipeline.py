@@ -30,6 +30,7 @@ The saved state records the settings that decide the order (:func:`state_fingerp
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import sys
@@ -295,6 +296,15 @@ class BatchTokenize:
         return batch
 
 
+def _workers_ignore_sigint(worker_index: int, worker_count: int) -> None:
+    """Data workers ignore SIGINT: a Ctrl-C in the terminal reaches the whole process group, and the
+    trainer stops after its step with a checkpoint, which needs the workers alive until then (they end
+    with the trainer)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _mark_absl_flags_parsed() -> None:
     """grain <= 0.2.18 reads an absl flag in ``mp_prefetch`` once jax is imported and raises
     ``UnparsedFlagAccessError`` outside ``absl.app`` (google/grain#1355, fixed by #1362); the
@@ -396,11 +406,13 @@ class DataPipeline:
             ds = ds.map(BatchTokenize(tokenize))
         if config.num_workers > 0:
             _mark_absl_flags_parsed()
-            ds = ds.mp_prefetch(
-                grain.MultiprocessingOptions(
-                    num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
-                )
+            options = grain.MultiprocessingOptions(
+                num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
             )
+            if "worker_init_fn" in inspect.signature(ds.mp_prefetch).parameters:
+                ds = ds.mp_prefetch(options, worker_init_fn=_workers_ignore_sigint)
+            else:  # older grain: a Ctrl-C in the terminal also stops the workers
+                ds = ds.mp_prefetch(options)
         self.dataset: grain.IterDataset = ds
         self.fingerprint = state_fingerprint(sources, config, self.weights, self.bucket_plan)
 

@@ -366,7 +366,8 @@ def check_component_paths(vae: Any, text_encoder: Any, tokenizer: Any = None) ->
     for option, path, what in (
         ("--vae", vae, "a diffusers AutoencoderKL directory (config.json + safetensors) or a pipeline "
                        "directory with vae/"),
-        ("--text-encoder", text_encoder, "a transformers Gemma-2 directory (config.json + safetensors)"),
+        ("--text-encoder", text_encoder, "a transformers Gemma-2 directory (config.json + safetensors), the "
+                                         "project's text_encoder/ folder or a pipeline folder holding one"),
         ("--tokenizer", tokenizer, "a tokenizer directory (tokenizer.json/tokenizer_config.json or "
                                    "tokenizer.model)"),
     ):  # fmt: skip

@@ -142,7 +142,7 @@ class FrozenEncoders:
         if cut:
             if not self.truncated:
                 logger.warning("captions longer than max_text_len=%d tokens are truncated (%d in this batch of %d; "
-                               "raise the stage's data.max_text_len to keep them whole); counted from here on",
+                               "raise the stage's data.max_text_len to keep them whole); said once per stage",
                                self.max_text_len, cut, len(batch["prompts"]))  # fmt: skip
             self.truncated += cut
         feats, mask = np.asarray(feats, np.float32), np.asarray(mask)

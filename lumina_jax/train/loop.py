@@ -58,9 +58,6 @@ class ResumeMismatchError(ValueError):
     """The run directory's checkpoint was written for another model or training state layout."""
 
 
-# Settings that change the layout of a checkpoint's state besides the model (compared as a whole):
-# a resume with other values cannot continue that run.
-_STATE_KEYS = ("ema_decay", "trainable")
 # Settings that do not change the training itself (not reported when they change).
 _QUIET_KEYS = ("run_dir", "command", "log", "samples", "checkpoint.keep", "checkpoint.keep_every")
 
@@ -87,18 +84,44 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any) -> list[tuple[str, Any, Any]]:
+def _with_defaults(saved: dict, build: Callable[[dict], Any]) -> dict:
+    """A saved config with the fields added to the code since then at their defaults (so that they do
+    not read as changes); as saved if it no longer builds."""
+    try:
+        return build(saved).to_dict()
+    except Exception:  # noqa: BLE001 -- e.g. a key removed since: compare what was saved
+        return saved
+
+
+def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
+                 same_trainable: Optional[Callable[[Any], bool]] = None) -> list[tuple[str, Any, Any]]:  # fmt: skip
     """Compare the config saved with a checkpoint (``meta``) with the one resuming it: another model,
-    EMA on/off or another trainable set is a :class:`ResumeMismatchError` (the saved state cannot be
-    continued); other changes (LR, stage lengths, data, ...) are returned for a warning."""
+    EMA turned on or off, or another set of trainable params (``same_trainable(saved patterns)`` says
+    whether they select the same params; without it the patterns are compared) is a
+    :class:`ResumeMismatchError` (the saved state cannot be continued); other changes (LR, EMA decay,
+    stage lengths, data, ...) are returned for a warning."""
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.train.config import config_from_dict
+
     step = meta.get("step")
-    changes = config_changes(meta.get("config") or {}, cfg.to_dict())
+    saved_cfg = _with_defaults(meta.get("config") or {}, config_from_dict)
+    changes = config_changes(saved_cfg, cfg.to_dict())
     saved_model = meta.get("model_config")
-    if saved_model is not None and saved_model != model_config.to_dict():
-        diff = [f"{k}: {saved_model.get(k)!r} -> {v!r}" for k, v in model_config.to_dict().items() if saved_model.get(k) != v]
-        raise ResumeMismatchError(f"{run_dir} holds a run of another model (step {step}; {', '.join(diff)}); use "
-                                  f"another run_dir, or the model it was trained with")  # fmt: skip
-    state = [c for c in changes if c[0].split(".")[0] in _STATE_KEYS]
+    if saved_model is not None:
+        saved_model = _with_defaults(saved_model, NextDiTConfig.from_dict)
+        if saved_model != model_config.to_dict():
+            diff = [f"{k}: {saved_model.get(k)!r} -> {v!r}" for k, v in model_config.to_dict().items()
+                    if saved_model.get(k) != v]  # fmt: skip
+            raise ResumeMismatchError(f"{run_dir} holds a run of another model (step {step}; {', '.join(diff)}); "
+                                      f"use another run_dir, or the model it was trained with")  # fmt: skip
+    state = []
+    old_ema, new_ema = saved_cfg.get("ema_decay"), cfg.ema_decay
+    if (old_ema is None) != (new_ema is None):
+        state.append(("ema_decay", old_ema, new_ema))
+    old_trainable = saved_cfg.get("trainable")
+    if old_trainable is not None and list(old_trainable) != list(cfg.trainable):
+        if same_trainable is None or not same_trainable(tuple(old_trainable)):
+            state.append(("trainable", old_trainable, list(cfg.trainable)))
     if state:
         raise ResumeMismatchError(
             f"{run_dir}: its checkpoint (step {step}) holds another training state layout than this config makes ("
@@ -127,6 +150,7 @@ class _StopSignals:
         self.signum: Optional[int] = None
         self._old: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
+        self._warned = False
 
     def __enter__(self) -> "_StopSignals":
         import signal
@@ -143,8 +167,8 @@ class _StopSignals:
 
         self.signum = signum
         signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
-        log.warning("%s: stopping after this step with a checkpoint (Ctrl-C again to quit without one)",
-                    signal.Signals(signum).name)  # fmt: skip
+        log.warning("%s: stopping after this step with a checkpoint (Ctrl-C%s to quit without one)",
+                    signal.Signals(signum).name, " again" if signum == signal.SIGINT else "")  # fmt: skip
 
     def __exit__(self, *exc: Any) -> None:
         import signal
@@ -163,8 +187,10 @@ class _StopSignals:
 
                 self.signum = int(signal.SIGTERM)
                 return True
-        except RuntimeError:  # the preemption service is off
-            pass
+        except RuntimeError as e:  # the preemption service is off
+            if not self._warned:
+                self._warned = True
+                log.warning("no preemption checkpoints on this multi-process run: %s", e)
         return False
 
 
@@ -237,6 +263,11 @@ class Trainer:
         target = abstract_with_shardings(self.abstract_state, self.state_shardings)
         return self.ckpt.restore(step, target, data_iter)
 
+    def _same_trainable(self, patterns: tuple[str, ...]) -> bool:
+        """Whether ``patterns`` select the params this run trains."""
+        mask = optim.trainable_mask(shard_lib.unbox(self.abstract_boxed), patterns)
+        return jax.tree.leaves(mask) == jax.tree.leaves(self.trainable)
+
     def meta(self, step: int, stage: int, data_stage: Optional[int]) -> dict:
         return {
             "step": int(step), "stage": int(stage), "stage_name": self.cfg.stages[stage].name,
@@ -304,7 +335,7 @@ class Trainer:
         if latest is not None:
             meta = self.ckpt.read_meta(latest)
             step = int(meta["step"])
-            changes = check_resume(meta, cfg, self.model_config, cfg.run_dir)
+            changes = check_resume(meta, cfg, self.model_config, cfg.run_dir, self._same_trainable)
             log.info("resuming from %s step %d (stage %s)", self.ckpt.directory, step, meta.get("stage_name"))
             if changes:
                 log.warning("resuming with settings changed since step %d: %s", step,
@@ -341,9 +372,11 @@ class Trainer:
                 if hasattr(it, "close"):
                     it.close()
         finally:
-            self._signals.__exit__()
-            self.ckpt.wait()
-            self.metrics.close()
+            try:  # the last save finishes while a stop signal is still only recorded
+                self.ckpt.wait()
+                self.metrics.close()
+            finally:
+                self._signals.__exit__()
         self.state = state
         nonfinite = int(jax.device_get(state.nonfinite)) if state is not None else 0
         return RunResult(step=step, stage=cfg.stage_at(max(step - 1, 0)), last_metrics=last_metrics, nonfinite=nonfinite,
@@ -352,6 +385,8 @@ class Trainer:
     def _run_stage(self, si: int, state: TrainState, step: int, stop: int, it, ckpt_it):
         cfg, stage = self.cfg, self.cfg.stages[si]
         end = cfg.stage_bounds()[si][1]
+        if self._signals.signum is not None:  # asked to stop before this stage's first step: the latest
+            return state, step, {}  # checkpoint is where the run is, and compiling could outlast the grace period
         first = self._next_global(it, stage, step)
         step_fn = self.compile_stage(si, first)
         hp = self.stage_hparams(si)
