@@ -142,13 +142,17 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact
     a = Trainer(make_cfg(tmp_path / "a", *extra), stop_at=6)
     a.run()
 
+    second_ctrl_c = []
+
     def hook(step, batch):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)
+            second_ctrl_c.append(signal.getsignal(signal.SIGINT))  # a second Ctrl-C would quit at once
 
     b = Trainer(make_cfg(tmp_path / "b", *extra), stop_at=6, batch_hook=hook)
     rb = b.run()
     assert rb.stopped_by == signal.SIGINT and rb.step == 3 and b.ckpt.all_steps()[-1] == 3
+    assert second_ctrl_c == [signal.default_int_handler]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
     # a signal while the checkpoint is restored: no step (and no compilation) before stopping
     early = Trainer(make_cfg(tmp_path / "b", *extra), stop_at=6)
