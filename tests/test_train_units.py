@@ -275,6 +275,7 @@ def test_cli_refuses_names_and_yaml_it_cannot_use_before_the_run(capsys, tmp_pat
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: nextdit_tiny\nstages: [\n")
     assert main([str(bad)]) == 2 and f"{bad}: not valid YAML" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2 and "is a folder; pass a train config YAML" in capsys.readouterr().err
     assert main(["tiny_synthetic", "--print-config", f"model={bad}"]) == 2  # a model YAML too
     assert f"{bad}: not valid YAML" in capsys.readouterr().err
     with pytest.raises(SystemExit):

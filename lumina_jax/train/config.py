@@ -422,6 +422,8 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Trai
     if not p.exists():
         names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no train config {str(path_or_name)!r}; bundled: {names}")
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder; pass a train config YAML (e.g. configs/train/tiny_synthetic.yaml)")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
