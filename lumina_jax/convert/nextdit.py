@@ -505,6 +505,13 @@ def save_transformer(
     raise ValueError(f"unknown format {format!r}; choose 'jax', 'diffusers' or 'original'")
 
 
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality of two arrays of one dtype and shape (NaNs and -0.0 included), compared as
+    bytes in place (no copies of contiguous arrays)."""
+    as_bytes = lambda x: np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # noqa: E731
+    return bool(np.array_equal(as_bytes(a), as_bytes(b)))
+
+
 def verify_transformer(path: str | os.PathLike, config: NextDiTConfig, params: dict, format: Format, *,
                        dtype: Any = None) -> int:
     """Read a :func:`save_transformer` output back and check that it holds exactly ``params`` (cast to
@@ -546,9 +553,10 @@ def verify_transformer(path: str | os.PathLike, config: NextDiTConfig, params: d
     bad, n = [], 0
     for key, want, got_arr in pairs:
         n += 1
-        if want.dtype != got_arr.dtype or want.shape != got_arr.shape or want.tobytes() != got_arr.tobytes():
+        same_kind = want.dtype == got_arr.dtype and want.shape == got_arr.shape
+        if not same_kind or not _same_bits(want, got_arr):
             bad.append(f"{key} ({want.dtype} {want.shape} expected, {got_arr.dtype} {got_arr.shape} read"
-                       f"{'' if want.shape != got_arr.shape or want.dtype != got_arr.dtype else ', other values'})")
+                       f"{'' if not same_kind else ', other values'})")
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} tensors differ from the params written: {bad[:5]}")
     return n
