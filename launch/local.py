@@ -13,7 +13,9 @@ Starts ``--num-processes`` copies of ``python -m lumina_jax train CONFIG key=val
 (:mod:`lumina_jax.parallel.distributed` reads these and selects gloo CPU collectives). Output of
 process ``i`` goes to ``<log-dir>/process_<i>.log``; process 0's is also streamed to the console as it is
 written. If one process fails (or ``--timeout`` passes: exit code 124) the others are stopped, the last
-lines of every process's log go to stderr, and the exit code is the first non-zero one.
+lines of every process's log go to stderr, and the exit code is the first non-zero one. Ctrl-C is
+passed on to the processes (a training run stops after a step all agree on, with a checkpoint: the
+same command resumes it); a second Ctrl-C kills them.
 
 Variables: ``LAUNCH_PORT`` (default: a free port), ``DRY_RUN=1`` (same as ``--dry-run``: print the
 environment and commands, run nothing), ``PYTHON`` (interpreter, default: this one).
@@ -106,12 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     rc = 0
     log0, pos0 = log_dir / "process_0.log", 0
+    interrupted = False
     try:
         while True:
-            pos0 = echo_new(log0, pos0)
+            try:
+                time.sleep(0.2)
+                pos0 = echo_new(log0, pos0)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise  # the second Ctrl-C: the processes are killed below
+                interrupted = True
+                print("Ctrl-C: stopping every process after an agreed step (Ctrl-C again to kill them)", flush=True)
+                for pr, _ in procs:
+                    if pr.poll() is None:
+                        pr.send_signal(signal.SIGINT)  # the trainer only, not its data workers
+                continue
             codes = [pr.poll() for pr, _ in procs]
             bad = [c for c in codes if c not in (None, 0)]
-            if bad:
+            stopping = interrupted and None in codes and all(c in (None, 0, 128 + signal.SIGINT) for c in codes)
+            if bad and not stopping:  # stopping as asked: the others finish their checkpoint
                 rc = bad[0]
                 break
             if all(c == 0 for c in codes):
@@ -119,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.timeout and time.time() - start > args.timeout:
                 rc = 124
                 break
-            time.sleep(0.2)
+    except KeyboardInterrupt:
+        rc = 130
     finally:
         for pr, log in procs:
             if pr.poll() is None:
@@ -127,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 pr.wait()
             log.close()
         echo_new(log0, pos0)  # what process 0 wrote last
+    if interrupted and rc in (0, 128 + signal.SIGINT):
+        return rc  # stopped as asked (with a checkpoint where the job writes one)
     if rc:
         for i in range(len(procs)):
             tail = (log_dir / f"process_{i}.log").read_text()[-3000:]

@@ -113,6 +113,9 @@ def test_two_processes_match_single_process(tmp_path):
     names = sorted(x.name for x in it_dir.iterdir() if x.suffix == ".json")
     assert names == ["process_0-of-2.json", "process_1-of-2.json"], names
     assert '"bucket_plan": "global"' in (it_dir / names[1]).read_text()
+    # stage 1's data counters (global batch 16 over two processes; restored with the data state on resume)
+    rows = {r["step"]: r for r in map(json.loads, (mp / "metrics.jsonl").read_text().splitlines())}
+    assert [rows[s]["data/samples"] + rows[s]["data/padded_rows"] for s in (5, 6)] == [16, 32]
     a, meta_a = _restore(mp, FINAL_STEP, data)
     b, meta_b = _restore(sp, FINAL_STEP, data)
     assert "2 processes" in meta_a["mesh"] and "1 processes" in meta_b["mesh"]
@@ -186,6 +189,38 @@ def test_two_processes_train_on_raw_images(raw_world, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    # the data counters are summed over both processes: every step delivered 8 rows
+    assert [r["data/samples"] + r["data/padded_rows"] for r in rows] == [8, 16, 24]
+    assert all(r["data/skipped"] == r["data/captions_truncated"] == 0 for r in rows)
     assert (run_dir / "checkpoints" / "3").is_dir()
     state = json.loads((run_dir / "checkpoints" / "3" / "data_iter" / "process_1-of-2.json").read_text())
     assert '"bucket_plan": "global"' in json.dumps(state)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_two_processes_at_one_step_with_a_checkpoint(tmp_path):
+    """Ctrl-C to ``launch/local.py``: passed on to both trainers, which turn it into the preemption
+    service's SIGTERM, agree on a step, checkpoint it and exit 130 (was: killed without a checkpoint)."""
+    import signal
+
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    cmd = [sys.executable, str(REPO / "launch/local.py"), "-n", "2", "-d", "1", "--timeout", "300", "--log-dir",
+           str(logs), "--", "configs/train/tiny_synthetic.yaml", f"run_dir={run_dir}", "mesh.preset=null",
+           "mesh.data=2", "mesh.fsdp=1", "stages.0.steps=1000", "log.every=1", "log.progress=false",
+           "checkpoint.every=5000"]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in p.stdout:  # process 0's log, streamed
+            if line.startswith("step 3/"):
+                break
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=240)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGINT, out[-3000:]
+    steps = sorted(int(s.name) for s in (run_dir / "checkpoints").iterdir() if s.name.isdigit())
+    assert len(steps) == 1 and 3 <= steps[0] < 1000, steps
+    for i in range(2):  # both processes stopped at the agreed step
+        text = (logs / f"process_{i}.log").read_text()
+        assert f"stopped at step {steps[0]} with a checkpoint" in text, text[-2000:]

@@ -120,6 +120,9 @@ def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     assert train_main(["configs/train/shapes.yaml", *ov]) == 0  # = python -m lumina_jax train ...
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 4 + (n_stages - 2) and np.isfinite(metrics[-1]["loss"])
+    # raw images: the data counters of each stage (batch 4 per step), captions cut to max_text_len included
+    assert [r["data/samples"] + r["data/padded_rows"] for r in metrics[:2]] == [4, 8]
+    assert all(r["data/captions_truncated"] == 0 for r in metrics)
     with pytest.raises(ValueError, match="8-channel latents"):  # the identity stage does not fit this DiT
         build.assemble(tmp_path / "run", work, tmp_path / "bad", vae="vae")
     out = build.assemble(tmp_path / "run", work, tmp_path / "model")

@@ -163,9 +163,9 @@ def test_trainer_aborts_after_consecutive_nonfinite(tmp_path):
     tr._timer = None
     m = {"loss": float("nan"), "loss_main": float("nan"), "loss_aux": 0.0, "grad_norm": float("nan"), "lr": 1e-3,
          "finite": False, "nonfinite": 2, "nonfinite_run": 2}  # fmt: skip
-    tr._report(5, m, 1.0, 0.0, 1, None)  # 2 in a row: warned, not fatal
+    tr._report(5, m, None, 1.0, 0.0, 1, None)  # 2 in a row: warned, not fatal
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
-        tr._report(6, dict(m, nonfinite=3, nonfinite_run=3), 1.0, 0.0, 1, None)
+        tr._report(6, dict(m, nonfinite=3, nonfinite_run=3), None, 1.0, 0.0, 1, None)
     tr.metrics.close()
 
 
@@ -685,3 +685,36 @@ def test_raw_image_training_says_once_that_captions_are_cut_and_counts_them(capl
             out = enc(dict(batch))
     assert out["cap_feats"].shape == (3, 8, 4) and enc.truncated == 6
     assert caplog.text.count("captions longer than max_text_len=8 tokens are truncated") == 1
+
+
+def test_data_counters_count_truncated_captions_in_the_saved_data_state():
+    """The encoders' cuts land in the pipeline iterator's DataStats (saved with the data state), and
+    the training metrics report them with the other data counters."""
+    from lumina_jax.data.stats import DataStats
+    from lumina_jax.train.data import EncodedIterator, data_counters, local_data_counts
+
+    class Inner:  # a pipeline iterator: batches and DataStats
+        stats = DataStats(samples=5, padded_rows=1, captions_dropped=2, skipped={"a": {"undecodable": 3}})
+
+        def __next__(self):
+            return {"prompts": ["x"]}
+
+    class Encoders:
+        last_truncated = 2
+
+        def __call__(self, batch):
+            return batch
+
+    it = EncodedIterator(Inner(), Encoders())
+    next(it), next(it)
+    assert it.stats.captions_truncated == 4
+    assert DataStats.from_dict(it.stats.to_dict()).captions_truncated == 4  # restored with the data state
+    assert DataStats.from_dict({"samples": 1}).captions_truncated == 0  # a state saved before the field
+    assert data_counters(local_data_counts(it)) == {
+        "data/samples": 5, "data/skipped": 3, "data/padded_rows": 1, "data/captions_dropped": 2,
+        "data/captions_truncated": 4}  # fmt: skip
+    assert local_data_counts(iter([])) is None and data_counters(None) == {}  # synthetic data: no counters
+    from lumina_jax.train.metrics import format_line
+
+    line = format_line(3, 10, {"loss": 0.5, "data/skipped": 3, "data/captions_truncated": 0})
+    assert "skipped 3" in line and "captions_truncated" not in line

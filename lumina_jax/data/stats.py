@@ -24,6 +24,8 @@ class DataStats:
       padded_rows: padding rows delivered (copies marked ``valid=False``).
       dropped_incomplete: samples dropped with incomplete buckets (``drop_incomplete=True``).
       captions_dropped: valid rows whose prompt was dropped to ``""``.
+      captions_truncated: captions cut to the text encoder's token limit where they were encoded
+        (raw-image training: :class:`lumina_jax.train.data.FrozenEncoders` counts them here).
       skipped: ``{source: {reason: count}}`` of records that were skipped.
       logged_examples: skipped records already logged (the first ``log_first_n`` are).
     """
@@ -33,6 +35,7 @@ class DataStats:
     padded_rows: int = 0
     dropped_incomplete: int = 0
     captions_dropped: int = 0
+    captions_truncated: int = 0
     skipped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     logged_examples: int = 0
     log_first_n: int = 10
@@ -61,7 +64,8 @@ class DataStats:
 
     def merge(self, other: "DataStats") -> None:
         """Adds ``other``'s counters to these (e.g. the counters of several processes' saved states)."""
-        for name in ("batches", "samples", "padded_rows", "dropped_incomplete", "captions_dropped", "logged_examples"):
+        for name in ("batches", "samples", "padded_rows", "dropped_incomplete", "captions_dropped", "captions_truncated",
+                     "logged_examples"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for source, reasons in other.skipped.items():
             per = self.skipped.setdefault(source, {})
@@ -82,6 +86,8 @@ class DataStats:
             parts.append(f"{self.padded_rows} padding rows")
         if self.dropped_incomplete:
             parts.append(f"{self.dropped_incomplete} dropped in incomplete buckets")
+        if self.captions_truncated:
+            parts.append(f"{self.captions_truncated} captions truncated")
         for src, reasons in sorted(self.skipped.items()):
             detail = ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
             parts.append(f"skipped in {src}: {detail}")

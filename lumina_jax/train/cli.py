@@ -133,7 +133,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.info("stopped at step %d by signal %d; checkpointed, the same command resumes", result.step,
                  result.stopped_by)  # fmt: skip
         return 128 + result.stopped_by
-    log.info("done at step %d (stage %d); %d non-finite steps skipped", result.step, result.stage, result.nonfinite)
+    log.info("done at step %d (stage %d/%d %r); %d non-finite steps skipped", result.step, result.stage + 1,
+             len(cfg.stages), cfg.stages[result.stage].name, result.nonfinite)  # fmt: skip
     return 0
 
 

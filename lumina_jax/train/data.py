@@ -117,7 +117,8 @@ class FrozenEncoders:
                                                 dtype="bf16" if dtype == "bfloat16" else "fp32")  # fmt: skip
         self.max_text_len = max_text_len
         self.fixed_text_len = fixed_text_len
-        self.truncated = 0  # captions cut to max_text_len so far
+        self.truncated = 0  # captions cut to max_text_len so far (this stage, this process)
+        self.last_truncated = 0  # ... in the last batch
         model = AutoencoderKL(self.vae_config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
         cfg = self.vae_config
 
@@ -138,7 +139,7 @@ class FrozenEncoders:
         # max_text_len are cut (as the original's tokenizer call does): said once per run, then counted.
         feats, mask = self.text.encode(list(batch["prompts"]), system_prompt="empty", max_length=self.max_text_len,
                                        on_truncate="quiet")  # fmt: skip
-        cut = self.text.last_truncated
+        cut = self.last_truncated = self.text.last_truncated
         if cut:
             if not self.truncated:
                 logger.warning("captions longer than max_text_len=%d tokens are truncated (%d in this batch of %d; "
@@ -156,16 +157,24 @@ class FrozenEncoders:
 
 
 class EncodedIterator:
-    """``FrozenEncoders`` applied to each batch of an inner iterator (state = the inner iterator's)."""
+    """``FrozenEncoders`` applied to each batch of an inner iterator (state = the inner iterator's; the
+    captions cut to ``max_text_len`` are counted in its :attr:`stats`, so they are saved with it)."""
 
     def __init__(self, inner: Any, encoders: FrozenEncoders):
         self.inner, self.encoders = inner, encoders
+
+    @property
+    def stats(self) -> Any:
+        return getattr(self.inner, "stats", None)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        return self.encoders(next(self.inner))
+        out = self.encoders(next(self.inner))
+        if self.stats is not None:
+            self.stats.captions_truncated += self.encoders.last_truncated
+        return out
 
     def get_state(self):
         return self.inner.get_state()
@@ -234,6 +243,32 @@ def build_stage_iterator(
     enc = FrozenEncoders(d.vae, d.text_encoder, d.tokenizer, d.max_text_len, dtype=d.encoder_dtype,
                          fixed_text_len=shard_count > 1)  # fmt: skip
     return EncodedIterator(inner, enc), inner
+
+
+DATA_COUNTERS = ("samples", "skipped", "padded_rows", "captions_dropped", "captions_truncated")
+
+
+def local_data_counts(it: Any) -> Optional[np.ndarray]:
+    """This process's :data:`DATA_COUNTERS` of a stage iterator (its :class:`lumina_jax.data.stats.DataStats`,
+    counted since the stage's data started and restored with the data state), or ``None`` for
+    synthetic data. Cheap: taken after each step, so a logged row counts exactly the batches up to it."""
+    stats = getattr(it, "stats", None)
+    if stats is None:
+        return None
+    return np.array([stats.samples, stats.total_skipped(), stats.padded_rows, stats.captions_dropped,
+                     stats.captions_truncated], np.int64)  # fmt: skip
+
+
+def data_counters(counts: Optional[np.ndarray]) -> dict[str, int]:
+    """``{"data/<name>": n}`` of :func:`local_data_counts` summed over all processes (``{}`` for ``None``).
+    With several processes this is a collective: every process calls it at the same step."""
+    if counts is None:
+        return {}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(DATA_COUNTERS)).sum(0)
+    return {f"data/{k}": int(v) for k, v in zip(DATA_COUNTERS, counts)}
 
 
 def _stage_pipeline(stage: StageConfig, sources: list, pc: Any, shard_count: int, alternative: str) -> Any:

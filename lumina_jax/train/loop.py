@@ -40,7 +40,7 @@ from lumina_jax.train import metrics as metrics_lib
 from lumina_jax.train import objective as obj
 from lumina_jax.train import optim
 from lumina_jax.train.config import TrainConfig, load_model_config
-from lumina_jax.train.data import build_stage_iterator, to_global
+from lumina_jax.train.data import build_stage_iterator, data_counters, local_data_counts, to_global
 from lumina_jax.train.state import TrainState, abstract_with_shardings, init_state, state_shardings
 from lumina_jax.train.step import StepConfig, compile_train_step, make_train_step
 
@@ -144,23 +144,40 @@ class _StopSignals:
     One process: our handlers record the signal (a second Ctrl-C interrupts at once). Several processes:
     JAX's preemption service (started by ``jax.distributed``) takes SIGTERM and agrees on a step that
     every process reaches (``multihost_utils.reached_preemption_sync_point``); a stop on one host alone
-    would leave the others waiting in a collective."""
+    would leave the others waiting in a collective. A Ctrl-C there is turned into a SIGTERM to this
+    process, so it stops the same way (a second Ctrl-C interrupts at once)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
         self._old: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
         self._warned = False
+        self._asked: Optional[int] = None  # SIGINT turned into SIGTERM (several processes)
 
     def __enter__(self) -> "_StopSignals":
         import signal
         import threading
 
-        if self._multi or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if self._multi:  # SIGTERM is the preemption service's
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_multi)
             return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
+
+    def _handle_multi(self, signum: int, frame: Any) -> None:
+        import os
+        import signal
+
+        signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+        if self._warned:  # the preemption service is off: nothing would agree on a step
+            raise KeyboardInterrupt
+        self._asked = signum
+        log.warning("SIGINT: asking every process to stop after the same step with a checkpoint (Ctrl-C again to "
+                    "quit without one)")  # fmt: skip
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _handle(self, signum: int, frame: Any) -> None:
         import signal
@@ -185,7 +202,7 @@ class _StopSignals:
             if multihost_utils.reached_preemption_sync_point(step):
                 import signal
 
-                self.signum = int(signal.SIGTERM)
+                self.signum = self._asked or int(signal.SIGTERM)
                 return True
         except RuntimeError as e:  # the preemption service is off
             if not self._warned:
@@ -401,7 +418,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=stop - step, desc=f"{stage.name}", unit="step", dynamic_ncols=True, leave=False)
-        pending = None  # (step, metrics futures): fetched one step late to keep dispatch asynchronous
+        pending = None  # (step, metrics futures, data counts): fetched one step late to keep dispatch asynchronous
         self._timer = None  # (t0, finished steps since t0); the first step (compilation) is not timed
         last: dict = {}
         batch = first
@@ -414,7 +431,7 @@ class Trainer:
                 step += 1
                 if pending is not None:
                     last = self._report(*pending, useful, remat, n_dev, bar)
-                pending = (step, m)
+                pending = (step, m, local_data_counts(it))
                 every = cfg.checkpoint.every
                 stopping = self._signals.stop_at(step)
                 if step == end or step == stop or (every and step % every == 0) or stopping:
@@ -431,6 +448,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        if getattr(it, "stats", None) is not None:
+            log.info("data of stage %r so far (process %d): %s", stage.name, jax.process_index(), it.stats.summary())
         return state, step, last
 
     def _next_global(self, it, stage, step: int) -> dict:
@@ -441,7 +460,7 @@ class Trainer:
                                                           "image_sizes")}  # fmt: skip
         return to_global(local, self.mesh, stage.batch)
 
-    def _report(self, step, m, useful, remat, n_dev, bar, force: bool = False) -> dict:
+    def _report(self, step, m, counts, useful, remat, n_dev, bar, force: bool = False) -> dict:
         """Fetch one step's metrics (blocks until that step finished), check the non-finite guard,
         and on logging steps write throughput over the steps since the previous log."""
         cfg = self.cfg
@@ -476,6 +495,7 @@ class Trainer:
             if self._peak:
                 m["mfu"] = m["tflops_per_device"] / self._peak
         self._timer = (now, 0)
+        m.update(data_counters(counts))
         self.metrics.write(step, m)
         if self.primary:
             line = metrics_lib.format_line(step, self.cfg.total_steps, m)

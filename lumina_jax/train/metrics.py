@@ -191,6 +191,9 @@ def format_line(step: int, total: int, m: Mapping[str, Any]) -> str:
                    ("lr", ".2e"), ("images_per_s", ".1f"), ("tflops_per_device", ".2f"), ("mfu", ".1%")):  # fmt: skip
         if k in m and m[k] is not None:
             parts.append(f"{k} {format(float(m[k]), fmt)}")
+    for k in ("skipped", "captions_truncated"):  # data problems, shown once there are any
+        if m.get(f"data/{k}"):
+            parts.append(f"{k} {int(m[f'data/{k}'])}")
     return "  ".join(parts)
 
 
