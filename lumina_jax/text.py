@@ -162,6 +162,8 @@ class TextEncoder:
                  min_bucket: int = MIN_BUCKET, precision: Any = None):
         self.config = config
         self.tokenizer = tokenizer
+        if isinstance(dtype, str) and dtype not in _DTYPES:
+            raise ValueError(f"text encoder dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.min_bucket = int(min_bucket)
         self.last_truncated = 0  # prompts cut to max_length by the last tokenize call

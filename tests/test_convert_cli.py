@@ -36,3 +36,18 @@ def test_uninferable_config_names_the_config_flag(tmp_path, capsys, monkeypatch)
                                       ("no q_norm; pass config=", "no q_norm; pass --config NAME (or a YAML path)")])
 def test_cli_message(msg, want):
     assert cli.cli_message(ValueError(msg)) == want
+
+
+def test_other_models_are_named_not_read_as_a_next_dit(tmp_path, capsys):
+    """The project's text encoder / VAE folders share the marker file of a Next-DiT folder, and
+    transformers / diffusers folders of other models have a config.json: each is named (were read as a
+    Next-DiT and failed on its config keys or missing tensors)."""
+    assert cli.main([str(TRANSFORMER.parent / "text_encoder"), str(tmp_path / "o"), "--to", "diffusers"]) == 1
+    assert "is the project's 'gemma2' component; `convert` converts the Next-DiT" in capsys.readouterr().err
+    for name, cfg, want in (("te", '{"model_type": "gemma2"}', "a transformers 'gemma2' model"),
+                            ("vae", '{"_class_name": "AutoencoderKL"}', "a diffusers AutoencoderKL")):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(cfg)
+        assert cli.main([str(tmp_path / name), str(tmp_path / "o"), "--to", "jax"]) == 1
+        err = capsys.readouterr().err
+        assert want in err and "load_text_encoder" in err, err

@@ -258,6 +258,62 @@ def test_prefixed_causal_lm_layout_and_bf16(pair, tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b).astype(jnp.bfloat16))
 
 
+def test_source_dtypes_kept_per_tensor_and_mixed_layers_refused(pair):
+    """``dtype=None`` keeps each tensor's stored dtype (was: the final norm's, for the whole tree)."""
+    _, params = pair
+    sd = {k: np.asarray(v) for k, v in conv.params_to_torch_state_dict(params, TINY).items()}
+    mixed = {k: (v.astype(jnp.bfloat16) if k.endswith("norm.weight") else v) for k, v in sd.items()}
+    got = flatten(conv.torch_state_dict_to_params(mixed, TINY, dtype=None))
+    assert got["layers/self_attn/q_proj/kernel"].dtype == np.float32 and got["norm/scale"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got["layers/self_attn/q_proj/kernel"], flatten(params)["layers/self_attn/q_proj/kernel"])
+    assert got["embed_tokens/embedding"].dtype == np.float32
+    uneven = dict(sd, **{"layers.1.mlp.up_proj.weight": sd["layers.1.mlp.up_proj.weight"].astype(np.float16)})
+    with pytest.raises(CheckpointError, match="layers.1.mlp.up_proj.weight is float16 but layers.0"):
+        conv.torch_state_dict_to_params(uneven, TINY, dtype=None)
+    assert flatten(conv.torch_state_dict_to_params(uneven, TINY))["layers/mlp/up_proj/kernel"].dtype == np.float32
+
+
+def test_wrong_folders_and_settings_are_named(pair, hf_dir, tmp_path, caplog):
+    from lumina_jax.convert.vae import load_vae
+    from lumina_jax.text import TextEncoder
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "in_channels": 3}))
+    with pytest.raises(CheckpointError, match="expected a Gemma-2 config.*AutoencoderKL config"):
+        conv.load_text_encoder(tmp_path / "vae")
+    with pytest.raises(CheckpointError, match="a transformers 'gemma2' config, not a diffusers AutoencoderKL"):
+        load_vae(hf_dir)
+    hf = json.loads((hf_dir / "config.json").read_text())
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if k != "vocab_size"}))
+    with pytest.raises(CheckpointError, match="not a Gemma-2 config \\(no 'vocab_size'\\)"):
+        conv.load_text_encoder(tmp_path / "partial")
+    # transformers' Gemma-2 reads hidden_activation only (default gelu_pytorch_tanh), never hidden_act
+    no_act = {k: v for k, v in hf.items() if k != "hidden_activation"}
+    no_act["hidden_act"] = "gelu"
+    assert Gemma2Config.from_hf_config(no_act).hidden_activation == transformers.Gemma2Config(**no_act).hidden_activation
+    # a diffusers pipeline folder: its text_encoder/ is read
+    import shutil
+
+    shutil.copytree(hf_dir, tmp_path / "pipe" / "text_encoder")
+    assert conv.load_text_encoder(tmp_path / "pipe")[0] == TINY
+    # an untied LM head is not read: said
+    untied = tmp_path / "untied"
+    shutil.copytree(hf_dir, untied)
+    (untied / "config.json").write_text(json.dumps(dict(hf, tie_word_embeddings=False)))
+    from lumina_jax.convert.safetensors_io import save_file
+
+    save_file({"lm_head.weight": np.zeros((TINY.vocab_size, TINY.hidden_size), np.float32)}, untied / "head.safetensors")
+    index = json.loads((untied / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "head.safetensors"
+    (untied / "model.safetensors.index.json").write_text(json.dumps(index))
+    with caplog.at_level("WARNING", logger="lumina_jax.convert.gemma2"):
+        conv.load_text_encoder(untied)
+    assert "untied lm_head.weight is not read" in caplog.text
+    with pytest.raises(ValueError, match="text encoder dtype must be one of"):
+        TextEncoder(pair[1], TINY, object(), dtype="fp16")
+
+
 def test_missing_unexpected_and_misshaped_keys_are_named(pair):
     _, params = pair
     sd = conv.params_to_torch_state_dict(params, TINY)

@@ -398,6 +398,18 @@ def test_bfl_file_loads_and_matches(tiny, latents, tmp_path):
     assert rel_l2(dec(loaded, latents), ref) <= PARITY_TOL
     jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
     assert cv.load_flux_ae(tmp_path / "ae.safetensors", config=TINY)[0] == TINY
+    # our export stores its config: groups and latent scaling the shapes do not show come back
+    other = TINY.replace(scaling_factor=1.0, shift_factor=None)
+    cv.save_flux_ae(tmp_path / "other.safetensors", other, params)
+    assert cv.load_flux_ae(tmp_path / "other.safetensors")[0] == other
+    # a file without it (as the released ae.safetensors) whose channels do not fit FLUX's 32 groups
+    f = SafetensorsFile(tmp_path / "other.safetensors")
+    assert json.loads(f.metadata["lumina_jax_config"])["scaling_factor"] == 1.0
+    bare = {k: f.get(k) for k in f.keys()}
+    save_file(bare, tmp_path / "bare.safetensors")
+    with pytest.raises(CheckpointError, match=r"bare.safetensors: a BFL autoencoder whose shapes do not fit.*config="):
+        cv.load_flux_ae(tmp_path / "bare.safetensors")
+    assert cv.load_flux_ae(tmp_path / "bare.safetensors", base=other)[0] == other
     # the real ae.safetensors carries no config: its shapes alone must give FLUX's
     assert cv.infer_bfl_config({m.name: m.shape for m in cv.bfl_key_map(VAEConfig())}) == VAEConfig()
 

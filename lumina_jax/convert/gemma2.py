@@ -26,6 +26,7 @@ round trip in the same dtype is bit-exact.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -158,16 +159,23 @@ def _fill_params(
     """Check keys, then copy tensor by tensor into preallocated stacked arrays (peak ~ one model copy)."""
     names = canonical_keys(list(shapes), what)
     check_keys(torch_key_shapes(config), {c: tuple(shapes[k]) for c, k in names.items()}, what)
-    dt = resolve_dtype(dtype)
-    if dt is None:  # keep the source dtype (one dtype for the whole tree)
-        dt = get(names["norm.weight"]).dtype
+    dt = resolve_dtype(dtype)  # None: each tensor keeps its stored dtype (a layer stack takes layer 0's)
     flat: dict[str, np.ndarray] = {}
     for k, (p, kind) in GLOBAL_TABLE.items():
-        flat[p] = np.ascontiguousarray(cast(_to_jax(get(names[k]), kind, p, config), dt))
-    stacked = {p: np.empty(shape, dt) for p, shape in jax_param_shapes(config).items() if p.startswith("layers/")}
+        x = _to_jax(get(names[k]), kind, p, config)
+        flat[p] = np.ascontiguousarray(x if dt is None else cast(x, dt))
+    shapes_jax = jax_param_shapes(config)
+    stacked: dict[str, np.ndarray] = {}
     for i in range(config.num_layers):
         for k, (p, kind) in LAYER_TABLE.items():
-            stacked[f"layers/{p}"][i] = _to_jax(get(names[f"layers.{i}.{k}"]), kind, p, config)
+            x = _to_jax(get(names[f"layers.{i}.{k}"]), kind, p, config)
+            name = f"layers/{p}"
+            if name not in stacked:  # allocated at layer 0 (peak ~ one model copy)
+                stacked[name] = np.empty(shapes_jax[name], x.dtype if dt is None else dt)
+            elif dt is None and x.dtype != stacked[name].dtype:
+                raise CheckpointError(f"{what}: layers.{i}.{k} is {x.dtype} but layers.0.{k} is {stacked[name].dtype}; "
+                                      f"pass a dtype to read it")  # fmt: skip
+            stacked[name][i] = x
     flat.update(stacked)
     return unflatten(flat)
 
@@ -225,13 +233,21 @@ def load_text_encoder(path: str | os.PathLike, *, dtype: Any = "fp32") -> tuple[
     if own is not None:
         return load_component(own, "gemma2", Gemma2Config, dtype)
     path = Path(path)
+    if not (path / "config.json").exists() and (path / "text_encoder" / "config.json").exists():
+        path = path / "text_encoder"  # a diffusers pipeline folder
     cfg_file = path / "config.json"
     hf = read_config_json(path, "a transformers Gemma-2 directory")
     try:
         config = Gemma2Config.from_hf_config(hf)
-    except (KeyError, ValueError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_file}: not a Gemma-2 config (no {e.args[0]!r})") from None
+    except ValueError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
     src = TensorSource(path)
+    if hf.get("tie_word_embeddings") is False and any(k.endswith("lm_head.weight") for k in src.keys()):
+        logging.getLogger(__name__).warning(
+            "%s: its untied lm_head.weight is not read (the encoder does not use it); an export writes a "
+            "Gemma2Model, whose config ties the head to the embeddings", path)  # fmt: skip
     params = _fill_params(src.get, src.shapes(), config, dtype, str(path))
     return config, params
 

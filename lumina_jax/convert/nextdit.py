@@ -254,6 +254,12 @@ def detect_format(path: str | os.PathLike) -> Format:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_dir():
+        other = _other_component(p)
+        if other is not None:
+            raise CheckpointError(f"{p} is {other}; `convert` converts the Next-DiT transformer (the text encoder, VAE "
+                                  f"and captioner convert from Python: lumina_jax.convert's load_text_encoder / "
+                                  f"save_text_encoder, load_vae / save_vae / save_flux_ae, load_captioner / "
+                                  f"save_captioner; see README)")  # fmt: skip
         if (p / JAX_MARKER).exists():
             return "jax"
         cfg = p / "config.json"
@@ -273,6 +279,24 @@ def detect_format(path: str | os.PathLike) -> Format:
     if p.suffix in (".pth", ".pt", ".bin", ".safetensors"):
         return "original"
     raise CheckpointError(f"{p}: unknown checkpoint file type {p.suffix!r}")
+
+
+def _other_component(d: Path) -> Optional[str]:
+    """What a folder holds when it is another model than a Next-DiT (the project's text encoder / VAE /
+    captioner folders share its marker file; transformers and diffusers folders have a config.json)."""
+    try:
+        if (d / JAX_MARKER).is_file():
+            model = json.loads((d / JAX_MARKER).read_text()).get("model", "nextdit")
+            return None if model == "nextdit" else f"the project's {model!r} component"
+        if (d / "config.json").is_file():
+            cfg = json.loads((d / "config.json").read_text())
+            if cfg.get("_class_name") not in (None, "Lumina2Transformer2DModel"):
+                return f"a diffusers {cfg['_class_name']}"
+            if "_class_name" not in cfg and cfg.get("model_type"):
+                return f"a transformers {cfg['model_type']!r} model"
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: the loader names the problem
+    return None
 
 
 def original_weights_file(path: str | os.PathLike) -> Path:

@@ -281,6 +281,9 @@ def load_vae_config(path: str | os.PathLike) -> VAEConfig:
         raw = json.loads((d / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    if "_class_name" not in raw and "model_type" in raw:
+        raise CheckpointError(f"{d / 'config.json'}: a transformers {raw['model_type']!r} config, not a diffusers "
+                              f"AutoencoderKL")  # fmt: skip
     if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise CheckpointError(f"{d}: config is for {raw['_class_name']!r}, not AutoencoderKL")
     try:
@@ -332,6 +335,9 @@ def save_vae(path: str | os.PathLike, config: VAEConfig, params: Mapping[str, An
 # BFL ae.safetensors
 
 
+CONFIG_METADATA = "lumina_jax_config"  # key of the config in the metadata of our ae.safetensors exports
+
+
 def infer_bfl_config(shapes: Mapping[str, tuple[int, ...]], base: Optional[VAEConfig] = None) -> VAEConfig:
     """Architecture of a BFL autoencoder from its tensor shapes; the rest (GroupNorm groups, latent
     scaling) from ``base`` (default: FLUX, whose ``ae.safetensors`` carries no config)."""
@@ -350,30 +356,48 @@ def infer_bfl_config(shapes: Mapping[str, tuple[int, ...]], base: Optional[VAECo
             use_quant_conv="quant_conv.weight" in shapes,
             use_post_quant_conv="post_quant_conv.weight" in shapes,
         )
-    except (KeyError, IndexError, ValueError) as e:
-        raise CheckpointError(f"not a BFL autoencoder layout (cannot infer its config: {e!r})") from None
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"not a BFL autoencoder layout (cannot infer its config: no tensor {e})") from None
+    except ValueError as e:  # shapes of a BFL autoencoder that the base's settings do not fit
+        raise CheckpointError(f"a BFL autoencoder whose shapes do not fit the base config ({e}); pass config= "
+                              f"(or base=) with its norm_num_groups and latent scaling") from None
 
 
 def load_flux_ae(path: str | os.PathLike, *, config: Optional[VAEConfig] = None, dtype: Any = "fp32",
                  base: Optional[VAEConfig] = None) -> tuple[VAEConfig, Params]:  # fmt: skip
     """Load the original FLUX ``ae.safetensors`` (BFL layout) into ``(config, params)``.
 
-    Without ``config`` the architecture is inferred from the tensor shapes (:func:`infer_bfl_config`)
-    and the rest taken from ``base`` (default FLUX: 32 groups, scale 0.3611, shift 0.1159). Keys are
-    checked strictly; tensors stream one at a time.
+    Without ``config``: the config :func:`save_flux_ae` stored in the file's metadata
+    (``lumina_jax_config``), else the architecture inferred from the tensor shapes
+    (:func:`infer_bfl_config`) and the rest taken from ``base`` (default FLUX: 32 groups, scale 0.3611,
+    shift 0.1159; the released ``ae.safetensors`` carries no config). Keys are checked strictly;
+    tensors stream one at a time.
     """
     src = TensorSource(path)
-    cfg = config or infer_bfl_config(src.shapes(), base)
+    cfg = config
+    if cfg is None and (text := src.metadata.get(CONFIG_METADATA)) is not None:
+        try:
+            cfg = VAEConfig.from_dict(json.loads(text))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: its stored {CONFIG_METADATA} is not a valid VAE config ({e}); pass "
+                                  f"config= to override it") from None
+    if cfg is None:
+        try:
+            cfg = infer_bfl_config(src.shapes(), base)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     return cfg, _import(src, bfl_key_map(cfg), f"{path}: BFL autoencoder", dtype)
 
 
 def save_flux_ae(path: str | os.PathLike, config: VAEConfig, params: Mapping[str, Any], *, dtype: Any = None,
                  overwrite: bool = False) -> Path:  # fmt: skip
-    """Write ``params`` as one BFL-layout ``ae.safetensors`` file (atomically)."""
+    """Write ``params`` as one BFL-layout ``ae.safetensors`` file (atomically). The config goes into the
+    file's metadata (``lumina_jax_config``; the original code ignores it), so that :func:`load_flux_ae`
+    reads back GroupNorm groups and latent scaling that the shapes do not show."""
     _flat_params(config, params, "VAE params")
     rows = bfl_key_map(config)
     from lumina_jax.convert.safetensors_io import save_file
 
     with atomic_output(path, overwrite=overwrite) as tmp:
-        save_file(_export(config, params, rows, dtype), tmp)
+        save_file(_export(config, params, rows, dtype), tmp, metadata={CONFIG_METADATA: json.dumps(config.to_dict())})
     return Path(path)

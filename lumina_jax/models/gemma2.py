@@ -168,9 +168,11 @@ class Gemma2Config:
         Raises ``ValueError`` for settings this encoder does not implement (another model type,
         attention biases, bidirectional attention, non-default RoPE scaling).
         """
-        mt = hf.get("model_type", "gemma2")
+        mt = hf.get("model_type")
         if mt != "gemma2":
-            raise ValueError(f"expected a Gemma-2 config (model_type 'gemma2'), got model_type={mt!r}")
+            what = f"model_type={mt!r}" if mt is not None else (
+                f"a {hf['_class_name']} config" if "_class_name" in hf else "no model_type")  # fmt: skip
+            raise ValueError(f"expected a Gemma-2 config (model_type 'gemma2'), got {what}")
         if hf.get("attention_bias", False):
             raise ValueError("attention_bias=True is not supported (Gemma-2 has no attention biases)")
         if hf.get("use_bidirectional_attention", False):
@@ -186,7 +188,7 @@ class Gemma2Config:
         heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim", d["head_dim"]) or hf["hidden_size"] // heads
         window = hf.get("sliding_window", hf.get("sliding_window_size", d["sliding_window"]))
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"  # transformers' Gemma-2 ignores hidden_act
         layer_types = hf.get("layer_types")
         return cls(
             vocab_size=int(hf["vocab_size"]),
