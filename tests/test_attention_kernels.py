@@ -367,23 +367,76 @@ def test_shard_over_batch_and_heads():
     assert rel_l2(out, reference_attention_f64(q, k, v, kv_lengths=lens)) < F32_TOL
 
 
-def test_auto_backend_per_platform(monkeypatch):
+def test_auto_backend_per_platform_dtype_and_head_dim(monkeypatch):
     expected = {"gpu": "cudnn", "tpu": "splash_sharded"}.get(jax.default_backend(), "xla")
-    assert attn._auto_backend() == expected
-    assert {"xla", "pallas", "splash", "cudnn", "splash_sharded", "pallas_tpu_sharded", "context"} <= set(
-        attn.available_backends())
+    assert attn.resolve_backend("auto", jnp.bfloat16, 96) == expected
+    assert {"xla", "pallas", "splash", "cudnn", "splash_sharded", "pallas_tpu_sharded", "context",
+            "context_xla", "context_pallas"} <= set(attn.available_backends())  # fmt: skip
+    assert attn.get_backend("context_xla") is not None  # lazily registered like "context"
     for platform, want in {"gpu": "cudnn", "tpu": "splash_sharded", "cpu": "xla"}.items():
         monkeypatch.setattr(attn.jax, "default_backend", lambda p=platform: p)
-        assert attn._auto_backend() == want
+        assert attn.resolve_backend("auto") == want
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attn, "_gpu_generation", lambda: 9)  # Hopper
+    assert attn.auto_candidates(jnp.bfloat16, 96) == ("cudnn", "pallas", "xla")
+    assert attn.auto_candidates(jnp.float32, 96) == ("pallas", "xla")  # cuDNN runs fp16/bf16 only
+    assert attn.auto_candidates(jnp.bfloat16, 36) == ("pallas", "xla")  # not a multiple of 8
+    assert attn.auto_candidates(jnp.bfloat16, 512) == ("xla",)
+    assert attn.auto_candidates(jnp.bfloat16, 256) == ("cudnn", "pallas", "xla")
+    monkeypatch.setattr(attn, "_gpu_generation", lambda: 8)  # Ampere: cuDNN up to 128
+    assert attn.auto_candidates(jnp.bfloat16, 256) == ("pallas", "xla")
+    # the FLOP count's question: does the named backend run a kernel for these inputs?
+    assert attn.attention_uses_kernel("auto", "bfloat16", 96) and attn.attention_uses_kernel("context", "bfloat16", 96)
+    assert not attn.attention_uses_kernel("cudnn", "float32", 96)  # falls back to XLA itself
+    assert not attn.attention_uses_kernel("context_xla", "bfloat16", 96)
+    assert not attn.attention_uses_kernel("auto", "bfloat16", 512)
+    q, k, v, _ = make_inputs(3, 1, 8, 8, 2, 2, 32)
+    with pytest.raises(ValueError, match=r"splash is a TPU \(Mosaic\) kernel: on GPU use"):  # not the interpreter, unsaid
+        attn.attention(q, k, v, backend="splash")
+
+
+def test_auto_falls_back_past_a_backend_that_cannot_build_and_says_so(monkeypatch, caplog):
+    """A candidate that fails while tracing (no cuDNN on this machine, a shape a kernel refuses) is
+    passed over for the next one; the choice and the reasons are logged once."""
+    calls = []
+
+    def no_cudnn(q, k, v, **kw):
+        calls.append("cudnn")
+        raise RuntimeError("cuDNN is not detected.")
+
+    def no_pallas(q, k, v, **kw):
+        calls.append("pallas")
+        raise ValueError("block sizes do not fit")
+
+    monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attn, "_gpu_generation", lambda: 9)
+    monkeypatch.setitem(attn._BACKENDS, "cudnn", no_cudnn)
+    monkeypatch.setitem(attn._BACKENDS, "pallas", no_pallas)
+    monkeypatch.setattr(attn, "_LOGGED_CHOICES", set())
+    q, k, v, _ = make_inputs(11, 2, 16, 16, 4, 2, 32, dtype=jnp.bfloat16)
+    lens = jnp.array([16, 5], jnp.int32)
+    with caplog.at_level("INFO", logger="lumina_jax.ops"):
+        out = jax.jit(lambda q, k, v, n: attn.attention(q, k, v, kv_lengths=n))(q, k, v, lens)
+        attn.attention(q, k, v, kv_lengths=lens)  # same inputs again: not logged again
+    assert calls == ["cudnn", "pallas", "cudnn", "pallas"]
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(attn.attention(q, k, v, kv_lengths=lens, backend="xla"), np.float32))
+    assert caplog.text.count("attention backend auto -> xla (gpu, bfloat16, head_dim 32)") == 1
+    assert "cudnn: RuntimeError: cuDNN is not detected." in caplog.text and "pallas: ValueError" in caplog.text
 
 
 def test_bench_attention_runs_on_cpu():
-    from lumina_jax.ops.attention_bench import bench_attention
+    from lumina_jax.ops.attention_bench import bench_attention, format_rows
 
     rows = bench_attention(batch=1, image_tokens=24, caption_tokens=8, heads=4, kv_heads=2, head_dim=32,
                            dtype="float32", iters=2, warmup=1)
     by_key = {(r["backend"], r["mode"]): r for r in rows}
     assert ("xla", "fwd") in by_key and ("xla", "fwd+bwd") in by_key
+    assert by_key[("auto", "fwd")]["runs"] == "xla"  # the default list has auto, with what it picked here
+    cudnn = bench_attention(batch=1, image_tokens=24, caption_tokens=8, heads=4, kv_heads=2, head_dim=32,
+                            dtype="float32", iters=1, warmup=0, backends=["cudnn"])
+    assert cudnn[0]["runs"] == "xla"  # fp32: the cuDNN wrapper's own XLA fallback, not a cuDNN timing
+    assert "runs" in format_rows(rows).splitlines()[0]
     for r in rows:
         assert r["error"] is None, r
         assert r["ms"] > 0 and r["tflops"] > 0

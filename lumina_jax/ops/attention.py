@@ -1,6 +1,7 @@
-"""One attention interface for every model in the project, with swappable backends.
+"""One attention interface with swappable backends.
 
-All callers (Next-DiT, Gemma-2, VAE mid-block) go through :func:`attention`. Backends register
+The Next-DiT and the VAE mid-block go through :func:`attention` (Gemma-2 and the captioner's prefill
+write theirs inline: logit soft-capping, sliding windows and decoding caches do not fit it). Backends register
 themselves in a small registry (``xla`` here; Pallas/cuDNN/splash kernels live in their own modules
 and register on import). Layout is ``(B, L, H, D)``; GQA is expressed by ``k``/``v`` having fewer heads
 than ``q`` (query head ``h`` uses kv head ``h // (Hq // Hkv)``, as in Lumina's ``repeat_interleave``).
@@ -54,8 +55,9 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str) -> AttentionFn:
+    """The backend function of ``name`` (``"auto"``: :func:`auto_attention`, which picks per call)."""
     if name == "auto":
-        name = _auto_backend()
+        return auto_attention
     if name not in _BACKENDS and name in _LAZY_BACKENDS:
         import importlib
 
@@ -65,27 +67,91 @@ def get_backend(name: str) -> AttentionFn:
     return _BACKENDS[name]
 
 
-# Preferred backend per platform, best first; the first registered one wins, else "xla".
-# GPU: cuDNN (fastest measured on Hopper; falls back to XLA itself for fp32), then our Triton kernel.
-# TPU: the splash kernel inside shard_map (Mosaic kernels cannot be auto-partitioned). CPU: plain XLA (Pallas kernels would only run in the slow interpreter).
-_AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "gpu": ("cudnn", "pallas"),
-    "tpu": ("splash_sharded", "splash"),
-    "cpu": (),
-}
+# TPU: the splash kernel inside shard_map (Mosaic kernels cannot be auto-partitioned). CPU: plain XLA
+# (Pallas kernels would only run in the slow interpreter). GPU: see auto_candidates.
+_AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {"tpu": ("splash_sharded", "splash"), "cpu": ()}
+_CUDNN_DTYPES = ("bfloat16", "float16")
+_LOGGED_CHOICES: set = set()
 
 
-def _auto_backend() -> str:
-    known = set(_BACKENDS) | set(_LAZY_BACKENDS)
-    for name in _AUTO_PREFERENCE.get(jax.default_backend(), ()):
-        if name in known:
-            return name
-    return "xla"
+def _gpu_generation() -> int:
+    """Major CUDA compute capability of the first device (9 on Hopper); 0 when it cannot be read."""
+    try:
+        return int(str(jax.devices()[0].compute_capability).split(".")[0])
+    except (AttributeError, ValueError, IndexError, RuntimeError):
+        return 0
 
 
-def resolve_backend(name: str) -> str:
-    """The concrete backend ``name`` stands for here (``"auto"`` -> the platform's preferred one)."""
-    return _auto_backend() if name == "auto" else name
+def auto_candidates(dtype: Optional[object] = None, head_dim: Optional[int] = None,
+                    platform: Optional[str] = None) -> tuple[str, ...]:  # fmt: skip
+    """The backends ``"auto"`` tries for inputs of ``dtype`` / ``head_dim`` on ``platform`` (default:
+    JAX's default backend), best first, ending with ``"xla"``.
+
+    GPU: cuDNN (the fastest measured on Hopper) for bf16/fp16 with ``head_dim`` a multiple of 8 and at
+    most 256 (128 before Hopper); then our Triton kernel (``pallas``, ``head_dim`` <= 256, any float
+    dtype). TPU: the splash kernel (sharded, then local). CPU: XLA. ``None`` for dtype / head_dim means
+    unknown (then the shape conditions are not applied).
+    """
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        return (*_AUTO_PREFERENCE.get(platform, ()), "xla")
+    names = []
+    dt = None if dtype is None else jnp.dtype(dtype).name
+    d_ok = head_dim is None or head_dim % 8 == 0 and head_dim <= (256 if _gpu_generation() >= 9 else 128)
+    if (dt is None or dt in _CUDNN_DTYPES) and d_ok:
+        names.append("cudnn")
+    if head_dim is None or head_dim <= 256:
+        names.append("pallas")
+    return (*names, "xla")
+
+
+def resolve_backend(name: str, dtype: Optional[object] = None, head_dim: Optional[int] = None) -> str:
+    """The backend ``name`` stands for here: ``"auto"`` -> the first of :func:`auto_candidates` (which
+    one runs can still fall further down the list if a backend fails to build, e.g. no cuDNN)."""
+    return auto_candidates(dtype, head_dim)[0] if name == "auto" else name
+
+
+def attention_uses_kernel(name: str, dtype: object, head_dim: int) -> bool:
+    """Whether backend ``name`` runs a fused kernel (not XLA's einsums) for ``dtype`` / ``head_dim``
+    here: what a FLOP count of rematerialisation needs (a kernel's saved softmax statistics mean its
+    backward does not recompute the forward's attention). ``context_<inner>`` is its inner backend;
+    ``cudnn`` with fp32 inputs runs XLA."""
+    name = resolve_backend(name, dtype, head_dim)
+    if name.startswith("context"):
+        name = resolve_backend(name[len("context_"):] or "auto", dtype, head_dim)
+    if name == "cudnn" and jnp.dtype(dtype).name not in _CUDNN_DTYPES:
+        return False
+    return name != "xla"
+
+
+# What a backend raises while tracing when it cannot run these inputs here (no cuDNN, a shape the
+# kernel does not take, a module that fails to import); "auto" then tries the next candidate.
+_UNAVAILABLE = (RuntimeError, NotImplementedError, ValueError, ImportError)
+
+
+def auto_attention(q, k, v, *, kv_mask, kv_lengths, scale):
+    """Backend ``"auto"``: the first of :func:`auto_candidates` for these inputs that builds. The choice
+    (and why the ones before it were passed over) is logged once per platform / dtype / head_dim."""
+    import logging
+
+    failed = []
+    for name in auto_candidates(q.dtype, q.shape[-1]):
+        try:
+            out = get_backend(name)(q, k, v, kv_mask=kv_mask, kv_lengths=kv_lengths, scale=scale)
+        except _UNAVAILABLE as e:
+            if name == "xla":
+                raise
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        key = (jax.default_backend(), jnp.dtype(q.dtype).name, q.shape[-1], name)
+        if key not in _LOGGED_CHOICES:
+            _LOGGED_CHOICES.add(key)
+            log = logging.getLogger("lumina_jax.ops")
+            level = logging.WARNING if failed else logging.INFO
+            log.log(level, "attention backend auto -> %s (%s, %s, head_dim %d)%s", name, key[0], key[1], key[2],
+                    "; passed over: " + "; ".join(failed) if failed else "")  # fmt: skip
+        return out
+    raise AssertionError("unreachable: xla is always a candidate")
 
 
 def attention(
@@ -186,6 +252,8 @@ register_lazy_backend("cudnn", "lumina_jax.ops.cudnn_attention")
 register_lazy_backend("pallas", "lumina_jax.ops.flash_attention")
 register_lazy_backend("splash", "lumina_jax.ops.splash_attention")
 register_lazy_backend("context", "lumina_jax.parallel.context")  # all-gather K/V over the `context` mesh axis
+for _inner in ("xla", "splash", "cudnn", "pallas"):  # = lumina_jax.parallel.context.INNER_BACKENDS
+    register_lazy_backend(f"context_{_inner}", "lumina_jax.parallel.context")
 register_lazy_backend("splash_sharded", "lumina_jax.parallel.tpu_attention")
 register_lazy_backend("tpu_splash_local", "lumina_jax.parallel.tpu_attention")
 register_lazy_backend("pallas_tpu_sharded", "lumina_jax.parallel.tpu_attention")

@@ -23,9 +23,9 @@ from lumina_jax.ops import attention as attn
 # which says nothing about speed, so they are left out there unless asked for by name.
 # "pallas_stock" (bench only, not a model backend): jax's bundled Triton kernel, for comparison.
 _NATIVE = {
-    "gpu": ("xla", "cudnn", "pallas", "pallas_stock"),
-    "tpu": ("xla", "splash"),
-    "cpu": ("xla",),
+    "gpu": ("xla", "cudnn", "pallas", "pallas_stock", "auto"),
+    "tpu": ("xla", "splash", "pallas", "auto"),
+    "cpu": ("xla", "auto"),
 }
 
 
@@ -120,8 +120,13 @@ def bench_attention(
             loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
             return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
+        runs = name  # what the name runs for these inputs (auto's pick; cudnn's own XLA fallback for fp32)
+        if name != "pallas_stock":
+            runs = attn.resolve_backend(name, dt, head_dim)
+            if runs == "cudnn" and not attn.attention_uses_kernel(runs, dt, head_dim):
+                runs = "xla"
         for mode, fn, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, 3.5 * fwd_flops)):
-            row = dict(backend=name, mode=mode, platform=platform, dtype=str(dt), error=None, **shape)
+            row = dict(backend=name, runs=runs, mode=mode, platform=platform, dtype=str(dt), error=None, **shape)
             try:
                 ms = _time(jax.jit(fn), (q, k, v), iters, warmup)
                 row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
@@ -186,10 +191,11 @@ def sweep_pallas_blocks(
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A small fixed-width table of :func:`bench_attention` rows."""
-    lines = [f"{'backend':<12} {'mode':<8} {'ms':>9} {'TFLOP/s':>8}  note"]
+    lines = [f"{'backend':<12} {'runs':<10} {'mode':<8} {'ms':>9} {'TFLOP/s':>8}  note"]
     for r in rows:
         note = r["error"] or ""
-        lines.append(f"{r['backend']:<12} {r['mode']:<8} {r['ms']:>9.3f} {r['tflops']:>8.2f}  {note}")
+        runs = r.get("runs", r["backend"])
+        lines.append(f"{r['backend']:<12} {runs:<10} {r['mode']:<8} {r['ms']:>9.3f} {r['tflops']:>8.2f}  {note}")
     return "\n".join(lines)
 
 

@@ -99,6 +99,9 @@ def splash_attention(
     if block_q % _LANES or block_kv % _LANES:
         raise ValueError(f"splash block sizes must be multiples of {_LANES}, got {block_q}, {block_kv}")
     if interpret is None:
+        if jax.default_backend() == "gpu":  # the interpreter there would be orders of magnitude slower, unsaid
+            raise ValueError("splash is a TPU (Mosaic) kernel: on GPU use the 'cudnn' or 'pallas' attention "
+                             "backend (or pass interpret=True to run it in the Pallas interpreter)")  # fmt: skip
         interpret = jax.default_backend() != "tpu"
     if pad_head_dim is None:
         pad_head_dim = not interpret

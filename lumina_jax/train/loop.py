@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lumina_jax.ops.attention import resolve_backend
+from lumina_jax.ops.attention import attention_uses_kernel
 from lumina_jax.models.nextdit import NextDiT
 from lumina_jax.parallel import mesh as mesh_lib
 from lumina_jax.parallel import sharding as shard_lib
@@ -339,7 +339,8 @@ class Trainer:
                                                aux, downsample=ds)  # fmt: skip
         r = metrics_lib.remat_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.remat,
                                                self.cfg.objective.aux_pool, aux, downsample=ds,
-                                               attention_kernel=resolve_backend(self.cfg.attention) != "xla")  # fmt: skip
+                                               attention_kernel=attention_uses_kernel(self.cfg.attention, self.cfg.dtype,
+                                                                                      self.model_config.head_dim))  # fmt: skip
         return f["train"] * stage.batch, r * stage.batch
 
     # ------------------------------------------------------------------ run
