@@ -128,3 +128,81 @@ def test_cli_dispatch_help(capsys):
     with pytest.raises(SystemExit) as e:
         top(["caption", "--help"])
     assert e.value.code == 0 and "--granularity" in capsys.readouterr().out
+
+
+def test_resume_is_per_setting_and_each_image_is_captioned_once(tmp_path, model_dir, capsys):
+    """One output collects several kinds of caption per image (resume skips only the same request);
+    an image listed twice, or reached through a link, is captioned once; a missing listed file is
+    counted as missing; one image file is an input too."""
+    other = tmp_path / "elsewhere"
+    _make_images(other, SIZES[:1], seed=3)
+    imgs = tmp_path / "imgs"
+    paths = _make_images(imgs, SIZES[:2])
+    (imgs / "linked").symlink_to(other, target_is_directory=True)  # a folder link: followed
+    (imgs / "loop").symlink_to(imgs, target_is_directory=True)  # a link cycle: each real folder once
+    assert len(list_images(imgs)) == 3
+    out = tmp_path / "caps.jsonl"
+    run = lambda *a: (main(["--model", str(model_dir), "--out", str(out), *COMMON, *a]), _summary(capsys))[1]  # noqa: E731
+    assert run("--images", str(imgs), "--granularity", "tag")["captioned"] == 3
+    assert run("--images", str(imgs), "--granularity", "short")["captioned"] == 3  # another request: not skipped
+    assert run("--images", str(imgs), "--granularity", "tag")["skipped_existing"] == 3
+    s = run("--images", str(imgs), "--granularity", "tag", "--instruction", "Name the colours.")
+    assert s["captioned"] == 3
+    assert run("--images", str(imgs), "--instruction", "Name the colours.")["skipped_existing"] == 3
+    rows = _read(out)
+    assert len(rows) == 9 and sum(r.get("instruction") == "Name the colours." for r in rows) == 3
+    # a list naming one image twice (two spellings) and a file that is not there
+    lst = tmp_path / "list.jsonl"
+    lst.write_text("".join(json.dumps({"image_path": p}) + "\n" for p in (
+        f"imgs/{paths[0].name}", f"./imgs/../imgs/{paths[0].name}", "imgs/gone.png")))  # fmt: skip
+    s = run("--images", str(lst), "--lang", "zh", "--granularity", "tag")
+    assert (s["captioned"], s["missing"], s["corrupt"]) == (1, 1, 0)
+    assert run("--images", str(paths[1]), "--lang", "zh", "--granularity", "tag")["captioned"] == 1  # one image file
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--instruction", "  "], "--instruction is empty"),
+    (["--min-pixels", "5000", "--max-pixels", "4000"], "--min-pixels 5000 is above --max-pixels 4000"),
+    (["--attention-backend", "fast"], "--attention-backend 'fast' is not an attention backend"),
+])  # fmt: skip
+def test_bad_options_stop_before_loading(tmp_path, model_dir, extra, message):
+    imgs = tmp_path / "imgs"
+    _make_images(imgs, SIZES[:1])
+    with pytest.raises(SystemExit, match=message):
+        main(["--model", str(model_dir), "--images", str(imgs), "--out", str(tmp_path / "o.jsonl"), *COMMON, *extra])
+
+
+def test_missing_model_and_tokenizer_are_one_line_errors(tmp_path, model_dir):
+    import shutil
+
+    imgs = tmp_path / "imgs"
+    _make_images(imgs, SIZES[:1])
+    args = ["--images", str(imgs), "--out", str(tmp_path / "o.jsonl"), *COMMON]
+    with pytest.raises(SystemExit, match=r"caption: error: .*nowhere"):
+        main(["--model", str(tmp_path / "nowhere"), *args])
+    partial = tmp_path / "model"
+    shutil.copytree(model_dir, partial)
+    (partial / "tokenizer.json").unlink()
+    with pytest.raises(SystemExit, match=r"caption: error: .*tokenizer"):
+        main(["--model", str(partial), *args])
+
+
+def test_default_buckets_end_at_the_pixel_cap():
+    """Photos resized to the pixel cap fill the last vision bucket (they used ~60 % of a doubling)."""
+    import dataclasses
+
+    from lumina_jax.models.captioner.cli import DEFAULT_MAX_PIXELS
+    from lumina_jax.models.captioner.config import qwen2_vl_7b, qwen2_5_vl_7b
+    from lumina_jax.models.captioner.processor import (ImageProcessorConfig, capped_slots, default_slot_buckets,
+                                                       round_up, smart_resize)  # fmt: skip
+    from lumina_jax.models.captioner.vision import slots_needed
+
+    proc = dataclasses.replace(ImageProcessorConfig(), max_pixels=DEFAULT_MAX_PIXELS)
+    for cfg in (qwen2_vl_7b(), qwen2_5_vl_7b()):
+        v = cfg.vision
+        buckets = default_slot_buckets(v, capped_slots(proc, v))
+        assert all(b % v.window_slots == 0 for b in buckets) and all(b / a <= 1.6 for a, b in zip(buckets, buckets[1:]))
+        for h, w in ((1080, 1920), (1024, 1024), (3000, 4000), (4000, 1000), (768, 1024)):
+            gh, gw = (x // 14 for x in smart_resize(h, w, 28, proc.min_pixels, DEFAULT_MAX_PIXELS))
+            need = slots_needed((gh, gw), v)
+            assert need <= buckets[-1] and need / round_up(need, buckets) >= 0.75, (h, w, need, buckets)

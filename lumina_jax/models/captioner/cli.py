@@ -5,10 +5,12 @@
 
 Output: one JSON object per line in the data pipeline's format (``lumina_jax.data.sources.JsonlSource``):
 ``{"image_path": <path relative to the JSONL's folder>, "prompt": <caption>, ...}`` plus bookkeeping keys
-(``granularity``, ``perspective``, ``lang``, ``num_tokens``, ``truncated``) that the pipeline ignores.
+(``granularity``, ``perspective``, ``lang``, ``instruction`` when one was given, ``num_tokens``,
+``truncated``) that the pipeline ignores. An image listed twice is captioned once.
 
-- Resumable: images already present in the output (or in any ``<stem>.NNNNN-of-NNNNN.jsonl`` part next to
-  it) are skipped; a line cut short by a crash is dropped before appending (a complete last record that
+- Resumable: images already captioned with the same settings (granularity, perspective, language, or the
+  same ``--instruction``) in the output (or in any ``<stem>.NNNNN-of-NNNNN.jsonl`` part next to it) are
+  skipped, so one file can collect several kinds of caption per image; a line cut short by a crash is dropped before appending (a complete last record that
   only lost its newline is kept). File names that are not valid UTF-8 are written with ``\\udcXX`` escapes
   (Python's surrogateescape form), which JSON readers and the next run map back to the same file.
 - Multi-host: the image list (sorted folder walk, or JSONL order) is split round-robin by
@@ -18,8 +20,9 @@ Output: one JSON object per line in the data pipeline's format (``lumina_jax.dat
   process each writes ``<stem>.<index>-of-<count>.jsonl``. Each process only uses its own devices (batch
   split over them, params replicated): no cross-host traffic; at the end the processes of a distributed
   run wait for each other (so an early finisher does not hit JAX's shutdown-barrier timeout).
-- Unreadable/corrupt images are skipped, counted (``corrupt``) and listed on stderr; so are images the
-  Qwen2-VL processor does not take (aspect ratio > 200, ``unsupported``). Setup errors (tokenizer and
+- Unreadable/corrupt images are skipped, counted (``corrupt``) and listed on stderr; so are listed files
+  that do not exist (``missing``) and images the Qwen2-VL processor does not take (aspect ratio > 200,
+  ``unsupported``). Setup errors (tokenizer and
   model disagree on ``<|image_pad|>``, an instruction containing it, bad options) stop the run before
   any image is processed.
 - Shapes are bucketed (vision slots, prompt length), so a run compiles a handful of programs.
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="transformers Qwen2-VL / Qwen2.5-VL directory (config.json, "
                    "safetensors, tokenizer.json, preprocessor_config.json)")
-    p.add_argument("--images", required=True, help="a folder (walked recursively) or a JSONL with image_path/path")
+    p.add_argument("--images", required=True, help="a folder (walked recursively, following links), a JSONL with "
+                   "image_path/path, or one image file")
     p.add_argument("--out", required=True, help="output JSONL (appended to; resumable)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="detailed")
     p.add_argument("--perspective", choices=PERSPECTIVES, default="general")
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int_at_least(1), default=None,
                    help="override preprocessor_config.json (default: its value, capped at 28*28*1280)")
     p.add_argument("--slot-buckets", type=_slot_buckets, default=None,
-                   help="comma-separated vision slot buckets (patches); default: doubling from 256 up to max-pixels")
+                   help="comma-separated vision slot buckets (patches); default: from 256 growing 1.5x up to what an image at --max-pixels takes")
     p.add_argument("--prompt-multiple", type=int_at_least(1), default=64,
                    help="prompt lengths round up to this multiple")
     p.add_argument("--attention-backend", default="auto", help="vision tower attention backend")
@@ -126,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_images(spec: str | os.PathLike) -> list[Path]:
-    """Absolute image paths of a folder (recursive, sorted) or a JSONL (file order, relative to its folder)."""
+    """Absolute image paths, each once: of a folder (recursive, following links to folders, sorted), a JSONL
+    (file order, relative to its folder) or one image file."""
     spec = Path(spec)
     if spec.is_dir():
-        return sorted(p.resolve() for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sorted(set(_walk_images(spec)))
     if not spec.is_file():
         raise FileNotFoundError(f"--images {spec}: no such folder or file")
+    if spec.suffix.lower() in IMAGE_EXTENSIONS:
+        return [spec.resolve()]
     out = []
     with open(spec, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -146,7 +153,22 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
                 raise ValueError(f"{spec}:{lineno}: no image_path/path")
             p = Path(path)
             out.append((p if p.is_absolute() else spec.parent / p).resolve())
-    return out
+    return list(dict.fromkeys(out))  # listed twice (or by two spellings): captioned once
+
+
+def _walk_images(root: Path) -> Iterator[Path]:
+    """Image files under ``root``, through links to folders too (each real folder walked once: no loops)."""
+    seen: set[str] = set()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            p = Path(d) / name
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                yield p.resolve()
 
 
 def output_file(out: Path, index: int, count: int) -> Path:
@@ -177,8 +199,23 @@ def json_line(record: dict[str, Any]) -> str:
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
-def done_set(out: Path) -> set[str]:
-    """``image_path`` values already written to ``out`` or to any of its per-process parts."""
+def settings_key(granularity: str, perspective: str, lang: str, custom: Optional[str]) -> tuple:
+    """What makes two captions of one image the same request (resume skips it): the instruction when
+    one was given, else the template's settings."""
+    return ("instruction", custom) if custom is not None else (granularity, perspective, lang)
+
+
+def _record_key(line: str) -> Optional[tuple]:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return settings_key(item.get("granularity"), item.get("perspective"), item.get("lang"), item.get("instruction"))
+
+
+def done_set(out: Path, key: Optional[tuple] = None) -> set[str]:
+    """``image_path`` values already written to ``out`` or to any of its per-process parts (with ``key``:
+    by a run of those :func:`settings_key` settings)."""
     done: set[str] = set()
     files = [out] + sorted(out.parent.glob(f"{out.stem}.*-of-*{out.suffix}"))
     for f in files:
@@ -187,7 +224,7 @@ def done_set(out: Path) -> set[str]:
         with open(f, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 path = record_path(line)
-                if path is not None:
+                if path is not None and (key is None or _record_key(line) == key):
                     done.add(os.path.normpath(path))
     return done
 
@@ -284,7 +321,8 @@ def wait_for_peers(timeout_s: float = DONE_BARRIER_TIMEOUT_S) -> None:
 
 
 class Skipped(NamedTuple):
-    """An image that is not captioned: ``kind`` ``"corrupt"`` (cannot be read/decoded) or ``"unsupported"``."""
+    """An image that is not captioned: ``kind`` ``"corrupt"`` (cannot be read/decoded), ``"missing"`` or
+    ``"unsupported"``."""
 
     kind: str
     reason: str
@@ -318,15 +356,28 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     from lumina_jax.models.captioner.decode import GenerationConfig, generate
     from lumina_jax.models.captioner.model import cast_params
     from lumina_jax.models.captioner.processor import (
-        ENDOFTEXT, IM_END, ImageProcessorConfig, Tokenizer, UnsupportedImageError, build_batch,
+        ENDOFTEXT, IM_END, ImageProcessorConfig, Tokenizer, UnsupportedImageError, build_batch, capped_slots,
         default_slot_buckets, load_image, make_example, prompt_ids, round_up)
     from lumina_jax.models.captioner.vision import slots_needed
 
     out = Path(args.out)
     my_out = output_file(out, index, count)
 
-    images = shard(list_images(args.images), index, count)
-    done = done_set(out)
+    if args.instruction is not None and not args.instruction.strip():
+        raise _setup_error("--instruction is empty (leave it out to use the templates)")
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise _setup_error(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
+    from lumina_jax.ops.attention import available_backends
+
+    for flag, name in (("--attention-backend", args.attention_backend),
+                       ("--decode-attention-backend", args.decode_attention_backend)):  # fmt: skip
+        if name not in available_backends():
+            raise _setup_error(f"{flag} {name!r} is not an attention backend; available: {available_backends()}")
+    try:
+        images = shard(list_images(args.images), index, count)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise _setup_error(str(e)) from None
+    done = done_set(out, settings_key(args.granularity, args.perspective, args.lang, args.instruction))
     base = out.parent.resolve()
     rel = {p: os.path.normpath(os.path.relpath(p, base)) for p in images}
     todo = [p for p in images if rel[p] not in done]
@@ -336,14 +387,19 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     print(f"[caption] process {index}/{count}: {len(images)} images, {skipped_existing} already captioned, "
           f"{len(todo)} to do -> {my_out}", file=sys.stderr)
     if not todo:
-        print(json.dumps({"captioned": 0, "skipped_existing": skipped_existing, "corrupt": 0, "unsupported": 0,
-                          "out": str(my_out)}))
+        print(json.dumps({"captioned": 0, "skipped_existing": skipped_existing, "corrupt": 0, "missing": 0,
+                          "unsupported": 0, "out": str(my_out)}))
         return 0
 
     # everything that can be checked without the weights, before loading them
-    config = read_config(args.model)
-    tok = Tokenizer.from_pretrained(args.model)
-    proc = ImageProcessorConfig.from_pretrained(args.model, config)
+    from lumina_jax.convert.errors import CheckpointError
+
+    try:
+        config = read_config(args.model)
+        tok = Tokenizer.from_pretrained(args.model)
+        proc = ImageProcessorConfig.from_pretrained(args.model, config)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise _setup_error(str(e)) from None
     overrides = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
                  if v is not None}
     if args.max_pixels is None and proc.max_pixels > DEFAULT_MAX_PIXELS:
@@ -369,9 +425,7 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
         if bad:
             raise _setup_error(f"--slot-buckets {bad} are not multiples of {v.window_slots} (window slots)")
     else:
-        f = proc.factor
-        max_patches = (proc.max_pixels // (f * f)) * v.merge_unit  # an upper bound on patches per image
-        buckets = default_slot_buckets(v, max_patches)
+        buckets = default_slot_buckets(v, capped_slots(proc, v))
     stops = list(config.eos_token_id)
     for t in (IM_END, ENDOFTEXT):
         i = tok.maybe_token_id(t)
@@ -396,7 +450,7 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     put_batch = _device_placer(devices, params)
     params = put_batch.params
 
-    skipped: dict[str, list[str]] = {"corrupt": [], "unsupported": []}
+    skipped: dict[str, list[str]] = {"corrupt": [], "missing": [], "unsupported": []}
     captioned = 0
     rng = jax.random.PRNGKey(args.seed + 1000003 * index)
     from tqdm import tqdm
@@ -404,6 +458,8 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     bar = tqdm(total=len(todo), disable=args.no_progress or None, desc="caption", unit="img")
 
     def prepare(path: Path) -> tuple[Path, Any]:
+        if not path.exists():
+            return path, Skipped("missing", "no such file")
         try:
             image = load_image(path)
         except Exception as e:  # noqa: BLE001 - any error opening/decoding the file: a corrupt image
@@ -419,7 +475,7 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
             for path, ex in pool.map(prepare, chunk):
                 if isinstance(ex, Skipped):
                     skipped[ex.kind].append(str(path))
-                    what = "unreadable" if ex.kind == "corrupt" else "unsupported"
+                    what = {"corrupt": "unreadable", "missing": "missing"}.get(ex.kind, "unsupported")
                     print(f"[caption] skipping {what} image {path}: {ex.reason}", file=sys.stderr)
                     bar.update(1)
                     continue
@@ -445,6 +501,7 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
                         caption = tok.decode(tokens[row, :lengths[row]]).strip()
                         rec = {"image_path": rel[path], "prompt": caption, "granularity": args.granularity,
                                "perspective": args.perspective, "lang": args.lang,
+                               **({"instruction": args.instruction} if args.instruction is not None else {}),
                                "num_tokens": int(lengths[row]), "truncated": not bool(finished[row])}
                         fout.write(json_line(rec))
                     fout.flush()
@@ -453,7 +510,7 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     bar.close()
     dt = time.perf_counter() - t_start
     summary = {"captioned": captioned, "skipped_existing": skipped_existing, "corrupt": len(skipped["corrupt"]),
-               "unsupported": len(skipped["unsupported"]), "seconds": round(dt, 2),
+               "missing": len(skipped["missing"]), "unsupported": len(skipped["unsupported"]), "seconds": round(dt, 2),
                "images_per_s": round(captioned / dt, 3) if dt else None, "out": str(my_out)}
     print(json.dumps(summary))
     return 0

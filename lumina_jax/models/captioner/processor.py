@@ -324,11 +324,27 @@ def round_up(n: int, buckets: Sequence[int] | int) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {max(buckets)}")
 
 
-def default_slot_buckets(vision: VisionConfig, max_slots: int, smallest: int = 256) -> list[int]:
-    """Doubling buckets (multiples of ``window_slots``) from ``smallest`` up to one that holds ``max_slots``."""
-    out = [round_up(smallest, vision.window_slots)]
-    while out[-1] < max_slots:
-        out.append(round_up(out[-1] * 2, vision.window_slots))
+def capped_slots(cfg: ImageProcessorConfig, vision: VisionConfig, max_aspect: float = 4.0) -> int:
+    """The most vision slots (window padding included) an image takes once resized to the pixel cap,
+    over aspect ratios from ``1 / max_aspect`` to ``max_aspect``: the top of :func:`default_slot_buckets`
+    (thinner images get programs of their own size)."""
+    most, side = 0, 16384  # large enough for the pixel cap to decide the size
+    for i in range(65):
+        aspect = max_aspect ** (i / 32 - 1)
+        rh, rw = smart_resize(side, max(1, round(side * aspect)), cfg.factor, cfg.min_pixels, cfg.max_pixels)
+        most = max(most, slots_needed((rh // cfg.patch_size, rw // cfg.patch_size), vision))
+    return most
+
+
+def default_slot_buckets(vision: VisionConfig, max_slots: int, smallest: int = 256, ratio: float = 1.5) -> list[int]:
+    """Buckets (multiples of ``window_slots``) growing by ``ratio`` from ``smallest``, the last one exactly
+    ``max_slots`` rounded up: images resized to the pixel cap (most photos) fill it, instead of ~60 % of
+    the next doubling (which costs the vision tower that much more work)."""
+    ws = vision.window_slots
+    top = round_up(max_slots, ws)
+    out = [min(round_up(smallest, ws), top)]
+    while out[-1] < top:
+        out.append(min(round_up(int(out[-1] * ratio), ws), top))
     return out
 
 
