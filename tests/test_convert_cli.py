@@ -38,16 +38,42 @@ def test_cli_message(msg, want):
     assert cli.cli_message(ValueError(msg)) == want
 
 
-def test_other_models_are_named_not_read_as_a_next_dit(tmp_path, capsys):
-    """The project's text encoder / VAE folders share the marker file of a Next-DiT folder, and
-    transformers / diffusers folders of other models have a config.json: each is named (were read as a
-    Next-DiT and failed on its config keys or missing tensors)."""
-    assert cli.main([str(TRANSFORMER.parent / "text_encoder"), str(tmp_path / "o"), "--to", "diffusers"]) == 1
-    assert "is the project's 'gemma2' component; `convert` converts the Next-DiT" in capsys.readouterr().err
-    for name, cfg, want in (("te", '{"model_type": "gemma2"}', "a transformers 'gemma2' model"),
-                            ("vae", '{"_class_name": "AutoencoderKL"}', "a diffusers AutoencoderKL")):  # fmt: skip
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(cfg)
-        assert cli.main([str(tmp_path / name), str(tmp_path / "o"), "--to", "jax"]) == 1
-        err = capsys.readouterr().err
-        assert want in err and "load_text_encoder" in err, err
+def test_text_encoder_and_vae_convert_both_ways_bit_exact(tmp_path, capsys):
+    """convert detects the bundled model's encoders (project folders, which share the Next-DiT folder's
+    marker file) and converts them to transformers / diffusers / BFL and back, bit for bit."""
+    import jax
+    import numpy as np
+
+    from lumina_jax.convert import load_text_encoder, load_vae
+
+    te, vae = TRANSFORMER.parent / "text_encoder", TRANSFORMER.parent / "vae"
+    steps = [(te, "te_hf", "diffusers"), ("te_hf", "te_jax", "jax"), (vae, "ae", "original"),
+             ("ae/ae.safetensors", "vae_d", "diffusers"), ("vae_d", "vae_j", "jax")]  # fmt: skip
+    for src, dst, to in steps:
+        assert cli.main([str(tmp_path / src), str(tmp_path / dst), "--to", to, "--verify"]) == 0, capsys.readouterr()
+        assert "tensors bit-exact" in capsys.readouterr().out
+    assert (tmp_path / "te_hf" / "config.json").exists() and (tmp_path / "ae" / "ae.safetensors").exists()
+    for load, a, b in ((load_text_encoder, te, "te_jax"), (load_vae, vae, "vae_j")):
+        (ca, pa), (cb, pb) = load(a, dtype=None), load(tmp_path / b, dtype=None)
+        assert ca == cb
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y), strict=True), pa, pb)
+    # bf16 export of the VAE
+    assert cli.main([str(vae), str(tmp_path / "vae16"), "--to", "diffusers", "--dtype", "bf16", "--verify"]) == 0
+    assert {str(v.dtype) for v in jax.tree.leaves(load_vae(tmp_path / "vae16", dtype=None)[1])} == {"bfloat16"}
+
+
+def test_other_models_are_named(tmp_path, capsys):
+    from lumina_jax.convert import load_transformer
+    from lumina_jax.convert.errors import CheckpointError
+
+    (tmp_path / "cap").mkdir()
+    (tmp_path / "cap" / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    assert cli.main([str(tmp_path / "cap"), str(tmp_path / "o"), "--to", "jax"]) == 1
+    err = capsys.readouterr().err
+    assert "a 'qwen2_vl' model; convert handles Next-DiT, Gemma-2 and AutoencoderKL" in err and "load_captioner" in err
+    # the library's Next-DiT loader names an encoder folder (it was read as a Next-DiT and failed on its keys)
+    with pytest.raises(CheckpointError, match="the project's 'gemma2' component, not a Next-DiT checkpoint"):
+        load_transformer(TRANSFORMER.parent / "text_encoder")
+    assert cli.main([str(TRANSFORMER.parent / "text_encoder"), str(tmp_path / "o"), "--to", "jax", "--config",
+                     "nextdit_tiny"]) == 1  # fmt: skip
+    assert "--config is for Next-DiT and BFL autoencoder checkpoints" in capsys.readouterr().err

@@ -1,11 +1,20 @@
 """``python -m lumina_jax convert SRC DST --to jax|diffusers|original [--dtype fp32|bf16|fp16] [--config NAME] [--overwrite] [--verify]``.
 
-Converts a Next-DiT checkpoint between the project's own format, a diffusers ``transformer/``
-directory and the original Alpha-VLLM layout. The source format is detected. Nothing is written at
-``DST`` unless the whole conversion succeeds; an ``--overwrite`` that is killed leaves the old ``DST``
-(put back by the next run if the kill came between the two renames that replace it). The config goes
-with the weights in every format (for ``--to original``, in the file's metadata: the original code
-ignores it, a reload here uses it); ``--config`` overrides it.
+Converts a checkpoint between the project's own format and PyTorch's. What SRC holds and its format
+are detected:
+
+- the Next-DiT transformer: the project's folder, a diffusers ``transformer/`` folder, or the original
+  Alpha-VLLM layout (``--to original``: a ``.pth``/``.safetensors`` file, or a folder that gets
+  ``consolidated.00-of-01.pth``);
+- the Gemma-2 text encoder: the project's ``text_encoder/`` folder or a transformers folder (``--to
+  diffusers`` and ``--to original`` both write a transformers ``Gemma2Model`` folder, as both pipelines use);
+- the FLUX VAE: the project's ``vae/`` folder, a diffusers ``AutoencoderKL`` folder, or BFL's
+  ``ae.safetensors`` (``--to original`` writes that file, or ``DST/ae.safetensors`` for a folder).
+
+Nothing is written at ``DST`` unless the whole conversion succeeds; an ``--overwrite`` that is killed
+leaves the old ``DST`` (put back by the next run if the kill came between the two renames that replace
+it). The config goes with the weights in every format (for ``--to original``, in the file's metadata: the
+original code ignores it, a reload here uses it); ``--config`` overrides it.
 """
 
 from __future__ import annotations
@@ -58,8 +67,10 @@ def main(argv: list[str]) -> int:
 
     t0 = time.time()
     try:
+        kind = component_kind(args.src)
         dst = Path(args.dst)
-        target = dst if args.to != "original" or dst.suffix else dst / "consolidated.00-of-01.pth"
+        original_name = {"transformer": "consolidated.00-of-01.pth", "vae": "ae.safetensors"}.get(kind)
+        target = dst if args.to != "original" or dst.suffix or original_name is None else dst / original_name
         recover_replaced(target)  # a killed --overwrite run's old DST comes back first
         if target.exists() and not args.overwrite:  # before the (long) load, not after
             raise FileExistsError(f"{target} already exists (pass --overwrite to replace it)")
@@ -67,6 +78,10 @@ def main(argv: list[str]) -> int:
         if src.is_dir() and src in dst.resolve().parents:
             raise ValueError(f"{args.dst} is inside the checkpoint {args.src}: another weights file there would "
                              f"become part of that checkpoint; write it elsewhere")  # fmt: skip
+        if kind != "transformer":
+            out = _convert_encoder(kind, args, target, t0)
+            print(f"wrote {out} in {time.time() - t0:.1f}s")
+            return 0
         fmt = detect_format(args.src)
         config = NextDiTConfig.from_yaml(args.config) if args.config else None
         where = original_weights_file(args.src) if fmt == "original" else args.src
@@ -82,3 +97,115 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"wrote {out} in {time.time() - t0:.1f}s")
     return 0
+
+
+def component_kind(path: str | Path) -> str:
+    """``"transformer"``, ``"text_encoder"`` or ``"vae"``: what the checkpoint at ``path`` holds (from the
+    project's marker file, a config.json's ``model_type`` / ``_class_name``, or a file's tensor names);
+    another model is a :class:`CheckpointError` naming it."""
+    import json
+
+    from lumina_jax.convert.components import COMPONENT_MARKER
+
+    p = Path(path)
+    kinds = {"nextdit": "transformer", "gemma2": "text_encoder", "vae": "vae"}
+    try:
+        if p.is_dir() and (p / COMPONENT_MARKER).is_file():
+            model = json.loads((p / COMPONENT_MARKER).read_text()).get("model", "nextdit")
+            if model not in kinds:
+                raise CheckpointError(f"{p}: the project's {model!r} folder; convert handles {sorted(kinds)}")
+            return kinds[model]
+        if p.is_dir() and (p / "config.json").is_file():
+            cfg = json.loads((p / "config.json").read_text())
+            if cfg.get("model_type") == "gemma2":
+                return "text_encoder"
+            if cfg.get("_class_name") == "AutoencoderKL":
+                return "vae"
+            other = cfg.get("model_type") or cfg.get("_class_name")
+            if other and other != "Lumina2Transformer2DModel":
+                hint = " (captioners: lumina_jax.convert.load_captioner / save_captioner)" if "vl" in str(other) else ""
+                raise CheckpointError(f"{p}: a {other!r} model; convert handles Next-DiT, Gemma-2 and AutoencoderKL "
+                                      f"checkpoints{hint}")  # fmt: skip
+        if p.is_file() and p.suffix == ".safetensors":
+            from lumina_jax.convert.safetensors_io import SafetensorsFile
+
+            names = set(SafetensorsFile(p).keys())
+            if {"encoder.conv_in.weight", "decoder.conv_in.weight"} <= names:
+                return "vae"  # BFL's ae.safetensors layout
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, AttributeError):
+        pass  # unreadable here: the Next-DiT loader names the problem
+    return "transformer"
+
+
+def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: float) -> Path:
+    """``convert`` for the text encoder and the VAE (see the module docstring for the formats)."""
+    import dataclasses
+
+    import numpy as np
+
+    from lumina_jax.convert.common import cast, flatten, resolve_dtype, to_numpy
+    from lumina_jax.convert.components import save_component
+
+    src = Path(args.src)
+    if kind == "text_encoder":
+        from lumina_jax.convert.gemma2 import load_text_encoder, save_text_encoder
+
+        if args.config:
+            raise ValueError("--config is for Next-DiT and BFL autoencoder checkpoints; a text encoder's config "
+                             "comes with it")  # fmt: skip
+        load = lambda path: load_text_encoder(path, dtype=None)  # noqa: E731
+        config, params = load(src)
+        config_dict = dataclasses.asdict(config)
+        model = "gemma2"
+    else:
+        from lumina_jax.convert.vae import load_flux_ae, load_vae, save_flux_ae, save_vae
+        from lumina_jax.models.vae import VAEConfig
+
+        override = VAEConfig.from_yaml(args.config) if args.config else None
+
+        def load(path):
+            if Path(path).is_file():
+                return load_flux_ae(path, config=override, dtype=None)
+            if override is not None:
+                raise ValueError("--config is for BFL ae.safetensors files; a VAE folder's config comes with it")
+            return load_vae(path, dtype=None)
+
+        config, params = load(src)
+        config_dict = config.to_dict()
+        model = "vae"
+    n = sum(int(np.prod(np.shape(v))) for v in flatten(params).values())
+    print(f"loaded {kind} {src} ({n / 1e6:.1f}M params) in {time.time() - t0:.1f}s; writing {args.to}", flush=True)
+    if args.to == "jax":
+        out = save_component(target, model, config_dict, params, dtype=args.dtype, overwrite=args.overwrite)
+    elif kind == "text_encoder":
+        out = save_text_encoder(target, config, params, dtype=args.dtype, overwrite=args.overwrite)
+    elif args.to == "diffusers":
+        out = save_vae(target, config, params, dtype=args.dtype, overwrite=args.overwrite)
+    else:
+        out = save_flux_ae(target, config, params, dtype=args.dtype, overwrite=args.overwrite)
+    if args.verify:
+        config2, params2 = load(out)
+        if config2 != config:
+            raise CheckpointError(f"{out}: its config reads back as {config2}, not {config}")
+        want, got = flatten(params), flatten(params2)
+        dt = resolve_dtype(args.dtype)
+        if set(want) != set(got):
+            raise CheckpointError(f"{out}: params {sorted(set(want) ^ set(got))} differ in name")
+        bad = [k for k in want if not _same_bytes(cast(to_numpy(want[k]), dt), got[k])]
+        if bad:
+            raise CheckpointError(f"{out}: {len(bad)} tensors differ after reading back: {bad[:10]}")
+        print(f"verified {out}: {len(want)} tensors bit-exact", flush=True)
+    return out
+
+
+def _same_bytes(a, b) -> bool:
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_bytes = lambda x: np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # noqa: E731 -- NaN payloads too
+    return bool(np.array_equal(as_bytes(a), as_bytes(b)))
+

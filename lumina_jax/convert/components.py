@@ -345,6 +345,16 @@ def save_components(path: str | os.PathLike, components: Components, *, dtype: A
     return Path(path)
 
 
+def save_component(path: str | os.PathLike, model: str, config: dict[str, Any], params: Params, *, dtype: Any = None,
+                   overwrite: bool = False) -> Path:  # fmt: skip
+    """Write one encoder (``model`` ``"gemma2"`` or ``"vae"``) as the project's component folder (what a
+    pipeline folder's ``text_encoder/`` / ``vae/`` hold; ``load_text_encoder`` / ``load_vae`` read it),
+    atomically."""
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        _save_orbax_component(tmp, model, config, params, dtype)
+    return Path(path)
+
+
 def _save_orbax_component(d: Path, model: str, config: dict[str, Any], params: Params, dtype: Any) -> None:
     import orbax.checkpoint as ocp
 

@@ -256,10 +256,10 @@ def detect_format(path: str | os.PathLike) -> Format:
     if p.is_dir():
         other = _other_component(p)
         if other is not None:
-            raise CheckpointError(f"{p} is {other}; `convert` converts the Next-DiT transformer (the text encoder, VAE "
-                                  f"and captioner convert from Python: lumina_jax.convert's load_text_encoder / "
-                                  f"save_text_encoder, load_vae / save_vae / save_flux_ae, load_captioner / "
-                                  f"save_captioner; see README)")  # fmt: skip
+            raise CheckpointError(f"{p} is {other}, not a Next-DiT checkpoint (read text encoders with "
+                                  f"lumina_jax.convert.load_text_encoder, VAEs with load_vae, captioners with "
+                                  f"load_captioner; `python -m lumina_jax convert` converts text encoders and VAEs "
+                                  f"too)")  # fmt: skip
         if (p / JAX_MARKER).exists():
             return "jax"
         cfg = p / "config.json"
