@@ -43,6 +43,8 @@ def test_directory_round_trip_bit_exact(tmp_path, family, tied):
 
     out = save_captioner(tmp_path / "export", loaded_config, params, processor_dir=src)
     assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
+    text = json.loads((out / "config.json").read_text())["text_config"]  # transformers 4.x reads rope_scaling
+    assert text["rope_scaling"] == {"type": "mrope", "mrope_section": list(loaded_config.text.mrope_section)}
     written = TensorSource(out)
     expected = {k: v for k, v in ref.items() if not (tied and k == "lm_head.weight")}
     assert sorted(written.keys()) == sorted(expected)

@@ -6,12 +6,13 @@ exporter (:func:`save_captioner`) and the in-memory functions used by the parity
 
 Canonical key names (this module's) and the two layouts found in the wild::
 
-    canonical                      transformers 5.x save               released checkpoints (4.4x)
+    canonical                      transformers >= 4.52 layout         released checkpoints (and 5.25's save)
     visual.<k>                     model.visual.<k>                    visual.<k>
     language_model.<k>             model.language_model.<k>            model.<k>
     lm_head.weight                 lm_head.weight                      lm_head.weight
 
-Both are read; the exporter writes the 5.x layout (which transformers 5 loads directly). With
+Both are read; the exporter writes the first (transformers 4.52+ and 5 load it; its config.json has the
+5.x ``rope_parameters`` and the 4.x ``rope_scaling``/``rope_theta``, checked with 4.57.1 and 5.25). With
 ``tie_word_embeddings`` the LM head is the embedding table: ``lm_head.weight`` is ignored if present and
 not written.
 

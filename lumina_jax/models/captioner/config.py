@@ -260,7 +260,7 @@ class CaptionerConfig:
         )
 
     def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
-        """A nested (transformers 5.x) ``config.json`` dict that ``*ForConditionalGeneration`` loads."""
+        """A nested ``config.json`` dict that ``*ForConditionalGeneration`` of transformers 5 and 4.5x loads."""
         t, v = self.text, self.vision
         eos: Any = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
         text = {
@@ -277,6 +277,9 @@ class CaptionerConfig:
             "use_sliding_window": False,
             "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
                                 "mrope_section": list(t.mrope_section)},
+            # transformers 4.x reads these instead (without them its M-RoPE finds no mrope_section)
+            "rope_theta": t.rope_theta,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
             "pad_token_id": self.pad_token_id,
