@@ -206,3 +206,14 @@ def test_default_buckets_end_at_the_pixel_cap():
             gh, gw = (x // 14 for x in smart_resize(h, w, 28, proc.min_pixels, DEFAULT_MAX_PIXELS))
             need = slots_needed((gh, gw), v)
             assert need <= buckets[-1] and need / round_up(need, buckets) >= 0.75, (h, w, need, buckets)
+
+
+def test_several_chunks_each_image_once(tmp_path, model_dir, capsys):
+    """Images are prepared a chunk (4 x batch) ahead of generation: 3 chunks, every image once, in order."""
+    imgs = tmp_path / "imgs"
+    _make_images(imgs, SIZES + SIZES[:4])
+    out = tmp_path / "caps.jsonl"
+    args = ["--model", str(model_dir), "--images", str(imgs), "--out", str(out), *COMMON, "--batch-size", "1"]
+    assert main(args) == 0 and _summary(capsys)["captioned"] == 10
+    got = [r["image_path"] for r in _read(out)]
+    assert sorted(got) == sorted(set(got)) and len(got) == 10

@@ -470,9 +470,14 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
             return path, Skipped("unsupported", str(e))
 
     with open_for_append(my_out) as fout, ThreadPoolExecutor(max(1, args.workers)) as pool:
-        for chunk in _chunks(todo, B * 4):
+        chunks = list(_chunks(todo, B * 4))
+        ahead = pool.map(prepare, chunks[0])  # map submits at once: the next chunk loads during generation
+        for ci in range(len(chunks)):
+            prepared = list(ahead)
+            if ci + 1 < len(chunks):
+                ahead = pool.map(prepare, chunks[ci + 1])
             by_bucket: dict[int, list] = {}
-            for path, ex in pool.map(prepare, chunk):
+            for path, ex in prepared:
                 if isinstance(ex, Skipped):
                     skipped[ex.kind].append(str(path))
                     what = {"corrupt": "unreadable", "missing": "missing"}.get(ex.kind, "unsupported")
