@@ -167,6 +167,33 @@ def test_unreadable_rows_become_padding_and_are_counted_by_their_host(tmp_path):
     assert total_valid == 10 and skipped == {"bad_record": 2}
 
 
+def test_a_batch_with_no_readable_record_is_all_padding_not_an_error(tmp_path, caplog):
+    """The size index reads headers only, so a corrupt record is planned; when it is its crop size's
+    only record, no row of that global batch reads: every host gets an all-padding batch of the planned
+    size (the run went on with the per-host plan, but stopped with the global one)."""
+    recs = make_records(7, seed=3, sizes=[(64, 64)]) + make_records(1, seed=4, sizes=[(32, 128)])
+    name = records.shard_name(cache.LATENT_SHARD_PREFIX, 0)
+    blobs = [records.encode_record(cache.make_latent_record(**r)) for r in recs]
+    blobs[7] = b"garbage"  # the only 32 x 128 record
+    records.write_shard(tmp_path / name, blobs)
+    np.save(tmp_path / "record_sizes.npy",
+            np.asarray([[r["latent"].shape[0] * 8, r["latent"].shape[1] * 8, len(r["cap_mask"])] for r in recs], np.int32))
+    records.write_json_atomic(tmp_path / "cache_info.json", {"num_records": 8, "shards": [name]})
+    per_host = []
+    with caplog.at_level("WARNING", logger="lumina_jax.data"):
+        for h in range(2):
+            it = iter(DataPipeline(cache.LatentCacheSource(tmp_path, name="c"),
+                                   config(bucket_plan="global", shard_index=h, shard_count=2, batch_size=2,
+                                          drop_incomplete=False, text_len=32)))  # fmt: skip
+            per_host.append((list(it), it.stats))
+    for batches, stats in per_host:
+        blank = [b for b in batches if b["latents"].shape[1:3] == (4, 16)]
+        assert len(blank) == 1 and not blank[0]["valid"].any() and not blank[0]["latents"].any()
+    assert sum(int(b["valid"].sum()) for bs, _ in per_host for b in bs) == 7
+    assert sum(st.total_skipped(reason="bad_record") for _, st in per_host) == 1
+    assert "an all-padding batch" in caplog.text
+
+
 def test_index_rows_of_unreadable_records_are_left_out_and_counted_once(tmp_path):
     sizes = _corrupt_cache(tmp_path, bad_positions=[4])
     sizes[4] = 0  # what index_latent_cache writes for a record it could not read

@@ -424,6 +424,11 @@ def test_image_source_paths_and_encoder_dtype(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"image_path": "x.png", "prompt": "a cat"}\n')
     (src,) = image_sources(str(tmp_path / "a.jsonl"))
     assert len(src) == 1
+    # a YAML list is one source, its files concatenated (as the original; they were mixed 1:1 whatever their size)
+    (tmp_path / "b.jsonl").write_text('{"image_path": "y.png", "prompt": "a dog"}\n' * 9)
+    (tmp_path / "meta.yaml").write_text("META:\n  - path: a.jsonl\n  - path: b.jsonl\n")
+    (src,) = image_sources(str(tmp_path / "meta.yaml"))
+    assert len(src) == 10 and src.name == "meta"
     with pytest.raises(ValueError, match="encoder_dtype"):
         DataConfig(kind="images", paths=("a.jsonl",), encoder_dtype="float16")
     assert DataConfig(kind="images", paths=("a.jsonl",)).system_prompt == "real"

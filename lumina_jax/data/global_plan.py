@@ -189,6 +189,9 @@ def _stale(source: Any, index: int, got: Any, planned: Any) -> str:
             f"`{INDEX_COMMAND.format(dir=cache_dir)}`")  # fmt: skip
 
 
+TEMPLATE_SEARCH = 64  # records read to shape an all-padding batch when none of a batch's can be read
+
+
 class HostRows:
     """A global plan batch -> this host's rows as a collated batch (a picklable grain map).
 
@@ -345,9 +348,19 @@ class HostRows:
                 return sample
         if stale is not None:
             return _blank(stale, planned)
+        # Nothing of this batch reads (e.g. the only record of its crop size is corrupt: the size index
+        # reads headers only): an all-padding batch shaped from another record, the same on every host.
+        source_id, epoch = refs[0][0], refs[0][1]
+        for index in range(min(len(self.sources[source_id]), TEMPLATE_SEARCH)):
+            sample = self.loaders[source_id]((epoch, index))
+            if not is_skip(sample):
+                logger.warning("no record of a %d-row global batch of size %s could be read (e.g. %r record %d): "
+                               "an all-padding batch", len(refs), planned, self.sources[source_id].name, refs[0][2])  # fmt: skip
+                return _blank(sample, planned)
         raise NoUsableSampleError(
             f"no record of a {len(refs)}-row global batch of size {planned} could be read (e.g. "
-            f"{self.sources[refs[0][0]].name!r} record {refs[0][2]}); check the data"
+            f"{self.sources[refs[0][0]].name!r} record {refs[0][2]}), nor any of the first {TEMPLATE_SEARCH} records "
+            f"of that source; check the data"
         )
 
 

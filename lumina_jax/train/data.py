@@ -354,11 +354,13 @@ def check_same_shapes_on_every_host(stage: StageConfig, shard_count: int) -> Non
 
 
 def image_sources(path: str, *, system_prompt: str = "real", key_feature: Optional[str] = None) -> list:
-    """The image sources one ``paths`` entry names: a prepared TFDS folder (has ``dataset_info.json``),
-    an original-style YAML list, or a JSONL file."""
+    """The image source one ``paths`` entry names (one, so that mixture ``weights`` are per entry): a
+    prepared TFDS folder (has ``dataset_info.json``), an original-style YAML list (its files concatenated,
+    each after its ``ratio``, as the original does; they were mixed 1:1 whatever their sizes), or a JSONL
+    file."""
     import os
 
-    from lumina_jax.data import JsonlSource, load_yaml_sources
+    from lumina_jax.data import ConcatSource, JsonlSource, load_yaml_sources
     from lumina_jax.data.sources import TfdsSource
 
     if os.path.isdir(path):
@@ -368,7 +370,8 @@ def image_sources(path: str, *, system_prompt: str = "real", key_feature: Option
     if not os.path.exists(path):
         raise FileNotFoundError(f"image source {path} does not exist")
     if str(path).endswith((".yaml", ".yml")):
-        return load_yaml_sources(path)
+        parts = load_yaml_sources(path)
+        return [parts[0] if len(parts) == 1 else ConcatSource(parts, name=os.path.splitext(os.path.basename(path))[0])]
     return [JsonlSource(path)]
 
 
