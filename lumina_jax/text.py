@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 Params = dict[str, Any]
 DEFAULT_MAX_LENGTH = 256
 MIN_BUCKET = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")  # not encodable as UTF-8: the tokenizer cannot take it
 _DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
 
 
@@ -209,6 +211,12 @@ class TextEncoder:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"{label} {i} is a {type(p).__name__}, not a str")
+            if _SURROGATE.search(p):
+                raise ValueError(f"{label} {i} is not valid Unicode (a lone surrogate at character "
+                                 f"{_SURROGATE.search(p).start()}: undecodable bytes or a broken \\ud8xx escape)")
         texts = [build_prompt(p, system_prompt) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=True, padding=False, truncation=False)["input_ids"]
         dropped = {i: len(x) - max_length for i, x in enumerate(ids) if len(x) > max_length}

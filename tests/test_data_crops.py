@@ -139,3 +139,21 @@ def test_crop_fitter_gives_best_crop_size_everywhere(resolution):
     assert tie(200, 100) == (128, 32)
     with pytest.raises(ValueError, match="positive"):
         fit(0, 5)
+
+
+def test_thin_images_resize_only_the_kept_region():
+    """A strip far beyond 4:1 would be resized whole to cover the crop (2 x 3000 at 1024 px: 512 x
+    768000 pixels, GBs); only the region that lands in the crop is resized, with the same geometry."""
+    rng = np.random.default_rng(0)
+    strip = Image.fromarray(rng.integers(0, 255, (3000, 2, 3), np.uint8), "RGB")  # 2 wide, 3000 high
+    out = crops.resize_and_crop(strip, (512, 2048), np.random.default_rng(1))
+    assert out.size == (512, 2048)
+    # a moderately thin image through both paths (threshold forced): the same crop, up to the filter's edge
+    image = Image.fromarray((np.add.outer(np.arange(60), np.arange(400)) % 256).astype(np.uint8), "L")
+    full = np.asarray(crops.resize_and_crop(image, (64, 32), np.random.default_rng(2)), np.float32)
+    old, crops.THIN_FACTOR = crops.THIN_FACTOR, 0
+    try:
+        boxed = np.asarray(crops.resize_and_crop(image, (64, 32), np.random.default_rng(2)), np.float32)
+    finally:
+        crops.THIN_FACTOR = old
+    assert full.shape == boxed.shape and np.abs(full - boxed)[2:-2, 2:-2].max() <= 2.0

@@ -104,6 +104,11 @@ def test_source_with_no_usable_sample_is_an_error_naming_it(tmp_path):
     it = iter(DataPipeline(blank, config(probe_samples=5, max_consecutive_skips=20)))
     with pytest.raises(NoUsableSampleError, match="blank_captions"):
         next(it)
+    # Larger than the probe, shorter than the skip limit, one epoch: the end of the data says so (was: no
+    # batch and no error; preprocess wrote an empty cache and exited 0)
+    it = iter(DataPipeline(blank, config(probe_samples=5, num_epochs=1)))
+    with pytest.raises(NoUsableSampleError, match=r"no usable sample in the data: 0 samples .*blank_captions: empty_caption=50"):
+        next(it)
 
 
 def test_consecutive_skip_limit_is_configurable_and_named_in_the_error():

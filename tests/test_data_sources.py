@@ -42,6 +42,10 @@ def test_parse_original_item_key_mapping():
     for bad in ({"path": "a.png"}, {"prompt": "c"}, {"path": 3, "prompt": "c"}, [1, 2]):
         with pytest.raises(sources.SkipSample):
             sources.parse_original_item(bad)
+    # a JSON "\ud83d" escape without its pair is valid JSON but not text the tokenizer takes
+    lone = json.loads('{"path": "a.png", "prompt": "a cat \\ud83d"}')
+    with pytest.raises(sources.SkipSample, match="not valid Unicode"):
+        sources.parse_original_item(lone)
 
 
 def test_jsonl_prompts_use_the_system_prompt_of_their_keys(dataset):

@@ -157,6 +157,8 @@ def test_truncation_warns_with_counts_or_raises(encoder, tok):
         assert encoder.last_truncated == 2 and np.array_equal(quiet, ids)
     with pytest.raises(ValueError, match="on_truncate"):
         encoder.tokenize([SHORT], on_truncate="ignore")
+    with pytest.raises(ValueError, match=r"negative prompt 1 is not valid Unicode \(a lone surrogate at character 2"):
+        encoder.tokenize([SHORT, "ab\udcff"], label="negative prompt")  # was the tokenizer's TypeError
 
 
 def test_token_ids_outside_the_vocabulary_are_an_error(encoder):

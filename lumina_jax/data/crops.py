@@ -113,6 +113,9 @@ class CropFitter:
         return best_crop_size(width, height, self._sizes[lo + 1:hi])
 
 
+THIN_FACTOR = 4  # resized image over this many times the crop's area: resize the kept region only
+
+
 def resize_and_crop(
     image: Image.Image,
     crop_size: CropSize,
@@ -130,13 +133,19 @@ def resize_and_crop(
     new_size = tuple(round(s * scale) for s in image.size)
     # Rounding can leave a side one pixel short of the target; never crop outside the image.
     new_size = (max(new_size[0], cw), max(new_size[1], ch))
-    image = image.resize(new_size, resample=Image.BICUBIC)
-    slack_x, slack_y = image.size[0] - cw, image.size[1] - ch
+    slack_x, slack_y = new_size[0] - cw, new_size[1] - ch
     if offset_rng is None:
         left, top = slack_x // 2, slack_y // 2
     else:
         left = int(offset_rng.integers(0, slack_x + 1))
         top = int(offset_rng.integers(0, slack_y + 1))
+    if new_size[0] * new_size[1] > THIN_FACTOR * cw * ch:
+        # A very thin image (a 2 x 3000 strip at 1024 px would become 512 x 768000, GBs): resize only the
+        # source region that lands in the crop (same geometry; the filter sees no pixels past the box).
+        sx, sy = image.size[0] / new_size[0], image.size[1] / new_size[1]
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        return image.resize((cw, ch), resample=Image.BICUBIC, box=box)
+    image = image.resize(new_size, resample=Image.BICUBIC)
     return image.crop((left, top, left + cw, top + ch))
 
 

@@ -611,7 +611,12 @@ class DataIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict:
         while True:
-            batch = next(self._parent)
+            try:
+                batch = next(self._parent)
+            except StopIteration:
+                if self.stats.samples == 0 and self.stats.total_skipped():  # every record was unusable
+                    raise NoUsableSampleError(f"no usable sample in the data: {self.stats.summary()}") from None
+                raise
             self.stats.add_skips(batch.pop("_skips", {}) or {})
             if batch.get("_stats_only"):
                 continue

@@ -139,7 +139,12 @@ def parse_original_item(item: Mapping[str, Any]) -> tuple[str, Optional[str], st
         raise SkipSample("bad_record", f"no image path in {sorted(item)}")
     if caption is not None and not isinstance(caption, str):
         raise SkipSample("bad_record", f"caption is a {type(caption).__name__}")
+    if caption is not None and _SURROGATE.search(caption):  # e.g. a JSON "\ud83d" escape without its pair
+        raise SkipSample("bad_record", "caption is not valid Unicode (a lone surrogate)")
     return path, caption, system
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _BadEntry:
