@@ -71,6 +71,9 @@ def test_skip_counts_exact_and_first_paths_logged(dataset, caplog):
     for item in items:
         if item.expected_skip:
             assert item.file in logged
+    # undecodable files say why (PIL's error), not only which
+    undecodable = [line for line in logged.splitlines() if "(undecodable)" in line]
+    assert undecodable and all("Error:" in line for line in undecodable), undecodable
 
 
 def test_bad_data_does_not_reorder_the_rest(dataset, tmp_path):

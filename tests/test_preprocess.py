@@ -295,6 +295,13 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(encoders, data, cli
     r4 = pp.preprocess(source, encoders, config(out))
     assert r4.already_complete and r4.new_records == 0 and calls["n"] == 0
     assert "nothing to do" in pp.format_summary(r4)
+    # the same data named from another folder (relative path) is the same source; so is a state written with a
+    # relative path by an earlier version
+    assert pp.describe_source(JsonlSource(os.path.relpath(data)))["path"] == str(Path(data).resolve())
+    state = json.loads((out / pp.STATE_FILE).read_text())
+    state["settings"]["source"]["path"] = os.path.relpath(state["settings"]["source"]["path"])
+    (out / pp.STATE_FILE).write_text(json.dumps(state))
+    assert pp.preprocess(JsonlSource(os.path.relpath(data)), encoders, config(out)).already_complete
     # 5. other settings are refused, naming what changed
     with pytest.raises(pp.PreprocessError, match="batch_size: was 4, now 2"):
         pp.preprocess(source, encoders, pp.PreprocessConfig(out_dir=str(out), resolution=RES, batch_size=2,

@@ -208,6 +208,17 @@ def open_sources(specs: Sequence[str | os.PathLike], **kwargs: Any) -> Any:
     return sources[0] if len(sources) == 1 else ConcatSource(sources, name="data")
 
 
+def _absolute_paths(desc: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`describe_source` dict with its (and its parts') local paths made absolute."""
+    out = dict(desc)
+    for attr in ("path", "cache_dir"):
+        if isinstance(out.get(attr), str) and "://" not in out[attr]:
+            out[attr] = os.path.abspath(out[attr])
+    if isinstance(out.get("parts"), list):
+        out["parts"] = [_absolute_paths(p) if isinstance(p, dict) else p for p in out["parts"]]
+    return out
+
+
 def describe_source(source: Any) -> dict[str, Any]:
     """What identifies a source in the state file (its name, type, size and files when known)."""
     out: dict[str, Any] = {"name": source.name, "type": type(source).__name__, "records": len(source)}
@@ -217,7 +228,7 @@ def describe_source(source: Any) -> dict[str, Any]:
     inner = getattr(source, "_sources", None)
     if inner:
         out["parts"] = [describe_source(s) for s in inner]
-    return out
+    return _absolute_paths(out)  # a rerun from another folder (or with an absolute path) is the same data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -608,6 +619,8 @@ class _StateFile:
             if data.get("version") != STATE_VERSION:
                 raise PreprocessError(f"{path}: state version {data.get('version')} (expected {STATE_VERSION})")
             old = data.get("settings", {})
+            if isinstance(old.get("source"), dict):  # states written before paths were made absolute
+                old = dict(old, source=_absolute_paths(old["source"]))
             if old != settings:
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 detail = "; ".join(f"{k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)

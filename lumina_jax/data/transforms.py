@@ -168,12 +168,12 @@ class ImageSampleLoader:
                 image = image_from_array(data)
             else:
                 image = decode_image(data)
-        except Exception:  # noqa: BLE001 -- truncated / corrupt / not an image
-            return skip_marker("undecodable", name, key)
+        except Exception as e:  # noqa: BLE001 -- truncated / corrupt / not an image
+            return skip_marker("undecodable", name, f"{key} ({type(e).__name__}: {e})")
         try:
             image = to_rgb(image)
         except SkipSample as e:
-            return skip_marker(e.reason, name, key)
+            return skip_marker(e.reason, name, f"{key} ({e.detail})")
 
         # Fixed draw order: dropout first, then the optional crop offset.
         rng = sample_rng(self.seed, self.source_id, epoch, index)
@@ -181,8 +181,8 @@ class ImageSampleLoader:
         offset_rng = rng if self.config.random_crop_offset else None
         try:
             image = crops.var_center_crop(image, self.config.crop_sizes, offset_rng)
-        except Exception:  # noqa: BLE001 -- e.g. decompression errors surfacing at resize
-            return skip_marker("undecodable", name, key)
+        except Exception as e:  # noqa: BLE001 -- e.g. decompression errors surfacing at resize
+            return skip_marker("undecodable", name, f"{key} ({type(e).__name__}: {e})")
         prompt = "" if dropped else text_templates.build_prompt(caption, raw.system_prompt)
         pixels = normalize(image, self._dtype)
         return {
