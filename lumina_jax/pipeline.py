@@ -20,10 +20,13 @@ cfg_trunc_ratio / mode    1.0 / ``"time"``: CFG while t < r     ``cfg_trunc_mode
 ``balanced``, ``fast``, ``diffusers``); explicit keywords override it. With ``preset="diffusers"`` (and
 the same initial ``latents``) the output equals diffusers' ``Lumina2Pipeline`` to ~1e-5.
 
-Differences from diffusers that remain: ``latents`` are channels-last ``(B, h, w, C)``; negative prompts
-are used verbatim (as in diffusers; the original prefixes non-empty negative prompts with the system
-prompt); an empty *positive* prompt is the unconditional prompt with no system prompt; seeds instead of
-torch generators (image ``k`` of a call with ``seed=s`` uses ``s + k``, so it can be regenerated alone).
+Non-empty negative prompts get the system prompt, as in the original (diffusers uses them verbatim:
+``negative_system_prompt=False``, set by ``preset="diffusers"``); ``guidance_scale`` below 1 is applied
+(the original's formula; diffusers turns CFG off for any scale <= 1). Differences from diffusers that
+remain: ``latents`` are channels-last ``(B, h, w, C)``; seeds instead of torch generators (image ``k`` of a
+call with ``seed=s`` uses ``s + k``, so it can be regenerated alone); with several prompts and
+``num_images_per_prompt > 1`` diffusers pairs masks and features in different orders (its rows are
+A, A, B, B and its masks A, B, A, B), so parity holds per prompt there, not for that batch.
 
 Execution: by default the whole run (all steps and the VAE decode) is one compiled XLA program
 (``mode="fused"``). ``mode="stepwise"`` compiles one program per kind of step and runs the steps from
@@ -278,16 +281,19 @@ class Lumina2Pipeline:
     # -- text ---------------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: list[str], negative_prompts: Optional[list[str]], system_prompt: Optional[str],
-                       max_sequence_length: int, num_images_per_prompt: int = 1) -> tuple[jax.Array, jax.Array]:
+                       max_sequence_length: int, num_images_per_prompt: int = 1, *,
+                       negative_system_prompt: bool = True) -> tuple[jax.Array, jax.Array]:
         """Caption features ``(R, L, D)`` and mask ``(R, L)``: ``B = len(prompts) * n`` conditional rows
         (prompt-major), then, when ``negative_prompts`` is given, the ``B`` unconditional rows. Both sets
-        go through one Gemma-2 forward, right-padded to one length."""
+        go through one Gemma-2 forward, right-padded to one length. Prompts always get the system prompt;
+        non-empty negatives too with ``negative_system_prompt`` (original), else verbatim (diffusers)."""
         te = self.text_encoder
         prefix = resolve_system_prompt(system_prompt)
-        ids, mask = te.tokenize(prompts, prefix, max_sequence_length)
+        ids, mask = te.tokenize(prompts, prefix, max_sequence_length, empty_is_unconditional=False)
         if negative_prompts is not None:
             # negatives were broadcast to one per prompt: warning indices are those of ``prompt``
-            ids_u, mask_u = te.tokenize(negative_prompts, "empty", max_sequence_length, label="negative prompt")
+            ids_u, mask_u = te.tokenize(negative_prompts, prefix if negative_system_prompt else "empty",
+                                        max_sequence_length, label="negative prompt")  # fmt: skip
             length = max(ids.shape[1], ids_u.shape[1])
             pad = lambda a, v: np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=v)  # noqa: E731
             pid = te.tokenizer.pad_token_id
@@ -332,7 +338,8 @@ class Lumina2Pipeline:
 
     def resolve_settings(self, *, solver: Optional[str], num_inference_steps: Optional[int],
                          cfg_trunc_ratio: Optional[float], cfg_normalization: Any, cfg_trunc_mode: Optional[str],
-                         time_shift: Optional[float], preset: Optional[str]) -> dict[str, Any]:
+                         time_shift: Optional[float], preset: Optional[str],
+                         negative_system_prompt: Optional[bool] = None) -> dict[str, Any]:
         """Explicit argument > preset > default, for the options a preset may set."""
         p: dict[str, Any] = {}
         if preset is not None:
@@ -347,6 +354,8 @@ class Lumina2Pipeline:
             p.get("num_inference_steps") if p.get("solver", solver) == solver else None)
         if steps is None:
             steps = SOLVERS[solver]["default_steps"]
+        if cfg_normalization is True and p.get("cfg_normalization") == "rows":
+            cfg_normalization = "rows"  # diffusers' cfg_normalization=True is its per-row rescale
         renorm, ratio = resolve_cfg_normalization(pick(cfg_normalization, "cfg_normalization", True))
         mode = pick(cfg_trunc_mode, "cfg_trunc_mode", "time")
         if mode not in TRUNC_MODES:
@@ -360,11 +369,13 @@ class Lumina2Pipeline:
             "cfg_renorm": renorm,
             "cfg_renorm_ratio": ratio,
             "time_shift": shift,
+            "negative_system_prompt": bool(pick(negative_system_prompt, "negative_system_prompt", True)),
         }
 
     def __call__(
         self,
         prompt: Union[str, Sequence[str]],
+        *,
         negative_prompt: Union[str, Sequence[str], None] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
@@ -377,7 +388,7 @@ class Lumina2Pipeline:
         num_images_per_prompt: int = 1,
         latents: Any = None,
         output_type: str = "pil",
-        *,
+        negative_system_prompt: Optional[bool] = None,
         solver: Optional[str] = None,
         time_shift: Optional[float] = None,
         seed: Union[int, Sequence[int], None] = None,
@@ -388,23 +399,29 @@ class Lumina2Pipeline:
         on_phase: Optional[Callable[[str], None]] = None,
         vae_tile: Optional[tuple[int, int]] = None,
     ) -> Lumina2Output:
-        """Generate images.
+        """Generate images. Every argument after ``prompt`` is a keyword (diffusers' positional order
+        differs: ``pipe("cat", 1024, 768)`` would have meant other things).
 
         Args (diffusers names; semantics noted where they differ):
-          prompt: a string or a non-empty list of strings.
-          negative_prompt: the unconditional prompt(s); default ``""``. Used verbatim (no system prompt);
-            an empty or whitespace-only one is the unconditional prompt ``""``.
+          prompt: a string or a non-empty list of strings; each gets the system prompt, an empty one too
+            (as in the original and diffusers).
+          negative_prompt: the unconditional prompt(s); default ``""``. An empty or whitespace-only one is
+            the unconditional prompt ``""`` (no system prompt); a non-empty one gets the system prompt
+            (original) unless ``negative_system_prompt=False`` (diffusers: verbatim).
           height, width: pixels, multiples of :attr:`size_multiple` (16); default :attr:`default_image_size`.
           num_inference_steps: solver steps (default per solver: midpoint 17, dpm 20, euler/flow_euler 30).
             For euler/midpoint the original's ``--num_sampling_steps N`` (grid points) is ``N - 1`` here;
             for dpm it is ``N`` (the original's dpm counts steps).
-          guidance_scale: CFG scale ``w``; ``<= 1`` disables CFG (no unconditional forwards). Default: the
+          guidance_scale: CFG scale ``w``: ``v_u + w (v_c - v_u)`` for any ``w`` (original; ``0`` gives the
+            unconditional image); ``w = 1`` skips the unconditional forwards (diffusers skips them for every
+            ``w <= 1``). Default: the
             model's (``Components.guidance_scale``: 4.0, diffusers' default, unless the model directory
             records another; the bundled shapes model uses 2.5).
           cfg_trunc_ratio: CFG-Trunc threshold, default 1.0 (guidance everywhere). ``cfg_trunc_mode="time"``
             (original): CFG while the model time ``t < cfg_trunc_ratio``; ``"steps"`` (diffusers): CFG for
             step ``i`` iff ``(i + 1) / N <= cfg_trunc_ratio``.
-          cfg_normalization: CFG-Renorm. ``True`` (default): original clamp with ratio 1; a float: clamp
+          cfg_normalization: CFG-Renorm. ``True`` (default): original clamp with ratio 1 (with
+            ``preset="diffusers"``: diffusers' meaning of ``True``, the per-row rescale); a float: clamp
             ratio; ``"rows"``/``"diffusers"``: diffusers' per-row rescale; ``False``: none.
           max_sequence_length: token limit including ``<bos>`` and the system prompt (256).
           system_prompt: template name (``"real"``, ``"base"``, ...), a diffusers-style sentence (gets
@@ -413,6 +430,8 @@ class Lumina2Pipeline:
           num_images_per_prompt: images per prompt (rows are prompt-major).
           latents: initial noise, channels-last ``(B, h, w, C)`` with ``h = height / 8``; overrides ``seed``.
           output_type: ``"pil"``, ``"np"`` or ``"latent"``.
+          negative_system_prompt: whether a non-empty negative prompt gets the system prompt; default
+            ``True`` (original), ``False`` under ``preset="diffusers"``.
           solver: ``"midpoint"`` (default), ``"euler"``, ``"dpm"`` (original semantics) or ``"flow_euler"``
             (diffusers' scheduler).
           time_shift: the shift ``s``; default the scheduler config's ``shift`` (6.0).
@@ -450,7 +469,8 @@ class Lumina2Pipeline:
             raise ValueError(f"max_sequence_length must be in [1, {max_len}], got {max_sequence_length}")
         s = self.resolve_settings(solver=solver, num_inference_steps=num_inference_steps,
                                   cfg_trunc_ratio=cfg_trunc_ratio, cfg_normalization=cfg_normalization,
-                                  cfg_trunc_mode=cfg_trunc_mode, time_shift=time_shift, preset=preset)  # fmt: skip
+                                  cfg_trunc_mode=cfg_trunc_mode, time_shift=time_shift, preset=preset,
+                                  negative_system_prompt=negative_system_prompt)  # fmt: skip
         schedule = make_schedule(s["solver"], s["num_inference_steps"], shift=s["time_shift"],
                                  guidance_scale=guidance_scale, cfg_trunc_ratio=s["cfg_trunc_ratio"],
                                  cfg_trunc_mode=s["cfg_trunc_mode"])  # fmt: skip
@@ -490,7 +510,8 @@ class Lumina2Pipeline:
         timings: dict[str, float] = {}
         phase("encode")
         t0 = time.perf_counter()
-        feats, mask = self.encode_prompts(prompts, negatives, system_prompt, max_sequence_length, n)
+        feats, mask = self.encode_prompts(prompts, negatives, system_prompt, max_sequence_length, n,
+                                          negative_system_prompt=s["negative_system_prompt"])  # fmt: skip
         jax.block_until_ready(feats)
         timings["text_encode"] = time.perf_counter() - t0
 
@@ -527,9 +548,11 @@ class Lumina2Pipeline:
         on_step = None
         if callback is not None:
             total = schedule.num_steps
-            on_step = lambda i: callback(int(i), total)  # noqa: E731
+            self._callback = callback  # the program calls the current call's callback: one program for all
+            on_step = lambda i: self._callback(int(i), total)  # noqa: E731
         # the step count is in the key: ``on_step`` closes over it (a new count retraces anyway)
-        key = ("fused", renorm, decode, vae_tile, callback, schedule.num_steps if callback is not None else None)
+        key = ("fused", renorm, decode, vae_tile, callback is not None,
+               schedule.num_steps if callback is not None else None)
         fn = self._jit(key, lambda: loop.make_generate_fn(self.dit, self.vae if decode else None, renorm=renorm,
                                                           vae_tile=vae_tile, on_step=on_step))  # fmt: skip
         args = (self.dit_params, self.vae_params, noise, feats, mask, schedule, scale, ratio)

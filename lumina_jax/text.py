@@ -195,13 +195,14 @@ class TextEncoder:
 
     def tokenize(self, prompts: str | Sequence[str], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                  max_length: int = DEFAULT_MAX_LENGTH, on_truncate: str = "warn", *,
-                 label: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
+                 label: str = "prompt", empty_is_unconditional: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded token ids ``(B, bucket)`` int32 and mask ``(B, bucket)`` bool (NumPy).
 
         Prompts over ``max_length`` tokens are cut to it: with a warning (``on_truncate="warn"``),
         silently (``"quiet"``; :attr:`last_truncated` says how many were cut), or not at all
         (``"error"``: :class:`PromptTooLongError`). ``label`` names the texts in the warning/error
-        (e.g. ``"negative prompt"``).
+        (e.g. ``"negative prompt"``). An empty prompt is ``""`` without system prompt unless
+        ``empty_is_unconditional=False`` (:func:`lumina_jax.text_templates.build_prompt`).
         """
         if on_truncate not in ("warn", "error", "quiet"):
             raise ValueError(f"on_truncate must be 'warn', 'error' or 'quiet', got {on_truncate!r}")
@@ -217,7 +218,7 @@ class TextEncoder:
             if _SURROGATE.search(p):
                 raise ValueError(f"{label} {i} is not valid Unicode (a lone surrogate at character "
                                  f"{_SURROGATE.search(p).start()}: undecodable bytes or a broken \\ud8xx escape)")
-        texts = [build_prompt(p, system_prompt) for p in prompts]
+        texts = [build_prompt(p, system_prompt, empty_is_unconditional=empty_is_unconditional) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=True, padding=False, truncation=False)["input_ids"]
         dropped = {i: len(x) - max_length for i, x in enumerate(ids) if len(x) > max_length}
         self.last_truncated = len(dropped)

@@ -84,14 +84,15 @@ def resolve_system_prompt(name_or_text: str) -> str:
     return SYSTEM_PROMPTS.get(name_or_text, name_or_text)
 
 
-def build_prompt(prompt: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+def build_prompt(prompt: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT, *, empty_is_unconditional: bool = True) -> str:
     """The exact text fed to the text encoder for ``prompt`` under ``system_prompt``.
 
     ``prompt`` that is empty or only whitespace is the unconditional prompt and maps to ``""`` with no
-    system prompt (as for negative prompts and caption dropout in the original).
+    system prompt (as for negative prompts and caption dropout in the original), unless
+    ``empty_is_unconditional=False`` (a sampled positive prompt, which always gets the system prompt).
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    if prompt.strip() == "":
+    if prompt.strip() == "" and empty_is_unconditional:
         return ""
     return resolve_system_prompt(system_prompt) + prompt

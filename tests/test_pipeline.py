@@ -140,6 +140,53 @@ def test_fused_progress_callback_reports_each_runs_step_count(pipe):
     assert sorted(seen) == [(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
+def test_a_new_callback_reuses_the_compiled_program(pipe):
+    """Each call's own callback runs, through one compiled program (a callback per call, e.g. a new
+    progress bar, recompiled the run and kept every program)."""
+    kw = dict(guidance_scale=1.0, solver="euler", num_inference_steps=2, height=32, width=32, seed=1,
+              output_type="latent", mode="fused")  # fmt: skip
+    first, second = [], []
+    pipe("a cat", callback=lambda i, n: first.append(i), **kw)
+    programs = len(pipe._executables)
+    out = pipe("a cat", callback=lambda i, n: second.append(i), **kw)
+    jax.effects_barrier()
+    assert out.timings["compile"] == 0.0 and len(pipe._executables) == programs
+    assert sorted(first) == sorted(second) == [0, 1]
+
+
+def test_prompt_negative_prompt_and_guidance_semantics(pipe):
+    """Original semantics by default: a non-empty negative prompt gets the system prompt (diffusers:
+    verbatim, also under its preset), an empty positive prompt gets it too (both codes), and a
+    guidance scale below 1 is applied (diffusers: CFG off)."""
+    te = pipe.text_encoder
+    real = resolve_system_prompt("real")
+    _, mask = pipe.encode_prompts(["", "a cat"], ["blurry", ""], "real", 64)
+    assert mask[0].sum() > 1  # "" with the system prompt, not the bare unconditional prompt
+    ids_neg_orig, _ = te.tokenize(["blurry"], real, 64)
+    ids_neg_verbatim, _ = te.tokenize(["blurry"], "empty", 64)
+    assert int(mask[2].sum()) == int((ids_neg_orig[0] != te.tokenizer.pad_token_id).sum()) > int(
+        (ids_neg_verbatim[0] != te.tokenizer.pad_token_id).sum())
+    assert int(mask[3].sum()) == 1  # "" stays the unconditional prompt (<bos> only)
+    _, mask_d = pipe.encode_prompts(["a cat"], ["blurry"], "real", 64, negative_system_prompt=False)
+    assert int(mask_d[1].sum()) == int((ids_neg_verbatim[0] != te.tokenizer.pad_token_id).sum())
+    settings = lambda **kw: pipe.resolve_settings(**{**dict(  # noqa: E731
+        solver=None, num_inference_steps=None, cfg_trunc_ratio=None, cfg_normalization=None, cfg_trunc_mode=None,
+        time_shift=None, preset=None), **kw})  # fmt: skip
+    assert settings()["negative_system_prompt"] and not settings(preset="diffusers")["negative_system_prompt"]
+    assert settings(preset="diffusers", negative_system_prompt=True)["negative_system_prompt"]
+    # diffusers' cfg_normalization=True is its per-row rescale: under its preset True keeps that meaning
+    assert settings(preset="diffusers", cfg_normalization=True)["cfg_renorm"] == "rows"
+    assert settings(cfg_normalization=True)["cfg_renorm"] == "clamp"
+    # guidance below 1 runs CFG (0: the unconditional velocity); exactly 1 skips the unconditional rows
+    kw = dict(solver="euler", num_inference_steps=2, height=32, width=32, seed=3, output_type="latent",
+              cfg_normalization=False)  # fmt: skip
+    zero, one = pipe("a cat", guidance_scale=0.0, **kw), pipe("a cat", guidance_scale=1.0, **kw)
+    assert zero.settings["num_guided_evaluations"] == 2 and one.settings["num_guided_evaluations"] == 0
+    assert not np.allclose(zero.latents, one.latents)
+    with pytest.raises(TypeError):
+        pipe("a cat", "blurry")  # every argument after the prompt is a keyword (diffusers' order differs)
+
+
 def test_negative_prompt_truncation_warning_names_it_and_points_at_the_caller(pipe):
     long = "a very long and detailed description of a cat " * 20
     with pytest.warns(UserWarning, match=r"1 of 1 negative prompt\(s\) exceed max_length=64") as rec:
@@ -477,6 +524,11 @@ def test_cli_output_names_quiet_and_template_names(reference, tmp_path, capsys):
     assert output_paths("a.jpg", [1]) == [Path("a.jpg")] and output_paths("a.WEBP", [1]) == [Path("a.WEBP")]
     assert output_paths("run.v2", [1]) == [Path("run.v2.png")] and output_paths("pic", [1]) == [Path("pic.png")]
     assert output_paths("a.jpg", [1, 2]) == [Path("a_000.jpg"), Path("a_001.jpg")]
+    # a folder: lumina_<seed>.png, never replacing what is there (runs with one seed and other prompts)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "lumina_3.png").write_bytes(b"earlier run")
+    assert output_paths(f"{tmp_path}/imgs/", [3, 3, 4]) == [tmp_path / "imgs" / n for n in (
+        "lumina_3_1.png", "lumina_3_2.png", "lumina_4.png")]  # fmt: skip
     with pytest.raises(ValueError, match=r"cannot write \.gif images"):
         output_paths("a.gif", [1])
     common = ["--checkpoint", str(reference[2]), "--compilation-cache", "off", "--size", "32x32", "--steps", "2"]

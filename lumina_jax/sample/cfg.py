@@ -109,8 +109,9 @@ def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_r
     """Which model evaluations run with CFG: a static ``(num_steps, evals_per_step)`` tuple of bools.
 
     ``eval_times`` ``(num_steps, evals_per_step)`` holds the model time (0 = noise) of each evaluation.
-    No evaluation is guided when ``guidance_scale <= 1`` (as in diffusers; the original would spend a
-    batched forward to compute exactly the conditional velocity at scale 1).
+    No evaluation is guided when ``guidance_scale == 1`` (the guided velocity is then exactly the
+    conditional one; the original would spend the batched forward anyway). Other scales, below 1 too,
+    are guided as in the original (diffusers turns CFG off for every scale ``<= 1``).
     """
     eval_times = np.asarray(eval_times, np.float64)
     if eval_times.ndim != 2:
@@ -121,7 +122,9 @@ def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_r
     if not 0.0 <= float(cfg_trunc_ratio) <= 1.0:  # NaN fails too
         raise ValueError(f"cfg_trunc_ratio must be in [0, 1] (1: guidance at every step, 0: none), got "
                          f"{cfg_trunc_ratio!r}")  # fmt: skip
-    if not float(guidance_scale) > 1.0:
+    if not np.isfinite(float(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if float(guidance_scale) == 1.0:
         on = np.zeros((n, k), bool)
     elif trunc_mode == "time":
         on = eval_times < float(cfg_trunc_ratio)

@@ -5,7 +5,8 @@ negative prompt, seed and every setting in its text metadata (keys ``prompt``, `
 ``seed`` and ``lumina_jax`` = JSON of the settings, the mode and the package version); ``--out x.jpg``
 or ``x.webp`` writes that format with the same JSON in the EXIF image description. ``--out out.png``
 with several images writes ``out_000.png``, ``out_001.png``, ...; an ``--out`` that is a directory (or
-ends with ``/``) gets ``lumina_<seed>.png`` files; a name with another suffix gets ``.png`` appended
+ends with ``/``) gets ``lumina_<seed>.png`` files (``lumina_<seed>_1.png``, ... where the name is taken:
+images there are never replaced); a name with another suffix gets ``.png`` appended
 (other image suffixes, ``.gif``, ``.bmp``, ..., are refused). JPEG keeps at most 2000 characters of a
 very long prompt in its metadata (``prompt_truncated``).
 
@@ -46,7 +47,15 @@ _OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".he
                          ".ppm", ".pgm", ".tga", ".ico", ".svg", ".pdf", ".eps", ".psd", ".exr", ".hdr")  # fmt: skip
 _EXIF_MAX = 60_000  # JPEG keeps EXIF in one 64 KiB segment
 _PRESET_FLAGS = {"solver": "--solver", "num_inference_steps": "--steps", "cfg_trunc_ratio": "--cfg-trunc",
-                 "cfg_normalization": "--renorm", "cfg_trunc_mode": "--cfg-trunc-mode"}  # fmt: skip
+                 "cfg_normalization": "--renorm", "cfg_trunc_mode": "--cfg-trunc-mode",
+                 "negative_system_prompt": "--negative-system-prompt"}  # fmt: skip
+
+
+def _preset_flag(key: str, value: Any) -> str:
+    flag = _PRESET_FLAGS.get(key, key)
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {value}"
 
 
 def _size(s: str) -> tuple[int, int]:
@@ -82,13 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--transformer", default=None, help="replace the transformer with this checkpoint (any format)")
     ap.add_argument("--negative", default=None, help='negative prompt (default "")')
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="; ".join(
-        f"{name}: " + " ".join(f"{_PRESET_FLAGS.get(k, k)} {v}" for k, v in opts.items())
+        f"{name}: " + " ".join(_preset_flag(k, v) for k, v in opts.items())
         for name, opts in PRESETS.items()) + " (explicit options override a preset's)")  # fmt: skip
     ap.add_argument("--solver", choices=sorted(SOLVERS), default=None, help="default midpoint")
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default per solver: midpoint 17, "
                     "dpm 20, euler/flow_euler 30)")  # fmt: skip
     ap.add_argument("--cfg", type=float, default=None,
-                    help="guidance scale (<= 1 disables CFG); default: the model's (4.0 for Lumina-Image 2.0)")
+                    help="guidance scale (1 turns CFG off, 0 gives the unconditional image); default: the model's "
+                    "(4.0 for Lumina-Image 2.0)")
+    ap.add_argument("--negative-system-prompt", action=argparse.BooleanOptionalAction, default=None,
+                    help="give a non-empty --negative the system prompt (default, as the original; diffusers and "
+                    "--preset diffusers use it verbatim)")
     ap.add_argument("--cfg-trunc", type=float, default=None, help="CFG-Trunc threshold in [0, 1]: guidance while t < it (default 1.0: guidance at every step, 0: none)")
     ap.add_argument("--cfg-trunc-mode", choices=["time", "steps"], default=None,
                     help="time: CFG while t < threshold (original, default); steps: (i+1)/N <= ratio (diffusers)")
@@ -128,8 +141,14 @@ def output_paths(out: str, seeds: list[Optional[int]]) -> list[Path]:
     """Where each image goes (see the module docstring); ``ValueError`` for an image suffix that is
     not written (``.gif``, ``.bmp``, ...)."""
     p = Path(out)
-    if out.endswith(("/", "\\")) or p.is_dir():
-        return [p / f"lumina_{s if s is not None else i}.png" for i, s in enumerate(seeds)]
+    if out.endswith(("/", "\\")) or p.is_dir():  # never replaces: a name taken gets _1, _2, ...
+        paths: list[Path] = []
+        for i, s in enumerate(seeds):
+            stem, k = f"lumina_{s if s is not None else i}", 0
+            while (q := p / (f"{stem}_{k}.png" if k else f"{stem}.png")).exists() or q in paths:
+                k += 1
+            paths.append(q)
+        return paths
     suffix = p.suffix.lower()
     if suffix in _OTHER_IMAGE_SUFFIXES:
         raise ValueError(f"--out {out}: cannot write {suffix} images; use .png (with metadata), .jpg or .webp")
@@ -284,6 +303,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             max_sequence_length=args.max_length, system_prompt=args.system_prompt, num_images_per_prompt=args.n,
             solver=args.solver, time_shift=args.shift, seed=args.seed, cfg_trunc_mode=args.cfg_trunc_mode,
             preset=args.preset, mode=args.mode, callback=None if args.mode == "fused" else on_step,
+            negative_system_prompt=args.negative_system_prompt,
             on_phase=on_phase, output_type="pil",
         )  # fmt: skip
         on_phase("done")

@@ -73,8 +73,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # notes Flow-DPM is "sometimes unstable"; prefer "balanced" when quality matters.
     "fast": {"solver": "dpm", "num_inference_steps": 10, "cfg_trunc_ratio": 0.25},
     # diffusers' Lumina2Pipeline defaults (Euler, 30 steps, renorm over rows, step-fraction trunc).
+    # Negative prompts verbatim (the original gives non-empty ones the system prompt).
     "diffusers": {"solver": "flow_euler", "num_inference_steps": 30, "cfg_trunc_ratio": 1.0,
-                  "cfg_normalization": "rows", "cfg_trunc_mode": "steps"},
+                  "cfg_normalization": "rows", "cfg_trunc_mode": "steps", "negative_system_prompt": False},
 }  # fmt: skip
 """Named settings (documented in the README of the CLI and the notebook). Speed is in model forwards
 per image: ``quality`` 34 guided (= 68 batch rows), ``balanced`` ~23 guided + 11 conditional,
