@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 from lumina_jax.models.captioner import cli  # noqa: E402
 from lumina_jax.models.captioner import testing as T  # noqa: E402
 from lumina_jax.models.captioner.cli import done_set, main, open_for_append  # noqa: E402
+from lumina_jax.xla_flags import with_cpu_devices  # noqa: E402
 
 # the settings and tiny model of test_captioner_cli.py: one vision bucket, one prompt length, one program
 from test_captioner_cli import COMMON, model_dir  # noqa: E402,F401  (model_dir: a pytest fixture)
@@ -283,3 +284,47 @@ def test_two_processes_through_the_local_launcher(tmp_path, model_dir):
     assert sorted(r["image_path"] for p in parts for r in _read(p)) == [f"imgs/{p.name}" for p in paths]
     log1 = (tmp_path / "logs" / "process_1.log").read_text()
     assert '"captioned": 2' in log1
+
+
+TP_SCRIPT = """
+import json, sys
+import jax
+from lumina_jax.models.captioner import cli
+from lumina_jax.convert.captioner import load_captioner
+
+model, images, out = sys.argv[1:4]
+common = sys.argv[4:]
+assert jax.local_device_count() == 4
+config, params = load_captioner(model)
+placer = cli._device_placer(jax.local_devices(), params, config, 2)
+specs = {str(x.sharding.spec) for x in jax.tree.leaves(placer.params)}
+assert any("tensor" in s for s in specs), specs  # split over the tensor axis, not replicated
+assert cli.tensor_parallel_problems(config, 3), "a 3-way split of the tiny model should not fit"
+for tp in ("1", "2"):
+    assert cli.main(["--model", model, "--images", images, "--out", f"{out}.tp{tp}.jsonl", *common,
+                     "--tensor-parallel", tp]) == 0
+rows = [sorted((r["image_path"], r["prompt"]) for r in map(json.loads, open(f"{out}.tp{tp}.jsonl"))) for tp in "12"]
+assert rows[0] == rows[1] and len(rows[0]) == 5, rows
+try:
+    cli.main(["--model", model, "--images", images, "--out", f"{out}.bad.jsonl", *common, "--tensor-parallel", "3"])
+except SystemExit as e:
+    assert "--tensor-parallel 3 does not divide the 4 local devices" in str(e), e
+else:
+    raise AssertionError("--tensor-parallel 3 on 4 devices ran")
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_tensor_parallel_gives_the_captions_of_data_parallel(tmp_path, model_dir):
+    """4 CPU devices: heads, MLP and vocabulary split 2 ways (batch over the other 2) caption exactly as the
+    4-way data-parallel run (greedy, fp32); splits that do not divide are named before loading."""
+    _images(tmp_path / "imgs", 5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["XLA_FLAGS"] = with_cpu_devices(4, env.get("XLA_FLAGS", ""))
+    env["JAX_PLATFORMS"] = "cpu"
+    p = subprocess.run([sys.executable, "-c", TP_SCRIPT, str(model_dir), str(tmp_path / "imgs"),
+                        str(tmp_path / "caps"), *COMMON], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]

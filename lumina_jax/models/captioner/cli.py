@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths round up to this multiple")
     p.add_argument("--attention-backend", default="auto", help="vision tower attention backend")
     p.add_argument("--decode-attention-backend", default="xla", help="LM decode-step attention backend")
+    p.add_argument("--tensor-parallel", type=int_at_least(1), default=1,
+                   help="split the model's heads, MLP and vocabulary over this many of the local devices (for a "
+                   "7B that does not fit one chip); the rest of the devices split the batch (default 1)")
     p.add_argument("--workers", type=int, default=4, help="threads decoding/resizing images")
     p.add_argument("--limit", type=int_at_least(0), default=None,
                    help="process at most this many not-yet-captioned images")
@@ -441,13 +444,20 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     _, params = load_captioner(args.model, dtype=args.param_dtype or args.dtype)
 
     devices = jax.local_devices()
-    n_dev = len(devices)
+    tp = args.tensor_parallel
+    if len(devices) % tp:
+        raise _setup_error(f"--tensor-parallel {tp} does not divide the {len(devices)} local devices")
+    if tp > 1:
+        bad = tensor_parallel_problems(config, tp)
+        if bad:
+            raise _setup_error(f"--tensor-parallel {tp}: {'; '.join(bad)}")
+    n_dev = len(devices) // tp  # devices along the batch
     B = args.batch_size
     if n_dev > 1 and B % n_dev:
         B = round_up(B, n_dev)
         print(f"[caption] batch size rounded up to {B} to split over {n_dev} local devices", file=sys.stderr)
     params = cast_params(params, jnp.bfloat16 if (args.param_dtype or args.dtype) == "bf16" else jnp.float32)
-    put_batch = _device_placer(devices, params)
+    put_batch = _device_placer(devices, params, config, tp)
     params = put_batch.params
 
     skipped: dict[str, list[str]] = {"corrupt": [], "missing": [], "unsupported": []}
@@ -521,20 +531,46 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     return 0
 
 
-class _device_placer:
-    """Put a batch on this process's devices: split over them on the batch axis (params replicated)."""
+# Tensor parallelism (--tensor-parallel): the captioner's logical param axes on the mesh's "tensor" axis
+# (Megatron-style: q/k/v and MLP-in split by output, o/MLP-out by input; XLA inserts the reductions).
+TENSOR_RULES = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
 
-    def __init__(self, devices: list, params: Any):
+
+def tensor_parallel_problems(config: Any, tp: int) -> list[str]:
+    """What keeps ``config`` from splitting ``tp`` ways (each split dimension must divide evenly)."""
+    t, v = config.text, config.vision
+    dims = {"language heads": t.num_heads, "language kv heads": t.num_kv_heads, "language MLP": t.intermediate_size,
+            "vocabulary": t.vocab_size, "vision heads": v.num_heads, "vision MLP": v.mlp_dim}  # fmt: skip
+    return [f"{name} ({n}) is not a multiple of {tp}" for name, n in dims.items() if n % tp]
+
+
+def param_shardings(config: Any, mesh: Any) -> Any:
+    """A ``NamedSharding`` per param: :data:`TENSOR_RULES` over ``mesh``'s ``tensor`` axis, the rest replicated."""
+    import flax.linen as nn
+
+    from lumina_jax.models.captioner.model import param_logical_axes
+
+    return nn.logical_to_mesh_sharding(param_logical_axes(config), mesh, TENSOR_RULES)
+
+
+class _device_placer:
+    """Put a batch on this process's devices: split over them on the batch axis; params replicated, or
+    split over ``tensor_parallel`` devices (:data:`TENSOR_RULES`) with the batch over the rest."""
+
+    def __init__(self, devices: list, params: Any, config: Any = None, tensor_parallel: int = 1):
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-        self.mesh = Mesh(np.asarray(devices), ("data",)) if len(devices) > 1 else None
+        self.mesh = None
+        if len(devices) > 1:
+            self.mesh = Mesh(np.asarray(devices).reshape(-1, tensor_parallel), ("data", "tensor"))
         if self.mesh is None:
             self.params = jax.device_put(params, devices[0])
             return
         self._row = NamedSharding(self.mesh, P("data"))
         self._pos = NamedSharding(self.mesh, P(None, "data"))  # positions: (3, B, P)
-        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        shardings = param_shardings(config, self.mesh) if tensor_parallel > 1 else NamedSharding(self.mesh, P())
+        self.params = jax.device_put(params, shardings)
 
     def rows(self, x: Any) -> Any:
         import jax
