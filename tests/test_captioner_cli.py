@@ -217,3 +217,18 @@ def test_several_chunks_each_image_once(tmp_path, model_dir, capsys):
     assert main(args) == 0 and _summary(capsys)["captioned"] == 10
     got = [r["image_path"] for r in _read(out)]
     assert sorted(got) == sorted(set(got)) and len(got) == 10
+
+
+def test_bench_caption_runs_on_cpu_against_transformers(tmp_path, capsys):
+    """``python -m lumina_jax.bench caption`` (tiny, CPU): ours and transformers' greedy tokens agree; bad
+    sizes are argparse errors (were tracebacks)."""
+    from lumina_jax.bench.caption import main as bench
+
+    out = tmp_path / "rows.json"
+    assert bench(["--family", "qwen2_vl", "--batch", "1", "--new-tokens", "4", "--iters", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["tokens_match"] is True
+    for bad in (["--batch", "0"], ["--image-size", "64"], ["--new-tokens", "-1"]):
+        with pytest.raises(SystemExit):
+            bench(bad)
+    assert "expected HxW" in capsys.readouterr().err

@@ -26,17 +26,27 @@ from typing import Any, Optional
 import numpy as np
 
 
+def _hxw(text: str) -> str:
+    """An argparse ``type``: ``HxW`` with two positive integers (kept as text)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels (e.g. 448x448), got {text!r}")
+    return text.lower()
+
+
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    from lumina_jax.config_utils import int_at_least
+
     p = argparse.ArgumentParser(prog="python -m lumina_jax.bench caption", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=("qwen2_vl", "qwen2_5_vl", "both"), default="both")
     p.add_argument("--size", choices=("tiny", "7b"), default="tiny")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--image-size", default=None, help="HxW pixels (default 64x96 tiny, 448x448 7b)")
+    p.add_argument("--batch", type=int_at_least(1), default=4)
+    p.add_argument("--new-tokens", type=int_at_least(1), default=32)
+    p.add_argument("--image-size", type=_hxw, default=None, help="HxW pixels (default 64x96 tiny, 448x448 7b)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default fp32 tiny, bf16 7b")
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--layers", type=int, default=None, help="override LM depth (7b)")
-    p.add_argument("--vision-layers", type=int, default=None, help="override vision depth (7b)")
+    p.add_argument("--iters", type=int_at_least(1), default=3)
+    p.add_argument("--layers", type=int_at_least(1), default=None, help="override LM depth (7b)")
+    p.add_argument("--vision-layers", type=int_at_least(1), default=None, help="override vision depth (7b)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers")
     p.add_argument("--attention-backend", default="auto", help="vision tower")
     p.add_argument("--decode-attention-backend", default="xla", help="LM decode steps")
