@@ -127,6 +127,12 @@ def test_exact_resume_across_stage_boundary(tmp_path, stop):
         np.testing.assert_array_equal(x, y)
     assert int(b2.state.step) == 8
     assert b2.ckpt.all_steps()[-1] == 8
+    # each start is recorded (step, command line, devices, versions); config.yaml is the latest start's
+    starts = [json.loads(x) for x in (tmp_path / "b" / "starts.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in starts] == [0, stop] and all(x["devices"] >= 1 and x["jax"] for x in starts)
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text()) == b2.cfg.to_dict()
 
 
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(tmp_path):

@@ -366,6 +366,7 @@ class Trainer:
                             "or --stop-at to go on)", cfg.run_dir, step, total)  # fmt: skip
             if dropped := self.metrics.rewind(step):
                 log.info("dropped %d metrics.jsonl rows logged after step %d (repeated by this run)", dropped, step)
+        self.metrics.record_start(step, cfg.to_dict())
         last_metrics: dict = {}
         self._signals = _StopSignals()
         try:

@@ -158,6 +158,27 @@ class MetricLog:
         self._jsonl = open(path, "a", encoding="utf-8")
         return len(lines) - len(keep)
 
+    def record_start(self, step: int, config: Mapping[str, Any]) -> None:
+        """At each (re)start: the run's resolved config to ``config.yaml`` (replaced: the settings of the
+        latest start; every checkpoint keeps its own) and one line to ``starts.jsonl``: time, step,
+        command line, devices and versions, so a run's history says how each part of it was launched."""
+        if not self.enabled:
+            return
+        import sys
+
+        import jax
+        import yaml
+
+        from lumina_jax import __version__
+
+        tmp = self.run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+        os.replace(tmp, self.run_dir / "config.yaml")
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": int(step), "argv": list(sys.argv),
+                **host_info(), "jax": jax.__version__, "lumina_jax": __version__}  # fmt: skip
+        with open(self.run_dir / "starts.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
