@@ -109,11 +109,25 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     log0, pos0 = log_dir / "process_0.log", 0
     interrupted = False
+    stopped = (0, 128 + signal.SIGINT, -signal.SIGINT)  # -2: a trainer stopped by the signal before its handler
     try:
         while True:
             try:
                 time.sleep(0.2)
                 pos0 = echo_new(log0, pos0)
+                codes = [pr.poll() for pr, _ in procs]
+                bad = [c for c in codes if c not in (None, 0)]
+                # stopping as asked: the others finish their checkpoint (not when one died of the signal before
+                # its handler was in place, -2: the rest would wait for it in a collective)
+                stopping = interrupted and None in codes and all(c in (None, 0, 128 + signal.SIGINT) for c in codes)
+                if bad and not stopping:
+                    rc = bad[0]
+                    break
+                if all(c == 0 for c in codes):
+                    break
+                if args.timeout and time.time() - start > args.timeout:
+                    rc = 124
+                    break
             except KeyboardInterrupt:
                 if interrupted:
                     raise  # the second Ctrl-C: the processes are killed below
@@ -122,18 +136,6 @@ def main(argv: list[str] | None = None) -> int:
                 for pr, _ in procs:
                     if pr.poll() is None:
                         pr.send_signal(signal.SIGINT)  # the trainer only, not its data workers
-                continue
-            codes = [pr.poll() for pr, _ in procs]
-            bad = [c for c in codes if c not in (None, 0)]
-            stopping = interrupted and None in codes and all(c in (None, 0, 128 + signal.SIGINT) for c in codes)
-            if bad and not stopping:  # stopping as asked: the others finish their checkpoint
-                rc = bad[0]
-                break
-            if all(c == 0 for c in codes):
-                break
-            if args.timeout and time.time() - start > args.timeout:
-                rc = 124
-                break
     except KeyboardInterrupt:
         rc = 130
     finally:
@@ -143,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 pr.wait()
             log.close()
         echo_new(log0, pos0)  # what process 0 wrote last
-    if interrupted and rc in (0, 128 + signal.SIGINT):
-        return rc  # stopped as asked (with a checkpoint where the job writes one)
+    if interrupted and rc in stopped:
+        return 128 + signal.SIGINT if rc else 0  # stopped as asked (with a checkpoint where the job writes one)
     if rc:
         for i in range(len(procs)):
             tail = (log_dir / f"process_{i}.log").read_text()[-3000:]

@@ -561,6 +561,9 @@ class Lumina2Pipeline:
         phase("sample")
         t0 = time.perf_counter()
         latents, images = jax.block_until_ready(exe(*args))
+        if callback is not None:
+            jax.effects_barrier()  # every step's callback has run: the next call's cannot get this one's steps
+            self._callback = None
         return latents, images, comp_s, time.perf_counter() - t0
 
     def step_executables(self, schedule: Schedule, noise, feats, mask, renorm: str) -> tuple[dict, float]:

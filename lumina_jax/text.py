@@ -169,6 +169,7 @@ class TextEncoder:
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.min_bucket = int(min_bucket)
         self.last_truncated = 0  # prompts cut to max_length by the last tokenize call
+        self.last_truncated_rows: tuple[int, ...] = ()  # ... and their indices
         self.precision = precision
         if len(tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the encoder's vocab_size is "
@@ -199,7 +200,8 @@ class TextEncoder:
         """Right-padded token ids ``(B, bucket)`` int32 and mask ``(B, bucket)`` bool (NumPy).
 
         Prompts over ``max_length`` tokens are cut to it: with a warning (``on_truncate="warn"``),
-        silently (``"quiet"``; :attr:`last_truncated` says how many were cut), or not at all
+        silently (``"quiet"``; :attr:`last_truncated` says how many were cut, :attr:`last_truncated_rows`
+        which), or not at all
         (``"error"``: :class:`PromptTooLongError`). ``label`` names the texts in the warning/error
         (e.g. ``"negative prompt"``). An empty prompt is ``""`` without system prompt unless
         ``empty_is_unconditional=False`` (:func:`lumina_jax.text_templates.build_prompt`).
@@ -222,6 +224,7 @@ class TextEncoder:
         ids = self.tokenizer(texts, add_special_tokens=True, padding=False, truncation=False)["input_ids"]
         dropped = {i: len(x) - max_length for i, x in enumerate(ids) if len(x) > max_length}
         self.last_truncated = len(dropped)
+        self.last_truncated_rows = tuple(sorted(dropped))
         if dropped and on_truncate != "quiet":
             msg = (f"{len(dropped)} of {len(ids)} {label}(s) exceed max_length={max_length} tokens (counting "
                    f"<bos> and the system prompt); tokens dropped per {label} (index: count): {dropped}")

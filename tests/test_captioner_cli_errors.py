@@ -328,3 +328,14 @@ def test_tensor_parallel_gives_the_captions_of_data_parallel(tmp_path, model_dir
                         str(tmp_path / "caps"), *COMMON], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout[-2000:] + p.stderr[-4000:]
+
+
+def test_tensor_parallel_splits_are_checked_before_loading(tmp_path, model_dir, no_weights):
+    from lumina_jax.models.captioner.config import qwen2_vl_7b, qwen2_5_vl_7b
+
+    _images(tmp_path / "imgs", 1)
+    with pytest.raises(SystemExit, match=r"--tensor-parallel 2 does not divide the 1 local devices"):
+        main(_args(model_dir, tmp_path / "imgs", tmp_path / "o.jsonl", "--tensor-parallel", "2"))
+    assert cli.tensor_parallel_problems(qwen2_vl_7b(), 4) == []  # 28 heads, 4 kv heads, 18944 MLP, 152064 vocab
+    eight = " ".join(cli.tensor_parallel_problems(qwen2_5_vl_7b(), 8))
+    assert "kv_heads" in eight and "heads of" in eight and "visual/blocks/mlp" in eight  # 3420-wide vision MLP

@@ -57,6 +57,9 @@ def test_text_encoder_and_vae_convert_both_ways_bit_exact(tmp_path, capsys):
         (ca, pa), (cb, pb) = load(a, dtype=None), load(tmp_path / b, dtype=None)
         assert ca == cb
         jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y), strict=True), pa, pb)
+    # --config overrides the BFL file's stored config; --verify reads the written folder with its own
+    assert cli.main([str(tmp_path / "ae" / "ae.safetensors"), str(tmp_path / "vae_c"), "--to", "diffusers",
+                     "--config", "shapes_vae_f8", "--verify"]) == 0, capsys.readouterr().err  # fmt: skip
     # bf16 export of the VAE
     assert cli.main([str(vae), str(tmp_path / "vae16"), "--to", "diffusers", "--dtype", "bf16", "--verify"]) == 0
     assert {str(v.dtype) for v in jax.tree.leaves(load_vae(tmp_path / "vae16", dtype=None)[1])} == {"bfloat16"}
@@ -77,3 +80,12 @@ def test_other_models_are_named(tmp_path, capsys):
     assert cli.main([str(TRANSFORMER.parent / "text_encoder"), str(tmp_path / "o"), "--to", "jax", "--config",
                      "nextdit_tiny"]) == 1  # fmt: skip
     assert "--config is for Next-DiT and BFL autoencoder checkpoints" in capsys.readouterr().err
+    # destinations of the wrong kind are refused before anything is written
+    vae = TRANSFORMER.parent / "vae"
+    for src, dst, to, want in ((vae, "ae.pth", "original", "writes BFL's ae.safetensors"),
+                               (vae, "v.safetensors", "diffusers", "writes a folder"),
+                               (TRANSFORMER.parent / "text_encoder", "te.safetensors", "original", "written as a folder"),
+                               (vae, "v", "diffusers", "--config is for BFL ae.safetensors files")):  # fmt: skip
+        extra = ["--config", "vae_tiny"] if dst == "v" else []
+        assert cli.main([str(src), str(tmp_path / dst), "--to", to, *extra]) == 1
+        assert want in capsys.readouterr().err and not (tmp_path / dst).exists()

@@ -49,3 +49,26 @@ def test_success_prints_process_0_output_once(tmp_path):
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("hi there") == 1
+
+
+def test_ctrl_c_reaches_processes_without_a_handler_and_ends_with_130(tmp_path):
+    """A Ctrl-C that lands before the trainers install their handler (start-up, compilation) kills them
+    by SIGINT (exit -2): the launcher ends with 130, without log tails (it reported -2 as a failure)."""
+    import signal
+    import time
+
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")  # no SIGINT handler: dies of it
+    cmd = [sys.executable, str(REPO / "launch/local.py"), "-n", "2", "-d", "1", "--module", "sleeper", "--command", "",
+           "--log-dir", str(tmp_path / "logs")]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().startswith("started 2 processes")
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, (out, err)
+    assert "Ctrl-C: stopping every process" in out and "last lines" not in err

@@ -154,7 +154,7 @@ def test_truncation_warns_with_counts_or_raises(encoder, tok):
         encoder.tokenize([SHORT], max_length=max_length, on_truncate="error")
         assert encoder.last_truncated == 0
         quiet, _ = encoder.tokenize(prompts, max_length=max_length, on_truncate="quiet")  # cut, counted, no warning
-        assert encoder.last_truncated == 2 and np.array_equal(quiet, ids)
+        assert encoder.last_truncated == 2 and encoder.last_truncated_rows == (1, 2) and np.array_equal(quiet, ids)
     with pytest.raises(ValueError, match="on_truncate"):
         encoder.tokenize([SHORT], on_truncate="ignore")
     with pytest.raises(ValueError, match=r"negative prompt 1 is not valid Unicode \(a lone surrogate at character 2"):

@@ -673,12 +673,12 @@ def test_cli_logging_shows_info_lines_once_after_a_library_configured_the_root_l
 def test_raw_image_training_says_once_that_captions_are_cut_and_counts_them(caplog):
     from lumina_jax.train.data import FrozenEncoders
 
-    class Text:  # cuts 2 captions per call, as TextEncoder.encode(on_truncate="quiet") reports
-        last_truncated = 0
+    class Text:  # cuts captions 0 and 2 of each call, as TextEncoder.encode(on_truncate="quiet") reports
+        last_truncated, last_truncated_rows = 0, ()
 
         def encode(self, prompts, system_prompt, max_length, on_truncate):
             assert on_truncate == "quiet"
-            self.last_truncated = 2
+            self.last_truncated, self.last_truncated_rows = 2, (0, 2)
             return np.zeros((len(prompts), max_length, 4), np.float32), np.ones((len(prompts), max_length), bool)
 
     enc = object.__new__(FrozenEncoders)
@@ -690,6 +690,8 @@ def test_raw_image_training_says_once_that_captions_are_cut_and_counts_them(capl
             out = enc(dict(batch))
     assert out["cap_feats"].shape == (3, 8, 4) and enc.truncated == 6
     assert caplog.text.count("captions longer than max_text_len=8 tokens are truncated") == 1
+    enc(dict(batch, valid=np.array([True, True, False])))  # row 2 is padding (a copy): not counted
+    assert enc.last_truncated == 1 and enc.truncated == 7
 
 
 def test_data_counters_count_truncated_captions_in_the_saved_data_state():

@@ -149,6 +149,12 @@ def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: floa
     from lumina_jax.convert.components import save_component
 
     src = Path(args.src)
+    if kind == "text_encoder" and target.suffix:
+        raise ValueError(f"{target}: a text encoder is written as a folder; give a folder name without a suffix")
+    if kind == "vae" and args.to == "original" and target.suffix != ".safetensors":
+        raise ValueError(f"{target}: --to original writes BFL's ae.safetensors; give a .safetensors file or a folder")
+    if kind == "vae" and args.to != "original" and target.suffix:
+        raise ValueError(f"{target}: --to {args.to} writes a folder; give a folder name without a suffix")
     if kind == "text_encoder":
         from lumina_jax.convert.gemma2 import load_text_encoder, save_text_encoder
 
@@ -165,13 +171,13 @@ def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: floa
 
         override = VAEConfig.from_yaml(args.config) if args.config else None
 
-        def load(path):
+        def load(path, override=override):
             if Path(path).is_file():
                 return load_flux_ae(path, config=override, dtype=None)
-            if override is not None:
-                raise ValueError("--config is for BFL ae.safetensors files; a VAE folder's config comes with it")
             return load_vae(path, dtype=None)
 
+        if override is not None and not src.is_file():
+            raise ValueError("--config is for BFL ae.safetensors files; a VAE folder's config comes with it")
         config, params = load(src)
         config_dict = config.to_dict()
         model = "vae"
@@ -186,7 +192,7 @@ def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: floa
     else:
         out = save_flux_ae(target, config, params, dtype=args.dtype, overwrite=args.overwrite)
     if args.verify:
-        config2, params2 = load(out)
+        config2, params2 = load(out, override=None) if kind == "vae" else load(out)  # as written, not --config
         if config2 != config:
             raise CheckpointError(f"{out}: its config reads back as {config2}, not {config}")
         want, got = flatten(params), flatten(params2)

@@ -619,7 +619,8 @@ class _StateFile:
             if data.get("version") != STATE_VERSION:
                 raise PreprocessError(f"{path}: state version {data.get('version')} (expected {STATE_VERSION})")
             old = data.get("settings", {})
-            if isinstance(old.get("source"), dict):  # states written before paths were made absolute
+            if isinstance(old.get("source"), dict):  # states written before paths were made absolute (relative to
+                # the folder the run is started from, as they were read then)
                 old = dict(old, source=_absolute_paths(old["source"]))
             if old != settings:
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))

@@ -139,7 +139,9 @@ class FrozenEncoders:
         # max_text_len are cut (as the original's tokenizer call does): said once per run, then counted.
         feats, mask = self.text.encode(list(batch["prompts"]), system_prompt="empty", max_length=self.max_text_len,
                                        on_truncate="quiet")  # fmt: skip
-        cut = self.last_truncated = self.text.last_truncated
+        valid = batch.get("valid")  # padding rows (copies of real ones) are not counted
+        rows = self.text.last_truncated_rows
+        cut = self.last_truncated = sum(1 for r in rows if valid is None or bool(valid[r]))
         if cut:
             if not self.truncated:
                 logger.warning("captions longer than max_text_len=%d tokens are truncated (%d in this batch of %d; "

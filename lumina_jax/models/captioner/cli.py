@@ -10,7 +10,8 @@ Output: one JSON object per line in the data pipeline's format (``lumina_jax.dat
 
 - Resumable: images already captioned with the same settings (granularity, perspective, language, or the
   same ``--instruction``) in the output (or in any ``<stem>.NNNNN-of-NNNNN.jsonl`` part next to it) are
-  skipped, so one file can collect several kinds of caption per image; a line cut short by a crash is dropped before appending (a complete last record that
+  skipped, so one file can collect several kinds of caption per image (records written before
+  ``instruction`` was recorded count as template captions); a line cut short by a crash is dropped before appending (a complete last record that
   only lost its newline is kept). File names that are not valid UTF-8 are written with ``\\udcXX`` escapes
   (Python's surrogateescape form), which JSON readers and the next run map back to the same file.
 - Multi-host: the image list (sorted folder walk, or JSONL order) is split round-robin by
@@ -440,9 +441,6 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     gen = GenerationConfig(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, stop_token_ids=tuple(stops), pad_token_id=int(pad_id or 0))
 
-    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    _, params = load_captioner(args.model, dtype=args.param_dtype or args.dtype)
-
     devices = jax.local_devices()
     tp = args.tensor_parallel
     if len(devices) % tp:
@@ -451,6 +449,8 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
         bad = tensor_parallel_problems(config, tp)
         if bad:
             raise _setup_error(f"--tensor-parallel {tp}: {'; '.join(bad)}")
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    _, params = load_captioner(args.model, dtype=args.param_dtype or args.dtype)
     n_dev = len(devices) // tp  # devices along the batch
     B = args.batch_size
     if n_dev > 1 and B % n_dev:
@@ -537,11 +537,20 @@ TENSOR_RULES = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), 
 
 
 def tensor_parallel_problems(config: Any, tp: int) -> list[str]:
-    """What keeps ``config`` from splitting ``tp`` ways (each split dimension must divide evenly)."""
-    t, v = config.text, config.vision
-    dims = {"language heads": t.num_heads, "language kv heads": t.num_kv_heads, "language MLP": t.intermediate_size,
-            "vocabulary": t.vocab_size, "vision heads": v.num_heads, "vision MLP": v.mlp_dim}  # fmt: skip
-    return [f"{name} ({n}) is not a multiple of {tp}" for name, n in dims.items() if n % tp]
+    """What keeps ``config`` from splitting ``tp`` ways: every param dimension that :data:`TENSOR_RULES`
+    splits must divide evenly (from the param shapes and logical axes; nothing is allocated)."""
+    from lumina_jax.convert.common import flatten
+    from lumina_jax.models.captioner.model import param_logical_axes, param_shapes
+
+    split = {name for name, _ in TENSOR_RULES}
+    shapes = flatten(param_shapes(config))
+    specs = flatten(param_logical_axes(config))
+    bad: dict[str, str] = {}
+    for path, spec in specs.items():
+        for size, name in zip(shapes[path].shape, tuple(spec)):
+            if name in split and size % tp and name not in bad:
+                bad[name] = f"{name} of {path} ({size}) is not a multiple of {tp}"
+    return list(bad.values())
 
 
 def param_shardings(config: Any, mesh: Any) -> Any:
