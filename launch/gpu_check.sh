@@ -24,6 +24,7 @@
 # DRY_RUN=1 prints the steps without running them.
 set -uo pipefail
 PART=${1:-1}
+case "$PART" in 1|2|shapes) ;; *) echo "gpu_check.sh: unknown part '$PART' (1, 2 or shapes)" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/gpu_check_out}; mkdir -p "$OUT"
 RES=/tmp/gpu_res; mkdir -p "$RES"
 LOG="$OUT/gpu_check.log"

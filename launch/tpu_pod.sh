@@ -5,8 +5,10 @@
 #       configs/train/lumina2_2b.yaml run_dir=gs://my-bucket/lumina2 mesh.fsdp=-1
 #
 # Runs `python -m lumina_jax train CONFIG key=value...` on all workers at once
-# (`gcloud compute tpus tpu-vm ssh --worker=all`). jax.distributed.initialize() detects the slice
-# from the TPU metadata (lumina_jax.parallel.distributed), so no coordinator flags are needed.
+# (`gcloud compute tpus tpu-vm ssh --worker=all`) with LUMINA_TPU_POD=1: lumina_jax.parallel.distributed
+# then calls jax.distributed.initialize(), which reads the slice from the TPU VM's metadata (a Cloud TPU
+# VM has no TPU_WORKER_HOSTNAMES variable), so no coordinator flags are needed. Without it the processes
+# would run without a distributed client: no async orbax saves, no preemption checkpoints.
 # run_dir must be shared by all workers (a gs:// bucket).
 #
 # Variables:
@@ -33,7 +35,7 @@ remote="set -e; cd ${REPO_DIR}"
 [[ -n "${VENV}" ]] && remote+="; source ${VENV}/bin/activate"
 [[ -n "${SETUP:-}" ]] && remote+="; ${SETUP}"
 [[ -n "${LIBTPU_INIT_ARGS:-}" ]] && remote+="; export LIBTPU_INIT_ARGS=$(printf '%q' "${LIBTPU_INIT_ARGS}")"
-remote+="; exec python -m lumina_jax train${args}"  # exec: SIGTERM reaches python
+remote+="; export LUMINA_TPU_POD=1; exec python -m lumina_jax train${args}"  # exec: SIGTERM reaches python
 
 cmd=(gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --command="${remote}")
 [[ -n "${PROJECT:-}" ]] && cmd+=(--project="${PROJECT}")

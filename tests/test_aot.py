@@ -213,6 +213,9 @@ def test_cli_errors_exit_2(capsys):
     assert aot.main(["--topology", "v5p", "--config", "tiny_synthetic"]) == 2
     assert aot.main(["--topology", "v5e:2x2", "--config", "no_such_config"]) == 2
     assert "aot:" in capsys.readouterr().err
+    # v4 lists two TensorCores per chip: refused in one line (was an AssertionError traceback from mesh_utils)
+    assert aot.main(["--topology", "v4:2x2x2", "--config", "tiny_synthetic"]) == 2
+    assert "megacore" in capsys.readouterr().err
 
 
 def test_hbm_table():

@@ -36,6 +36,14 @@ def test_slurm_cd_quotes_the_checkout(tmp_path):
     words = shlex.split(p.stdout.splitlines()[-1])
     inner = words[words.index("-c") + 1]
     assert shlex.split(inner)[:2] == ["cd", str(repo)]
+    # a venv path with a space is quoted too; srun repeats sbatch's --cpus-per-task (not inherited since 22.05)
+    venv = tmp_path / "my venv"
+    p = _run(["bash", "launch/slurm.sbatch", "cfg"], {"DRY_RUN": "1", "REPO_DIR": str(repo), "VENV": str(venv),
+                                                      "SLURM_CPUS_PER_TASK": "64"})  # fmt: skip
+    words = shlex.split(p.stdout.splitlines()[-1])
+    inner = shlex.split(words[words.index("-c") + 1])
+    assert "--cpus-per-task=64" in words[:words.index("-c")]
+    assert inner[inner.index("source") + 1] == str(venv / "bin" / "activate")
 
 
 def test_the_trainer_is_execd_so_that_sigterm_reaches_it():
@@ -46,3 +54,5 @@ def test_the_trainer_is_execd_so_that_sigterm_reaches_it():
     root = Path(__file__).resolve().parents[1] / "launch"
     for name in ("xpk.sh", "slurm.sbatch", "tpu_pod.sh"):
         assert "exec python -m lumina_jax train" in (root / name).read_text(), name
+    # on Cloud TPU VMs the trainer learns it is one host of a slice from this variable (then JAX's metadata)
+    assert "export LUMINA_TPU_POD=1; exec python -m lumina_jax train" in (root / "tpu_pod.sh").read_text()

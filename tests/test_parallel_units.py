@@ -82,6 +82,9 @@ def test_distributed_resolution_from_env():
         distributed.resolve("h:1", 2, 2, env={})
     assert distributed.resolve(env={"TPU_WORKER_HOSTNAMES": "a,b,c,d"})[0] == "tpu"
     assert distributed.resolve(env={"TPU_WORKER_HOSTNAMES": "localhost"})[0] == "none"
+    # a Cloud TPU VM keeps the slice in its metadata, not in variables: launch/tpu_pod.sh says so
+    assert distributed.resolve(env={"HOSTNAME": "t1v-n-abc-w-0"})[0] == "none"
+    assert distributed.resolve(env={"LUMINA_TPU_POD": "1"})[0] == "tpu"
     assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"})[0] == "slurm"
     assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})[0] == "none"
     # launch/slurm.sbatch: one task per node with 8 GPUs -> all 8 local devices (JAX alone would give
@@ -228,3 +231,32 @@ def test_sharded_init_host_memory(tmp_path):
         assert r["excess_over_shards"] < 6 * largest + (640 << 20), r
     # 14 more stacked layers: +2.3 GiB of bf16 shards and nothing else
     assert r16["excess_over_shards"] - r2["excess_over_shards"] < 160 << 20, (r2, r16)
+
+
+@pytest.mark.parametrize("topology,mesh", [("v5p:4x4x4", {"fsdp": -1}), ("v5p:4x4x4", "dp"),
+                                           ("v6e:4x4", {"fsdp": -1}), ("v5p:4x4x4", "fsdp_tensor")])  # fmt: skip
+def test_process_rows_on_a_tpu_slice_in_physical_order(topology, mesh):
+    """A slice's mesh follows the chips' physical order, so a host's chips hold non-adjacent rows: every
+    process still gets an equal block in shard order (was: 'non-contiguous batch rows; reorder the mesh',
+    so training could not start on most multi-host slices); the devices' rows stay disjoint and complete."""
+    pytest.importorskip("libtpu")
+    from lumina_jax.parallel.aot import topology_devices
+    from lumina_jax.parallel.sharding import process_row_sets, process_rows
+
+    devices = topology_devices(topology)
+    m = M.create_mesh(mesh, devices)
+    batch = 2 * len(devices)
+    sets = process_row_sets(batch, m)
+    assert len(sets) == len({d.process_index for d in devices}) > 1
+    blocks = {p: process_rows(batch, m, process=p) for p in sets}
+    shard_count = {b[3] for b in blocks.values()}
+    assert len(shard_count) == 1
+    count = shard_count.pop()
+    per_shard = {b[2]: b[:2] for b in blocks.values()}
+    assert sorted(per_shard) == list(range(count))  # every shard fed, blocks tile the batch in shard order
+    assert sorted(per_shard.values()) == [(i * batch // count, (i + 1) * batch // count) for i in range(count)]
+    # processes with the same shard hold the same rows; different shards hold disjoint rows
+    rows = {b[2]: {r for a, z in sets[p] for r in range(a, z)} for p, b in blocks.items()}
+    assert sorted(r for rs in rows.values() for r in rs) == list(range(batch))
+    if mesh == {"fsdp": -1}:
+        assert any(len(rs) > 1 for rs in sets.values())  # the case that used to fail

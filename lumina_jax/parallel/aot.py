@@ -11,7 +11,7 @@ This command builds the project's ``(data, fsdp, context, tensor)`` mesh over th
 compiles the real step with XLA:TPU (Pallas kernels through Mosaic). It reports:
 
 * per-device HBM from ``memory_analysis()``: arguments, outputs (minus what aliases donated inputs),
-  temporaries, generated code, total, against the chip's HBM (v4 32 GiB, v5e 16 GiB, v5p 95 GiB,
+  temporaries, generated code, total, against the chip's HBM (v5e 16 GiB, v5p 95 GiB,
   v6e 32 GiB);
 * the compile time;
 * XLA's FLOP count (``cost_analysis()``, per device, x devices) against the analytic count
@@ -114,6 +114,9 @@ def topology_devices(name: str) -> list[Any]:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     if ":" not in name:
         raise ValueError(f"topology {name!r}: expected GENERATION:SHAPE, e.g. v5p:4x4x4, v6e:4x4, v5e:2x4")
+    if name.split(":")[0].lower() in ("v2", "v3", "v4"):
+        raise ValueError(f"topology {name!r}: {name.split(':')[0]} chips have two TensorCores each (megacore), "
+                         f"which these meshes do not model; supported: v5e, v5p, v6e")  # fmt: skip
     topo = topologies.get_topology_desc(topology_name=name, platform="tpu")
     return list(topo.devices)
 
@@ -529,7 +532,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile a train/sample/forward step ahead of time for a TPU topology (no TPU needed) "
         "and report per-device HBM use and FLOPs. Exit 0 fits, 1 does not fit, 2 error.",
     )
-    p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4 (v5p-128 = 64 chips), v6e:4x4, v5e:2x4, v4:2x2x2")
+    p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4 (v5p-128 = 64 chips), v6e:4x4, v5e:2x4 (v5e, v5p, v6e)")
     p.add_argument("--config", required=True, help="train config: a YAML path or a name in configs/train")
     p.add_argument("--mesh", default=None, help="mesh preset (dp, fsdp, fsdp_tensor, context); override "
                    "single axes with mesh.tensor=4 etc.")  # fmt: skip

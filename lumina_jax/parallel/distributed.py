@@ -8,7 +8,9 @@ Call :func:`initialize` first thing in an entry point, before any JAX computatio
 3. xpk GPU workloads (``JAX_COORDINATOR_ADDRESS``, ``JAX_COORDINATOR_PORT``, ``NNODES`` > 1,
    ``NODE_RANK``; one process per node with all its GPUs) -- explicit arguments from those;
 4. a cluster JAX detects itself: a multi-host TPU slice / pod (``TPU_WORKER_HOSTNAMES`` with several
-   hosts, or ``MEGASCALE_*`` multi-slice variables), SLURM with more than one task
+   hosts, or ``MEGASCALE_*`` multi-slice variables, as GKE sets them; on Cloud TPU VMs, which keep that
+   in instance metadata, ``LUMINA_TPU_POD=1``, exported by ``launch/tpu_pod.sh``: JAX then reads the
+   metadata), SLURM with more than one task
    (``SLURM_JOB_ID`` + ``SLURM_NTASKS`` > 1; JAX reads ``SLURM_*`` to find the coordinator), or
    Open MPI (``OMPI_COMM_WORLD_SIZE`` > 1) -- then ``jax.distributed.initialize()`` without arguments,
    except that SLURM with one task per node (``launch/slurm.sbatch``) passes ``local_device_ids`` for
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 ENV_COORDINATOR = "LUMINA_COORDINATOR"
 ENV_NUM_PROCESSES = "LUMINA_NUM_PROCESSES"
 ENV_PROCESS_ID = "LUMINA_PROCESS_ID"
+ENV_TPU_POD = "LUMINA_TPU_POD"  # "1": a Cloud TPU VM slice (launch/tpu_pod.sh); JAX finds the rest in its metadata
 
 _initialized = False
 
@@ -41,7 +44,7 @@ def detect_cluster(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """Name of an auto-detectable multi-process environment, or None."""
     env = os.environ if env is None else env
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+    if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env or env.get(ENV_TPU_POD, "") in ("1", "true"):
         return "tpu"
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
         return "slurm"

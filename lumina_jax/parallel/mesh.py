@@ -83,8 +83,10 @@ class MeshConfig:
 
     Attributes:
       preset: optional name from :data:`PRESETS`; explicit axis sizes given here override it.
-      data, fsdp, context, tensor: sizes within a slice (ICI; on GPU: within the whole job).
-      dcn_data, dcn_fsdp: sizes across TPU slices (DCN). Only used when devices span several slices;
+      data, fsdp, context, tensor: sizes within a slice (ICI). Devices carry a ``slice_index``: TPU
+        slices, and on multi-node GPU jobs each node (XLA numbers nodes as slices), so there these are
+        sizes within a node; single-node GPU and CPU: the whole job.
+      dcn_data, dcn_fsdp: sizes across slices / GPU nodes (DCN). Only used when devices span several;
         ``dcn_data=-1`` (default) puts all slices on the data axis.
     """
 
@@ -162,8 +164,9 @@ def create_mesh(config: MeshConfig | Mapping[str, Any] | str | None = None, devi
 
     n_slices = num_slices(devices)
     if n_slices > 1:
-        dcn = _fill({a: 1 for a in MESH_AXES} | {"data": config.dcn_data, "fsdp": config.dcn_fsdp}, n_slices, "DCN mesh")
-        ici = _fill(config.ici_sizes(), len(devices) // n_slices, "ICI mesh (per slice)")
+        dcn = _fill({a: 1 for a in MESH_AXES} | {"data": config.dcn_data, "fsdp": config.dcn_fsdp}, n_slices,
+                    f"DCN mesh (across the {n_slices} slices / nodes; sizes count slices)")  # fmt: skip
+        ici = _fill(config.ici_sizes(), len(devices) // n_slices, "ICI mesh (per slice, or per node on GPU)")
         arr = mesh_utils.create_hybrid_device_mesh(
             [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices, allow_split_physical_axes=True
         )

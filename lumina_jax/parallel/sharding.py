@@ -267,29 +267,42 @@ def load_transformer_sharded(
 # batches
 
 
-def process_rows(global_batch: int, mesh: Mesh) -> tuple[int, int, int, int]:
-    """Which rows of a global batch this process feeds: ``(start, stop, shard_index, shard_count)``.
-
-    Rows are split over the batch axes; processes whose devices need the same rows (e.g. a ``tensor``
-    or ``context`` axis spanning hosts) get the same ``shard_index``, so a data pipeline sharded with
-    ``(shard_index, shard_count)`` feeds each process exactly the rows it must supply.
-    """
+def process_row_sets(global_batch: int, mesh: Mesh) -> dict[int, tuple[tuple[int, int], ...]]:
+    """``{process: sorted (start, stop) row ranges of the global batch its devices hold}`` over the batch
+    axes. On TPU the mesh follows the chips' physical order, so one host's devices can hold several
+    non-adjacent blocks of rows (e.g. v5p:4x4x4 with ``fsdp=-1``)."""
     sharding = batch_sharding(mesh, 1)
     idx_map = sharding.devices_indices_map((global_batch,))
     ranges_by_proc: dict[int, set[tuple[int, int]]] = collections.defaultdict(set)
     for d, idx in idx_map.items():
-        sl = idx[0]
-        start, stop, _ = sl.indices(global_batch)
+        start, stop, _ = idx[0].indices(global_batch)
         ranges_by_proc[d.process_index].add((start, stop))
-    spans = {}
-    for p, rs in ranges_by_proc.items():
-        lo, hi = min(r[0] for r in rs), max(r[1] for r in rs)
-        if sum(r[1] - r[0] for r in rs) != hi - lo:
-            raise ValueError(f"process {p} would feed non-contiguous batch rows {sorted(rs)}; reorder the mesh")
-        spans[p] = (lo, hi)
-    distinct = sorted(set(spans.values()))
-    me = spans[jax.process_index()]
-    return me[0], me[1], distinct.index(me), len(distinct)
+    return {p: tuple(sorted(rs)) for p, rs in ranges_by_proc.items()}
+
+
+def process_rows(global_batch: int, mesh: Mesh, process: Optional[int] = None) -> tuple[int, int, int, int]:
+    """Which rows of a global batch this process (or ``process``) feeds: ``(start, stop, shard_index,
+    shard_count)``.
+
+    Rows are split over the batch axes; processes whose devices need the same rows (e.g. a ``tensor``
+    or ``context`` axis spanning hosts) get the same ``shard_index``, so a data pipeline sharded with
+    ``(shard_index, shard_count)`` feeds each process exactly the rows it must supply. ``[start, stop)``
+    is the process's block in shard order (``shard_index * n`` for ``n`` rows per process): where its
+    devices hold non-adjacent rows (TPU meshes in physical order), :func:`global_batch`
+    (``jax.make_array_from_process_local_data``) lays the block onto them in increasing row order, a
+    permutation of the global batch that nothing downstream depends on (losses are means over rows,
+    each row carries its own mask). Every process must hold the same number of rows.
+    """
+    sets = process_row_sets(global_batch, mesh)
+    sizes = {p: sum(b - a for a, b in rs) for p, rs in sets.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"processes would feed different numbers of batch rows {sizes}; give every process the "
+                         f"same number of devices on the batch axes")  # fmt: skip
+    distinct = sorted(set(sets.values()))
+    me = sets[jax.process_index() if process is None else process]
+    n = sizes[jax.process_index() if process is None else process]
+    i = distinct.index(me)
+    return i * n, (i + 1) * n, i, len(distinct)
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
@@ -353,6 +366,7 @@ __all__ = [
     "param_shardings",
     "param_specs",
     "per_device_bytes",
+    "process_row_sets",
     "process_rows",
     "put_params",
     "spec_tree",
