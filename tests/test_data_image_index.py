@@ -43,9 +43,13 @@ def test_index_rows_are_the_header_sizes_and_the_loaders_skip_reasons(dataset):
             assert (h, w) == (0, 0) and image_index.reason_of(int(code)) == item.expected_skip, item.file
 
 
-def test_two_hosts_rows_make_the_one_host_batch_and_skips_add_up(dataset):
+def test_two_hosts_rows_make_the_one_host_batch_and_skips_add_up(dataset, caplog):
     jsonl, items = dataset
-    one, stats_one = run(jsonl, batch_size=6)
+    with caplog.at_level("WARNING", logger="lumina_jax.data"):
+        one, stats_one = run(jsonl, batch_size=6)
+    # records the size index marks unusable are named by their file, not only "data:<n>"
+    planned_skips = [line for line in caplog.text.splitlines() if "(size index)" in line]
+    assert planned_skips and all(".png" in line or ".jpg" in line for line in planned_skips), planned_skips
     two = [run(jsonl, shard_index=h, shard_count=2) for h in range(2)]
     (b0s, s0), (b1s, s1) = two
     assert len(one) == len(b0s) == len(b1s) > 3

@@ -73,6 +73,16 @@ class SizeRefLoader:
             raise ValueError("a raw-image source's plan needs the stage's crop sizes")
         self.fit = CropFitter(crop_sizes) if self.is_image else None
 
+    def _record_name(self, index: int) -> str:
+        """The record's key or file (e.g. ``data.jsonl:12`` or its image path) where the source can say it
+        (skipped records only: one read of the record), else ``source:index``."""
+        try:
+            raw = self.source.get(index)
+            name = getattr(raw, "image_path", None) or getattr(raw, "key", None)
+        except Exception:  # noqa: BLE001 -- a record the index marked unusable may not even parse
+            name = None
+        return f"{name} ({self.source_name}:{index})" if name else f"{self.source_name}:{index}"
+
     def __call__(self, item: tuple[int, int]) -> dict:
         epoch, index = int(item[0]), int(item[1])
         h, w, third = (int(v) for v in self.source.record_sizes()[index])
@@ -84,7 +94,7 @@ class SizeRefLoader:
         if third > 0 or h <= 0 or w <= 0:
             from lumina_jax.data.image_index import reason_of
 
-            return skip_marker(reason_of(third), self.source_name, f"{self.source_name}:{index} (size index)")
+            return skip_marker(reason_of(third), self.source_name, f"{self._record_name(index)} (size index)")
         cw, ch = self.fit(w, h)
         return {"ref": ref, "image_size": (ch, cw), "cap_len": 0}
 
