@@ -272,6 +272,11 @@ def test_array_record_folder_index(dataset, tmp_path):
     np.testing.assert_array_equal(src.record_sizes(), [(it.height, it.width, 0) for it in usable])
     shards = sorted((tmp_path / "ar").glob("*.array_record"))
     assert ArrayRecordImageSource(shards).record_sizes() is None  # a list of files has no index
+    # training's data paths take such a folder too (as preprocess --data does)
+    from lumina_jax.train.data import image_sources
+
+    (train_src,) = image_sources(str(tmp_path / "ar"))
+    assert isinstance(train_src, ArrayRecordImageSource) and len(train_src) == len(usable)
 
 
 def test_plan_digest_tells_indexes_apart(dataset, tmp_path):

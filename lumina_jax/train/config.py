@@ -39,7 +39,8 @@ class DataConfig:
         Gemma-2 run once, offline, ``python -m lumina_jax preprocess``).
       ``images``: raw captioned images encoded on the fly by the frozen VAE and text encoder given in
         ``vae`` and ``text_encoder``. ``paths`` are JSONL files, original-style YAML lists (see
-        :mod:`lumina_jax.data.sources`; one source per list, its files concatenated) or prepared TFDS ``array_record`` folders (``.../name/version``,
+        :mod:`lumina_jax.data.sources`; one source per list, its files concatenated), folders of
+        ``images-NNNNN.array_record`` shards or prepared TFDS ``array_record`` folders (``.../name/version``,
         read by :class:`lumina_jax.data.sources.TfdsSource` without TensorFlow).
 
     ``system_prompt`` is the template of TFDS sources (JSONL/YAML entries carry their own);

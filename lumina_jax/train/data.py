@@ -357,17 +357,21 @@ def check_same_shapes_on_every_host(stage: StageConfig, shard_count: int) -> Non
 
 def image_sources(path: str, *, system_prompt: str = "real", key_feature: Optional[str] = None) -> list:
     """The image source one ``paths`` entry names (one, so that mixture ``weights`` are per entry): a
-    prepared TFDS folder (has ``dataset_info.json``), an original-style YAML list (its files concatenated,
-    each after its ``ratio``, as the original does; they were mixed 1:1 whatever their sizes), or a JSONL
-    file."""
+    prepared TFDS folder (has ``dataset_info.json``), a folder of ``images-NNNNN.array_record`` shards
+    (as ``preprocess --data`` reads), an original-style YAML list (its files concatenated, each after its
+    ``ratio``, as the original does; they were mixed 1:1 whatever their sizes), or a JSONL file."""
     import os
 
     from lumina_jax.data import ConcatSource, JsonlSource, load_yaml_sources
-    from lumina_jax.data.sources import TfdsSource
+    from lumina_jax.data import records as rec_lib
+    from lumina_jax.data.sources import IMAGE_SHARD_PREFIX, ArrayRecordImageSource, TfdsSource
 
     if os.path.isdir(path):
+        if rec_lib.list_shards(path, IMAGE_SHARD_PREFIX):
+            return [ArrayRecordImageSource(path, system_prompt=system_prompt)]
         if not os.path.exists(os.path.join(path, "dataset_info.json")):
-            raise FileNotFoundError(f"{path} is a folder but not a prepared TFDS dataset (no dataset_info.json)")
+            raise FileNotFoundError(f"{path} is a folder but neither a prepared TFDS dataset (no dataset_info.json) "
+                                    f"nor a folder of {IMAGE_SHARD_PREFIX}-NNNNN{rec_lib.SHARD_SUFFIX} shards")  # fmt: skip
         return [TfdsSource(builder_dir=path, system_prompt=system_prompt, key_key=key_feature)]
     if not os.path.exists(path):
         raise FileNotFoundError(f"image source {path} does not exist")
