@@ -24,7 +24,7 @@ data pipeline's job (:class:`lumina_jax.data.PipelineConfig` ``caption_dropout``
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,14 @@ def avg_pool(latents: jax.Array, factor: int = 4, multiple: int = 1) -> jax.Arra
     x = latents[:, : h2 * factor, : w2 * factor].reshape(b, h2, factor, w2, factor, c).mean(axis=(2, 4))
     dh, dw = h2 % multiple, w2 % multiple
     return x[:, dh // 2 : h2 - (dh - dh // 2), dw // 2 : w2 - (dw - dw // 2)]
+
+
+def poolable(grid: Any, factor: int, patch: int) -> Any:
+    """Whether samples of token grid ``grid`` (``(..., 2)`` = ``(gh, gw)``, traced or not) pool by
+    ``factor`` to at least one ``patch`` x ``patch`` token (what :func:`avg_pool` / :func:`pool_tokens`
+    need): samples below it have no auxiliary term (crop sides under 64 px at factor 4, patch 2)."""
+    side = (patch * grid) // factor // patch
+    return (side[..., 0] >= 1) & (side[..., 1] >= 1)
 
 
 def pool_tokens(tokens: jax.Array, grid: jax.Array, factor: int, patch: int) -> tuple[jax.Array, jax.Array]:

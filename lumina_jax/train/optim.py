@@ -48,6 +48,8 @@ class OptimizerConfig:
             raise ValueError(f"unknown LR schedule {self.schedule!r}; choose from {SCHEDULES}")
         if self.lr < 0 or self.warmup_steps < 0:
             raise ValueError(f"lr and warmup_steps must be >= 0, got {self.lr}, {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def lr_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array, dict], jax.Array]:
@@ -57,7 +59,8 @@ def lr_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array, dict], jax.Array]:
 
     ``constant``: ``lr`` (after an optional linear warm-up when ``warmup_steps > 0``);
     ``warmup_constant``: linear warm-up from 0 over ``warmup_steps``, then ``lr``;
-    ``cosine``: warm-up then cosine decay to ``min_lr_ratio * lr`` at the end of the stage.
+    ``cosine``: warm-up then cosine decay from ``lr`` at the warm-up's last step (or the stage's first)
+    to ``min_lr_ratio * lr`` at the stage's last step.
     The warm-up restarts at every stage start (the original restarts each stage from a checkpoint).
     """
     warm = cfg.warmup_steps
@@ -66,9 +69,10 @@ def lr_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array, dict], jax.Array]:
         lr = jnp.asarray(hp["lr"], jnp.float32)
         s = jnp.asarray(step, jnp.float32) - jnp.asarray(hp["start"], jnp.float32)
         out = lr
-        if cfg.schedule == "cosine":
-            span = jnp.maximum(jnp.asarray(hp["steps"], jnp.float32) - warm, 1.0)
-            frac = jnp.clip((s - warm) / span, 0.0, 1.0)
+        if cfg.schedule == "cosine":  # peak at the warm-up's last step, min_lr_ratio * lr at the stage's last
+            d0 = max(warm - 1, 0)
+            span = jnp.maximum(jnp.asarray(hp["steps"], jnp.float32) - 1.0 - d0, 1.0)
+            frac = jnp.clip((s - d0) / span, 0.0, 1.0)
             out = lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + jnp.cos(math.pi * frac)))
         if warm > 0:
             out = out * jnp.minimum(1.0, (s + 1.0) / warm)

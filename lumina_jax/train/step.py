@@ -68,11 +68,13 @@ def _split_micro(x: jax.Array, a: int) -> jax.Array:
 
 
 def make_loss_fn(model: nn.Module, cfg: StepConfig) -> Callable:
-    """``loss_fn(params, micro_batch, rng, denom) -> (loss, (main, aux))`` (fp32 scalars).
+    """``loss_fn(params, micro_batch, rng, denom, aux_denom=denom) -> (loss, (main, aux))`` (fp32 scalars).
 
     Each term is ``sum(per-sample loss over the micro-batch's valid rows) / denom``, ``denom`` being the
     number of valid rows of the whole batch (spec §6.2), so the terms of the micro-batches of one step
-    add up to the exact batch mean however the padding rows of a bucket fall into them.
+    add up to the exact batch mean however the padding rows of a bucket fall into them. The auxiliary
+    term divides by ``aux_denom``, the valid rows large enough to pool (:func:`aux_rows`): samples with a
+    crop side under 64 px have no pooled term (a dense batch of them: an auxiliary loss of 0).
     """
 
     patch = getattr(getattr(model, "config", None), "patch_size", 1)  # the aux latent must patchify
@@ -90,21 +92,22 @@ def make_loss_fn(model: nn.Module, cfg: StepConfig) -> Callable:
         per = jnp.sum(jnp.square(pred.astype(jnp.float32) - target) * w, axis=(1, 2))
         return per / jnp.maximum(jnp.sum(w, axis=(1, 2)) * x1.shape[-1], 1.0)
 
-    def loss_fn(params, mb, rng, denom):
+    def loss_fn(params, mb, rng, denom, aux_denom=None):
         k_main, k_aux = jax.random.split(rng)
         cap, cmask = mb["cap_feats"], mb["cap_mask"]
         valid = mb.get("valid")
+        aux_denom = denom if aux_denom is None else aux_denom
 
-        def share(per):
+        def share(per, d=denom):
             w = jnp.ones_like(per) if valid is None else valid.astype(jnp.float32)
-            return jnp.sum(per * w) / denom
+            return jnp.sum(jnp.where(w > 0, per, 0.0)) / d  # where: a NaN in a padding row stays out
         if cfg.mixed:
             grid = mb["image_sizes"].astype(jnp.int32) // (VAE_FACTOR * model.config.patch_size)
             main = share(token_flow_loss(params, mb["latents"], grid, k_main, cap, cmask))
             aux = jnp.zeros((), jnp.float32)
             if cfg.aux_loss_weight:
                 pooled, grid2 = obj.pool_tokens(mb["latents"], grid, cfg.aux_pool, model.config.patch_size)
-                aux = share(token_flow_loss(params, pooled, grid2, k_aux, cap, cmask))
+                aux = share(token_flow_loss(params, pooled, grid2, k_aux, cap, cmask), aux_denom)
             return main + cfg.aux_loss_weight * aux, (main, aux)
 
         def apply(xt, t):
@@ -112,12 +115,26 @@ def make_loss_fn(model: nn.Module, cfg: StepConfig) -> Callable:
 
         main = share(obj.flow_loss(apply, mb["latents"], k_main, t_sampling=cfg.t_sampling, mu=cfg.mu))
         aux = jnp.zeros((), jnp.float32)
-        if cfg.aux_loss_weight:
+        h, w = mb["latents"].shape[1:3]
+        if cfg.aux_loss_weight and min(h, w) // cfg.aux_pool >= patch:  # else too small to pool (avg_pool's check)
             pooled = obj.avg_pool(mb["latents"].astype(jnp.float32), cfg.aux_pool, multiple=patch)
-            aux = share(obj.flow_loss(apply, pooled, k_aux, t_sampling=cfg.t_sampling, mu=cfg.mu))
+            aux = share(obj.flow_loss(apply, pooled, k_aux, t_sampling=cfg.t_sampling, mu=cfg.mu), aux_denom)
         return main + cfg.aux_loss_weight * aux, (main, aux)
 
     return loss_fn
+
+
+def aux_rows(batch: dict, cfg: StepConfig, patch: int, denom: Any) -> Any:
+    """The auxiliary term's denominator: valid rows of the whole batch that pool to at least one token
+    (mixed batches: per sample from ``image_sizes``; dense ones: all rows or none). ``denom`` when no
+    row is too small (or there is no auxiliary term)."""
+    if not cfg.aux_loss_weight or not cfg.mixed:
+        return denom
+    grid = batch["image_sizes"].astype(jnp.int32) // (VAE_FACTOR * patch)
+    ok = obj.poolable(grid, cfg.aux_pool, patch)
+    if "valid" in batch:
+        ok = ok & batch["valid"].astype(bool)
+    return jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
 
 
 def make_train_step(
@@ -142,6 +159,7 @@ def make_train_step(
             micro = {k: _split_micro(v, a) for k, v in batch.items()}
             rows = batch["latents"].shape[0]
             denom = jnp.maximum(jnp.sum(batch["valid"].astype(jnp.float32)), 1.0) if "valid" in batch else rows
+            aux_denom = aux_rows(batch, cfg, getattr(getattr(model, "config", None), "patch_size", 1), denom)
 
             def params_for_grad(p):
                 if trainable is None:
@@ -150,7 +168,7 @@ def make_train_step(
 
             def grad_one(i, mb):
                 def f(p):
-                    return loss_fn(params_for_grad(p), mb, jax.random.fold_in(rng, i), denom)
+                    return loss_fn(params_for_grad(p), mb, jax.random.fold_in(rng, i), denom, aux_denom)
 
                 (loss, (main, aux)), g = jax.value_and_grad(f, has_aux=True)(state.params)
                 return loss, main, aux, g
