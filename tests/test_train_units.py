@@ -444,17 +444,23 @@ def test_stage_time_shift_mu_and_t_sampling_override_the_objective(tmp_path):
     from lumina_jax.train.loop import Trainer
 
     cfg = load_config("tiny_synthetic", [f"run_dir={tmp_path}", "log.progress=false", "log.tensorboard=false",
-                                         "stages.1.time_shift_mu=1.79", "stages.1.t_sampling=uniform"])  # fmt: skip
+                                         "stages.1.time_shift_mu=1.79", "stages.1.t_sampling=uniform",
+                                         "stages.0.aux_loss_weight=0"])  # fmt: skip
     tr = Trainer(cfg)
     assert tr.step_config(0).mu == pytest.approx(obj.shift_mu(obj.seq_len_for_resolution(cfg.stages[0].resolution)))
     assert tr.step_config(1).mu == 1.79
     assert (tr.step_config(0).t_sampling, tr.step_config(1).t_sampling) == ("lognorm", "uniform")
+    # a stage's own auxiliary weight (0: no pooled term there, nor its FLOPs), the objective's elsewhere
+    assert (tr.step_config(0).aux_loss_weight, tr.step_config(1).aux_loss_weight) == (0.0, cfg.objective.aux_loss_weight)
+    with pytest.raises(ValueError, match="aux_loss_weight must be >= 0"):
+        load_config("tiny_synthetic", ["stages.0.aux_loss_weight=-1"])
     with pytest.raises(ValueError, match="stage 'low_res'.*unknown t_sampling 'beta'"):
         load_config("tiny_synthetic", ["stages.0.t_sampling=beta"])
     tr.metrics.close()
     off = Trainer(load_config("tiny_synthetic", [f"run_dir={tmp_path / 'b'}", "log.progress=false",
                                                  "objective.time_shift=false", "stages.1.time_shift_mu=1.79"]))  # fmt: skip
     assert off.step_config(1).mu is None  # time_shift off wins
+    assert tr.flops(0, 16)[0] < off.flops(0, 16)[0]  # stage 0 without its auxiliary term: fewer FLOPs counted
     off.metrics.close()
 
 

@@ -113,6 +113,9 @@ class StageConfig:
     ``t_sampling``: this stage's ``t`` distribution (``uniform`` or ``lognorm``) instead of the objective's.
     A strong shift on ``lognorm`` leaves almost no samples near ``t = 1`` (e^mu = 3: 0.6 % above
     ``t' = 0.8``), where the last noise is removed; ``uniform`` with the same shift keeps 8 % there.
+
+    ``aux_loss_weight``: this stage's weight of the auxiliary low-resolution loss instead of the
+    objective's (e.g. ``0`` for a low-resolution stage; spec §6.2 describes the term for 1024 px).
     """
 
     name: str = "stage"
@@ -122,10 +125,14 @@ class StageConfig:
     lr: Optional[float] = None
     time_shift_mu: Optional[float] = None
     t_sampling: Optional[str] = None
+    aux_loss_weight: Optional[float] = None
     data: DataConfig = DataConfig()
 
     def __post_init__(self):
         from lumina_jax.train.objective import T_SAMPLINGS
+
+        if self.aux_loss_weight is not None and not self.aux_loss_weight >= 0:
+            raise ValueError(f"stage {self.name!r}: aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
 
         if self.t_sampling is not None and self.t_sampling not in T_SAMPLINGS:
             raise ValueError(f"stage {self.name!r}: unknown t_sampling {self.t_sampling!r}; choose from {T_SAMPLINGS}")

@@ -303,9 +303,14 @@ class Trainer:
                 mu = obj.shift_mu(obj.seq_len_for_resolution(stage.resolution))
         return StepConfig(
             seed=cfg.seed, t_sampling=stage.t_sampling or cfg.objective.t_sampling, mu=mu,
-            aux_loss_weight=cfg.objective.aux_loss_weight, aux_pool=cfg.objective.aux_pool,
+            aux_loss_weight=self.aux_weight(stage_index), aux_pool=cfg.objective.aux_pool,
             grad_accum=cfg.grad_accum, ema_decay=cfg.ema_decay, mixed=stage.data.batching == "mixed",
         )  # fmt: skip
+
+    def aux_weight(self, stage_index: int) -> float:
+        """The stage's auxiliary-loss weight (its own, else the objective's)."""
+        w = self.cfg.stages[stage_index].aux_loss_weight
+        return float(self.cfg.objective.aux_loss_weight if w is None else w)
 
     def stage_hparams(self, stage_index: int) -> dict:
         stage = self.cfg.stages[stage_index]
@@ -333,7 +338,7 @@ class Trainer:
         in a dense batch, which gives the autoencoder factor (8 for the FLUX VAE, 1 for pixel models;
         8 is assumed without it)."""
         stage = self.cfg.stages[stage_index]
-        aux = bool(self.cfg.objective.aux_loss_weight)
+        aux = bool(self.aux_weight(stage_index))
         ds = 8 if latent_hw is None else max(1, round((stage.resolution**2 / (latent_hw[0] * latent_hw[1])) ** 0.5))
         f = metrics_lib.train_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.objective.aux_pool,
                                                aux, downsample=ds)  # fmt: skip
