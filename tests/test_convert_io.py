@@ -169,3 +169,18 @@ def test_directory_with_an_index_reads_only_its_shards(tmp_path):
     save_file({"t0": np.zeros((10, 10), np.float16)}, single / "diffusion_pytorch_model.fp16.safetensors")
     src = TensorSource(single)
     assert sorted(src.keys()) == ["t0", "t1", "t2"] and src.get("t0").dtype == np.float32
+
+
+def test_safetensors_bytes_are_little_endian_whatever_the_host(tmp_path, monkeypatch):
+    """Files store little-endian; a big-endian host must swap multi-byte values after reading (simulated
+    here by telling the reader the host is big-endian: the raw bytes then come back swapped)."""
+    from lumina_jax.convert import safetensors_io
+    from lumina_jax.convert.safetensors_io import SafetensorsFile, save_file
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3) + 0.5
+    b = np.arange(4, dtype=np.uint8)
+    save_file({"a": a, "b": b}, tmp_path / "x.safetensors")
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    assert np.array_equal(f.get("a"), a) and np.array_equal(f.get("b"), b)
+    monkeypatch.setattr(safetensors_io.np, "little_endian", False)
+    assert np.array_equal(f.get("a"), a.byteswap()) and np.array_equal(f.get("b"), b)

@@ -107,12 +107,76 @@ def test_original_prefix_and_inferred_config(diffusers_dir, tmp_path):
     config, params = load_transformer(d)
     orig = save_transformer(tmp_path / "o.safetensors", config, params, "original")
     sd = _tensors(orig)
-    save_file({ORIG_PREFIX + k: v for k, v in sd.items()}, tmp_path / "comfy.safetensors")
+    # a ComfyUI all-in-one file: the transformer under the prefix, other models beside it (ignored)
+    extra = {"vae.decoder.conv_in.weight": np.ones((4, 4), np.float32), "text_encoders.x": np.ones(3, np.float32)}
+    save_file({**{ORIG_PREFIX + k: v for k, v in sd.items()}, **extra}, tmp_path / "comfy.safetensors")
     config2, params2 = load_transformer(tmp_path / "comfy.safetensors")  # config inferred from shapes
     inferred = infer_original_config({k: v.shape for k, v in sd.items()})
     for field in ("dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads", "cap_feat_dim", "in_channels"):
         assert getattr(config2, field) == getattr(config, field) == getattr(inferred, field), field
     assert config2.ffn_hidden == config.ffn_hidden
+
+
+def test_wrapped_and_legacy_pth_files(diffusers_dir, tmp_path, caplog):
+    """Training checkpoints wrap state dicts ({"model": sd, "ema": sd_ema, "step": n}); ``pth_key`` picks
+    one (default "model"); non-tensor entries beside tensors are dropped; pre-1.6 (non-zip) files load."""
+    _, d = diffusers_dir
+    config, params = load_transformer(d)
+    sd = {k: torch.from_numpy(v) for k, v in _tensors(save_transformer(tmp_path / "o.safetensors", config, params,
+                                                                        "original")).items()}  # fmt: skip
+    ema = {k: v + 1 for k, v in sd.items()}
+    key, path = "x_embedder.weight", "x_embedder/kernel"
+    torch.save({"model": sd, "ema": ema, "step": 3}, tmp_path / "both.pth")
+    with caplog.at_level("INFO"):
+        _, p_model = load_transformer(tmp_path / "both.pth")
+    assert "also has 'ema'" in caplog.text
+    _, p_ema = load_transformer(tmp_path / "both.pth", pth_key="ema")
+    np.testing.assert_array_equal(flatten(p_model)[path].T, sd[key].numpy())
+    np.testing.assert_array_equal(flatten(p_ema)[path].T, ema[key].numpy())
+    torch.save({"ema": {"module": ema}}, tmp_path / "ema_only.pth")  # nested two levels
+    np.testing.assert_array_equal(flatten(load_transformer(tmp_path / "ema_only.pth")[1])[path].T, ema[key].numpy())
+    torch.save({**sd, "step": 100}, tmp_path / "extra.pth")
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(flatten(load_transformer(tmp_path / "extra.pth")[1])[path].T, sd[key].numpy())
+    assert "ignoring 1 entries that are not tensors: step" in caplog.text
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    np.testing.assert_array_equal(flatten(load_transformer(tmp_path / "legacy.pth")[1])[path].T, sd[key].numpy())
+    torch.save({"a": sd, "b": ema}, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"several state dicts \(\['a', 'b'\]\); pass pth_key="):
+        load_transformer(tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"no state dict under pth_key 'ema' \(state dicts there: \['a', 'b'\]"):
+        load_transformer(tmp_path / "two.pth", pth_key="ema")
+    torch.save({"step": 1, "lr": 0.1}, tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match="holds no tensors"):
+        load_transformer(tmp_path / "none.pth", config=config)
+    with pytest.raises(ValueError, match="pth_key is for original .pth checkpoints"):
+        load_transformer(d, pth_key="ema")
+    from lumina_jax.convert.cli import main as convert_main
+
+    assert convert_main([str(tmp_path / "both.pth"), str(tmp_path / "e"), "--to", "jax", "--pth-key", "ema"]) == 0
+    np.testing.assert_array_equal(flatten(load_transformer(tmp_path / "e")[1])[path].T, ema[key].numpy())
+
+
+def test_config_inference_errors_and_ffn_multiplier(diffusers_dir, tmp_path):
+    from lumina_jax.convert.nextdit import jax_shapes, original_rules, torch_shapes
+    from lumina_jax.models.nextdit import NextDiTConfig
+
+    # ffn_dim_multiplier 1.1 at dim 720: width 3328; a multiplier read back as 3328/2880 must not give 3327
+    c = NextDiTConfig.from_yaml("nextdit_tiny").replace(dim=720, n_heads=15, n_kv_heads=5, axes_dims=(16, 16, 16),
+                                                       multiple_of=256, ffn_dim_multiplier=1.1)  # fmt: skip
+    inferred = infer_original_config(torch_shapes(original_rules(c), jax_shapes(c)))
+    assert c.ffn_hidden == 3328 and inferred.ffn_hidden == 3328
+    _, d = diffusers_dir
+    with pytest.raises(CheckpointError, match="diffusers Lumina2Transformer2DModel weights file.*pass its folder"):
+        load_transformer(d / "diffusion_pytorch_model.safetensors")
+    sd = _tensors(save_transformer(tmp_path / "o.safetensors", *load_transformer(d), "original"))
+    save_file({k: v for k, v in sd.items() if "q_norm" not in k and "k_norm" not in k}, tmp_path / "noqk.safetensors")
+    with pytest.raises(CheckpointError, match="^checkpoint has no q_norm weights: cannot infer head_dim; pass config="):
+        infer_original_config({k: v.shape for k, v in _tensors(tmp_path / "noqk.safetensors").items()})
+    with pytest.raises(CheckpointError, match="no layers.N"):
+        infer_original_config({k: v.shape for k, v in sd.items() if not k.startswith("layers.")})
+    with pytest.raises(CheckpointError, match="cannot infer its config: no tensor 'cap_embedder.1.weight'"):
+        infer_original_config({k: v.shape for k, v in sd.items() if not k.startswith("cap_embedder")})
 
 
 def test_layers_stored_in_different_dtypes_keep_their_values(diffusers_dir, tmp_path):

@@ -208,6 +208,10 @@ def test_bad_inputs_have_clear_errors():
     small = config.replace(axes_lens=(32, 3, 8))  # 8x8 latents = 4x4 patches: rows beyond the table
     with pytest.raises(ValueError, match=r"latent grid 4x4 patches exceeds the RoPE table \(3x8"):
         NextDiT(small).apply({"params": params}, x, jnp.zeros(1), cap, mask)
+    with pytest.raises(ValueError, match=r"caption length 4 \(padded\) is over the model's limit of 3 tokens"):
+        NextDiT(config.replace(axes_lens=(4, 8, 8))).apply({"params": params}, x, jnp.zeros(1), cap, mask)
+    with pytest.raises(ValueError, match="caption features have length 0"):
+        model.apply({"params": params}, x, jnp.zeros(1), cap[:, :0], mask[:, :0])
     with pytest.raises(ValueError, match="unknown NextDiT config keys"):
         NextDiTConfig.from_dict({"dim": 64, "n_layer": 3})
     with pytest.raises(ValueError, match="head_dim"):

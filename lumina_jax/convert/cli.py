@@ -27,7 +27,8 @@ from pathlib import Path
 from lumina_jax.convert.errors import CheckpointError
 
 # the library's errors name its Python arguments; the CLI names its flags instead
-_ARG_TO_FLAG = (("pass overwrite=True", "pass --overwrite"), ("pass config=", "pass --config NAME (or a YAML path)"))
+_ARG_TO_FLAG = (("pass overwrite=True", "pass --overwrite"), ("pass config=", "pass --config NAME (or a YAML path)"),
+                ("pass pth_key=", "pass --pth-key NAME"), ("pth_key ", "--pth-key "))
 
 
 def cli_message(e: BaseException, table: tuple[tuple[str, str], ...] = _ARG_TO_FLAG) -> str:
@@ -50,6 +51,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--to", required=True, choices=["jax", "diffusers", "original"])
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="export dtype (default: keep)")
     ap.add_argument("--config", default=None, help="model config name/YAML for original checkpoints (else inferred)")
+    ap.add_argument("--pth-key", default=None, metavar="NAME", help="which state dict of an original .pth that "
+                    "wraps several to read (e.g. ema of {'model': ..., 'ema': ...}; default: model)")  # fmt: skip
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     ap.add_argument("--verify", action="store_true", help="read DST back and check every tensor bit for bit "
                     "against the source (and the stored config); one more read of the output")  # fmt: skip
@@ -79,6 +82,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"{args.dst} is inside the checkpoint {args.src}: another weights file there would "
                              f"become part of that checkpoint; write it elsewhere")  # fmt: skip
         if kind != "transformer":
+            if args.pth_key is not None:
+                raise ValueError(f"--pth-key is for original Next-DiT .pth checkpoints; {args.src} holds a {kind}")
             out = _convert_encoder(kind, args, target, t0)
             print(f"wrote {out} in {time.time() - t0:.1f}s")
             return 0
@@ -86,7 +91,7 @@ def main(argv: list[str]) -> int:
         config = NextDiTConfig.from_yaml(args.config) if args.config else None
         where = original_weights_file(args.src) if fmt == "original" else args.src
         print(f"reading {where} ({fmt})", flush=True)
-        config, params = load_transformer(args.src, config=config, dtype=None)
+        config, params = load_transformer(args.src, config=config, dtype=None, pth_key=args.pth_key)
         print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s; writing {args.to}", flush=True)
         out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)
         if args.verify:

@@ -4,7 +4,7 @@ Every foreign format gets one *key mapper* (a module next to this one) used by t
 exporter and the parity tests alike; this file holds only what those mappers share.
 
 Conventions:
-- JAX params are nested dicts; a param is addressed by a ``/``-joined path (``"layers/attention/qkv/kernel"``).
+- JAX params are nested dicts; a param is addressed by a ``/``-joined path (``"layers/blocks/attention/q/kernel"``).
 - Tensors move as host NumPy arrays (bf16 via ``ml_dtypes``), never through torch unless the file is a
   pickled ``.pth`` (then torch is imported lazily, and tensors are memory-mapped).
 - Output goes to a temporary sibling and is renamed into place only when the whole conversion
@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
@@ -104,6 +105,48 @@ def to_numpy(x: Any) -> np.ndarray:
 # reading state dicts, one tensor at a time
 
 
+PTH_WRAPPER_KEYS = ("model", "ema", "state_dict", "module", "net")
+
+
+def _is_torch_tensor(v: Any) -> bool:
+    return type(v).__module__.startswith("torch") and hasattr(v, "shape") and hasattr(v, "dtype")
+
+
+def state_dict_of(obj: Any, f: Path, pth_key: Optional[str] = None, _depth: int = 0) -> dict[str, Any]:
+    """The tensors of a loaded ``.pth`` object ``obj``: a state dict, or one wrapped in a dict of state
+    dicts (``{"model": sd}``, ``{"ema": sd}``, ``{"model": sd, "ema": sd_ema, "step": 10}``, nested up to
+    two levels). ``pth_key`` picks the wrapped one to read; without it a file holding several reads
+    ``"model"`` (logged, naming the others) and is an error when there is no ``"model"``. Non-tensor
+    entries beside tensors (``"step": 100``) are dropped with a warning."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{f}: expected a state dict, found {type(obj).__name__}")
+    nested = {k: v for k, v in obj.items() if isinstance(v, dict) and any(
+        _is_torch_tensor(x) or isinstance(x, dict) for x in v.values())}  # fmt: skip
+    if pth_key is not None:
+        if pth_key not in nested:
+            raise CheckpointError(f"{f}: no state dict under pth_key {pth_key!r} (state dicts there: "
+                                  f"{sorted(map(str, nested)) or 'none, the file is one state dict'})")  # fmt: skip
+        return state_dict_of(nested[pth_key], f, None, _depth + 1)
+    tensors = {k: v for k, v in obj.items() if _is_torch_tensor(v)}
+    if tensors:
+        dropped = sorted(str(k) for k in obj if k not in tensors)
+        if dropped:
+            log.warning("%s: ignoring %d entries that are not tensors: %s", f, len(dropped),
+                        ", ".join(dropped[:10]) + (", ..." if len(dropped) > 10 else ""))  # fmt: skip
+        return tensors
+    if not nested or _depth >= 2:
+        raise CheckpointError(f"{f}: holds no tensors (top-level keys: {sorted(map(str, obj))[:10]})")
+    if len(nested) == 1:
+        key = next(iter(nested))
+    elif "model" in nested:
+        key = "model"
+        log.info("%s: reading the state dict under 'model'; the file also has %s (pass pth_key= to read one)",
+                 f, ", ".join(repr(k) for k in nested if k != "model"))  # fmt: skip
+    else:
+        raise CheckpointError(f"{f}: several state dicts ({sorted(map(str, nested))}); pass pth_key= to pick one")
+    return state_dict_of(nested[key], f, None, _depth + 1)
+
+
 class TensorSource:
     """Read-only, lazily loaded mapping ``name -> np.ndarray`` over one or many files.
 
@@ -112,8 +155,9 @@ class TensorSource:
     ``get`` so that a converter can stream.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, pth_key: Optional[str] = None):
         self.path = Path(path)
+        self.pth_key = pth_key  # which state dict of a wrapped .pth ({'model': ..., 'ema': ...}) to read
         self._where: dict[str, Any] = {}
         self._file_of: dict[str, Path] = {}
         self._torch_sd: dict[str, Any] | None = None
@@ -155,7 +199,7 @@ class TensorSource:
                 for k in st.keys():
                     self._add(k, st, f)
             else:
-                for k, v in self._load_torch(f).items():
+                for k, v in self._load_torch(f, self.pth_key).items():
                     self._add(k, v, f)
                 from lumina_jax.convert.torch_io import read_pth_metadata
 
@@ -172,20 +216,16 @@ class TensorSource:
         self._file_of[key] = f
 
     @staticmethod
-    def _load_torch(f: Path) -> dict[str, Any]:
+    def _load_torch(f: Path, pth_key: Optional[str] = None) -> dict[str, Any]:
         try:
             import torch
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise CheckpointError(f"{f}: reading a pickled PyTorch checkpoint needs torch installed") from e
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        try:  # torch memory-maps only the zip format; legacy (pre-1.6) files are read whole
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # torch raises many types for corrupt/truncated zips
             raise CheckpointError(f"{f}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
-        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-            sd = sd["model"]
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"{f}: expected a state dict, found {type(sd).__name__}")
-        return sd
+        return state_dict_of(sd, f, pth_key)
 
     def keys(self) -> list[str]:
         return list(self._where)

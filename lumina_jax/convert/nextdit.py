@@ -8,7 +8,7 @@ the original fused ``attention.qkv.weight`` is one rule with three parts (q, k, 
 derived from the config (``n_heads*head_dim``, ``n_kv_heads*head_dim`` twice), never hard-coded.
 
 Loading streams: the JAX tree is preallocated in host memory and filled one PyTorch tensor at a time
-(read through a memory map), so peak host memory stays near one copy of the model. Export streams
+(safetensors by positioned reads, ``.pth`` through torch's memory map), so peak host memory stays near one copy of the model. Export streams
 the other way, one safetensors shard at a time, into a temporary directory renamed into place only
 when everything succeeded.
 """
@@ -332,23 +332,29 @@ def original_weights_file(path: str | os.PathLike) -> Path:
     raise AssertionError("unreachable")
 
 
-def _original_source(path: Path) -> TensorSource:
-    return TensorSource(original_weights_file(path))
+def _original_source(path: Path, pth_key: Optional[str] = None) -> TensorSource:
+    return TensorSource(original_weights_file(path), pth_key=pth_key)
 
 
 class _Prefixed:
-    """View of a TensorSource with an optional ``model.diffusion_model.`` prefix stripped."""
+    """View of a TensorSource with a ``model.diffusion_model.`` prefix stripped: when any key has it (a
+    ComfyUI-style all-in-one file), only those keys are the transformer's; the others (``vae.*``,
+    ``text_encoders.*``, ...) are ignored, and logged."""
 
     def __init__(self, src: TensorSource):
         self.src = src
         keys = src.keys()
-        self.prefix = ORIG_PREFIX if keys and all(k.startswith(ORIG_PREFIX) for k in keys) else ""
+        self.prefix = ORIG_PREFIX if any(k.startswith(ORIG_PREFIX) for k in keys) else ""
+        others = [k for k in keys if not k.startswith(self.prefix)]
+        if others:
+            log.info("%s: reading the %d %s* tensors; ignoring %d others (%s)", src.path, len(keys) - len(others),
+                     ORIG_PREFIX, len(others), ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
 
     def keys(self) -> list[str]:
-        return [k[len(self.prefix) :] for k in self.src.keys()]
+        return [k[len(self.prefix) :] for k in self.src.keys() if k.startswith(self.prefix)]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k[len(self.prefix) :]: s for k, s in self.src.shapes().items()}
+        return {k[len(self.prefix) :]: s for k, s in self.src.shapes().items() if k.startswith(self.prefix)}
 
     def get(self, key: str) -> np.ndarray:
         return self.src.get(self.prefix + key)
@@ -360,20 +366,25 @@ def infer_original_config(shapes: dict[str, tuple[int, ...]], patch_size: int = 
     Head dim comes from ``q_norm`` (qk_norm checkpoints); the RoPE split is equal thirds (as in every
     original config). Pass an explicit config for anything else.
     """
+    if any(k.startswith("time_caption_embed.") for k in shapes):
+        raise CheckpointError("this is a diffusers Lumina2Transformer2DModel weights file, not an original "
+                              "checkpoint: pass its folder (with config.json)")  # fmt: skip
+    if "layers.0.attention.qkv.weight" in shapes and "layers.0.attention.q_norm.weight" not in shapes:
+        raise CheckpointError("checkpoint has no q_norm weights: cannot infer head_dim; pass config=")
     try:
         dim, patch_feats = shapes["x_embedder.weight"]
         n_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers."))
         n_ref = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("noise_refiner."))
-        qk_norm = "layers.0.attention.q_norm.weight" in shapes
-        if not qk_norm:
-            raise CheckpointError("checkpoint has no q_norm weights: cannot infer head_dim; pass config=")
         hd = shapes["layers.0.attention.q_norm.weight"][0]
         qkv_rows = shapes["layers.0.attention.qkv.weight"][0]
         ffn = shapes["layers.0.feed_forward.w1.weight"][0]
         out_feats = shapes["final_layer.linear.weight"][0]
         cap_dim = shapes["cap_embedder.1.weight"][1]
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"not an original Next-DiT checkpoint (cannot infer config: missing {e})") from None
+    except KeyError as e:
+        raise CheckpointError(f"not an original Next-DiT checkpoint (cannot infer its config: no tensor {e})") from None
+    except ValueError:  # max() of nothing
+        raise CheckpointError("not an original Next-DiT checkpoint (cannot infer its config: no layers.N.* or "
+                              "noise_refiner.N.* tensors)") from None  # fmt: skip
     n_heads = dim // hd
     n_kv = (qkv_rows - dim) // (2 * hd)
     if hd % 3 or (hd // 3) % 2:
@@ -383,9 +394,9 @@ def infer_original_config(shapes: dict[str, tuple[int, ...]], patch_size: int = 
         if m * ((4 * dim + m - 1) // m) == ffn:
             multiple_of = m
             break
-    if multiple_of is None:
-        multiple_of, mult = 1, ffn / (4 * dim)
-    return NextDiTConfig(
+    if multiple_of is None:  # ffn_dim_multiplier: int(mult * 4 * dim) must give ffn back, not ffn - 1
+        multiple_of, mult = 1, (ffn + 0.5) / (4 * dim)
+    config = NextDiTConfig(
         patch_size=patch_size,
         in_channels=patch_feats // patch_size**2,
         out_channels=out_feats // patch_size**2,
@@ -399,6 +410,9 @@ def infer_original_config(shapes: dict[str, tuple[int, ...]], patch_size: int = 
         cap_feat_dim=cap_dim,
         axes_dims=(hd // 3,) * 3,
     )
+    if config.ffn_hidden != ffn:
+        raise CheckpointError(f"cannot infer the feed-forward config of width {ffn} for dim {dim}; pass config=")
+    return config
 
 
 def _config_of(f: Path, make: Any) -> NextDiTConfig:
@@ -437,6 +451,7 @@ def load_transformer(
     *,
     config: Optional[NextDiTConfig] = None,
     dtype: Any = "fp32",
+    pth_key: Optional[str] = None,
 ) -> tuple[NextDiTConfig, dict]:
     """Load a Next-DiT checkpoint of any supported format -> ``(config, params)`` (host NumPy arrays).
 
@@ -445,10 +460,14 @@ def load_transformer(
     ``.pth``/``.safetensors`` file, or a directory with ``consolidated*``; the config is the one our
     export stores in the file's metadata, else inferred from the shapes, unless ``config`` is
     given; ``model.diffusion_model.`` prefixes are stripped).
-    ``dtype`` is the param dtype (``"fp32"`` default; ``None`` keeps the checkpoint's).
+    ``dtype`` is the param dtype (``"fp32"`` default; ``None`` keeps the checkpoint's). ``pth_key`` picks
+    the state dict of a ``.pth`` that wraps several (``"ema"`` of ``{"model": ..., "ema": ...}``; without
+    it such a file reads ``"model"``, and a file wrapping a single one reads that).
     """
     path = Path(path)
     fmt = detect_format(path)
+    if pth_key is not None and fmt != "original":
+        raise ValueError(f"pth_key is for original .pth checkpoints; {path} is a {fmt} checkpoint")
     if fmt == "jax":
         return _load_jax(path, dtype)
     if fmt == "diffusers":
@@ -459,7 +478,7 @@ def load_transformer(
             config = _config_of(cfg_file, lambda: NextDiTConfig.from_diffusers_config(read_json(cfg_file)))
         src: Any = TensorSource(path)
     else:
-        src = _Prefixed(_original_source(path))
+        src = _Prefixed(_original_source(path, pth_key))
         if config is None:
             config = _stored_config(src.src) or infer_original_config(src.shapes())
     found = src.shapes()

@@ -115,7 +115,8 @@ class SafetensorsFile:
                 if not k:
                     raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
                 got += k
-        return out if dt.byteorder in ("=", "|") or np.little_endian else out.byteswap()
+        # safetensors stores little-endian; the buffer was filled with those bytes under a native dtype
+        return out if np.little_endian or dt.itemsize == 1 else out.byteswap()
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for k in self.keys():

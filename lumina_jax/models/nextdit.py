@@ -17,8 +17,8 @@ kernels receive prefix lengths (``kv_lengths``) and can skip padded blocks. Capt
 lengths per sample, and images different sizes (mixed-size mode, :meth:`NextDiT.forward_tokens`): each
 sample gets exactly the output it gets alone.
 
-Parameters are fp32 with logical axis names (``embed``, ``heads``, ``kv_heads``, ``mlp``, ``norm``,
-``cond``, ``patch``, ``cap``, ``layers``) for the sharding rules; compute dtype is selectable; norms,
+Parameters are fp32 with logical axis names (``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``,
+``norm``, ``cond``, ``freq``, ``patch``, ``cap``, ``layers``) for the sharding rules; compute dtype is selectable; norms,
 RoPE and softmax run in fp32.
 
 The q/k/v projections are stored as three kernels (lossless split of the original fused ``qkv``, so
@@ -568,8 +568,12 @@ class NextDiT(nn.Module):
         if cap_mask.shape != cap_feats.shape[:2] or cap_feats.shape[0] != b or jnp.shape(t) != (b,):
             raise ValueError(f"inputs disagree: {b} images, t {jnp.shape(t)}, caption features "
                              f"{cap_feats.shape[:2]} and caption mask {cap_mask.shape} (want (B,), (B, L), (B, L))")
+        if lc == 0:
+            raise ValueError("caption features have length 0: every caption needs at least one token (BOS)")
         if lc > c.axes_lens[0] - 1:
-            raise ValueError(f"caption length {lc} exceeds the RoPE table ({c.axes_lens[0]} positions)")
+            raise ValueError(f"caption length {lc} (padded) is over the model's limit of {c.axes_lens[0] - 1} tokens "
+                             f"(RoPE table of {c.axes_lens[0]} positions, one of them the image tokens' caption "
+                             f"position); pad captions to at most {c.axes_lens[0] - 1}")
         cap_len = jnp.sum(cap_mask.astype(jnp.int32), axis=1)  # (B,) L_i
         n_img = grid[:, 0] * grid[:, 1]  # (B,) N_i
 
