@@ -100,10 +100,11 @@ def test_overfit_reconstructs_latents(tmp_path):
     assert np.all(rel < 0.35), rel
 
 
-@pytest.mark.parametrize("stop", [3, 6])
+@pytest.mark.parametrize("stop", [3, 4, 6])
 def test_exact_resume_across_stage_boundary(tmp_path, stop):
     """8 steps in two 4-step stages; stop at ``stop`` (3: inside stage 0, so the resumed run crosses the
-    boundary; 6: inside stage 1, data iterator restored mid-stage), resume, compare with a straight run."""
+    boundary; 4: at the boundary, the checkpoint of stage 0's last step starts stage 1; 6: inside stage 1,
+    data iterator restored mid-stage), resume, compare with a straight run."""
     from lumina_jax.train.loop import Trainer
 
     extra = ["stages.0.steps=4", "stages.1.steps=4", "stages.1.lr=5e-4", "checkpoint.every=2",

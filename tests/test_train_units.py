@@ -312,6 +312,9 @@ def test_resume_check_refuses_another_state_and_lists_changes():
     assert check("ema_decay=0.99") == [("ema_decay", 0.95, 0.99)]  # another decay: the same state layout
     with pytest.raises(ResumeMismatchError, match=r"trainable"):
         check("trainable=[layers]")
+    with pytest.raises(ResumeMismatchError, match=r"optimizer.clip_norm: 2.0 -> None"):
+        check("optimizer.clip_norm=null")  # clipping off drops a stage of the optimizer state
+    assert check("optimizer.clip_norm=1.0") == [("optimizer.clip_norm", 2.0, 1.0)]  # another norm: same layout
     # patterns that select the same params (as the trainer's mask comparison tells) are no change of state
     new = load_config("tiny_synthetic", ["trainable=['.*', layers]"])
     assert check_resume(meta, new, load_model_config(new), "/b", lambda saved: True) == [
@@ -323,7 +326,7 @@ def test_resume_check_refuses_another_state_and_lists_changes():
     assert dataclasses.replace(cfg, run_dir="/c").run_dir == "/c"
 
 
-def test_a_folder_that_is_not_a_run_is_named(tmp_path):
+def test_a_folder_that_is_not_a_run_is_named(tmp_path, monkeypatch):
     from lumina_jax.convert.errors import CheckpointError
     from lumina_jax.train.checkpoint import RunCheckpoints
     from lumina_jax.train.loop import restore_weights
@@ -335,6 +338,22 @@ def test_a_folder_that_is_not_a_run_is_named(tmp_path):
         ck.read_meta(ck.latest_step())
     with pytest.raises(FileNotFoundError, match="has no checkpoints/ folder"):
         restore_weights(tmp_path)
+    from lumina_jax.train import loop
+
+    opened = []
+
+    class Spy:
+        def __init__(self, directory, **kwargs):
+            opened.append(directory)
+
+        def latest_step(self):
+            return None
+
+    with monkeypatch.context() as m:  # a remote run_dir reaches orbax as a URL, not a folded local path
+        m.setattr(loop.ckpt_lib, "RunCheckpoints", Spy)
+        with pytest.raises(FileNotFoundError, match="no checkpoint in gs://bucket/run/checkpoints"):
+            restore_weights("gs://bucket/run/")
+    assert opened == ["gs://bucket/run/checkpoints"]
     from lumina_jax.convert.nextdit import detect_format
 
     with pytest.raises(CheckpointError, match=r"is a training run; .*train export"):
@@ -362,6 +381,29 @@ def test_nested_roundtrip_and_iterator_adapter():
     b2 = next(it)
     assert b1["ids"] == b2["ids"]
     np.testing.assert_array_equal(b1["latents"], b2["latents"])
+
+
+def test_restoring_another_state_layout_names_the_subtrees(tmp_path):
+    from lumina_jax.train.checkpoint import RunCheckpoints, StateLayoutError
+
+    ck = RunCheckpoints(tmp_path / "ck", async_save=False)
+    ck.save(1, {"params": {"w": jnp.ones(3)}, "opt_state": (jnp.zeros(3),)}, {"step": 1})
+    ck.wait()
+    target = {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)},
+              "opt_state": ((), jax.ShapeDtypeStruct((3,), jnp.float32))}  # fmt: skip
+    with pytest.raises(StateLayoutError, match=r"step 1 in .* holds another training state layout .*opt_state\.1"):
+        ck.restore(1, target)
+    ck.close()
+
+
+def test_stage_of_a_step_under_the_saved_config():
+    from lumina_jax.train.config import load_config
+    from lumina_jax.train.loop import _saved_stage_at
+
+    cfg = load_config("tiny_synthetic", ["stages.0.steps=4", "stages.1.steps=4"])
+    meta = {"config": cfg.to_dict(), "stage": 0}  # a checkpoint at step 4 records the stage that ended
+    assert _saved_stage_at(meta, 4) == (1, cfg.stages[1].name) and _saved_stage_at(meta, 3) == (0, cfg.stages[0].name)
+    assert _saved_stage_at(meta, 8) is None and _saved_stage_at({"config": {"nope": 1}}, 4) is None
 
 
 def test_synthetic_rows_are_a_partition_of_the_global_batch():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -99,6 +100,10 @@ def from_nested(nested: dict, like: Any) -> Any:
             node = node[k]
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class StateLayoutError(ValueError):
+    """A checkpoint's training state has another tree structure than the one restoring it."""
 
 
 class DataStateMismatchError(ValueError):
@@ -181,7 +186,20 @@ class RunCheckpoints:
             elastic = self._other_process_count_state(step)
             if elastic is None:
                 items[DATA] = grain.checkpoint.CheckpointRestore(item)
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            msg = str(e)
+            if "tree structures do not match" not in msg and "Structure mismatch" not in msg:
+                raise
+            # orbax prints both whole trees (megabytes for a 2B model); name the subtrees that differ
+            where = re.findall(r"^(\S+):\n\s+- Source", msg, flags=re.M) + [
+                ".".join(re.findall(r"'([^']*)'", p)) for p in re.findall(r"Target path \(([^)]*)\)", msg)]
+            raise StateLayoutError(
+                f"checkpoint step {step} in {self.directory} holds another training state layout than this run "
+                f"builds (differing: {', '.join(where[:8]) or 'see the log'}): the optimizer (e.g. clip_norm on/off), "
+                f"EMA or trainable params changed; use another run_dir, or the settings it was trained with"
+            ) from None
         if elastic is not None:
             text, stats = elastic
             try:

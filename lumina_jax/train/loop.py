@@ -93,6 +93,22 @@ def _with_defaults(saved: dict, build: Callable[[dict], Any]) -> dict:
         return saved
 
 
+def _saved_stage_at(meta: dict, step: int) -> Optional[tuple[int, str]]:
+    """``(index, name)`` of the stage that ``step`` starts in under the saved config (a checkpoint at a
+    stage's last step records the stage that ended, not the one the step begins); ``None`` if the saved
+    config no longer builds."""
+    from lumina_jax.train.config import config_from_dict
+
+    try:
+        saved = config_from_dict(meta.get("config") or {})
+    except Exception:  # noqa: BLE001 -- a config from another version of the code: nothing to compare
+        return None
+    if step >= saved.total_steps:
+        return None
+    i = saved.stage_at(step)
+    return i, saved.stages[i].name
+
+
 def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
                  same_trainable: Optional[Callable[[Any], bool]] = None) -> list[tuple[str, Any, Any]]:  # fmt: skip
     """Compare the config saved with a checkpoint (``meta``) with the one resuming it: another model,
@@ -118,6 +134,9 @@ def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
     old_ema, new_ema = saved_cfg.get("ema_decay"), cfg.ema_decay
     if (old_ema is None) != (new_ema is None):
         state.append(("ema_decay", old_ema, new_ema))
+    old_clip, new_clip = (saved_cfg.get("optimizer") or {}).get("clip_norm"), cfg.optimizer.clip_norm
+    if bool(old_clip) != bool(new_clip):  # clipping on/off adds/removes a stage of the optimizer state
+        state.append(("optimizer.clip_norm", old_clip, new_clip))
     old_trainable = saved_cfg.get("trainable")
     if old_trainable is not None and list(old_trainable) != list(cfg.trainable):
         if same_trainable is None or not same_trainable(tuple(old_trainable)):
@@ -127,6 +146,14 @@ def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
             f"{run_dir}: its checkpoint (step {step}) holds another training state layout than this config makes ("
             + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in state) + "); use another run_dir, or the saved values")
     return changes
+
+
+def checkpoints_dir(run_dir: str | Path) -> str | Path:
+    """``run_dir/checkpoints``; a remote ``run_dir`` (``gs://bucket/run``) stays a string (``Path`` would
+    fold its ``//``)."""
+    if "://" in str(run_dir):
+        return str(run_dir).rstrip("/") + "/checkpoints"
+    return Path(run_dir) / "checkpoints"
 
 
 @dataclasses.dataclass
@@ -249,7 +276,7 @@ class Trainer:
         self.abstract_state = jax.eval_shape(lambda p: init_state(p, self.tx, use_ema), abstract_params)
         self.state_shardings = state_shardings(self.abstract_state, self.param_shardings, self.mesh)
         remote = "://" in cfg.run_dir  # e.g. gs://bucket/run: orbax writes there through etils.epath
-        ckpt_dir = cfg.run_dir.rstrip("/") + "/checkpoints" if remote else Path(cfg.run_dir) / "checkpoints"
+        ckpt_dir = checkpoints_dir(cfg.run_dir)
         # metrics.jsonl, TensorBoard events and sample PNGs are written locally by process 0
         self.run_dir = Path(cfg.log.dir or ("logs/" + cfg.run_dir.rstrip("/").split("/")[-1] if remote else cfg.run_dir))
         self.ckpt = ckpt_lib.RunCheckpoints(
@@ -363,9 +390,13 @@ class Trainer:
             if changes:
                 log.warning("resuming with settings changed since step %d: %s", step,
                             "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))  # fmt: skip
-                if cfg.stage_at(step) != meta.get("stage") and step < cfg.total_steps:
+                was = _saved_stage_at(meta, step)
+                if was is not None and cfg.stage_at(step) != was[0] and step < cfg.total_steps:
                     log.warning("with the new stage lengths step %d is in stage %r (was %r)", step,
-                                cfg.stages[cfg.stage_at(step)].name, meta.get("stage_name"))  # fmt: skip
+                                cfg.stages[cfg.stage_at(step)].name, was[1])  # fmt: skip
+                if any(k == "init" for k, _, _ in changes):
+                    log.warning("init is read only when a run starts: this run goes on from its step %d checkpoint "
+                                "in %s (use a new run_dir to start from the new init)", step, cfg.run_dir)  # fmt: skip
             if step >= total:
                 log.warning("%s is at step %d, the run's last step is %d: nothing to train (raise the stages' steps "
                             "or --stop-at to go on)", cfg.run_dir, step, total)  # fmt: skip
@@ -560,12 +591,13 @@ def restore_weights(run_dir: str | Path, *, which: str = "ema", step: Optional[i
         raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
     if "://" not in str(run_dir) and not (Path(run_dir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: not a training run's run_dir")
-    ck = ckpt_lib.RunCheckpoints(Path(run_dir) / "checkpoints", read_only=True)
+    where = checkpoints_dir(run_dir)
+    ck = ckpt_lib.RunCheckpoints(where, read_only=True)
     step = ck.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+        raise FileNotFoundError(f"no checkpoint in {where}")
     if step not in ck.all_steps():
-        raise FileNotFoundError(f"no checkpoint of step {step} in {run_dir}/checkpoints; steps there: {ck.all_steps()}")
+        raise FileNotFoundError(f"no checkpoint of step {step} in {where}; steps there: {ck.all_steps()}")
     meta = ck.read_meta(step)
     if which == "ema" and meta["config"].get("ema_decay") is None:
         raise ValueError(f"run {run_dir} was trained without EMA; export which='params'")
