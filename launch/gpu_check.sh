@@ -6,7 +6,8 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     diffusers==0.42.1 importlib_metadata grain==0.2.18 array_record==0.8.6 portpicker
 # Run there (device tool): command "bash launch/gpu_check.sh 1", carry [".whl"], timeout_s 600; then at once
-# (the machine stays warm ~30 s) "DEADLINE_S=<what is left, minus ~30 s> bash launch/gpu_check.sh 2".
+# (the machine stays warm ~30 s) "DEADLINE_S=<what is left, minus ~30 s> bash launch/gpu_check.sh 2", carry
+# [".whl"] again (a machine that went cold in between starts bare). Without the wheels a part stops (exit 3).
 # First lease (2026-11-27, H200): part 1 took 452 s, part 2 246 s; figures in BENCHMARKS.md.
 # Each part stops starting steps DEADLINE_S seconds after it began (default 555), and each step gets at
 # most the time left, so the part ends inside the call's limit with what it measured.
@@ -30,7 +31,7 @@ RES=/tmp/gpu_res; mkdir -p "$RES"
 LOG="$OUT/gpu_check.log"
 DEADLINE_S=${DEADLINE_S:-555}
 T0=$SECONDS
-pack() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; for f in "$RES"/*.xplane.pb; do [ -f "$f" ] && gzip -1 -c "$f" > "$OUT/$(basename "$f").gz"; done; true; }
+pack() { tar czf "$OUT/results.tgz" --exclude='*.xplane.pb' -C "$RES" . 2>/dev/null; for f in "$RES"/*.xplane.pb; do [ -f "$f" ] && gzip -1 -c "$f" > "$OUT/$(basename "$f").gz"; done; true; }
 step() {  # step <cap seconds> <name> <command...>: runs with min(cap, time left); skipped under 25 s left
   local cap=$1 name=$2; shift 2
   local left=$(( DEADLINE_S - (SECONDS - T0) )); local t=$(( cap < left ? cap : left ))
@@ -49,27 +50,27 @@ fi
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
 B="python3 -m lumina_jax.bench"
 F2B="--config nextdit_2b --res 1024 1024 --batch 2 --dtype bf16 --cap-valid 96 --cap-pad 256"
-if [ "$PART" = 1 ]; then
+if [ "$PART" = 1 ] || [ "$PART" = 2 ]; then
   if [ "${DRY_RUN:-0}" != 1 ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+    [ "$PART" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+    # the references need diffusers and the trainer grain (both from .whl): without them every step fails
     python3 -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o, torch, diffusers, transformers, grain; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, \
 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, \
 'grain', grain.__version__, jax.devices())" 2>&1 | tail -2 | tee -a "$LOG"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "missing packages: carry .whl (see the header)" | tee -a "$LOG"; pack; exit 3; }
   fi
-  step 75 gpu-tests python3 -m pytest -q -m gpu tests/test_attention_kernels.py -p no:cacheprovider
+fi
+if [ "$PART" = 1 ]; then
+  # Ordered by what a measurement can still settle: the benchmarks whose figure is the last thing an issue
+  # lacks first (text encoder #3, 7B captioner #10), then attention fwd/bwd (#8) and the 2B forward (#2).
+  step 60 text-encoder $B text-encoder --config gemma2_2b --batch 2 --seq-len 256 --json "$RES/text.json"
+  step 150 caption-7b $B caption --family qwen2_vl --size 7b --batch 4 --new-tokens 32 --iters 2 --json "$RES/caption.json"
   step 60 attention $B attention --backends xla cudnn pallas pallas_stock --json "$RES/attention.json"
   # cuDNN (auto): scanned / unrolled layers x plain / fused q/k norm+RoPE; our kernel (64+32 head-dim chunks
   # now); diffusers eager + torch.compile in the same process (XLA attention was 222.7 ms on 2026-11-27)
   step 260 forward-2b $B forward $F2B --attention cudnn pallas --unroll --fused-qk --compile --warmup 2 --iters 10 \
       --profile "$RES/forward.xplane.pb" --hlo-dump "$RES/forward_hlo.txt" --json "$RES/forward.json"
-  # GEMMs reading the stacked weights in place instead of a per-layer copy (the 2.9 ms of memcpy seen 2026-11-27)
-  XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true step 60 forward-2b-dsf $B forward $F2B --attention cudnn \
-      --reference none --warmup 2 --iters 10 --json "$RES/forward_dsf.json"
-  # 4 micro-batches per optimizer update (AdamW + EMA over 2.6B fp32 params is ~20 ms of HBM traffic): micro-batch
-  # 2, or 1 where 2 does not fit (an H100); out-of-memory attempts are rows in the JSON
-  step 150 train-2b-1024 $B train --config nextdit_2b --res 1024 --batch 8 4 --grad-accum 4 --remat low_precision --steps 5 \
-      --profile "$RES/train.xplane.pb" --json "$RES/train_1024.json"
 elif [ "$PART" = shapes ]; then
   R=runs/shapes_p4_gpu
   step 330 shapes-train python3 -m lumina_jax train configs/train/shapes_p4.yaml run_dir=$R log.progress=false \
@@ -79,14 +80,21 @@ elif [ "$PART" = shapes ]; then
   step 150 shapes-eval python3 -m lumina_jax eval-shapes --checkpoint "$OUT/shapes_model" --n 200 --cfg both \
       --json "$OUT/shapes_eval.json"
 else
+  # the end-to-end pipeline vs diffusers eager and torch.compile (#4); each phase's row is written as it ends
   step 200 generate-2b $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --compile --json "$RES/generate.json"
-  step 60 text-encoder $B text-encoder --config gemma2_2b --batch 2 --seq-len 256 --json "$RES/text.json"
+  step 60 attention-sweep $B attention --sweep --iters 10 --warmup 1 --json "$RES/sweep.json"
+  # 4 micro-batches per optimizer update (AdamW + EMA over 2.6B fp32 params is ~20 ms of HBM traffic): micro-batch
+  # 2, or 1 where 2 does not fit (an H100); out-of-memory attempts are rows in the JSON
+  step 150 train-2b-1024 $B train --config nextdit_2b --res 1024 --batch 8 4 --grad-accum 4 --remat low_precision --steps 5 \
+      --profile "$RES/train.xplane.pb" --json "$RES/train_1024.json"
+  step 75 gpu-tests python3 -m pytest -q -m gpu tests/test_attention_kernels.py -p no:cacheprovider
   step 90 generate-2b-fast $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --no-diffusers --unroll --fused-qk \
       --json "$RES/generate_fast.json"
+  # GEMMs reading the stacked weights in place instead of a per-layer copy (the 2.9 ms of memcpy seen 2026-11-27)
+  XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true step 60 forward-2b-dsf $B forward $F2B --attention cudnn \
+      --reference none --warmup 2 --iters 10 --json "$RES/forward_dsf.json"
   step 120 train-2b-256 $B train --config nextdit_2b --res 256 --batch 16 8 --remat low_precision --steps 5 \
       --json "$RES/train_256.json"
-  step 60 attention-sweep $B attention --sweep --iters 10 --warmup 1 --json "$RES/sweep.json"
-  step 150 caption-7b $B caption --family qwen2_vl --size 7b --batch 4 --new-tokens 32 --iters 2 --json "$RES/caption.json"
 fi
 pack
 echo "part $PART done at $(( SECONDS - T0 ))s" | tee -a "$LOG"

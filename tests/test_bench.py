@@ -129,3 +129,24 @@ def test_data_bench_rows_for_both_plans_and_the_plan_alone(tmp_path):
     assert [r["kind"] for r in plan] == ["cache", "raw"]
     for r in plan:
         assert r["ms_per_batch"] > 0 and 0.5 < r["real_rows"] <= 1.0 and r["restore_s"] >= 0
+
+
+def test_generate_bench_rows_with_and_without_the_reference(tmp_path, monkeypatch):
+    """``bench generate`` (tiny, CPU): with diffusers the images agree (flow_euler = diffusers semantics)
+    and the speedup column is filled; ``--no-diffusers`` runs without torch at all. Rows are written as
+    each phase ends."""
+    import json
+    import sys
+
+    from lumina_jax.bench.generate import main
+
+    out = tmp_path / "rows.json"
+    assert main(["--steps", "2", "--iters", "1", "--json", str(out)]) == 0
+    jax_row, ref_row = json.loads(out.read_text())
+    assert jax_row["rel_l2_vs_diffusers"] < 1e-4 and jax_row["speedup_vs_diffusers"] > 0
+    assert ref_row["impl"].startswith("diffusers") and jax_row["evals"] == jax_row["guided"] == 2
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    assert main(["--steps", "2", "--iters", "1", "--no-diffusers", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["impl"].startswith("jax flow_euler") and row["total_ms"] > 0

@@ -84,7 +84,7 @@ def _time(fn, iters: int) -> tuple[float, float]:
     return first, float(np.median(ts))
 
 
-def bench_family(family: str, args: argparse.Namespace) -> dict:
+def bench_family(family: str, args: argparse.Namespace, emit: Optional[Any] = None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -152,6 +152,8 @@ def bench_family(family: str, args: argparse.Namespace) -> dict:
            "new_tokens": n_new, "build_s": round(build_s, 2), "ours_first_call_s": round(compile_s, 3),
            "ours_s": round(ours_s, 4), "ours_images_per_s": round(args.batch / ours_s, 3),
            "ours_tokens_per_s": round(args.batch * n_new / ours_s, 2)}
+    if emit is not None:  # before the reference: a run cut short by a time limit keeps this row
+        emit(row)
     if want_ref:
         import torch
 
@@ -182,9 +184,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     from lumina_jax.bench import print_table
 
     fams = ("qwen2_vl", "qwen2_5_vl") if args.family == "both" else (args.family,)
-    rows = [bench_family(f, args) for f in fams]
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:  # after every phase: a run cut short by a time limit keeps what it measured
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows + [row], f, indent=2)
+
+    for fam in fams:
+        row = bench_family(fam, args, emit)
+        emit(row)
+        rows.append(row)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
     return 0

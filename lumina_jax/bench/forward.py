@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -122,6 +123,12 @@ def main(argv: list[str]) -> int:
     if args.fused_qk:
         extra += [(first_backend, True, True)] + ([(first_backend, False, True)] if args.unroll else [])
     variants = [(args.attention[0], True, False), *extra] + [(b, True, False) for b in args.attention[1:]]
+
+    def dump() -> None:  # after every row, so a time limit keeps what was measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(args=vars(args), xla_flags=os.environ.get("XLA_FLAGS", ""), rows=rows), f, indent=1)
+
     for backend, scan, fused in variants:
         model = NextDiT(config, dtype=dt, attention_backend=backend, scan_layers=scan, fuse_qk_norm_rope=fused)
         fwd = jax.jit(lambda p, x, t, c, m, model=model: model.apply({"params": p}, x, t, c, m))
@@ -129,11 +136,13 @@ def main(argv: list[str]) -> int:
         tags = [backend] + ([] if scan else ["unrolled layers"]) + (["fused q/k norm+RoPE"] if fused else [])
         name = f"jax ({', '.join(tags)})"
         t0 = time.perf_counter()
-        try:
+        try:  # one compile serves the timing, the trace and the HLO dump
+            fwd = fwd.lower(p_run, *jargs).compile()
             y = block(fwd(p_run, *jargs))
         except Exception as e:  # one backend that cannot run here must not stop the others
             print(f"{name} failed: {type(e).__name__}: {e}"[:2000], flush=True)
             rows.append(dict(impl=name, device=device, error=f"{type(e).__name__}: {e}"[:300]))
+            dump()
             continue
         compile_s = time.perf_counter() - t0
         r = time_fn(lambda fwd=fwd, p=p_run: fwd(p, *jargs), warmup=args.warmup, iters=args.iters, sync=block)
@@ -145,22 +154,16 @@ def main(argv: list[str]) -> int:
                 capture_profile(lambda fwd=fwd: fwd(run_params, *jargs), args.profile)
             if args.hlo_dump:
                 with open(args.hlo_dump, "w") as f:
-                    f.write(fwd.lower(run_params, *jargs).compile().as_text())
+                    f.write(fwd.as_text())
         else:
             row["rel_l2_vs_first"] = float(np.linalg.norm(np.asarray(y, np.float64) - np.asarray(out, np.float64))
                                            / np.linalg.norm(np.asarray(out, np.float64)))  # fmt: skip
         rows.append(row)
         print(row, flush=True)
+        dump()
     if out is None:
         raise SystemExit(f"every JAX backend failed: {rows}")
     jax_ms = rows[first]["ms"]
-
-    def dump() -> None:  # after every row, so a time limit keeps what was measured
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(args=vars(args), rows=rows), f, indent=1)
-
-    dump()
     if args.reference == "diffusers":
         import torch
 

@@ -125,6 +125,22 @@ def build_reference_pipeline(shapes: str = "tiny", seed: int = 0, *, tokenizer_d
     return pipe, comps
 
 
+def random_jax_components(shapes: str = "tiny", seed: int = 0) -> Any:
+    """:class:`Components` with random weights for ``shapes`` (``"tiny"`` / ``"2b"``), without torch."""
+    from lumina_jax.models.gemma2 import Gemma2Config
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.models.vae import VAEConfig
+    from lumina_jax.sample import tiny
+
+    if shapes == "tiny":
+        return tiny.random_components(seed)
+    if shapes != "2b":
+        raise ValueError(f"shapes must be 'tiny' or '2b', got {shapes!r}")
+    return tiny.random_components(seed, transformer_config=NextDiTConfig.from_yaml("nextdit_2b"),
+                                  text_config=Gemma2Config.from_yaml(tiny._CONFIGS / "gemma2_2b.yaml"),
+                                  vae_config=VAEConfig.from_yaml("vae_flux"))  # fmt: skip
+
+
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
@@ -173,13 +189,17 @@ def main(argv: list[str]) -> int:
                    cfg_trunc_ratio=args.cfg_trunc, num_images_per_prompt=args.batch)  # fmt: skip
 
     t0 = time.perf_counter()
-    import torch
+    if args.no_diffusers:  # JAX only: random weights drawn on the host, no torch needed
+        comps = random_jax_components(args.shapes)
+        torch_device = "none"
+    else:
+        import torch
 
-    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref, comps = build_reference_pipeline(args.shapes, device=torch_device if args.shapes == "2b" else "cpu")
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+        ref, comps = build_reference_pipeline(args.shapes, device=torch_device if args.shapes == "2b" else "cpu")
     build_s = time.perf_counter() - t0
     print(f"built random {args.shapes} models in {build_s:.1f}s; JAX on {jax.devices()[0].device_kind}, "
-          f"torch on {torch_device}")
+          f"torch on {torch_device}", flush=True)
 
     pipe = Lumina2Pipeline(comps, dtype=dtype, scan_layers=not args.unroll, fuse_qk_norm_rope=args.fused_qk)
     jkw = dict(call_kw, solver=args.solver, output_type="np")
@@ -196,6 +216,13 @@ def main(argv: list[str]) -> int:
                  text_ms=med("text_encode"), steps_decode_ms=med("sample") + med("decode"), total_ms=med("total"),
                  evals=first.settings["num_model_evaluations"], guided=first.settings["num_guided_evaluations"])]  # fmt: skip
 
+    def dump() -> None:  # after every phase: a run cut short by a time limit keeps what it measured
+        print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+
+    dump()
+
     if args.trunc_row is not None:
         tkw = dict(jkw, cfg_trunc_ratio=args.trunc_row)
         first_t = pipe(args.prompt, latents=noise, **tkw)
@@ -206,6 +233,7 @@ def main(argv: list[str]) -> int:
                          steps_decode_ms=medt("sample") + medt("decode"), total_ms=medt("total"),
                          evals=first_t.settings["num_model_evaluations"],
                          guided=first_t.settings["num_guided_evaluations"]))  # fmt: skip
+        dump()
 
     if not args.no_diffusers:
         tdtype = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -248,6 +276,7 @@ def main(argv: list[str]) -> int:
         eager = rows[-1]
         for r in rows[:-1]:
             r["speedup_vs_diffusers"] = eager["total_ms"] / r["total_ms"]
+        dump()
         if args.compile:
             t0 = time.perf_counter()
             ref.transformer = torch.compile(ref.transformer)
