@@ -19,6 +19,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_configure(config):
+    import signal
+
+    # A shell starts background jobs (`cmd &`, no job control) with SIGINT ignored, and children inherit
+    # that: the Ctrl-C tests need Python's own handler here and the default in the processes they start.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "gpu: needs a GPU (skipped elsewhere)")
     config.addinivalue_line("markers", "tpu: needs a TPU (skipped elsewhere)")
     config.addinivalue_line("markers", "slow: slower tests (still run in CI)")

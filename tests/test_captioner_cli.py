@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
+import transformers  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
 
 from lumina_jax.models.captioner import prompts  # noqa: E402
 from lumina_jax.models.captioner import testing as T  # noqa: E402

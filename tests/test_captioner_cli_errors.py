@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
+import transformers  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
 
 from lumina_jax.models.captioner import cli  # noqa: E402
 from lumina_jax.models.captioner import testing as T  # noqa: E402

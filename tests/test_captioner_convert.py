@@ -9,8 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch
+import transformers  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
 
 from lumina_jax.convert.captioner import (  # noqa: E402
     canonical_key, load_captioner, params_to_torch_state_dict, read_config, save_captioner,

@@ -51,7 +51,8 @@ def _assert_bit_exact(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
 
 
 def _jax_out(config, params, x, t, cap, mask):
-    return np.asarray(NextDiT(config).apply({"params": params}, *(jnp.asarray(a) for a in (x, t, cap, mask))))
+    fwd = jax.jit(lambda p, *a: NextDiT(config).apply({"params": p}, *a))  # compiled: ~4x faster than op by op
+    return np.asarray(fwd(params, *(jnp.asarray(a) for a in (x, t, cap, mask))))
 
 
 def test_diffusers_round_trip_bit_exact_and_loadable(diffusers_dir, tmp_path):

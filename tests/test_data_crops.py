@@ -98,11 +98,19 @@ def test_resize_and_crop_output_size_and_centering(src):
 
 
 def test_random_offset_is_deterministic_and_stays_inside():
-    image = Image.new("RGB", (400, 100))
+    # a horizontal ramp: a crop's mean tells where along the (resized, 256 px wide) image it was taken
+    ramp = np.broadcast_to(np.linspace(0, 255, 400, dtype=np.float32)[None, :], (100, 400)).astype(np.uint8)
+    image = Image.fromarray(ramp, "L")
     a = crops.resize_and_crop(image, (64, 64), np.random.default_rng(3))
     b = crops.resize_and_crop(image, (64, 64), np.random.default_rng(3))
     assert a.size == b.size == (64, 64)
     assert np.array_equal(np.asarray(a), np.asarray(b))
+    centre = np.asarray(crops.resize_and_crop(image, (64, 64)), np.float32).mean()
+    means = [np.asarray(crops.resize_and_crop(image, (64, 64), np.random.default_rng(s)), np.float32).mean()
+             for s in range(24)]  # fmt: skip
+    assert abs(centre - 127.5) < 2
+    assert min(means) < centre - 20 and max(means) > centre + 20  # offsets spread over both sides of the centre
+    assert min(means) >= 255 * 32 / 256 - 2 and max(means) <= 255 * (1 - 32 / 256) + 2  # never outside the image
 
 
 def test_ties_go_to_the_larger_size_whatever_the_list_order():

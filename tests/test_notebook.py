@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import nbformat
+import nbclient
+import ipykernel  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
+import torch  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
+import diffusers  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab_inference.ipynb"

@@ -21,9 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("sentencepiece")
+import torch
+import diffusers  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
+import sentencepiece  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
 
 from lumina_jax.convert.components import (  # noqa: E402
     Components,
@@ -101,8 +101,8 @@ def test_parity_with_diffusers_lumina2pipeline(reference, pipe, noise):
 
     sched = lambda r: make_schedule("flow_euler", 6, cfg_trunc_ratio=r, cfg_trunc_mode="steps")  # noqa: E731
     full, trunc = (pipe.schedule_flops(sched(r), 2, 64, 64, renorm="rows")["total"] for r in (1.0, 0.5))
-    if full:
-        assert 0.7 < trunc / full < 0.8  # (3 x 2 + 3 x 1) / (6 x 2) = 0.75 of the transformer work
+    assert full > 0  # XLA's cost analysis counts FLOPs on every backend this runs on (CPU included)
+    assert 0.7 < trunc / full < 0.8  # (3 x 2 + 3 x 1) / (6 x 2) = 0.75 of the transformer work
     # the preset names the same semantics
     assert pipe.resolve_settings(solver=None, num_inference_steps=None, cfg_trunc_ratio=None, cfg_normalization=None,
                                  cfg_trunc_mode=None, time_shift=None, preset="diffusers")["cfg_renorm"] == "rows"

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 from flax.core import meta
 
-pytest.importorskip("torch")
-pytest.importorskip("sentencepiece")
+import torch  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
+import sentencepiece  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
 
 from test_text import sp_dir  # noqa: E402,F401 -- reused fixture: tiny sentencepiece tokenizer
 

@@ -157,8 +157,8 @@ def test_time_grids():
 
 
 def test_flow_euler_matches_diffusers_scheduler(x0):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
+    import torch
+    import diffusers
     n = 7
     sch = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0)
     sch.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n))  # as Lumina2Pipeline calls it
@@ -256,7 +256,7 @@ def test_renorm_clamp_never_scales_up_and_is_per_sample():
 
 
 def test_renorm_rows_is_diffusers_per_width_rescale():
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(2)
     v_c, v_u = rng.standard_normal((2, 2, 3, 5, 4)).astype(np.float32)  # (B, H, W, C)
     ours = np.asarray(C.guided_velocity(jnp.asarray(v_c), jnp.asarray(v_u), 4.0, "rows"))
@@ -362,8 +362,7 @@ def test_truncated_cfg_compiles_to_a_guided_and_an_unguided_loop(tiny_dit):
         return loop.compiled_flops(exe)
 
     f_g, f_u = step_flops((True,)), step_flops((False,))
-    if f_g == 0.0:
-        pytest.skip("backend reports no cost analysis")
+    assert f_g > 0  # XLA's cost analysis counts FLOPs on every backend this runs on (CPU included)
     assert 1.8 < f_g / f_u < 2.2, (f_g, f_u)
     tot_full = loop.schedule_flops(full, step_flops)["total"]
     tot_trunc = loop.schedule_flops(trunc, step_flops)["total"]

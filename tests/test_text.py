@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
+import torch
+import transformers
+import sentencepiece as spm
 
 from lumina_jax.models.gemma2 import Gemma2Config  # noqa: E402
 from lumina_jax.models.gemma2_bench import reference_pair  # noqa: E402

@@ -49,11 +49,15 @@ def test_sample_t_ranges():
 
 
 def test_interpolate_and_pool():
-    x1, x0 = jnp.ones((2, 8, 8, 4)), jnp.zeros((2, 8, 8, 4))
-    xt, target = obj.interpolate(x1, x0, jnp.array([0.25, 1.0]))
-    np.testing.assert_allclose(xt[0], 0.25)
-    np.testing.assert_allclose(xt[1], 1.0)
-    np.testing.assert_allclose(target, 1.0)
+    k1, k0 = jax.random.split(jax.random.PRNGKey(0))
+    x1, x0 = jax.random.normal(k1, (3, 8, 8, 4)), jax.random.normal(k0, (3, 8, 8, 4))
+    t = jnp.array([0.25, 1.0, 0.0])
+    xt, target = obj.interpolate(x1, x0, t)  # x_t = t x1 + (1 - t) x0 (t = 0 is noise), target x1 - x0
+    a1, a0 = np.asarray(x1, np.float64), np.asarray(x0, np.float64)
+    np.testing.assert_allclose(xt, np.asarray(t)[:, None, None, None] * a1 + (1 - np.asarray(t))[:, None, None, None] * a0,
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(xt[2], a0[2], rtol=1e-6)
+    np.testing.assert_allclose(target, a1 - a0, rtol=1e-6, atol=1e-6)
     x = jnp.arange(2 * 8 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 8, 1)
     p = obj.avg_pool(x, 4)
     assert p.shape == (2, 2, 2, 1)
@@ -95,7 +99,7 @@ def test_trainable_mask_and_optimizer():
     assert mask == {"a": {"kernel": True}, "b": {"scale": False}}
     with pytest.raises(ValueError, match="match no parameter"):
         optim.trainable_mask(params, ["nothing"])
-    tx = optim.make_optimizer(optim.OptimizerConfig(), mask)
+    tx = optim.make_optimizer(opt or optim.OptimizerConfig(), mask)
     state = tx.init(params)
     sizes = [x.size for x in jax.tree.leaves(state) if x.ndim > 0]
     assert sorted(sizes) == [6, 6]  # Adam moments only for the trainable kernel
@@ -114,7 +118,7 @@ class StubDiT(nn.Module):
         return h * (1.0 + t[:, None, None, None])
 
 
-def _stub_setup(grad_accum=1, lr=1e-2, trainable=None, batch=None):
+def _stub_setup(grad_accum=1, lr=1e-2, trainable=None, batch=None, opt=None):
     from lumina_jax.parallel.mesh import create_mesh
     from lumina_jax.train.state import init_state, state_shardings
     from lumina_jax.train.step import StepConfig, compile_train_step, make_train_step
@@ -131,7 +135,7 @@ def _stub_setup(grad_accum=1, lr=1e-2, trainable=None, batch=None):
     b = batch["latents"].shape[0]
     params = model.init(jax.random.PRNGKey(0), batch["latents"], jnp.zeros(b), batch["cap_feats"], batch["cap_mask"])["params"]
     mask = optim.trainable_mask(params, trainable or [".*"])
-    tx = optim.make_optimizer(optim.OptimizerConfig(), mask)
+    tx = optim.make_optimizer(opt or optim.OptimizerConfig(), mask)
     mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
     state = init_state(params, tx, True)
     sh = state_shardings(jax.eval_shape(lambda s: s, state), jax.tree.map(lambda _: jax.sharding.NamedSharding(
@@ -195,6 +199,48 @@ def test_grad_accumulation_equals_mean_of_micro_batches():
     g = jax.tree.map(lambda a, b: a + b, *grads)
     np.testing.assert_allclose(float(m["loss"]), float(np.sum(losses)), rtol=1e-5)
     np.testing.assert_allclose(float(m["grad_norm"]), float(optax.global_norm(g)), rtol=1e-5)
+
+
+def test_optimizer_and_ema_match_a_numpy_reference():
+    """Three steps of the compiled train step vs the recipe written out in float64 NumPy: global-norm
+    clipping -> Adam (b1 0.9, b2 0.95, eps 1e-15, bias-corrected) -> decoupled weight decay ->
+    ``p - lr * u`` -> ``ema = 0.95 ema + 0.05 p``. The gradients come from the project's loss function
+    (tested elsewhere); everything after them is checked here (three steps: Adam's first step is ~sign(g)
+    whatever the betas)."""
+    import optax
+
+    from lumina_jax.train.step import StepConfig, aux_rows, make_loss_fn
+
+    opt = optim.OptimizerConfig(clip_norm=0.05, weight_decay=0.1)  # clipping active: grad norms are ~0.5
+    step, state, batch, hp, _ = _stub_setup(lr=1e-2, opt=opt)
+    sc = StepConfig(seed=0, mu=0.5, aux_loss_weight=1.0, aux_pool=4)
+    loss_fn = make_loss_fn(StubDiT(), sc)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    aux_denom = aux_rows(jb, sc, 1, 4.0)
+    f64 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), tree)  # noqa: E731
+    p, ema = f64(state.params), f64(state.params)
+    m, v = jax.tree.map(np.zeros_like, p), jax.tree.map(np.zeros_like, p)
+    lr, b1, b2, eps, wd, d = 1e-2, 0.9, 0.95, 1e-15, 0.1, 0.95
+    for s in range(3):
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), s), 0)
+        grad = jax.grad(lambda q: loss_fn(q, jb, rng, 4.0, aux_denom)[0])(jax.tree.map(jnp.float32, p))
+        g = f64(grad)
+        norm = np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(g)))
+        assert norm > 2 * opt.clip_norm, norm
+        g = jax.tree.map(lambda x: x * opt.clip_norm / norm, g)
+        m = jax.tree.map(lambda a, x: b1 * a + (1 - b1) * x, m, g)
+        v = jax.tree.map(lambda a, x: b2 * a + (1 - b2) * x * x, v, g)
+        u = jax.tree.map(lambda a, b, q: a / (1 - b1 ** (s + 1)) / (np.sqrt(b / (1 - b2 ** (s + 1))) + eps) + wd * q,
+                         m, v, p)  # fmt: skip
+        p = jax.tree.map(lambda q, x: q - lr * x, p, u)
+        ema = jax.tree.map(lambda e, q: d * e + (1 - d) * q, ema, p)
+        state, metrics = step(state, batch, hp)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["lr"]), lr, rtol=1e-6)
+    for got, want in ((state.params, p), (state.ema, ema), (optax.tree_utils.tree_get(state.opt_state, "mu"), m),
+                      (optax.tree_utils.tree_get(state.opt_state, "nu"), v)):  # fmt: skip
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-5, atol=1e-7)
 
 
 def test_frozen_params_do_not_move():
