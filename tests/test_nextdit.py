@@ -127,6 +127,16 @@ def test_remat_policies_same_values_and_grads(remat):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def _block_inputs(config, n_tok):
+    """Random ``(x, temb, cos, sin, lengths)`` for a BlockStack over 2 samples of ``n_tok`` tokens (one
+    with 10 padded keys)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, n_tok, config.dim)), jnp.float32)
+    temb = jnp.asarray(rng.standard_normal((2, config.t_dim)), jnp.float32)
+    cos, sin = (jnp.asarray(rng.uniform(-1, 1, (2, n_tok, config.head_dim // 2)), jnp.float32) for _ in range(2))
+    return x, temb, cos, sin, jnp.asarray([n_tok, n_tok - 10])
+
+
 def test_remat_policies_save_what_they_say(capsys):
     """Token-sized residuals the scanned blocks keep for the backward (fp32 compute): ``full`` only each block's input,
     ``dots_no_batch`` fewer than ``dots`` (no batched attention dots), ``dots`` fewer than ``none``."""
@@ -135,12 +145,8 @@ def test_remat_policies_save_what_they_say(capsys):
     from lumina_jax.models.nextdit import BlockStack
 
     config = NextDiTConfig.from_yaml("nextdit_tiny")
-    rng = np.random.default_rng(0)
     n_tok = 40
-    x = jnp.asarray(rng.standard_normal((2, n_tok, config.dim)), jnp.float32)
-    temb = jnp.asarray(rng.standard_normal((2, config.t_dim)), jnp.float32)
-    cos, sin = (jnp.asarray(rng.uniform(-1, 1, (2, n_tok, config.head_dim // 2)), jnp.float32) for _ in range(2))
-    lengths = jnp.asarray([n_tok, 30])
+    x, temb, cos, sin, lengths = _block_inputs(config, n_tok)
 
     def make(policy):
         return BlockStack(config, 2, modulation=True, dtype=jnp.float32, backend="xla", remat=policy)
@@ -167,12 +173,8 @@ def test_low_precision_remat_saves_no_fp32_activations(capsys):
     from lumina_jax.models.nextdit import BlockStack
 
     config = NextDiTConfig.from_yaml("nextdit_tiny")
-    rng = np.random.default_rng(0)
     n_tok = 40
-    x32 = jnp.asarray(rng.standard_normal((2, n_tok, config.dim)), jnp.float32)
-    temb = jnp.asarray(rng.standard_normal((2, config.t_dim)), jnp.float32)
-    cos, sin = (jnp.asarray(rng.uniform(-1, 1, (2, n_tok, config.head_dim // 2)), jnp.float32) for _ in range(2))
-    lengths = jnp.asarray([n_tok, 30])
+    x32, temb, cos, sin, lengths = _block_inputs(config, n_tok)
 
     def make(policy, dt):
         return BlockStack(config, 2, modulation=True, dtype=dt, backend="pallas", remat=policy)
