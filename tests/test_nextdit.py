@@ -354,3 +354,26 @@ def test_qkv_init_is_xavier_of_the_fused_weight():
         w = np.asarray(attn[name])
         assert 0.97 * bound < np.abs(w).max() <= bound, name
         np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.02)
+
+
+def test_qkv_matmuls_are_separate_when_tensor_splits_the_heads():
+    """Under a mesh with tensor > 1 the q/k/v weights are not concatenated (their tensor shards would not
+    line up: XLA inserts collective-permutes); one fused matmul otherwise. (Numerics on a real tensor mesh:
+    tests/test_parallel_meshes.py, fsdp x tensor.)"""
+    from jax.sharding import AbstractMesh
+
+    from lumina_jax.parallel.mesh import MESH_AXES
+
+    c = NextDiTConfig.from_yaml("nextdit_tiny")
+    params = jax.eval_shape(lambda: init_params(c, 0))
+    x, t = jnp.zeros((1, 8, 8, c.in_channels)), jnp.zeros(1)
+    cap, mask = jnp.zeros((1, 4, c.cap_feat_dim)), jnp.ones((1, 4), bool)
+    qkv_width = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+
+    def fused_qkv_weights(tensor):
+        with jax.sharding.use_abstract_mesh(AbstractMesh((1, 1, 1, tensor), MESH_AXES)):
+            jaxpr = str(jax.make_jaxpr(lambda p: NextDiT(c).apply({"params": p}, x, t, cap, mask))(params))
+        return sum(f"[{c.dim},{qkv_width}]=concatenate" in line.replace(" ", "") for line in jaxpr.splitlines())
+
+    assert fused_qkv_weights(1) == 3  # context refiner, noise refiner and joint stacks
+    assert fused_qkv_weights(2) == 0

@@ -224,3 +224,37 @@ def test_ctrl_c_stops_two_processes_at_one_step_with_a_checkpoint(tmp_path):
     for i in range(2):  # both processes stopped at the agreed step
         text = (logs / f"process_{i}.log").read_text()
         assert f"stopped at step {steps[0]} with a checkpoint" in text, text[-2000:]
+
+
+_GATHER_SCRIPT = r"""
+import sys, jax, numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
+from jax.sharding import NamedSharding, PartitionSpec as P
+from lumina_jax.parallel import mesh as M, sharding as S
+mesh = M.create_mesh({"fsdp": -1})
+glob = jax.make_array_from_callback((4, 2), NamedSharding(mesh, P("fsdp")), lambda i: np.arange(8.0).reshape(4, 2)[i])
+local = jax.device_put(np.arange(4.0), jax.local_devices()[0])  # params restored onto this host's devices
+out = S.gather_to_host({"global": glob, "local": local, "host": np.float32(3)})
+assert np.array_equal(out["global"], np.arange(8.0).reshape(4, 2)), out["global"]
+assert np.array_equal(out["local"], np.arange(4.0)), out["local"]
+assert out["host"] == 3
+print("OK", jax.process_index())
+"""
+
+
+def test_gather_to_host_on_two_processes():
+    """Global arrays are gathered over processes; a process-local one is copied (was: tiled with the other
+    process's copy, so `train export` inside a multi-process job wrote corrupted weights)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS=with_cpu_devices(2), JAX_PLATFORMS="cpu",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_SCRIPT, str(i), port], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=180) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {i}" in out, (out[-1000:], err[-3000:])

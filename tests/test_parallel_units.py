@@ -51,6 +51,12 @@ def test_rule_table_resolution():
     assert spec(("cond", "cond"), (1024, 1024)) == P()  # duplicate logical names are fine
     assert spec(("norm",), (2304,)) == P()
     assert spec(("embed", "patch"), (6, 64)) == P()  # 6 is not divisible by fsdp=4: replicated
+    # ... unless the ZeRO axes may move: fsdp goes to the largest other dimension it divides
+    zero = lambda names, shape: M.logical_to_mesh_spec(names, shape, m, fallback_axes=M.ZERO_AXES)  # noqa: E731
+    assert zero(("embed", "patch"), (6, 64)) == P(None, "fsdp")
+    assert zero(("layers", "embed", "mlp"), (26, 2306, 9216)) == P(None, None, ("tensor", "fsdp"))
+    assert zero(("layers", "embed", "mlp"), (26, 2304, 9216)) == P(None, "fsdp", "tensor")  # no change when it fits
+    assert zero(("embed", "patch"), (6, 6)) == P()  # nowhere to go
     mc = abstract_mesh(fsdp=2, context=4)
     assert M.logical_to_mesh_spec(("cap", "embed"), (2304, 2304), mc) == P(None, ("fsdp", "context"))
     assert M.logical_to_mesh_spec(("cap", "embed"), (2304, 2306), mc) == P(None, "fsdp")
@@ -69,6 +75,30 @@ def test_param_specs_of_the_2b_model():
     assert attn["out"]["kernel"] == P(None, "tensor", "fsdp")
     assert specs["layers"]["blocks"]["feed_forward"]["w2"]["kernel"] == P(None, "tensor", "fsdp")
     assert specs["t_embedder"]["linear_2"]["kernel"] == P()
+
+
+def test_no_large_param_is_replicated_when_fsdp_does_not_divide_the_width(caplog):
+    """fsdp=512 (v5p-1024) does not divide the 2B's width 2304: the FFN and embedder weights shard over
+    another dimension (was: 90 % of the 2.6B values replicated on every chip, silently); what no dimension
+    can take (attention weights: 2304 and 768 wide, 26 layers) is a warning."""
+    import numpy as np
+
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.parallel import sharding as S
+
+    boxed = S.model_abstract(NextDiTConfig.from_yaml("nextdit_2b"))
+    shapes = jax.tree.leaves(S.unbox(boxed))
+    total = sum(int(np.prod(s.shape)) for s in shapes)
+
+    def replicated(fsdp):
+        specs = jax.tree.leaves(S.param_specs(boxed, abstract_mesh(fsdp=fsdp)), is_leaf=lambda x: isinstance(x, P))
+        return sum(int(np.prod(s.shape)) for s, p in zip(shapes, specs) if "fsdp" not in str(p)) / total
+
+    with caplog.at_level("WARNING"):
+        assert replicated(256) < 0.01
+        assert "not sharded" not in caplog.text
+        assert replicated(512) < 0.2
+    assert "large params (16.5% of 2.61B values) are not sharded over fsdp" in caplog.text
 
 
 def test_distributed_resolution_from_env():
@@ -105,6 +135,20 @@ def test_process_rows_single_process():
     from lumina_jax.parallel.sharding import process_rows
 
     assert process_rows(8, M.create_mesh("dp")) == (0, 8, 0, 1)
+
+
+def test_process_rows_refuses_overlapping_row_sets(monkeypatch):
+    """Processes whose devices hold partly the same rows (data=4 x tensor=2 over 4 processes laid out
+    badly) would feed a row twice with different data: an error naming them, not 12 rows of a batch of 8."""
+    from lumina_jax.parallel import sharding as S
+
+    sets = {0: ((0, 2), (2, 4)), 1: ((0, 2), (4, 6)), 2: ((2, 4), (6, 8)), 3: ((4, 6), (6, 8))}
+    monkeypatch.setattr(S, "process_row_sets", lambda batch, mesh: sets)
+    with pytest.raises(ValueError, match=r"processes 0 and 1 hold overlapping, unequal sets of batch rows"):
+        S.process_rows(8, None, process=3)
+    ok = {0: ((0, 4),), 1: ((0, 4),), 2: ((4, 8),), 3: ((4, 8),)}  # replicas over tensor: the same rows
+    monkeypatch.setattr(S, "process_row_sets", lambda batch, mesh: ok)
+    assert S.process_rows(8, None, process=3) == (4, 8, 1, 2)
 
 
 def test_context_backend_without_context_axis_is_the_inner_kernel():
@@ -260,3 +304,48 @@ def test_process_rows_on_a_tpu_slice_in_physical_order(topology, mesh):
     assert sorted(r for rs in rows.values() for r in rs) == list(range(batch))
     if mesh == {"fsdp": -1}:
         assert any(len(rs) > 1 for rs in sets.values())  # the case that used to fail
+
+
+def test_attention_shard_layout_keeps_what_divides():
+    from lumina_jax.parallel.context import shard_layout
+
+    sizes = {"data": 2, "fsdp": 4, "context": 1, "tensor": 8}
+    # a batch of 2 keeps data, drops fsdp; 16 / 4 heads on tensor 8: K/V heads repeated twice
+    assert shard_layout(sizes, 2, 16, 4, ("data", "fsdp"), "tensor") == ("data", "tensor", 2)
+    assert shard_layout(sizes, 8, 16, 8, ("data", "fsdp"), ("tensor",)) == (("data", "fsdp"), "tensor", 1)
+    assert shard_layout(sizes, 1, 24, 8, ("data", "fsdp"), "tensor") == (None, "tensor", 1)
+    assert shard_layout(sizes, 8, 12, 4, ("data", "fsdp"), "tensor") == (("data", "fsdp"), None, 1)  # 12 % 8
+    assert shard_layout(dict(sizes, tensor=16), 8, 48, 6, "data", "tensor") == ("data", None, 1)  # 16 % 6
+
+
+_GQA_CONTEXT_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType
+from lumina_jax.ops.attention import attention
+from lumina_jax.parallel.mesh import LOGICAL_RULES
+import flax.linen as nn
+rng = np.random.default_rng(0)
+b, l, hq, hkv, d = 2, 13, 8, 2, 16
+q = jnp.asarray(rng.standard_normal((b, l, hq, d)), jnp.float32)
+k, v = (jnp.asarray(rng.standard_normal((b, l, hkv, d)), jnp.float32) for _ in range(2))
+n = jnp.asarray([13, 6])
+ref = attention(q, k, v, kv_lengths=n, backend="xla")
+mesh = jax.make_mesh((1, 1, 2, 4), ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
+with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    out = jax.jit(lambda q, k, v, n: attention(q, k, v, kv_lengths=n, backend="context_xla"))(q, k, v, n)
+err = float(jnp.max(jnp.abs(out - ref)[:, :]))
+print("ERR", err)
+assert err < 1e-5, err
+"""
+
+
+def test_context_attention_with_more_tensor_devices_than_kv_heads(tmp_path):
+    """8 / 2 heads on tensor=4 (x context=2): K/V heads repeated so heads stay split; equal to one device."""
+    import subprocess
+    import sys
+
+    from test_parallel_meshes import subprocess_env
+
+    r = subprocess.run([sys.executable, "-c", _GQA_CONTEXT_SCRIPT], env=subprocess_env(8), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0 and "ERR" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

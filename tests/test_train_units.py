@@ -99,7 +99,7 @@ def test_trainable_mask_and_optimizer():
     assert mask == {"a": {"kernel": True}, "b": {"scale": False}}
     with pytest.raises(ValueError, match="match no parameter"):
         optim.trainable_mask(params, ["nothing"])
-    tx = optim.make_optimizer(opt or optim.OptimizerConfig(), mask)
+    tx = optim.make_optimizer(optim.OptimizerConfig(), mask)
     state = tx.init(params)
     sizes = [x.size for x in jax.tree.leaves(state) if x.ndim > 0]
     assert sorted(sizes) == [6, 6]  # Adam moments only for the trainable kernel
@@ -440,6 +440,16 @@ def test_restoring_another_state_layout_names_the_subtrees(tmp_path):
     with pytest.raises(StateLayoutError, match=r"step 1 in .* holds another training state layout .*opt_state\.1"):
         ck.restore(1, target)
     ck.close()
+
+
+def test_a_context_mesh_without_context_attention_is_warned(caplog):
+    from lumina_jax.train.loop import warn_context_attention
+
+    with caplog.at_level("WARNING"):
+        assert warn_context_attention({"data": 2, "context": 4}, "auto")
+        assert not warn_context_attention({"data": 2, "context": 4}, "context_pallas")
+        assert not warn_context_attention({"data": 8, "context": 1}, "auto")
+    assert caplog.text.count("use attention: context") == 1
 
 
 def test_stage_of_a_step_under_the_saved_config():

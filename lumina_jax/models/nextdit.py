@@ -22,7 +22,8 @@ Parameters are fp32 with logical axis names (``embed``, ``heads``, ``kv_heads``,
 RoPE and softmax run in fp32.
 
 The q/k/v projections are stored as three kernels (lossless split of the original fused ``qkv``, so
-heads shard cleanly over a ``tensor`` axis) and concatenated at run time into one fused matmul.
+heads shard cleanly over a ``tensor`` axis) and concatenated at run time into one fused matmul (three
+matmuls when traced under a mesh whose ``tensor`` axis splits the heads).
 """
 
 from __future__ import annotations
@@ -253,6 +254,12 @@ class _NormScale(nn.Module):
                           self.param_dtype)  # fmt: skip
 
 
+def _mesh_axis_size(name: str) -> int:
+    """Size of mesh axis ``name`` in the mesh being traced under (``jax.set_mesh``); 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh is None or mesh.empty else dict(mesh.shape).get(name, 1)
+
+
 class Attention(nn.Module):
     """Fused-qkv GQA self-attention with per-head q/k RMSNorm and 3-axis RoPE (spec §2.8)."""
 
@@ -274,12 +281,20 @@ class Attention(nn.Module):
         wq = self.param("q", nn.with_logical_partitioning(init, ("embed", "heads")), (c.dim, hq * hd), self.param_dtype)
         wk = self.param("k", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), self.param_dtype)
         wv = self.param("v", nn.with_logical_partitioning(init, ("embed", "kv_heads")), (c.dim, hkv * hd), self.param_dtype)
-        w_qkv = jnp.concatenate([wq, wk, wv], axis=1).astype(self.dtype)
-        qkv = jnp.einsum("bld,de->ble", x.astype(self.dtype), w_qkv)
-        q = qkv[..., : hq * hd].reshape(b, l, hq, hd)
-        k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(b, l, hkv, hd)
-        v = qkv[..., (hq + hkv) * hd :].reshape(b, l, hkv, hd)
-        if c.qk_norm and self.fuse_qk:  # same params (q_norm/scale, k_norm/scale), one kernel pass each,
+        fused_kernel = c.qk_norm and self.fuse_qk
+        if _mesh_axis_size("tensor") > 1 and not fused_kernel:
+            # heads split over `tensor`: a concatenated (q|k|v) weight would not line up with the tensor
+            # shards (XLA inserts collective-permutes of weights and activations): three matmuls instead
+            xd = x.astype(self.dtype)
+            q, k, v = (jnp.einsum("bld,de->ble", xd, w.astype(self.dtype)).reshape(b, l, h, hd)
+                       for w, h in ((wq, hq), (wk, hkv), (wv, hkv)))  # fmt: skip
+        else:  # one fused matmul (the original's qkv)
+            w_qkv = jnp.concatenate([wq, wk, wv], axis=1).astype(self.dtype)
+            qkv = jnp.einsum("bld,de->ble", x.astype(self.dtype), w_qkv)
+            q = qkv[..., : hq * hd].reshape(b, l, hq, hd)
+            k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(b, l, hkv, hd)
+            v = qkv[..., (hq + hkv) * hd :].reshape(b, l, hkv, hd)
+        if fused_kernel:  # same params (q_norm/scale, k_norm/scale), one kernel pass each,
             from lumina_jax.ops.qk_norm_rope import qk_norm_rope  # reading q and k in place from qkv
 
             qkv_heads = qkv.reshape(b, l, hq + 2 * hkv, hd)

@@ -24,6 +24,7 @@ Without a mesh or with ``context == 1`` the inner kernel runs as is.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import flax.linen as nn
@@ -32,6 +33,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lumina_jax.ops.attention import get_backend, register_backend
+
+log = logging.getLogger(__name__)
 
 CONTEXT_AXIS = "context"
 INNER_BACKENDS = ("xla", "splash", "cudnn", "pallas")
@@ -56,6 +59,39 @@ def _axes_size(mesh_shape: dict, axes) -> int:
     return n
 
 
+_FALLBACKS_LOGGED: set = set()
+
+
+def shard_layout(mesh_shape: dict, b: int, hq: int, hkv: int, batch_axes, head_axis) -> tuple:
+    """``(batch_axes, head_axis, kv_repeat)`` of attention inside ``shard_map``: the batch axes (in order)
+    whose product divides the batch ``b`` (a batch of 2 on ``data=2, fsdp=4`` keeps ``data``); the head
+    axis when it divides the query heads and the K/V heads -- or, with GQA, divides the query heads and is
+    a multiple ``r * hkv`` of the K/V heads: K/V heads are then repeated ``r`` times (``kv_repeat``) so
+    each device holds its queries' K/V head (16 / 4 heads on ``tensor=8``). What cannot be split is
+    replicated, computed whole on every device of that axis, and logged once."""
+    axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    keep: list = []
+    for a in axes:
+        if b % (_axes_size(mesh_shape, tuple(keep)) * mesh_shape.get(a, 1)) == 0:
+            keep.append(a)
+    head = head_axis[0] if isinstance(head_axis, tuple) and len(head_axis) == 1 else head_axis
+    t, repeat = _axes_size(mesh_shape, head), 1
+    if t > 1 and (hq % t or (hkv % t and t % hkv)):
+        head = None
+    elif t > 1 and hkv % t:
+        repeat = t // hkv
+    dropped = [a for a in axes if a not in keep and mesh_shape.get(a, 1) > 1]
+    if head is None and t > 1:
+        dropped.append(f"{head_axis} (heads {hq}/{hkv})")
+    key = (tuple(dropped), b, hq, hkv)
+    if dropped and key not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(key)
+        log.info("attention in shard_map: batch %d, %d/%d heads: replicated over %s (sizes do not divide)", b, hq,
+                 hkv, ", ".join(map(str, dropped)))  # fmt: skip
+    batch = None if not keep else keep[0] if len(keep) == 1 else tuple(keep)
+    return batch, head, repeat
+
+
 def context_parallel_attention(
     q: jax.Array,
     k: jax.Array,
@@ -76,14 +112,10 @@ def context_parallel_attention(
 
     b, length, hq, d = q.shape
     hkv = k.shape[2]
-    batch_axes = _resolve("activation_batch")
-    head_axis = _resolve("activation_heads")
-    if b % _axes_size(shape, batch_axes):
-        batch_axes = None  # e.g. a batch of 1 at sampling time: replicate it over the batch axes
-    if hkv % _axes_size(shape, head_axis) or hq % _axes_size(shape, head_axis):
-        head_axis = None
-    if isinstance(head_axis, tuple) and len(head_axis) == 1:
-        head_axis = head_axis[0]
+    batch_axes, head_axis, kv_repeat = shard_layout(shape, b, hq, hkv, _resolve("activation_batch"),
+                                                    _resolve("activation_heads"))  # fmt: skip
+    if kv_repeat > 1:
+        k, v = jnp.repeat(k, kv_repeat, axis=2), jnp.repeat(v, kv_repeat, axis=2)
 
     pad = (-length) % c
     if pad:

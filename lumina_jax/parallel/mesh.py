@@ -20,7 +20,12 @@ Decisions:
   weights anyway).
 * ``heads``/``kv_heads``/``mlp`` map to ``tensor`` (Megatron split of attention and SwiGLU).
   With ``tensor`` larger than ``n_kv_heads`` (8 for all Lumina configs) the K/V projections are split
-  inside a head: correct, but it adds communication; keep ``tensor <= 8``.
+  inside a head and the shard_map attention repeats K/V heads (when ``tensor`` is a multiple of them) or
+  runs replicated (when it is not, e.g. 24 heads on ``tensor=16``): correct, but it adds communication
+  or compute; keep ``tensor <= 8``.
+* Parameters are sharded ZeRO-3 style over ``fsdp`` and ``context`` (:data:`ZERO_AXES`): an axis that
+  does not divide a parameter's ``embed`` dimension moves to another dimension it divides; a large
+  parameter no dimension can take is logged (replicated: every device holds it whole).
 * The batch goes over ``(data, fsdp)``; ``context`` shards the token axis of activations; the token
   axis is never sharded over ``tensor`` (no sequence-parallel norms; the model is small enough).
 * Axes are ``AxisType.Auto`` (``jax.make_mesh`` defaults to Explicit since jax 0.7, whose
@@ -185,11 +190,15 @@ def mesh_shape(mesh: Any) -> dict[str, int]:
     return {a: int(n) for a, n in dict(mesh.shape).items()}
 
 
+ZERO_AXES = ("fsdp", "context")  # mesh axes that shard parameters ZeRO-3 style (any dimension will do)
+
+
 def logical_to_mesh_spec(
     names: Sequence[Optional[str]] | None,
     shape: Optional[Sequence[int]] = None,
     mesh: Optional[Mesh] = None,
     rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+    fallback_axes: Sequence[str] = (),
 ) -> P:
     """Resolve one array's logical axis names to a ``PartitionSpec`` through ``rules``.
 
@@ -197,6 +206,10 @@ def logical_to_mesh_spec(
     and a mesh axis is used at most once (first dimension wins). With ``shape`` and ``mesh``, mesh
     axes that do not divide a dimension (or have size 1) are dropped, so the spec is always valid for
     ``jit``'s ``out_shardings``. Names without a rule are replicated.
+
+    ``fallback_axes`` (parameters: :data:`ZERO_AXES`): such an axis dropped because it does not divide
+    its dimension moves to the largest other dimension it divides (``fsdp=512`` does not divide the 2B's
+    ``embed`` 2304 but divides its ``mlp`` 6144), instead of leaving the array replicated over it.
     """
     if names is None:
         return P()
@@ -205,14 +218,15 @@ def logical_to_mesh_spec(
         table.setdefault(logical, axes)
     sizes = mesh_shape(mesh) if mesh is not None else {}
     used: set[str] = set()
-    out = []
+    out: list[tuple[str, ...]] = []
+    dropped: list[str] = []
     for i, name in enumerate(names):
         axes = table.get(name) if name is not None else None
         if axes is None:
-            out.append(None)
+            out.append(())
             continue
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        keep = []
+        keep: list[str] = []
         for a in axes:
             if a in used:
                 continue
@@ -221,13 +235,24 @@ def logical_to_mesh_spec(
             if shape is not None and mesh is not None:
                 denom = math.prod(sizes[x] for x in keep) * sizes[a]
                 if shape[i] % denom:
+                    dropped.append(a)
                     continue
             keep.append(a)
         used.update(keep)
-        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
-    while out and out[-1] is None:
-        out.pop()
-    return P(*out)
+        out.append(tuple(keep))
+    if shape is not None and mesh is not None:
+        for a in dropped:
+            if a not in fallback_axes or a in used:
+                continue
+            fits = [j for j in range(len(out)) if shape[j] % (math.prod(sizes[x] for x in out[j]) * sizes[a]) == 0]
+            if fits:
+                j = max(fits, key=lambda j: (shape[j], -j))
+                out[j] = out[j] + (a,)
+                used.add(a)
+    spec = [None if not k else k[0] if len(k) == 1 else k for k in out]
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
 
 
 def batch_spec(ndim: int) -> P:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lumina_jax.parallel.mesh import LOGICAL_RULES, batch_sharding, logical_to_mesh_spec
+from lumina_jax.parallel.mesh import LOGICAL_RULES, ZERO_AXES, batch_sharding, logical_to_mesh_spec, mesh_shape
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,41 @@ def logical_names(boxed: Any) -> Any:
 
 
 def param_specs(abstract_boxed: Any, mesh: Optional[Mesh] = None, rules=LOGICAL_RULES) -> Any:
-    """``PartitionSpec`` per param (divisibility-checked against ``mesh`` when given)."""
+    """``PartitionSpec`` per param (divisibility-checked against ``mesh`` when given; a ZeRO axis that does
+    not divide its dimension moves to another, see :func:`logical_to_mesh_spec`). Large params left
+    replicated over a ZeRO axis of size > 1 anyway are logged as a warning (memory: each device holds
+    them whole, with their EMA and Adam moments)."""
     names = logical_names(abstract_boxed)
     shapes = unbox(abstract_boxed)
-    return jax.tree.map(
-        lambda n, s: logical_to_mesh_spec(n, s.shape, mesh, rules),
+    specs = jax.tree.map(
+        lambda n, s: logical_to_mesh_spec(n, s.shape, mesh, rules, fallback_axes=ZERO_AXES),
         names, shapes, is_leaf=lambda x: x is None or isinstance(x, tuple),
     )  # fmt: skip
+    if mesh is not None:
+        _warn_replicated(specs, shapes, mesh)
+    return specs
+
+
+_WARNED: set = set()
+
+
+def _warn_replicated(specs: Any, shapes: Any, mesh: Mesh, min_size: int = 1 << 20) -> None:
+    sizes = mesh_shape(mesh)
+    zero = [a for a in ZERO_AXES if sizes.get(a, 1) > 1]
+    if not zero:
+        return
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    flat_shapes = jax.tree.leaves(shapes)
+    total = sum(int(np.prod(s.shape)) for s in flat_shapes)
+    bad = [s for p, s in zip(flat_specs, flat_shapes) if int(np.prod(s.shape)) >= min_size
+           and not set(zero) <= {a for e in p for a in ((e,) if isinstance(e, str) else (e or ()))}]  # fmt: skip
+    n = sum(int(np.prod(s.shape)) for s in bad)
+    key = (tuple(sizes.items()), len(bad), total)
+    if n >= 0.01 * total and key not in _WARNED:  # (the small t-embedder matrices are replicated by design)
+        _WARNED.add(key)
+        log.warning("%d large params (%.1f%% of %.3gB values) are not sharded over %s (no dimension divides it): "
+                    "every device holds them whole; pick sizes that divide the model's dims (e.g. fsdp 256 x data 2, not fsdp 512)",
+                    len(bad), 100 * n / max(total, 1), total / 1e9, "/".join(zero))  # fmt: skip
 
 
 def param_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
@@ -142,12 +170,19 @@ def put_params(host_params: Params, shardings: Any, dtype: Any = None) -> Params
 
 
 def gather_to_host(tree: Any) -> Any:
-    """Fully replicated host NumPy copy of a (sharded) tree; multi-process safe. Small trees / tests only."""
+    """Fully replicated host NumPy copy of a (sharded) tree; multi-process safe (global arrays are gathered
+    over processes, process-local ones copied). Small trees / tests only."""
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, jax.device_get(tree))
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+    def one(x):  # a process-local array (e.g. on jax.local_devices()) is whole here: allgather would tile it
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +334,14 @@ def process_rows(global_batch: int, mesh: Mesh, process: Optional[int] = None) -
         raise ValueError(f"processes would feed different numbers of batch rows {sizes}; give every process the "
                          f"same number of devices on the batch axes")  # fmt: skip
     distinct = sorted(set(sets.values()))
+    owner = {}
+    for p, rs in sorted(sets.items()):  # distinct row sets must not share rows (replicas would get other data)
+        for r in rs:
+            for q, other in owner.items():
+                if other != rs and any(a < r[1] and r[0] < b for a, b in other):
+                    raise ValueError(f"processes {q} and {p} hold overlapping, unequal sets of batch rows ({other} "
+                                     f"vs {rs}); lay the mesh out so each process's devices hold whole rows")  # fmt: skip
+        owner[p] = rs
     me = sets[jax.process_index() if process is None else process]
     n = sizes[jax.process_index() if process is None else process]
     i = distinct.index(me)

@@ -51,6 +51,7 @@ def _sharded(local_kernel, local_name: str):
 def _run_sharded(local_kernel, local_name, q, k, v, kv_mask, kv_lengths, scale):
     import flax.linen as nn
 
+    from lumina_jax.parallel.context import shard_layout
     from lumina_jax.parallel.mesh import LOGICAL_RULES
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -66,16 +67,9 @@ def _run_sharded(local_kernel, local_name, q, k, v, kv_mask, kv_lengths, scale):
     batch_axes = _resolve("activation_batch", rules)
     head_axis = _resolve("activation_heads", rules)
 
-    def size(axes):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        return math.prod(shape.get(a, 1) for a in axes)
-
-    if q.shape[0] % size(batch_axes):
-        batch_axes = None
-    if k.shape[2] % size(head_axis) or q.shape[2] % size(head_axis):
-        head_axis = None
-    if isinstance(head_axis, tuple) and len(head_axis) == 1:
-        head_axis = head_axis[0]
+    batch_axes, head_axis, kv_repeat = shard_layout(shape, q.shape[0], q.shape[2], k.shape[2], batch_axes, head_axis)
+    if kv_repeat > 1:
+        k, v = jnp.repeat(k, kv_repeat, axis=2), jnp.repeat(v, kv_repeat, axis=2)
     qkv = P(batch_axes, None, head_axis, None)
     extra = [x for x in (kv_mask, None if kv_lengths is None else kv_lengths.astype(jnp.int32)) if x is not None]
     specs = [P(batch_axes, None) if x.ndim == 2 else P(batch_axes) for x in extra]

@@ -210,11 +210,6 @@ def build_stage_iterator(
 
     from lumina_jax.data import LatentCacheSource, PipelineConfig
 
-    if start != shard_index * (stop - start):  # the pipeline feeds rows [i * B, (i + 1) * B) of shard i
-        raise ValueError(f"process {jax.process_index()} feeds rows [{start}, {stop}) of the global batch, not a "
-                         f"block of equal size at position {shard_index}; give every process the same number of "
-                         f"devices")  # fmt: skip
-
     # Several hosts with bucket batches: the buckets must come from the global plan (one shape per step).
     plan = "global" if shard_count > 1 and d.batching == "bucket" and d.bucket_plan == "auto" else d.bucket_plan
     pc = PipelineConfig(
