@@ -284,6 +284,25 @@ def test_caption_dropout_rate_and_determinism(many_items):
     assert len(dropped_ids(many_items[:200], seed=1, caption_dropout=1.0)) == 200
 
 
+def test_random_crop_offsets_vary_per_sample_and_repeat_per_seed():
+    """``random_crop_offset``: a 10:1 horizontal ramp (cropped to 4:1) lands at another place for most
+    samples (the centre crop is always the same), and the same seed gives the same crops."""
+    ramp = np.broadcast_to(np.linspace(0, 255, 320, dtype=np.float32)[None, :, None], (32, 320, 3))
+    png = testing.encode_image(Image.fromarray(ramp.astype(np.uint8), "RGB"))
+    items = [{"image": png, "caption": f"p{i}"} for i in range(16)]
+
+    def means(**kw):
+        cfg = config(resolution=32, batch_size=8, num_epochs=1, batching="bucket", **kw)
+        batches, _ = run(DataPipeline(ListSource(items, name="ramp"), cfg))
+        return [float(np.mean(im)) for b in batches for im in b["images"]]
+
+    centre, a = means(), means(random_crop_offset=True, seed=3)
+    assert len(set(np.round(centre, 4))) == 1 and len(a) == 16
+    assert a == means(random_crop_offset=True, seed=3)
+    assert sum(abs(x - centre[0]) > 0.05 for x in a) >= 12 and min(a) < centre[0] < max(a)
+    assert a != means(random_crop_offset=True, seed=4)
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume, hosts, mixtures
 
