@@ -27,6 +27,37 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+_GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def quiet_environment(env: dict | None = None) -> dict:
+    """Defaults set before JAX and transformers load (only where the user set nothing):
+
+    * ``JAX_PLATFORMS=cpu`` when libtpu is installed (the test requirements' ``jax[tpu]``, for ``aot``) on
+      a machine with no TPU chips and no GPU plugin: JAX would otherwise try the TPU backend on every
+      command and print libtpu's errors. A TPU VM (``/dev/accel*``, ``/dev/vfio/N`` or a ``TPU_*``
+      variable) is left alone;
+    * ``TRANSFORMERS_NO_ADVISORY_WARNINGS=1``: transformers' "PyTorch was not found" advice (the
+      tokenizers are all this package uses from it when torch is absent).
+
+    Returns what it set."""
+    import glob
+    import importlib.util
+    import os
+
+    env = os.environ if env is None else env
+    out = {}
+    if "JAX_PLATFORMS" not in env and importlib.util.find_spec("libtpu") is not None:
+        tpu_here = (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+                    or any(k.startswith("TPU_") for k in env))  # fmt: skip
+        if not tpu_here and not any(importlib.util.find_spec(p) is not None for p in _GPU_PLUGINS):
+            out["JAX_PLATFORMS"] = "cpu"
+    if "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in env:
+        out["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    env.update(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -37,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name = COMMANDS[name][0]
+    quiet_environment()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

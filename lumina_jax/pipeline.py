@@ -107,14 +107,17 @@ def check_image_size(height: int, width: int, multiple: int = 16, max_tokens_sid
                      patch_px: int = 16) -> None:
     """Raise ``ValueError`` naming the nearest valid sizes when ``height``/``width`` are not positive
     multiples of ``multiple`` (16 = 8x VAE x patch 2), or exceed the RoPE table."""
+    bad = []
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
         if v < multiple or v % multiple:
             lo, hi = (v // multiple) * multiple, max((v // multiple + 1) * multiple, multiple)
             near = f"{hi}" if lo < multiple else f"{lo} or {hi}"
-            raise ValueError(f"{name}={v} is not a positive multiple of {multiple} (VAE factor x patch size); "
-                             f"nearest valid {name}: {near}")
+            bad.append(f"{name}={v} (nearest valid: {near})")
+    if bad:  # both sides in one message
+        raise ValueError(f"{' and '.join(bad)}: not a positive multiple of {multiple} (VAE factor x patch size)")
+    for name, v in (("height", height), ("width", width)):
         if max_tokens_side is not None and v // patch_px > max_tokens_side:
             raise ValueError(f"{name}={v} exceeds the model's RoPE table ({max_tokens_side} patches = "
                              f"{max_tokens_side * patch_px} px)")
@@ -464,6 +467,10 @@ class Lumina2Pipeline:
         tcfg = self.components.transformer_config
         check_image_size(height, width, self.size_multiple, max_tokens_side=min(tcfg.axes_lens[1:]),
                          patch_px=self.size_multiple)  # fmt: skip
+        area = height * width / self.default_image_size**2
+        if area > 4:
+            log.warning("%dx%d px is %.0fx the area of the model's %d px images: expect a long run and images "
+                        "the model was not trained for", width, height, area, self.default_image_size)  # fmt: skip
         max_len = min(tcfg.axes_lens[0] - 1, self.components.text_encoder_config.max_position_embeddings)
         if not 1 <= _integer(max_sequence_length, "max_sequence_length") <= max_len:
             raise ValueError(f"max_sequence_length must be in [1, {max_len}], got {max_sequence_length}")

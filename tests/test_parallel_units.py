@@ -349,3 +349,21 @@ def test_context_attention_with_more_tensor_devices_than_kv_heads(tmp_path):
     r = subprocess.run([sys.executable, "-c", _GQA_CONTEXT_SCRIPT], env=subprocess_env(8), cwd=REPO,
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0 and "ERR" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_cli_environment_defaults(monkeypatch):
+    """With libtpu installed and no TPU here, commands default to the CPU backend (no libtpu errors on
+    every command); a TPU VM or the user's own JAX_PLATFORMS is left alone; transformers' torch advice off."""
+    import importlib.util
+
+    from lumina_jax import __main__ as entry
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else
+                        (None if name in entry._GPU_PLUGINS else found(name)))  # fmt: skip
+    monkeypatch.setattr("glob.glob", lambda pattern: [])
+    assert entry.quiet_environment({}) == {"JAX_PLATFORMS": "cpu", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    assert entry.quiet_environment({"TPU_NAME": "v5p-128"}) == {"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    assert entry.quiet_environment({"JAX_PLATFORMS": "", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "0"}) == {}
+    monkeypatch.setattr("glob.glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+    assert "JAX_PLATFORMS" not in entry.quiet_environment({})

@@ -296,10 +296,12 @@ def test_cross_component_check(reference):
 
 
 def test_argument_errors(pipe, noise):
-    with pytest.raises(ValueError, match=r"height=1000 is not a positive multiple of 16.*992 or 1008"):
+    with pytest.raises(ValueError, match=r"height=1000 \(nearest valid: 992 or 1008\): not a positive multiple of 16"):
         pipe("a cat", height=1000, width=64)
-    with pytest.raises(ValueError, match=r"width=8 .* nearest valid width: 16"):
+    with pytest.raises(ValueError, match=r"^width=8 \(nearest valid: 16\)"):
         pipe("a cat", height=64, width=8)
+    with pytest.raises(ValueError, match=r"^height=100 \(nearest valid: 96 or 112\) and width=100 \(nearest valid"):
+        pipe("a cat", height=100, width=100)  # both sides named
     with pytest.raises(ValueError, match="prompt list is empty"):
         pipe([])
     with pytest.raises(TypeError, match="must be a string"):
@@ -330,11 +332,19 @@ def test_argument_errors(pipe, noise):
         with pytest.raises(ValueError, match=rf"{name} must be an integer, got"):
             pipe(["a cat", "a dog"] if name == "seed" and isinstance(kw[name], list) else "a cat", **kw)
     for bad in (-5, 0, -16):
-        with pytest.raises(ValueError, match=rf"height={bad} .* nearest valid height: 16$"):
+        with pytest.raises(ValueError, match=rf"^height={bad} \(nearest valid: 16\): not a positive multiple"):
             check_image_size(bad, 64)
     check_image_size(1024, 768)
     with pytest.raises(ValueError, match="RoPE table"):
         check_image_size(16 * 600, 64, max_tokens_side=512)
+
+
+def test_sizes_far_above_the_model_s_are_warned(pipe, caplog):
+    with caplog.at_level("WARNING"):
+        pipe("a cat", height=64, width=128, num_inference_steps=1, output_type="np")  # 2x the area: fine
+        assert "the area of the model's" not in caplog.text
+        pipe("a cat", height=160, width=160, num_inference_steps=1, output_type="np")
+    assert "160x160 px is 6x the area of the model's 64 px images" in caplog.text
 
 
 def test_system_prompt_and_noise_rules(pipe):
