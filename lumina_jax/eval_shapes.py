@@ -8,10 +8,11 @@ Half of the ``n`` prompts describe *held-out* scenes (a colour/shape/position tr
 phrasing varies. Images come from :class:`lumina_jax.pipeline.Lumina2Pipeline` with its default settings
 (solver, steps; for "on" the model's CFG scale, 2.5 for the bundled model, or ``--guidance``; 1.0 = no CFG
 for "off") and are scored by the deterministic checker :mod:`lumina_jax.shapes.checker` (colour by pixel
-clustering, shape by geometry, position by centroid). Prints accuracy per attribute (per object),
+clustering, shape by geometry, position by bounding-box centre). Prints accuracy per attribute (per object),
 background, object count and all-correct (per image) for seen vs held-out (``n/a`` for a split without
-images: ``--n 1`` has no held-out one). Exit status 0 (1 with ``--min-heldout`` thresholds not met; they
-apply to CFG on when it is evaluated, else to CFG off).
+images: ``--n 1`` has no held-out one). A held-out scene may also hold a seen object: the ``held_out*``
+row scores only the objects whose triple is held out. Exit status 0; 1 when ``--min-heldout`` thresholds
+are not met (they apply to CFG on when it is evaluated, else to CFG off); 2 for an error.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lumina_jax.config_utils import int_at_least
+from lumina_jax.sample.solvers import SOLVERS
 
 ATTRIBUTES = ("colour", "shape", "position")
 ACCURACIES = (*ATTRIBUTES, "background", "count", "all")
@@ -47,7 +49,7 @@ def evaluate(pipe, n: int = 200, *, guidance_scale: Optional[float] = None, seed
              save_dir: Optional[str] = None, **kwargs) -> dict:  # fmt: skip
     """Generate and score; returns ``{"seen": {...}, "held_out": {...}, "seconds": s}``. ``guidance_scale``
     ``None``: the model's default (``pipe.components.guidance_scale``)."""
-    from lumina_jax.shapes import checker
+    from lumina_jax.shapes import checker, spec
 
     items = prompts_for(n, seed)
     images = []
@@ -64,6 +66,12 @@ def evaluate(pipe, n: int = 200, *, guidance_scale: Optional[float] = None, seed
         res[split] = checker.check_many([images[k] for k in idx], [items[k][1] for k in idx])
         if not idx:  # no images (n < 2 has no held-out split): no accuracy, not 0 %
             res[split].update({c: None for c in ACCURACIES})
+    # held-out scenes may pair a held-out object with a seen one: also score the held-out triples alone
+    idx = [k for k, it in enumerate(items) if it[0] == "held_out"]
+    objs = [r for k in idx for r, o in zip(checker.check(images[k], items[k][1]).objects, items[k][1].objects)
+            if (o.colour, o.shape, o.position) in spec.HELD_OUT]  # fmt: skip
+    res["held_out_triples"] = {a: (float(np.mean([r[a] for r in objs])) if objs else None) for a in ATTRIBUTES}
+    res["held_out_triples"]["n_objects"] = len(objs)
     res["seconds"] = round(seconds, 1)
     if save_dir:
         from PIL import Image
@@ -82,11 +90,25 @@ def format_table(results: dict[str, dict]) -> str:
     cols = ACCURACIES
     lines = [f"{'setting':10s} {'split':9s} " + " ".join(f"{c:>10s}" for c in cols) + "    images"]
     for name, r in results.items():
-        for split in ("held_out", "seen"):
+        for split in ("held_out", "held_out_triples", "seen"):
+            if split not in r:
+                continue
             m = r[split]
-            cells = (f"{'n/a':>10s}" if m[c] is None else f"{100 * m[c]:9.1f}%" for c in cols)
-            lines.append(f"{name:10s} {split:9s} " + " ".join(cells) + f"    {m['n_images']}")
+            cells = (f"{'n/a':>10s}" if m.get(c) is None else f"{100 * m[c]:9.1f}%" for c in cols)
+            label, count = ("held_out*", f"{m['n_objects']} objects") if split == "held_out_triples" else (
+                split, str(m["n_images"]))  # fmt: skip
+            lines.append(f"{name:10s} {label:9s} " + " ".join(cells) + f"    {count}")
     return "\n".join(lines)
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
 
 
 def min_accuracies(text: str) -> tuple[float, float, float]:
@@ -124,10 +146,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="CFG on (the model's guidance scale, or --guidance), off (1.0) or both")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale for --cfg on (default: the model's; 2.5 for the bundled model)")
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default: the pipeline's)")
-    p.add_argument("--solver", default=None)
-    p.add_argument("--shift", type=float, default=None, help="sampler time shift (default: the model's scheduler)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="solver steps (default: the pipeline's)")
+    p.add_argument("--solver", default=None, choices=sorted(SOLVERS))
+    p.add_argument("--shift", type=_positive, default=None, help="sampler time shift (default: the model's scheduler)")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--batch", type=int_at_least(1), default=25, help="prompts per pipeline call (>= 1)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--save-dir", default=None, help="write the images here")
@@ -138,9 +160,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.min_heldout and args.n < 2:
         p.error(f"--min-heldout: --n {args.n} gives no held-out images (half of --n are held-out): use --n 2 or more")
 
+    from lumina_jax.convert.errors import CheckpointError
     from lumina_jax.pipeline import Lumina2Pipeline
 
-    pipe = Lumina2Pipeline.from_pretrained(args.checkpoint)
+    try:
+        pipe = Lumina2Pipeline.from_pretrained(args.checkpoint)
+    except (CheckpointError, OSError, ValueError) as e:  # exit 2: an error, not "accuracy below --min-heldout"
+        print(f"eval-shapes: error: {e}", file=sys.stderr)
+        return 2
     on = pipe.components.guidance_scale if args.guidance is None else args.guidance
     settings = {"on": on, "off": 1.0}
     names = ["on", "off"] if args.cfg == "both" else [args.cfg]

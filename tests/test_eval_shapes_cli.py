@@ -34,13 +34,31 @@ def fake_run(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--n", "0"], ["--min-heldout", "2"], ["--min-heldout", "0.9,0.8"],
-                                  ["--n", "1", "--min-heldout", "0.5"]])  # fmt: skip
+                                  ["--n", "1", "--min-heldout", "0.5"], ["--seed", "-1"], ["--steps", "0"],
+                                  ["--shift", "-1"], ["--solver", "bogus"]])  # fmt: skip
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_shapes.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert (argv[-2] if argv[-2].startswith("--") else argv[0]) in err
+
+
+def test_a_missing_checkpoint_is_exit_2_not_a_traceback(tmp_path, capsys):
+    assert eval_shapes.main(["--checkpoint", str(tmp_path / "nope"), "--n", "2"]) == 2
+    assert "eval-shapes: error:" in capsys.readouterr().err
+
+
+def test_held_out_triples_are_also_scored_alone():
+    """Objects of held-out scenes whose own triple is seen are left out of the ``held_out*`` row."""
+    from lumina_jax.shapes import spec
+
+    res = eval_shapes.evaluate(_FakePipe(), 40, batch=20)
+    items = [it for it in eval_shapes.prompts_for(40, 0) if it[0] == "held_out"]
+    n = sum((o.colour, o.shape, o.position) in spec.HELD_OUT for _, s, _ in items for o in s.objects)
+    assert res["held_out_triples"]["n_objects"] == n < res["held_out"]["n_objects"]
+    assert res["held_out_triples"]["colour"] == 0.0  # blank images
+    assert "held_out*" in eval_shapes.format_table({"cfg_on": res})
 
 
 def test_empty_held_out_split_is_not_zero_percent():

@@ -15,10 +15,23 @@ from lumina_jax.shapes import checker, spec
 
 def test_checker_is_exact_on_rendered_scenes():
     rng = np.random.default_rng(0)
-    scenes = [spec.random_scene(rng, held_out=None) for _ in range(60)]
+    scenes = [spec.random_scene(rng, held_out=None) for _ in range(400)]
     images = [spec.render(s, 64, rng) for s in scenes]
     m = checker.check_many(images, scenes)
     assert m["colour"] == m["shape"] == m["position"] == m["all"] == 1.0
+    # top triangles: the mass centroid sits low enough to read as "center" in ~1 % of jittered renders
+    top = spec.Scene("white", (spec.Obj("red", "triangle", "top"),))
+    assert checker.check_many([spec.render(top, 64, rng) for _ in range(300)], [top] * 300)["position"] == 1.0
+
+
+def test_checker_rejects_stretched_shapes_and_off_palette_colours():
+    white = np.full((64, 64, 3), 255, np.uint8)
+    wide = white.copy()
+    wide[20:49, 2:62] = (230, 30, 30)  # a red 60 x 29 rectangle is not a square
+    assert checker.components(wide)[1][0].shape == "other"
+    grey = white.copy()
+    grey[20:40, 20:40] = (128, 128, 128)  # nearest palette colour is some colour, but grey is none of them
+    assert checker.components(grey)[1][0].colour == "other"
 
 
 def test_checker_rejects_wrong_attributes():
@@ -126,6 +139,8 @@ def test_train_assemble_sample_end_to_end(tiny_world, tmp_path):
     with pytest.raises(ValueError, match="8-channel latents"):  # the identity stage does not fit this DiT
         build.assemble(tmp_path / "run", work, tmp_path / "bad", vae="vae")
     out = build.assemble(tmp_path / "run", work, tmp_path / "model")
+    with pytest.raises(FileExistsError):  # the bundled model (the default --out) is not replaced unasked
+        build.assemble(tmp_path / "run", work, out)
     stored = load_transformer(out / "transformer", dtype=None)[1]
     assert {str(a.dtype) for a in jax.tree.leaves(stored)} == {"bfloat16"}  # 20 MB repository budget
     pipe = Lumina2Pipeline.from_pretrained(out, compilation_cache=False)

@@ -80,7 +80,7 @@ def trained_system_prompt(run: str | Path) -> str:
 
 def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float = DEFAULT_SHIFT,
              guidance_scale: float = DEFAULT_GUIDANCE, which: str = "ema", transformer_dtype: str = "bf16",
-             vae: str = "vae_f8", text_encoder: str = "text_encoder", overwrite: bool = True) -> Path:  # fmt: skip
+             vae: str = "vae_f8", text_encoder: str = "text_encoder", overwrite: bool = False) -> Path:  # fmt: skip
     """EMA (or raw) weights of the training run ``run`` + the encoders of ``work`` (the autoencoder from
     ``work/encoders/<vae>``: ``vae_f8`` trained, ``vae`` identity stage, ``vae_f4`` session 5; the text
     encoder from ``work/encoders/<text_encoder>``: ``text_encoder`` random, ``text_encoder_lm`` pretrained)
@@ -172,6 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="autoencoder folder under WORK/encoders (vae_f8: trained, the shipped model's; vae: identity)")
     b.add_argument("--text-encoder", default="text_encoder",
                    help="text encoder folder under WORK/encoders (text_encoder: random, text_encoder_lm: pretrained)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (e.g. the bundled model)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         p.error("training runs through the project's trainer: python -m lumina_jax train configs/train/shapes.yaml")
@@ -209,9 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             out = assemble(args.run, args.work, args.out, shift=args.shift, guidance_scale=args.guidance,
                            which=args.which, transformer_dtype=args.transformer_dtype, vae=args.vae,
-                           text_encoder=args.text_encoder)  # fmt: skip
+                           text_encoder=args.text_encoder, overwrite=args.overwrite)  # fmt: skip
         except ASSEMBLE_ERRORS as e:
-            print(f"shapes assemble: error: {e}", file=sys.stderr)
+            print(f"shapes assemble: error: {str(e).replace('overwrite=True', '--overwrite')}", file=sys.stderr)
             return 2
         print(f"wrote {out}")
     return 0

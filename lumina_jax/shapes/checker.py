@@ -6,11 +6,14 @@ For an image and the scene its prompt described:
 2. foreground: pixels farther than ``FG_DIST`` (RGB Euclidean) from the measured background, split into
    connected components (4-connectivity); components under ``MIN_AREA`` px (at 64 px) are noise;
 3. colour (pixel clustering): every foreground pixel of a component is assigned to its nearest named
-   colour; the component's colour is the majority cluster;
+   colour; the component's colour is the majority cluster, ``other`` when the component's median colour
+   is farther than ``MAX_COLOUR_DIST`` from it (grey is not purple);
 4. shape (geometry): fill ratio = area / bounding-box area (square ~1.0, circle ~0.79, triangle ~0.5),
-   plus the vertical mass balance (a triangle has most of its mass in its lower half);
-5. position: the component centroid, relative to the image centre: ``center`` if within 12.5 % of the
-   side, else the dominant axis (left/right or top/bottom).
+   plus the vertical mass balance (a triangle has most of its mass in its lower half); ``other`` for a
+   bounding box more than ``MAX_ASPECT`` times longer one way than the other (the shapes are drawn 1:1);
+5. position: the bounding-box centre (a triangle's centroid sits a sixth of its height below it),
+   relative to the image centre: ``center`` if within 12.5 % of the side, else the dominant axis
+   (left/right or top/bottom).
 
 Components are matched to the expected objects by position order (left before right, top before bottom;
 the largest component for one-object scenes). A missing component makes every attribute of that object
@@ -28,6 +31,8 @@ from lumina_jax.shapes.spec import BACKGROUNDS, COLOURS, Obj, Scene
 
 FG_DIST = 80.0
 MIN_AREA_FRAC = 25 / 64**2
+MAX_COLOUR_DIST = 60.0  # RGB Euclidean, component median to its named colour (the model: <= 29; palette gaps >= 109)
+MAX_ASPECT = 1.35
 ATTRIBUTES = ("colour", "shape", "position")
 
 
@@ -87,6 +92,8 @@ def classify_shape(m: np.ndarray) -> tuple[str, float]:
     ys, xs = np.nonzero(m)
     h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     fill = float(m.sum()) / float(h * w)
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        return "other", fill
     # triangles: mass concentrated towards the base (lower half holds ~3/4 of the area)
     mid = (ys.min() + ys.max()) / 2.0
     lower = float(np.mean(ys > mid))
@@ -120,7 +127,10 @@ def components(image: np.ndarray) -> tuple[str, list[Component]]:
         ys, xs = np.nonzero(m)
         cluster = nearest(img[m], COLOURS)
         colour = names[int(np.bincount(cluster, minlength=len(names)).argmax())]
-        cx, cy = (xs.mean() + 0.5) / wid, (ys.mean() + 0.5) / hgt
+        median = np.median(img[m].astype(np.float32), axis=0)
+        if np.linalg.norm(median - np.asarray(COLOURS[colour], np.float32)) > MAX_COLOUR_DIST:
+            colour = "other"
+        cx, cy = (xs.min() + xs.max() + 1) / 2 / wid, (ys.min() + ys.max() + 1) / 2 / hgt
         shape, fill = classify_shape(m)
         out.append(Component(area, float(cx), float(cy), colour, shape, classify_position(cx, cy), fill))
     out.sort(key=lambda c: -c.area)

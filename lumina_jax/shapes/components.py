@@ -36,7 +36,6 @@ from lumina_jax.shapes import spec
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 TEXT_CONFIG = CONFIGS / "shapes_gemma2.yaml"
 VAE_CONFIG = CONFIGS / "shapes_vae_identity.yaml"
-DIT_CONFIG = CONFIGS / "shapes_nextdit.yaml"
 K_CONST = 1000.0
 TOKENIZER_VOCAB = 480
 IMAGE_SIZE = 64
@@ -52,12 +51,6 @@ def vae_config():
     from lumina_jax.models.vae import VAEConfig
 
     return VAEConfig.from_yaml(VAE_CONFIG)
-
-
-def dit_config():
-    from lumina_jax.models.nextdit import NextDiTConfig
-
-    return NextDiTConfig.from_yaml(DIT_CONFIG)
 
 
 # ----------------------------------------------------------------------------------------------

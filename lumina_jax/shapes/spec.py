@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -212,7 +212,3 @@ def fixed_eval_scenes(n: int, held_out: bool, seed: int = 0) -> list[Scene]:
     """``n`` scenes for the evaluator, deterministic in ``(n, held_out, seed)``."""
     rng = np.random.default_rng([seed, int(held_out), 99])
     return [random_scene(rng, held_out=held_out) for _ in range(n)]
-
-
-def describe(scenes: Sequence[Scene]) -> str:
-    return "; ".join(caption(s) for s in scenes)
