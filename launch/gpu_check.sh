@@ -88,7 +88,8 @@ else
   step 150 train-2b-1024 $B train --config nextdit_2b --res 1024 --batch 8 4 --grad-accum 4 --remat low_precision --steps 5 \
       --profile "$RES/train.xplane.pb" --json "$RES/train_1024.json"
   step 75 gpu-tests python3 -m pytest -q -m gpu tests/test_attention_kernels.py -p no:cacheprovider
-  step 90 generate-2b-fast $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --no-diffusers --unroll --fused-qk \
+  # random 2B weights drawn on the host (~70 s for DiT + Gemma) before the compile
+  step 180 generate-2b-fast $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --no-diffusers --unroll --fused-qk \
       --json "$RES/generate_fast.json"
   # GEMMs reading the stacked weights in place instead of a per-layer copy (the 2.9 ms of memcpy seen 2026-11-27)
   XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true step 60 forward-2b-dsf $B forward $F2B --attention cudnn \

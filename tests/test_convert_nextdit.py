@@ -134,6 +134,12 @@ def test_wrapped_and_legacy_pth_files(diffusers_dir, tmp_path, caplog):
     _, p_ema = load_transformer(tmp_path / "both.pth", pth_key="ema")
     np.testing.assert_array_equal(flatten(p_model)[path].T, sd[key].numpy())
     np.testing.assert_array_equal(flatten(p_ema)[path].T, ema[key].numpy())
+    torch.save({"model": sd, "ema": ema, "step": torch.tensor(100)}, tmp_path / "step.pth")  # a tensor step: still a wrapper
+    np.testing.assert_array_equal(flatten(load_transformer(tmp_path / "step.pth", pth_key="ema")[1])[path].T,
+                                  ema[key].numpy())  # fmt: skip
+    np.testing.assert_array_equal(flatten(load_transformer(tmp_path / "step.pth")[1])[path].T, sd[key].numpy())
+    with pytest.raises(CheckpointError, match=r"pth_key 'ema' picks a state dict of a .pth file; this one is .safetensors"):
+        load_transformer(tmp_path / "o.safetensors", pth_key="ema")
     torch.save({"ema": {"module": ema}}, tmp_path / "ema_only.pth")  # nested two levels
     np.testing.assert_array_equal(flatten(load_transformer(tmp_path / "ema_only.pth")[1])[path].T, ema[key].numpy())
     torch.save({**sd, "step": 100}, tmp_path / "extra.pth")

@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
         if out is None:
             out, first = y, len(rows)
             if args.profile:
-                capture_profile(lambda fwd=fwd: fwd(run_params, *jargs), args.profile)
+                capture_profile(lambda fwd=fwd, p=p_run: fwd(p, *jargs), args.profile)
             if args.hlo_dump:
                 with open(args.hlo_dump, "w") as f:
                     f.write(fwd.as_text())

@@ -105,9 +105,6 @@ def to_numpy(x: Any) -> np.ndarray:
 # reading state dicts, one tensor at a time
 
 
-PTH_WRAPPER_KEYS = ("model", "ema", "state_dict", "module", "net")
-
-
 def _is_torch_tensor(v: Any) -> bool:
     return type(v).__module__.startswith("torch") and hasattr(v, "shape") and hasattr(v, "dtype")
 
@@ -128,6 +125,8 @@ def state_dict_of(obj: Any, f: Path, pth_key: Optional[str] = None, _depth: int 
                                   f"{sorted(map(str, nested)) or 'none, the file is one state dict'})")  # fmt: skip
         return state_dict_of(nested[pth_key], f, None, _depth + 1)
     tensors = {k: v for k, v in obj.items() if _is_torch_tensor(v)}
+    if nested and all(v.ndim == 0 for v in tensors.values()):  # {"model": sd, "step": tensor(100)}: a wrapper
+        tensors = {}
     if tensors:
         dropped = sorted(str(k) for k in obj if k not in tensors)
         if dropped:

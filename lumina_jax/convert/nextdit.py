@@ -333,7 +333,10 @@ def original_weights_file(path: str | os.PathLike) -> Path:
 
 
 def _original_source(path: Path, pth_key: Optional[str] = None) -> TensorSource:
-    return TensorSource(original_weights_file(path), pth_key=pth_key)
+    f = original_weights_file(path)
+    if pth_key is not None and f.suffix not in (".pth", ".pt", ".bin"):
+        raise CheckpointError(f"{f}: pth_key {pth_key!r} picks a state dict of a .pth file; this one is {f.suffix}")
+    return TensorSource(f, pth_key=pth_key)
 
 
 class _Prefixed:

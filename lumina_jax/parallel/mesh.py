@@ -244,7 +244,9 @@ def logical_to_mesh_spec(
         for a in dropped:
             if a not in fallback_axes or a in used:
                 continue
-            fits = [j for j in range(len(out)) if shape[j] % (math.prod(sizes[x] for x in out[j]) * sizes[a]) == 0]
+            # not the stacked `layers` axis (the layer scan would slice a sharded axis) or an unnamed one
+            fits = [j for j in range(len(out)) if names[j] not in (None, "layers")
+                    and shape[j] % (math.prod(sizes[x] for x in out[j]) * sizes[a]) == 0]  # fmt: skip
             if fits:
                 j = max(fits, key=lambda j: (shape[j], -j))
                 out[j] = out[j] + (a,)
