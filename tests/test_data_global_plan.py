@@ -269,7 +269,8 @@ def test_the_trainer_uses_the_global_plan_on_several_hosts_and_names_the_index_c
     from lumina_jax.train.config import DataConfig, StageConfig
     from lumina_jax.train.config import load_model_config, load_config
 
-    model_config = load_model_config(load_config("tiny_synthetic", []))
+    # the caches hold 8-wide caption features: a model of that width (the trainer checks it)
+    model_config = load_model_config(load_config("tiny_synthetic", [])).replace(cap_feat_dim=EMPTY[0].shape[-1])
     mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
     monkeypatch.setattr(train_data, "process_rows", lambda batch, mesh: (batch // 2, batch, 1, 2))  # host 1 of 2
 

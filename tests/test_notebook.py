@@ -48,3 +48,15 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     written = list((tmp_path / "out").glob("lumina_*.png"))
     assert len(written) == 1
     assert (tmp_path / "cache" / "converted").is_dir()  # the converted weights were cached as orbax
+
+
+def test_colab_install_cell_pins_the_supported_versions():
+    """The Colab branch (not run offline) installs jax/flax in the ranges requirements.txt supports."""
+    import re
+
+    nb = nbformat.read(ROOT / "notebooks" / "colab_inference.ipynb", as_version=4)
+    install = next(c.source for c in nb.cells if c.cell_type == "code" and "pip" in c.source)
+    reqs = (ROOT / "requirements.txt").read_text()
+    for name in ("jax", "flax"):
+        want = re.search(rf"^{name}(>=[^\s;#]+)", reqs, flags=re.M).group(1)
+        assert re.search(rf"{name}(\[{{JAX_EXTRA}}\])?{re.escape(want)}", install), (name, want)

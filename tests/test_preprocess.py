@@ -244,6 +244,19 @@ def test_training_pipeline_reads_the_cache(cli_cache, on_the_fly):
             assert batch["prompts"][i] == prompt and tuple(batch["image_sizes"][i]) == size
             seen += 1
     assert seen == 9
+    # the cache records how it was made; a stage at another resolution or a model of another width refuses it
+    from types import SimpleNamespace
+
+    from lumina_jax.train.data import check_cache_for_stage
+
+    src = LatentCacheSource(out)
+    assert src.made_with["resolution"] == RES and "models" in src.made_with
+    model = SimpleNamespace(cap_feat_dim=empty.shape[1])
+    check_cache_for_stage(src, SimpleNamespace(name="s", resolution=RES), model)
+    with pytest.raises(ValueError, match=rf"trains at {2 * RES} px but the latent cache .* was encoded at {RES} px"):
+        check_cache_for_stage(src, SimpleNamespace(name="s", resolution=2 * RES), model)
+    with pytest.raises(ValueError, match=rf"holds {empty.shape[1]}-wide caption features; .* cap_feat_dim 7"):
+        check_cache_for_stage(src, SimpleNamespace(name="s", resolution=RES), SimpleNamespace(cap_feat_dim=7))
     # Caption dropout on the cache: the stored empty-prompt features replace the caption's.
     for batch in DataPipeline(LatentCacheSource(out), PipelineConfig(caption_dropout=1.0, **common)):
         assert batch["caption_dropped"].all() and batch["prompts"] == [""] * 3
@@ -375,8 +388,17 @@ def test_two_hosts_write_disjoint_shards_covering_every_sample(encoders, data, c
         np.testing.assert_array_equal(LatentCacheSource(p).record_sizes(), true_sizes(p))
     (parts[1] / "latents-00000.sizes.npy").unlink()  # a part without a sidecar: built after the move
 
+    state = json.loads((parts[1] / pp.STATE_FILE).read_text())  # process 1 run with another --max-length
+    other = dict(state, settings=dict(state["settings"], max_length=4))
+    (parts[1] / pp.STATE_FILE).write_text(json.dumps(other))
+    with pytest.raises(pp.PreprocessError, match=r"encoded with different 'max_length' \(\{0: \d+, 1: 4\}\)"):
+        pp.merge_parts(out)
+    (parts[1] / pp.STATE_FILE).write_text(json.dumps(state))
+
     merged = pp.merge_parts(out)
     assert (merged.num_records, merged.parts, merged.skipped) == (9, 2, {"data": EXPECTED_SKIPS})
+    made = json.loads((out / "cache_info.json").read_text())["made_with"]  # how it was made, for the trainer
+    assert made["resolution"] == RES and made["max_length"] == state["settings"]["max_length"]
     assert not any(p.exists() for p in parts)
     src = LatentCacheSource(out)
     assert sorted(src.get(i)["key"] for i in range(len(src))) == sorted(whole)

@@ -127,9 +127,13 @@ def write_latent_cache(
     out_dir: str | os.PathLike,
     shard_size: int = 1000,
     empty_prompt_features: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    made_with: Optional[Mapping[str, Any]] = None,
 ) -> list[Path]:
     """Writes cache records (dicts with ``latent``, ``cap_feats``, ``cap_mask``, ``prompt`` and
     optionally ``crop_size``, ``key``) as ArrayRecord shards.
+
+    ``made_with``: how the records were made (encoders, resolution, max caption length; ``preprocess``
+    passes them), stored in ``cache_info.json`` for the trainer to check against a stage.
 
     Resumable: shards that already exist are complete (each is written to a temp file and renamed)
     and are skipped; pass a ``Sequence`` (e.g. a lazy one that runs the encoders in ``__getitem__``)
@@ -182,6 +186,7 @@ def write_latent_cache(
             "schema": LATENT_CACHE_SCHEMA,
             "num_records": int(index.shape[0]),
             "shards": [p.name for p in paths],
+            **({"made_with": dict(made_with)} if made_with else {}),
         },
     )
     return paths
@@ -418,6 +423,9 @@ class LatentCacheSource:
         self._reader = rec_lib.ShardedRecordReader(shards)
         self._complete = info_path.exists()
         self._record_sizes: Optional[np.ndarray] = None
+        # how the records were made (``preprocess`` records it; None for caches written without it)
+        self.made_with: Optional[dict[str, Any]] = (
+            json.loads(info_path.read_text()).get("made_with") if info_path.exists() else None)  # fmt: skip
         self.empty_prompt: Optional[tuple[np.ndarray, np.ndarray]] = None
         empty_path = cache_dir / _EMPTY_PROMPT_FILE
         if empty_path.exists():

@@ -690,6 +690,15 @@ def _settings(cfg: PreprocessConfig, source: Any, encoders: "Encoders | EncoderS
     }
 
 
+# settings that decide what a record holds: the processes of one cache must agree on them (checked by the
+# merge), and the cache keeps them (with its source) in cache_info.json for the trainer to check
+MERGE_KEYS = ("models", "resolution", "max_ratio", "max_length", "shard_size")
+
+
+def made_with(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: settings.get(k) for k in ("source", "models", "resolution", "max_ratio", "max_length")}
+
+
 def _count_records(directory: Path, shard_names: Optional[Sequence[str]] = None) -> int:
     paths = rec_lib.list_shards(directory, LATENT_SHARD_PREFIX)
     if shard_names is not None:
@@ -805,7 +814,8 @@ def preprocess(source: Any, encoders: "Encoders | EncoderSpec", config: Preproce
 
     complete = True
     try:
-        paths = write_latent_cache(records(), out, cfg.shard_size, empty_prompt_features=empty)
+        paths = write_latent_cache(records(), out, cfg.shard_size, empty_prompt_features=empty,
+                                   made_with=made_with(state.settings))
     except _MaxShardsReached:
         complete = False
         paths = rec_lib.list_shards(out, LATENT_SHARD_PREFIX)
@@ -953,6 +963,12 @@ def merge_parts(out_dir: str | os.PathLike, *, progress: bool = False) -> MergeR
         configs = {(d / "cache_config.json").read_text() for d in parts.values()}
         if len(configs) != 1:
             raise PreprocessError(f"{out}: the processes' cache_config.json differ (different shard sizes?)")
+        settings = {i: json.loads((d / STATE_FILE).read_text()).get("settings", {}) for i, d in parts.items()}
+        for key in MERGE_KEYS:
+            values = {i: s.get(key) for i, s in settings.items()}
+            if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+                raise PreprocessError(f"{out}: the processes encoded with different {key!r} ({values}); rerun the "
+                                      f"differing processes with the others' settings before merging")  # fmt: skip
         moves, skipped = [], {}
         for i, d in parts.items():
             for p in rec_lib.list_shards(d, LATENT_SHARD_PREFIX):
@@ -964,7 +980,7 @@ def merge_parts(out_dir: str | os.PathLike, *, progress: bool = False) -> MergeR
                     skipped[source][reason] = skipped[source].get(reason, 0) + int(n)
         first = next(iter(parts.values()))
         plan = {"parts": [d.name for d in parts.values()], "moves": moves, "skipped": skipped,
-                "config_from": first.name}  # fmt: skip
+                "config_from": first.name, "made_with": made_with(next(iter(settings.values())))}  # fmt: skip
         rec_lib.write_json_atomic(plan_path, plan)
     first = out / plan["config_from"]
     for name in ("cache_config.json", "empty_prompt.ljr"):
@@ -984,8 +1000,10 @@ def merge_parts(out_dir: str | os.PathLike, *, progress: bool = False) -> MergeR
             os.replace(src_sizes, dst_sizes)
     names = [dst for _, dst in plan["moves"]]
     num_records = len(write_size_index(out, [out / n for n in names], progress=progress))
-    rec_lib.write_json_atomic(out / "cache_info.json",
-                              {"schema": LATENT_CACHE_SCHEMA, "num_records": num_records, "shards": names})
+    info = {"schema": LATENT_CACHE_SCHEMA, "num_records": num_records, "shards": names}
+    if plan.get("made_with"):
+        info["made_with"] = plan["made_with"]
+    rec_lib.write_json_atomic(out / "cache_info.json", info)
     rec_lib.write_json_atomic(out / SUMMARY_FILE, {"samples_written": num_records, "skipped": plan["skipped"],
                                                    "merged_from": plan["parts"]})  # fmt: skip
     for part in plan["parts"]:

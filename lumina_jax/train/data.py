@@ -185,6 +185,20 @@ class EncodedIterator:
         self.inner.set_state(state)
 
 
+def check_cache_for_stage(cache: Any, stage: Any, model_config: Any) -> None:
+    """A latent cache made for another stage is an error naming it: its recorded resolution (``preprocess``
+    writes how it was made into ``cache_info.json``; older caches have no record and are not checked) and
+    its caption-feature width (from its empty-prompt record) against the model's ``cap_feat_dim``."""
+    made = getattr(cache, "made_with", None) or {}
+    if made.get("resolution") is not None and int(made["resolution"]) != int(stage.resolution):
+        raise ValueError(f"stage {stage.name!r} trains at {stage.resolution} px but the latent cache {cache.cache_dir} "
+                         f"was encoded at {made['resolution']} px; give the stage a cache of its resolution")  # fmt: skip
+    empty = getattr(cache, "empty_prompt", None)
+    if empty is not None and empty[0].shape[-1] != model_config.cap_feat_dim:
+        raise ValueError(f"latent cache {cache.cache_dir} holds {empty[0].shape[-1]}-wide caption features; the "
+                         f"model expects cap_feat_dim {model_config.cap_feat_dim} (another text encoder?)")  # fmt: skip
+
+
 def build_stage_iterator(
     stage: StageConfig,
     *,
@@ -220,7 +234,10 @@ def build_stage_iterator(
         max_consecutive_skips_option=f"stages.{stage_index}.data.max_consecutive_skips",
     )  # fmt: skip
     if d.kind == "latent_cache":
-        pipe = _stage_pipeline(stage, [LatentCacheSource(p) for p in d.paths], pc, shard_count,
+        caches = [LatentCacheSource(p) for p in d.paths]
+        for c in caches:
+            check_cache_for_stage(c, stage, model_config)
+        pipe = _stage_pipeline(stage, caches, pc, shard_count,
                                "(Or use `batching: mixed` with a fixed `text_len`.)")  # fmt: skip
         it = iter(pipe)
         return it, it
