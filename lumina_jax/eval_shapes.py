@@ -60,16 +60,16 @@ def evaluate(pipe, n: int = 200, *, guidance_scale: Optional[float] = None, seed
                    output_type="np", **kwargs)  # fmt: skip
         images.extend((np.clip(np.asarray(out.images), 0, 1) * 255).round().astype(np.uint8))
     seconds = time.perf_counter() - t0
+    checks = [checker.check(image, scene) for image, (_, scene, _) in zip(images, items)]
     res = {}
     for split in ("seen", "held_out"):
         idx = [k for k, it in enumerate(items) if it[0] == split]
-        res[split] = checker.check_many([images[k] for k in idx], [items[k][1] for k in idx])
+        res[split] = checker.summarise(checks[k] for k in idx)
         if not idx:  # no images (n < 2 has no held-out split): no accuracy, not 0 %
             res[split].update({c: None for c in ACCURACIES})
     # held-out scenes may pair a held-out object with a seen one: also score the held-out triples alone
-    idx = [k for k, it in enumerate(items) if it[0] == "held_out"]
-    objs = [r for k in idx for r, o in zip(checker.check(images[k], items[k][1]).objects, items[k][1].objects)
-            if (o.colour, o.shape, o.position) in spec.HELD_OUT]  # fmt: skip
+    objs = [r for (split, scene, _), c in zip(items, checks) if split == "held_out"
+            for r, o in zip(c.objects, scene.objects) if (o.colour, o.shape, o.position) in spec.HELD_OUT]  # fmt: skip
     res["held_out_triples"] = {a: (float(np.mean([r[a] for r in objs])) if objs else None) for a in ATTRIBUTES}
     res["held_out_triples"]["n_objects"] = len(objs)
     res["seconds"] = round(seconds, 1)
@@ -79,7 +79,7 @@ def evaluate(pipe, n: int = 200, *, guidance_scale: Optional[float] = None, seed
         d = Path(save_dir)
         d.mkdir(parents=True, exist_ok=True)
         for k, (split, scene, cap) in enumerate(items):
-            ok = checker.check(images[k], scene).all_correct
+            ok = checks[k].all_correct
             Image.fromarray(images[k]).save(d / f"{k:04d}_{split}_{'ok' if ok else 'bad'}.png")
         (d / "prompts.json").write_text(json.dumps([{"file": f"{k:04d}", "split": s, "prompt": c}
                                                     for k, (s, _, c) in enumerate(items)], indent=1))  # fmt: skip

@@ -14,8 +14,8 @@ def test_the_default_model_is_in_the_checkout():  # tracked by git: a checkout w
 
 
 # The shipped weights (configs/train/shapes.yaml, BUILD.md): eval-shapes n=400 at the model's CFG 2.5: held-out
-# colour 100 %, shape 90 %, position 100 % (99.7 % with the centroid checker before session 15), background 100 %. On this test's fixed 8 prompts (14 objects): all
-# 1.0 (shape 0.875 at CFG 4). Floors leave a margin of ~2 objects (shape ~4): one object is 7 %.
+# colour 100 %, shape 90 %, position 100 % (99.7 % with the centroid checker before session 15), background
+# 100 %. On this test's fixed 8 prompts (14 objects): all 1.0 (shape 0.875 at CFG 4). Floors leave a margin of ~2 objects (shape ~4): one object is 7 %.
 MIN_ACCURACY = {"colour": 0.85, "shape": 0.7, "position": 0.85, "background": 0.85, "count": 0.85}
 
 

@@ -53,6 +53,21 @@ def _randomize_(module: Any, seed: int, norm_jitter: float = 0.2) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, device=device) / np.sqrt(max(fan_in, 1)))
 
 
+def shape_configs(shapes: str) -> tuple[Any, Any, Any, int]:
+    """``(transformer, text encoder, VAE configs, image size)`` of the ``"tiny"`` or ``"2b"`` shapes."""
+    from lumina_jax.models.gemma2 import Gemma2Config
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.models.vae import VAEConfig
+    from lumina_jax.sample import tiny
+
+    if shapes == "tiny":
+        return tiny.TINY_TRANSFORMER, tiny.tiny_text_config(), tiny.tiny_vae_config(), 64
+    if shapes == "2b":
+        return (NextDiTConfig.from_yaml("nextdit_2b"), Gemma2Config.from_yaml(tiny._CONFIGS / "gemma2_2b.yaml"),
+                VAEConfig.from_yaml("vae_flux"), 1024)  # fmt: skip
+    raise ValueError(f"shapes must be 'tiny' or '2b', got {shapes!r}")
+
+
 def build_reference_pipeline(shapes: str = "tiny", seed: int = 0, *, tokenizer_dir: Optional[str | os.PathLike] = None,
                              device: str = "cpu") -> tuple[Any, Any]:
     """A diffusers ``Lumina2Pipeline`` with random weights and the :class:`Components` holding the same
@@ -73,21 +88,12 @@ def build_reference_pipeline(shapes: str = "tiny", seed: int = 0, *, tokenizer_d
     from lumina_jax.convert.components import Components
     from lumina_jax.convert.gemma2 import torch_state_dict_to_params
     from lumina_jax.convert.nextdit import diffusers_rules, jax_shapes, torch_to_jax
-    from lumina_jax.models.gemma2 import Gemma2Config
     from lumina_jax.models.gemma2_bench import reference_pair
     from lumina_jax.models.nextdit import NextDiTConfig
-    from lumina_jax.models.vae import VAEConfig
     from lumina_jax.sample import tiny
     from lumina_jax.text import load_tokenizer
 
-    if shapes == "tiny":
-        t_cfg, g_cfg, v_cfg, size = tiny.TINY_TRANSFORMER, tiny.tiny_text_config(), tiny.tiny_vae_config(), 64
-    elif shapes == "2b":
-        t_cfg = NextDiTConfig.from_yaml("nextdit_2b")
-        g_cfg = Gemma2Config.from_yaml(tiny._CONFIGS / "gemma2_2b.yaml")
-        v_cfg, size = VAEConfig.from_yaml("vae_flux"), 1024
-    else:
-        raise ValueError(f"shapes must be 'tiny' or '2b', got {shapes!r}")
+    t_cfg, g_cfg, v_cfg, size = shape_configs(shapes)
 
     torch.manual_seed(seed)
     tcfg = {k: v for k, v in t_cfg.to_diffusers_config().items() if not k.startswith("_")}
@@ -127,18 +133,10 @@ def build_reference_pipeline(shapes: str = "tiny", seed: int = 0, *, tokenizer_d
 
 def random_jax_components(shapes: str = "tiny", seed: int = 0) -> Any:
     """:class:`Components` with random weights for ``shapes`` (``"tiny"`` / ``"2b"``), without torch."""
-    from lumina_jax.models.gemma2 import Gemma2Config
-    from lumina_jax.models.nextdit import NextDiTConfig
-    from lumina_jax.models.vae import VAEConfig
     from lumina_jax.sample import tiny
 
-    if shapes == "tiny":
-        return tiny.random_components(seed)
-    if shapes != "2b":
-        raise ValueError(f"shapes must be 'tiny' or '2b', got {shapes!r}")
-    return tiny.random_components(seed, transformer_config=NextDiTConfig.from_yaml("nextdit_2b"),
-                                  text_config=Gemma2Config.from_yaml(tiny._CONFIGS / "gemma2_2b.yaml"),
-                                  vae_config=VAEConfig.from_yaml("vae_flux"))  # fmt: skip
+    t_cfg, g_cfg, v_cfg, _ = shape_configs(shapes)
+    return tiny.random_components(seed, transformer_config=t_cfg, text_config=g_cfg, vae_config=v_cfg)
 
 
 def _median(xs: list[float]) -> float:

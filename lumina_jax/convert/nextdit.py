@@ -8,9 +8,9 @@ the original fused ``attention.qkv.weight`` is one rule with three parts (q, k, 
 derived from the config (``n_heads*head_dim``, ``n_kv_heads*head_dim`` twice), never hard-coded.
 
 Loading streams: the JAX tree is preallocated in host memory and filled one PyTorch tensor at a time
-(safetensors by positioned reads, ``.pth`` through torch's memory map), so peak host memory stays near one copy of the model. Export streams
-the other way, one safetensors shard at a time, into a temporary directory renamed into place only
-when everything succeeded.
+(safetensors by positioned reads, ``.pth`` through torch's memory map), so peak host memory stays near
+one copy of the model. Export streams the other way, one safetensors shard at a time, into a temporary
+directory renamed into place only when everything succeeded.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ lengths per sample, and images different sizes (mixed-size mode, :meth:`NextDiT.
 sample gets exactly the output it gets alone.
 
 Parameters are fp32 with logical axis names (``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``,
-``norm``, ``cond``, ``freq``, ``patch``, ``cap``, ``layers``) for the sharding rules; compute dtype is selectable; norms,
-RoPE and softmax run in fp32.
+``norm``, ``cond``, ``freq``, ``patch``, ``cap``, ``layers``) for the sharding rules; compute dtype is
+selectable; norms, RoPE and softmax run in fp32.
 
 The q/k/v projections are stored as three kernels (lossless split of the original fused ``qkv``, so
 heads shard cleanly over a ``tensor`` axis) and concatenated at run time into one fused matmul (three

@@ -537,8 +537,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="mesh preset (dp, fsdp, fsdp_tensor, context); override "
                    "single axes with mesh.tensor=4 etc.")  # fmt: skip
     p.add_argument("--what", default="train", choices=WHATS)
-    p.add_argument("--stage", type=int, default=0, help="stage of the config whose resolution/batch to use, counted from 0 (the trainer's log "
-                   "says 'stage 1/N' for stage 0)")
+    p.add_argument("--stage", type=int, default=0, help="stage of the config whose resolution/batch to use, "
+                   "counted from 0 (the trainer's log says 'stage 1/N' for stage 0)")
     p.add_argument("--resolution", type=int, default=None, help="pixels (square); default: the stage's")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batch", type=int, default=None, help="global batch; default: the stage's")

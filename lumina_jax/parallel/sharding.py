@@ -82,7 +82,8 @@ def _warn_replicated(specs: Any, shapes: Any, mesh: Mesh, min_size: int = 1 << 2
     if n >= 0.01 * total and key not in _WARNED:  # (the small t-embedder matrices are replicated by design)
         _WARNED.add(key)
         log.warning("%d large params (%.1f%% of %.3gB values) are not sharded over %s (no dimension divides it): "
-                    "every device holds them whole; pick sizes that divide the model's widths (and put the other devices on data)",
+                    "every device holds them whole; pick sizes that divide the model's widths (and put the other "
+                    "devices on data)",
                     len(bad), 100 * n / max(total, 1), total / 1e9, "/".join(zero))  # fmt: skip
 
 
