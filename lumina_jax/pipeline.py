@@ -28,6 +28,14 @@ call with ``seed=s`` uses ``s + k``, so it can be regenerated alone); with sever
 ``num_images_per_prompt > 1`` diffusers pairs masks and features in different orders (its rows are
 A, A, B, B and its masks A, B, A, B), so parity holds per prompt there, not for that batch.
 
+Sharded inference: ``Lumina2Pipeline(components, mesh=...)`` (``from_pretrained(..., mesh=...)``, the
+CLI's ``--mesh``) runs on all local devices through the training mesh and its rule table
+(:mod:`lumina_jax.parallel.mesh`): images over ``data``/``fsdp``, Next-DiT and Gemma-2 weights over
+``fsdp``/``tensor``, the VAE replicated. ``mesh="dp"`` is data parallel (a batch of 8 images on 8 chips runs
+one image per chip); ``"fsdp"`` / ``"tensor=4"`` split the weights for models one chip cannot hold. One host
+only (every device of the mesh local to this process); multi-host sharded sampling is the
+``aot --what sample`` plan for now.
+
 Execution: by default the whole run (all steps and the VAE decode) is one compiled XLA program
 (``mode="fused"``). ``mode="stepwise"`` compiles one program per kind of step and runs the steps from
 Python, for progress reporting (the CLI's progress bar); results agree to float rounding. A persistent
@@ -37,20 +45,24 @@ second process skip compilation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from lumina_jax.convert.components import Components, cache_home, load_components
 from lumina_jax.models.nextdit import NextDiT, cast_matmul_weights, unstack_layers
 from lumina_jax.models.vae import AutoencoderKL
+from lumina_jax.parallel import mesh as mesh_lib
 from lumina_jax.sample import loop
 from lumina_jax.sample.cfg import RENORM_MODES, TRUNC_MODES, resolve_cfg_normalization
 from lumina_jax.sample.solvers import DEFAULT_SOLVER, PRESETS, SOLVERS, Schedule, init_state, make_schedule
@@ -185,6 +197,40 @@ class Lumina2Output:
 
 
 
+def _as_mesh(mesh: Any) -> Optional[Mesh]:
+    """``mesh`` argument -> a ``Mesh`` over this process's devices (or ``None``), checked."""
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        if isinstance(mesh, str):
+            mesh = mesh_lib.MeshConfig.parse(mesh)
+        mesh = mesh_lib.create_mesh(mesh, devices=jax.local_devices())
+    missing = [a for a in mesh_lib.MESH_AXES if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"mesh axes {tuple(mesh.axis_names)} lack {missing}: build the mesh with "
+                         f"lumina_jax.parallel.create_mesh (axes {mesh_lib.MESH_AXES})")  # fmt: skip
+    remote = sum(d.process_index != jax.process_index() for d in mesh.devices.flat)
+    if remote:
+        raise ValueError(f"the mesh holds {remote} devices of other processes: the pipeline samples on one host "
+                         f"(build the mesh over jax.local_devices()); for multi-host sampling see "
+                         f"'python -m lumina_jax aot --what sample'")  # fmt: skip
+    return mesh
+
+
+def _shard_weights(mesh: Mesh, components: Components, dit_params: Any, attention_backend: str) -> tuple[Any, Any, Any]:
+    """Next-DiT and Gemma-2 params placed by the rule table's logical axes, the VAE replicated."""
+    from lumina_jax.models import gemma2
+    from lumina_jax.parallel import sharding as shard_lib
+
+    mesh_lib.warn_context_attention(mesh_lib.mesh_shape(mesh), attention_backend)
+    dit = shard_lib.param_shardings(shard_lib.model_abstract(components.transformer_config), mesh)
+    boxed = jax.eval_shape(lambda r: gemma2.init_params(components.text_encoder_config, r, boxed=True),
+                           jax.random.PRNGKey(0))  # fmt: skip
+    text = shard_lib.param_shardings(boxed, mesh)
+    return (jax.device_put(dit_params, dit), jax.device_put(components.text_encoder, text),
+            jax.device_put(components.vae, mesh_lib.replicated(mesh)))  # fmt: skip
+
+
 def _integer(value: Any, name: str) -> int:
     """``value`` as an int; ``ValueError`` naming ``name`` for anything else (floats are not rounded)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -203,13 +249,19 @@ class Lumina2Pipeline:
         slice of the stacked weights at run time; a longer compile).
       fuse_qk_norm_rope: each attention's q/k RMSNorm + RoPE as one Pallas kernel (same maths, one memory
         pass; :mod:`lumina_jax.ops.qk_norm_rope`). Off by default until timed on a GPU.
+      mesh: run sharded over a device mesh: a ``jax.sharding.Mesh`` with the axes
+        ``data, fsdp, context, tensor``, or what :func:`lumina_jax.parallel.mesh.create_mesh` takes (a preset
+        name such as ``"dp"``, a dict of axis sizes, a :class:`~lumina_jax.parallel.mesh.MeshConfig`);
+        ``None`` (default): one device. Weights are placed by the training rule table; a batch of images
+        that ``data x fsdp`` does not divide runs whole on every device (correct, not faster).
 
     In bf16 the Next-DiT matmul weights are cast once at construction
     (:func:`~lumina_jax.models.nextdit.cast_matmul_weights`; same outputs, half the weight memory).
     """
 
     def __init__(self, components: Components, *, dtype: str = "auto", attention_backend: str = "auto",
-                 scan_layers: bool = True, fuse_qk_norm_rope: bool = False):  # fmt: skip
+                 scan_layers: bool = True, fuse_qk_norm_rope: bool = False,
+                 mesh: Union[Mesh, str, Mapping[str, Any], mesh_lib.MeshConfig, None] = None):  # fmt: skip
         components.check()
         self.components = components
         if dtype == "auto":
@@ -224,12 +276,16 @@ class Lumina2Pipeline:
         dit_params = components.transformer
         if dtype == "bf16":
             dit_params = cast_matmul_weights(dit_params, jnp.bfloat16)
-        if not scan_layers:
-            dit_params = unstack_layers(dit_params)
-        self.dit_params = jax.device_put(dit_params)
-        self.vae_params = jax.device_put(components.vae)
-        self.text_encoder = TextEncoder(components.text_encoder, components.text_encoder_config,
-                                        components.tokenizer, dtype=dtype)  # fmt: skip
+        self.mesh = _as_mesh(mesh)
+        text_params = components.text_encoder
+        if self.mesh is None:
+            dit_params = jax.device_put(dit_params)
+            self.vae_params = jax.device_put(components.vae)
+        else:
+            dit_params, text_params, self.vae_params = _shard_weights(self.mesh, components, dit_params, attention_backend)
+        self.dit_params = unstack_layers(dit_params) if not scan_layers else dit_params
+        self.text_encoder = TextEncoder(text_params, components.text_encoder_config, components.tokenizer,
+                                        dtype=dtype)  # fmt: skip
         self._executables: dict[Any, Any] = {}
         self._jitted: dict[Any, Any] = {}
 
@@ -246,6 +302,7 @@ class Lumina2Pipeline:
         cache: Union[bool, str, os.PathLike] = False,
         compilation_cache: Union[bool, str, os.PathLike] = True,
         attention_backend: str = "auto",
+        mesh: Union[Mesh, str, Mapping[str, Any], mesh_lib.MeshConfig, None] = None,
     ) -> "Lumina2Pipeline":
         """Load a model directory (diffusers pipeline layout, the project's layout from
         :func:`~lumina_jax.convert.components.save_components`) or a hub id.
@@ -254,7 +311,8 @@ class Lumina2Pipeline:
         bundled, a tiny randomly initialised model with a logged notice. ``transformer`` replaces the
         transformer with any checkpoint the converter reads (e.g. an original ``consolidated.pth``).
         ``cache`` stores converted diffusers weights as orbax for fast reloads; ``compilation_cache``
-        is passed to :func:`enable_compilation_cache` (``False`` leaves JAX's settings alone).
+        is passed to :func:`enable_compilation_cache` (``False`` leaves JAX's settings alone); ``mesh``: see
+        the class docstring.
         """
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
@@ -268,9 +326,9 @@ class Lumina2Pipeline:
                 comps = random_components(0)
                 if transformer is not None:
                     raise ValueError("transformer= needs a model directory for the other components")
-                return cls(comps, dtype=dtype, attention_backend=attention_backend)
+                return cls(comps, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
         comps = load_components(path, transformer=transformer, dtype=weights_dtype, cache=cache)
-        return cls(comps, dtype=dtype, attention_backend=attention_backend)
+        return cls(comps, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
 
     @property
     def default_image_size(self) -> int:
@@ -317,6 +375,36 @@ class Lumina2Pipeline:
         batch-independent)."""
         shape = self.latent_shape(height, width)
         return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32) for s in seeds])
+
+    # -- sharding -------------------------------------------------------------------------------------
+
+    def _batch_splits(self, batch: int) -> bool:
+        """Whether ``batch`` images are split over the mesh's batch axes (``data x fsdp`` divides it)."""
+        return self.mesh is not None and batch % mesh_lib.batch_divisor(self.mesh) == 0
+
+    def _place_batch(self, batch: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+        """Batch-major inputs onto the mesh: split over ``data x fsdp`` when it divides ``batch`` (the
+        caption rows, ``2 batch`` with CFG, then split with the images), else replicated."""
+        if self.mesh is None:
+            return arrays
+        if not self._batch_splits(batch):
+            log.info("%d images do not divide data x fsdp = %d: every device runs the whole batch", batch,
+                     mesh_lib.batch_divisor(self.mesh))  # fmt: skip
+            return tuple(jax.device_put(a, mesh_lib.replicated(self.mesh)) for a in arrays)
+        return tuple(jax.device_put(a, mesh_lib.batch_sharding(self.mesh, a.ndim)) for a in arrays)
+
+    @contextlib.contextmanager
+    def _sharded(self, batch: int) -> Iterator[None]:
+        """Trace under the mesh and the rule table (the model's activation constraints); activations stay
+        whole over the batch axes when the batch does not split."""
+        if self.mesh is None:
+            yield
+            return
+        rules = mesh_lib.LOGICAL_RULES
+        if not self._batch_splits(batch):
+            rules = tuple((name, None if name == "activation_batch" else axes) for name, axes in rules)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
+            yield
 
     # -- compile helper -------------------------------------------------------------------------------
 
@@ -525,15 +613,16 @@ class Lumina2Pipeline:
         decode = output_type != "latent"
         scale = jnp.float32(guidance_scale)
         ratio = jnp.float32(s["cfg_renorm_ratio"])
-        noise = jnp.asarray(noise)
-        if mode == "fused":
-            latents_out, images, comp_s, run_s = self._run_fused(noise, feats, mask, schedule, scale, ratio,
-                                                                 s["cfg_renorm"], decode, vae_tile, callback, phase)
-            timings.update(compile=comp_s, sample=run_s)
-        else:
-            latents_out, images, t = self._run_stepwise(noise, feats, mask, schedule, scale, ratio, s["cfg_renorm"],
-                                                        decode, vae_tile, callback, phase)
-            timings.update(t)
+        noise, feats, mask = self._place_batch(b, jnp.asarray(noise), feats, mask)
+        with self._sharded(b):
+            if mode == "fused":
+                latents_out, images, comp_s, run_s = self._run_fused(noise, feats, mask, schedule, scale, ratio,
+                                                                     s["cfg_renorm"], decode, vae_tile, callback, phase)
+                timings.update(compile=comp_s, sample=run_s)
+            else:
+                latents_out, images, t = self._run_stepwise(noise, feats, mask, schedule, scale, ratio,
+                                                            s["cfg_renorm"], decode, vae_tile, callback, phase)
+                timings.update(t)
         latents_np = np.asarray(latents_out)
         if output_type == "latent":
             out: Any = latents_np

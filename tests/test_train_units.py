@@ -443,13 +443,13 @@ def test_restoring_another_state_layout_names_the_subtrees(tmp_path):
 
 
 def test_a_context_mesh_without_context_attention_is_warned(caplog):
-    from lumina_jax.train.loop import warn_context_attention
+    from lumina_jax.parallel.mesh import warn_context_attention
 
     with caplog.at_level("WARNING"):
         assert warn_context_attention({"data": 2, "context": 4}, "auto")
         assert not warn_context_attention({"data": 2, "context": 4}, "context_pallas")
         assert not warn_context_attention({"data": 8, "context": 1}, "auto")
-    assert caplog.text.count("use attention: context") == 1
+    assert caplog.text.count("use attention (or attention_backend) context") == 1
 
 
 def test_stage_of_a_step_under_the_saved_config():

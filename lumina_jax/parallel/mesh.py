@@ -37,12 +37,15 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "context", "tensor")
 
@@ -111,6 +114,31 @@ class MeshConfig:
         if unknown:
             raise ValueError(f"unknown mesh keys {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """A command-line mesh: a preset name (``"fsdp"``), axis sizes (``"fsdp=2,tensor=4"``) or both
+        (``"fsdp_tensor,tensor=4"``); ``ValueError`` naming the bad part otherwise."""
+        fields: dict[str, Any] = {}
+        sizes = {f.name for f in dataclasses.fields(cls)} - {"preset"}
+        for part in (x.strip() for x in str(text).split(",")):
+            if not part:
+                continue
+            if "=" not in part:
+                if "preset" in fields:
+                    raise ValueError(f"mesh {text!r}: two presets ({fields['preset']!r}, {part!r})")
+                fields["preset"] = part
+                continue
+            key, _, value = (x.strip() for x in part.partition("="))
+            if key not in sizes:
+                raise ValueError(f"mesh {text!r}: unknown axis {key!r}; known: {sorted(sizes)}")
+            try:
+                fields[key] = int(value)
+            except ValueError:
+                raise ValueError(f"mesh {text!r}: {key} must be an integer, got {value!r}") from None
+        if not fields:
+            raise ValueError("empty mesh: give a preset name or axis sizes like fsdp=2,tensor=2")
+        return cls(**fields)
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -274,6 +302,17 @@ def batch_divisor(mesh: Mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def warn_context_attention(mesh_shape: dict, attention: str) -> bool:
+    """Warn (and return True) when a ``context`` mesh axis would not shard the attention: only the
+    ``context*`` backends run it in shard_map over the token axis."""
+    if mesh_shape.get("context", 1) > 1 and not attention.startswith("context"):
+        log.warning("the mesh has context=%d but attention=%s runs outside shard_map: XLA partitions it by itself "
+                    "(K/V may be gathered whole on every device); use attention (or attention_backend) context",
+                    mesh_shape["context"], attention)  # fmt: skip
+        return True
+    return False
 
 
 def describe(mesh: Mesh) -> str:

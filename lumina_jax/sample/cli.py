@@ -80,6 +80,15 @@ def _renorm(s: str) -> Any:
         raise argparse.ArgumentTypeError(f"{s!r}: use clamp (original), rows (diffusers), off, or a ratio") from None
 
 
+def _mesh(s: str) -> Any:
+    from lumina_jax.parallel.mesh import MeshConfig
+
+    try:
+        return MeshConfig.parse(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lumina_jax.sample.solvers import PRESETS, SOLVERS
 
@@ -118,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-length", type=int, default=256, help="max text tokens incl. system prompt")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--mode", choices=["stepwise", "fused"], default="stepwise")
+    ap.add_argument("--mesh", type=_mesh, default=None,
+                    help="shard over this host's devices: a mesh preset (dp, fsdp, fsdp_tensor, context) and/or "
+                         "axis sizes, e.g. 'dp' (one image per device), 'fsdp=4,tensor=2' (split the weights)")
     ap.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory, or 'off'")
     ap.add_argument("--cache-weights", action="store_true",
                     help="cache converted diffusers weights as orbax (faster later loads)")
@@ -268,7 +280,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_output_location(args.out)  # before the model loads and the images are made, not after
         say("loading model ...")
         pipe = Lumina2Pipeline.from_pretrained(args.checkpoint, transformer=args.transformer, dtype=args.dtype,
-                                               cache=args.cache_weights, compilation_cache=cc)  # fmt: skip
+                                               cache=args.cache_weights, compilation_cache=cc,
+                                               mesh=args.mesh)  # fmt: skip
         say(f"loaded {pipe.components.source} in {time.perf_counter() - t0:.1f}s")
         bar: dict[str, Any] = {}
         marks: dict[str, float] = {}

@@ -148,17 +148,6 @@ def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
     return changes
 
 
-def warn_context_attention(mesh_shape: dict, attention: str) -> bool:
-    """Warn (and return True) when a ``context`` mesh axis would not shard the attention: only the
-    ``context*`` backends run it in shard_map over the token axis."""
-    if mesh_shape.get("context", 1) > 1 and not attention.startswith("context"):
-        log.warning("the mesh has context=%d but attention=%s runs outside shard_map: XLA partitions it by itself "
-                    "(K/V may be gathered whole on every device); use attention: context",
-                    mesh_shape["context"], attention)  # fmt: skip
-        return True
-    return False
-
-
 def checkpoints_dir(run_dir: str | Path) -> str | Path:
     """``run_dir/checkpoints``; a remote ``run_dir`` (``gs://bucket/run``) stays a string (``Path`` would
     fold its ``//``)."""
@@ -260,7 +249,7 @@ class Trainer:
         self.cfg = cfg
         self.model_config = load_model_config(cfg)
         self.mesh = mesh or mesh_lib.create_mesh(cfg.mesh)
-        warn_context_attention(mesh_lib.mesh_shape(self.mesh), cfg.attention)
+        mesh_lib.warn_context_attention(mesh_lib.mesh_shape(self.mesh), cfg.attention)
         self.stop_at = stop_at
         div = mesh_lib.batch_divisor(self.mesh)
         for st in cfg.stages:

@@ -1,0 +1,164 @@
+"""Sharded sampling (``Lumina2Pipeline(..., mesh=...)``, ``generate --mesh``) on 8 virtual CPU devices.
+
+As in ``test_parallel_meshes.py`` the work runs in one subprocess (this file executed as a script, with
+``XLA_FLAGS`` set before JAX starts) that writes a JSON report checked by the tests below:
+
+* every mesh (``dp``, ``fsdp``, ``fsdp=2,tensor=2,data=2``, ``context`` with the context attention)
+  gives the single-device latents and images (fp32, max abs difference <= 1e-4; round-off only), fused
+  and stepwise, with a batch the batch axes split (8 images) and one they do not (2 images, dpm);
+* weights land where the rule table puts them (a Next-DiT and a Gemma-2 matrix), the VAE replicated;
+* the compiled program takes the noise split over ``(data, fsdp)``, and on ``dp`` each device does
+  about 1/8 of the single-device FLOPs (the work is divided, not repeated);
+* ``python -m lumina_jax generate --mesh dp`` writes its images.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lumina_jax.parallel.mesh import MeshConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TOL = 1e-4
+MESHES = ("dp", "fsdp", "fsdp=2,tensor=2,data=2", "context")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    import subprocess
+
+    from test_parallel_meshes import subprocess_env
+
+    out = tmp_path_factory.mktemp("pipeline_mesh") / "report.json"
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=subprocess_env(8), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_sampling_equals_one_device(report, mesh):
+    r = report["meshes"][mesh]
+    for run in ("fused", "stepwise", "unsplit_dpm"):
+        assert r[run]["latents"] <= TOL, (mesh, run, r[run])
+        assert r[run].get("images", 0.0) <= TOL, (mesh, run, r[run])
+    assert r["noise_spec"] == [["data", "fsdp"], None, None, None]
+
+
+def test_weights_follow_the_rule_table(report):
+    specs = report["specs"]
+    assert specs["dit_w1"] == [None, "fsdp", "tensor"]  # (layers, embed, mlp)
+    assert specs["gemma_gate"] == [None, "fsdp", "tensor"]  # (layers, embed, mlp)
+    assert specs["vae"] == []
+
+
+def test_data_parallel_divides_the_work(report):
+    assert report["flops_ratio_dp"] < 0.15  # 1/8 + round-off; replicated work would give 1.0
+
+
+def test_cli_mesh(report):
+    assert report["cli_rc"] == 0, report["cli_err"]
+    assert report["cli_files"] == 8
+
+
+def test_mesh_argument_parsing():
+    assert MeshConfig.parse("dp") == MeshConfig(preset="dp")
+    assert MeshConfig.parse("fsdp_tensor, tensor=4") == MeshConfig(preset="fsdp_tensor", tensor=4)
+    assert MeshConfig.parse("fsdp=2,tensor=2") == MeshConfig(fsdp=2, tensor=2)
+    for bad, msg in [("dpp", "unknown mesh preset 'dpp'"), ("gpu=2", "unknown axis 'gpu'"),
+                     ("fsdp=two", "fsdp must be an integer"), ("dp,fsdp", "two presets"), (" , ", "empty mesh")]:
+        with pytest.raises(ValueError, match=msg):
+            MeshConfig.parse(bad)
+
+
+def test_mesh_errors(tmp_path, capsys):
+    from jax.sharding import Mesh
+
+    from lumina_jax.pipeline import Lumina2Pipeline
+    from lumina_jax.sample.cli import main
+    from lumina_jax.sample.tiny import random_components
+
+    comps = random_components(0)
+    with pytest.raises(ValueError, match=r"lack \['data', 'fsdp', 'context', 'tensor'\]"):
+        Lumina2Pipeline(comps, mesh=Mesh(np.asarray(jax.devices()[:1]), ("x",)))
+    with pytest.raises(ValueError, match="has 4 devices, but there are 1"):
+        Lumina2Pipeline(comps, mesh="data=4")
+    with pytest.raises(SystemExit) as e:  # argparse rejects it before anything loads
+        main(["a cat", "--mesh", "dat=2", "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and "unknown axis 'dat'" in capsys.readouterr().err
+    rc = main(["a cat", "--mesh", "tensor=2", "--out", str(tmp_path / "x.png"), "--compilation-cache", "off"])
+    assert rc == 2 and "has 2 devices, but there are 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# worker (runs in the subprocess)
+
+
+def _worker(out_path: str) -> None:
+    import os
+    import subprocess
+    import tempfile
+
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from lumina_jax.pipeline import Lumina2Pipeline
+    from lumina_jax.sample import loop
+    from lumina_jax.sample.tiny import random_components
+
+    assert jax.device_count() == 8, jax.devices()
+    comps = random_components(0)
+    prompts = ["a red circle", "two blue squares on the left"]
+    base = Lumina2Pipeline(comps, dtype="fp32")
+
+    def run(p, **kw):
+        kw = {"num_inference_steps": 3, "seed": 1, "output_type": "np", **kw}
+        return p(prompts, **kw)
+
+    def fused_exe(p):
+        (exe,) = [v for k, v in p._executables.items() if k[0][0] == "fused"]
+        return exe
+
+    ref8 = run(base, num_images_per_prompt=4, mode="fused")
+    ref2 = run(base, solver="dpm", mode="stepwise")
+    flops_one = loop.compiled_flops(fused_exe(base))
+    rep: dict = {"meshes": {}}
+    diff = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max())  # noqa: E731
+    for m in MESHES:
+        p = Lumina2Pipeline(comps, dtype="fp32", mesh=m, attention_backend="context" if m == "context" else "auto")
+        r = {}
+        for mode in ("fused", "stepwise"):
+            out = run(p, num_images_per_prompt=4, mode=mode)
+            r[mode] = {"latents": diff(out.latents, ref8.latents), "images": diff(out.images, ref8.images)}
+        exe = fused_exe(p)
+        r["noise_spec"] = [list(e) if isinstance(e, tuple) else e for e in exe.input_shardings[0][2].spec]
+        out = run(p, solver="dpm", mode="stepwise")  # 2 images: no mesh here splits them
+        r["unsplit_dpm"] = {"latents": diff(out.latents, ref2.latents), "images": diff(out.images, ref2.images)}
+        rep["meshes"][m] = r
+        if m == "dp":
+            rep["flops_ratio_dp"] = loop.compiled_flops(exe) / flops_one
+        if m == "fsdp=2,tensor=2,data=2":
+            spec = lambda a: [list(e) if isinstance(e, tuple) else e for e in a.sharding.spec]  # noqa: E731
+            rep["specs"] = {
+                "dit_w1": spec(p.dit_params["layers"]["blocks"]["feed_forward"]["w1"]["kernel"]),
+                "gemma_gate": spec(p.text_encoder.params["layers"]["mlp"]["gate_proj"]["kernel"]),
+                "vae": spec(jax.tree_util.tree_leaves(p.vae_params)[0]),
+            }
+    with tempfile.TemporaryDirectory() as d:
+        proc = subprocess.run([sys.executable, "-m", "lumina_jax", "generate", "a red circle", "--n", "8", "--steps",
+                               "2", "--mesh", "dp", "--out", f"{d}/img.png", "--compilation-cache", "off", "-q"],
+                              capture_output=True, text=True, env=dict(os.environ), timeout=600)  # fmt: skip
+        rep.update(cli_rc=proc.returncode, cli_err=proc.stderr[-3000:], cli_files=len(list(Path(d).glob("*.png"))))
+    Path(out_path).write_text(json.dumps(rep))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    _worker(sys.argv[1])
