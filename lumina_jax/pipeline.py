@@ -60,6 +60,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lumina_jax.convert.components import Components, cache_home, load_components
+from lumina_jax.convert.lora import LoRA, load_lora, merge_lora
 from lumina_jax.models.nextdit import NextDiT, cast_matmul_weights, unstack_layers
 from lumina_jax.models.vae import AutoencoderKL
 from lumina_jax.parallel import mesh as mesh_lib
@@ -217,18 +218,15 @@ def _as_mesh(mesh: Any) -> Optional[Mesh]:
     return mesh
 
 
-def _shard_weights(mesh: Mesh, components: Components, dit_params: Any, attention_backend: str) -> tuple[Any, Any, Any]:
-    """Next-DiT and Gemma-2 params placed by the rule table's logical axes, the VAE replicated."""
+def _shard_weights(mesh: Mesh, components: Components) -> tuple[Any, Any]:
+    """Gemma-2 params placed by the rule table's logical axes, the VAE replicated."""
     from lumina_jax.models import gemma2
     from lumina_jax.parallel import sharding as shard_lib
 
-    mesh_lib.warn_context_attention(mesh_lib.mesh_shape(mesh), attention_backend)
-    dit = shard_lib.param_shardings(shard_lib.model_abstract(components.transformer_config), mesh)
     boxed = jax.eval_shape(lambda r: gemma2.init_params(components.text_encoder_config, r, boxed=True),
                            jax.random.PRNGKey(0))  # fmt: skip
     text = shard_lib.param_shardings(boxed, mesh)
-    return (jax.device_put(dit_params, dit), jax.device_put(components.text_encoder, text),
-            jax.device_put(components.vae, mesh_lib.replicated(mesh)))  # fmt: skip
+    return jax.device_put(components.text_encoder, text), jax.device_put(components.vae, mesh_lib.replicated(mesh))
 
 
 def _integer(value: Any, name: str) -> int:
@@ -273,17 +271,16 @@ class Lumina2Pipeline:
         self.dit = NextDiT(components.transformer_config, dtype=jdt, attention_backend=attention_backend,
                            scan_layers=scan_layers, fuse_qk_norm_rope=fuse_qk_norm_rope)  # fmt: skip
         self.vae = AutoencoderKL(components.vae_config, dtype=jdt)
-        dit_params = components.transformer
-        if dtype == "bf16":
-            dit_params = cast_matmul_weights(dit_params, jnp.bfloat16)
+        self.scan_layers = scan_layers
+        self.loras: list[tuple[LoRA, float]] = []
         self.mesh = _as_mesh(mesh)
         text_params = components.text_encoder
         if self.mesh is None:
-            dit_params = jax.device_put(dit_params)
             self.vae_params = jax.device_put(components.vae)
         else:
-            dit_params, text_params, self.vae_params = _shard_weights(self.mesh, components, dit_params, attention_backend)
-        self.dit_params = unstack_layers(dit_params) if not scan_layers else dit_params
+            mesh_lib.warn_context_attention(mesh_lib.mesh_shape(self.mesh), attention_backend)
+            text_params, self.vae_params = _shard_weights(self.mesh, components)
+        self._place_dit()
         self.text_encoder = TextEncoder(text_params, components.text_encoder_config, components.tokenizer,
                                         dtype=dtype)  # fmt: skip
         self._executables: dict[Any, Any] = {}
@@ -338,6 +335,50 @@ class Lumina2Pipeline:
     def size_multiple(self) -> int:
         """Image sides must be multiples of this (VAE down-sampling x patch size; 16 for Lumina 2)."""
         return self.components.vae_config.downsample_factor * self.components.transformer_config.patch_size
+
+    # -- transformer weights and LoRA ---------------------------------------------------------------
+
+    def _place_dit(self) -> None:
+        """``self.dit_params`` from the loaded (host) weights + the active LoRAs: merged in float32, matmul
+        weights cast to bf16 when computing in bf16, placed on the device or the mesh."""
+        params = self.components.transformer
+        bf16 = self.dtype == "bf16"
+        if self.loras:
+            params = merge_lora(params, self.components.transformer_config, self.loras,
+                                dtype=jnp.bfloat16 if bf16 else None)  # fmt: skip
+        if bf16:
+            params = cast_matmul_weights(params, jnp.bfloat16)
+        if self.mesh is None:
+            params = jax.device_put(params)
+        else:
+            from lumina_jax.parallel import sharding as shard_lib
+
+            abstract = shard_lib.model_abstract(self.components.transformer_config)
+            params = jax.device_put(params, shard_lib.param_shardings(abstract, self.mesh))
+        self.dit_params = params if self.scan_layers else unstack_layers(params)
+
+    def load_lora(self, lora: Union[str, os.PathLike, LoRA], scale: float = 1.0) -> LoRA:
+        """Add a LoRA adapter (a file or folder :func:`lumina_jax.convert.lora.load_lora` reads, or a
+        loaded :class:`~lumina_jax.convert.lora.LoRA`) with weight ``scale``, merged into the transformer
+        weights; adapters loaded before stay (their products add up). Shapes do not change, so compiled
+        programs are reused. Returns the loaded adapter."""
+        if not isinstance(lora, LoRA):
+            lora = load_lora(lora)
+        if not np.isfinite(float(scale)):
+            raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+        self.loras = [*self.loras, (lora, float(scale))]
+        try:
+            self._place_dit()
+        except Exception:
+            self.loras = self.loras[:-1]  # a LoRA that does not fit leaves the pipeline as it was
+            raise
+        return lora
+
+    def unload_lora(self) -> None:
+        """Drop every LoRA: the transformer weights are the loaded ones again, bit for bit."""
+        if self.loras:
+            self.loras = []
+            self._place_dit()
 
     # -- text ---------------------------------------------------------------------------------------
 
@@ -634,7 +675,8 @@ class Lumina2Pipeline:
                         num_images_per_prompt=n, max_sequence_length=max_sequence_length,
                         system_prompt=resolve_system_prompt(system_prompt), negative_prompt=negatives,
                         num_model_evaluations=schedule.num_evaluations, num_guided_evaluations=schedule.num_guided,
-                        preset=preset, mode=mode, dtype=self.dtype, model=self.components.source)  # fmt: skip
+                        preset=preset, mode=mode, dtype=self.dtype, model=self.components.source,
+                        loras=[[lora.source, w] for lora, w in self.loras])  # fmt: skip
         per_image = [None] * b if negatives is None else [q for q in negatives for _ in range(n)]
         return Lumina2Output(out, latents_np, [p for p in prompts for _ in range(n)], seeds, settings, timings,
                              per_image)  # fmt: skip

@@ -23,6 +23,8 @@ _EXPORTS = {
     "save_component": "lumina_jax.convert.components",
     "load_components": "lumina_jax.convert.components",
     "save_components": "lumina_jax.convert.components",
+    "load_lora": "lumina_jax.convert.lora",
+    "merge_lora": "lumina_jax.convert.lora",
     "CheckpointError": "lumina_jax.convert.errors",
 }
 

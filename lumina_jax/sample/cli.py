@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output image (.png, default lumina.png; or .jpg/.webp) or directory")
     ap.add_argument("--checkpoint", default=None, help="model directory or hub id (default: bundled model)")
     ap.add_argument("--transformer", default=None, help="replace the transformer with this checkpoint (any format)")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH",
+                    help="merge a LoRA adapter (diffusers/PEFT or original/kohya file or folder); repeatable")
+    ap.add_argument("--lora-scale", action="append", type=float, default=[], metavar="W",
+                    help="weight of each --lora (one value: all of them; default 1.0)")
     ap.add_argument("--negative", default=None, help='negative prompt (default "")')
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="; ".join(
         f"{name}: " + " ".join(_preset_flag(k, v) for k, v in opts.items())
@@ -259,6 +263,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.n < 1:
         print(f"{PROG}: error: --n must be >= 1", file=sys.stderr)
         return 2
+    scales = args.lora_scale or [1.0]
+    if len(scales) == 1:
+        scales = scales * len(args.lora)
+    if len(scales) != len(args.lora):
+        print(f"{PROG}: error: {len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora adapters "
+              f"(give one, or one per adapter)", file=sys.stderr)  # fmt: skip
+        return 2
 
     from tqdm import tqdm
 
@@ -283,6 +294,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                cache=args.cache_weights, compilation_cache=cc,
                                                mesh=args.mesh)  # fmt: skip
         say(f"loaded {pipe.components.source} in {time.perf_counter() - t0:.1f}s")
+        for path, w in zip(args.lora, scales):
+            lora = pipe.load_lora(path, w)
+            say(f"merged LoRA {path} ({len(lora.modules)} modules, rank {'/'.join(map(str, lora.ranks))}, weight {w:g})")
         bar: dict[str, Any] = {}
         marks: dict[str, float] = {}
 
