@@ -243,10 +243,14 @@ def build_plan(
     rep = NamedSharding(mesh, P())
 
     if what == "train":
-        trainable = optim.trainable_mask(aparams, cfg.trainable)
+        from lumina_jax.train.lora import training_view
+
+        model, tboxed, patterns = training_view(model, boxed, cfg.trainable, cfg.lora)  # a LoRA run: its view
+        taparams = shard_lib.unbox(tboxed)
+        trainable = optim.trainable_mask(taparams, patterns)
         tx = optim.make_optimizer(cfg.optimizer, trainable)
-        astate = jax.eval_shape(lambda p: init_state(p, tx, cfg.ema_decay is not None), aparams)
-        sshard = state_shardings(astate, pshard, mesh)
+        astate = jax.eval_shape(lambda p: init_state(p, tx, cfg.ema_decay is not None), taparams)
+        sshard = state_shardings(astate, shard_lib.param_shardings(tboxed, mesh), mesh)
         state = jax.tree.map(_sds, astate, sshard)
         batch = {
             "latents": jax.ShapeDtypeStruct((gb, lat_hw, lat_hw, mc.in_channels), jnp.float32, sharding=bs(4)),

@@ -12,8 +12,11 @@ Options (before the config): ``--print-config`` (resolved config as YAML, then e
 
 Export the EMA (default) or raw weights of a run's latest (or ``--step``) checkpoint::
 
-    python -m lumina_jax train export RUN_DIR OUT [--which ema|params] [--format jax|diffusers|original]
+    python -m lumina_jax train export RUN_DIR OUT [--which ema|params] [--format jax|diffusers|original|lora]
         [--dtype fp32|bf16] [--step N] [--overwrite]
+
+A LoRA run (``lora:`` in its config) exports the base with its adapter merged, or with ``--format lora``
+the adapter alone (diffusers' LoRA file, for ``generate --lora`` or diffusers' ``load_lora_weights``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run's run_dir (holds checkpoints/)")
     p.add_argument("out", help="output path (a folder; for --format original a .pth/.safetensors file or a folder)")
     p.add_argument("--which", choices=("ema", "params"), default="ema", help="EMA (default) or the raw weights")
-    p.add_argument("--format", choices=("jax", "diffusers", "original"), default="jax", help="default jax")
+    p.add_argument("--format", choices=("jax", "diffusers", "original", "lora"), default="jax",
+                   help="default jax; lora: a LoRA run's adapter alone (diffusers LoRA file)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="written dtype (default: fp32, as trained)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from lumina_jax.parallel.mesh import MeshConfig
+from lumina_jax.train.lora import LoraTrainConfig
 from lumina_jax.train.optim import OptimizerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "train"
@@ -227,6 +228,7 @@ class TrainConfig:
     ema_decay: Optional[float] = 0.95
     grad_accum: int = 1
     trainable: tuple[str, ...] = (".*",)
+    lora: Optional[LoraTrainConfig] = None  # LoRA fine-tuning of a frozen base (lumina_jax.train.lora)
     objective: ObjectiveConfig = ObjectiveConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
@@ -250,6 +252,9 @@ class TrainConfig:
                 raise ValueError(f"stage {s.name!r}: batch {s.batch} is not divisible by grad_accum {self.grad_accum}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+        if self.lora is not None and tuple(self.trainable) != (".*",):
+            raise ValueError(f"trainable {list(self.trainable)} and lora are exclusive: a LoRA run trains its "
+                             f"adapters only (choose the adapted matrices with lora.targets)")
         if self.max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be >= 1 (consecutive skipped steps before aborting), "
                              f"got {self.max_nonfinite}")

@@ -38,6 +38,7 @@ from lumina_jax.parallel import sharding as shard_lib
 from lumina_jax.train import checkpoint as ckpt_lib
 from lumina_jax.train import metrics as metrics_lib
 from lumina_jax.train import objective as obj
+from lumina_jax.train import lora as lora_lib
 from lumina_jax.train import optim
 from lumina_jax.train.config import TrainConfig, load_model_config
 from lumina_jax.train.data import build_stage_iterator, data_counters, local_data_counts, to_global
@@ -137,6 +138,10 @@ def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
     old_clip, new_clip = (saved_cfg.get("optimizer") or {}).get("clip_norm"), cfg.optimizer.clip_norm
     if bool(old_clip) != bool(new_clip):  # clipping on/off adds/removes a stage of the optimizer state
         state.append(("optimizer.clip_norm", old_clip, new_clip))
+    old_lora, new_lora = saved_cfg.get("lora"), cfg.to_dict().get("lora")
+    shape_of = lambda d: None if d is None else (d.get("rank"), list(d.get("targets") or []))  # noqa: E731
+    if shape_of(old_lora) != shape_of(new_lora):  # adapters on/off, another rank or other matrices
+        state.append(("lora", old_lora, new_lora))
     old_trainable = saved_cfg.get("trainable")
     if old_trainable is not None and list(old_trainable) != list(cfg.trainable):
         if same_trainable is None or not same_trainable(tuple(old_trainable)):
@@ -261,17 +266,19 @@ class Trainer:
                 )
         self.batch_hook = batch_hook  # called with (global step, process-local batch) before each step
         self.primary = jax.process_index() == 0
-        self.model = NextDiT(
+        self.model: Any = NextDiT(
             self.model_config,
             dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32,
             attention_backend=cfg.attention,
             remat=cfg.remat,
             scan_layers=cfg.scan_layers,
         )
-        self.abstract_boxed = shard_lib.model_abstract(self.model_config)
+        # with lora: params {"base": frozen, "lora": adapters}, and the step runs the merged weights
+        self.model, self.abstract_boxed, trainable = lora_lib.training_view(
+            self.model, shard_lib.model_abstract(self.model_config), cfg.trainable, cfg.lora)
         abstract_params = shard_lib.unbox(self.abstract_boxed)
         self.param_shardings = shard_lib.param_shardings(self.abstract_boxed, self.mesh)
-        self.trainable = optim.trainable_mask(abstract_params, cfg.trainable)
+        self.trainable = optim.trainable_mask(abstract_params, trainable)
         self.tx = optim.make_optimizer(cfg.optimizer, self.trainable)
         use_ema = cfg.ema_decay is not None
         self.abstract_state = jax.eval_shape(lambda p: init_state(p, self.tx, use_ema), abstract_params)
@@ -299,7 +306,16 @@ class Trainer:
             if loaded_cfg != self.model_config:
                 raise ValueError(f"init checkpoint {cfg.init} has config {loaded_cfg}, the run uses {self.model_config}")
         else:
+            if cfg.lora is not None:
+                log.warning("LoRA on a randomly initialised base model: set init to the checkpoint to adapt")
             params = shard_lib.init_params_sharded(self.model_config, self.mesh, cfg.seed)
+        if cfg.lora is not None:
+            boxed = self.abstract_boxed["lora"]
+            make_lora = jax.jit(lambda k: lora_lib.init_lora(boxed, k), out_shardings=self.param_shardings["lora"])
+            adapters = make_lora(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x10A))
+            params = {"base": params, "lora": adapters}
+            log.info("LoRA rank %d on %d matrices: %.3gM trainable params", cfg.lora.rank,
+                     len(lora_lib.flatten_adapters(adapters)), lora_lib.lora_param_count(adapters) / 1e6)  # fmt: skip
         make = jax.jit(lambda p: init_state(p, self.tx, cfg.ema_decay is not None), out_shardings=self.state_shardings)
         with jax.set_mesh(self.mesh):
             return make(params)
@@ -309,7 +325,9 @@ class Trainer:
         return self.ckpt.restore(step, target, data_iter)
 
     def _same_trainable(self, patterns: tuple[str, ...]) -> bool:
-        """Whether ``patterns`` select the params this run trains."""
+        """Whether ``patterns`` select the params this run trains (a LoRA run: always its adapters)."""
+        if self.cfg.lora is not None:
+            return True
         mask = optim.trainable_mask(shard_lib.unbox(self.abstract_boxed), patterns)
         return jax.tree.leaves(mask) == jax.tree.leaves(self.trainable)
 
@@ -354,8 +372,8 @@ class Trainer:
         trainable = None if all(jax.tree.leaves(self.trainable)) else self.trainable
         # the peak LR is a run-time argument (stage_hparams), so it is not part of the program
         shapes = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in example_batch.items()))
-        key = (self.model, dataclasses.replace(cfg.optimizer, lr=0.0), cfg.trainable, cfg.ema_decay is not None, sc,
-               self.mesh, shapes)  # fmt: skip
+        key = (self.model, dataclasses.replace(cfg.optimizer, lr=0.0), cfg.trainable, cfg.lora,
+               cfg.ema_decay is not None, sc, self.mesh, shapes)  # fmt: skip
         if key not in _STEP_CACHE:  # one jitted function per distinct program, reused by later Trainers
             fn = make_train_step(self.model, self.tx, lr_fn, sc, trainable)
             _STEP_CACHE[key] = compile_train_step(fn, self.mesh, self.state_shardings, example_batch)
@@ -544,6 +562,9 @@ class Trainer:
     def _samples(self, state: TrainState, step: int, stage) -> None:
         sc = self.cfg.samples
         params = state.ema if state.ema is not None else state.params
+        if self.cfg.lora is not None:  # the base with the (EMA) adapter merged
+            params = jax.jit(lora_lib.apply_lora, static_argnums=2)(state.params["base"], params["lora"],
+                                                                    self.cfg.lora.scale)  # fmt: skip
         images = np.asarray(self._sample_fn(params, self.model_config, list(sc.prompts), list(sc.seeds),
                                             sc.resolution or stage.resolution))  # fmt: skip
         if not self.primary:
@@ -579,15 +600,8 @@ def _load_sample_fn(spec: str) -> Callable:
     return getattr(importlib.import_module(mod), name)
 
 
-def restore_weights(run_dir: str | Path, *, which: str = "ema", step: Optional[int] = None) -> tuple[Any, Any]:
-    """``(NextDiTConfig, host params)`` of the EMA (``which="ema"``) or raw (``"params"``) weights of a
-    run's checkpoint (latest ``step`` by default).
-
-    Only that subtree is restored (partial restore), onto this host's devices, then gathered to host
-    memory (one copy of the weights, e.g. 10 GB for the 2B in fp32).
-    """
-    from lumina_jax.models.nextdit import NextDiTConfig
-
+def _open_run(run_dir: str | Path, which: str, step: Optional[int]) -> tuple[Any, int, dict]:
+    """``(RunCheckpoints (read-only), step, meta)`` of a run's checkpoint, with clear errors."""
     if which not in ("ema", "params"):
         raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
     if "://" not in str(run_dir) and not (Path(run_dir) / "checkpoints").is_dir():
@@ -602,6 +616,48 @@ def restore_weights(run_dir: str | Path, *, which: str = "ema", step: Optional[i
     meta = ck.read_meta(step)
     if which == "ema" and meta["config"].get("ema_decay") is None:
         raise ValueError(f"run {run_dir} was trained without EMA; export which='params'")
+    return ck, step, meta
+
+
+def restore_lora(run_dir: str | Path, *, which: str = "ema", step: Optional[int] = None,
+                 with_base: bool = False) -> tuple[Any, Any, Any, Optional[Any]]:  # fmt: skip
+    """``(NextDiTConfig, LoraTrainConfig, adapter, base)`` of a LoRA run's checkpoint: the EMA
+    (``which="ema"``) or raw adapter as host arrays, and the frozen base params (on this host's devices)
+    when ``with_base``. A ``ValueError`` for a run trained without ``lora``."""
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.train.config import config_from_dict
+
+    ck, step, meta = _open_run(run_dir, which, step)
+    lcfg = config_from_dict(meta["config"]).lora
+    if lcfg is None:
+        ck.close()
+        raise ValueError(f"run {run_dir} is not a LoRA run (its config has no lora section)")
+    model_config = NextDiTConfig.from_dict(meta["model_config"])
+    mesh = mesh_lib.create_mesh({"fsdp": -1}, devices=jax.local_devices())
+    base_boxed = shard_lib.model_abstract(model_config)
+    boxed = {"base": base_boxed, "lora": lora_lib.abstract_lora(base_boxed, lcfg)}
+    target = abstract_with_shardings(shard_lib.unbox(boxed), shard_lib.param_shardings(boxed, mesh))
+    base = ck.restore_subtree(step, "params", {"base": target["base"]})["base"] if with_base else None
+    adapter = ck.restore_subtree(step, which, {"lora": target["lora"]})["lora"]
+    ck.close()
+    return model_config, lcfg, shard_lib.gather_to_host(adapter), base
+
+
+def restore_weights(run_dir: str | Path, *, which: str = "ema", step: Optional[int] = None) -> tuple[Any, Any]:
+    """``(NextDiTConfig, host params)`` of the EMA (``which="ema"``) or raw (``"params"``) weights of a
+    run's checkpoint (latest ``step`` by default); for a LoRA run, the base with that adapter merged.
+
+    Only that subtree is restored (partial restore), onto this host's devices, then gathered to host
+    memory (one copy of the weights, e.g. 10 GB for the 2B in fp32).
+    """
+    from lumina_jax.models.nextdit import NextDiTConfig
+
+    ck, step, meta = _open_run(run_dir, which, step)
+    if (meta["config"] or {}).get("lora") is not None:
+        ck.close()
+        model_config, lcfg, adapter, base = restore_lora(run_dir, which=which, step=step, with_base=True)
+        merged = jax.jit(lora_lib.apply_lora, static_argnums=2)(base, adapter, lcfg.scale)
+        return model_config, shard_lib.gather_to_host(merged)
     model_config = NextDiTConfig.from_dict(meta["model_config"])
     mesh = mesh_lib.create_mesh({"fsdp": -1}, devices=jax.local_devices())
     abstract = shard_lib.model_abstract(model_config)
@@ -617,8 +673,14 @@ def export_weights(run_dir: str | Path, out: str | Path, *, which: str = "ema", 
                    dtype: Any = None, step: Optional[int] = None, overwrite: bool = False) -> Path:  # fmt: skip
     """Write the weights :func:`restore_weights` returns with
     :func:`lumina_jax.convert.nextdit.save_transformer` (``format`` jax / diffusers / original;
-    ``dtype="bf16"`` halves the written files)."""
+    ``dtype="bf16"`` halves the written files). ``format="lora"`` (LoRA runs): the adapter alone, as
+    diffusers' ``pytorch_lora_weights.safetensors`` in folder ``out`` (:func:`lumina_jax.train.lora.export_lora`)."""
     from lumina_jax.convert.nextdit import save_transformer
 
+    if format == "lora":
+        if dtype is not None:
+            raise ValueError("format='lora' writes float32 adapters; leave dtype unset")
+        model_config, lcfg, adapter, _ = restore_lora(run_dir, which=which, step=step)
+        return lora_lib.export_lora(out, model_config, adapter, lcfg, overwrite=overwrite)
     model_config, host = restore_weights(run_dir, which=which, step=step)
     return save_transformer(out, model_config, host, format=format, dtype=dtype, overwrite=overwrite)

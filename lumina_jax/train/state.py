@@ -15,12 +15,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lumina_jax.train.lora import ema_source
+
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 (): steps taken (including skipped non-finite ones)
     params: Any  # fp32 master params
-    ema: Any  # fp32 EMA of params, or None
+    ema: Any  # fp32 EMA of params (of the adapter alone in a LoRA run: ema_source), or None
     opt_state: Any
     nonfinite: jax.Array  # int32 (): total steps skipped for a non-finite loss/gradient
     nonfinite_run: jax.Array  # int32 (): consecutive skipped steps up to now
@@ -32,7 +34,7 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> Trai
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ema=jax.tree.map(jnp.copy, params) if ema else None,
+        ema=jax.tree.map(jnp.copy, ema_source(params)) if ema else None,
         opt_state=tx.init(params),
         nonfinite=jnp.zeros((), jnp.int32),
         nonfinite_run=jnp.zeros((), jnp.int32),
@@ -64,7 +66,7 @@ def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh: Mesh
     return TrainState(
         step=rep,
         params=param_shardings,
-        ema=param_shardings if abstract_state.ema is not None else None,
+        ema=ema_source(param_shardings) if abstract_state.ema is not None else None,
         opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract_state.opt_state),
         nonfinite=rep,
         nonfinite_run=rep,

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lumina_jax.parallel.mesh import BATCH_AXES, LOGICAL_RULES, batch_sharding
 from lumina_jax.train import objective as obj
+from lumina_jax.train.lora import ema_source
 from lumina_jax.train.optim import ema_update
 from lumina_jax.train.state import TrainState
 
@@ -196,10 +197,14 @@ def make_train_step(
             updates, new_opt = tx.update(grads, state.opt_state, state.params)
             if trainable is not None:
                 updates = jax.tree.map(lambda u, m: u if m else jnp.zeros_like(u), updates, trainable)
-            new_params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
+            if trainable is None:
+                new_params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
+            else:  # frozen params pass through untouched (no pass over them)
+                new_params = jax.tree.map(lambda p, u, m: p - lr * u.astype(p.dtype) if m else p, state.params,
+                                          updates, trainable)  # fmt: skip
             new_ema = state.ema
             if state.ema is not None and cfg.ema_decay is not None:
-                new_ema = ema_update(state.ema, new_params, cfg.ema_decay)
+                new_ema = ema_update(state.ema, ema_source(new_params), cfg.ema_decay)
 
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             new_state = TrainState(

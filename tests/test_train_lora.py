@@ -1,0 +1,161 @@
+"""LoRA fine-tuning (``lora:`` in a train config) on the tiny Next-DiT with synthetic latents.
+
+* the base stays bit-identical, only the adapters move; the optimizer and the EMA hold the adapter alone;
+* resume is exact (stop half way, resume, compare with a straight run);
+* ``train export --format lora`` writes diffusers' LoRA layout: diffusers + PEFT load it onto the
+  exported base and compute what our merged export computes; ``generate --lora``'s loader reads it too;
+* config errors (rank, targets, lora with trainable) and a resume with another rank are refused.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_l2
+from test_train_loop import leaves, make_cfg
+
+from lumina_jax.train.lora import LoraTrainConfig, abstract_lora, apply_lora, init_lora, target_paths
+
+LORA = ["lora.rank=4", "lora.alpha=8", "stages.0.steps=4", "stages.1.steps=1", "checkpoint.every=2",
+        "optimizer.lr=5e-3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    """A briefly trained tiny model exported as a checkpoint: the base the LoRA runs adapt."""
+    from lumina_jax.train.loop import Trainer, export_weights
+
+    root = tmp_path_factory.mktemp("lora_base")
+    Trainer(make_cfg(root / "run", "stages.0.steps=2", "stages.1.steps=1", "checkpoint.every=2"), stop_at=2).run()
+    return export_weights(root / "run", root / "base", which="params", format="jax")
+
+
+def _lora_cfg(run_dir, base, *extra):
+    return make_cfg(run_dir, f"init={base}", *LORA, *extra)
+
+
+def test_lora_run_trains_the_adapter_only_and_resumes_exactly(base_ckpt, tmp_path):
+    from lumina_jax.convert.nextdit import load_transformer
+    from lumina_jax.train.loop import ResumeMismatchError, Trainer
+
+    a = Trainer(_lora_cfg(tmp_path / "a", base_ckpt), stop_at=4)
+    a.run()
+    _, base = load_transformer(base_ckpt)
+    st = jax.device_get(a.state)
+    for x, y in zip(jax.tree.leaves(st.params["base"]), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # frozen
+    ups = [np.abs(np.asarray(v)).max() for k, v in jax.tree_util.tree_leaves_with_path(st.params["lora"])
+           if jax.tree_util.keystr(k).endswith("'up']")]  # fmt: skip
+    assert ups and min(ups) > 0  # every adapter moved off its zero init
+    n_lora = sum(x.size for x in jax.tree.leaves(st.params["lora"]))
+    assert set(st.ema) == {"lora"}
+    # Adam moments (mu, nu) for the adapter only: the frozen base has no optimizer state
+    n_opt = sum(x.size for x in jax.tree.leaves(st.opt_state) if np.ndim(x) > 0)
+    assert n_opt == 2 * n_lora, (n_opt, n_lora)
+    # stop half way and resume: the same state bit for bit
+    Trainer(_lora_cfg(tmp_path / "b", base_ckpt), stop_at=2).run()
+    b = Trainer(_lora_cfg(tmp_path / "b", base_ckpt), stop_at=4)
+    b.run()
+    for x, y in zip(leaves(a.state), leaves(b.state)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ResumeMismatchError, match=r"lora: .*'rank': 4.*'rank': 8"):
+        Trainer(_lora_cfg(tmp_path / "b", base_ckpt, "lora.rank=8"), stop_at=5).run()
+
+
+def test_lora_export_loads_in_diffusers_and_in_the_pipeline(base_ckpt, tmp_path, capsys):
+    from diffusers import Lumina2Transformer2DModel
+    from nextdit_helpers import diffusers_forward, inputs
+
+    from lumina_jax.convert.lora import load_lora, merge_lora
+    from lumina_jax.convert.nextdit import load_transformer, save_transformer
+    from lumina_jax.models.nextdit import NextDiT
+    from lumina_jax.train.loop import Trainer, export_weights
+
+    # a large LR so that two steps move the adapters far (the raw weights: the EMA trails them)
+    Trainer(_lora_cfg(tmp_path / "run", base_ckpt, "optimizer.lr=5e-2", "lora.targets=[attention/(q|k|v|out/kernel)$, "
+                      "w2/kernel$, adaLN_modulation/kernel$]"), stop_at=2).run()  # fmt: skip
+    lora_dir = export_weights(tmp_path / "run", tmp_path / "lora", which="params", format="lora")
+    merged_dir = export_weights(tmp_path / "run", tmp_path / "merged", which="params", format="jax")
+    config, merged = load_transformer(merged_dir)
+    _, base = load_transformer(base_ckpt)
+    # our loader + merge on the base = the trainer's merged export
+    lora = load_lora(lora_dir)
+    assert lora.layout == "diffusers" and lora.ranks == [4]
+    assert {m.scale for m in lora.modules.values()} == {2.0}  # alpha 8 / rank 4, from the metadata
+    ours = merge_lora(base, config, lora)
+    for (k, x), y in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6, err_msg=jax.tree_util.keystr(k))
+    # diffusers + PEFT: the exported base with the exported adapter = our merged model
+    save_transformer(tmp_path / "base_diffusers", config, base, format="diffusers")
+    ref = Lumina2Transformer2DModel.from_pretrained(tmp_path / "base_diffusers").eval()
+    # (as Lumina2Pipeline.load_lora_weights(lora_dir) does: safetensors, alpha from the file's metadata)
+    ref.load_lora_adapter(str(lora_dir), prefix="transformer", use_safetensors=True)
+    x, t, cap, mask = inputs(config, batch=2, h=8, w=8, cap_lens=[5, 8], cap_pad=8)
+    want = diffusers_forward(ref, x, t, cap, mask)
+    got = NextDiT(config).apply({"params": merged}, *(jnp.asarray(a) for a in (x, t, cap, mask)))
+    plain = NextDiT(config).apply({"params": base}, *(jnp.asarray(a) for a in (x, t, cap, mask)))
+    assert rel_l2(want, np.asarray(plain)) > 3e-3  # the adapter changes the output (0.7 %) ...
+    assert rel_l2(want, np.asarray(got)) <= 1e-5  # ... as diffusers applies it
+    # the CLI: the same file; a run without lora has no adapter to export
+    from lumina_jax.train.cli import main
+
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "cli"), "--which", "params", "--format", "lora"]) == 0
+    a = (tmp_path / "cli" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert a == (lora_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    assert main(["export", str(base_ckpt.parent / "run"), str(tmp_path / "none"), "--which", "params",
+                 "--format", "lora"]) == 2  # fmt: skip
+    assert "is not a LoRA run" in capsys.readouterr().err
+
+
+def test_lora_units():
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.parallel.sharding import logical_names, model_abstract
+
+    cfg = NextDiTConfig.from_yaml("nextdit_tiny")
+    boxed = model_abstract(cfg)
+    lc = LoraTrainConfig(rank=3)
+    ab = abstract_lora(boxed, lc)
+    names = logical_names(ab)
+    q = names["layers"]["blocks"]["attention"]["q"]
+    assert q["down"] == ("layers", "embed", None) and q["up"][:2] == ("layers", None)
+    assert ab["layers"]["blocks"]["attention"]["q"]["down"].value.shape[-1] == 3
+    from lumina_jax.parallel.sharding import unbox
+
+    base = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), unbox(boxed))
+    fresh = init_lora(ab, jax.random.PRNGKey(0))
+    same = apply_lora(base, fresh, lc.scale)  # up starts at zero: the base model
+    for x, y in zip(jax.tree.leaves(same), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    shapes = {"a/kernel": (4, 4), "b/scale": (4,)}
+    with pytest.raises(ValueError, match=r"'nothing' matches no weight matrix"):
+        target_paths(shapes, LoraTrainConfig(targets=("a/kernel", "nothing")))
+    assert target_paths(shapes, LoraTrainConfig(targets=("kernel",))) == ["a/kernel"]
+    with pytest.raises(ValueError, match=r"'scale' matches no weight matrix"):  # a norm scale is no matrix
+        target_paths(shapes, LoraTrainConfig(targets=("kernel", "scale")))
+    for bad, msg in [(dict(rank=0), "rank must be >= 1"), (dict(alpha=0.0), "alpha must be > 0"),
+                     (dict(targets=("(",)), "not a regular expression"), (dict(targets=()), "empty")]:
+        with pytest.raises(ValueError, match=msg):
+            LoraTrainConfig(**bad)
+    from lumina_jax.train.config import load_config
+
+    with pytest.raises(ValueError, match="trainable .* and lora are exclusive"):
+        load_config("tiny_synthetic", ["lora.rank=4", "trainable=[layers]"])
+    with pytest.raises(ValueError, match=r"unknown config key 'lora.rnak'.*known keys here: \['alpha', 'rank', 'targets'\]"):
+        load_config("tiny_synthetic", ["lora.rnak=4"])
+
+
+def test_bundled_lora_recipe_builds():
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.parallel.sharding import model_abstract
+    from lumina_jax.train.config import load_config
+    from lumina_jax.train.lora import lora_param_count
+
+    cfg = load_config("lumina2_2b_lora")
+    assert cfg.lora == LoraTrainConfig(rank=16, alpha=16.0) and cfg.lora.scale == 1.0
+    ab = abstract_lora(model_abstract(NextDiTConfig.from_yaml(cfg.model)), cfg.lora)
+    # 3 stacks (26 + 2 + 2 blocks) x 7 matrices x (down, up); ~1 % of the 2.6B params
+    leaves_ = jax.tree.leaves(ab)
+    assert len(leaves_) == 3 * 7 * 2 and sum(a.shape[0] for a in leaves_) == 30 * 7 * 2
+    assert 20e6 < lora_param_count(ab) < 40e6
