@@ -377,8 +377,12 @@ class Lumina2Pipeline:
     def unload_lora(self) -> None:
         """Drop every LoRA: the transformer weights are the loaded ones again, bit for bit."""
         if self.loras:
-            self.loras = []
-            self._place_dit()
+            loras, self.loras = self.loras, []
+            try:
+                self._place_dit()
+            except Exception:
+                self.loras = loras  # e.g. out of device memory: the merged weights are still in place
+                raise
 
     # -- text ---------------------------------------------------------------------------------------
 

@@ -157,7 +157,7 @@ def test_lora_errors(case, tmp_path):
 
     a = np.zeros((2, 72), np.float32)
     bad({"layers.0.attn.to_q.lora_magnitude_vector": np.ones(72, np.float32)}, "DoRA")
-    bad({**sd, "layers.0.attn.to_q.weight": np.ones((72, 72), np.float32)}, r"not LoRA matrices .*to_q\.weight")
+    bad({**sd, "layers.0.attn.to_q.weight": np.ones((72, 72), np.float32)}, r"not plain LoRA matrices, e.g. .*to_q\.weight")
     bad({"layers.0.attn.to_q.lora_A.weight": a}, r"'layers.0.attn.to_q' lacks its up matrix")
     bad({"layers.0.attn.to_qq.lora_A.weight": a, "layers.0.attn.to_qq.lora_B.weight": a.T},
         r"match no Next-DiT linear layer .*to_qq")
@@ -168,7 +168,7 @@ def test_lora_errors(case, tmp_path):
     wide = np.zeros((2, 96), np.float32)
     bad({"layers.0.attn.to_q.lora_A.weight": wide, "layers.0.attn.to_q.lora_B.weight": wide.T},
         r"maps 96 -> 96 features, the model's weight 72 -> 72: a LoRA for another model", merge=True)
-    bad({"something": a}, "no LoRA weights")
+    bad({"something": a}, "no Next-DiT LoRA weights")
     assert isinstance(load_lora(root / "diffusers"), LoRA)
 
 
@@ -244,3 +244,36 @@ def test_pipeline_load_and_unload_lora(tmp_path, capsys):
 
     meta = json.loads(Image.open(tmp_path / "x.png").text["lumina_jax"])
     assert meta["loras"] == [[str(f), 0.5]]
+
+
+def test_alpha_sources_and_refused_keys(tmp_path, caplog):
+    """alpha: PEFT's pattern matching (an alternation matches either module), rslora, PEFT's default 8
+    for a folder config without lora_alpha; a lone file ignores an adapter_config.json beside it.
+    Text-encoder tensors are skipped with a warning; norms, DoRA and only-text-encoder files are refused."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 72)).astype(np.float32), rng.standard_normal((72, 2)).astype(np.float32)
+    pair = lambda m: {f"transformer.{m}.lora_A.weight": a, f"transformer.{m}.lora_B.weight": b}  # noqa: E731
+    sd = {**pair("layers.0.attn.to_q"), **pair("layers.0.attn.to_k"), **pair("layers.0.attn.to_v")}
+    meta = {"transformer.r": 2, "transformer.lora_alpha": 4, "transformer.alpha_pattern": {"to_q|to_k": 1.0}}
+    save_file(sd, tmp_path / "p.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    m = load_lora(tmp_path / "p.safetensors").modules
+    assert (m["layers.0.attn.to_q"].scale, m["layers.0.attn.to_k"].scale, m["layers.0.attn.to_v"].scale) == (0.5, 0.5, 2.0)
+    meta = {"transformer.r": 2, "transformer.lora_alpha": 4, "transformer.use_rslora": True}
+    save_file(sd, tmp_path / "rs.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    assert load_lora(tmp_path / "rs.safetensors").modules["layers.0.attn.to_v"].scale == pytest.approx(4 / np.sqrt(2))
+    d = tmp_path / "peft"
+    d.mkdir()
+    save_file(sd, d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"r": 2}))
+    assert load_lora(d).modules["layers.0.attn.to_q"].scale == 8 / 2  # PEFT's default lora_alpha
+    assert load_lora(d / "adapter_model.safetensors").modules["layers.0.attn.to_q"].scale == 1.0
+    te = {"text_encoder.layers.0.self_attn.q_proj.lora_A.weight": a, "lora_te_layers_0_mlp.lora_down.weight": a}
+    save_file({**sd, **te}, tmp_path / "te.safetensors")
+    with caplog.at_level("WARNING"):
+        assert len(load_lora(tmp_path / "te.safetensors").modules) == 3
+    assert "2 text-encoder LoRA tensors" in caplog.text
+    for tensors, msg in [(te, "no Next-DiT LoRA weights"), ({**sd, **pair("layers.0.attn.norm_q")}, r"norm_q"),
+                         ({**sd, "layers.0.attn.to_q.dora_scale": np.ones((1, 72), np.float32)}, "DoRA")]:
+        save_file(tensors, tmp_path / "bad.safetensors")
+        with pytest.raises(CheckpointError, match=msg):
+            load_lora(tmp_path / "bad.safetensors")

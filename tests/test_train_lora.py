@@ -128,12 +128,17 @@ def test_lora_units():
     same = apply_lora(base, fresh, lc.scale)  # up starts at zero: the base model
     for x, y in zip(jax.tree.leaves(same), jax.tree.leaves(base)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    shapes = {"a/kernel": (4, 4), "b/scale": (4,)}
+    shapes = {"a/kernel": (4, 4), "b/scale": (4,), "s/blocks/adaLN_modulation/kernel": (2, 4, 8),
+              "s/blocks/adaLN_modulation/bias": (2, 8), "s/blocks/attention_norm1/scale": (2, 4),
+              "s/blocks/attention/q": (2, 4, 4)}  # fmt: skip
     with pytest.raises(ValueError, match=r"'nothing' matches no weight matrix"):
         target_paths(shapes, LoraTrainConfig(targets=("a/kernel", "nothing")))
-    assert target_paths(shapes, LoraTrainConfig(targets=("kernel",))) == ["a/kernel"]
-    with pytest.raises(ValueError, match=r"'scale' matches no weight matrix"):  # a norm scale is no matrix
-        target_paths(shapes, LoraTrainConfig(targets=("kernel", "scale")))
+    assert target_paths(shapes, LoraTrainConfig(targets=("kernel",))) == ["a/kernel", "s/blocks/adaLN_modulation/kernel"]
+    # stacked biases and norm scales are 2-D too, but no matrices
+    assert target_paths(shapes, LoraTrainConfig(targets=("adaLN_modulation", "attention/q"))) == [
+        "s/blocks/adaLN_modulation/kernel", "s/blocks/attention/q"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"'attention_norm1' matches no weight matrix"):
+        target_paths(shapes, LoraTrainConfig(targets=("kernel", "attention_norm1")))
     for bad, msg in [(dict(rank=0), "rank must be >= 1"), (dict(alpha=0.0), "alpha must be > 0"),
                      (dict(targets=("(",)), "not a regular expression"), (dict(targets=()), "empty")]:
         with pytest.raises(ValueError, match=msg):
@@ -159,3 +164,24 @@ def test_bundled_lora_recipe_builds():
     leaves_ = jax.tree.leaves(ab)
     assert len(leaves_) == 3 * 7 * 2 and sum(a.shape[0] for a in leaves_) == 30 * 7 * 2
     assert 20e6 < lora_param_count(ab) < 40e6
+
+
+def test_lora_grad_accum_and_export_of_a_run_without_ema(base_ckpt, tmp_path):
+    """grad_accum 2 trains the adapters with the base frozen (the base carries no gradient buffer through
+    the micro-batch loop: its accumulator is a scalar); a run without EMA exports its raw adapter by
+    default."""
+    import json
+
+    from lumina_jax.convert.lora import load_lora
+    from lumina_jax.convert.nextdit import load_transformer
+    from lumina_jax.train.loop import Trainer, export_weights
+
+    tr = Trainer(_lora_cfg(tmp_path / "acc2", base_ckpt, "grad_accum=2", "ema_decay=null"), stop_at=2)
+    tr.run()
+    rows = [json.loads(x) for x in (tmp_path / "acc2" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    _, base = load_transformer(base_ckpt)
+    for x, y in zip(jax.tree.leaves(jax.device_get(tr.state.params["base"])), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    out = export_weights(tmp_path / "acc2", tmp_path / "lora", format="lora")  # which="auto": the raw adapter
+    assert load_lora(out).ranks == [4]

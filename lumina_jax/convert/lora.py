@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # prefixes stripped from module names, longest first
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_", "lora_transformer_",
              "unet.")  # fmt: skip
+# text-encoder adapters some Lumina 2 LoRA files carry (sd-scripts: lora_te_*; diffusers: text_encoder.*)
+_TEXT_ENCODER_PREFIXES = ("text_encoder.", "lora_te_", "lora_te1_", "te.")
 _DOWN = ("lora_A.weight", "lora_down.weight", "lora_A.default.weight")
 _UP = ("lora_B.weight", "lora_up.weight", "lora_B.default.weight")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry
@@ -102,7 +104,7 @@ def _split_key(key: str) -> tuple[str, str]:
     """``"layers.0.attn.to_q.lora_A.weight"`` -> ``("layers.0.attn.to_q", "down")``; ``kind`` is
     ``"down"``, ``"up"``, ``"alpha"``, ``"dora"`` or ``"other"``."""
     for suffixes, kind in ((_DOWN, "down"), (_UP, "up"), (("alpha",), "alpha"),
-                           (("lora_magnitude_vector", "lora_magnitude_vector.weight"), "dora")):  # fmt: skip
+                           (("lora_magnitude_vector", "lora_magnitude_vector.weight", "dora_scale"), "dora")):  # fmt: skip
         for s in suffixes:
             if key.endswith("." + s):
                 return _strip(key[: -len(s) - 1]), kind
@@ -111,19 +113,19 @@ def _split_key(key: str) -> tuple[str, str]:
 
 def _module_names(layout: str, config: Optional[NextDiTConfig]) -> set[str]:
     cfg = config or NextDiTConfig(n_layers=64, n_refiner_layers=8)  # names only: enough layers for any model
-    return {r.key[: -len(".weight")] for r in RULES[layout](cfg) if r.key.endswith(".weight")}
+    # the nn.Linear weights (stored transposed); norm weights are no LoRA targets
+    return {r.key[: -len(".weight")] for r in RULES[layout](cfg) if r.key.endswith(".weight") and r.transpose}
 
 
 def _peft_alpha(meta: dict[str, Any], name: str, rank: int) -> Optional[float]:
-    """alpha of module ``name`` from a PEFT ``LoraConfig`` dict (``alpha_pattern`` keys match a module
-    name's end, as in PEFT; ``use_rslora``: alpha / sqrt(r) becomes the scale)."""
-    alpha = meta.get("lora_alpha")
+    """alpha of module ``name`` from a PEFT ``LoraConfig`` dict: an ``alpha_pattern`` key is a regex that
+    must match the end of the name after a dot, exactly as PEFT matches it; ``lora_alpha`` defaults to
+    PEFT's 8; ``use_rslora`` makes the scale alpha / sqrt(r)."""
+    alpha = meta.get("lora_alpha", 8)
     for pattern, a in (meta.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", name):
+        if re.match(rf"(.*\.)?({pattern})$", name):
             alpha = a
             break
-    if alpha is None:
-        return None
     if meta.get("use_rslora"):
         return float(alpha) * rank / math.sqrt(rank)  # scale alpha / sqrt(r) expressed as alpha' / r
     return float(alpha)
@@ -138,8 +140,8 @@ def _adapter_config(src: TensorSource, path: Path) -> Optional[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: corrupt {METADATA_KEY} metadata ({e})") from None
         return {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")} or meta
-    cfg = (path if path.is_dir() else path.parent) / "adapter_config.json"
-    if cfg.exists():
+    cfg = path / "adapter_config.json"  # a PEFT folder (next to a lone file it may belong to another adapter)
+    if path.is_dir() and cfg.exists():
         return json.loads(cfg.read_text())
     return None
 
@@ -156,7 +158,13 @@ def load_lora(path: Union[str, os.PathLike], config: Optional[NextDiTConfig] = N
     src = TensorSource(path)
     groups: dict[str, dict[str, np.ndarray]] = {}
     others: list[str] = []
+    text_encoder = [k for k in src.keys() if k.startswith(_TEXT_ENCODER_PREFIXES)]
+    if text_encoder:
+        log.warning("%s: %d text-encoder LoRA tensors (e.g. %s) are ignored: only Next-DiT adapters are applied",
+                    path, len(text_encoder), text_encoder[0])  # fmt: skip
     for key in src.keys():
+        if key.startswith(_TEXT_ENCODER_PREFIXES):
+            continue
         name, kind = _split_key(key)
         if kind == "other":
             others.append(key)
@@ -165,11 +173,12 @@ def load_lora(path: Union[str, os.PathLike], config: Optional[NextDiTConfig] = N
             raise CheckpointError(f"{path}: a DoRA adapter ({key}); only plain LoRA is supported")
         groups.setdefault(name, {})[kind] = src.get(key)
     if not groups:
-        raise CheckpointError(f"{path}: no LoRA weights (lora_A/lora_B or lora_down/lora_up) among "
+        raise CheckpointError(f"{path}: no Next-DiT LoRA weights (lora_A/lora_B or lora_down/lora_up) among "
                               f"{len(src.keys())} tensors, e.g. {sorted(src.keys())[:3]}")  # fmt: skip
     if others:
-        raise CheckpointError(f"{path}: {len(others)} tensors are not LoRA matrices (full weights or biases "
-                              f"cannot be merged as a LoRA): {sorted(others)[:5]}")  # fmt: skip
+        raise CheckpointError(f"{path}: {len(others)} tensors are not plain LoRA matrices, e.g. {sorted(others)[:5]} "
+                              f"(full weights, LoRA biases and LyCORIS formats such as LoHa/LoKr are not "
+                              f"supported)")  # fmt: skip
     layout, names = _resolve_names(list(groups), config, path)
     meta = _adapter_config(src, path)
     modules: dict[str, LoRAModule] = {}

@@ -263,6 +263,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.n < 1:
         print(f"{PROG}: error: --n must be >= 1", file=sys.stderr)
         return 2
+    if args.lora_scale and not args.lora:
+        print(f"{PROG}: error: --lora-scale without --lora (give the adapter with --lora PATH)", file=sys.stderr)
+        return 2
     scales = args.lora_scale or [1.0]
     if len(scales) == 1:
         scales = scales * len(args.lora)

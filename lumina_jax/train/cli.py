@@ -10,9 +10,9 @@ Options (before the config): ``--print-config`` (resolved config as YAML, then e
 --process-id I`` (explicit multi-process start; otherwise from ``LUMINA_*``/TPU/SLURM variables, see
 :mod:`lumina_jax.parallel.distributed`), ``-v`` (debug logging).
 
-Export the EMA (default) or raw weights of a run's latest (or ``--step``) checkpoint::
+Export the EMA (default, when the run keeps one) or raw weights of a run's latest (or ``--step``) checkpoint::
 
-    python -m lumina_jax train export RUN_DIR OUT [--which ema|params] [--format jax|diffusers|original|lora]
+    python -m lumina_jax train export RUN_DIR OUT [--which auto|ema|params] [--format jax|diffusers|original|lora]
         [--dtype fp32|bf16] [--step N] [--overwrite]
 
 A LoRA run (``lora:`` in its config) exports the base with its adapter merged, or with ``--format lora``
@@ -54,7 +54,8 @@ def _export_parser() -> argparse.ArgumentParser:
                                 "(readable by generate --transformer, convert and init=).")  # fmt: skip
     p.add_argument("run_dir", help="the run's run_dir (holds checkpoints/)")
     p.add_argument("out", help="output path (a folder; for --format original a .pth/.safetensors file or a folder)")
-    p.add_argument("--which", choices=("ema", "params"), default="ema", help="EMA (default) or the raw weights")
+    p.add_argument("--which", choices=("ema", "params", "auto"), default="auto",
+                   help="EMA or the raw weights (default auto: the EMA when the run keeps one)")
     p.add_argument("--format", choices=("jax", "diffusers", "original", "lora"), default="jax",
                    help="default jax; lora: a LoRA run's adapter alone (diffusers LoRA file)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="written dtype (default: fp32, as trained)")

@@ -600,10 +600,11 @@ def _load_sample_fn(spec: str) -> Callable:
     return getattr(importlib.import_module(mod), name)
 
 
-def _open_run(run_dir: str | Path, which: str, step: Optional[int]) -> tuple[Any, int, dict]:
-    """``(RunCheckpoints (read-only), step, meta)`` of a run's checkpoint, with clear errors."""
-    if which not in ("ema", "params"):
-        raise ValueError(f"which must be 'ema' or 'params', got {which!r}")
+def _open_run(run_dir: str | Path, which: str, step: Optional[int]) -> tuple[Any, int, dict, str]:
+    """``(RunCheckpoints (read-only), step, meta, which)`` of a run's checkpoint, with clear errors;
+    ``which="auto"`` is the EMA when the run keeps one, else the raw params."""
+    if which not in ("ema", "params", "auto"):
+        raise ValueError(f"which must be 'ema', 'params' or 'auto', got {which!r}")
     if "://" not in str(run_dir) and not (Path(run_dir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: not a training run's run_dir")
     where = checkpoints_dir(run_dir)
@@ -614,20 +615,24 @@ def _open_run(run_dir: str | Path, which: str, step: Optional[int]) -> tuple[Any
     if step not in ck.all_steps():
         raise FileNotFoundError(f"no checkpoint of step {step} in {where}; steps there: {ck.all_steps()}")
     meta = ck.read_meta(step)
-    if which == "ema" and meta["config"].get("ema_decay") is None:
+    has_ema = meta["config"].get("ema_decay") is not None
+    if which == "auto":
+        which = "ema" if has_ema else "params"
+        log.info("exporting the %s weights of step %d", "EMA" if has_ema else "raw (the run keeps no EMA)", step)
+    if which == "ema" and not has_ema:
         raise ValueError(f"run {run_dir} was trained without EMA; export which='params'")
-    return ck, step, meta
+    return ck, step, meta, which
 
 
-def restore_lora(run_dir: str | Path, *, which: str = "ema", step: Optional[int] = None,
+def restore_lora(run_dir: str | Path, *, which: str = "auto", step: Optional[int] = None,
                  with_base: bool = False) -> tuple[Any, Any, Any, Optional[Any]]:  # fmt: skip
     """``(NextDiTConfig, LoraTrainConfig, adapter, base)`` of a LoRA run's checkpoint: the EMA
-    (``which="ema"``) or raw adapter as host arrays, and the frozen base params (on this host's devices)
+    (``which="ema"``; ``"auto"``: it if kept) or raw adapter as host arrays, and the frozen base params (on this host's devices)
     when ``with_base``. A ``ValueError`` for a run trained without ``lora``."""
     from lumina_jax.models.nextdit import NextDiTConfig
     from lumina_jax.train.config import config_from_dict
 
-    ck, step, meta = _open_run(run_dir, which, step)
+    ck, step, meta, which = _open_run(run_dir, which, step)
     lcfg = config_from_dict(meta["config"]).lora
     if lcfg is None:
         ck.close()
@@ -643,16 +648,17 @@ def restore_lora(run_dir: str | Path, *, which: str = "ema", step: Optional[int]
     return model_config, lcfg, shard_lib.gather_to_host(adapter), base
 
 
-def restore_weights(run_dir: str | Path, *, which: str = "ema", step: Optional[int] = None) -> tuple[Any, Any]:
+def restore_weights(run_dir: str | Path, *, which: str = "auto", step: Optional[int] = None) -> tuple[Any, Any]:
     """``(NextDiTConfig, host params)`` of the EMA (``which="ema"``) or raw (``"params"``) weights of a
-    run's checkpoint (latest ``step`` by default); for a LoRA run, the base with that adapter merged.
+    run's checkpoint (latest ``step`` by default; ``"auto"``: the EMA when the run keeps one); for a LoRA
+    run, the base with that adapter merged.
 
     Only that subtree is restored (partial restore), onto this host's devices, then gathered to host
     memory (one copy of the weights, e.g. 10 GB for the 2B in fp32).
     """
     from lumina_jax.models.nextdit import NextDiTConfig
 
-    ck, step, meta = _open_run(run_dir, which, step)
+    ck, step, meta, which = _open_run(run_dir, which, step)
     if (meta["config"] or {}).get("lora") is not None:
         ck.close()
         model_config, lcfg, adapter, base = restore_lora(run_dir, which=which, step=step, with_base=True)
@@ -669,7 +675,7 @@ def restore_weights(run_dir: str | Path, *, which: str = "ema", step: Optional[i
     return model_config, host
 
 
-def export_weights(run_dir: str | Path, out: str | Path, *, which: str = "ema", format: str = "jax",
+def export_weights(run_dir: str | Path, out: str | Path, *, which: str = "auto", format: str = "jax",
                    dtype: Any = None, step: Optional[int] = None, overwrite: bool = False) -> Path:  # fmt: skip
     """Write the weights :func:`restore_weights` returns with
     :func:`lumina_jax.convert.nextdit.save_transformer` (``format`` jax / diffusers / original;

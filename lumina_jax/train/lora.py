@@ -6,10 +6,18 @@ leading axis) gets ``down`` ``(..., in, r)`` and ``up`` ``(..., r, out)`` and th
 
     W' = W + (alpha / r) * down @ up
 
-formed inside the train step (:class:`LoRAModel`; the products cost ``r / min(in, out)`` of one
-forward's matmul FLOPs per step, under 1 % at rank 16 for the 2B). Only ``lora`` is trainable: the
-optimizer holds no state for the base and the EMA covers the adapter alone (:func:`ema_source`).
-``down`` starts uniform in ``+-1/sqrt(in)`` and ``up`` at zero (PEFT's init), so step 0 is the base model.
+formed inside the train step (:class:`LoRAModel`; the model code is unchanged). Only ``lora`` is
+trainable: the optimizer holds no state for the base, the frozen params skip the update, and the EMA
+covers the adapter alone (:func:`ema_source`). ``down`` starts uniform in ``+-1/sqrt(in)`` and ``up`` at
+zero (PEFT's init), so step 0 is the base model.
+
+Costs of merging rather than running the adapter as a side path ``(x @ down) @ up``: the backward forms
+the full gradient of every adapted ``W'`` (then projects it onto ``down``/``up``), so a step costs about
+the FLOPs of a full fine-tuning step; what LoRA saves here is optimizer and EMA memory (no Adam moments
+for the base) and the update pass over the base. With bf16 compute ``W'`` is rounded to bf16 like any
+weight (as a fused LoRA is at inference, which is how the pipeline applies adapters), so adapter updates
+far below the weights' bf16 resolution (~0.4 % of a weight) are partly lost in the forward; gradients
+still reach the adapters (straight through the rounding).
 
 Sharding: ``down`` takes the logical names of ``W``'s input axis, ``up`` those of its output axis, so
 the adapter is split like the weight it adapts. :func:`export_lora` writes the adapter in diffusers'
@@ -80,16 +88,21 @@ def ema_source(params: Any) -> Any:
     return {"lora": params["lora"]} if is_lora_tree(params) else params
 
 
+_MATRIX = re.compile(r"(/kernel|attention/[qkv])$")  # dense kernels and the q/k/v matrices: nn.Linear weights
+
+
 def target_paths(base_shapes: dict[str, tuple[int, ...]], cfg: LoraTrainConfig) -> list[str]:
-    """Flat paths of the matrices ``cfg.targets`` select (2-D, or 3-D stacked layers); an error naming
-    the patterns and some paths when a pattern selects nothing."""
+    """Flat paths of the weight matrices (dense kernels, attention q/k/v; 2-D, or 3-D stacked) that
+    ``cfg.targets`` select; biases and norm scales never are. An error naming the pattern and the
+    matrices there are when a pattern selects none."""
     regs = [re.compile(t) for t in cfg.targets]
+    matrices = sorted(p for p, s in base_shapes.items() if _MATRIX.search(p) and len(s) in (2, 3))
     out = []
     for t, r in zip(cfg.targets, regs):
-        hit = [p for p, s in base_shapes.items() if r.search(p) and len(s) in (2, 3)]
+        hit = [p for p in matrices if r.search(p)]
         if not hit:
-            raise ValueError(f"lora.targets pattern {t!r} matches no weight matrix; paths look like "
-                             f"{sorted(base_shapes)[:6]} ...")  # fmt: skip
+            raise ValueError(f"lora.targets pattern {t!r} matches no weight matrix; the matrices are "
+                             f"{matrices[:8]} ...")  # fmt: skip
         out += [p for p in hit if p not in out]
     return sorted(out)
 

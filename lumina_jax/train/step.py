@@ -177,20 +177,24 @@ def make_train_step(
             if a == 1:
                 loss, main, aux, grads = grad_one(0, {k: v[0] for k, v in micro.items()})
             else:
-                zeros = jax.tree.map(jnp.zeros_like, state.params)
+                # frozen params (trainable False) accumulate nothing: a scalar stands in for their gradient,
+                # so a LoRA run does not carry a base-sized buffer through the micro-batch loop
+                live = trainable if trainable is not None else jax.tree.map(lambda _: True, state.params)
+                zeros = jax.tree.map(lambda p, m: jnp.zeros_like(p) if m else jnp.zeros((), p.dtype), state.params, live)
 
                 def body(carry, xs):
                     i, mb = xs
                     loss, main, aux, g = grad_one(i, mb)
                     acc_l, acc_m, acc_a, acc_g = carry
-                    return (acc_l + loss, acc_m + main, acc_a + aux, jax.tree.map(jnp.add, acc_g, g)), None
+                    acc_g = jax.tree.map(lambda acc, x, m: acc + x if m else acc, acc_g, g, live)
+                    return (acc_l + loss, acc_m + main, acc_a + aux, acc_g), None
 
                 init = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros)
                 # each micro-batch's terms are already its share of the batch mean: sum them
                 (loss, main, aux, grads), _ = jax.lax.scan(body, init, (jnp.arange(a), micro))
 
             if trainable is not None:
-                grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, trainable)
+                grads = jax.tree.map(lambda g, p, m: g if m else jnp.zeros_like(p), grads, state.params, trainable)
             grad_norm = optax.global_norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             lr = lr_fn(state.step, hp)
