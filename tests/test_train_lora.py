@@ -185,3 +185,43 @@ def test_lora_grad_accum_and_export_of_a_run_without_ema(base_ckpt, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     out = export_weights(tmp_path / "acc2", tmp_path / "lora", format="lora")  # which="auto": the raw adapter
     assert load_lora(out).ranks == [4]
+
+
+@pytest.mark.parametrize("fuse_qk", [False, True])
+def test_side_path_equals_the_merged_weights_without_weight_gradients(fuse_qk):
+    """The training forward (adapters as side paths through the ``lora`` collection) = the merged
+    weights, forward and adapter gradients (fp32), on every kind of adapted layer (dense kernels, the
+    q/k/v matrices, also through the fused q/k norm + RoPE kernel); its gradient program does fewer FLOPs
+    (no full weight gradients)."""
+    from nextdit_helpers import perturbed_tiny_case
+
+    from lumina_jax.models.nextdit import NextDiT
+    from lumina_jax.parallel.sharding import model_abstract, unbox
+    from lumina_jax.sample.loop import compiled_flops
+    from lumina_jax.train.lora import LoRAModel
+
+    config, params, x, t, cap, mask = perturbed_tiny_case()
+    lc = LoraTrainConfig(rank=3, alpha=6.0, targets=(*LoraTrainConfig().targets, "adaLN_modulation", "x_embedder"))
+    rng = np.random.default_rng(0)
+    lora = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), jnp.float32),
+                        unbox(abstract_lora(model_abstract(config), lc)))  # fmt: skip
+    model = NextDiT(config, fuse_qk_norm_rope=fuse_qk)
+    frozen = jax.lax.stop_gradient(params)
+
+    def side(ad):
+        return LoRAModel(model, lc.scale).apply({"params": {"base": frozen, "lora": ad}}, x, t, cap, mask)
+
+    def merged(ad):
+        return model.apply({"params": apply_lora(frozen, ad, lc.scale)}, x, t, cap, mask)
+
+    base = model.apply({"params": params}, x, t, cap, mask)
+    assert rel_l2(merged(lora), base) > 0.1
+    assert rel_l2(side(lora), merged(lora)) <= 1e-5
+    loss = lambda f: (lambda ad: jnp.sum(jnp.square(f(ad))))  # noqa: E731
+    g_side, g_merged = jax.grad(loss(side))(lora), jax.grad(loss(merged))(lora)
+    for a, b in zip(jax.tree.leaves(g_side), jax.tree.leaves(g_merged)):
+        assert rel_l2(a, b) <= 1e-4
+    if not fuse_qk:
+        f_side = compiled_flops(jax.jit(jax.grad(loss(side))).lower(lora).compile())
+        f_merged = compiled_flops(jax.jit(jax.grad(loss(merged))).lower(lora).compile())
+        assert f_side < 0.8 * f_merged, (f_side, f_merged)

@@ -202,9 +202,34 @@ def _fp32_draw(init: Callable) -> Callable:
     return draw
 
 
+LORA = "lora"  # variable collection of LoRA adapters: {param name: {"down": (in, r), "up": (r, out)}}
+
+
+def lora_delta(module: nn.Module, name: str, x: jax.Array, dtype: Any) -> Optional[jax.Array]:
+    """``(x @ down) @ up`` for the adapter of ``module``'s param ``name`` in the ``lora`` collection, in
+    ``dtype`` (``up`` already carries the scale alpha / r); ``None`` without one. The side path of a LoRA
+    (:mod:`lumina_jax.train.lora`), as in PEFT: no merged weight, so the backward forms no full weight
+    gradient."""
+    if not module.has_variable(LORA, name):
+        return None
+    ad = module.get_variable(LORA, name)
+    h = jnp.einsum("...i,ir->...r", x.astype(dtype), ad["down"].astype(dtype))
+    return jnp.einsum("...r,ro->...o", h, ad["up"].astype(dtype))
+
+
+class _Dense(nn.Dense):
+    """``nn.Dense`` plus the LoRA side path of its ``kernel`` when the ``lora`` collection holds one."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        y = super().__call__(inputs)
+        d = lora_delta(self, "kernel", inputs, y.dtype)
+        return y if d is None else y + d
+
+
 def _dense(features: int, axes: tuple[str, str], *, use_bias: bool, dtype: Any, name: Optional[str] = None,
            init: Callable = nn.initializers.xavier_uniform(), param_dtype: Any = jnp.float32) -> nn.Dense:  # fmt: skip
-    return nn.Dense(
+    return _Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
@@ -294,6 +319,12 @@ class Attention(nn.Module):
             q = qkv[..., : hq * hd].reshape(b, l, hq, hd)
             k = qkv[..., hq * hd : (hq + hkv) * hd].reshape(b, l, hkv, hd)
             v = qkv[..., (hq + hkv) * hd :].reshape(b, l, hkv, hd)
+        deltas = {n: lora_delta(self, n, x, self.dtype) for n in ("q", "k", "v")}
+        if any(d is not None for d in deltas.values()):  # LoRA side paths (training with adapters)
+            add = lambda t, n, h: t if deltas[n] is None else t + deltas[n].reshape(b, l, h, hd)  # noqa: E731
+            q, k, v = add(q, "q", hq), add(k, "k", hkv), add(v, "v", hkv)
+            if fused_kernel:  # the kernel reads q and k from qkv
+                qkv = jnp.concatenate([q.reshape(b, l, -1), k.reshape(b, l, -1), v.reshape(b, l, -1)], axis=-1)
         if fused_kernel:  # same params (q_norm/scale, k_norm/scale), one kernel pass each,
             from lumina_jax.ops.qk_norm_rope import qk_norm_rope  # reading q and k in place from qkv
 
@@ -421,7 +452,7 @@ class BlockStack(nn.Module):
         if self.scan:
             stack = nn.scan(
                 block_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, LORA: 0},  # LoRA adapters are stacked like their weights
                 split_rngs={"params": True},
                 in_axes=nn.broadcast,
                 length=self.n,

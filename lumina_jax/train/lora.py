@@ -2,22 +2,19 @@
 
 With ``lora:`` in a train config the trainer's params are ``{"base": <Next-DiT params>, "lora": {path:
 {"down", "up"}}}``. Every targeted matrix ``W`` (JAX layout ``(..., in, out)``; stacked layers keep their
-leading axis) gets ``down`` ``(..., in, r)`` and ``up`` ``(..., r, out)`` and the model runs with
+leading axis) gets ``down`` ``(..., in, r)`` and ``up`` ``(..., r, out)``, and the layer computes
 
-    W' = W + (alpha / r) * down @ up
+    y = x W + (alpha / r) * (x down) up
 
-formed inside the train step (:class:`LoRAModel`; the model code is unchanged). Only ``lora`` is
-trainable: the optimizer holds no state for the base, the frozen params skip the update, and the EMA
-covers the adapter alone (:func:`ema_source`). ``down`` starts uniform in ``+-1/sqrt(in)`` and ``up`` at
-zero (PEFT's init), so step 0 is the base model.
-
-Costs of merging rather than running the adapter as a side path ``(x @ down) @ up``: the backward forms
-the full gradient of every adapted ``W'`` (then projects it onto ``down``/``up``), so a step costs about
-the FLOPs of a full fine-tuning step; what LoRA saves here is optimizer and EMA memory (no Adam moments
-for the base) and the update pass over the base. With bf16 compute ``W'`` is rounded to bf16 like any
-weight (as a fused LoRA is at inference, which is how the pipeline applies adapters), so adapter updates
-far below the weights' bf16 resolution (~0.4 % of a weight) are partly lost in the forward; gradients
-still reach the adapters (straight through the rounding).
+as a side path inside the model (:class:`LoRAModel` passes the adapters as the model's ``lora``
+variable collection; :func:`lumina_jax.models.nextdit.lora_delta`), as PEFT does: the backward forms
+no full weight gradient (the frozen layers only pass activation gradients on), which saves about a
+third of the step's matmul FLOPs and the weight-gradient buffers (the sum is in the compute dtype, as
+in PEFT). Only ``lora`` is trainable: the
+optimizer holds no state for the base, the frozen params skip the update and the gradient-accumulation
+buffer, and the EMA covers the adapter alone (:func:`ema_source`). ``down`` starts uniform in
+``+-1/sqrt(in)`` and ``up`` at zero (PEFT's init), so step 0 is the base model. Exports and the periodic
+samples use the merged weights (:func:`apply_lora`), like the pipeline's ``load_lora``.
 
 Sharding: ``down`` takes the logical names of ``W``'s input axis, ``up`` those of its output axis, so
 the adapter is split like the weight it adapts. :func:`export_lora` writes the adapter in diffusers'
@@ -40,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lumina_jax.convert.common import flatten, unflatten
+from lumina_jax.models.nextdit import LORA
 
 Params = Any
 
@@ -155,10 +153,18 @@ def flatten_adapters(lora: Params) -> dict[str, dict[str, Any]]:
     return out
 
 
+def adapter_variables(lora: Params, scale: float) -> Params:
+    """The adapters as the model's ``lora`` variable collection: ``{"down", "up" * scale}`` per param
+    (:func:`lumina_jax.models.nextdit.lora_delta` adds ``(x @ down) @ up``)."""
+    return unflatten({k: (v * scale if k.endswith("/up") else v) for k, v in flatten(lora).items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAModel:
-    """A Next-DiT whose ``apply`` takes ``{"params": {"base", "lora"}}`` and runs the merged weights
-    (what the train step sees in a LoRA run; ``config`` and ``forward_tokens`` pass through)."""
+    """A Next-DiT whose ``apply`` takes ``{"params": {"base", "lora"}}``: the base weights with each adapter
+    as a side path ``W x + (alpha / r) up(down(x))`` inside the model (what the train step sees in a LoRA
+    run; ``config`` and ``forward_tokens`` pass through). Equal to the merged weights (:func:`apply_lora`)
+    up to rounding, with no full weight gradient in the backward."""
 
     model: Any
     scale: float
@@ -173,7 +179,7 @@ class LoRAModel:
 
     def apply(self, variables: dict, *args: Any, **kwargs: Any) -> Any:
         p = variables["params"]
-        return self.model.apply({"params": apply_lora(p["base"], p["lora"], self.scale)}, *args, **kwargs)
+        return self.model.apply({"params": p["base"], LORA: adapter_variables(p["lora"], self.scale)}, *args, **kwargs)
 
 
 def training_view(model: Any, boxed: Any, trainable: Sequence[str],
