@@ -33,8 +33,7 @@ CLI's ``--mesh``) runs on all local devices through the training mesh and its ru
 (:mod:`lumina_jax.parallel.mesh`): images over ``data``/``fsdp``, Next-DiT and Gemma-2 weights over
 ``fsdp``/``tensor``, the VAE replicated. ``mesh="dp"`` is data parallel (a batch of 8 images on 8 chips runs
 one image per chip); ``"fsdp"`` / ``"tensor=4"`` split the weights for models one chip cannot hold. One host
-only (every device of the mesh local to this process); multi-host sharded sampling is the
-``aot --what sample`` plan for now.
+only (every device of the mesh local to this process; multi-host sampling is not supported).
 
 Execution: by default the whole run (all steps and the VAE decode) is one compiled XLA program
 (``mode="fused"``). ``mode="stepwise"`` compiles one program per kind of step and runs the steps from
@@ -57,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from lumina_jax.convert.components import Components, cache_home, load_components
 from lumina_jax.convert.lora import LoRA, load_lora, merge_lora
@@ -213,8 +212,10 @@ def _as_mesh(mesh: Any) -> Optional[Mesh]:
     remote = sum(d.process_index != jax.process_index() for d in mesh.devices.flat)
     if remote:
         raise ValueError(f"the mesh holds {remote} devices of other processes: the pipeline samples on one host "
-                         f"(build the mesh over jax.local_devices()); for multi-host sampling see "
-                         f"'python -m lumina_jax aot --what sample'")  # fmt: skip
+                         f"only (build the mesh over jax.local_devices()); multi-host sampling is not supported")  # fmt: skip
+    if any(t != AxisType.Auto for t in getattr(mesh, "axis_types", ())):
+        # jax.make_mesh makes Explicit axes; the model's sharding works through Auto axes (jax_notes §3.2)
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     return mesh
 
 
@@ -267,6 +268,10 @@ class Lumina2Pipeline:
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {dtype!r}")
         self.dtype = dtype
+        from lumina_jax.ops.attention import available_backends
+
+        if attention_backend not in available_backends() and not attention_backend.startswith("context_"):
+            raise ValueError(f"unknown attention backend {attention_backend!r}; available: {available_backends()}")
         jdt = jnp.float32 if dtype == "fp32" else jnp.bfloat16
         self.dit = NextDiT(components.transformer_config, dtype=jdt, attention_backend=attention_backend,
                            scan_layers=scan_layers, fuse_qk_norm_rope=fuse_qk_norm_rope)  # fmt: skip
@@ -433,22 +438,19 @@ class Lumina2Pipeline:
         if self.mesh is None:
             return arrays
         if not self._batch_splits(batch):
-            log.info("%d images do not divide data x fsdp = %d: every device runs the whole batch", batch,
-                     mesh_lib.batch_divisor(self.mesh))  # fmt: skip
+            log.info("%d images do not divide data x fsdp = %d: inputs replicated, activations split unevenly",
+                     batch, mesh_lib.batch_divisor(self.mesh))  # fmt: skip
             return tuple(jax.device_put(a, mesh_lib.replicated(self.mesh)) for a in arrays)
         return tuple(jax.device_put(a, mesh_lib.batch_sharding(self.mesh, a.ndim)) for a in arrays)
 
     @contextlib.contextmanager
-    def _sharded(self, batch: int) -> Iterator[None]:
-        """Trace under the mesh and the rule table (the model's activation constraints); activations stay
-        whole over the batch axes when the batch does not split."""
+    def _sharded(self) -> Iterator[None]:
+        """Trace under the mesh and the rule table (the model's activation constraints). A batch that the
+        batch axes do not divide comes in replicated and is still split unevenly by the constraints."""
         if self.mesh is None:
             yield
             return
-        rules = mesh_lib.LOGICAL_RULES
-        if not self._batch_splits(batch):
-            rules = tuple((name, None if name == "activation_batch" else axes) for name, axes in rules)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
             yield
 
     # -- compile helper -------------------------------------------------------------------------------
@@ -457,7 +459,8 @@ class Lumina2Pipeline:
         """AOT-compile ``fn`` for ``args`` once per (key, argument structure and shapes); returns
         ``(executable, seconds spent compiling now)``."""
         leaves, tree = jax.tree_util.tree_flatten(args)
-        sig = (key, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        # shardings too: a program compiled for replicated inputs refuses batch-split ones (and vice versa)
+        sig = (key, tree, tuple((np.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves))
         if sig in self._executables:
             return self._executables[sig], 0.0
         t0 = time.perf_counter()
@@ -659,7 +662,7 @@ class Lumina2Pipeline:
         scale = jnp.float32(guidance_scale)
         ratio = jnp.float32(s["cfg_renorm_ratio"])
         noise, feats, mask = self._place_batch(b, jnp.asarray(noise), feats, mask)
-        with self._sharded(b):
+        with self._sharded():
             if mode == "fused":
                 latents_out, images, comp_s, run_s = self._run_fused(noise, feats, mask, schedule, scale, ratio,
                                                                      s["cfg_renorm"], decode, vae_tile, callback, phase)
@@ -708,16 +711,26 @@ class Lumina2Pipeline:
             self._callback = None
         return latents, images, comp_s, time.perf_counter() - t0
 
+    def _init_state(self, schedule: Schedule, noise: jax.Array) -> jax.Array:
+        """The solver state, placed like ``noise`` (a scalar state replicated) on a mesh."""
+        state = init_state(schedule, noise)
+        if self.mesh is not None:
+            state = jax.device_put(state, noise.sharding if np.ndim(state) else mesh_lib.replicated(self.mesh))
+        return state
+
     def step_executables(self, schedule: Schedule, noise, feats, mask, renorm: str) -> tuple[dict, float]:
         """Compiled single-step programs for every guidance pattern in ``schedule`` -> ``({flags: exe},
         compile seconds)``."""
         comp = 0.0
         exes = {}
-        state = init_state(schedule, noise)
+        state = self._init_state(schedule, noise)
         coeffs = {k: np.asarray(v)[0] for k, v in schedule.arrays.items()}
+        # sharded: steps return x and the state as they came in, so the next step takes them
+        out_sh = None if self.mesh is None else (noise.sharding, state.sharding)
         for flags in dict.fromkeys(schedule.guided):
-            key = ("step", schedule.solver, flags, renorm)
-            fn = self._jit(key, lambda flags=flags: loop.make_step_fn(self.dit, schedule.solver, flags, renorm=renorm))
+            key = ("step", schedule.solver, flags, renorm, out_sh)
+            fn = self._jit(key, lambda flags=flags: loop.make_step_fn(self.dit, schedule.solver, flags, renorm=renorm,
+                                                                      out_shardings=out_sh))  # fmt: skip
             args = (self.dit_params, noise, state, coeffs, feats, mask, jnp.float32(1), jnp.float32(1))
             exes[flags], c = self._executable(key, fn, args)
             comp += c
@@ -734,7 +747,7 @@ class Lumina2Pipeline:
             dec, c = self._executable(key, fn, (self.vae_params, noise))
             comp += c
         arrays = {k: np.asarray(v) for k, v in schedule.arrays.items()}
-        x, state = noise, init_state(schedule, noise)
+        x, state = noise, self._init_state(schedule, noise)
         phase("sample")
         t0 = time.perf_counter()
         for i, flags in enumerate(schedule.guided):
@@ -758,13 +771,16 @@ class Lumina2Pipeline:
     def schedule_flops(self, schedule: Schedule, batch: int, height: int, width: int, caption_length: int = 64,
                        renorm: str = "clamp") -> dict[str, Any]:
         """FLOPs of the denoising loop from XLA's cost analysis of each kind of step (see
-        :func:`lumina_jax.sample.loop.schedule_flops`), for ``batch`` images of ``height x width``."""
+        :func:`lumina_jax.sample.loop.schedule_flops`), for ``batch`` images of ``height x width``; with a
+        mesh, per device (the programs a call of that batch runs)."""
         noise = jnp.zeros((batch, *self.latent_shape(height, width)), jnp.float32)
         rows = 2 * batch if schedule.num_guided else batch
         d = self.components.transformer_config.cap_feat_dim
         feats = jnp.zeros((rows, caption_length, d), jnp.float32)
         mask = jnp.ones((rows, caption_length), bool)
-        exes, _ = self.step_executables(schedule, noise, feats, mask, renorm)
+        noise, feats, mask = self._place_batch(batch, noise, feats, mask)
+        with self._sharded():
+            exes, _ = self.step_executables(schedule, noise, feats, mask, renorm)
         return loop.schedule_flops(schedule, lambda flags: loop.compiled_flops(exes[flags]))
 
 

@@ -8,7 +8,10 @@ As in ``test_parallel_meshes.py`` the work runs in one subprocess (this file exe
   and stepwise, with a batch the batch axes split (8 images) and one they do not (2 images, dpm);
 * weights land where the rule table puts them (a Next-DiT and a Gemma-2 matrix), the VAE replicated;
 * the compiled program takes the noise split over ``(data, fsdp)``, and on ``dp`` each device does
-  about 1/8 of the single-device FLOPs (the work is divided, not repeated);
+  about 1/8 of the single-device FLOPs (the work is divided, not repeated); 2 images on 8 devices enter
+  replicated but the activation constraints still split the work (well under the single-device FLOPs);
+* ``schedule_flops`` and a sampling call with the same shapes do not share a program compiled for other
+  input shardings; a mesh from ``jax.make_mesh`` (Explicit axes) works;
 * ``python -m lumina_jax generate --mesh dp`` writes its images.
 """
 
@@ -61,6 +64,13 @@ def test_weights_follow_the_rule_table(report):
 
 def test_data_parallel_divides_the_work(report):
     assert report["flops_ratio_dp"] < 0.15  # 1/8 + round-off; replicated work would give 1.0
+    assert report["flops_ratio_dp_unsplit"] < 0.6  # 2 images: split by the constraints (0.39 measured)
+
+
+def test_flop_analysis_then_sampling_and_explicit_meshes(report):
+    assert report["schedule_flops_ratio"] < 0.6  # per device, for the sharded programs
+    assert report["after_schedule_flops"] <= TOL  # and sampling afterwards still runs (and agrees)
+    assert report["explicit_mesh"] <= TOL
 
 
 def test_cli_mesh(report):
@@ -88,13 +98,16 @@ def test_mesh_errors(tmp_path, capsys):
     comps = random_components(0)
     with pytest.raises(ValueError, match=r"lack \['data', 'fsdp', 'context', 'tensor'\]"):
         Lumina2Pipeline(comps, mesh=Mesh(np.asarray(jax.devices()[:1]), ("x",)))
-    with pytest.raises(ValueError, match="has 4 devices, but there are 1"):
-        Lumina2Pipeline(comps, mesh="data=4")
+    n = jax.local_device_count() + 1
+    with pytest.raises(ValueError, match=f"has {n} devices, but there are {n - 1}"):
+        Lumina2Pipeline(comps, mesh=f"data={n}")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        Lumina2Pipeline(comps, attention_backend="flash")
     with pytest.raises(SystemExit) as e:  # argparse rejects it before anything loads
         main(["a cat", "--mesh", "dat=2", "--out", str(tmp_path / "x.png")])
     assert e.value.code == 2 and "unknown axis 'dat'" in capsys.readouterr().err
-    rc = main(["a cat", "--mesh", "tensor=2", "--out", str(tmp_path / "x.png"), "--compilation-cache", "off"])
-    assert rc == 2 and "has 2 devices, but there are 1" in capsys.readouterr().err
+    rc = main(["a cat", "--mesh", f"tensor={n}", "--out", str(tmp_path / "x.png"), "--compilation-cache", "off"])
+    assert rc == 2 and f"has {n} devices, but there are {n - 1}" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +157,25 @@ def _worker(out_path: str) -> None:
         rep["meshes"][m] = r
         if m == "dp":
             rep["flops_ratio_dp"] = loop.compiled_flops(exe) / flops_one
+            one, two = Lumina2Pipeline(comps, dtype="fp32"), Lumina2Pipeline(comps, dtype="fp32", mesh=m)
+            assert diff(run(two, mode="fused").latents, run(one, mode="fused").latents) <= TOL  # 2 images
+            rep["flops_ratio_dp_unsplit"] = loop.compiled_flops(fused_exe(two)) / loop.compiled_flops(fused_exe(one))
+            # a FLOP analysis first, then a sampling call of the same shapes (caption length 64 as above)
+            from lumina_jax.sample.solvers import make_schedule
+
+            q = Lumina2Pipeline(comps, dtype="fp32", mesh=m)
+            sched = make_schedule("euler", 3, guidance_scale=4.0)
+            px = q.default_image_size
+            rep["schedule_flops_ratio"] = (q.schedule_flops(sched, 8, px, px)["total"]
+                                           / base.schedule_flops(sched, 8, px, px)["total"])  # fmt: skip
+            ref_e = base(prompts, num_inference_steps=3, seed=1, output_type="latent", num_images_per_prompt=4,
+                         mode="stepwise", solver="euler", guidance_scale=4.0)  # fmt: skip
+            out_e = q(prompts, num_inference_steps=3, seed=1, output_type="latent", num_images_per_prompt=4,
+                      mode="stepwise", solver="euler", guidance_scale=4.0)  # fmt: skip
+            rep["after_schedule_flops"] = diff(out_e.latents, ref_e.latents)
+            explicit = jax.make_mesh((2, 2, 1, 2), ("data", "fsdp", "context", "tensor"))
+            rep["explicit_mesh"] = diff(run(Lumina2Pipeline(comps, dtype="fp32", mesh=explicit),
+                                            num_images_per_prompt=4, mode="fused").latents, ref8.latents)  # fmt: skip
         if m == "fsdp=2,tensor=2,data=2":
             spec = lambda a: [list(e) if isinstance(e, tuple) else e for e in a.sharding.spec]  # noqa: E731
             rep["specs"] = {

@@ -449,7 +449,8 @@ def test_a_context_mesh_without_context_attention_is_warned(caplog):
         assert warn_context_attention({"data": 2, "context": 4}, "auto")
         assert not warn_context_attention({"data": 2, "context": 4}, "context_pallas")
         assert not warn_context_attention({"data": 8, "context": 1}, "auto")
-    assert caplog.text.count("use attention (or attention_backend) context") == 1
+    assert caplog.text.count("use attention (attention_backend, --attention) context") == 1
+    assert not warn_context_attention({"data": 2, "context": 4}, "splash_sharded")  # context-parallel on TPU
 
 
 def test_stage_of_a_step_under_the_saved_config():

@@ -304,12 +304,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+# backends that run context-parallel attention themselves when the mesh has context > 1 (the TPU ones)
+CONTEXT_CAPABLE = ("splash_sharded", "pallas_tpu_sharded")
+
+
 def warn_context_attention(mesh_shape: dict, attention: str) -> bool:
     """Warn (and return True) when a ``context`` mesh axis would not shard the attention: only the
-    ``context*`` backends run it in shard_map over the token axis."""
-    if mesh_shape.get("context", 1) > 1 and not attention.startswith("context"):
+    ``context*`` backends and the TPU ones (:data:`CONTEXT_CAPABLE`, what ``auto`` is on a TPU) run it in
+    shard_map over the token axis."""
+    name = attention
+    if name == "auto":
+        from lumina_jax.ops.attention import resolve_backend
+
+        name = resolve_backend("auto")
+    if mesh_shape.get("context", 1) > 1 and not (name.startswith("context") or name in CONTEXT_CAPABLE):
         log.warning("the mesh has context=%d but attention=%s runs outside shard_map: XLA partitions it by itself "
-                    "(K/V may be gathered whole on every device); use attention (or attention_backend) context",
+                    "(K/V may be gathered whole on every device); use attention (attention_backend, --attention) context",
                     mesh_shape["context"], attention)  # fmt: skip
         return True
     return False

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-length", type=int, default=256, help="max text tokens incl. system prompt")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--mode", choices=["stepwise", "fused"], default="stepwise")
+    ap.add_argument("--attention", default="auto", metavar="BACKEND",
+                    help="Next-DiT attention backend (default auto; 'context' for a --mesh with context > 1)")
     ap.add_argument("--mesh", type=_mesh, default=None,
                     help="shard over this host's devices: a mesh preset (dp, fsdp, fsdp_tensor, context) and/or "
                          "axis sizes, e.g. 'dp' (one image per device), 'fsdp=4,tensor=2' (split the weights)")
@@ -295,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         say("loading model ...")
         pipe = Lumina2Pipeline.from_pretrained(args.checkpoint, transformer=args.transformer, dtype=args.dtype,
                                                cache=args.cache_weights, compilation_cache=cc,
-                                               mesh=args.mesh)  # fmt: skip
+                                               attention_backend=args.attention, mesh=args.mesh)  # fmt: skip
         say(f"loaded {pipe.components.source} in {time.perf_counter() - t0:.1f}s")
         for path, w in zip(args.lora, scales):
             lora = pipe.load_lora(path, w)

@@ -96,15 +96,18 @@ def make_generate_fn(dit: NextDiT, vae: Optional[AutoencoderKL], *, renorm: Reno
     return jax.jit(functools.partial(generate, dit, vae, renorm=renorm, vae_tile=vae_tile, on_step=on_step))
 
 
-def make_step_fn(dit: NextDiT, solver: str, guided: tuple[bool, ...], *, renorm: RenormMode = "clamp"):
+def make_step_fn(dit: NextDiT, solver: str, guided: tuple[bool, ...], *, renorm: RenormMode = "clamp",
+                 out_shardings: Any = None):
     """Jitted single step ``fn(dit_params, x, state, coeffs, cap_feats, cap_mask, guidance_scale,
-    renorm_ratio) -> (x, state)`` for one guidance pattern; ``coeffs = schedule.at(i)``."""
+    renorm_ratio) -> (x, state)`` for one guidance pattern; ``coeffs = schedule.at(i)``.
+    ``out_shardings`` (sharded runs): those of ``(x, state)`` as they come in, so that each step's output
+    can be fed to the same compiled program."""
 
     def fn(dit_params, x, state, coeffs, cap_feats, cap_mask, guidance_scale, renorm_ratio):
         model_fn = make_model_fn(dit, cap_feats, cap_mask, guidance_scale, renorm, renorm_ratio)
         return step(model_fn, dit_params, x, state, coeffs, solver, guided)
 
-    return jax.jit(fn)
+    return jax.jit(fn, out_shardings=out_shardings)
 
 
 def make_decode_fn(vae: AutoencoderKL, vae_tile: Optional[tuple[int, int]] = None):
