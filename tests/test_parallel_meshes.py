@@ -49,14 +49,19 @@ def subprocess_env(devices: int = 8) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("meshes") / "report.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=subprocess_env(8), cwd=REPO,
+def run_worker(script: str, out: Path, devices: int = 8) -> dict:
+    """Run ``script`` (a test file whose ``__main__`` writes a JSON report to ``out``) on ``devices``
+    virtual CPU devices; its report, or an AssertionError with its output."""
+    proc = subprocess.run([sys.executable, script, str(out)], env=subprocess_env(devices), cwd=REPO,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     if proc.returncode != 0:
         raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return run_worker(__file__, tmp_path_factory.mktemp("meshes") / "report.json")
 
 
 @pytest.mark.slow

@@ -34,16 +34,9 @@ MESHES = ("dp", "fsdp", "fsdp=2,tensor=2,data=2", "context")
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    import subprocess
+    from test_parallel_meshes import run_worker
 
-    from test_parallel_meshes import subprocess_env
-
-    out = tmp_path_factory.mktemp("pipeline_mesh") / "report.json"
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=subprocess_env(8), cwd=REPO,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    if proc.returncode != 0:
-        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads(out.read_text())
+    return run_worker(__file__, tmp_path_factory.mktemp("pipeline_mesh") / "report.json")
 
 
 @pytest.mark.parametrize("mesh", MESHES)
