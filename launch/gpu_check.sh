@@ -96,6 +96,9 @@ else
       --reference none --warmup 2 --iters 10 --json "$RES/forward_dsf.json"
   step 120 train-2b-256 $B train --config nextdit_2b --res 256 --batch 16 8 --remat low_precision --steps 5 \
       --json "$RES/train_256.json"
+  # LoRA fine-tuning step (frozen base, rank-16 side paths): vs the full step above (no Adam/EMA of the base)
+  step 120 train-2b-1024-lora $B train --config nextdit_2b --res 1024 --batch 8 4 --lora 16 --remat low_precision \
+      --steps 5 --json "$RES/train_1024_lora.json"
 fi
 pack
 echo "part $PART done at $(( SECONDS - T0 ))s" | tee -a "$LOG"

@@ -225,3 +225,28 @@ def test_side_path_equals_the_merged_weights_without_weight_gradients(fuse_qk):
         f_side = compiled_flops(jax.jit(jax.grad(loss(side))).lower(lora).compile())
         f_merged = compiled_flops(jax.jit(jax.grad(loss(merged))).lower(lora).compile())
         assert f_side < 0.8 * f_merged, (f_side, f_merged)
+
+
+def test_lora_flop_count_and_bench(tmp_path):
+    """A LoRA step counts no weight-gradient matmuls (2x forward + the attention's extra backward):
+    ~0.7x a full step for the 2B at 1024 px; ``bench train --lora`` runs and reports it."""
+    import json
+
+    from lumina_jax.bench.train import main
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.train.metrics import attention_flops, latent_tokens, train_flops_per_sample
+
+    c = NextDiTConfig.from_yaml("nextdit_2b")
+    full = train_flops_per_sample(c, 1024, 256, aux=False)
+    lora = train_flops_per_sample(c, 1024, 256, aux=False, lora=True)
+    att = attention_flops(c, 256, latent_tokens(c, 1024))
+    assert lora["train"] == 2 * full["forward"] + att
+    assert 0.65 < lora["train"] / full["train"] < 0.8
+    rows = {}
+    for name, extra in (("full", []), ("lora", ["--lora", "2"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["--config", "nextdit_tiny", "--res", "64", "--batch", "8", "--steps", "1", "--no-aux",
+                     "--dtype", "float32", "--attention", "xla", "--mesh", "dp", "--json", str(out), *extra]) == 0  # fmt: skip
+        rows[name] = json.loads(out.read_text())
+    assert rows["lora"]["lora_rank"] == 2 and rows["full"]["lora_rank"] is None
+    assert rows["lora"]["train_flops_per_step"] < rows["full"]["train_flops_per_step"]

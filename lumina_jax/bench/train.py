@@ -43,6 +43,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--mesh", default="fsdp", help="mesh preset: dp, fsdp, fsdp_tensor, context")
     p.add_argument("--no-aux", action="store_true", help="disable the auxiliary pooled-latent loss")
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="LoRA fine-tuning step (frozen base, rank-RANK adapters on attention + SwiGLU) instead of "
+                        "full training; FLOPs/MFU count no weight gradients")
     p.add_argument("--matmul-n", type=int, default=None, help="size of the reference bf16 matmul")
     p.add_argument("--json", default=None, help="write the result row here (a list of rows when there are several)")
     p.add_argument("--profile", default=None, metavar="FILE", help="also write an xprof trace of two steps here")
@@ -104,6 +107,8 @@ def _run(args: argparse.Namespace, batch_size: int) -> dict:
         "stages": [{"name": "bench", "resolution": args.res, "steps": args.steps + 1, "batch": batch_size,
                     "data": {"kind": "synthetic", "num_samples": max(batch_size, 1), "cap_len": cap_len}}],
     }  # fmt: skip
+    if args.lora:
+        raw["lora"] = {"rank": args.lora}
     cfg = config_from_dict(raw)
     tr = Trainer(cfg)
     try:
@@ -153,6 +158,7 @@ def _run(args: argparse.Namespace, batch_size: int) -> dict:
         "peak_tflops": peak, "mfu": tflops / peak if peak else None,
         "matmul_bf16_tflops": matmul, "vs_matmul": tflops / matmul if matmul else None,
         "loss": float(np.asarray(m["loss"])), "train_flops_per_step": useful, "grad_accum": args.grad_accum,
+        "lora_rank": args.lora,
         "peak_mem_gib": peak_device_memory(),
     }  # fmt: skip
     return row

@@ -177,16 +177,6 @@ def _sds(a, sharding, dtype=None):
     return jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding)
 
 
-def _attention_flops(c, cap_len: int, n_img: int) -> int:
-    """Attention part of :func:`lumina_jax.models.nextdit.flops_forward` (``4 L^2 H D`` per layer)."""
-    hd = c.head_dim
-
-    def stack(n_layers, length):
-        return n_layers * 4 * length * length * c.n_heads * hd
-
-    return stack(c.n_layers, cap_len + n_img) + stack(c.n_refiner_layers, n_img) + stack(c.n_refiner_layers, cap_len)
-
-
 def build_plan(
     cfg: Any,
     mesh: Any,
@@ -266,12 +256,12 @@ def build_plan(
         step_fn = make_train_step(model, tx, optim.lr_schedule(cfg.optimizer), sc, tmask)
         run = compile_train_step(step_fn, mesh, sshard, batch)
         aux = bool(cfg.objective.aux_loss_weight)
-        f = metrics_lib.train_flops_per_sample(mc, res, cap_len, cfg.objective.aux_pool, aux)
+        f = metrics_lib.train_flops_per_sample(mc, res, cap_len, cfg.objective.aux_pool, aux, lora=cfg.lora is not None)
         r = metrics_lib.remat_flops_per_sample(mc, res, cap_len, cfg.remat, cfg.objective.aux_pool, aux)
-        att = 3 * _attention_flops(mc, cap_len, n_img)
+        att = 3 * metrics_lib.attention_flops(mc, cap_len, n_img)
         if aux:
             side = lat_hw // cfg.objective.aux_pool // mc.patch_size
-            att += 3 * _attention_flops(mc, cap_len, side * side)
+            att += 3 * metrics_lib.attention_flops(mc, cap_len, side * side)
         return Plan(what, run.jitted, (state, batch, hp), mesh, mc, res, gb, gb / div, cap_len, cfg.remat, attention,
                     (f["train"] + r) * gb, att * gb, 0, cfg.model)  # fmt: skip
 
@@ -285,7 +275,7 @@ def build_plan(
     cap = jax.ShapeDtypeStruct((nb, cap_len, mc.cap_feat_dim), dtype, sharding=bs(3))
     cmask = jax.ShapeDtypeStruct((nb, cap_len), jnp.bool_, sharding=bs(2))
     flops_one = float(flops_forward(mc, cap_len, n_img))
-    att_one = float(_attention_flops(mc, cap_len, n_img))
+    att_one = float(metrics_lib.attention_flops(mc, cap_len, n_img))
     if what == "forward":
         t = jax.ShapeDtypeStruct((gb,), jnp.float32, sharding=bs(1))
         jitted = jax.jit(fwd, in_shardings=(pshard, bs(4), bs(1), bs(3), bs(2)), out_shardings=bs(4))

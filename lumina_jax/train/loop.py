@@ -387,7 +387,7 @@ class Trainer:
         aux = bool(self.aux_weight(stage_index))
         ds = 8 if latent_hw is None else max(1, round((stage.resolution**2 / (latent_hw[0] * latent_hw[1])) ** 0.5))
         f = metrics_lib.train_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.objective.aux_pool,
-                                               aux, downsample=ds)  # fmt: skip
+                                               aux, downsample=ds, lora=self.cfg.lora is not None)  # fmt: skip
         r = metrics_lib.remat_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.remat,
                                                self.cfg.objective.aux_pool, aux, downsample=ds,
                                                attention_kernel=attention_uses_kernel(self.cfg.attention, self.cfg.dtype,

@@ -53,16 +53,35 @@ def latent_tokens(model: NextDiTConfig, resolution: int, downsample: int = 8) ->
     return side * side
 
 
+def attention_flops(model: NextDiTConfig, cap_len: int, n_img: int) -> int:
+    """Attention part of :func:`lumina_jax.models.nextdit.flops_forward` (``4 L^2 H D`` per layer)."""
+    hd = model.head_dim
+
+    def stack(n_layers: int, length: int) -> int:
+        return n_layers * 4 * length * length * model.n_heads * hd
+
+    return stack(model.n_layers, cap_len + n_img) + stack(model.n_refiner_layers, n_img) + \
+        stack(model.n_refiner_layers, cap_len)  # fmt: skip
+
+
 def train_flops_per_sample(
-    model: NextDiTConfig, resolution: int, cap_len: int, aux_pool: int = 4, aux: bool = True, downsample: int = 8
+    model: NextDiTConfig, resolution: int, cap_len: int, aux_pool: int = 4, aux: bool = True, downsample: int = 8,
+    lora: bool = False,
 ) -> dict[str, float]:
-    """Useful FLOPs per sample of one train step: ``{"forward", "aux_forward", "train"}``."""
-    fwd = flops_forward(model, cap_len, latent_tokens(model, resolution, downsample))
-    aux_fwd = 0.0
+    """Useful FLOPs per sample of one train step: ``{"forward", "aux_forward", "train"}``. ``train`` is
+    3x the forward; with ``lora`` (frozen weights, adapters as side paths) the weight-gradient matmuls
+    are not done: 2x the forward plus the attention's second backward matmul (the adapters' rank-r work
+    is not counted)."""
+    n = latent_tokens(model, resolution, downsample)
+    fwd, att = flops_forward(model, cap_len, n), attention_flops(model, cap_len, n)
+    aux_fwd = aux_att = 0.0
     if aux:
         side = (resolution // downsample) // aux_pool // model.patch_size
-        aux_fwd = flops_forward(model, cap_len, side * side)
-    return {"forward": float(fwd), "aux_forward": float(aux_fwd), "train": 3.0 * (fwd + aux_fwd)}
+        aux_fwd, aux_att = flops_forward(model, cap_len, side * side), attention_flops(model, cap_len, side * side)
+    train = 3.0 * (fwd + aux_fwd)
+    if lora:
+        train -= (fwd - att) + (aux_fwd - aux_att)
+    return {"forward": float(fwd), "aux_forward": float(aux_fwd), "train": float(train)}
 
 
 def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, policy: str, aux_pool: int = 4,
@@ -76,13 +95,10 @@ def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, 
     ``full``: the whole forward of the blocks is recomputed once.
     """
     def one(n_img: int) -> float:
-        c, hd = model, model.head_dim
-        attn = lambda n_layers, length: n_layers * 4 * length * length * c.n_heads * hd  # noqa: E731
         if policy in ("none", "low_precision") or (policy == "dots" and not attention_kernel):
             return 0.0
         if policy in ("dots", "dots_no_batch"):
-            return float(attn(c.n_layers, cap_len + n_img) + attn(c.n_refiner_layers, n_img)
-                         + attn(c.n_refiner_layers, cap_len))  # fmt: skip
+            return float(attention_flops(model, cap_len, n_img))
         if policy == "full":
             return float(flops_forward(model, cap_len, n_img))
         raise ValueError(f"unknown remat policy {policy!r}")
