@@ -277,3 +277,20 @@ def test_alpha_sources_and_refused_keys(tmp_path, caplog):
         save_file(tensors, tmp_path / "bad.safetensors")
         with pytest.raises(CheckpointError, match=msg):
             load_lora(tmp_path / "bad.safetensors")
+
+
+def test_convert_bakes_loras_into_a_checkpoint(case, tmp_path, capsys):
+    from lumina_jax.convert.cli import main
+
+    config, params, ref, xs, root, _ = case
+    out = tmp_path / "merged"
+    assert main([str(root / "base"), str(out), "--to", "jax", "--lora", str(root / "diffusers"), "--lora-scale",
+                 "0.5", "--lora", str(root / "diffusers")]) == 0  # fmt: skip
+    assert "merged" in capsys.readouterr().out
+    _, got = load_transformer(out)
+    want = merge_lora(params, config, [(load_lora(root / "diffusers"), 0.5)] * 2)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert rel_l2(ref, _out(config, got, *xs)) <= 1e-5  # two halves = the adapter once
+    assert main([str(root / "base"), str(tmp_path / "x"), "--to", "jax", "--lora-scale", "2"]) == 1
+    assert "--lora-scale without --lora" in capsys.readouterr().err

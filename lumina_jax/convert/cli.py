@@ -53,6 +53,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--config", default=None, help="model config name/YAML for original checkpoints (else inferred)")
     ap.add_argument("--pth-key", default=None, metavar="NAME", help="which state dict of an original .pth that "
                     "wraps several to read (e.g. ema of {'model': ..., 'ema': ...}; default: model)")  # fmt: skip
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH",
+                    help="merge this LoRA adapter into the transformer before writing (repeatable)")
+    ap.add_argument("--lora-scale", action="append", type=float, default=[], metavar="W",
+                    help="weight of each --lora (one value: all of them; default 1.0)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     ap.add_argument("--verify", action="store_true", help="read DST back and check every tensor bit for bit "
                     "against the source (and the stored config); one more read of the output")  # fmt: skip
@@ -70,6 +74,9 @@ def main(argv: list[str]) -> int:
 
     t0 = time.time()
     try:
+        from lumina_jax.convert.lora import load_lora, merge_lora, pair_scales
+
+        loras = pair_scales(args.lora, args.lora_scale)
         kind = component_kind(args.src)
         dst = Path(args.dst)
         original_name = {"transformer": "consolidated.00-of-01.pth", "vae": "ae.safetensors"}.get(kind)
@@ -82,6 +89,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"{args.dst} is inside the checkpoint {args.src}: another weights file there would "
                              f"become part of that checkpoint; write it elsewhere")  # fmt: skip
         if kind != "transformer":
+            if loras:
+                raise ValueError(f"--lora adapts Next-DiT transformers; {args.src} holds a {kind}")
             if args.pth_key is not None:
                 raise ValueError(f"--pth-key is for original Next-DiT .pth checkpoints; {args.src} holds a {kind}")
             out = _convert_encoder(kind, args, target, t0)
@@ -92,7 +101,11 @@ def main(argv: list[str]) -> int:
         where = original_weights_file(args.src) if fmt == "original" else args.src
         print(f"reading {where} ({fmt})", flush=True)
         config, params = load_transformer(args.src, config=config, dtype=None, pth_key=args.pth_key)
-        print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s; writing {args.to}", flush=True)
+        print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s", flush=True)
+        if loras:
+            params = merge_lora(params, config, [(load_lora(p, config), w) for p, w in loras])
+            print("merged " + ", ".join(f"{p} (weight {w:g})" for p, w in loras), flush=True)
+        print(f"writing {args.to}", flush=True)
         out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)
         if args.verify:
             n = verify_transformer(out, config, params, args.to, dtype=args.dtype)

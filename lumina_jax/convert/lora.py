@@ -219,6 +219,20 @@ def _resolve_names(raw: list[str], config: Optional[NextDiTConfig], path: Path) 
     return layout, found
 
 
+def pair_scales(paths: Sequence[str], scales: Sequence[float]) -> list[tuple[str, float]]:
+    """Command-line ``--lora`` paths with their ``--lora-scale`` weights: none (1.0 each), one (for all),
+    or one per path; a ``ValueError`` otherwise."""
+    if scales and not paths:
+        raise ValueError("--lora-scale without --lora (give the adapter with --lora PATH)")
+    scales = list(scales) or [1.0]
+    if len(scales) == 1:
+        scales = scales * len(paths)
+    if len(scales) != len(paths):
+        raise ValueError(f"{len(scales)} --lora-scale values for {len(paths)} --lora adapters (give one, or one "
+                         f"per adapter)")  # fmt: skip
+    return list(zip(paths, (float(s) for s in scales)))
+
+
 # ----------------------------------------------------------------------------------------------
 # merging
 
@@ -277,4 +291,4 @@ def merge_lora(params: dict, config: NextDiTConfig, loras: Union[LoRA, Sequence[
     return unflatten(out)
 
 
-__all__ = ["LoRA", "LoRAModule", "load_lora", "lora_updates", "merge_lora", "METADATA_KEY"]
+__all__ = ["LoRA", "LoRAModule", "load_lora", "lora_updates", "merge_lora", "pair_scales", "METADATA_KEY"]

@@ -265,15 +265,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.n < 1:
         print(f"{PROG}: error: --n must be >= 1", file=sys.stderr)
         return 2
-    if args.lora_scale and not args.lora:
-        print(f"{PROG}: error: --lora-scale without --lora (give the adapter with --lora PATH)", file=sys.stderr)
-        return 2
-    scales = args.lora_scale or [1.0]
-    if len(scales) == 1:
-        scales = scales * len(args.lora)
-    if len(scales) != len(args.lora):
-        print(f"{PROG}: error: {len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora adapters "
-              f"(give one, or one per adapter)", file=sys.stderr)  # fmt: skip
+    from lumina_jax.convert.lora import pair_scales
+
+    try:
+        loras = pair_scales(args.lora, args.lora_scale)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
 
     from tqdm import tqdm
@@ -299,7 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                cache=args.cache_weights, compilation_cache=cc,
                                                attention_backend=args.attention, mesh=args.mesh)  # fmt: skip
         say(f"loaded {pipe.components.source} in {time.perf_counter() - t0:.1f}s")
-        for path, w in zip(args.lora, scales):
+        for path, w in loras:
             lora = pipe.load_lora(path, w)
             say(f"merged LoRA {path} ({len(lora.modules)} modules, rank {'/'.join(map(str, lora.ranks))}, weight {w:g})")
         bar: dict[str, Any] = {}
