@@ -252,7 +252,8 @@ class Lumina2Pipeline:
         ``data, fsdp, context, tensor``, or what :func:`lumina_jax.parallel.mesh.create_mesh` takes (a preset
         name such as ``"dp"``, a dict of axis sizes, a :class:`~lumina_jax.parallel.mesh.MeshConfig`);
         ``None`` (default): one device. Weights are placed by the training rule table; a batch of images
-        that ``data x fsdp`` does not divide runs whole on every device (correct, not faster).
+        that ``data x fsdp`` does not divide enters replicated and the model's activation constraints split
+        its work unevenly (2 images on 8 devices: 0.39 of one device's FLOPs each).
 
     In bf16 the Next-DiT matmul weights are cast once at construction
     (:func:`~lumina_jax.models.nextdit.cast_matmul_weights`; same outputs, half the weight memory).
