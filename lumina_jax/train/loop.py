@@ -36,9 +36,9 @@ from lumina_jax.models.nextdit import NextDiT
 from lumina_jax.parallel import mesh as mesh_lib
 from lumina_jax.parallel import sharding as shard_lib
 from lumina_jax.train import checkpoint as ckpt_lib
+from lumina_jax.train import lora as lora_lib
 from lumina_jax.train import metrics as metrics_lib
 from lumina_jax.train import objective as obj
-from lumina_jax.train import lora as lora_lib
 from lumina_jax.train import optim
 from lumina_jax.train.config import TrainConfig, load_model_config
 from lumina_jax.train.data import build_stage_iterator, data_counters, local_data_counts, to_global
@@ -273,7 +273,7 @@ class Trainer:
             remat=cfg.remat,
             scan_layers=cfg.scan_layers,
         )
-        # with lora: params {"base": frozen, "lora": adapters}, and the step runs the merged weights
+        # with lora: params {"base": frozen, "lora": adapters}; the step runs the adapters as side paths
         self.model, self.abstract_boxed, trainable = lora_lib.training_view(
             self.model, shard_lib.model_abstract(self.model_config), cfg.trainable, cfg.lora)
         abstract_params = shard_lib.unbox(self.abstract_boxed)
