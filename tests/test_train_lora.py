@@ -62,6 +62,13 @@ def test_lora_run_trains_the_adapter_only_and_resumes_exactly(base_ckpt, tmp_pat
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ResumeMismatchError, match=r"lora: .*'rank': 4.*'rank': 8"):
         Trainer(_lora_cfg(tmp_path / "b", base_ckpt, "lora.rank=8"), stop_at=5).run()
+    # the base is re-read from init on resume, so init may not change
+    with pytest.raises(ResumeMismatchError, match=r"init: .* -> None"):
+        Trainer(make_cfg(tmp_path / "b", *LORA), stop_at=5).run()
+    # checkpoints hold the adapter state, not the frozen base: far smaller than a full run's
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    full = size(base_ckpt.parent / "run" / "checkpoints" / "2")
+    assert size(tmp_path / "b" / "checkpoints" / "4") < 0.35 * full, (size(tmp_path / "b" / "checkpoints" / "4"), full)
 
 
 def test_lora_export_loads_in_diffusers_and_in_the_pipeline(base_ckpt, tmp_path, capsys):

@@ -142,6 +142,8 @@ def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
     shape_of = lambda d: None if d is None else (d.get("rank"), list(d.get("targets") or []))  # noqa: E731
     if shape_of(old_lora) != shape_of(new_lora):  # adapters on/off, another rank or other matrices
         state.append(("lora", old_lora, new_lora))
+    elif new_lora is not None and saved_cfg.get("init") != cfg.init:  # the frozen base is re-read from init
+        state.append(("init", saved_cfg.get("init"), cfg.init))
     old_trainable = saved_cfg.get("trainable")
     if old_trainable is not None and list(old_trainable) != list(cfg.trainable):
         if same_trainable is None or not same_trainable(tuple(old_trainable)):
@@ -301,14 +303,9 @@ class Trainer:
     def fresh_state(self) -> TrainState:
         """Initial state: params from ``cfg.init`` or random, created in their shardings."""
         cfg = self.cfg
-        if cfg.init:
-            loaded_cfg, params = shard_lib.load_transformer_sharded(cfg.init, self.mesh, config=self.model_config)
-            if loaded_cfg != self.model_config:
-                raise ValueError(f"init checkpoint {cfg.init} has config {loaded_cfg}, the run uses {self.model_config}")
-        else:
-            if cfg.lora is not None:
-                log.warning("LoRA on a randomly initialised base model: set init to the checkpoint to adapt")
-            params = shard_lib.init_params_sharded(self.model_config, self.mesh, cfg.seed)
+        if cfg.lora is not None and not cfg.init:
+            log.warning("LoRA on a randomly initialised base model: set init to the checkpoint to adapt")
+        params = initial_params(cfg, self.model_config, self.mesh)
         if cfg.lora is not None:
             boxed = self.abstract_boxed["lora"]
             make_lora = jax.jit(lambda k: lora_lib.init_lora(boxed, k), out_shardings=self.param_shardings["lora"])
@@ -322,7 +319,17 @@ class Trainer:
 
     def restore(self, step: int, data_iter: Any = None) -> tuple[TrainState, dict]:
         target = abstract_with_shardings(self.abstract_state, self.state_shardings)
-        return self.ckpt.restore(step, target, data_iter)
+        if self.cfg.lora is None:
+            return self.ckpt.restore(step, target, data_iter)
+        # LoRA checkpoints hold the adapter state only; the frozen base is read again from init
+        saved, meta = self.ckpt.restore(step, _without_base(target), data_iter)
+        base = initial_params(self.cfg, self.model_config, self.mesh)
+        return saved.replace(params={"base": base, "lora": saved.params["lora"]}), meta
+
+    def _to_save(self, state: TrainState) -> TrainState:
+        """What a checkpoint holds: the whole state, or a LoRA run's without its frozen base (``init``
+        gives it back bit for bit on resume)."""
+        return state if self.cfg.lora is None else _without_base(state)
 
     def _same_trainable(self, patterns: tuple[str, ...]) -> bool:
         """Whether ``patterns`` select the params this run trains (a LoRA run: always its adapters)."""
@@ -494,7 +501,7 @@ class Trainer:
                 if step == end or step == stop or (every and step % every == 0) or stopping:
                     last = self._report(*pending, useful, remat, n_dev, bar, force=True)
                     pending = None
-                    self.ckpt.save(step, state, self.meta(step, si, si), ckpt_it)
+                    self.ckpt.save(step, self._to_save(state), self.meta(step, si, si), ckpt_it)
                 if stopping:
                     log.warning("stopped at step %d with a checkpoint; the same command resumes from it", step)
                     break
@@ -624,16 +631,33 @@ def _open_run(run_dir: str | Path, which: str, step: Optional[int]) -> tuple[Any
     return ck, step, meta, which
 
 
+def initial_params(cfg: TrainConfig, model_config: Any, mesh: Any) -> Any:
+    """The run's starting Next-DiT params in their shardings: ``cfg.init``'s, or random from ``cfg.seed``
+    (the same bits every time: a LoRA run's frozen base is rebuilt this way on resume and export)."""
+    if cfg.init:
+        loaded_cfg, params = shard_lib.load_transformer_sharded(cfg.init, mesh, config=model_config)
+        if loaded_cfg != model_config:
+            raise ValueError(f"init checkpoint {cfg.init} has config {loaded_cfg}, the run uses {model_config}")
+        return params
+    return shard_lib.init_params_sharded(model_config, mesh, cfg.seed)
+
+
+def _without_base(state: Any) -> Any:
+    return state.replace(params={"lora": state.params["lora"]})
+
+
 def restore_lora(run_dir: str | Path, *, which: str = "auto", step: Optional[int] = None,
                  with_base: bool = False) -> tuple[Any, Any, Any, Optional[Any]]:  # fmt: skip
     """``(NextDiTConfig, LoraTrainConfig, adapter, base)`` of a LoRA run's checkpoint: the EMA
     (``which="ema"``; ``"auto"``: it if kept) or raw adapter as host arrays, and the frozen base params (on this host's devices)
-    when ``with_base``. A ``ValueError`` for a run trained without ``lora``."""
+    when ``with_base`` (rebuilt from the run's ``init`` / seed: checkpoints do not hold it). A
+    ``ValueError`` for a run trained without ``lora``."""
     from lumina_jax.models.nextdit import NextDiTConfig
     from lumina_jax.train.config import config_from_dict
 
     ck, step, meta, which = _open_run(run_dir, which, step)
-    lcfg = config_from_dict(meta["config"]).lora
+    run_cfg = config_from_dict(meta["config"])
+    lcfg = run_cfg.lora
     if lcfg is None:
         ck.close()
         raise ValueError(f"run {run_dir} is not a LoRA run (its config has no lora section)")
@@ -642,9 +666,9 @@ def restore_lora(run_dir: str | Path, *, which: str = "auto", step: Optional[int
     base_boxed = shard_lib.model_abstract(model_config)
     boxed = {"base": base_boxed, "lora": lora_lib.abstract_lora(base_boxed, lcfg)}
     target = abstract_with_shardings(shard_lib.unbox(boxed), shard_lib.param_shardings(boxed, mesh))
-    base = ck.restore_subtree(step, "params", {"base": target["base"]})["base"] if with_base else None
     adapter = ck.restore_subtree(step, which, {"lora": target["lora"]})["lora"]
     ck.close()
+    base = initial_params(run_cfg, model_config, mesh) if with_base else None  # not in the checkpoint
     return model_config, lcfg, shard_lib.gather_to_host(adapter), base
 
 

@@ -12,7 +12,8 @@ no full weight gradient (the frozen layers only pass activation gradients on), w
 third of the step's matmul FLOPs and the weight-gradient buffers (the sum is in the compute dtype, as
 in PEFT). Only ``lora`` is trainable: the
 optimizer holds no state for the base, the frozen params skip the update and the gradient-accumulation
-buffer, and the EMA covers the adapter alone (:func:`ema_source`). ``down`` starts uniform in
+buffer, and the EMA covers the adapter alone (:func:`ema_source`); checkpoints hold the adapter state
+only (the trainer re-reads the base from ``init`` on resume). ``down`` starts uniform in
 ``+-1/sqrt(in)`` and ``up`` at zero (PEFT's init), so step 0 is the base model. Exports and the periodic
 samples use the merged weights (:func:`apply_lora`), like the pipeline's ``load_lora``.
 
