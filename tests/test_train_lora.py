@@ -62,9 +62,30 @@ def test_lora_run_trains_the_adapter_only_and_resumes_exactly(base_ckpt, tmp_pat
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ResumeMismatchError, match=r"lora: .*'rank': 4.*'rank': 8"):
         Trainer(_lora_cfg(tmp_path / "b", base_ckpt, "lora.rank=8"), stop_at=5).run()
-    # the base is re-read from init on resume, so init may not change
+    # the base is re-read from init on resume, so init may not change, nor the checkpoint behind it
     with pytest.raises(ResumeMismatchError, match=r"init: .* -> None"):
         Trainer(make_cfg(tmp_path / "b", *LORA), stop_at=5).run()
+    import shutil
+
+    from lumina_jax.convert.nextdit import save_transformer
+    from lumina_jax.train.loop import restore_lora
+
+    saved = tmp_path / "saved_base"
+    shutil.copytree(base_ckpt, saved)
+    config, weights = load_transformer(base_ckpt)
+    weights["x_embedder"]["kernel"] = np.asarray(weights["x_embedder"]["kernel"]).copy()
+    weights["x_embedder"]["kernel"][0, 0] += 1e-6  # one element, one ulp-scale change
+    shutil.rmtree(base_ckpt)
+    save_transformer(base_ckpt, config, weights, format="jax")
+    try:
+        with pytest.raises(ResumeMismatchError, match=r"checkpoint behind init changed"):
+            Trainer(_lora_cfg(tmp_path / "b", base_ckpt), stop_at=5).run()
+        with pytest.raises(ResumeMismatchError, match=r"checkpoint behind init changed"):
+            restore_lora(tmp_path / "b", with_base=True)
+    finally:
+        shutil.rmtree(base_ckpt)
+        shutil.copytree(saved, base_ckpt)
+    restore_lora(tmp_path / "b", with_base=True)  # the original base: no complaint
     # checkpoints hold the adapter state, not the frozen base: the arrays they record (orbax's own metadata, not
     # file sizes, which vary with how OCDBT batched the writes) are the adapter, its EMA and its Adam moments
     saved = _saved_arrays(tmp_path / "b" / "checkpoints" / "4")

@@ -297,6 +297,7 @@ class Trainer:
         self._sample_fn = _load_sample_fn(cfg.samples.fn) if cfg.samples.fn else None
         self._peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind)
         self._signals = _StopSignals()
+        self._base_fingerprint: Optional[str] = None  # a LoRA run's frozen base, recorded with its checkpoints
 
     # ------------------------------------------------------------------ state
 
@@ -310,6 +311,7 @@ class Trainer:
             boxed = self.abstract_boxed["lora"]
             make_lora = jax.jit(lambda k: lora_lib.init_lora(boxed, k), out_shardings=self.param_shardings["lora"])
             adapters = make_lora(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x10A))
+            self._base_fingerprint = lora_lib.params_fingerprint(params)
             params = {"base": params, "lora": adapters}
             log.info("LoRA rank %d on %d matrices: %.3gM trainable params", cfg.lora.rank,
                      len(lora_lib.flatten_adapters(adapters)), lora_lib.lora_param_count(adapters) / 1e6)  # fmt: skip
@@ -324,6 +326,7 @@ class Trainer:
         # LoRA checkpoints hold the adapter state only; the frozen base is read again from init
         saved, meta = self.ckpt.restore(step, _without_base(target), data_iter)
         base = initial_params(self.cfg, self.model_config, self.mesh)
+        self._base_fingerprint = check_base_fingerprint(base, meta, self.cfg.init)
         return saved.replace(params={"base": base, "lora": saved.params["lora"]}), meta
 
     def _to_save(self, state: TrainState) -> TrainState:
@@ -343,6 +346,7 @@ class Trainer:
             "step": int(step), "stage": int(stage), "stage_name": self.cfg.stages[stage].name,
             "data_stage": data_stage, "config": self.cfg.to_dict(), "model_config": self.model_config.to_dict(),
             "mesh": mesh_lib.describe(self.mesh), "versions": ckpt_lib.versions(),
+            **({"base_fingerprint": self._base_fingerprint} if self.cfg.lora is not None else {}),
         }  # fmt: skip
 
     # ------------------------------------------------------------------ per stage
@@ -642,6 +646,20 @@ def initial_params(cfg: TrainConfig, model_config: Any, mesh: Any) -> Any:
     return shard_lib.init_params_sharded(model_config, mesh, cfg.seed)
 
 
+def check_base_fingerprint(base: Any, meta: dict, init: Optional[str]) -> str:
+    """The fingerprint of a LoRA run's frozen base as re-read from ``init``; a :class:`ResumeMismatchError`
+    when it is not the one the checkpoint recorded (the file behind ``init`` changed since; checkpoints
+    written before fingerprints were recorded are not checked)."""
+    got = lora_lib.params_fingerprint(base)
+    want = meta.get("base_fingerprint")
+    if want is not None and want != got:
+        raise ResumeMismatchError(
+            f"the frozen base read from init={init!r} is not the one the LoRA run trained on (fingerprint {got}, "
+            f"the step {meta.get('step')} checkpoint recorded {want}): the checkpoint behind init changed; "
+            "put the original back, or start a new run_dir")
+    return got
+
+
 def _without_base(state: Any) -> Any:
     return state.replace(params={"lora": state.params["lora"]})
 
@@ -668,7 +686,10 @@ def restore_lora(run_dir: str | Path, *, which: str = "auto", step: Optional[int
     target = abstract_with_shardings(shard_lib.unbox(boxed), shard_lib.param_shardings(boxed, mesh))
     adapter = ck.restore_subtree(step, which, {"lora": target["lora"]})["lora"]
     ck.close()
-    base = initial_params(run_cfg, model_config, mesh) if with_base else None  # not in the checkpoint
+    base = None
+    if with_base:  # not in the checkpoint
+        base = initial_params(run_cfg, model_config, mesh)
+        check_base_fingerprint(base, meta, run_cfg.init)
     return model_config, lcfg, shard_lib.gather_to_host(adapter), base
 
 

@@ -145,6 +145,31 @@ def apply_lora(base: Params, lora: Params, scale: float) -> Params:
     return unflatten(flat)
 
 
+def params_fingerprint(params: Params) -> str:
+    """A bit-exact fingerprint of a parameter tree (16 hex digits): per leaf, wrapping uint32 sums of its bit
+    patterns, plain and weighted by a hash of the element index (integer reductions, so the same on any mesh or
+    sharding), hashed with the leaf paths.
+    A LoRA run records its frozen base's, which is re-read from ``init`` on resume and export."""
+    import hashlib
+
+    def leaf_sum(x: jax.Array) -> jax.Array:
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        bits = bits.astype(jnp.uint32)
+        index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+        for d in reversed(range(x.ndim)):  # the flat element index, so that moved values count too
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[d]
+        weight = index * jnp.uint32(2654435761) + jnp.uint32(1)
+        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+    flat = flatten(params)
+    sums = jax.device_get(jax.jit(lambda f: {k: leaf_sum(v) for k, v in f.items()})(flat))
+    digest = hashlib.sha256()
+    for k in sorted(sums):
+        digest.update(f"{k}:{[int(v) for v in sums[k]]};".encode())
+    return digest.hexdigest()[:16]
+
+
 def flatten_adapters(lora: Params) -> dict[str, dict[str, Any]]:
     """``{matrix path: {"down": ..., "up": ...}}``."""
     out: dict[str, dict[str, Any]] = {}
