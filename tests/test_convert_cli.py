@@ -89,3 +89,69 @@ def test_other_models_are_named(tmp_path, capsys):
         extra = ["--config", "vae_tiny"] if dst == "v" else []
         assert cli.main([str(src), str(tmp_path / dst), "--to", to, *extra]) == 1
         assert want in capsys.readouterr().err and not (tmp_path / dst).exists()
+
+
+def test_original_export_into_a_dotted_folder_writes_into_it(tmp_path, capsys):
+    """A folder named like a file (``lumina.v2``) receives consolidated.00-of-01.pth; it is never replaced."""
+    from lumina_jax.convert.nextdit import load_transformer
+
+    dst = tmp_path / "lumina.v2"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    assert cli.main([str(TRANSFORMER), str(dst), "--to", "original"]) == 0
+    assert (dst / "notes.txt").read_text() == "mine" and (dst / "consolidated.00-of-01.pth").is_file()
+    assert cli.main([str(TRANSFORMER), str(tmp_path / "new.v3"), "--to", "original"]) == 0  # not there yet: a folder
+    assert (tmp_path / "new.v3" / "consolidated.00-of-01.pth").is_file()
+    load_transformer(dst)  # reads the folder's consolidated file
+
+
+def test_destination_that_is_the_source_is_refused(tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "tr"
+    shutil.copytree(TRANSFORMER, src)
+    before = sorted(p.name for p in src.iterdir())
+    for to in ("original", "jax"):
+        assert cli.main([str(src), str(src), "--to", to, "--overwrite"]) == 1
+        assert "is the checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_config_for_a_project_checkpoint_is_refused(tmp_path, capsys):
+    assert cli.main([str(TRANSFORMER), str(tmp_path / "out"), "--to", "jax", "--config", "nextdit_tiny"]) == 1
+    assert "stores its own config" in capsys.readouterr().err
+
+
+def test_freshly_initialised_params_can_be_saved(tmp_path):
+    import jax
+    import numpy as np
+    from flax.core import meta
+
+    from lumina_jax.convert.nextdit import load_transformer, save_transformer
+    from lumina_jax.models.nextdit import NextDiT, NextDiTConfig
+
+    config = NextDiTConfig.from_yaml("nextdit_tiny")
+    x, t = np.zeros((1, 8, 8, config.in_channels), np.float32), np.zeros((1,), np.float32)
+    cap, mask = np.zeros((1, 4, config.cap_feat_dim), np.float32), np.ones((1, 4), bool)
+    variables = NextDiT(config).init(jax.random.PRNGKey(0), x, t, cap, mask)  # boxed, under "params"
+    out = save_transformer(tmp_path / "t", config, variables, "jax")
+    _, back = load_transformer(out)
+    want = jax.tree.leaves(jax.tree.map(np.asarray, meta.unbox(variables["params"])))
+    for a, b in zip(jax.tree.leaves(back), want):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.parametrize("name", ["lumina_jax_pipeline.json", "scheduler/scheduler_config.json",
+                                  "vae/lumina_jax.json", "text_encoder/lumina_jax.json"])
+def test_damaged_json_files_are_named(tmp_path, name):
+    import shutil
+
+    from lumina_jax.convert.components import load_components
+    from lumina_jax.convert.errors import CheckpointError
+
+    d = tmp_path / "model"
+    shutil.copytree(TRANSFORMER.parent, d)
+    f = d / name
+    f.write_text(f.read_text()[:5])
+    with pytest.raises(CheckpointError, match=rf"{f}: not valid JSON"):
+        load_components(d)

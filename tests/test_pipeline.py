@@ -249,6 +249,13 @@ def test_components_layouts_cache_and_transformer_override(reference, tmp_path, 
     second = load_components(d, cache=cache)
     assert second.layout == "diffusers (cached)"
     _same_tree(second.transformer, comps.transformer)
+    # a changed source file (here: touched) makes a new entry and removes the stale one (a whole model each)
+    f = d / "scheduler" / "scheduler_config.json"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    with caplog.at_level("INFO", logger="lumina_jax.convert.components"):
+        assert load_components(d, cache=cache).layout == "diffusers"
+    assert len(list(cache.iterdir())) == 1 and "removed the stale cache entry" in caplog.text
+    assert load_components(d, cache=cache).layout == "diffusers (cached)"
     # a cache that cannot be written (here: its root is a file) costs the cache, not the load
     (tmp_path / "not_a_dir").write_text("x")
     with caplog.at_level("WARNING", logger="lumina_jax.convert.components"):

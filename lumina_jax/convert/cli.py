@@ -66,6 +66,7 @@ def main(argv: list[str]) -> int:
     from lumina_jax.convert.nextdit import (
         detect_format,
         load_transformer,
+        original_target,
         original_weights_file,
         save_transformer,
         verify_transformer,
@@ -80,14 +81,14 @@ def main(argv: list[str]) -> int:
         kind = component_kind(args.src)
         dst = Path(args.dst)
         original_name = {"transformer": "consolidated.00-of-01.pth", "vae": "ae.safetensors"}.get(kind)
-        target = dst if args.to != "original" or dst.suffix or original_name is None else dst / original_name
+        target = original_target(dst, original_name) if args.to == "original" and original_name else dst
         recover_replaced(target)  # a killed --overwrite run's old DST comes back first
         if target.exists() and not args.overwrite:  # before the (long) load, not after
             raise FileExistsError(f"{target} already exists (pass --overwrite to replace it)")
-        src = Path(args.src).resolve()
-        if src.is_dir() and src in dst.resolve().parents:
-            raise ValueError(f"{args.dst} is inside the checkpoint {args.src}: another weights file there would "
-                             f"become part of that checkpoint; write it elsewhere")  # fmt: skip
+        src, written = Path(args.src).resolve(), target.resolve()
+        if src == written or (src.is_dir() and src in written.parents):
+            raise ValueError(f"{target} is the checkpoint {args.src} or inside it: the source would be replaced, or "
+                             f"another weights file there would become part of it; write it elsewhere")  # fmt: skip
         if kind != "transformer":
             if loras:
                 raise ValueError(f"--lora adapts Next-DiT transformers; {args.src} holds a {kind}")

@@ -43,6 +43,17 @@ DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 # pytree paths
 
 
+def plain_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``params`` without flax's logical-partitioning boxes and without a lone ``{"params": ...}`` wrapper,
+    so that what ``Module.init`` returns can be saved as it is."""
+    from flax.core import meta
+
+    params = meta.unbox(params)
+    if isinstance(params, Mapping) and len(params) == 1 and "params" in params:
+        params = params["params"]
+    return params
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> ``{"a/b/c": leaf}``."""
     out: dict[str, Any] = {}

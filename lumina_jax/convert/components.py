@@ -38,7 +38,7 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
-from lumina_jax.convert.common import atomic_output, cast, flatten, resolve_dtype, to_numpy, unflatten
+from lumina_jax.convert.common import atomic_output, cast, flatten, read_json, resolve_dtype, to_numpy, unflatten
 from lumina_jax.convert.errors import CheckpointError, check_keys
 from lumina_jax.models.gemma2 import Gemma2Config
 from lumina_jax.models.nextdit import NextDiTConfig
@@ -125,7 +125,7 @@ def detect_layout(path: str | os.PathLike) -> Layout:
     else:
         idx = p / "model_index.json"
         if idx.exists():
-            cls = json.loads(idx.read_text()).get("_class_name", "")
+            cls = read_json(idx).get("_class_name", "")
             if cls not in DIFFUSERS_PIPELINE_CLASSES:
                 raise CheckpointError(f"{idx}: pipeline class {cls!r} is not Lumina2Pipeline")
         elif not any((p / c).is_dir() for c in REQUIRED):
@@ -195,6 +195,7 @@ def load_components(
             try:
                 save_components(cached, comps)
                 log.info("cached the converted weights in %s", cached)
+                _drop_stale_cache_entries(cache_root, cached, root, dtype)
             except OSError as e:  # full disk, read-only cache folder...: the loaded weights are still good
                 if isinstance(e, FileExistsError) and (cached / PIPELINE_MARKER).exists():
                     pass  # another process wrote it meanwhile
@@ -232,7 +233,7 @@ def _read_scheduler(root: Path) -> dict[str, Any]:
         log.warning("%s: no scheduler/scheduler_config.json; using the Lumina-Image 2.0 defaults %s", root,
                     DEFAULT_SCHEDULER)
         return dict(DEFAULT_SCHEDULER)
-    cfg = json.loads(f.read_text())
+    cfg = read_json(f)
     cls = cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler")
     if cls != "FlowMatchEulerDiscreteScheduler":
         log.warning("%s: scheduler %s is not FlowMatchEulerDiscreteScheduler; only its 'shift' is used", f, cls)
@@ -264,7 +265,7 @@ def _load_lumina_jax(root: Path, dtype: Any) -> Components:
     from lumina_jax.convert.nextdit import load_transformer
     from lumina_jax.text import load_tokenizer
 
-    meta = json.loads((root / PIPELINE_MARKER).read_text())
+    meta = read_json(root / PIPELINE_MARKER)
     if int(meta.get("version", 0)) > LAYOUT_VERSION:
         raise CheckpointError(f"{root}: layout version {meta.get('version')} is newer than this code "
                               f"({LAYOUT_VERSION})")
@@ -295,7 +296,7 @@ def load_component(d: Path, model: str, cfg_cls: Any, dtype: Any) -> tuple[Any, 
     marker = d / COMPONENT_MARKER
     if not marker.exists():
         raise CheckpointError(f"{d}: missing {COMPONENT_MARKER} (not a lumina_jax component directory)")
-    meta = json.loads(marker.read_text())
+    meta = read_json(marker, key="config")
     if meta.get("model") != model:
         raise CheckpointError(f"{d}: holds a {meta.get('model')!r} component, expected {model!r}")
     config = cfg_cls.from_dict(meta["config"])
@@ -376,12 +377,37 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+CACHE_SOURCE = "cache_source.json"
+
+
 def _cache_key(root: Path, dtype: Any) -> str:
-    """Source path + every weight/config file's size and mtime + dtype + layout version."""
+    """Source path + every weight/config file's size and mtime + dtype (resolved: ``"bf16"`` and
+    ``jnp.bfloat16`` share entries) + layout version."""
     h = hashlib.sha256()
-    h.update(f"{root.resolve()}|{dtype}|v{LAYOUT_VERSION}".encode())
+    h.update(f"{_cache_source(root, dtype)}|v{LAYOUT_VERSION}".encode())
     for f in sorted(root.rglob("*")):
         if f.is_file():
             st = f.stat()
             h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return f"{root.resolve().name}-{h.hexdigest()[:16]}"
+
+
+def _cache_source(root: Path, dtype: Any) -> str:
+    return f"{root.resolve()}|{resolve_dtype(dtype)}"
+
+
+def _drop_stale_cache_entries(cache_root: Path, fresh: Path, root: Path, dtype: Any) -> None:
+    """Record what ``fresh`` (a new cache entry) was converted from, and delete older entries of the same
+    source folder and dtype (made before its files changed: each is a whole converted model)."""
+    import shutil
+
+    source = _cache_source(root, dtype)
+    (fresh / CACHE_SOURCE).write_text(json.dumps({"source": source}))
+    for other in cache_root.glob(f"{root.resolve().name}-*"):
+        try:
+            same = other != fresh and json.loads((other / CACHE_SOURCE).read_text()).get("source") == source
+        except (OSError, ValueError):  # entries of other sources, or written before sources were recorded
+            continue
+        if same:
+            shutil.rmtree(other, ignore_errors=True)
+            log.info("removed the stale cache entry %s (its source files changed since)", other)

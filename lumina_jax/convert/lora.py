@@ -42,7 +42,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from lumina_jax.convert.common import TensorSource, flatten, unflatten
+from lumina_jax.convert.common import TensorSource, flatten, read_json, unflatten
 from lumina_jax.convert.errors import CheckpointError
 from lumina_jax.convert.nextdit import RULES, _part_shape, jax_shapes
 from lumina_jax.models.nextdit import NextDiTConfig
@@ -142,7 +142,7 @@ def _adapter_config(src: TensorSource, path: Path) -> Optional[dict[str, Any]]:
         return {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")} or meta
     cfg = path / "adapter_config.json"  # a PEFT folder (next to a lone file it may belong to another adapter)
     if path.is_dir() and cfg.exists():
-        return json.loads(cfg.read_text())
+        return read_json(cfg)
     return None
 
 

@@ -31,6 +31,7 @@ from lumina_jax.convert.common import (
     atomic_output,
     cast,
     flatten,
+    plain_params,
     read_json,
     resolve_dtype,
     to_numpy,
@@ -222,8 +223,10 @@ def jax_to_torch(flat: dict[str, Any], rules: list[Rule], dtype: Any = None) -> 
         for part in rule.parts:
             if part.path not in flat:
                 raise CheckpointError(f"JAX params lack {part.path!r} needed for {rule.key!r}")
-            a = to_numpy(flat[part.path])
-            a = a[part.layer] if part.layer is not None else a
+            a = flat[part.path]
+            # one layer of a stacked weight is taken before the host copy: jax arrays keep the host copy
+            # of what np.asarray read, which for the whole stack would be a second copy of the model
+            a = to_numpy(a[part.layer] if part.layer is not None else a)
             pieces.append(a.T if rule.transpose else a)
         t = np.concatenate(pieces, 0) if len(pieces) > 1 else pieces[0]
         yield rule.key, np.ascontiguousarray(cast(t, dtype))
@@ -276,9 +279,20 @@ def detect_format(path: str | os.PathLike) -> Format:
             raise CheckpointError(f"{p} is a training run; write its weights as a checkpoint first: "
                                   f"python -m lumina_jax train export {run} OUT")
         raise CheckpointError(f"{p}: cannot tell the checkpoint format (no {JAX_MARKER}, config.json or consolidated*)")
-    if p.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+    if p.suffix in WEIGHT_FILE_SUFFIXES:
         return "original"
     raise CheckpointError(f"{p}: unknown checkpoint file type {p.suffix!r}")
+
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def original_target(path: str | os.PathLike, name: str = "consolidated.00-of-01.pth") -> Path:
+    """Where an original-format export of ``path`` goes: ``path`` itself when it names a weights file
+    (one of :data:`WEIGHT_FILE_SUFFIXES`, and not an existing folder), else ``path/name`` (so that a folder
+    such as ``lumina.v2`` is written into, never replaced)."""
+    path = Path(path)
+    return path if path.suffix in WEIGHT_FILE_SUFFIXES and not path.is_dir() else path / name
 
 
 def _other_component(d: Path) -> Optional[str]:
@@ -472,6 +486,9 @@ def load_transformer(
     if pth_key is not None and fmt != "original":
         raise ValueError(f"pth_key is for original .pth checkpoints; {path} is a {fmt} checkpoint")
     if fmt == "jax":
+        if config is not None:
+            raise ValueError(f"config= is for original and diffusers checkpoints; {path} is a project checkpoint, "
+                             "which stores its own config")  # fmt: skip
         return _load_jax(path, dtype)
     if fmt == "diffusers":
         cfg_file = path / "config.json"
@@ -507,15 +524,15 @@ def save_transformer(
 
     - ``"jax"``: a directory with ``lumina_jax.json`` (config) and an orbax checkpoint of the params.
     - ``"diffusers"``: a ``Lumina2Transformer2DModel`` directory (``from_pretrained`` loads it).
-    - ``"original"``: a single file; ``.safetensors`` or ``.pth`` by the suffix of ``path`` (a path
-      without suffix becomes ``path/consolidated.00-of-01.pth``); ``norm_final.weight`` is written too
-      (the original loads strictly).
+    - ``"original"``: a single file; ``.safetensors`` or ``.pth`` by the suffix of ``path`` (a folder, or
+      a path without a weights-file suffix, becomes ``path/consolidated.00-of-01.pth``: :func:`original_target`);
+      ``norm_final.weight`` is written too (the original loads strictly).
     ``dtype``: ``"fp32"``/``"bf16"``/``None`` (keep the params' dtype).
     """
     path = Path(path)
     if format != "jax":
         config.require_velocity_head(f"the {format!r} format")
-    flat = flatten(params)
+    flat = flatten(plain_params(params))
     shapes = jax_shapes(config)
     check_keys(shapes, {k: tuple(np.shape(v)) for k, v in flat.items()}, "params to save")
     if format == "jax":
@@ -534,7 +551,7 @@ def save_transformer(
             )  # fmt: skip
         return path
     if format == "original":
-        target = path if path.suffix else path / "consolidated.00-of-01.pth"
+        target = original_target(path)
         with atomic_output(target, overwrite=overwrite) as tmp:
             rules = original_rules(config)
             tensors, specs = jax_to_torch(flat, rules, dtype), jax_to_torch_specs(flat, rules, dtype)
@@ -568,7 +585,7 @@ def verify_transformer(path: str | os.PathLike, config: NextDiTConfig, params: d
     difference is a :class:`CheckpointError` naming the tensors (up to 5) or the config fields.
     """
     path = Path(path)
-    flat = flatten(params)
+    flat = flatten(plain_params(params))
     if format == "jax":
         got_config, got = _load_jax(path, None)
         got_flat = flatten(got)

@@ -64,6 +64,9 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", {}) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ is a JSON "
+                                  f"{type(self.metadata).__name__}, not an object)")  # fmt: skip
         for name, v in header.items():
             offsets = v.get("data_offsets") if isinstance(v, dict) else None
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
-from flax.core import meta
 
 from lumina_jax.convert.common import (
     DIFFUSERS_INDEX,
@@ -41,6 +40,7 @@ from lumina_jax.convert.common import (
     atomic_output,
     cast,
     flatten,
+    plain_params,
     resolve_dtype,
     shapes_of,
     to_numpy,
@@ -229,10 +229,7 @@ def _import(source: Any, rows: list[KeyMap], what: str, dtype: Any) -> Params:
 
 
 def _flat_params(cfg: VAEConfig, params: Mapping[str, Any], what: str) -> dict[str, Any]:
-    params = meta.unbox(params)  # accept freshly initialised (logically partitioned) params too
-    if "params" in params and len(params) == 1:
-        params = params["params"]
-    flat = flatten(params)
+    flat = flatten(plain_params(params))  # freshly initialised (logically partitioned) params too
     check_keys(param_shapes(cfg), shapes_of(flat), what)
     return flat
 
