@@ -66,7 +66,7 @@ from lumina_jax.parallel import mesh as mesh_lib
 from lumina_jax.sample import loop
 from lumina_jax.sample.cfg import RENORM_MODES, TRUNC_MODES, resolve_cfg_normalization
 from lumina_jax.sample.solvers import DEFAULT_SOLVER, PRESETS, SOLVERS, Schedule, init_state, make_schedule
-from lumina_jax.text import TextEncoder
+from lumina_jax.text import PromptTooLongError, TextEncoder
 from lumina_jax.text_templates import SYSTEM_PROMPTS, check_template_name
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ def check_image_size(height: int, width: int, multiple: int = 16, max_tokens_sid
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
         if v < multiple or v % multiple:
             lo, hi = (v // multiple) * multiple, max((v // multiple + 1) * multiple, multiple)
-            near = f"{hi}" if lo < multiple else f"{lo} or {hi}"
-            bad.append(f"{name}={v} (nearest valid: {near})")
+            cap = None if max_tokens_side is None else (max_tokens_side * patch_px) // multiple * multiple
+            near = [s for s in (lo, hi) if s >= multiple and (cap is None or s <= cap)] or [cap or multiple]
+            bad.append(f"{name}={v} (nearest valid: {' or '.join(map(str, near))})")
     if bad:  # both sides in one message
         raise ValueError(f"{' and '.join(bad)}: not a positive multiple of {multiple} (VAE factor x patch size)")
     for name, v in (("height", height), ("width", width)):
@@ -180,8 +181,8 @@ class Lumina2Output:
     or the final latents ``(B, h, w, C)`` (``"latent"``). ``latents`` are always the final latents.
     ``prompts[k]``, ``negative_prompts[k]`` (``None`` when no evaluation was guided) and ``seeds[k]`` are
     image ``k``'s (``seeds[k]`` regenerates it alone); ``settings`` are the resolved options (for metadata);
-    ``timings`` in seconds: ``text_encode``, ``compile``, ``sample`` (steps, and decode when fused),
-    ``decode`` (stepwise only), ``total``."""
+    ``timings`` in seconds: ``text_encode``, ``compile`` (with the Gemma-2 forward's, for a new prompt shape),
+    ``sample`` (steps, and decode when fused), ``decode`` (stepwise only), ``total``."""
 
     images: Any
     latents: np.ndarray
@@ -279,6 +280,7 @@ class Lumina2Pipeline:
         self.vae = AutoencoderKL(components.vae_config, dtype=jdt)
         self.scan_layers = scan_layers
         self.loras: list[tuple[LoRA, float]] = []
+        self.last_truncated: dict[str, list[int]] = {"prompt": [], "negative_prompt": []}
         self.mesh = _as_mesh(mesh)
         text_params = components.text_encoder
         if self.mesh is None:
@@ -394,24 +396,29 @@ class Lumina2Pipeline:
 
     def encode_prompts(self, prompts: list[str], negative_prompts: Optional[list[str]], system_prompt: Optional[str],
                        max_sequence_length: int, num_images_per_prompt: int = 1, *,
-                       negative_system_prompt: bool = True) -> tuple[jax.Array, jax.Array]:
+                       negative_system_prompt: bool = True, on_phase: Optional[Callable[[str], None]] = None,
+                       on_long_prompt: str = "warn") -> tuple[jax.Array, jax.Array]:
         """Caption features ``(R, L, D)`` and mask ``(R, L)``: ``B = len(prompts) * n`` conditional rows
         (prompt-major), then, when ``negative_prompts`` is given, the ``B`` unconditional rows. Both sets
         go through one Gemma-2 forward, right-padded to one length. Prompts always get the system prompt;
-        non-empty negatives too with ``negative_system_prompt`` (original), else verbatim (diffusers)."""
+        non-empty negatives too with ``negative_system_prompt`` (original), else verbatim (diffusers).
+        Over-long texts: see ``on_long_prompt`` of :meth:`__call__`; :attr:`last_truncated` records which
+        were cut (``{"prompt": [indices], "negative_prompt": [...]}``, empty lists when none)."""
         te = self.text_encoder
         prefix = resolve_system_prompt(system_prompt)
-        ids, mask = te.tokenize(prompts, prefix, max_sequence_length, empty_is_unconditional=False)
+        ids, mask = te.tokenize(prompts, prefix, max_sequence_length, on_long_prompt, empty_is_unconditional=False)
+        self.last_truncated = {"prompt": list(te.last_truncated_rows), "negative_prompt": []}
         if negative_prompts is not None:
             # negatives were broadcast to one per prompt: warning indices are those of ``prompt``
             ids_u, mask_u = te.tokenize(negative_prompts, prefix if negative_system_prompt else "empty",
-                                        max_sequence_length, label="negative prompt")  # fmt: skip
+                                        max_sequence_length, on_long_prompt, label="negative prompt")  # fmt: skip
+            self.last_truncated["negative_prompt"] = list(te.last_truncated_rows)
             length = max(ids.shape[1], ids_u.shape[1])
             pad = lambda a, v: np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=v)  # noqa: E731
             pid = te.tokenizer.pad_token_id
             ids = np.concatenate([pad(ids, pid), pad(ids_u, pid)])
             mask = np.concatenate([pad(mask, False), pad(mask_u, False)])
-        feats = te.encode_tokens(ids, mask)
+        feats = te.encode_tokens(ids, mask, on_phase)
         rows = np.repeat(np.arange(ids.shape[0]), num_images_per_prompt)
         return feats[rows], jnp.asarray(mask[rows])
 
@@ -538,6 +545,7 @@ class Lumina2Pipeline:
         callback: Optional[Callable[[int, int], None]] = None,
         on_phase: Optional[Callable[[str], None]] = None,
         vae_tile: Optional[tuple[int, int]] = None,
+        on_long_prompt: str = "warn",
     ) -> Lumina2Output:
         """Generate images. Every argument after ``prompt`` is a keyword (diffusers' positional order
         differs: ``pipe("cat", 1024, 768)`` would have meant other things).
@@ -583,6 +591,9 @@ class Lumina2Pipeline:
           on_phase: ``on_phase(name)`` when a phase starts: ``"encode"``, ``"compile"``, ``"sample"``,
             ``"decode"`` (stepwise only).
           vae_tile: ``(tile, overlap)`` in latent pixels for tiled VAE decoding of large images.
+          on_long_prompt: a (negative) prompt over ``max_sequence_length`` tokens: ``"warn"`` (default, as
+            diffusers: cut to the limit, with a warning; ``settings["truncated_prompts"]`` lists which) or
+            ``"error"`` (:class:`lumina_jax.text.PromptTooLongError` naming the limit and the overflow).
         """
         t_start = time.perf_counter()
         prompts = _as_prompt_list(prompt)
@@ -590,6 +601,8 @@ class Lumina2Pipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if on_long_prompt not in ("warn", "error"):
+            raise ValueError(f"on_long_prompt must be 'warn' or 'error', got {on_long_prompt!r}")
         if guidance_scale is None:
             guidance_scale = self.components.guidance_scale
         if not np.isfinite(float(guidance_scale)):
@@ -604,6 +617,12 @@ class Lumina2Pipeline:
         tcfg = self.components.transformer_config
         check_image_size(height, width, self.size_multiple, max_tokens_side=min(tcfg.axes_lens[1:]),
                          patch_px=self.size_multiple)  # fmt: skip
+        if vae_tile is not None:  # a hashable pair: it keys the compiled programs and is recorded in the settings
+            if isinstance(vae_tile, (str, bytes)) or not hasattr(vae_tile, "__len__") or len(vae_tile) != 2:
+                raise ValueError(f"vae_tile must be (tile, overlap) in latent pixels, got {vae_tile!r}")
+            vae_tile = (_integer(vae_tile[0], "vae_tile's tile"), _integer(vae_tile[1], "vae_tile's overlap"))
+            if not 0 <= vae_tile[1] < vae_tile[0]:
+                raise ValueError(f"vae_tile: overlap must be in [0, tile), got {vae_tile}")
         area = height * width / self.default_image_size**2
         if area > 4:
             log.warning("%dx%d px is %.0fx the area of the model's %d px images: expect a long run and images "
@@ -617,7 +636,8 @@ class Lumina2Pipeline:
                                   negative_system_prompt=negative_system_prompt)  # fmt: skip
         schedule = make_schedule(s["solver"], s["num_inference_steps"], shift=s["time_shift"],
                                  guidance_scale=guidance_scale, cfg_trunc_ratio=s["cfg_trunc_ratio"],
-                                 cfg_trunc_mode=s["cfg_trunc_mode"])  # fmt: skip
+                                 cfg_trunc_mode=s["cfg_trunc_mode"],
+                                 cfg_clamp_ratio=s["cfg_renorm_ratio"] if s["cfg_renorm"] == "clamp" else 1.0)  # fmt: skip
         b = len(prompts) * n
         negatives = None
         if schedule.num_guided:
@@ -653,11 +673,17 @@ class Lumina2Pipeline:
         phase = on_phase or (lambda name: None)
         timings: dict[str, float] = {}
         phase("encode")
-        t0 = time.perf_counter()
-        feats, mask = self.encode_prompts(prompts, negatives, system_prompt, max_sequence_length, n,
-                                          negative_system_prompt=s["negative_system_prompt"])  # fmt: skip
+        t0, te_compile = time.perf_counter(), self.text_encoder.compile_seconds
+        try:
+            feats, mask = self.encode_prompts(prompts, negatives, system_prompt, max_sequence_length, n,
+                                              negative_system_prompt=s["negative_system_prompt"], on_phase=phase,
+                                              on_long_prompt=on_long_prompt)  # fmt: skip
+        except PromptTooLongError as e:
+            raise PromptTooLongError(f"{e}; shorten it, raise max_sequence_length (up to {max_len}), or pass "
+                                     f"on_long_prompt='warn' to cut it") from None  # fmt: skip
         jax.block_until_ready(feats)
-        timings["text_encode"] = time.perf_counter() - t0
+        te_compile = self.text_encoder.compile_seconds - te_compile  # a new prompt shape: Gemma-2 compiled
+        timings["text_encode"] = time.perf_counter() - t0 - te_compile
 
         decode = output_type != "latent"
         scale = jnp.float32(guidance_scale)
@@ -672,6 +698,7 @@ class Lumina2Pipeline:
                 latents_out, images, t = self._run_stepwise(noise, feats, mask, schedule, scale, ratio,
                                                             s["cfg_renorm"], decode, vae_tile, callback, phase)
                 timings.update(t)
+        timings["compile"] = timings.get("compile", 0.0) + te_compile
         latents_np = np.asarray(latents_out)
         if output_type == "latent":
             out: Any = latents_np
@@ -684,7 +711,9 @@ class Lumina2Pipeline:
                         system_prompt=resolve_system_prompt(system_prompt), negative_prompt=negatives,
                         num_model_evaluations=schedule.num_evaluations, num_guided_evaluations=schedule.num_guided,
                         preset=preset, mode=mode, dtype=self.dtype, model=self.components.source,
-                        loras=[[lora.source, w] for lora, w in self.loras])  # fmt: skip
+                        loras=[[lora.source, w] for lora, w in self.loras],
+                        vae_tile=None if vae_tile is None else list(vae_tile),
+                        truncated_prompts=self.last_truncated)  # fmt: skip
         per_image = [None] * b if negatives is None else [q for q in negatives for _ in range(n)]
         return Lumina2Output(out, latents_np, [p for p in prompts for _ in range(n)], seeds, settings, timings,
                              per_image)  # fmt: skip

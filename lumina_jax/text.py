@@ -26,8 +26,9 @@ import os
 import re
 import sys
 import warnings
+import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,7 @@ class TextEncoder:
                              f"{config.vocab_size}")
         self.params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
         self._compiled: dict[tuple[int, int], Any] = {}
+        self.compile_seconds = 0.0  # spent compiling the forward, over all shapes so far
 
     @classmethod
     def from_pretrained(cls, text_encoder_path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
@@ -227,7 +229,7 @@ class TextEncoder:
         self.last_truncated_rows = tuple(sorted(dropped))
         if dropped and on_truncate != "quiet":
             msg = (f"{len(dropped)} of {len(ids)} {label}(s) exceed max_length={max_length} tokens (counting "
-                   f"<bos> and the system prompt); tokens dropped per {label} (index: count): {dropped}")
+                   f"<bos> and the system prompt); tokens over the limit per {label} (index: count): {dropped}")
             if on_truncate == "error":
                 raise PromptTooLongError(msg)
             warnings.warn(msg + " -- they were truncated", stacklevel=_user_stacklevel())
@@ -249,8 +251,10 @@ class TextEncoder:
         ids, mask = self.tokenize(prompts, system_prompt, max_length, on_truncate)
         return self.encode_tokens(ids, mask), jnp.asarray(mask)
 
-    def encode_tokens(self, input_ids: np.ndarray, mask: np.ndarray) -> jax.Array:
-        """Run the compiled forward for this ``(batch, length)``, compiling it on first use."""
+    def encode_tokens(self, input_ids: np.ndarray, mask: np.ndarray,
+                      on_phase: Optional[Callable[[str], None]] = None) -> jax.Array:
+        """Run the compiled forward for this ``(batch, length)``, compiling it on first use (the seconds
+        add to :attr:`compile_seconds`; ``on_phase("compile")`` / ``on_phase("encode")`` bracket it)."""
         input_ids, mask = np.asarray(input_ids, np.int32), np.asarray(mask, bool)
         bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
         if bad.any():  # jnp.take would read NaN (or wrap) silently, poisoning the whole row
@@ -260,7 +264,13 @@ class TextEncoder:
         key = tuple(input_ids.shape)
         if key not in self._compiled:
             log.info("compiling the Gemma-2 encoder for batch %d, length %d", *key)
+            if on_phase is not None:
+                on_phase("compile")
+            t0 = time.perf_counter()
             self._compiled[key] = jax.jit(self._forward).lower(self.params, input_ids, mask).compile()
+            self.compile_seconds += time.perf_counter() - t0
+            if on_phase is not None:
+                on_phase("encode")
         return self._compiled[key](self.params, input_ids, mask)
 
     def _forward(self, params: Params, input_ids: jax.Array, mask: jax.Array) -> jax.Array:

@@ -493,6 +493,17 @@ def test_cli_errors(reference, tmp_path, capsys):
     assert (tmp_path / "old.png").stat().st_size > 0
     assert output_paths(str(tmp_path) + "/", [7, 8]) == [tmp_path / "lumina_7.png", tmp_path / "lumina_8.png"]
     assert output_paths("a.png", [1]) == [Path("a.png")]
+    # a prompt over the token limit is an error naming the flags (the PNG would record text the model never saw)
+    rc = main(["a cat " * 40, "--checkpoint", str(reference[2]), "--size", "64x64", "--steps", "1", "--max-length",
+               "32", "--compilation-cache", "off", "--no-progress", "--out", str(tmp_path / "long.png")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "exceed --max-length 32 tokens" in err and "--long-prompt warn" in err, err
+    assert not (tmp_path / "long.png").exists()
+    with pytest.warns(UserWarning, match="they were truncated"):
+        rc = main(["a cat " * 40, "--checkpoint", str(reference[2]), "--size", "64x64", "--steps", "1",
+                   "--max-length", "32", "--long-prompt", "warn", "--compilation-cache", "off", "--no-progress",
+                   "--out", str(tmp_path / "long.png")])  # fmt: skip
+    assert rc == 0 and (tmp_path / "long.png").exists()
 
 
 def test_saved_images_record_their_own_negative_prompt_mode_and_version(pipe, tmp_path):
@@ -560,3 +571,47 @@ def test_cli_output_names_quiet_and_template_names(reference, tmp_path, capsys):
     cap = capsys.readouterr()
     assert cap.err == "" and cap.out == f"wrote {tmp_path / 'q.jpg'}\n"
     assert Image.open(tmp_path / "q.jpg").format == "JPEG"
+
+
+def test_review_fixes_sizes_renorm_at_scale_one_vae_tile_text_compile_time_long_prompts(pipe, noise):
+    from lumina_jax.sample.cli import build_parser
+    from lumina_jax.text import PromptTooLongError
+
+    # the suggested size is one the model accepts (RoPE table: 2 x the tiny model's grid limit)
+    side = min(pipe.components.transformer_config.axes_lens[1:]) * pipe.size_multiple
+    with pytest.raises(ValueError, match=rf"height={side + 6} \(nearest valid: {side}\): not a positive multiple"):
+        pipe("a cat", height=side + 6, width=64)
+    # an explicit --renorm clamp is kept under --preset diffusers (whose rows it would otherwise take)
+    args = build_parser().parse_args(["a cat", "--renorm", "clamp", "--preset", "diffusers"])
+    s = pipe.resolve_settings(solver=None, num_inference_steps=None, cfg_trunc_ratio=None, cfg_trunc_mode=None,
+                              cfg_normalization=args.renorm, time_shift=None, preset=args.preset)  # fmt: skip
+    assert s["cfg_renorm"] == "clamp"
+    # guidance 1 with a clamp ratio < 1: the original scales v_c by the ratio, so the steps stay guided
+    kw = dict(latents=noise[:1], num_inference_steps=3, solver="euler", output_type="latent")
+    halved = pipe("a cat", guidance_scale=1.0, cfg_normalization=0.5, **kw)
+    plain = pipe("a cat", guidance_scale=1.0, cfg_normalization=True, **kw)
+    assert halved.settings["num_guided_evaluations"] == 3 and plain.settings["num_guided_evaluations"] == 0
+    assert np.abs(halved.images - plain.images).max() > 1e-3
+    # vae_tile as a list (hashable once normalised) and recorded with the settings
+    out = pipe("a cat", latents=noise[:1], num_inference_steps=2, output_type="np", vae_tile=[4, 2])
+    assert out.settings["vae_tile"] == [4, 2]
+    with pytest.raises(ValueError, match=r"overlap must be in \[0, tile\)"):
+        pipe("a cat", latents=noise[:1], num_inference_steps=2, vae_tile=(4, 4))
+    # a prompt shape the text encoder has not compiled: its compile time counts as compile, in its own phase
+    phases: list[str] = []
+    before = pipe.text_encoder.compile_seconds
+    out = pipe(["a"] * 7, num_inference_steps=1, output_type="latent", on_phase=phases.append, seed=0)
+    spent = pipe.text_encoder.compile_seconds - before
+    assert spent > 0 and out.timings["compile"] >= spent
+    assert phases[:3] == ["encode", "compile", "encode"]
+    # over-long prompts: cut with a warning and recorded, or an error naming the limit
+    kw = dict(latents=noise[:1], num_inference_steps=1, output_type="latent", max_sequence_length=16)
+    with pytest.warns(UserWarning, match="truncated"):
+        out = pipe("a cat " * 20, negative_prompt="blurry " * 20, **kw)
+    assert out.settings["truncated_prompts"] == {"prompt": [0], "negative_prompt": [0]}
+    short = pipe("a cat", **dict(kw, max_sequence_length=256))
+    assert short.settings["truncated_prompts"] == {"prompt": [], "negative_prompt": []}
+    with pytest.raises(PromptTooLongError, match=r"exceed max_length=16 tokens.*raise max_sequence_length \(up to"):
+        pipe("a cat " * 20, on_long_prompt="error", **kw)
+    with pytest.raises(ValueError, match="on_long_prompt must be"):
+        pipe("a cat", on_long_prompt="cut", **kw)

@@ -105,13 +105,14 @@ def resolve_cfg_normalization(value: Union[bool, float, str, None]) -> tuple[str
 
 
 def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_ratio: float,
-                   trunc_mode: TruncMode = "time") -> tuple[tuple[bool, ...], ...]:
+                   trunc_mode: TruncMode = "time", clamp_ratio: float = 1.0) -> tuple[tuple[bool, ...], ...]:
     """Which model evaluations run with CFG: a static ``(num_steps, evals_per_step)`` tuple of bools.
 
     ``eval_times`` ``(num_steps, evals_per_step)`` holds the model time (0 = noise) of each evaluation.
     No evaluation is guided when ``guidance_scale == 1`` (the guided velocity is then exactly the
-    conditional one; the original would spend the batched forward anyway). Other scales, below 1 too,
-    are guided as in the original (diffusers turns CFG off for every scale ``<= 1``).
+    conditional one; the original would spend the batched forward anyway) -- unless a CFG-Renorm clamp
+    ``clamp_ratio < 1`` applies, which scales even that velocity by the ratio inside the guidance window.
+    Other scales, below 1 too, are guided as in the original (diffusers turns CFG off for every scale ``<= 1``).
     """
     eval_times = np.asarray(eval_times, np.float64)
     if eval_times.ndim != 2:
@@ -124,7 +125,7 @@ def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_r
                          f"{cfg_trunc_ratio!r}")  # fmt: skip
     if not np.isfinite(float(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if float(guidance_scale) == 1.0:
+    if float(guidance_scale) == 1.0 and not float(clamp_ratio) < 1.0:
         on = np.zeros((n, k), bool)
     elif trunc_mode == "time":
         on = eval_times < float(cfg_trunc_ratio)

@@ -68,7 +68,9 @@ def _size(s: str) -> tuple[int, int]:
 
 def _renorm(s: str) -> Any:
     low = s.lower()
-    if low in ("true", "on", "clamp", "original"):
+    if low in ("clamp", "original"):
+        return "clamp"  # explicit: a preset's rows does not replace it (True under --preset diffusers would)
+    if low in ("true", "on"):
         return True
     if low in ("false", "off", "none", "0"):
         return False
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--system-prompt", default=None, help="template name (real, base, align, aesthetics, 4grid, "
                     "empty; default: the model's) or a text (with spaces: one word is taken for a misspelt name)")
     ap.add_argument("--max-length", type=int, default=256, help="max text tokens incl. system prompt")
+    ap.add_argument("--long-prompt", choices=["error", "warn"], default="error",
+                    help="a prompt over --max-length: error (default) or warn (cut it to the limit, as diffusers)")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--mode", choices=["stepwise", "fused"], default="stepwise")
     ap.add_argument("--attention", default="auto", metavar="BACKEND",
@@ -151,6 +155,7 @@ _ARG_TO_FLAG = (
     ("pass seed=None for a random one", "leave out --seed for a random one"),
     ("pass it as transformer=", "pass it with --transformer"), ("num_inference_steps", "--steps"),
     ("guidance_scale", "--cfg"), ("cfg_trunc_ratio", "--cfg-trunc"), ("max_sequence_length", "--max-length"),
+    ("exceed max_length=", "exceed --max-length "), ("on_long_prompt='warn'", "--long-prompt warn"),
     ("cfg_normalization", "--renorm"), ("num_images_per_prompt", "--n"), ("time_shift", "--shift"),
 )  # fmt: skip
 
@@ -333,7 +338,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             solver=args.solver, time_shift=args.shift, seed=args.seed, cfg_trunc_mode=args.cfg_trunc_mode,
             preset=args.preset, mode=args.mode, callback=None if args.mode == "fused" else on_step,
             negative_system_prompt=args.negative_system_prompt,
-            on_phase=on_phase, output_type="pil",
+            on_phase=on_phase, output_type="pil", on_long_prompt=args.long_prompt,
         )  # fmt: skip
         on_phase("done")
     except (ValueError, TypeError, CheckpointError, FileNotFoundError) as e:

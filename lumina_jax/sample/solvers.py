@@ -230,11 +230,13 @@ def make_schedule(
     guidance_scale: float = 4.0,
     cfg_trunc_ratio: float = 1.0,
     cfg_trunc_mode: TruncMode = "time",
+    cfg_clamp_ratio: float = 1.0,
 ) -> Schedule:
     """Build the :class:`Schedule` of ``solver`` with ``num_steps`` steps (``None``: the solver's default).
 
     ``shift`` is the time shift ``s`` (original ``--time_shifting_factor`` / diffusers scheduler
-    ``shift``). Guidance flags follow :func:`lumina_jax.sample.cfg.guidance_flags`.
+    ``shift``). Guidance flags follow :func:`lumina_jax.sample.cfg.guidance_flags` (``cfg_clamp_ratio``:
+    the CFG-Renorm clamp ratio when that renorm is on).
     """
     check_solver(solver)
     if num_steps is None:
@@ -266,7 +268,7 @@ def make_schedule(
         t_eval = model_t.astype(np.float64)[:, None]
     arrays["t_eval"] = f32(t_eval)
     flags = guidance_flags(t_eval, guidance_scale=guidance_scale, cfg_trunc_ratio=cfg_trunc_ratio,
-                           trunc_mode=cfg_trunc_mode)  # fmt: skip
+                           trunc_mode=cfg_trunc_mode, clamp_ratio=cfg_clamp_ratio)  # fmt: skip
     return Schedule(solver, num_steps, flags, arrays)
 
 
