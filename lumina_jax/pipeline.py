@@ -180,7 +180,8 @@ class Lumina2Output:
     """``images``: PIL images (``output_type="pil"``), a float32 ``(B, H, W, 3)`` array in [0, 1] (``"np"``)
     or the final latents ``(B, h, w, C)`` (``"latent"``). ``latents`` are always the final latents.
     ``prompts[k]``, ``negative_prompts[k]`` (``None`` when no evaluation was guided) and ``seeds[k]`` are
-    image ``k``'s (``seeds[k]`` regenerates it alone); ``settings`` are the resolved options (for metadata);
+    image ``k``'s (``seeds[k]`` regenerates it alone: the same noise; the same pixels in fp32, while in bf16
+    another batch size may round differently, a few levels of 255); ``settings`` are the resolved options;
     ``timings`` in seconds: ``text_encode``, ``compile`` (with the Gemma-2 forward's, for a new prompt shape),
     ``sample`` (steps, and decode when fused), ``decode`` (stepwise only), ``total``."""
 
