@@ -374,3 +374,20 @@ def test_index_of_corrupt_records_is_zero_and_incomplete_caches_are_refused(tmp_
         cache.index_latent_cache(tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="no such directory"):
         cache.index_latent_cache(tmp_path / "nope")
+
+
+def test_per_host_batches_refuse_a_text_len_below_the_longest_cached_caption_at_start_up(tmp_path):
+    """``batching: mixed`` with a fixed ``text_len`` (what several hosts need): a longer caption in the cache is
+    refused when the pipeline is built, not at the step (on one host) whose batch first holds it."""
+    rng = np.random.default_rng(0)
+    recs = [{"latent": rng.standard_normal((4, 4, 16)).astype(np.float32),
+             "cap_feats": rng.standard_normal((60 if i == 37 else 10, 8)).astype(np.float32),
+             "cap_mask": np.ones(60 if i == 37 else 10, bool), "prompt": f"p{i}"} for i in range(40)]  # fmt: skip
+    cache.write_latent_cache(recs, str(tmp_path), shard_size=16)
+    src = cache.LatentCacheSource(str(tmp_path), name="c")
+    kw = dict(resolution=32, batch_size=4, batching="mixed", shard_index=0, shard_count=1, caption_dropout=0.0,
+              num_epochs=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"text_len=32 is shorter than the longest caption .* \(60 tokens\)"):
+        DataPipeline(src, PipelineConfig(text_len=32, **kw))
+    batches = list(DataPipeline(src, PipelineConfig(text_len=64, **kw)))
+    assert len(batches) == 10 and {b["cap_feats"].shape[1] for b in batches} == {64}

@@ -434,3 +434,65 @@ def test_every_host_fails_when_one_cannot_plan(dataset, tmp_path, monkeypatch):
     others["digest"] = sent[1] + 1  # the other host read another index
     with pytest.raises(ValueError, match=r"processes \[1\] read other size indexes than process 0"):
         train_data.build_stage_iterator(stage, **kw)
+
+
+def test_exif_rotated_photos_and_keyed_transparency_load_as_viewers_show_them(tmp_path):
+    """A phone JPEG stored landscape with Orientation 6 is portrait (loader, size index and captioner agree);
+    a palette PNG whose transparency is a tRNS entry is composited on white, like an RGBA one."""
+    from PIL import Image
+
+    from lumina_jax.data.transforms import decode_image, to_rgb
+    from lumina_jax.models.captioner.processor import load_image
+
+    stored = np.zeros((32, 96, 3), np.uint8)
+    stored[:, :48] = (255, 0, 0)  # left half red: after the 90-degree turn it is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"path": "photo.jpg", "prompt": "a tall photo"}) + "\n")
+    src = JsonlSource(str(tmp_path / "data.jsonl"))
+    assert image_index.raw_item_size(src.get(0)) == (96, 32, 0)  # H, W as shown
+    pipe = DataPipeline(src, PipelineConfig(resolution=64, batch_size=1, shard_index=0, shard_count=1,
+                                            caption_dropout=0.0, num_epochs=1))  # fmt: skip
+    h, w = next(iter(pipe))["image_sizes"][0]
+    assert h > w  # a portrait crop bucket
+    shown = np.asarray(decode_image((tmp_path / "photo.jpg").read_bytes()))
+    assert shown.shape == (96, 32, 3) and shown[:40, :, 0].mean() > 200 and shown[56:, :, 0].mean() < 60
+    assert np.asarray(load_image(tmp_path / "photo.jpg")).shape == (96, 32, 3)
+
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    pal.paste(1, (2, 2, 6, 6))
+    pal.info["transparency"] = 0  # palette entry 0 (black) is transparent
+    pal.save(tmp_path / "logo.png", transparency=0)
+    with Image.open(tmp_path / "logo.png") as im:
+        im.load()
+        rgb = np.asarray(to_rgb(im))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[3, 3].tolist() == [200, 30, 30]
+
+
+def test_training_sources_with_the_same_name_are_told_apart(dataset, tmp_path, monkeypatch):
+    """``part1/data.jsonl`` + ``part2/data.jsonl`` (or two ``cache_256`` folders): the stage builds, each
+    source named ``<name>#<position>`` (a config cannot pass names)."""
+    import jax
+
+    from lumina_jax.data.sources import unique_names
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train import data as train_data
+    from lumina_jax.train.config import DataConfig, StageConfig, load_config, load_model_config
+
+    jsonl, _ = dataset
+    paths = []
+    for part in ("part1", "part2"):
+        (tmp_path / part).mkdir()
+        paths.append(tmp_path / part / "data.jsonl")
+        paths[-1].write_text(jsonl.read_text().replace("images/", f"{jsonl.parent}/images/"))
+    stage = StageConfig(resolution=64, batch=3, data=DataConfig(kind="images", paths=tuple(map(str, paths)), vae="v",
+                        text_encoder="t", bucket_plan="host"))  # fmt: skip
+    kw = dict(model_config=load_model_config(load_config("tiny_synthetic", [])), seed=0, stage_index=0,
+              mesh=create_mesh({"data": 1}, devices=jax.devices()[:1]))  # fmt: skip
+    monkeypatch.setattr(train_data, "FrozenEncoders", lambda *a, **k: None)
+    _, inner = train_data.build_stage_iterator(stage, **kw)
+    assert [s.split(" ")[0] for s in inner.get_state()["config"]["sources"]] == ["data#0", "data#1"]
+    named = [JsonlSource(str(paths[0]), name="mine"), JsonlSource(str(paths[1])), JsonlSource(str(paths[1]))]
+    assert [s.name for s in unique_names(named)] == ["mine", "data#1", "data#2"]

@@ -255,3 +255,15 @@ def test_tfds_captioned_folder_without_tensorflow(tmp_path):
     assert sorted(by_name.get(i).key for i in range(len(by_name))) == sorted(
         ["im0.png", "im1.png", "im2.png", "sub/rgba.png", "sub/broken.jpg", "sub/nocap.png"])
     assert "tensorflow" not in sys.modules
+
+    # a byte-order mark is read; a bad line or a non-UTF-8 caption file is an error naming the file (and line)
+    meta = folder / "metadata.jsonl"
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())
+    assert dict((r, c) for r, c, _ in tfds_folder.iter_captioned_images(folder))["sub/rgba.png"] == "from metadata"
+    meta.write_text(meta.read_text(encoding="utf-8-sig") + "{'file_name': 'x.png'}\n")
+    with pytest.raises(ValueError, match=rf"{meta}:3: not a JSON object"):
+        list(tfds_folder.iter_captioned_images(folder))
+    meta.unlink()
+    (folder / "im1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{folder / 'im1.txt'}: caption file is not UTF-8"):
+        list(tfds_folder.iter_captioned_images(folder))

@@ -46,7 +46,7 @@ from PIL import Image
 
 from lumina_jax.data import records as rec_lib
 from lumina_jax.data.sources import RawItem, SkipSample
-from lumina_jax.data.transforms import _TO_RGB_DIRECT, _WITH_ALPHA, SKIP_REASONS, image_from_array
+from lumina_jax.data.transforms import _TO_RGB_DIRECT, _WITH_ALPHA, SKIP_REASONS, exif_orientation, image_from_array
 from lumina_jax.text_templates import system_prompt_problem
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,8 @@ def raw_item_size(item: RawItem) -> tuple[int, int, int]:
         if image.mode not in _TO_RGB_DIRECT and image.mode not in _WITH_ALPHA:
             return 0, 0, _reason_code("unsupported_mode")
         w, h = image.size
+        if exif_orientation(image) >= 5:  # the loader turns it (exif_oriented): width and height swap
+            w, h = h, w
     if w <= 0 or h <= 0:
         return 0, 0, _reason_code("undecodable")
     return int(h), int(w), 0

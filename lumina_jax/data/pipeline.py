@@ -443,6 +443,11 @@ class DataPipeline:
     def _host_batches(self, loaders: Sequence[Callable], shard_index: int, shard_count: int) -> grain.IterDataset:
         """Batches of this host's own samples (per-host buckets, or mixed)."""
         config = self.config
+        if config.text_len is not None and self.kind == "latent" and all(
+                getattr(s, "record_sizes", lambda: None)() is not None for s in self.sources):  # fmt: skip
+            from lumina_jax.data import global_plan  # a caption longer than text_len: refused now, not at a step
+
+            global_plan.check_text_len(self.sources, config.text_len, config.caption_dropout, config.text_pad_multiple)
         read_buffer = config.read_buffer_size or 2 * config.batch_size
         ds = self._components(loaders, shard_index, shard_count, config.read_threads, read_buffer)
         collate = batching.Collate(

@@ -463,9 +463,16 @@ def load_yaml_sources(path: str | os.PathLike) -> list[JsonlSource]:
         sources.append(source)
         named.append("name" in meta)
     # Names key the skip counters and must be unique; files with the same stem get "#<position>".
-    stems = [s.name for s in sources]
+    return unique_names(sources, keep=named)
+
+
+def unique_names(sources: list, keep: Optional[Sequence[bool]] = None) -> list:
+    """``sources`` with repeated names made unique in place, ``"<name>#<position>"`` (names key the skip
+    counters and data states): two ``data.jsonl`` files in different folders, two ``cache_256`` caches.
+    Sources whose ``keep[i]`` is true (a name given explicitly) keep theirs."""
+    names = [s.name for s in sources]
     for i, src in enumerate(sources):
-        if stems.count(src.name) > 1 and not named[i]:
+        if names.count(src.name) > 1 and not (keep is not None and keep[i]):
             src.name = f"{src.name}#{i}"
     return sources
 

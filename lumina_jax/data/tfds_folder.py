@@ -34,16 +34,31 @@ def _read_captions(folder: Path) -> dict[str, str]:
     meta = folder / "metadata.jsonl"
     captions: dict[str, str] = {}
     if meta.exists():
-        with open(meta, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+        try:
+            lines = meta.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not JSON
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{meta}: not UTF-8 text ({e}); save it as UTF-8") from None
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
                 item = json.loads(line)
-                if "file_name" not in item:
-                    raise ValueError(f"{meta}:{lineno}: no 'file_name'")
-                text = next((item[k] for k in _CAPTION_KEYS if k in item), "")
-                captions[Path(item["file_name"]).as_posix()] = text or ""
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta}:{lineno}: not a JSON object ({e})") from None
+            if not isinstance(item, dict) or "file_name" not in item:
+                raise ValueError(f"{meta}:{lineno}: expected an object with 'file_name', got {line.strip()[:80]!r}")
+            text = next((item[k] for k in _CAPTION_KEYS if k in item), "")
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{meta}:{lineno}: the caption is a {type(text).__name__}, not a string")
+            captions[Path(item["file_name"]).as_posix()] = text or ""
     return captions
+
+
+def _read_sidecar(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: caption file is not UTF-8 text ({e}); save it as UTF-8") from None
 
 
 def iter_captioned_images(folder: str | os.PathLike) -> Iterator[tuple[str, str, Path]]:
@@ -55,7 +70,7 @@ def iter_captioned_images(folder: str | os.PathLike) -> Iterator[tuple[str, str,
         caption = captions.get(rel)
         if caption is None:
             sidecar = path.with_suffix(".txt")
-            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.exists() else ""
+            caption = _read_sidecar(sidecar) if sidecar.exists() else ""
         yield rel, caption, path
 
 

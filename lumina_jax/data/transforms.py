@@ -44,10 +44,34 @@ def sample_rng(seed: int, source_id: int, epoch: int, index: int) -> np.random.G
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decodes fully (so truncation is detected here, not later). Raises on any failure."""
+    """Decodes fully (so truncation is detected here, not later), turned as viewers show it
+    (:func:`exif_oriented`). Raises on any failure."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image
+    return exif_oriented(image)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (1-8; 1 = as stored, also for images without EXIF or with a broken one)."""
+    try:
+        value = int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 -- a malformed EXIF block: the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def exif_oriented(image: Image.Image) -> Image.Image:
+    """``image`` as photo viewers show it: phone cameras store portrait shots landscape with an EXIF
+    Orientation tag (6, 8, ...), which is applied here (as transformers' ``load_image`` does); without a
+    tag the image itself is returned. Orientations 5-8 swap width and height (the size index does too)."""
+    if exif_orientation(image) == 1:
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
 
 
 def image_from_array(data: np.ndarray) -> Image.Image:
@@ -59,11 +83,13 @@ def image_from_array(data: np.ndarray) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB image; transparency is composited on white as in the original ``to_rgb_if_rgba``."""
+    """RGB image; transparency -- an alpha channel, or a PNG ``tRNS`` colour of a palette, grey or RGB
+    image -- is composited on white as in the original ``to_rgb_if_rgba``."""
     mode = image.mode
-    if mode == "RGB":
+    keyed = mode in _TO_RGB_DIRECT and image.info.get("transparency") is not None
+    if mode == "RGB" and not keyed:
         return image
-    if mode in _WITH_ALPHA:
+    if mode in _WITH_ALPHA or keyed:
         rgba = image.convert("RGBA") if mode != "RGBA" else image
         out = Image.new("RGB", rgba.size, (255, 255, 255))
         out.paste(rgba, mask=rgba.split()[3])

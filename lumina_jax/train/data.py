@@ -223,6 +223,7 @@ def build_stage_iterator(
         return it, it
 
     from lumina_jax.data import LatentCacheSource, PipelineConfig
+    from lumina_jax.data.sources import unique_names
 
     # Several hosts with bucket batches: the buckets must come from the global plan (one shape per step).
     plan = "global" if shard_count > 1 and d.batching == "bucket" and d.bucket_plan == "auto" else d.bucket_plan
@@ -234,7 +235,7 @@ def build_stage_iterator(
         max_consecutive_skips_option=f"stages.{stage_index}.data.max_consecutive_skips",
     )  # fmt: skip
     if d.kind == "latent_cache":
-        caches = [LatentCacheSource(p) for p in d.paths]
+        caches = unique_names([LatentCacheSource(p) for p in d.paths])
         for c in caches:
             check_cache_for_stage(c, stage, model_config)
         pipe = _stage_pipeline(stage, caches, pc, shard_count,
@@ -249,6 +250,7 @@ def build_stage_iterator(
     sources = []
     for p in d.paths:
         sources.extend(image_sources(p, system_prompt=d.system_prompt, key_feature=d.key_feature))
+    unique_names(sources)
     for source in sources:
         set_index_dir(source, d.index_dir)
     pipe = _stage_pipeline(stage, sources, pc, shard_count,

@@ -204,12 +204,15 @@ def patchify(x: np.ndarray, patch: int, merge: int, temporal: int) -> tuple[np.n
 
 def load_image(path: str | os.PathLike) -> Any:
     """Open and fully decode an image file as RGB (:func:`convert_to_rgb`: transparency composited over
-    white); raises on unreadable / truncated files."""
+    white), turned by its EXIF orientation as transformers' ``load_image`` does; raises on unreadable /
+    truncated files."""
     from PIL import Image
+
+    from lumina_jax.data.transforms import exif_oriented
 
     with Image.open(path) as im:
         im.load()
-        return convert_to_rgb(im)
+        return convert_to_rgb(exif_oriented(im))
 
 
 # ----------------------------------------------------------------------------------------------
