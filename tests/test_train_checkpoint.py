@@ -82,3 +82,24 @@ def test_kill_during_async_save(tmp_path, delay):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], float(sys.argv[2]))
+
+
+def test_retention_keeps_milestones_across_a_changed_keep_every_and_the_stage_ends(tmp_path, caplog):
+    """keep=1 + keep_every=2: steps 2, 4 (also stage 0's end) and 6 stay; resuming without keep_every keeps them
+    (and warns of the change); with keep_stage_ends=false and no keep_every only the newest survives."""
+    from test_train_loop import make_cfg
+
+    from lumina_jax.train.loop import Trainer
+
+    base = ["stages.0.steps=3", "stages.1.steps=5", "checkpoint.every=1", "checkpoint.keep=1",
+            "checkpoint.async_save=false"]  # fmt: skip
+    a = Trainer(make_cfg(tmp_path / "r", *base, "checkpoint.keep_every=2"), stop_at=6)
+    a.run()
+    assert a.ckpt.all_steps() == [2, 3, 4, 6]  # 3: the end of stage 0
+    with caplog.at_level("WARNING", logger="lumina_jax.train"):
+        b = Trainer(make_cfg(tmp_path / "r", *base), stop_at=8)
+        b.run()
+    assert b.ckpt.all_steps() == [2, 3, 4, 6, 8] and "checkpoint.keep_every: 2 -> 0" in caplog.text
+    c = Trainer(make_cfg(tmp_path / "s", *base, "checkpoint.keep_stage_ends=false"), stop_at=6)
+    c.run()
+    assert c.ckpt.all_steps() == [6]

@@ -19,7 +19,10 @@ every process finished. A process killed mid-save leaves only the temporary dire
 neither lists nor restores (and removes on the next start), so the latest *listed* step is always
 complete (``tests/test_train_checkpoint.py`` kills a writer mid-save).
 
-Retention: the newest ``keep`` checkpoints, plus every step divisible by ``keep_every``.
+Retention: the newest ``keep`` checkpoints, plus every step divisible by ``keep_every``, plus the
+``protect``ed steps (the trainer passes its stages' last steps: each stage's final model stays), plus the
+steps an earlier ``keep_every`` kept (read from the latest checkpoint's config when the manager opens:
+resuming with another ``keep_every``, or none, never deletes the milestones kept so far).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import grain
 import jax
@@ -124,11 +127,18 @@ class RunCheckpoints:
     """Thin wrapper of ``ocp.CheckpointManager`` for a run directory (see the module docstring)."""
 
     def __init__(self, directory: str | Path, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
-                 read_only: bool = False):  # fmt: skip
+                 read_only: bool = False, protect: Sequence[int] = ()):  # fmt: skip
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
         self.directory = Path(directory).absolute() if "://" not in str(directory) else str(directory)
+        policies: list[Any] = [pp.LatestN(keep) if keep and keep > 0 else pp.PreserveAll()]
+        if keep_every and keep_every > 0:
+            policies.append(pp.EveryNSteps(keep_every))
+        self.protected = sorted(set(int(s) for s in protect) | set(_milestones_kept_so_far(self.directory)))
+        if self.protected:
+            policies.append(pp.CustomSteps(self.protected))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep and keep > 0 else None,
-            keep_period=keep_every if keep_every and keep_every > 0 else None,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
@@ -284,3 +294,23 @@ def versions() -> dict:
 
     return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
             "orbax": getattr(ocp, "__version__", "?"), "numpy": np.__version__}  # fmt: skip
+
+
+def _milestones_kept_so_far(directory: str | Path) -> list[int]:
+    """Steps on disk that the ``checkpoint.keep_every`` of the latest checkpoint's config kept (``[]`` when
+    there is none, or its config cannot be read: a foreign or older layout)."""
+    from etils import epath
+
+    root = epath.Path(str(directory))
+    try:
+        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+    except OSError:
+        return []
+    if not steps:
+        return []
+    try:  # orbax's JsonCheckpointHandler file of the meta item
+        meta = json.loads((root / str(steps[-1]) / META / "metadata").read_text())
+        every = int(((meta.get("config") or {}).get("checkpoint") or {}).get("keep_every") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    return [s for s in steps if every > 0 and s % every == 0]

@@ -164,7 +164,8 @@ class ObjectiveConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpointing. ``every``: save interval in steps (0: only at stage ends and at the end);
-    ``keep``: newest checkpoints kept; ``keep_every``: also keep every step divisible by it (0: none);
+    ``keep``: newest checkpoints kept; ``keep_every``: also keep every step divisible by it (0: none; the
+    steps an earlier value kept stay); ``keep_stage_ends``: also keep each stage's last step (its final model);
     ``resume_data``: on resume, restore the data iterator saved with the checkpoint (exact data order);
     ``false`` restores only the train state and starts the stage's data from its beginning (when the data
     or the host layout changed so that the saved position means nothing)."""
@@ -172,6 +173,7 @@ class CheckpointConfig:
     every: int = 1000
     keep: int = 3
     keep_every: int = 0
+    keep_stage_ends: bool = True
     async_save: bool = True
     resume_data: bool = True
 

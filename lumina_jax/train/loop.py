@@ -60,7 +60,7 @@ class ResumeMismatchError(ValueError):
 
 
 # Settings that do not change the training itself (not reported when they change).
-_QUIET_KEYS = ("run_dir", "command", "log", "samples", "checkpoint.keep", "checkpoint.keep_every")
+_QUIET_KEYS = ("run_dir", "command", "log", "samples", "checkpoint.keep")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -292,6 +292,7 @@ class Trainer:
         self.ckpt = ckpt_lib.RunCheckpoints(
             ckpt_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
             async_save=cfg.checkpoint.async_save,
+            protect=[end for _, end in cfg.stage_bounds()] if cfg.checkpoint.keep_stage_ends else (),
         )  # fmt: skip
         self.metrics = metrics_lib.MetricLog(self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.primary)
         self._sample_fn = _load_sample_fn(cfg.samples.fn) if cfg.samples.fn else None
