@@ -261,3 +261,23 @@ def test_resume_without_the_data_state_restarts_the_stage_data(tmp_path):
     stage1 = [ids for step, ids in seen_a if step >= 2]  # the batches stage 1 gave before the stop
     assert [ids for _, ids in seen_b] == stage1  # ... are given again from the start of the stage
     assert int(b.state.step) == 6
+
+
+def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    """metrics.jsonl reads as one run: the rows of an attempt that died before saving anything are dropped."""
+    import json
+
+    from lumina_jax.train.loop import Trainer
+
+    extra = ["stages.0.steps=4", "stages.1.steps=4", "checkpoint.every=0"]
+
+    def boom(step, batch):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(make_cfg(tmp_path, *extra), batch_hook=boom).run()
+    assert [json.loads(x).get("step") for x in open(tmp_path / "metrics.jsonl")][-1] >= 1  # it logged steps
+    Trainer(make_cfg(tmp_path, *extra), stop_at=4).run()
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 4, steps

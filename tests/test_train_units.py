@@ -278,12 +278,37 @@ def test_config_overrides_and_unknown_keys():
     ("checkpoint.keep=0", "keep >= 1"),
     ("grad_accum=true", "grad_accum: expected int, got bool"),
     ("trainable={a: 1}", "trainable: expected a list, got dict"),
+    # a later stage's data settings fail when the config loads, naming the section (not after the first stage)
+    ("stages.1.data.batching=buckets", r"stages\.1\.data: batching must be 'bucket' or 'mixed', got 'buckets'"),
+    ("stages.1.data.caption_dropout=2", r"stages\.1\.data: caption_dropout must be in \[0, 1\]"),
+    ("stages.1.data.kind=images", r"stages\.1\.data: data kind 'images' needs paths|needs 'paths'"),
+    ("stages.0.data.batching=mixed", "synthetic batches are uniform"),
+    ("trainable=[layers/(]", r"trainable: 'layers/\(' is not a regular expression"),
+    ("samples.every=5", r"samples: every=5 needs fn"),
+    ("samples.fn=nocolon", "fn must be 'module:function'"),
+    ("model_overrides=[1]", "model_overrides: expected a mapping"),
+    ("optimizer.min_lr_ratio=0.1", "min_lr_ratio is the floor of the cosine schedule"),
 ])  # fmt: skip
 def test_out_of_range_settings_are_errors_at_load_time(override, message):
     from lumina_jax.train.config import load_config
 
     with pytest.raises(ValueError, match=message):
         load_config("tiny_synthetic", [override])
+
+
+def test_data_section_checks_quoted_numbers_and_empty_mappings():
+    from lumina_jax.train.config import DataConfig, load_config
+
+    with pytest.raises(ValueError, match="needs 'vae' and 'text_encoder'"):
+        DataConfig(kind="images", paths=("a.jsonl",))
+    with pytest.raises(ValueError, match="bucket_plan 'global' plans bucket batches"):
+        DataConfig(kind="latent_cache", paths=("c",), batching="mixed", bucket_plan="global")
+    with pytest.raises(ValueError, match="one number > 0 per path: 2 paths"):
+        DataConfig(kind="latent_cache", paths=("c", "d"), weights=(1.0,))
+    assert load_config("tiny_synthetic", ['run_dir="2024"', "log.every=7"]).run_dir == "2024"  # quoted: a string
+    with pytest.raises(ValueError, match="log.every: expected int, got str '7'"):
+        load_config("tiny_synthetic", ["log.every='7'"])
+    assert load_config("tiny_synthetic", ["model_overrides=null"]).model_overrides == {}  # an empty YAML block
 
 
 def test_unknown_model_override_is_a_clear_error():
@@ -535,7 +560,7 @@ def test_image_source_paths_and_encoder_dtype(tmp_path):
     assert len(src) == 10 and src.name == "meta"
     with pytest.raises(ValueError, match="encoder_dtype"):
         DataConfig(kind="images", paths=("a.jsonl",), encoder_dtype="float16")
-    assert DataConfig(kind="images", paths=("a.jsonl",)).system_prompt == "real"
+    assert DataConfig(kind="images", paths=("a.jsonl",), vae="v", text_encoder="t").system_prompt == "real"
 
 
 def test_stage_time_shift_mu_and_t_sampling_override_the_objective(tmp_path):

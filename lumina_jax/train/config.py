@@ -15,6 +15,7 @@ steps, global batch, optional LR and its own data source; the trainer walks thro
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -100,6 +101,26 @@ class DataConfig:
         object.__setattr__(self, "paths", tuple(self.paths) if not isinstance(self.paths, str) else (self.paths,))
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        # checked here, when the config loads, not when a late stage first builds its data
+        if self.batching not in ("bucket", "mixed"):
+            raise ValueError(f"batching must be 'bucket' or 'mixed', got {self.batching!r}")
+        if self.kind == "synthetic" and self.batching != "bucket":
+            raise ValueError("batching applies to latent_cache and images data; synthetic batches are uniform "
+                             "(leave batching at 'bucket')")  # fmt: skip
+        if self.bucket_plan == "global" and self.batching != "bucket":
+            raise ValueError("bucket_plan 'global' plans bucket batches; it needs batching 'bucket'")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.kind == "images" and not (self.vae and self.text_encoder):
+            raise ValueError("data kind 'images' needs 'vae' and 'text_encoder' paths (the frozen encoders)")
+        if self.weights is not None and (len(self.weights) != len(self.paths) or min(self.weights) <= 0):
+            raise ValueError(f"weights must be one number > 0 per path: {len(self.paths)} paths, weights "
+                             f"{list(self.weights)}")  # fmt: skip
+        if self.text_len is not None and self.text_len < 1 or self.max_text_len < 1:
+            raise ValueError(f"text_len and max_text_len must be >= 1, got {self.text_len} and {self.max_text_len}")
+        if self.num_workers < 0 or self.read_threads < 1 or self.max_consecutive_skips < 1:
+            raise ValueError(f"num_workers must be >= 0, read_threads and max_consecutive_skips >= 1, got "
+                             f"{self.num_workers}, {self.read_threads}, {self.max_consecutive_skips}")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +232,15 @@ class SampleConfig:
     seeds: tuple[int, ...] = (0, 1)
     resolution: Optional[int] = None
 
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0, got {self.every}")
+        if self.every and not self.fn:
+            raise ValueError(f"every={self.every} needs fn ('module:function' that renders the samples); "
+                             "without it no samples are made")  # fmt: skip
+        if self.fn is not None and (":" not in self.fn or not all(self.fn.split(":", 1))):
+            raise ValueError(f"fn must be 'module:function', got {self.fn!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -262,6 +292,11 @@ class TrainConfig:
         if self.max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be >= 1 (consecutive skipped steps before aborting), "
                              f"got {self.max_nonfinite}")
+        for pattern in self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"trainable: {pattern!r} is not a regular expression ({e})") from None
         self._check_names()
 
     def _check_names(self) -> None:
@@ -329,7 +364,12 @@ def _build(cls: type, d: Any, where: str) -> Any:
     kw = {}
     for k, v in d.items():
         kw[k] = _coerce(hints[k], v, f"{where}.{k}" if where else k)
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except ValueError as e:  # a section's own check: say which section (stages.1.data: ...)
+        if not where or str(e).startswith(where):
+            raise
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _coerce(tp: Any, v: Any, where: str) -> Any:
@@ -342,6 +382,12 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
         return _coerce(inner[0], v, where)
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, where)
+    if tp is dict or origin is dict:  # e.g. model_overrides: an empty YAML block (all commented out) is null
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(v).__name__} {v!r}")
+        return v
     if origin is tuple:
         if isinstance(v, (str, int, float)):
             v = [v]
@@ -361,12 +407,13 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value: YAML, with ``1e-4``-style floats (YAML 1.1 would keep them strings)."""
+    """A command-line value: YAML, with ``1e-4``-style floats (YAML 1.1 would keep them strings); a quoted
+    value stays a string (``run_dir="2024"``)."""
     try:
         v = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override value {text!r} is not valid YAML ({e})") from None
-    if isinstance(v, str):
+    if isinstance(v, str) and not text.strip().startswith(("'", '"')):
         try:
             return int(v)
         except ValueError:

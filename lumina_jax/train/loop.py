@@ -289,13 +289,16 @@ class Trainer:
         ckpt_dir = checkpoints_dir(cfg.run_dir)
         # metrics.jsonl, TensorBoard events and sample PNGs are written locally by process 0
         self.run_dir = Path(cfg.log.dir or ("logs/" + cfg.run_dir.rstrip("/").split("/")[-1] if remote else cfg.run_dir))
+        # before the checkpoint manager (and its threads) exist: a bad samples.fn is a plain config error
+        self._sample_fn = _load_sample_fn(cfg.samples.fn) if cfg.samples.fn else None
+        if self._sample_fn is not None and not cfg.samples.every:
+            log.warning("samples.fn is set but samples.every is 0: no samples will be made")
         self.ckpt = ckpt_lib.RunCheckpoints(
             ckpt_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
             async_save=cfg.checkpoint.async_save,
             protect=[end for _, end in cfg.stage_bounds()] if cfg.checkpoint.keep_stage_ends else (),
         )  # fmt: skip
         self.metrics = metrics_lib.MetricLog(self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.primary)
-        self._sample_fn = _load_sample_fn(cfg.samples.fn) if cfg.samples.fn else None
         self._peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind)
         self._signals = _StopSignals()
         self._base_fingerprint: Optional[str] = None  # a LoRA run's frozen base, recorded with its checkpoints
@@ -433,6 +436,8 @@ class Trainer:
                             "or --stop-at to go on)", cfg.run_dir, step, total)  # fmt: skip
             if dropped := self.metrics.rewind(step):
                 log.info("dropped %d metrics.jsonl rows logged after step %d (repeated by this run)", dropped, step)
+        if latest is None and (dropped := self.metrics.rewind(0)):  # an attempt that died before its first checkpoint
+            log.info("dropped %d metrics.jsonl rows of an earlier attempt that saved no checkpoint", dropped)
         self.metrics.record_start(step, cfg.to_dict())
         last_metrics: dict = {}
         self._signals = _StopSignals()
@@ -609,7 +614,15 @@ def _load_sample_fn(spec: str) -> Callable:
     if ":" not in spec:
         raise ValueError(f"samples.fn must be 'module:function', got {spec!r}")
     mod, name = spec.split(":", 1)
-    return getattr(importlib.import_module(mod), name)
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except ImportError as e:
+        raise ValueError(f"samples.fn {spec!r}: cannot import {mod!r} ({e})") from None
+    except AttributeError:
+        raise ValueError(f"samples.fn {spec!r}: module {mod!r} has no {name!r}") from None
+    if not callable(fn):
+        raise ValueError(f"samples.fn {spec!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def _open_run(run_dir: str | Path, which: str, step: Optional[int]) -> tuple[Any, int, dict, str]:

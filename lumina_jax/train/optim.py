@@ -50,6 +50,9 @@ class OptimizerConfig:
             raise ValueError(f"lr and warmup_steps must be >= 0, got {self.lr}, {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.min_lr_ratio and self.schedule != "cosine":
+            raise ValueError(f"min_lr_ratio is the floor of the cosine schedule; schedule {self.schedule!r} does not "
+                             f"use it (set schedule: cosine, or leave min_lr_ratio at 0)")  # fmt: skip
 
 
 def lr_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array, dict], jax.Array]:
