@@ -247,3 +247,21 @@ def test_parse_oom_temporaries_message():
            "(395.85G) exceeds available HBM (95.74G).")  # fmt: skip
     got = aot.parse_oom(msg)
     assert got["used"] == pytest.approx(395.85 * aot.GiB) and got["capacity"] == pytest.approx(95.74 * aot.GiB)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--per-device-batch", "0"], "--per-device-batch: must be >= 1"),
+    (["--batch", "0"], "--batch: must be >= 1"),
+    (["--resolution", "8"], "--resolution: must be >= 16"),
+])  # fmt: skip
+def test_sizes_are_checked_before_compiling(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        aot.main(["--topology", "v5e:2x2", "--config", "tiny_synthetic", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_resolution_off_the_16_pixel_grid_is_refused_not_rounded():
+    cfg = load_config("tiny_synthetic", [])
+    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="resolution 72 is not a positive multiple of 16"):
+        aot.build_plan(cfg, mesh, what="forward", resolution=72, global_batch=1)

@@ -339,3 +339,26 @@ def test_tensor_parallel_splits_are_checked_before_loading(tmp_path, model_dir, 
     assert cli.tensor_parallel_problems(qwen2_vl_7b(), 4) == []  # 28 heads, 4 kv heads, 18944 MLP, 152064 vocab
     eight = " ".join(cli.tensor_parallel_problems(qwen2_5_vl_7b(), 8))
     assert "kv_heads" in eight and "heads of" in eight and "visual/blocks/mlp" in eight  # 3420-wide vision MLP
+
+
+def test_resume_reads_only_this_outputs_parts_and_inputs_like_the_training_data(tmp_path, capsys, no_weights):
+    """``caps.jsonl`` does not count ``caps.other.00000-of-00002.jsonl`` as its own part, names with glob
+    characters find theirs; a ``.json`` array of records lists images as the training data reads it; an
+    --out that is a folder fails before the model loads."""
+    from lumina_jax.models.captioner.cli import list_images
+
+    rec = json.dumps({"image_path": "a.png", "caption": "x"}) + "\n"
+    (tmp_path / "caps.other.00000-of-00002.jsonl").write_text(rec)
+    (tmp_path / "caps[v2].00000-of-00002.jsonl").write_text(rec)
+    assert done_set(tmp_path / "caps.jsonl") == set()
+    assert done_set(tmp_path / "caps[v2].jsonl") == {"a.png"}
+    _images(tmp_path / "imgs", 2)
+    (tmp_path / "train.json").write_text(json.dumps([{"image_path": "imgs/img0.png", "prompt": "p"},
+                                                     {"path": "imgs/img1.png", "prompt": "q"}], indent=2))  # fmt: skip
+    assert list_images(tmp_path / "train.json") == [(tmp_path / "imgs" / f"img{i}.png").resolve() for i in (0, 1)]
+    (tmp_path / "photo.jfif").write_bytes(b"\xff\xd8\xff\xe0 not text")
+    with pytest.raises(ValueError, match=r"photo\.jfif: not a JSONL list of images .* not an image extension"):
+        list_images(tmp_path / "photo.jfif")
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(SystemExit, match="is a folder; give a .jsonl file name"):
+        main(["--model", str(tmp_path), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "outdir")])

@@ -12,9 +12,11 @@ import json
 
 
 def main(argv: list[str]) -> int:
+    from lumina_jax.config_utils import int_at_least
+
     ap = argparse.ArgumentParser(prog="python -m lumina_jax.bench attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int_at_least(1), default=2)
     ap.add_argument("--image-tokens", type=int, default=4096)
     ap.add_argument("--caption-tokens", type=int, default=256)
     ap.add_argument("--valid-caption-tokens", type=int, default=None)
@@ -23,8 +25,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--head-dim", type=int, default=96)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--backends", nargs="*", default=None, help="default: all that run on this platform")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int_at_least(1), default=20)
+    ap.add_argument("--warmup", type=int_at_least(0), default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true", help="instead: time our Pallas kernel at several block sizes")
     a = ap.parse_args(argv)

@@ -16,6 +16,8 @@ import json
 
 
 def main(argv: list[str]) -> int:
+    from lumina_jax.config_utils import int_at_least
+
     ap = argparse.ArgumentParser(prog="python -m lumina_jax.bench data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--kind", nargs="+", default=["raw", "cache"], choices=["raw", "cache"])
@@ -23,7 +25,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--plan", nargs="+", default=["global"], choices=["global", "host"])
     ap.add_argument("--n", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int_at_least(1), default=8)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plan-records", type=int, default=0, metavar="N",
                     help="instead: time the global bucket plan alone over a size index of N records "

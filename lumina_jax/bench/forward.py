@@ -64,11 +64,13 @@ def _time_torch(fn, device: str, warmup: int, iters: int) -> float:
 
 
 def main(argv: list[str]) -> int:
+    from lumina_jax.config_utils import int_at_least
+
     ap = argparse.ArgumentParser(prog="python -m lumina_jax.bench forward", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--config", default="nextdit_tiny")
     ap.add_argument("--res", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="image size in pixels")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int_at_least(1), default=2)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--cap-valid", type=int, default=96)
     ap.add_argument("--cap-pad", type=int, default=128)
@@ -76,8 +78,8 @@ def main(argv: list[str]) -> int:
                     help="attention backend(s) (auto, xla, cudnn, pallas, ...); the first is compared with the reference")
     ap.add_argument("--reference", choices=["none", "diffusers"], default="diffusers")
     ap.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int_at_least(0), default=3)
+    ap.add_argument("--iters", type=int_at_least(1), default=10)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--profile", default=None, metavar="FILE", help="write an xprof trace of the first backend here")
     ap.add_argument("--hlo-dump", default=None, metavar="FILE", help="write the optimised HLO of the first backend here")

@@ -144,18 +144,20 @@ def _median(xs: list[float]) -> float:
 
 
 def main(argv: list[str]) -> int:
+    from lumina_jax.config_utils import int_at_least
+
     ap = argparse.ArgumentParser(prog="python -m lumina_jax.bench generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--shapes", choices=["tiny", "2b"], default="tiny")
     ap.add_argument("--size", default=None, help="WxH pixels (default 64x64 tiny, 1024x1024 2b)")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int_at_least(1), default=10)
     ap.add_argument("--cfg", type=float, default=4.0, help="guidance scale")
     ap.add_argument("--cfg-trunc", type=float, default=1.0, help="cfg_trunc_ratio (diffusers semantics for "
                     "flow_euler, model-time threshold otherwise)")  # fmt: skip
     ap.add_argument("--solver", default="flow_euler", choices=["flow_euler", "euler", "midpoint", "dpm"])
-    ap.add_argument("--batch", type=int, default=1, help="images per prompt")
+    ap.add_argument("--batch", type=int_at_least(1), default=1, help="images per prompt")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default fp32 on CPU, bf16 on GPU")
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int_at_least(1), default=3)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--no-diffusers", action="store_true", help="time only the JAX pipeline")
     ap.add_argument("--unroll", action="store_true", help="JAX pipeline with unrolled Next-DiT layers")

@@ -116,10 +116,12 @@ def kernel_rows(xplane_path: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> int:
+    from lumina_jax.config_utils import int_at_least
+
     ap = argparse.ArgumentParser(prog="python -m lumina_jax.bench trace", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("trace", help="an .xplane.pb (or .xplane.pb.gz) written by --profile")
-    ap.add_argument("--iters", type=int, default=3, help="iterations the trace holds (bench forward: 3, train: 2)")
+    ap.add_argument("--iters", type=int_at_least(1), default=3, help="iterations the trace holds (bench forward: 3, train: 2)")
     ap.add_argument("--hlo", default=None, help="the --hlo-dump of the same program, to name the fusions")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--json", default=None)

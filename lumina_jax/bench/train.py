@@ -28,16 +28,18 @@ import time
 
 
 def main(argv: list[str]) -> int:
+    from lumina_jax.config_utils import int_at_least
+
     p = argparse.ArgumentParser(prog="python -m lumina_jax.bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="nextdit_tiny", help="model config name or YAML path")
     p.add_argument("--res", type=int, default=256, help="image resolution in pixels (latent = res/8)")
-    p.add_argument("--batch", type=int, nargs="+", default=[8],
+    p.add_argument("--batch", type=int_at_least(1), nargs="+", default=[8],
                    help="global batch; several: tried in order until one fits in device memory (largest first), "
                         "out-of-memory attempts recorded as rows")
     p.add_argument("--all-batches", action="store_true", help="time every --batch, not only the first that fits")
     p.add_argument("--cap-len", type=int, default=None, help="caption tokens (default 8 for tiny, else 256)")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch", "low_precision"))
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int_at_least(1), default=5)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--attention", default="auto")
     p.add_argument("--mesh", default="fsdp", help="mesh preset: dp, fsdp, fsdp_tensor, context")

@@ -209,7 +209,9 @@ def build_plan(
     if not 0 <= stage < len(cfg.stages):
         raise ValueError(f"stage {stage} out of range: the config has {len(cfg.stages)} stages")
     st = cfg.stages[stage]
-    res = int(resolution or st.resolution)
+    res = int(resolution if resolution is not None else st.resolution)
+    if res < 16 or res % 16:
+        raise ValueError(f"resolution {res} is not a positive multiple of 16 (VAE factor 8 x patch 2)")
     div = mesh_lib.batch_divisor(mesh)
     if per_device_batch is not None:
         gb = int(per_device_batch) * div
@@ -521,6 +523,8 @@ def format_report(rep: Report) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lumina_jax.config_utils import int_at_least
+
     p = argparse.ArgumentParser(
         prog="python -m lumina_jax aot",
         description="Compile a train/sample/forward step ahead of time for a TPU topology (no TPU needed) "
@@ -533,11 +537,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--what", default="train", choices=WHATS)
     p.add_argument("--stage", type=int, default=0, help="stage of the config whose resolution/batch to use, "
                    "counted from 0 (the trainer's log says 'stage 1/N' for stage 0)")
-    p.add_argument("--resolution", type=int, default=None, help="pixels (square); default: the stage's")
+    p.add_argument("--resolution", type=int_at_least(16), default=None, help="pixels (square), a multiple of 16; "
+                   "default: the stage's")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--batch", type=int, default=None, help="global batch; default: the stage's")
-    g.add_argument("--per-device-batch", type=int, default=None, help="samples per batch shard (data x fsdp)")
-    p.add_argument("--cap-len", type=int, default=256, help="caption tokens (Gemma-2 features), default 256")
+    g.add_argument("--batch", type=int_at_least(1), default=None, help="global batch; default: the stage's")
+    g.add_argument("--per-device-batch", type=int_at_least(1), default=None,
+                   help="samples per batch shard (data x fsdp)")
+    p.add_argument("--cap-len", type=int_at_least(1), default=256, help="caption tokens (Gemma-2 features), default 256")
     p.add_argument("--attention", default="splash_sharded", choices=ATTENTIONS)
     p.add_argument("--no-cfg", action="store_true", help="--what sample: one unguided evaluation")
     p.add_argument("--max-fraction", type=float, default=0.9, help="fits if total <= this fraction of HBM")

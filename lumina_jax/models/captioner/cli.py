@@ -134,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_images(spec: str | os.PathLike) -> list[Path]:
-    """Absolute image paths, each once: of a folder (recursive, following links to folders, sorted), a JSONL
-    (file order, relative to its folder) or one image file."""
+    """Absolute image paths, each once: of a folder (recursive, following links to folders, sorted), a list
+    of records as the training data reads them (JSONL, or a ``.json`` array; file order, paths relative to
+    its folder) or one image file."""
+    from lumina_jax.data.sources import _BadEntry, _read_original_records
+
     spec = Path(spec)
     if spec.is_dir():
         return sorted(set(_walk_images(spec)))
@@ -144,19 +147,17 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
     if spec.suffix.lower() in IMAGE_EXTENSIONS:
         return [spec.resolve()]
     out = []
-    with open(spec, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{spec}:{lineno}: invalid JSON ({e.msg})") from None
-            path = item.get("image_path", item.get("path")) if isinstance(item, dict) else None
-            if not isinstance(path, str) or not path:
-                raise ValueError(f"{spec}:{lineno}: no image_path/path")
-            p = Path(path)
-            out.append((p if p.is_absolute() else spec.parent / p).resolve())
+    for where, item in _read_original_records(spec):
+        if isinstance(item, _BadEntry):
+            if spec.suffix.lower() not in (".jsonl", ".json", ".txt"):
+                raise ValueError(f"--images {spec}: not a JSONL list of images ({item.message}), and "
+                                 f"{spec.suffix or 'no suffix'} is not an image extension {list(IMAGE_EXTENSIONS)}")
+            raise ValueError(f"{where}: {item.message}")
+        path = item.get("image_path", item.get("path")) if isinstance(item, dict) else None
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{where}: no image_path/path")
+        p = Path(path)
+        out.append((p if p.is_absolute() else spec.parent / p).resolve())
     return list(dict.fromkeys(out))  # listed twice (or by two spellings): captioned once
 
 
@@ -221,7 +222,9 @@ def done_set(out: Path, key: Optional[tuple] = None) -> set[str]:
     """``image_path`` values already written to ``out`` or to any of its per-process parts (with ``key``:
     by a run of those :func:`settings_key` settings)."""
     done: set[str] = set()
-    files = [out] + sorted(out.parent.glob(f"{out.stem}.*-of-*{out.suffix}"))
+    part = re.compile(re.escape(out.stem) + r"\.\d{5}-of-\d{5}" + re.escape(out.suffix))  # this output's own parts
+    names = sorted(p.name for p in out.parent.iterdir()) if out.parent.is_dir() else []
+    files = [out] + [out.parent / n for n in names if part.fullmatch(n)]
     for f in files:
         if not f.is_file():
             continue
@@ -366,6 +369,15 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
 
     out = Path(args.out)
     my_out = output_file(out, index, count)
+    for f in {out, my_out}:  # before the (long) model load, not after
+        if f.is_dir():
+            raise _setup_error(f"--out {f} is a folder; give a .jsonl file name")
+    probe = my_out.parent.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (my_out.exists()
+                                                                         and not os.access(my_out, os.W_OK)):
+        raise _setup_error(f"--out {my_out}: cannot write there ({probe} is not a writable folder)")
 
     if args.instruction is not None and not args.instruction.strip():
         raise _setup_error("--instruction is empty (leave it out to use the templates)")
