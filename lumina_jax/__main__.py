@@ -11,7 +11,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lumina_jax.sample.cli", "text -> image PNGs with a checkpoint (or the bundled model)"),
-    "convert": ("lumina_jax.convert.cli", "convert a Next-DiT checkpoint between jax / diffusers / original"),
+    "convert": ("lumina_jax.convert.cli", "convert a Next-DiT, Gemma-2 or FLUX VAE checkpoint between jax / diffusers / original"),
     "train": ("lumina_jax.train.cli", "train from a YAML config with key=value overrides"),
     "preprocess": ("lumina_jax.data.cli", "encode a dataset into a latent/text-feature cache"),
     "caption": ("lumina_jax.models.captioner.cli", "caption images with a Qwen2-VL style captioner"),

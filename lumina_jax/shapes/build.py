@@ -4,7 +4,7 @@ train-text-encoder,assemble}``.
 The shipped model (trained f8 autoencoder stage, random frozen text encoder, no system prompt)::
 
     python -m lumina_jax.shapes prepare --work data/shapes          # dataset (TFDS), tokenizer, encoders
-    python -m lumina_jax.shapes train-vae --work data/shapes        # encoders/vae_f8 (8x, 8 channels)
+    python -m lumina_jax.shapes train-vae --work data/shapes --steps 1500   # encoders/vae_f8 (8x, 8 channels)
     python -m lumina_jax train configs/train/shapes.yaml             # the project's trainer, 3 stages
     python -m lumina_jax.shapes assemble --run runs/shapes --work data/shapes \
         --out lumina_jax/assets/default_model                        # EMA weights + encoders -> pipeline dir

@@ -35,7 +35,7 @@ def _train_parser() -> argparse.ArgumentParser:
         prog="python -m lumina_jax train", description="Train Next-DiT from a YAML config.",
         epilog="Overrides: dotted keys of the YAML, e.g. optimizer.lr=1e-4 stages.0.batch=64. The same command "
         "resumes a run from its run_dir's latest checkpoint; SIGTERM / Ctrl-C stop after the current step with a "
-        "checkpoint. Weights of a run: python -m lumina_jax train export RUN_DIR OUT --format jax|diffusers|original",
+        "checkpoint. Weights of a run: python -m lumina_jax train export RUN_DIR OUT --format jax|diffusers|original|lora",
     )  # fmt: skip
     p.add_argument("config", help="configs/train/<name>.yaml, a bundled name (e.g. tiny_synthetic) or a path")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
