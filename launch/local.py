@@ -15,7 +15,9 @@ process ``i`` goes to ``<log-dir>/process_<i>.log``; process 0's is also streame
 written. If one process fails (or ``--timeout`` passes: exit code 124) the others are stopped, the last
 lines of every process's log go to stderr, and the exit code is the first non-zero one. Ctrl-C is
 passed on to the processes (a training run stops after a step all agree on, with a checkpoint: the
-same command resumes it); a second Ctrl-C kills them.
+same command resumes it); a second Ctrl-C kills them. SIGTERM and SIGHUP to the launcher count as Ctrl-C
+(the processes run in their own sessions, so a killed launcher would otherwise leave them running). The
+processes run in the current folder with the checkout on ``PYTHONPATH`` (both in the ``--dry-run`` output).
 
 Variables: ``LAUNCH_PORT`` (default: a free port), ``DRY_RUN=1`` (same as ``--dry-run``: print the
 environment and commands, run nothing), ``PYTHON`` (interpreter, default: this one).
@@ -70,6 +72,9 @@ def build(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
             "JAX_PLATFORMS": "cpu",
             "PYTHONUNBUFFERED": "1",
             "XLA_FLAGS": with_cpu_devices(args.devices_per_process),
+            # the checkout on the path (the package is used in place), the caller's folder as the cwd, so
+            # relative config / run_dir / data paths mean what they meant where the command was typed
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         }
         jobs.append((env, [python, "-m", args.module, *([args.command] if args.command else []), *cmd_tail]))
     return jobs
@@ -98,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="lumina_local_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
+
+    def as_interrupt(signum, frame):  # SIGTERM (kill, timeout, a cancelled job), SIGHUP (the ssh session went)
+        raise KeyboardInterrupt  # the children run in their own sessions: stop them the way Ctrl-C does
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, as_interrupt)
     for i, (env, cmd) in enumerate(jobs):
-        full_env = dict(os.environ, **env)
-        full_env["PYTHONPATH"] = f"{REPO}{os.pathsep}{full_env.get('PYTHONPATH', '')}"
         log = open(log_dir / f"process_{i}.log", "w")
-        procs.append((subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True), log))  # fmt: skip
+        procs.append((subprocess.Popen(cmd, env=dict(os.environ, **env), cwd=os.getcwd(), stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True), log))  # fmt: skip
     print(f"started {len(procs)} processes; logs in {log_dir}", flush=True)
     start = time.time()
     rc = 0

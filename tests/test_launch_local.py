@@ -72,3 +72,39 @@ def test_ctrl_c_reaches_processes_without_a_handler_and_ends_with_130(tmp_path):
             p.kill()
     assert p.returncode == 130, (out, err)
     assert "Ctrl-C: stopping every process" in out and "last lines" not in err
+
+
+def test_sigterm_to_the_launcher_stops_the_processes_and_they_run_where_it_was_started(tmp_path):
+    """The processes run in their own sessions: a SIGTERM (kill, timeout, a cancelled job) to the launcher must
+    stop them as Ctrl-C does, not leave them running; relative paths resolve in the caller's folder."""
+    import signal
+    import time
+
+    (tmp_path / "sleeper.py").write_text("import os, time\nprint('cwd', os.getcwd(), flush=True)\ntime.sleep(60)\n")
+    cmd = [sys.executable, str(REPO / "launch/local.py"), "-n", "2", "-d", "1", "--module", "sleeper", "--command", "",
+           "--log-dir", str(tmp_path / "logs")]  # fmt: skip
+    dry = subprocess.run(cmd + ["--dry-run"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert f"PYTHONPATH={REPO}{os.pathsep}{tmp_path}" in dry.stdout, dry.stdout
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout.readline().startswith("started 2 processes")
+        time.sleep(2.0)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, (out, err)
+    assert f"cwd {tmp_path}" in out
+    time.sleep(0.5)
+
+    def ours(pid: str) -> bool:  # a "python -m sleeper" started in tmp_path, still alive
+        try:
+            return (b"-m\0sleeper" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                    and os.path.realpath(f"/proc/{pid}/cwd") == str(tmp_path.resolve()))
+        except OSError:
+            return False
+
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and ours(pid)]

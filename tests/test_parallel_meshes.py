@@ -113,7 +113,8 @@ def test_restore_onto_other_mesh(report):
 
 def _expected_spec(names, shape, sizes):
     """The rule table resolved by hand, independently of lumina_jax.parallel.mesh."""
-    table = {"embed": ("fsdp", "context"), "heads": ("tensor",), "kv_heads": ("tensor",), "mlp": ("tensor",)}
+    table = {"embed": ("fsdp", "context"), "heads": ("tensor",), "kv_heads": ("tensor",), "mlp": ("tensor",),
+             "modulation": ("tensor",)}
     used, out = set(), []
     for n, dim in zip(names, shape):
         keep = []

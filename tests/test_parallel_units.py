@@ -117,11 +117,16 @@ def test_distributed_resolution_from_env():
     # a Cloud TPU VM keeps the slice in its metadata, not in variables: launch/tpu_pod.sh says so
     assert distributed.resolve(env={"HOSTNAME": "t1v-n-abc-w-0"})[0] == "none"
     assert distributed.resolve(env={"LUMINA_TPU_POD": "1"})[0] == "tpu"
-    assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"})[0] == "slurm"
-    assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})[0] == "none"
+    step = {"SLURM_STEP_NODELIST": "n[1-8]"}  # srun's: what JAX's Slurm detection reads
+    assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", **step})[0] == "slurm"
+    assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", **step})[0] == "none"
+    assert distributed.resolve(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"})[0] == "none"  # a batch script: no srun
+    assert distributed.resolve(env={"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "x"})[0] == "mpi"
+    with pytest.raises(ValueError, match="only detects Open MPI up to version 4; set LUMINA_COORDINATOR"):
+        distributed.resolve(env={"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"})
     # launch/slurm.sbatch: one task per node with 8 GPUs -> all 8 local devices (JAX alone would give
     # each process only GPU SLURM_LOCALID); one task per GPU -> JAX's default
-    node = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"}
+    node = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8", **step}
     assert distributed.resolve(env=node) == ("slurm", {"local_device_ids": list(range(8))})
     assert distributed.resolve(env={**node, "SLURM_NTASKS_PER_NODE": "1(x2)"})[1] == {"local_device_ids": list(range(8))}
     assert distributed.resolve(env={**node, "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8"}) == ("slurm", {})

@@ -882,3 +882,27 @@ def test_data_counters_count_truncated_captions_in_the_saved_data_state():
 
     line = format_line(3, 10, {"loss": 0.5, "data/skipped": 3, "data/captions_truncated": 0})
     assert "skipped 3" in line and "captions_truncated" not in line
+
+
+def test_init_checkpoint_fields_that_change_no_shape_are_checked_against_the_run(tmp_path):
+    """A diffusers init whose norm_eps / RoPE table differ from the run's model config passes every key and shape
+    check; the fields the checkpoint records are compared instead (the original's eps is not among them)."""
+    import jax
+
+    from lumina_jax.convert.nextdit import save_transformer
+    from lumina_jax.models.nextdit import init_params
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train.config import load_config, load_model_config
+    from lumina_jax.train.loop import initial_params
+
+    cfg = load_config("tiny_synthetic", [])
+    mc = load_model_config(cfg)
+    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+    params = init_params(mc, 0)
+    save_transformer(tmp_path / "same", mc, params, "diffusers")
+    save_transformer(tmp_path / "other", mc.replace(norm_eps=1e-3), params, "diffusers")
+    run = lambda p: initial_params(load_config("tiny_synthetic", [f"init={p}"]), mc, mesh)  # noqa: E731
+    got = run(tmp_path / "same")
+    np.testing.assert_array_equal(np.asarray(got["x_embedder"]["kernel"]), np.asarray(params["x_embedder"]["kernel"]))
+    with pytest.raises(ValueError, match=r"records norm_eps=0\.001 where the run's model config has 1e-0?5"):
+        run(tmp_path / "other")

@@ -442,6 +442,23 @@ def _config_of(f: Path, make: Any) -> NextDiTConfig:
         raise CheckpointError(f"{f}: not a valid Next-DiT config ({e})") from None
 
 
+def recorded_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config fields a checkpoint itself records, as :meth:`NextDiTConfig.to_dict` values: all of them for
+    the project's format and for our original-format exports, the ones diffusers' ``config.json`` has (sizes,
+    ``norm_eps``, RoPE axes and table) for a diffusers folder, none for an original file that stores none
+    (its shapes are checked when it is read). For checking a checkpoint against a config given for it."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "jax":
+        return NextDiTConfig.from_dict(read_json(path / JAX_MARKER, key="config")["config"]).to_dict()
+    if fmt == "diffusers":
+        d = read_json(path / "config.json")
+        full = NextDiTConfig.from_diffusers_config(d).to_dict()
+        return {ours: full[ours] for theirs, ours in NextDiTConfig._DIFFUSERS_KEYS.items() if theirs in d}
+    stored = _stored_config(_original_source(path))
+    return {} if stored is None else stored.to_dict()
+
+
 def _stored_config(src: TensorSource) -> Optional[NextDiTConfig]:
     """The config our original-format export stores in its metadata (``lumina_jax_config``: the
     safetensors ``__metadata__``, or the ``.pth`` archive's metadata record), so that a

@@ -385,7 +385,7 @@ class TransformerBlock(nn.Module):
         attn = Attention(c, self.dtype, self.backend, self.param_dtype, self.fuse_qk, name="attention")
         ffn = FeedForward(c, self.dtype, self.param_dtype, name="feed_forward")
         if self.modulation:
-            mod = _dense(4 * c.dim, ("cond", "embed"), use_bias=True, dtype=self.dtype, name="adaLN_modulation",
+            mod = _dense(4 * c.dim, ("modulation", "embed"), use_bias=True, dtype=self.dtype, name="adaLN_modulation",
                          init=nn.initializers.zeros, param_dtype=self.param_dtype)(nn.silu(temb.astype(self.dtype)))  # fmt: skip
             scale_msa, gate_msa, scale_mlp, gate_mlp = (m[:, None, :].astype(jnp.float32) for m in jnp.split(mod, 4, -1))
             h = norm("attention_norm1")(x).astype(jnp.float32) * (1.0 + scale_msa)
@@ -556,7 +556,7 @@ class NextDiT(nn.Module):
         self.context_refiner = BlockStack(c, c.n_refiner_layers, modulation=False, **kw)
         self.noise_refiner = BlockStack(c, c.n_refiner_layers, modulation=True, **kw)
         self.layers = BlockStack(c, c.n_layers, modulation=True, **kw)
-        self.final_adaLN = _dense(c.dim, ("cond", "embed"), use_bias=True, dtype=dt, init=nn.initializers.zeros,
+        self.final_adaLN = _dense(c.dim, ("modulation", "embed"), use_bias=True, dtype=dt, init=nn.initializers.zeros,
                                   param_dtype=pd)  # fmt: skip
         self.final_linear = _dense(c.patch_size**2 * c.out_ch, ("embed", "patch"), use_bias=True, dtype=dt,
                                    init=nn.initializers.zeros, param_dtype=pd)  # fmt: skip

@@ -41,14 +41,25 @@ _initialized = False
 
 
 def detect_cluster(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """Name of an auto-detectable multi-process environment, or None."""
+    """Name of an auto-detectable multi-process environment, or None. Detected as JAX's own cluster
+    detection will find it: Slurm only inside an ``srun`` step (a batch script or ``salloc`` shell runs one
+    process: warned), Open MPI only up to version 4 (``mpirun`` of Open MPI 5, which JAX does not detect,
+    is an error naming the ``LUMINA_*`` variables to set instead)."""
     env = os.environ if env is None else env
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env or env.get(ENV_TPU_POD, "") in ("1", "true"):
         return "tpu"
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
-        return "slurm"
+        if "SLURM_STEP_NODELIST" in env or "SLURM_STEP_ID" in env:
+            return "slurm"
+        log.warning("a Slurm allocation of %s tasks, but not inside an srun step: running as one process (start "
+                    "one per task with srun, as launch/slurm.sbatch does)", env.get("SLURM_NTASKS"))  # fmt: skip
+        return None
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        if "OMPI_MCA_orte_hnp_uri" not in env:
+            raise ValueError(f"mpirun with {env['OMPI_COMM_WORLD_SIZE']} processes, but JAX only detects Open MPI up "
+                             f"to version 4; set {ENV_COORDINATOR}=host:port, {ENV_NUM_PROCESSES} and "
+                             f"{ENV_PROCESS_ID} (e.g. from OMPI_COMM_WORLD_RANK) for each process")  # fmt: skip
         return "mpi"
     return None
 

@@ -252,8 +252,8 @@ def load_transformer_sharded(
     else:
         # The converter's private helpers are the one place that knows the original file layouts.
         src = conv._Prefixed(conv._original_source(path))
-        if config is None:
-            config = conv.infer_original_config(src.shapes())
+        if config is None:  # as load_transformer: the config our exports store, else inferred from the shapes
+            config = conv._stored_config(src.src) or conv.infer_original_config(src.shapes())
     found = src.shapes()
     rules_t = [r for r in conv.RULES[fmt](config) if r.key in found or r.key != "norm_final.weight"]
     abstract = model_abstract(config)

@@ -653,6 +653,14 @@ def initial_params(cfg: TrainConfig, model_config: Any, mesh: Any) -> Any:
     """The run's starting Next-DiT params in their shardings: ``cfg.init``'s, or random from ``cfg.seed``
     (the same bits every time: a LoRA run's frozen base is rebuilt this way on resume and export)."""
     if cfg.init:
+        from lumina_jax.convert.nextdit import recorded_config
+
+        ours = model_config.to_dict()
+        differ = {k: (v, ours.get(k)) for k, v in recorded_config(cfg.init).items() if v != ours.get(k)}
+        if differ:  # fields that change no shape (RoPE theta, eps, table sizes) would pass the key/shape check
+            raise ValueError(f"init checkpoint {cfg.init} records " + ", ".join(
+                f"{k}={a!r} where the run's model config has {b!r}" for k, (a, b) in differ.items())
+                + "; set model / model_overrides to the checkpoint's values")  # fmt: skip
         loaded_cfg, params = shard_lib.load_transformer_sharded(cfg.init, mesh, config=model_config)
         if loaded_cfg != model_config:
             raise ValueError(f"init checkpoint {cfg.init} has config {loaded_cfg}, the run uses {model_config}")
