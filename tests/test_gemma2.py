@@ -136,6 +136,21 @@ def test_padding_does_not_change_valid_tokens(pair, batch):
     assert np.isfinite(np.asarray(padded)).all()  # fully masked padding rows stay finite
 
 
+def test_out_of_table_ids_are_an_error_or_harmless_padding(pair, batch):
+    """An id outside the table at a valid position is an error (host ids); at a padded position (a pad id the
+    table lacks) it reads token 0, so no NaN reaches the valid tokens (jnp.take fills NaN)."""
+    _, params = pair
+    ids, mask = batch
+    bad = ids.copy()
+    bad[1, 10] = TINY.vocab_size + 3  # padded position of row 1 (length 7)
+    got = np.asarray(run(params, bad, mask, TINY).penultimate_hidden_state)
+    want = np.asarray(run(params, ids, mask, TINY).penultimate_hidden_state)
+    np.testing.assert_allclose(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+    bad[1, 3] = -1  # a valid position
+    with pytest.raises(ValueError, match=r"token ids outside the vocabulary \(0\.\.511\): min -1"):
+        encode(params, bad, mask, TINY)
+
+
 def test_remat_same_forward_and_gradients(pair, batch):
     _, params = pair
     ids, mask = batch

@@ -906,3 +906,20 @@ def test_init_checkpoint_fields_that_change_no_shape_are_checked_against_the_run
     np.testing.assert_array_equal(np.asarray(got["x_embedder"]["kernel"]), np.asarray(params["x_embedder"]["kernel"]))
     with pytest.raises(ValueError, match=r"records norm_eps=0\.001 where the run's model config has 1e-0?5"):
         run(tmp_path / "other")
+
+
+def test_a_mixed_batch_crop_past_the_rope_table_is_an_error_not_a_clamp(tmp_path):
+    """forward_tokens cannot check traced grid sizes (positions past the table would reuse its last rows):
+    the trainer checks each mixed batch's sizes on the host; pack_latents checks when given the table."""
+    from test_train_loop import make_cfg
+
+    from lumina_jax.models.nextdit import pack_latents
+    from lumina_jax.train.loop import Trainer
+
+    tr = Trainer(make_cfg(tmp_path))
+    mc = tr.model_config
+    too_wide = np.array([[16, 16 * (mc.axes_lens[2] + 1)]], np.int32)  # px: 16 px per patch (VAE 8 x patch 2)
+    with pytest.raises(ValueError, match=r"crop exceeds the model's RoPE table"):
+        tr._next_global(iter([{"image_sizes": too_wide}]), tr.cfg.stages[0], 0)
+    with pytest.raises(ValueError, match="exceeds the RoPE table"):
+        pack_latents([np.zeros((2, 2 * (mc.axes_lens[2] + 1), 4))], 2, max_grid=tuple(mc.axes_lens[1:]))

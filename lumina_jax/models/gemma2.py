@@ -421,6 +421,14 @@ class Gemma2Encoder(nn.Module):
         cfg = self.config
         B, L = input_ids.shape
         key_valid = jnp.ones((B, L), bool) if attention_mask is None else attention_mask.astype(bool)
+        if isinstance(input_ids, np.ndarray):  # host ids: one outside the table is an error (as in transformers),
+            bad = input_ids[np.asarray(key_valid)]  # not NaN features (under jit the caller checks: text.py)
+            if bad.size and (bad.min() < 0 or bad.max() >= cfg.vocab_size):
+                raise ValueError(f"token ids outside the vocabulary (0..{cfg.vocab_size - 1}): min {bad.min()}, "
+                                 f"max {bad.max()}; was the tokenizer made for this text encoder?")  # fmt: skip
+        # padded positions read token 0: whatever id they hold (a tokenizer's out-of-table pad id) cannot put NaN
+        # into the values that the valid tokens' attention multiplies by zero
+        input_ids = jnp.where(key_valid, input_ids, 0)
 
         # HF: embed(ids) * embed_scale.to(dtype); gather first so bf16 runs never cast the whole table.
         h = _Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(input_ids, self.dtype)

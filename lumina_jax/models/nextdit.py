@@ -325,12 +325,16 @@ class Attention(nn.Module):
             q, k, v = add(q, "q", hq), add(k, "k", hkv), add(v, "v", hkv)
             if fused_kernel:  # the kernel reads q and k from qkv
                 qkv = jnp.concatenate([q.reshape(b, l, -1), k.reshape(b, l, -1), v.reshape(b, l, -1)], axis=-1)
+        # the softmax scale 1/sqrt(hd) goes into q while it is fp32, so that a bf16 q is rounded once (a
+        # backend that scales its bf16 input, as splash, would round it a second time); attention's scale is 1
+        sm_scale = hd**-0.5
         if fused_kernel:  # same params (q_norm/scale, k_norm/scale), one kernel pass each,
             from lumina_jax.ops.qk_norm_rope import qk_norm_rope  # reading q and k in place from qkv
 
             qkv_heads = qkv.reshape(b, l, hq + 2 * hkv, hd)
             scale = lambda name: _NormScale("head_dim", self.param_dtype, name=name)(hd)  # noqa: E731
-            q = qk_norm_rope(qkv_heads, scale("q_norm"), cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype,
+            q_weight = scale("q_norm").astype(jnp.float32) * sm_scale  # RoPE is linear: the kernel's q comes out scaled
+            q = qk_norm_rope(qkv_heads, q_weight, cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype,
                              heads=(0, hq))  # fmt: skip
             k = qk_norm_rope(qkv_heads, scale("k_norm"), cos, sin, eps=c.qk_norm_eps, out_dtype=self.dtype,
                              heads=(hq, hkv))  # fmt: skip
@@ -338,10 +342,10 @@ class Attention(nn.Module):
             if c.qk_norm:
                 q = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="q_norm")(q)
                 k = RMSNorm(c.qk_norm_eps, jnp.float32, "head_dim", self.param_dtype, name="k_norm")(k)
-            q = apply_rope(q, cos, sin).astype(self.dtype)
+            q = (apply_rope(q.astype(jnp.float32), cos, sin) * sm_scale).astype(self.dtype)
             k = apply_rope(k, cos, sin).astype(self.dtype)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
-        out = attention(q, k, v.astype(self.dtype), kv_lengths=kv_lengths, backend=self.backend)
+        out = attention(q, k, v.astype(self.dtype), kv_lengths=kv_lengths, backend=self.backend, scale=1.0)
         out = out.reshape(b, l, hq * hd)
         return _dense(c.dim, ("heads", "embed"), use_bias=False, dtype=self.dtype, name="out", param_dtype=self.param_dtype)(out)
 
@@ -484,10 +488,13 @@ def unpatchify(tokens: jax.Array, h: int, w: int, p: int, c: int) -> jax.Array:
     return x.reshape(b, h * p, w * p, c)
 
 
-def pack_latents(latents: Sequence[Any], patch_size: int = 2, token_budget: Optional[int] = None):
+def pack_latents(latents: Sequence[Any], patch_size: int = 2, token_budget: Optional[int] = None,
+                 max_grid: Optional[tuple[int, int]] = None):
     """Different-size latents ``[(H_i, W_i, C)]`` -> padded tokens ``(B, N, p*p*C)`` and grid sizes ``(B, 2)``.
 
     ``token_budget`` fixes ``N`` (one compiled shape for any mix of sizes); default: the largest sample.
+    ``max_grid``: the model's RoPE table in patches (``config.axes_lens[1:]``); a larger grid is an error here,
+    as in :meth:`NextDiT.__call__` (:meth:`NextDiT.forward_tokens` cannot check traced sizes).
     """
     grids = []
     for i, z in enumerate(latents):
@@ -495,6 +502,9 @@ def pack_latents(latents: Sequence[Any], patch_size: int = 2, token_budget: Opti
         if h % patch_size or w % patch_size:
             raise ValueError(f"latent {i} has size {h}x{w}, not divisible by patch size {patch_size}")
         grids.append((h // patch_size, w // patch_size))
+        if max_grid is not None and (grids[-1][0] > max_grid[0] or grids[-1][1] > max_grid[1]):
+            raise ValueError(f"latent {i}: grid {grids[-1][0]}x{grids[-1][1]} patches exceeds the RoPE table "
+                             f"({max_grid[0]}x{max_grid[1]} positions)")
     n = max(gh * gw for gh, gw in grids)
     budget = token_budget or n
     if budget < n:

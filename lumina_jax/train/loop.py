@@ -532,6 +532,15 @@ class Trainer:
             self.batch_hook(step, local)
         local = {k: v for k, v in local.items() if k in ("latents", "cap_feats", "cap_mask", "valid", "token_mask",
                                                           "image_sizes")}  # fmt: skip
+        if "image_sizes" in local:  # mixed batches: a grid past the RoPE table would silently reuse its last rows
+            from lumina_jax.train.step import VAE_FACTOR
+
+            mc = self.model_config
+            grid = np.asarray(local["image_sizes"]).max(axis=0) // (VAE_FACTOR * mc.patch_size)
+            if grid[0] > mc.axes_lens[1] or grid[1] > mc.axes_lens[2]:
+                raise ValueError(f"stage {stage.name!r}: a {int(grid[0])}x{int(grid[1])}-patch crop exceeds the model's "
+                                 f"RoPE table ({mc.axes_lens[1]}x{mc.axes_lens[2]} patches); lower the stage's "
+                                 f"resolution or raise axes_lens (model_overrides)")  # fmt: skip
         return to_global(local, self.mesh, stage.batch)
 
     def _report(self, step, m, counts, useful, remat, n_dev, bar, force: bool = False) -> dict:
