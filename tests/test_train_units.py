@@ -550,6 +550,9 @@ def test_image_source_paths_and_encoder_dtype(tmp_path):
         image_sources(str(tmp_path / "not_tfds"))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         image_sources(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "images-00000.array_record").write_bytes(b"")
+    with pytest.raises(ValueError, match="one ArrayRecord shard; give the folder"):
+        image_sources(str(tmp_path / "images-00000.array_record"))
     (tmp_path / "a.jsonl").write_text('{"image_path": "x.png", "prompt": "a cat"}\n')
     (src,) = image_sources(str(tmp_path / "a.jsonl"))
     assert len(src) == 1

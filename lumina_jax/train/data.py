@@ -389,7 +389,10 @@ def image_sources(path: str, *, system_prompt: str = "real", key_feature: Option
         return [TfdsSource(builder_dir=path, system_prompt=system_prompt, key_key=key_feature)]
     if not os.path.exists(path):
         raise FileNotFoundError(f"image source {path} does not exist")
-    if str(path).endswith((".yaml", ".yml")):
+    if str(path).lower().endswith(rec_lib.SHARD_SUFFIX.lower()):
+        raise ValueError(f"{path}: one ArrayRecord shard; give the folder that holds the "
+                         f"{IMAGE_SHARD_PREFIX}-NNNNN{rec_lib.SHARD_SUFFIX} shards")  # fmt: skip
+    if str(path).lower().endswith((".yaml", ".yml")):
         parts = load_yaml_sources(path)
         return [parts[0] if len(parts) == 1 else ConcatSource(parts, name=os.path.splitext(os.path.basename(path))[0])]
     return [JsonlSource(path)]
