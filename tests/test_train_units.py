@@ -923,6 +923,9 @@ def test_a_mixed_batch_crop_past_the_rope_table_is_an_error_not_a_clamp(tmp_path
     mc = tr.model_config
     too_wide = np.array([[16, 16 * (mc.axes_lens[2] + 1)]], np.int32)  # px: 16 px per patch (VAE 8 x patch 2)
     with pytest.raises(ValueError, match=r"crop exceeds the model's RoPE table"):
-        tr._next_global(iter([{"image_sizes": too_wide}]), tr.cfg.stages[0], 0)
+        tr._next_global(iter([{"image_sizes": too_wide, "token_mask": np.ones((1, 4), bool)}]), tr.cfg.stages[0], 0)
+    with pytest.raises(ValueError, match=r"crop sizes \[\(24, 16\)\] are not multiples of 16 px"):
+        tr._next_global(iter([{"image_sizes": np.array([[16, 16], [24, 16]], np.int32),
+                                "token_mask": np.ones((2, 4), bool)}]), tr.cfg.stages[0], 0)
     with pytest.raises(ValueError, match="exceeds the RoPE table"):
         pack_latents([np.zeros((2, 2 * (mc.axes_lens[2] + 1), 4))], 2, max_grid=tuple(mc.axes_lens[1:]))

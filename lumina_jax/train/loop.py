@@ -532,11 +532,16 @@ class Trainer:
             self.batch_hook(step, local)
         local = {k: v for k, v in local.items() if k in ("latents", "cap_feats", "cap_mask", "valid", "token_mask",
                                                           "image_sizes")}  # fmt: skip
-        if "image_sizes" in local:  # mixed batches: a grid past the RoPE table would silently reuse its last rows
+        if "token_mask" in local:  # mixed batches: a grid past the RoPE table would silently reuse its last rows
             from lumina_jax.train.step import VAE_FACTOR
 
             mc = self.model_config
-            grid = np.asarray(local["image_sizes"]).max(axis=0) // (VAE_FACTOR * mc.patch_size)
+            px = VAE_FACTOR * mc.patch_size
+            sizes = np.asarray(local["image_sizes"])
+            if np.any(sizes % px):  # the step's grid is sizes // px: a remainder would drop latent rows silently
+                raise ValueError(f"stage {stage.name!r}: crop sizes {sorted({tuple(map(int, s)) for s in sizes if np.any(s % px)})} "
+                                 f"are not multiples of {px} px (VAE factor {VAE_FACTOR} x patch {mc.patch_size})")  # fmt: skip
+            grid = sizes.max(axis=0) // px
             if grid[0] > mc.axes_lens[1] or grid[1] > mc.axes_lens[2]:
                 raise ValueError(f"stage {stage.name!r}: a {int(grid[0])}x{int(grid[1])}-patch crop exceeds the model's "
                                  f"RoPE table ({mc.axes_lens[1]}x{mc.axes_lens[2]} patches); lower the stage's "
