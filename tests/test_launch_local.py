@@ -55,23 +55,29 @@ def test_ctrl_c_reaches_processes_without_a_handler_and_ends_with_130(tmp_path):
     """A Ctrl-C that lands before the trainers install their handler (start-up, compilation) kills them
     by SIGINT (exit -2): the launcher ends with 130, without log tails (it reported -2 as a failure)."""
     import signal
-    import time
 
     (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")  # no SIGINT handler: dies of it
     cmd = [sys.executable, str(REPO / "launch/local.py"), "-n", "2", "-d", "1", "--module", "sleeper", "--command", "",
            "--log-dir", str(tmp_path / "logs")]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rc, out, err = _signal_launcher(cmd, REPO, dict(os.environ, PYTHONPATH=str(tmp_path)), signal.SIGINT, 1.0)
+    assert rc == 130, (out, err)
+    assert "Ctrl-C: stopping every process" in out and "last lines" not in err
+
+
+def _signal_launcher(cmd: list, cwd, env: dict, sig: int, after_s: float) -> tuple[int, str, str]:
+    """Start the launcher, send it ``sig`` ``after_s`` seconds after it started its processes; ``(rc, out, err)``."""
+    import time
+
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().startswith("started 2 processes")
-        time.sleep(1.0)
-        p.send_signal(signal.SIGINT)
+        time.sleep(after_s)
+        p.send_signal(sig)
         out, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 130, (out, err)
-    assert "Ctrl-C: stopping every process" in out and "last lines" not in err
+    return p.returncode, out, err
 
 
 def test_sigterm_to_the_launcher_stops_the_processes_and_they_run_where_it_was_started(tmp_path):
@@ -86,17 +92,8 @@ def test_sigterm_to_the_launcher_stops_the_processes_and_they_run_where_it_was_s
     dry = subprocess.run(cmd + ["--dry-run"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert f"PYTHONPATH={REPO}{os.pathsep}{tmp_path}" in dry.stdout, dry.stdout
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert p.stdout.readline().startswith("started 2 processes")
-        time.sleep(2.0)
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130, (out, err)
+    rc, out, err = _signal_launcher(cmd, tmp_path, dict(os.environ, PYTHONPATH=str(tmp_path)), signal.SIGTERM, 2.0)
+    assert rc == 130, (out, err)
     assert f"cwd {tmp_path}" in out
     time.sleep(0.5)
 
