@@ -281,3 +281,30 @@ def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_each_step_once
     Trainer(make_cfg(tmp_path, *extra), stop_at=4).run()
     steps = [r["step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 4, steps
+
+
+def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_state(tmp_path):
+    """Batches of NaN from step 3 on: steps 3 and 4 are skipped, the run aborts when step 4's metrics are read
+    (max_nonfinite 2; step 5, also skipped, is already dispatched by then) with a checkpoint of step 5 that holds
+    step 2's weights; the same command resumes from it."""
+    import numpy as np
+
+    from lumina_jax.train.loop import NonFiniteLossError, Trainer
+
+    extra = ["stages.0.steps=6", "stages.1.steps=2", "checkpoint.every=0", "max_nonfinite=2"]
+
+    def poison(step, batch):
+        if step >= 2:
+            batch["latents"][...] = np.nan
+
+    good = Trainer(make_cfg(tmp_path / "ref", *extra), stop_at=2)
+    good.run()
+    bad = Trainer(make_cfg(tmp_path / "run", *extra), batch_hook=poison)
+    with pytest.raises(NonFiniteLossError, match="A checkpoint of step 5 holds the run as it was"):
+        bad.run()
+    assert bad.ckpt.all_steps() == [5]
+    resumed = Trainer(make_cfg(tmp_path / "run", *extra), stop_at=5)
+    state, _ = resumed.restore(5)
+    for x, y in zip(leaves(state.params), leaves(good.state.params)):
+        np.testing.assert_array_equal(x, y)  # the skipped steps changed nothing
+    resumed.run()  # nothing left to train up to stop_at=5: it resumes and stops

@@ -496,6 +496,7 @@ class Trainer:
         self._timer = None  # (t0, finished steps since t0); the first step (compilation) is not timed
         last: dict = {}
         batch = first
+        saved = None
         try:
             while step < stop:
                 if batch is None:
@@ -512,6 +513,7 @@ class Trainer:
                     last = self._report(*pending, useful, remat, n_dev, bar, force=True)
                     pending = None
                     self.ckpt.save(step, self._to_save(state), self.meta(step, si, si), ckpt_it)
+                    saved = step
                 if stopping:
                     log.warning("stopped at step %d with a checkpoint; the same command resumes from it", step)
                     break
@@ -519,6 +521,13 @@ class Trainer:
                     self._samples(state, step, stage)
             if pending is not None:
                 last = self._report(*pending, useful, remat, n_dev, bar, force=True)
+        except NonFiniteLossError as e:
+            # the skipped steps changed no weights: keep this state and data position, so that a resume (lower
+            # LR, other data) loses none of the steps since the last periodic checkpoint, nor re-reads bad batches
+            if saved != step:
+                self.ckpt.save(step, self._to_save(state), self.meta(step, si, si), ckpt_it)
+            raise NonFiniteLossError(f"{e} A checkpoint of step {step} holds the run as it was (no skipped step "
+                                     f"changed it); the same command resumes from it.") from None  # fmt: skip
         finally:
             if bar is not None:
                 bar.close()
@@ -562,7 +571,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"step {step}: {int(m['nonfinite_run'])} consecutive steps with a non-finite loss or gradient "
                 f"(loss={m['loss']}, grad_norm={m['grad_norm']}); none of them was applied. Aborting (max_nonfinite="
-                f"{cfg.max_nonfinite}). Lower the LR, check the data, or resume from the last checkpoint."
+                f"{cfg.max_nonfinite}). Lower the LR or check the data."
             )
         if not m["finite"]:
             log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): step skipped (%d in a row)",
