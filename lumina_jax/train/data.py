@@ -242,9 +242,7 @@ def build_stage_iterator(
                                "(Or use `batching: mixed` with a fixed `text_len`.)")  # fmt: skip
         it = iter(pipe)
         return it, it
-    # images
-    if not d.vae or not d.text_encoder:
-        raise ValueError(f"stage {stage.name!r}: data kind 'images' needs 'vae' and 'text_encoder' paths")
+    # images (DataConfig has checked that vae and text_encoder are given)
     from lumina_jax.data.image_index import set_index_dir
 
     sources = []

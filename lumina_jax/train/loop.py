@@ -43,7 +43,7 @@ from lumina_jax.train import optim
 from lumina_jax.train.config import TrainConfig, load_model_config
 from lumina_jax.train.data import build_stage_iterator, data_counters, local_data_counts, to_global
 from lumina_jax.train.state import TrainState, abstract_with_shardings, init_state, state_shardings
-from lumina_jax.train.step import StepConfig, compile_train_step, make_train_step
+from lumina_jax.train.step import VAE_FACTOR, StepConfig, compile_train_step, make_train_step
 
 log = logging.getLogger("lumina_jax.train")
 
@@ -542,8 +542,6 @@ class Trainer:
         local = {k: v for k, v in local.items() if k in ("latents", "cap_feats", "cap_mask", "valid", "token_mask",
                                                           "image_sizes")}  # fmt: skip
         if "token_mask" in local:  # mixed batches: a grid past the RoPE table would silently reuse its last rows
-            from lumina_jax.train.step import VAE_FACTOR
-
             mc = self.model_config
             px = VAE_FACTOR * mc.patch_size
             sizes = np.asarray(local["image_sizes"])
@@ -684,10 +682,7 @@ def initial_params(cfg: TrainConfig, model_config: Any, mesh: Any) -> Any:
             raise ValueError(f"init checkpoint {cfg.init} records " + ", ".join(
                 f"{k}={a!r} where the run's model config has {b!r}" for k, (a, b) in differ.items())
                 + "; set model / model_overrides to the checkpoint's values")  # fmt: skip
-        loaded_cfg, params = shard_lib.load_transformer_sharded(cfg.init, mesh, config=model_config)
-        if loaded_cfg != model_config:
-            raise ValueError(f"init checkpoint {cfg.init} has config {loaded_cfg}, the run uses {model_config}")
-        return params
+        return shard_lib.load_transformer_sharded(cfg.init, mesh, config=model_config)[1]
     return shard_lib.init_params_sharded(model_config, mesh, cfg.seed)
 
 
