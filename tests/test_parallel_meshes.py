@@ -11,7 +11,9 @@ the tests below check:
   (:data:`lumina_jax.parallel.mesh.LOGICAL_RULES`), for params, EMA and Adam moments;
 * the context mesh really runs the attention inside ``shard_map`` with an all-gather;
 * ``init_params_sharded`` equals the single-device ``init_params`` bit for bit;
-* a train state saved from the fsdp mesh restores onto the fsdp x tensor mesh with new shardings.
+* a train state saved from the fsdp mesh restores onto the fsdp x tensor mesh with new shardings;
+* diffusers and original checkpoints load straight into their shardings (``load_transformer_sharded``),
+  bit for bit, each PyTorch tensor read once per param it feeds, not once per device.
 """
 
 from __future__ import annotations
@@ -102,6 +104,18 @@ def test_sharded_init_equals_single_device_init(report):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("what", ["diffusers/fsdp", "diffusers/fsdp_tensor", "original/fsdp", "original/fsdp_tensor"])
+def test_foreign_checkpoint_loads_into_its_shardings_reading_each_tensor_once_per_part(report, what):
+    """``load_transformer_sharded`` gives the saved params bit for bit, on the rule table's shardings, and
+    reads each PyTorch tensor once per JAX param it feeds (the original's fused qkv feeds q, k and v: 3),
+    not once per device shard (8 devices here)."""
+    r = report["sharded_load"][what]
+    assert r["max_abs_diff"] == 0.0 and r["specs_ok"], r
+    assert r["max_reads"] <= (3 if what.startswith("original") else 1), r
+    assert r["n_keys"] > 10, r
+    assert r["norm_final_ones"] == what.startswith("diffusers"), r
+
+
 def test_restore_onto_other_mesh(report):
     r = report["restore"]
     assert r["max_abs_diff"] == 0.0 and r["specs_ok"], r
@@ -279,6 +293,41 @@ def _worker(out_path: str) -> None:
                                                                jax.tree.leaves(S.gather_to_host(st))))  # fmt: skip
     specs_ok = all(r.sharding == s for r, s in zip(jax.tree.leaves(restored), jax.tree.leaves(sh_tp)))
     report["restore"] = {"max_abs_diff": diff, "specs_ok": bool(specs_ok), "meta": meta}
+
+    # a foreign checkpoint loaded straight into its shardings: the same params, each tensor read once
+    from lumina_jax.convert import common as conv_common
+    from lumina_jax.convert.nextdit import save_transformer
+
+    reads: dict = {}
+    plain_get = conv_common.TensorSource.get
+
+    def counting_get(self, key):
+        reads[key] = reads.get(key, 0) + 1
+        return plain_get(self, key)
+
+    conv_common.TensorSource.get = counting_get
+    report["sharded_load"] = {}
+    cfg5 = cfg.replace(n_layers=5)  # more layers than the loader's tensor cache holds
+    boxed5 = S.model_abstract(cfg5)
+    host5 = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), S.unbox(boxed5))
+    for fmt, dest in (("diffusers", "dit_diffusers"), ("original", "dit_original.safetensors")):
+        saved = save_transformer(Path(out_path).parent / dest, cfg5, host5, fmt)
+        for name in ("fsdp", "fsdp_tensor"):
+            reads.clear()
+            mesh = M.create_mesh(MESHES[name])
+            _, loaded = S.load_transformer_sharded(saved, mesh)
+            want_sh = S.param_shardings(boxed5, mesh)
+            diffs = jax.tree_util.tree_flatten_with_path(
+                jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), S.gather_to_host(loaded), host5))[0]
+            report["sharded_load"][f"{fmt}/{name}"] = {
+                # diffusers has no norm_final (the original's unused final norm): it loads as ones
+                "max_abs_diff": max(d for p, d in diffs if fmt == "original" or "norm_final" not in optim.path_str(p)),
+                "norm_final_ones": bool(np.all(np.asarray(loaded["norm_final"]) == 1.0)),
+                "specs_ok": all(a.sharding == s for a, s in zip(jax.tree.leaves(loaded), jax.tree.leaves(want_sh))),
+                "max_reads": max(reads.values()),
+                "n_keys": len(reads),
+            }  # fmt: skip
+    conv_common.TensorSource.get = plain_get
     Path(out_path).write_text(json.dumps(report, indent=1))
 
 

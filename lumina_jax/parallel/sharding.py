@@ -222,8 +222,9 @@ def load_transformer_sharded(
     """Load a Next-DiT checkpoint (any format of :func:`lumina_jax.convert.nextdit.load_transformer`)
     directly into its shardings on ``mesh``. Returns ``(config, params)``.
 
-    Foreign formats stream one PyTorch tensor at a time; a stacked (scanned) param is assembled per
-    device slice from the per-layer tensors it covers, so no whole stacked param exists on the host.
+    Foreign formats stream one PyTorch tensor at a time; a stacked (scanned) param is assembled into the
+    blocks this process's devices hold, reading each per-layer tensor once, so no whole stacked param
+    exists on the host (unless the local devices hold all of it).
     """
     from lumina_jax.convert import nextdit as conv
     from lumina_jax.models.nextdit import NextDiTConfig
@@ -286,17 +287,47 @@ def load_transformer_sharded(
         if path_ not in where:  # norm_final for diffusers: its initial value
             out[path_] = jax.make_array_from_callback(shape, sharding, lambda idx, s=shape: np.ones(s, np_dtype)[idx])
             continue
-        stacked = None not in where[path_]
-
-        def cb(idx, path_=path_, stacked=stacked, shape=shape):
-            if not stacked:
-                return np.ascontiguousarray(piece(path_, None)[idx], dtype=np_dtype)
-            layers = range(shape[0])[idx[0]]
-            return np.stack([np.asarray(piece(path_, i)[idx[1:]], dtype=np_dtype) for i in layers])
-
-        out[path_] = jax.make_array_from_callback(shape, sharding, cb)
+        if None in where[path_]:
+            full = piece(path_, None)
+            out[path_] = jax.make_array_from_callback(
+                shape, sharding, lambda idx, full=full: np.ascontiguousarray(full[idx], dtype=np_dtype))
+        else:
+            blocks = _stacked_blocks(shape, sharding, lambda i, p=path_: piece(p, i), np_dtype)
+            out[path_] = jax.make_array_from_callback(shape, sharding, lambda idx, b=blocks, s=shape: b[_index_key(idx, s)])
         get.clear()
     return config, conv.unflatten(out)
+
+
+def _index_key(idx: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    """A hashable form of a device's index into an array of ``shape`` (``slice`` is unhashable before 3.12)."""
+    return tuple(s.indices(n) for s, n in zip(idx, shape))
+
+
+def _stacked_blocks(
+    shape: tuple[int, ...],
+    sharding: jax.sharding.Sharding,
+    layer: Callable[[int], np.ndarray],
+    np_dtype: np.dtype,
+) -> dict[tuple[tuple[int, int, int], ...], np.ndarray]:
+    """The distinct blocks this process's devices hold of a stacked ``(layers, ...)`` param, filled by
+    reading each layer's tensor once (``layer(i)``) and copying its slice into every block that covers
+    layer ``i``. Host memory: the local blocks (which ``make_array_from_callback`` holds anyway) plus one
+    layer tensor."""
+    blocks: dict[tuple[tuple[int, int, int], ...], np.ndarray] = {}
+    index_of: dict[tuple[tuple[int, int, int], ...], tuple[slice, ...]] = {}
+    for idx in sharding.addressable_devices_indices_map(shape).values():
+        key = _index_key(idx, shape)
+        if key not in blocks:
+            index_of[key] = idx
+            blocks[key] = np.empty([len(range(*k)) for k in key], np_dtype)
+    for i in range(shape[0]):
+        tensor = None
+        for key, idx in index_of.items():
+            layers = range(*key[0])
+            if i in layers:
+                tensor = layer(i) if tensor is None else tensor
+                blocks[key][layers.index(i)] = tensor[idx[1:]]
+    return blocks
 
 
 # ----------------------------------------------------------------------------------------------
