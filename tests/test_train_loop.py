@@ -198,7 +198,7 @@ def test_export_ema_and_params(tmp_path):
 
     f8 = metrics.train_flops_per_sample(tr.model_config, 64, 8, aux=False)["train"] * 8
     f1 = metrics.train_flops_per_sample(tr.model_config, 64, 8, aux=False, downsample=1)["train"] * 8
-    assert tr.flops(0, 8, (8, 8))[0] == tr.flops(0, 8)[0] == f8 and tr.flops(0, 8, (64, 64))[0] == f1 > 30 * f8
+    assert tr.flops(0, 8, (8, 8, 8, 16))[0] == tr.flops(0, 8)[0] == f8 and tr.flops(0, 8, (8, 64, 64, 3))[0] == f1 > 30 * f8
 
 
 def test_bench_train_runs_on_cpu(capsys):

@@ -164,6 +164,31 @@ def test_nonfinite_step_is_not_applied():
     assert not np.array_equal(np.asarray(s3.params["proj"]["kernel"]), np.asarray(state.params["proj"]["kernel"]))
 
 
+def test_logged_throughput_sums_each_steps_own_flops(tmp_path, monkeypatch):
+    """Steps of different shapes (aspect buckets) between two logs: TFLOP/s is their summed FLOPs over
+    the time, each batch's FLOPs from its own latent shape, not the stage's first batch."""
+    from lumina_jax.train import loop
+    from lumina_jax.train.config import load_config
+    from lumina_jax.train.loop import Trainer
+
+    tr = Trainer(load_config("tiny_synthetic", [f"run_dir={tmp_path}", "log.progress=false", "log.every=100"]))
+    clock = iter([10.0, 11.0, 13.0])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    m = {"loss": 0.5, "loss_main": 0.5, "loss_aux": 0.0, "grad_norm": 1.0, "lr": 1e-3, "finite": True,
+         "nonfinite": 0, "nonfinite_run": 0}  # fmt: skip
+    tr._timer = None
+    tr._report(1, m, None, (5e12, 0.0), 1, None)  # compiles: starts the clock, not counted
+    tr._report(2, m, None, (1e12, 1e11), 1, None)
+    out = tr._report(3, m, None, (3e12, 3e11), 1, None, force=True)
+    assert out["step_time_s"] == 1.5 and out["tflops_per_device"] == pytest.approx(4.0 / 3.0)
+    assert out["remat_tflops_per_device"] == pytest.approx(0.4 / 3.0)
+    sq = tr.flops(0, 8)
+    wide = tr._batch_flops(0, {"latents": np.zeros((tr.cfg.stages[0].batch, 8, 16, 16)), "cap_feats": np.zeros((1, 8, 4))})
+    assert wide[0] > 1.5 * sq[0] and tr._batch_flops(0, {"latents": np.zeros((tr.cfg.stages[0].batch, 8, 8, 16)),
+                                                          "cap_feats": np.zeros((1, 8, 4))}) == sq  # fmt: skip
+    tr.metrics.close()
+
+
 def test_trainer_aborts_after_consecutive_nonfinite(tmp_path):
     from lumina_jax.train.config import load_config
     from lumina_jax.train.loop import NonFiniteLossError, Trainer
@@ -172,9 +197,9 @@ def test_trainer_aborts_after_consecutive_nonfinite(tmp_path):
     tr._timer = None
     m = {"loss": float("nan"), "loss_main": float("nan"), "loss_aux": 0.0, "grad_norm": float("nan"), "lr": 1e-3,
          "finite": False, "nonfinite": 2, "nonfinite_run": 2}  # fmt: skip
-    tr._report(5, m, None, 1.0, 0.0, 1, None)  # 2 in a row: warned, not fatal
+    tr._report(5, m, None, (1.0, 0.0), 1, None)  # 2 in a row: warned, not fatal
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
-        tr._report(6, dict(m, nonfinite=3, nonfinite_run=3), None, 1.0, 0.0, 1, None)
+        tr._report(6, dict(m, nonfinite=3, nonfinite_run=3), None, (1.0, 0.0), 1, None)
     tr.metrics.close()
 
 
@@ -530,6 +555,16 @@ def test_flops_and_peaks():
     px = metrics.train_flops_per_sample(c, 64, 16, aux=True, downsample=1)
     assert metrics.latent_tokens(c, 64, downsample=1) == 1024 and px["aux_forward"] == flops_forward(c, 16, 64)
     assert metrics.remat_flops_per_sample(c, 1024, 256, "dots") == 0
+    # an aspect bucket counts its own tokens; the pooled term crops to the patch (avg_pool) or is absent
+    assert metrics.batch_tokens(c, (2, 64, 160, 16)) == (32 * 80, 8 * 20)
+    assert metrics.batch_tokens(c, (2, 62, 16, 16)) == (31 * 8, 7 * 2)  # pooled 15x4 -> 14x4 latents
+    assert metrics.batch_tokens(c, (2, 56, 4, 16)) == (28 * 2, 0)  # pooled side 1 < patch: no term
+    assert metrics.batch_tokens(c, (2, 64, 64, 16), aux=False) == (1024, 0)
+    assert metrics.batch_tokens(c, (2, 4096, 64)) == (4096, 256)  # mixed: the packed budget, T / 16 pooled
+    with pytest.raises(ValueError, match=r"latents of shape \(2, 8\)"):
+        metrics.batch_tokens(c, (2, 8))
+    bucket = metrics.train_flops_per_sample_tokens(c, *metrics.batch_tokens(c, (1, 64, 160, 16)), 256)
+    assert bucket["forward"] == flops_forward(c, 256, 2560) and bucket["aux_forward"] == flops_forward(c, 256, 160)
     full = metrics.remat_flops_per_sample(c, 1024, 256, "full", aux=False)
     assert full == f["forward"]
     assert 0 < metrics.remat_flops_per_sample(c, 1024, 256, "dots_no_batch", aux=False) < full

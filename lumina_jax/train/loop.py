@@ -300,6 +300,7 @@ class Trainer:
         )  # fmt: skip
         self.metrics = metrics_lib.MetricLog(self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.primary)
         self._peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind)
+        self._flops_memo: dict[tuple, tuple[float, float]] = {}
         self._signals = _StopSignals()
         self._base_fingerprint: Optional[str] = None  # a LoRA run's frozen base, recorded with its checkpoints
 
@@ -394,20 +395,31 @@ class Trainer:
             _STEP_CACHE[key] = compile_train_step(fn, self.mesh, self.state_shardings, example_batch)
         return _STEP_CACHE[key]
 
-    def flops(self, stage_index: int, cap_len: int, latent_hw: Optional[tuple[int, int]] = None) -> tuple[float, float]:
-        """(useful, remat) FLOPs of one step of the stage. ``latent_hw``: the model input's spatial size
-        in a dense batch, which gives the autoencoder factor (8 for the FLUX VAE, 1 for pixel models;
-        8 is assumed without it)."""
+    def flops(self, stage_index: int, cap_len: int, latent_shape: Optional[tuple[int, ...]] = None) -> tuple[float, float]:
+        """(useful, remat) FLOPs of one step of the stage with ``cap_len`` caption tokens (the batch's
+        padded length: the work done). ``latent_shape``: the batch's latents, dense ``(B, H, W, C)`` (an
+        aspect bucket, or pixels for models without an autoencoder) or token-packed ``(B, T, D)``
+        (:func:`lumina_jax.train.metrics.batch_tokens`); without it, square images of the stage's
+        resolution through the 8x VAE."""
         stage = self.cfg.stages[stage_index]
         aux = bool(self.aux_weight(stage_index))
-        ds = 8 if latent_hw is None else max(1, round((stage.resolution**2 / (latent_hw[0] * latent_hw[1])) ** 0.5))
-        f = metrics_lib.train_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.objective.aux_pool,
-                                               aux, downsample=ds, lora=self.cfg.lora is not None)  # fmt: skip
-        r = metrics_lib.remat_flops_per_sample(self.model_config, stage.resolution, cap_len, self.cfg.remat,
-                                               self.cfg.objective.aux_pool, aux, downsample=ds,
-                                               attention_kernel=attention_uses_kernel(self.cfg.attention, self.cfg.dtype,
-                                                                                      self.model_config.head_dim))  # fmt: skip
+        pool, mc = self.cfg.objective.aux_pool, self.model_config
+        if latent_shape is None:
+            side = stage.resolution // VAE_FACTOR
+            latent_shape = (stage.batch, side, side, mc.in_channels)
+        n_img, n_aux = metrics_lib.batch_tokens(mc, latent_shape, pool, aux)
+        f = metrics_lib.train_flops_per_sample_tokens(mc, n_img, n_aux, cap_len, lora=self.cfg.lora is not None)
+        r = metrics_lib.remat_flops_per_sample_tokens(
+            mc, n_img, n_aux, cap_len, self.cfg.remat,
+            attention_kernel=attention_uses_kernel(self.cfg.attention, self.cfg.dtype, mc.head_dim))
         return f["train"] * stage.batch, r * stage.batch
+
+    def _batch_flops(self, stage_index: int, batch: dict) -> tuple[float, float]:
+        """:meth:`flops` of one global batch, by its shapes (each bucket's, memoised)."""
+        key = (stage_index, tuple(batch["latents"].shape), int(batch["cap_feats"].shape[1]))
+        if key not in self._flops_memo:
+            self._flops_memo[key] = self.flops(stage_index, key[2], key[1])
+        return self._flops_memo[key]
 
     # ------------------------------------------------------------------ run
 
@@ -481,9 +493,6 @@ class Trainer:
         first = self._next_global(it, stage, step)
         step_fn = self.compile_stage(si, first)
         hp = self.stage_hparams(si)
-        cap_len = int(first["cap_feats"].shape[1])
-        lat = first["latents"]
-        useful, remat = self.flops(si, cap_len, tuple(lat.shape[1:3]) if lat.ndim == 4 else None)
         n_dev = jax.device_count()
         log.info("stage %d/%d %r: steps %d..%d, %d px, global batch %d, mesh %s", si + 1, len(cfg.stages), stage.name,
                  step, end, stage.resolution, stage.batch, mesh_lib.describe(self.mesh))  # fmt: skip
@@ -493,7 +502,8 @@ class Trainer:
 
             bar = tqdm(total=stop - step, desc=f"{stage.name}", unit="step", dynamic_ncols=True, leave=False)
         pending = None  # (step, metrics futures, data counts): fetched one step late to keep dispatch asynchronous
-        self._timer = None  # (t0, finished steps since t0); the first step (compilation) is not timed
+        # (t0, finished steps since t0, their useful and remat FLOPs); the first step (compilation) is not timed
+        self._timer = None
         last: dict = {}
         batch = first
         saved = None
@@ -502,15 +512,16 @@ class Trainer:
                 if batch is None:
                     batch = self._next_global(it, stage, step)
                 state, m = step_fn(state, batch, hp)
+                flops = self._batch_flops(si, batch)
                 batch = None
                 step += 1
                 if pending is not None:
-                    last = self._report(*pending, useful, remat, n_dev, bar)
-                pending = (step, m, local_data_counts(it))
+                    last = self._report(*pending, n_dev, bar)
+                pending = (step, m, local_data_counts(it), flops)
                 every = cfg.checkpoint.every
                 stopping = self._signals.stop_at(step)
                 if step == end or step == stop or (every and step % every == 0) or stopping:
-                    last = self._report(*pending, useful, remat, n_dev, bar, force=True)
+                    last = self._report(*pending, n_dev, bar, force=True)
                     pending = None
                     self.ckpt.save(step, self._to_save(state), self.meta(step, si, si), ckpt_it)
                     saved = step
@@ -520,7 +531,7 @@ class Trainer:
                 if self._sample_fn and cfg.samples.every and step % cfg.samples.every == 0:
                     self._samples(state, step, stage)
             if pending is not None:
-                last = self._report(*pending, useful, remat, n_dev, bar, force=True)
+                last = self._report(*pending, n_dev, bar, force=True)
         except NonFiniteLossError as e:
             # the skipped steps changed no weights: keep this state and data position, so that a resume (lower
             # LR, other data) loses none of the steps since the last periodic checkpoint, nor re-reads bad batches
@@ -555,16 +566,18 @@ class Trainer:
                                  f"resolution or raise axes_lens (model_overrides)")  # fmt: skip
         return to_global(local, self.mesh, stage.batch)
 
-    def _report(self, step, m, counts, useful, remat, n_dev, bar, force: bool = False) -> dict:
+    def _report(self, step, m, counts, flops: tuple[float, float], n_dev, bar, force: bool = False) -> dict:
         """Fetch one step's metrics (blocks until that step finished), check the non-finite guard,
-        and on logging steps write throughput over the steps since the previous log."""
+        and on logging steps write throughput over the steps since the previous log (``flops``: this
+        step's useful and remat FLOPs, summed over those steps)."""
         cfg = self.cfg
         m = {k: np.asarray(v).item() for k, v in jax.device_get(m).items()}
         now = time.perf_counter()
         if self._timer is None:
-            self._timer = (now, 0)
+            self._timer = (now, 0, 0.0, 0.0)
         else:
-            self._timer = (self._timer[0], self._timer[1] + 1)
+            t0, n, useful, remat = self._timer
+            self._timer = (t0, n + 1, useful + flops[0], remat + flops[1])
         if m["nonfinite_run"] >= cfg.max_nonfinite:
             raise NonFiniteLossError(
                 f"step {step}: {int(m['nonfinite_run'])} consecutive steps with a non-finite loss or gradient "
@@ -579,17 +592,17 @@ class Trainer:
             bar.set_postfix(loss=f"{m['loss']:.4f}", gn=f"{m['grad_norm']:.2f}")
         if not (force or step % cfg.log.every == 0):
             return m
-        t0, n = self._timer
+        t0, n, useful, remat = self._timer
         if n > 0:
             step_time = (now - t0) / n
             stage = cfg.stages[cfg.stage_at(step - 1)]
             m["step_time_s"] = step_time
             m["images_per_s"] = stage.batch / step_time
-            m["tflops_per_device"] = useful / step_time / n_dev / 1e12
-            m["remat_tflops_per_device"] = remat / step_time / n_dev / 1e12
+            m["tflops_per_device"] = useful / (now - t0) / n_dev / 1e12
+            m["remat_tflops_per_device"] = remat / (now - t0) / n_dev / 1e12
             if self._peak:
                 m["mfu"] = m["tflops_per_device"] / self._peak
-        self._timer = (now, 0)
+        self._timer = (now, 0, 0.0, 0.0)
         m.update(data_counters(counts))
         self.metrics.write(step, m)
         if self.primary:

@@ -64,20 +64,50 @@ def attention_flops(model: NextDiTConfig, cap_len: int, n_img: int) -> int:
         stack(model.n_refiner_layers, cap_len)  # fmt: skip
 
 
+def batch_tokens(model: NextDiTConfig, latent_shape: tuple[int, ...], aux_pool: int = 4, aux: bool = True) -> tuple[int, int]:
+    """``(image tokens, auxiliary-loss tokens)`` per sample of a train batch whose latents have
+    ``latent_shape``: dense ``(B, H, W, C)`` (an aspect bucket: ``H x W`` need not be square; pixel models
+    too) or token-packed mixed ``(B, T, p*p*C)``, counted at the compiled budget ``T`` (padding is work
+    done) with the pooled term's ``T // aux_pool**2`` tokens (:func:`lumina_jax.train.objective.pool_tokens`).
+    The dense auxiliary term pools ``H x W`` by ``aux_pool`` and crops to multiples of the patch size
+    (:func:`lumina_jax.train.objective.avg_pool`); none when the pooled side is under one patch."""
+    p = model.patch_size
+    if len(latent_shape) == 3:
+        return latent_shape[1], (latent_shape[1] // aux_pool**2 if aux else 0)
+    if len(latent_shape) != 4:
+        raise ValueError(f"latents of shape {tuple(latent_shape)}: expected (B, H, W, C) or (B, T, D)")
+    h, w = latent_shape[1:3]
+    ah, aw = h // aux_pool // p, w // aux_pool // p
+    return (h // p) * (w // p), (ah * aw if aux and ah >= 1 and aw >= 1 else 0)
+
+
+def _square_tokens(model: NextDiTConfig, resolution: int, downsample: int, aux_pool: int, aux: bool) -> tuple[int, int]:
+    side = resolution // downsample
+    return batch_tokens(model, (1, side, side, model.in_channels), aux_pool, aux)
+
+
 def train_flops_per_sample(
     model: NextDiTConfig, resolution: int, cap_len: int, aux_pool: int = 4, aux: bool = True, downsample: int = 8,
     lora: bool = False,
 ) -> dict[str, float]:
-    """Useful FLOPs per sample of one train step: ``{"forward", "aux_forward", "train"}``. ``train`` is
-    3x the forward; with ``lora`` (frozen weights, adapters as side paths) the weight-gradient matmuls
-    are not done: 2x the forward plus the attention's second backward matmul (the adapters' rank-r work
-    is not counted)."""
-    n = latent_tokens(model, resolution, downsample)
-    fwd, att = flops_forward(model, cap_len, n), attention_flops(model, cap_len, n)
+    """Useful FLOPs per sample of one train step on square ``resolution`` px images:
+    :func:`train_flops_per_sample_tokens` with :func:`batch_tokens` of the ``resolution / downsample``
+    latent."""
+    n_img, n_aux = _square_tokens(model, resolution, downsample, aux_pool, aux)
+    return train_flops_per_sample_tokens(model, n_img, n_aux, cap_len, lora)
+
+
+def train_flops_per_sample_tokens(model: NextDiTConfig, n_img: int, n_aux: int, cap_len: int,
+                                  lora: bool = False) -> dict[str, float]:  # fmt: skip
+    """Useful FLOPs per sample of one train step with ``n_img`` image tokens, ``n_aux`` tokens in the
+    auxiliary pooled-latent term (0: none) and ``cap_len`` caption tokens: ``{"forward", "aux_forward",
+    "train"}``. ``train`` is 3x the forward; with ``lora`` (frozen weights, adapters as side paths) the
+    weight-gradient matmuls are not done: 2x the forward plus the attention's second backward matmul
+    (the adapters' rank-r work is not counted)."""
+    fwd, att = flops_forward(model, cap_len, n_img), attention_flops(model, cap_len, n_img)
     aux_fwd = aux_att = 0.0
-    if aux:
-        side = (resolution // downsample) // aux_pool // model.patch_size
-        aux_fwd, aux_att = flops_forward(model, cap_len, side * side), attention_flops(model, cap_len, side * side)
+    if n_aux:
+        aux_fwd, aux_att = flops_forward(model, cap_len, n_aux), attention_flops(model, cap_len, n_aux)
     train = 3.0 * (fwd + aux_fwd)
     if lora:
         train -= (fwd - att) + (aux_fwd - aux_att)
@@ -86,7 +116,15 @@ def train_flops_per_sample(
 
 def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, policy: str, aux_pool: int = 4,
                            aux: bool = True, *, attention_kernel: bool = False, downsample: int = 8) -> float:  # fmt: skip
-    """Extra (recomputed) matmul/attention FLOPs per sample under a remat policy of the block stacks.
+    """:func:`remat_flops_per_sample_tokens` for square ``resolution`` px images."""
+    n_img, n_aux = _square_tokens(model, resolution, downsample, aux_pool, aux)
+    return remat_flops_per_sample_tokens(model, n_img, n_aux, cap_len, policy, attention_kernel=attention_kernel)
+
+
+def remat_flops_per_sample_tokens(model: NextDiTConfig, n_img: int, n_aux: int, cap_len: int, policy: str, *,
+                                  attention_kernel: bool = False) -> float:  # fmt: skip
+    """Extra (recomputed) matmul/attention FLOPs per sample under a remat policy of the block stacks
+    (token counts as :func:`train_flops_per_sample_tokens`).
 
     ``none``/``low_precision``: matmul and attention outputs are saved, nothing is recomputed (elementwise
     work only); ``dots``: matmul outputs are saved, and so are the attention einsums of the XLA backend,
@@ -94,20 +132,16 @@ def remat_flops_per_sample(model: NextDiTConfig, resolution: int, cap_len: int, 
     forward is recomputed; ``dots_no_batch``: weight matmuls are saved but attention is recomputed;
     ``full``: the whole forward of the blocks is recomputed once.
     """
-    def one(n_img: int) -> float:
+    def one(n: int) -> float:
         if policy in ("none", "low_precision") or (policy == "dots" and not attention_kernel):
             return 0.0
         if policy in ("dots", "dots_no_batch"):
-            return float(attention_flops(model, cap_len, n_img))
+            return float(attention_flops(model, cap_len, n))
         if policy == "full":
-            return float(flops_forward(model, cap_len, n_img))
+            return float(flops_forward(model, cap_len, n))
         raise ValueError(f"unknown remat policy {policy!r}")
 
-    total = one(latent_tokens(model, resolution, downsample))
-    if aux:
-        side = (resolution // downsample) // aux_pool // model.patch_size
-        total += one(side * side)
-    return total
+    return one(n_img) + (one(n_aux) if n_aux else 0.0)
 
 
 def measure_matmul_tflops(n: int = 4096, dtype: str = "bfloat16", iters: int = 10) -> float:
