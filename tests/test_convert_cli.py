@@ -155,3 +155,53 @@ def test_damaged_json_files_are_named(tmp_path, name):
     f.write_text(f.read_text()[:5])
     with pytest.raises(CheckpointError, match=rf"{f}: not valid JSON"):
         load_components(d)
+
+
+def test_destination_holding_the_source_is_refused(tmp_path, capsys):
+    """``--overwrite`` onto the folder that holds the source would replace the folder, the source with it."""
+    import shutil
+
+    shutil.copytree(TRANSFORMER, tmp_path / "pipe" / "transformer")
+    (tmp_path / "pipe" / "README.txt").write_text("mine")
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "pipe").rglob("*"))
+    for to in ("jax", "diffusers"):
+        assert cli.main([str(tmp_path / "pipe" / "transformer"), str(tmp_path / "pipe"), "--to", to, "--overwrite"]) == 1
+        assert "holds the checkpoint" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "pipe").rglob("*")) == before
+
+
+@pytest.mark.parametrize("to", ["jax", "diffusers"])
+def test_folder_formats_refuse_a_weights_file_name(tmp_path, capsys, to):
+    assert cli.main([str(TRANSFORMER), str(tmp_path / "x.safetensors"), "--to", to]) == 1
+    assert f"--to {to} writes a folder; give a folder name, not a .safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+    assert cli.main([str(TRANSFORMER), str(tmp_path / "lumina.v2"), "--to", "jax"]) == 0  # a dotted folder name is fine
+
+
+def test_original_export_into_a_folder_with_another_consolidated_file_is_refused(tmp_path, capsys):
+    """Reading a folder prefers its .safetensors: a .pth written next to one would never be read back."""
+    from lumina_jax.convert.errors import CheckpointError
+    from lumina_jax.convert.nextdit import original_target
+
+    rel = tmp_path / "release"
+    rel.mkdir()
+    (rel / "consolidated.00-of-01.safetensors").write_bytes(b"")
+    assert cli.main([str(TRANSFORMER), str(rel), "--to", "original"]) == 1
+    assert "already holds ['consolidated.00-of-01.safetensors']" in capsys.readouterr().err
+    assert sorted(p.name for p in rel.iterdir()) == ["consolidated.00-of-01.safetensors"]
+    # the EMA file of an original folder is not in the way of the main file, nor the main of the EMA
+    (rel / "consolidated.00-of-01.safetensors").rename(rel / "consolidated_ema.00-of-01.safetensors")
+    assert original_target(rel) == rel / "consolidated.00-of-01.pth"
+    with pytest.raises(CheckpointError, match="already holds"):
+        original_target(rel, "consolidated_ema.00-of-01.pth")
+    assert original_target(rel / "x.pth") == rel / "x.pth"  # a file named by the user: written as asked
+
+
+def test_a_folder_with_one_checkpoint_in_both_formats_says_which_it_reads(tmp_path, caplog):
+    from lumina_jax.convert.nextdit import original_weights_file
+
+    for suffix in (".safetensors", ".pth"):
+        (tmp_path / f"consolidated.00-of-01{suffix}").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="lumina_jax.convert.nextdit"):
+        assert original_weights_file(tmp_path).name == "consolidated.00-of-01.safetensors"
+    assert "not consolidated.00-of-01.pth (pass that file to read it)" in caplog.text

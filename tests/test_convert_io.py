@@ -184,3 +184,22 @@ def test_safetensors_bytes_are_little_endian_whatever_the_host(tmp_path, monkeyp
     assert np.array_equal(f.get("a"), a) and np.array_equal(f.get("b"), b)
     monkeypatch.setattr(safetensors_io.np, "little_endian", False)
     assert np.array_equal(f.get("a"), a.byteswap()) and np.array_equal(f.get("b"), b)
+
+
+def test_pth_that_is_really_safetensors_or_pickles_objects_is_named(tmp_path):
+    """A .safetensors renamed .pth, and a training checkpoint pickling its args next to the weights
+    (refused by torch.load(weights_only=True)): errors say what the file is and what to do."""
+    import argparse
+
+    from safetensors.numpy import save_file
+
+    from lumina_jax.convert.common import TensorSource
+
+    save_file({"w": np.ones((2, 2), np.float32)}, str(tmp_path / "w.pth"))
+    with pytest.raises(CheckpointError, match=r"w\.pth: this is a safetensors file with a \.pth name; rename it to w\.safetensors"):
+        TensorSource(tmp_path / "w.pth")
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "run.pth")
+    with pytest.raises(CheckpointError, match=r"pickles a non-tensor object \(argparse\.Namespace\).*weights_only=False\)\['model'\]"):
+        TensorSource(tmp_path / "run.pth")
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "ok.pth")  # a plain wrapped state dict still reads
+    np.testing.assert_array_equal(TensorSource(tmp_path / "ok.pth", pth_key="model").get("w"), np.ones(2, np.float32))

@@ -78,10 +78,24 @@ def test_diffusers_round_trip_bit_exact_and_loadable(diffusers_dir, tmp_path):
     for f in d.iterdir():
         (small / f.name).symlink_to(f)
     (small / "config.json").unlink()
-    (small / "config.json").write_text(json.dumps(dict(theirs, sample_size=16)))
+    (small / "config.json").write_text(json.dumps(dict(theirs, sample_size=16, scaling_factor=0.5)))
     via_jax = save_transformer(tmp_path / "small_jax", *load_transformer(small), "jax")
     out = save_transformer(tmp_path / "small_out", *load_transformer(via_jax), "diffusers")
-    assert json.loads((out / "config.json").read_text())["sample_size"] == 16
+    assert {k: json.loads((out / "config.json").read_text())[k] for k in ("sample_size", "scaling_factor")} == \
+        {"sample_size": 16, "scaling_factor": 0.5}  # fmt: skip
+
+
+@pytest.mark.parametrize("field,value", [("rope_theta", 500.0)])
+def test_diffusers_export_refuses_what_diffusers_hard_codes(diffusers_dir, tmp_path, field, value):
+    """diffusers' modules fix RoPE theta 10000 (and a 256-wide timestep embedding, whose other widths the
+    shape check already refuses): another theta would load and compute something else, so the export
+    names it instead."""
+    import dataclasses
+
+    config, params = load_transformer(diffusers_dir[1])
+    with pytest.raises(ValueError, match=rf"fixes .*; this model has \{{'{field}': {value}\}}"):
+        save_transformer(tmp_path / "x", dataclasses.replace(config, **{field: value}), params, "diffusers")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

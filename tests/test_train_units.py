@@ -944,6 +944,10 @@ def test_init_checkpoint_fields_that_change_no_shape_are_checked_against_the_run
     np.testing.assert_array_equal(np.asarray(got["x_embedder"]["kernel"]), np.asarray(params["x_embedder"]["kernel"]))
     with pytest.raises(ValueError, match=r"records norm_eps=0\.001 where the run's model config has 1e-0?5"):
         run(tmp_path / "other")
+    # ... but not the fields the model never reads (diffusers' default size and scaling factor)
+    save_transformer(tmp_path / "meta", mc.replace(sample_size=16, scaling_factor=0.5), params, "diffusers")
+    np.testing.assert_array_equal(np.asarray(run(tmp_path / "meta")["x_embedder"]["kernel"]),
+                                  np.asarray(params["x_embedder"]["kernel"]))  # fmt: skip
 
 
 def test_a_mixed_batch_crop_past_the_rope_table_is_an_error_not_a_clamp(tmp_path):

@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
 
     from lumina_jax.convert.common import recover_replaced
     from lumina_jax.convert.nextdit import (
+        WEIGHT_FILE_SUFFIXES,
         detect_format,
         load_transformer,
         original_target,
@@ -89,6 +90,12 @@ def main(argv: list[str]) -> int:
         if src == written or (src.is_dir() and src in written.parents):
             raise ValueError(f"{target} is the checkpoint {args.src} or inside it: the source would be replaced, or "
                              f"another weights file there would become part of it; write it elsewhere")  # fmt: skip
+        if written in src.parents:
+            raise ValueError(f"{target} holds the checkpoint {args.src}: writing it would replace the folder, the "
+                             f"source with it; write it elsewhere")  # fmt: skip
+        if args.to != "original" and target.suffix.lower() in WEIGHT_FILE_SUFFIXES:
+            raise ValueError(f"{target}: --to {args.to} writes a folder; give a folder name, not a "
+                             f"{target.suffix} file")  # fmt: skip
         if kind != "transformer":
             if loras:
                 raise ValueError(f"--lora adapts Next-DiT transformers; {args.src} holds a {kind}")
@@ -166,14 +173,14 @@ def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: floa
 
     from lumina_jax.convert.common import cast, flatten, resolve_dtype, to_numpy
     from lumina_jax.convert.components import save_component
+    from lumina_jax.convert.nextdit import WEIGHT_FILE_SUFFIXES
 
     src = Path(args.src)
-    if kind == "text_encoder" and target.suffix:
-        raise ValueError(f"{target}: a text encoder is written as a folder; give a folder name without a suffix")
+    if kind == "text_encoder" and target.suffix.lower() in WEIGHT_FILE_SUFFIXES:
+        raise ValueError(f"{target}: a text encoder is written as a folder; give a folder name, not a "
+                         f"{target.suffix} file")  # fmt: skip
     if kind == "vae" and args.to == "original" and target.suffix != ".safetensors":
         raise ValueError(f"{target}: --to original writes BFL's ae.safetensors; give a .safetensors file or a folder")
-    if kind == "vae" and args.to != "original" and target.suffix:
-        raise ValueError(f"{target}: --to {args.to} writes a folder; give a folder name without a suffix")
     if kind == "text_encoder":
         from lumina_jax.convert.gemma2 import load_text_encoder, save_text_encoder
 

@@ -18,6 +18,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -231,9 +232,19 @@ class TensorSource:
             import torch
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise CheckpointError(f"{f}: reading a pickled PyTorch checkpoint needs torch installed") from e
+        if _looks_like_safetensors(f):
+            raise CheckpointError(f"{f}: this is a safetensors file with a {f.suffix} name; rename it to "
+                                  f"{f.with_suffix('.safetensors').name}")  # fmt: skip
         try:  # torch memory-maps only the zip format; legacy (pre-1.6) files are read whole
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # torch raises many types for corrupt/truncated zips
+            unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if unsupported:  # a training checkpoint that pickles its args or other objects with the weights
+                raise CheckpointError(
+                    f"{f}: the checkpoint pickles a non-tensor object ({unsupported.group(1)}), which loading without running its "
+                    f"code (torch.load(weights_only=True)) refuses. If you trust the file, save its state dict "
+                    f"alone: python -c \"import torch; torch.save(torch.load('{f}', weights_only=False)['model'], "
+                    f"'model.pth')\" (with the key that holds the weights) and convert that") from None  # fmt: skip
             raise CheckpointError(f"{f}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
         return state_dict_of(sd, f, pth_key)
 
@@ -255,6 +266,13 @@ class TensorSource:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}")
         w = self._where[key]
         return w.get(key) if isinstance(w, SafetensorsFile) else to_numpy(w)
+
+
+def _looks_like_safetensors(f: Path) -> bool:
+    """A safetensors file whatever its name: a little-endian u64 header size, then a JSON object."""
+    with open(f, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= f.stat().st_size - 8
 
 
 def read_config_json(path: str | os.PathLike, what: str) -> dict[str, Any]:

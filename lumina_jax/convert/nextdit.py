@@ -290,9 +290,19 @@ WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 def original_target(path: str | os.PathLike, name: str = "consolidated.00-of-01.pth") -> Path:
     """Where an original-format export of ``path`` goes: ``path`` itself when it names a weights file
     (one of :data:`WEIGHT_FILE_SUFFIXES`, and not an existing folder), else ``path/name`` (so that a folder
-    such as ``lumina.v2`` is written into, never replaced)."""
+    such as ``lumina.v2`` is written into, never replaced); a folder already holding another
+    ``consolidated.*`` file is a :class:`CheckpointError` (reading it would not give the export)."""
     path = Path(path)
-    return path if path.suffix in WEIGHT_FILE_SUFFIXES and not path.is_dir() else path / name
+    if path.suffix in WEIGHT_FILE_SUFFIXES and not path.is_dir():
+        return path
+    if path.is_dir() and name.startswith("consolidated"):
+        group = "consolidated_ema" if name.startswith("consolidated_ema") else "consolidated."
+        others = sorted(f.name for f in path.iterdir() if f.name != name and f.name.startswith(group)
+                        and f.suffix in (".safetensors", ".pth"))  # fmt: skip
+        if others:  # reading the folder would give one of them (or refuse to choose), not this export
+            raise CheckpointError(f"{path} already holds {others}: a {name} next to them would not be what reading "
+                                  f"the folder gives; write to another folder, or pass the file path itself")
+    return path / name
 
 
 def _other_component(d: Path) -> Optional[str]:
@@ -339,6 +349,9 @@ def original_weights_file(path: str | os.PathLike) -> Path:
         stems = {f.stem for f in group}
         if len(stems) > 1:
             raise CheckpointError(f"{path}: several weights files ({[f.name for f in group]}); pass the one to read")
+        if len(group) > 1:  # the same weights in both formats, as releases often ship them
+            log.warning("%s: reading %s, not %s (pass that file to read it)", path, group[0].name,
+                        ", ".join(f.name for f in group[1:]))  # fmt: skip
         if main and ema:
             log.info("reading %s; the EMA weights (%s) are read when that file is passed", group[0].name,
                      ", ".join(f.name for f in ema))  # fmt: skip

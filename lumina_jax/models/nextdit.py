@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -79,8 +79,13 @@ class NextDiTConfig(YamlConfig):
     prediction: str = "velocity"
     data_min_gap: float = 0.05
     # diffusers' ``sample_size``: the default generation size in latent pixels (128: 1024 px with the
-    # FLUX VAE). Not used by the model; kept so that conversions give it back unchanged.
+    # FLUX VAE), and its ``scaling_factor`` (1.0 in every Lumina-Image 2.0 config). Not used by the model
+    # (METADATA_FIELDS); kept so that conversions give them back unchanged.
     sample_size: int = 128
+    scaling_factor: float = 1.0
+
+    # fields the forward never reads: checks of a checkpoint against a config skip them
+    METADATA_FIELDS: ClassVar[tuple[str, ...]] = ("sample_size", "scaling_factor")
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -135,6 +140,7 @@ class NextDiTConfig(YamlConfig):
         "num_attention_heads": "n_heads", "num_kv_heads": "n_kv_heads", "multiple_of": "multiple_of",
         "ffn_dim_multiplier": "ffn_dim_multiplier", "norm_eps": "norm_eps", "axes_dim_rope": "axes_dims",
         "axes_lens": "axes_lens", "cap_feat_dim": "cap_feat_dim", "sample_size": "sample_size",
+        "scaling_factor": "scaling_factor",
     }  # fmt: skip
 
     def require_velocity_head(self, target: str) -> None:
@@ -152,9 +158,14 @@ class NextDiTConfig(YamlConfig):
         self.require_velocity_head("diffusers' Lumina2Transformer2DModel")
         if not self.qk_norm:
             raise ValueError("diffusers' Lumina2Transformer2DModel always has q/k norms; qk_norm=False cannot be exported")
+        fixed = {"rope_theta": 10000.0, "frequency_embedding_size": 256}  # hard-coded in diffusers' modules
+        other = {k: getattr(self, k) for k, v in fixed.items() if getattr(self, k) != v}
+        if other:
+            raise ValueError(f"diffusers' Lumina2Transformer2DModel fixes {fixed}; this model has {other}, which "
+                             f"from_pretrained would not reproduce: export it to the 'original' or 'jax' format")
         d = {theirs: getattr(self, ours) for theirs, ours in self._DIFFUSERS_KEYS.items()}
         d["axes_dim_rope"], d["axes_lens"] = list(self.axes_dims), list(self.axes_lens)
-        d.update({"_class_name": "Lumina2Transformer2DModel", "scaling_factor": 1.0})
+        d["_class_name"] = "Lumina2Transformer2DModel"
         return d
 
 

@@ -690,7 +690,8 @@ def initial_params(cfg: TrainConfig, model_config: Any, mesh: Any) -> Any:
         from lumina_jax.convert.nextdit import recorded_config
 
         ours = model_config.to_dict()
-        differ = {k: (v, ours.get(k)) for k, v in recorded_config(cfg.init).items() if v != ours.get(k)}
+        differ = {k: (v, ours.get(k)) for k, v in recorded_config(cfg.init).items()
+                  if v != ours.get(k) and k not in model_config.METADATA_FIELDS}  # fmt: skip
         if differ:  # fields that change no shape (RoPE theta, eps, table sizes) would pass the key/shape check
             raise ValueError(f"init checkpoint {cfg.init} records " + ", ".join(
                 f"{k}={a!r} where the run's model config has {b!r}" for k, (a, b) in differ.items())
