@@ -223,7 +223,7 @@ def _same_tree(a, b):
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
 
 
-def test_components_layouts_cache_and_transformer_override(reference, tmp_path, caplog):
+def test_components_layouts_cache_and_transformer_override(reference, tmp_path, caplog, monkeypatch):
     _, mem, d = reference
     assert detect_layout(d) == "diffusers"
     comps = load_components(d)
@@ -270,8 +270,20 @@ def test_components_layouts_cache_and_transformer_override(reference, tmp_path, 
     params2["x_embedder"] = {"kernel": comps.transformer["x_embedder"]["kernel"] * 2,
                              "bias": comps.transformer["x_embedder"]["bias"]}  # fmt: skip
     orig = save_transformer(tmp_path / "orig.safetensors", comps.transformer_config, params2, "original")
+    from lumina_jax.convert import nextdit as nd
+
+    reads = []
+    plain = nd.TensorSource.get
+    monkeypatch.setattr(nd.TensorSource, "get", lambda self, k: (reads.append(self.path), plain(self, k))[1])
     over = load_components(d, transformer=orig)
     np.testing.assert_array_equal(over.transformer["x_embedder"]["kernel"], params2["x_embedder"]["kernel"])
+    # ... without reading the directory's own transformer weights (only its config, the fallback)
+    own = lambda: [p for p in reads if (d / "transformer").resolve() in (Path(p).resolve(), *Path(p).resolve().parents)]  # noqa: E731
+    assert orig in reads and not own()
+    reads.clear()
+    over_cached = load_components(d, transformer=orig, cache=cache)  # the cache entry gives the encoders
+    assert over_cached.layout == "diffusers (cached)" and orig in reads and not own()
+    np.testing.assert_array_equal(over_cached.transformer["x_embedder"]["kernel"], params2["x_embedder"]["kernel"])
 
 
 def test_missing_component_is_named(reference, tmp_path):

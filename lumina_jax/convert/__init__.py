@@ -10,6 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "load_transformer": "lumina_jax.convert.nextdit",
+    "load_transformer_config": "lumina_jax.convert.nextdit",
     "save_transformer": "lumina_jax.convert.nextdit",
     "verify_transformer": "lumina_jax.convert.nextdit",
     "load_text_encoder": "lumina_jax.convert.gemma2",

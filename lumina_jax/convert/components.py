@@ -183,13 +183,16 @@ def load_components(
     """
     root = resolve_pretrained(path)
     layout = detect_layout(root)
+    own_weights = transformer is None  # else the directory's own transformer gives its config only (a fallback)
     if layout == "diffusers" and cache:
         cache_root = cache_home() / "converted" if cache is True else Path(cache)
         cached = cache_root / _cache_key(root, dtype)
         if (cached / PIPELINE_MARKER).exists():
             log.info("loading converted weights from the cache %s", cached)
-            comps = _load_lumina_jax(cached, dtype)
+            comps = _load_lumina_jax(cached, dtype, own_weights)
             comps.source, comps.layout = str(root), "diffusers (cached)"
+        elif not own_weights:  # a cache entry holds the whole directory: written by a load without an override
+            comps = _load_diffusers(root, dtype, False)
         else:
             comps = _load_diffusers(root, dtype)
             try:
@@ -203,9 +206,9 @@ def load_components(
                     log.warning("could not cache the converted weights in %s (%s: %s); loading goes on "
                                 "without the cache", cached, type(e).__name__, e)
     elif layout == "diffusers":
-        comps = _load_diffusers(root, dtype)
+        comps = _load_diffusers(root, dtype, own_weights)
     else:
-        comps = _load_lumina_jax(root, dtype)
+        comps = _load_lumina_jax(root, dtype, own_weights)
     if transformer is not None:
         from lumina_jax.convert.nextdit import detect_format, load_transformer
 
@@ -246,13 +249,19 @@ def _read_scheduler(root: Path) -> dict[str, Any]:
     return cfg
 
 
-def _load_diffusers(root: Path, dtype: Any) -> Components:
+def _transformer(path: Path, dtype: Any, weights: bool) -> tuple[Any, Any]:
+    """``(config, params)`` of a directory's transformer; ``params`` is ``None`` without ``weights``."""
+    from lumina_jax.convert.nextdit import load_transformer, load_transformer_config
+
+    return load_transformer(path, dtype=dtype) if weights else (load_transformer_config(path), None)
+
+
+def _load_diffusers(root: Path, dtype: Any, transformer_weights: bool = True) -> Components:
     from lumina_jax.convert.gemma2 import load_text_encoder
-    from lumina_jax.convert.nextdit import load_transformer
     from lumina_jax.convert.vae import load_vae
     from lumina_jax.text import load_tokenizer
 
-    t_cfg, t_params = load_transformer(root / "transformer", dtype=dtype)
+    t_cfg, t_params = _transformer(root / "transformer", dtype, transformer_weights)
     g_cfg, g_params = load_text_encoder(root / "text_encoder", dtype=dtype)
     v_cfg, v_params = load_vae(root / "vae", dtype=dtype)
     tok = load_tokenizer(root / "tokenizer")
@@ -261,15 +270,14 @@ def _load_diffusers(root: Path, dtype: Any) -> Components:
                       str(root), "diffusers")
 
 
-def _load_lumina_jax(root: Path, dtype: Any) -> Components:
-    from lumina_jax.convert.nextdit import load_transformer
+def _load_lumina_jax(root: Path, dtype: Any, transformer_weights: bool = True) -> Components:
     from lumina_jax.text import load_tokenizer
 
     meta = read_json(root / PIPELINE_MARKER)
     if int(meta.get("version", 0)) > LAYOUT_VERSION:
         raise CheckpointError(f"{root}: layout version {meta.get('version')} is newer than this code "
                               f"({LAYOUT_VERSION})")
-    t_cfg, t_params = load_transformer(root / "transformer", dtype=dtype)
+    t_cfg, t_params = _transformer(root / "transformer", dtype, transformer_weights)
     g_cfg, g_params = load_component(root / "text_encoder", "gemma2", Gemma2Config, dtype)
     v_cfg, v_params = load_component(root / "vae", "vae", VAEConfig, dtype)
     tok = load_tokenizer(root / "tokenizer")

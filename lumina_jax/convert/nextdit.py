@@ -493,6 +493,24 @@ def _stored_config(src: TensorSource) -> Optional[NextDiTConfig]:
 # public API
 
 
+def load_transformer_config(path: str | os.PathLike) -> NextDiTConfig:
+    """The config :func:`load_transformer` would use for ``path`` (no ``config`` given), without reading
+    any weights: the stored one (project folder, diffusers ``config.json``, our original exports), else
+    inferred from an original file's tensor shapes."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "jax":
+        marker = path / JAX_MARKER
+        return _config_of(marker, lambda: NextDiTConfig.from_dict(read_json(marker, key="config")["config"]))
+    if fmt == "diffusers":
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise CheckpointError(f"{path}: diffusers directory without config.json")
+        return _config_of(cfg_file, lambda: NextDiTConfig.from_diffusers_config(read_json(cfg_file)))
+    src = _Prefixed(_original_source(path))
+    return _stored_config(src.src) or infer_original_config(src.shapes())
+
+
 def load_transformer(
     path: str | os.PathLike,
     *,
@@ -521,11 +539,8 @@ def load_transformer(
                              "which stores its own config")  # fmt: skip
         return _load_jax(path, dtype)
     if fmt == "diffusers":
-        cfg_file = path / "config.json"
         if config is None:
-            if not cfg_file.exists():
-                raise CheckpointError(f"{path}: diffusers directory without config.json")
-            config = _config_of(cfg_file, lambda: NextDiTConfig.from_diffusers_config(read_json(cfg_file)))
+            config = load_transformer_config(path)
         src: Any = TensorSource(path)
     else:
         src = _Prefixed(_original_source(path, pth_key))
@@ -674,8 +689,7 @@ def _save_jax(tmp: Path, config: NextDiTConfig, flat: dict, dtype: Any) -> None:
 def _load_jax(path: Path, dtype: Any) -> tuple[NextDiTConfig, dict]:
     import orbax.checkpoint as ocp
 
-    marker = path / JAX_MARKER
-    config = _config_of(marker, lambda: NextDiTConfig.from_dict(read_json(marker, key="config")["config"]))
+    config = load_transformer_config(path)
     if not (path / "params").exists():
         raise CheckpointError(f"{path}: missing params/ (incomplete checkpoint)")
     try:
