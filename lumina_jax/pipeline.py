@@ -221,15 +221,84 @@ def _as_mesh(mesh: Any) -> Optional[Mesh]:
     return mesh
 
 
-def _shard_weights(mesh: Mesh, components: Components) -> tuple[Any, Any]:
-    """Gemma-2 params placed by the rule table's logical axes, the VAE replicated."""
+def _shard_weights(mesh: Mesh, components: Components, text_params: Any) -> tuple[Any, Any]:
+    """Gemma-2 params (``text_params``) placed by the rule table's logical axes, the VAE replicated."""
     from lumina_jax.models import gemma2
     from lumina_jax.parallel import sharding as shard_lib
 
     boxed = jax.eval_shape(lambda r: gemma2.init_params(components.text_encoder_config, r, boxed=True),
                            jax.random.PRNGKey(0))  # fmt: skip
     text = shard_lib.param_shardings(boxed, mesh)
-    return jax.device_put(components.text_encoder, text), jax.device_put(components.vae, mesh_lib.replicated(mesh))
+    return jax.device_put(text_params, text), jax.device_put(components.vae, mesh_lib.replicated(mesh))
+
+
+def compute_dtype(dtype: str) -> str:
+    """``"fp32"`` or ``"bf16"``; ``"auto"``: bf16 on accelerators, fp32 on CPU."""
+    if dtype == "auto":
+        return "fp32" if jax.default_backend() == "cpu" else "bf16"
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {dtype!r}")
+    return dtype
+
+
+def load_dtype(weights_dtype: str, compute: str) -> Optional[str]:
+    """The dtype :func:`~lumina_jax.convert.components.load_components` reads weights in (``None``: the
+    checkpoint's own). ``"auto"``: fp32 when computing in fp32; in bf16 the checkpoint's own dtype, so a
+    bf16 release is not widened to fp32 on the host (2x the memory: ~20 GB for the 2B transformer and
+    Gemma-2) only to be cast back on placement; the values used are the same."""
+    if weights_dtype == "auto":
+        return "fp32" if compute == "fp32" else None
+    if weights_dtype == "keep":
+        return None
+    if weights_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"weights_dtype must be 'auto', 'keep', 'fp32' or 'bf16', got {weights_dtype!r}")
+    return weights_dtype
+
+
+def resolve_settings(*, solver: Optional[str], num_inference_steps: Optional[int], cfg_trunc_ratio: Optional[float],
+                     cfg_normalization: Any, cfg_trunc_mode: Optional[str], time_shift: Optional[float],
+                     preset: Optional[str], negative_system_prompt: Optional[bool] = None,
+                     default_shift: float) -> dict[str, Any]:  # fmt: skip
+    """The sampler settings: explicit argument > preset > default, for the options a preset may set
+    (``default_shift``: the model's time shift)."""
+    p: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        p = PRESETS[preset]
+    pick = lambda v, k, d: v if v is not None else p.get(k, d)  # noqa: E731
+    solver = pick(solver, "solver", DEFAULT_SOLVER)
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
+    steps = num_inference_steps if num_inference_steps is not None else (
+        p.get("num_inference_steps") if p.get("solver", solver) == solver else None)
+    if steps is None:
+        steps = SOLVERS[solver]["default_steps"]
+    if cfg_normalization is True and p.get("cfg_normalization") == "rows":
+        cfg_normalization = "rows"  # diffusers' cfg_normalization=True is its per-row rescale
+    renorm, ratio = resolve_cfg_normalization(pick(cfg_normalization, "cfg_normalization", True))
+    mode = pick(cfg_trunc_mode, "cfg_trunc_mode", "time")
+    if mode not in TRUNC_MODES:
+        raise ValueError(f"unknown cfg_trunc_mode {mode!r}; choose from {TRUNC_MODES}")
+    shift = float(time_shift) if time_shift is not None else default_shift
+    return {
+        "solver": solver,
+        "num_inference_steps": steps,
+        "cfg_trunc_ratio": float(pick(cfg_trunc_ratio, "cfg_trunc_ratio", 1.0)),
+        "cfg_trunc_mode": mode,
+        "cfg_renorm": renorm,
+        "cfg_renorm_ratio": ratio,
+        "time_shift": shift,
+        "negative_system_prompt": bool(pick(negative_system_prompt, "negative_system_prompt", True)),
+    }
+
+
+def schedule_of(settings: dict[str, Any], guidance_scale: float) -> Schedule:
+    """The sampler :class:`~lumina_jax.sample.solvers.Schedule` of :func:`resolve_settings`' output."""
+    s = settings
+    return make_schedule(s["solver"], s["num_inference_steps"], shift=s["time_shift"], guidance_scale=guidance_scale,
+                         cfg_trunc_ratio=s["cfg_trunc_ratio"], cfg_trunc_mode=s["cfg_trunc_mode"],
+                         cfg_clamp_ratio=s["cfg_renorm_ratio"] if s["cfg_renorm"] == "clamp" else 1.0)  # fmt: skip
 
 
 def _integer(value: Any, name: str) -> int:
@@ -237,6 +306,7 @@ def _integer(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return int(value)
+
 
 class Lumina2Pipeline:
     """Lumina-Image 2.0 text-to-image (see the module docstring for semantics and options).
@@ -257,8 +327,9 @@ class Lumina2Pipeline:
         that ``data x fsdp`` does not divide enters replicated and the model's activation constraints split
         its work unevenly (2 images on 8 devices: 0.39 of one device's FLOPs each).
 
-    In bf16 the Next-DiT matmul weights are cast once at construction
-    (:func:`~lumina_jax.models.nextdit.cast_matmul_weights`; same outputs, half the weight memory).
+    In bf16 the Next-DiT and Gemma-2 matmul weights (and Gemma-2's embedding table) are cast once at
+    construction (:func:`~lumina_jax.models.nextdit.cast_matmul_weights`; same outputs, half the weight
+    memory).
     """
 
     def __init__(self, components: Components, *, dtype: str = "auto", attention_backend: str = "auto",
@@ -266,11 +337,7 @@ class Lumina2Pipeline:
                  mesh: Union[Mesh, str, Mapping[str, Any], mesh_lib.MeshConfig, None] = None):  # fmt: skip
         components.check()
         self.components = components
-        if dtype == "auto":
-            dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
-        if dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be 'fp32', 'bf16' or 'auto', got {dtype!r}")
-        self.dtype = dtype
+        self.dtype = dtype = compute_dtype(dtype)
         from lumina_jax.ops.attention import available_backends
 
         if attention_backend not in available_backends() and not attention_backend.startswith("context_"):
@@ -284,11 +351,13 @@ class Lumina2Pipeline:
         self.last_truncated: dict[str, list[int]] = {"prompt": [], "negative_prompt": []}
         self.mesh = _as_mesh(mesh)
         text_params = components.text_encoder
+        if dtype == "bf16":  # on the host, before placing: half the device memory, the same outputs
+            text_params = cast_matmul_weights(text_params, jnp.bfloat16, names=("kernel", "embedding"))
         if self.mesh is None:
-            self.vae_params = jax.device_put(components.vae)
+            text_params, self.vae_params = jax.device_put(text_params), jax.device_put(components.vae)
         else:
             mesh_lib.warn_context_attention(mesh_lib.mesh_shape(self.mesh), attention_backend)
-            text_params, self.vae_params = _shard_weights(self.mesh, components)
+            text_params, self.vae_params = _shard_weights(self.mesh, components, text_params)
         self._place_dit()
         self.text_encoder = TextEncoder(text_params, components.text_encoder_config, components.tokenizer,
                                         dtype=dtype)  # fmt: skip
@@ -304,7 +373,7 @@ class Lumina2Pipeline:
         *,
         transformer: Union[str, os.PathLike, None] = None,
         dtype: str = "auto",
-        weights_dtype: str = "fp32",
+        weights_dtype: str = "auto",
         cache: Union[bool, str, os.PathLike] = False,
         compilation_cache: Union[bool, str, os.PathLike] = True,
         attention_backend: str = "auto",
@@ -316,12 +385,15 @@ class Lumina2Pipeline:
         ``path=None`` loads the bundled default model (``lumina_jax/assets/default_model``); while none is
         bundled, a tiny randomly initialised model with a logged notice. ``transformer`` replaces the
         transformer with any checkpoint the converter reads (e.g. an original ``consolidated.pth``).
+        ``weights_dtype``: the host dtype of the loaded weights (:func:`load_dtype`: ``"auto"`` keeps a
+        checkpoint's own dtype when computing in bf16, fp32 otherwise; ``"keep"``, ``"fp32"``, ``"bf16"``).
         ``cache`` stores converted diffusers weights as orbax for fast reloads; ``compilation_cache``
         is passed to :func:`enable_compilation_cache` (``False`` leaves JAX's settings alone); ``mesh``: see
         the class docstring.
         """
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
+        weights = load_dtype(weights_dtype, compute_dtype(dtype))
         if path is None:
             if DEFAULT_MODEL_DIR.is_dir() and any(DEFAULT_MODEL_DIR.iterdir()):
                 path = DEFAULT_MODEL_DIR
@@ -333,7 +405,7 @@ class Lumina2Pipeline:
                 if transformer is not None:
                     raise ValueError("transformer= needs a model directory for the other components")
                 return cls(comps, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
-        comps = load_components(path, transformer=transformer, dtype=weights_dtype, cache=cache)
+        comps = load_components(path, transformer=transformer, dtype=weights, cache=cache)
         return cls(comps, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
 
     @property
@@ -488,37 +560,12 @@ class Lumina2Pipeline:
                          cfg_trunc_ratio: Optional[float], cfg_normalization: Any, cfg_trunc_mode: Optional[str],
                          time_shift: Optional[float], preset: Optional[str],
                          negative_system_prompt: Optional[bool] = None) -> dict[str, Any]:
-        """Explicit argument > preset > default, for the options a preset may set."""
-        p: dict[str, Any] = {}
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-            p = PRESETS[preset]
-        pick = lambda v, k, d: v if v is not None else p.get(k, d)  # noqa: E731
-        solver = pick(solver, "solver", DEFAULT_SOLVER)
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose from {sorted(SOLVERS)}")
-        steps = num_inference_steps if num_inference_steps is not None else (
-            p.get("num_inference_steps") if p.get("solver", solver) == solver else None)
-        if steps is None:
-            steps = SOLVERS[solver]["default_steps"]
-        if cfg_normalization is True and p.get("cfg_normalization") == "rows":
-            cfg_normalization = "rows"  # diffusers' cfg_normalization=True is its per-row rescale
-        renorm, ratio = resolve_cfg_normalization(pick(cfg_normalization, "cfg_normalization", True))
-        mode = pick(cfg_trunc_mode, "cfg_trunc_mode", "time")
-        if mode not in TRUNC_MODES:
-            raise ValueError(f"unknown cfg_trunc_mode {mode!r}; choose from {TRUNC_MODES}")
-        shift = float(time_shift) if time_shift is not None else self.components.time_shift
-        return {
-            "solver": solver,
-            "num_inference_steps": steps,
-            "cfg_trunc_ratio": float(pick(cfg_trunc_ratio, "cfg_trunc_ratio", 1.0)),
-            "cfg_trunc_mode": mode,
-            "cfg_renorm": renorm,
-            "cfg_renorm_ratio": ratio,
-            "time_shift": shift,
-            "negative_system_prompt": bool(pick(negative_system_prompt, "negative_system_prompt", True)),
-        }
+        """Explicit argument > preset > default (:func:`resolve_settings` with the model's time shift)."""
+        return resolve_settings(solver=solver, num_inference_steps=num_inference_steps,
+                                cfg_trunc_ratio=cfg_trunc_ratio, cfg_normalization=cfg_normalization,
+                                cfg_trunc_mode=cfg_trunc_mode, time_shift=time_shift, preset=preset,
+                                negative_system_prompt=negative_system_prompt,
+                                default_shift=self.components.time_shift)  # fmt: skip
 
     def __call__(
         self,
@@ -635,10 +682,7 @@ class Lumina2Pipeline:
                                   cfg_trunc_ratio=cfg_trunc_ratio, cfg_normalization=cfg_normalization,
                                   cfg_trunc_mode=cfg_trunc_mode, time_shift=time_shift, preset=preset,
                                   negative_system_prompt=negative_system_prompt)  # fmt: skip
-        schedule = make_schedule(s["solver"], s["num_inference_steps"], shift=s["time_shift"],
-                                 guidance_scale=guidance_scale, cfg_trunc_ratio=s["cfg_trunc_ratio"],
-                                 cfg_trunc_mode=s["cfg_trunc_mode"],
-                                 cfg_clamp_ratio=s["cfg_renorm_ratio"] if s["cfg_renorm"] == "clamp" else 1.0)  # fmt: skip
+        schedule = schedule_of(s, guidance_scale)
         b = len(prompts) * n
         negatives = None
         if schedule.num_guided:

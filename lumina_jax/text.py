@@ -157,8 +157,9 @@ class TextEncoder:
     """Gemma-2 params + config + tokenizer -> Lumina caption features.
 
     ``dtype`` is the compute dtype (``"bf16"`` default, as ORIG samples; ``"fp32"`` for exactness);
-    params stay fp32. NumPy params are put on the default device once, here; pass already placed
-    (e.g. sharded) JAX arrays to keep their placement.
+    params are used in the dtype given (the pipeline casts the matrices and the embedding table to bf16
+    when computing in bf16: the same outputs, half the memory). NumPy params are put on the default
+    device once, here; pass already placed (e.g. sharded) JAX arrays to keep their placement.
     """
 
     def __init__(self, params: Params, config: Gemma2Config, tokenizer: Any, *, dtype: Any = "bf16",

@@ -494,6 +494,14 @@ def test_cli_errors(reference, tmp_path, capsys):
     assert rc == 2 and "error: --cfg-trunc must be in [0, 1]" in capsys.readouterr().err  # the flag, not the argument
     with pytest.raises(SystemExit):
         main(["a cat", "--solver", "heun"])
+    # what needs no weights fails before they load (a typo must not cost a 2B model's load)
+    for flags, want in ((["--size", "100x64"], "nearest valid: 96 or 112"), (["--cfg", "nan"], "--cfg must be a finite"),
+                        (["--seed", "-1"], "leave out --seed"), (["--system-prompt", "reall"], "did you mean 'real'"),
+                        (["--steps", "0"], "--steps must be a positive integer"), (["--shift", "0"], "--shift must be"),
+                        (["--max-length", "0"], "--max-length must be >= 1"), (["--renorm", "-1"], "--renorm ratio")):  # fmt: skip
+        rc = main(["a cat", "--checkpoint", str(reference[2]), "--out", str(tmp_path / "x.png"), *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and want in err and "loading model" not in err, (flags, err)
     # an unwritable --out is refused before the model loads; an existing image is replaced, with a notice
     (tmp_path / "file").write_text("")
     rc = main(["a cat", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "file" / "x.png")])
@@ -627,3 +635,27 @@ def test_review_fixes_sizes_renorm_at_scale_one_vae_tile_text_compile_time_long_
         pipe("a cat " * 20, on_long_prompt="error", **kw)
     with pytest.raises(ValueError, match="on_long_prompt must be"):
         pipe("a cat", on_long_prompt="cut", **kw)
+
+
+def test_bf16_keeps_a_bf16_checkpoint_narrow_and_casts_the_encoder_weights(reference, tmp_path):
+    """Computing in bf16, ``weights_dtype="auto"`` reads a bf16 checkpoint as bf16 (no fp32 host copy),
+    and Gemma-2's matmul weights and table are bf16 on the device (half its memory), norm scales as
+    loaded; the images are bit-identical to reading it widened to fp32. In fp32 everything is fp32."""
+    from lumina_jax.pipeline import load_dtype
+
+    bf = save_components(tmp_path / "bf16", load_components(reference[2]), dtype="bf16")
+    kw = dict(height=64, width=64, num_inference_steps=2, guidance_scale=4.0, seed=3, output_type="np")
+    narrow = Lumina2Pipeline.from_pretrained(bf, dtype="bf16", compilation_cache=False)
+    wide = Lumina2Pipeline.from_pretrained(bf, dtype="bf16", weights_dtype="fp32", compilation_cache=False)
+    dtypes = lambda tree: {str(x.dtype) for x in jax.tree.leaves(tree)}  # noqa: E731
+    assert dtypes(narrow.components.transformer) == dtypes(narrow.components.text_encoder) == {"bfloat16"}
+    assert dtypes(wide.components.transformer) == {"float32"}
+    te = wide.text_encoder.params
+    assert dtypes(te["embed_tokens"]) == dtypes(te["layers"]["mlp"]["gate_proj"]) == {"bfloat16"}
+    assert dtypes(te["norm"]) == {"float32"}
+    np.testing.assert_array_equal(narrow("a red circle", **kw).images, wide("a red circle", **kw).images)
+    fp32 = Lumina2Pipeline.from_pretrained(bf, dtype="fp32", compilation_cache=False)
+    assert dtypes(fp32.components.transformer) == dtypes(fp32.text_encoder.params) == {"float32"}
+    assert load_dtype("keep", "fp32") is None and load_dtype("bf16", "fp32") == "bf16"
+    with pytest.raises(ValueError, match="weights_dtype must be 'auto', 'keep', 'fp32' or 'bf16', got 'fp8'"):
+        load_dtype("fp8", "bf16")

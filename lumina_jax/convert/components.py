@@ -230,6 +230,26 @@ def load_components(
     return comps
 
 
+def peek_size_multiple(path: str | os.PathLike, transformer: Optional[str | os.PathLike] = None) -> Optional[int]:
+    """What image sides of the model at local ``path`` must be multiples of (VAE factor x patch size),
+    read from its configs alone (no weights), so that a bad size fails before a long load; ``None`` when
+    the configs cannot be read this way (a hub id, a damaged folder: the full load names the problem)."""
+    from lumina_jax.convert.nextdit import load_transformer_config
+    from lumina_jax.convert.vae import load_vae_config
+
+    root = Path(path).expanduser()
+    try:
+        t_cfg = load_transformer_config(transformer if transformer is not None else root / "transformer")
+        if detect_layout(root) == "diffusers":
+            factor = load_vae_config(root / "vae").downsample_factor
+        else:
+            marker = read_json(root / "vae" / COMPONENT_MARKER, key="config")
+            factor = VAEConfig.from_dict(marker["config"]).downsample_factor
+    except (CheckpointError, OSError, ValueError, TypeError, KeyError):
+        return None
+    return factor * t_cfg.patch_size
+
+
 def _read_scheduler(root: Path) -> dict[str, Any]:
     f = root / "scheduler" / "scheduler_config.json"
     if not f.exists():

@@ -729,16 +729,18 @@ def stack_layers(params: dict) -> dict:
     return out
 
 
-def cast_matmul_weights(params: dict, dtype: Any) -> dict:
+def cast_matmul_weights(params: dict, dtype: Any, names: tuple[str, ...] = ("kernel", "bias")) -> dict:
     """Cast the leaves the model casts to its compute dtype anyway -- dense kernels and biases, the
     attention's ``q``/``k``/``v`` matrices -- to ``dtype`` once, ahead of time; norm scales stay as they
     are (the model uses them in fp32). ``apply`` gives bit-identical outputs with the result, which takes
-    half the memory in bf16 and spares every call (and every sampler step) the weight casts."""
+    half the memory in bf16 and spares every call (and every sampler step) the weight casts. ``names``:
+    the leaf names cast (Gemma-2: ``("kernel", "embedding")``, its table being cast after the lookup).
+    NumPy leaves stay NumPy (cast on the host, before they are placed)."""
 
     def cast(path, leaf):
         name = getattr(path[-1], "key", None)
         parent = getattr(path[-2], "key", None) if len(path) > 1 else None
-        if name in ("kernel", "bias") or (parent == "attention" and name in ("q", "k", "v")):
+        if name in names or (parent == "attention" and name in ("q", "k", "v")):
             return leaf.astype(dtype)
         return leaf
 

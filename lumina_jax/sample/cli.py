@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -133,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-length", type=int, default=256, help="max text tokens incl. system prompt")
     ap.add_argument("--long-prompt", choices=["error", "warn"], default="error",
                     help="a prompt over --max-length: error (default) or warn (cut it to the limit, as diffusers)")
-    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="compute dtype (auto: bf16 on accelerators, fp32 on CPU)")
+    ap.add_argument("--weights-dtype", choices=["auto", "keep", "fp32", "bf16"], default="auto",
+                    help="dtype the weights are read in (auto: the checkpoint's own when computing in bf16, so a "
+                         "bf16 release is not widened to fp32 on the host; fp32 otherwise)")
     ap.add_argument("--mode", choices=["stepwise", "fused"], default="stepwise")
     ap.add_argument("--attention", default="auto", metavar="BACKEND",
                     help="Next-DiT attention backend (default auto; 'context' for a --mesh with context > 1)")
@@ -262,6 +267,32 @@ class _CacheStats:
         jax.monitoring.register_event_listener(listen)
 
 
+def check_before_loading(args: argparse.Namespace) -> None:
+    """What can be checked without the weights, so that a typo fails in a second, not after minutes of
+    loading: the sampler settings (as the pipeline resolves them), the system prompt's template name,
+    the seed, the text length, and the image size against the model's configs (when they are local)."""
+    from lumina_jax.convert.components import peek_size_multiple
+    from lumina_jax.pipeline import DEFAULT_MODEL_DIR, check_image_size, resolve_settings, schedule_of
+    from lumina_jax.text_templates import resolve_system_prompt
+
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        raise ValueError(f"guidance_scale must be a finite number, got {args.cfg!r}")
+    settings = resolve_settings(solver=args.solver, num_inference_steps=args.steps, cfg_trunc_ratio=args.cfg_trunc,
+                                cfg_normalization=args.renorm, cfg_trunc_mode=args.cfg_trunc_mode,
+                                time_shift=args.shift, preset=args.preset, default_shift=1.0)  # fmt: skip
+    schedule_of(settings, 4.0 if args.cfg is None else args.cfg)
+    if args.system_prompt is not None:
+        resolve_system_prompt(args.system_prompt)
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {args.seed!r} (pass seed=None for a random one)")
+    if args.max_length < 1:
+        raise ValueError(f"max_sequence_length must be >= 1, got {args.max_length}")
+    if args.size:
+        multiple = peek_size_multiple(args.checkpoint or DEFAULT_MODEL_DIR, args.transformer)
+        if multiple is not None:
+            check_image_size(args.size[1], args.size[0], multiple)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from lumina_jax import log_setup
@@ -296,10 +327,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         check_output_location(args.out)  # before the model loads and the images are made, not after
+        check_before_loading(args)
         say("loading model ...")
         pipe = Lumina2Pipeline.from_pretrained(args.checkpoint, transformer=args.transformer, dtype=args.dtype,
-                                               cache=args.cache_weights, compilation_cache=cc,
-                                               attention_backend=args.attention, mesh=args.mesh)  # fmt: skip
+                                               weights_dtype=args.weights_dtype, cache=args.cache_weights,
+                                               compilation_cache=cc, attention_backend=args.attention,
+                                               mesh=args.mesh)  # fmt: skip
         say(f"loaded {pipe.components.source} in {time.perf_counter() - t0:.1f}s")
         for path, w in loras:
             lora = pipe.load_lora(path, w)
