@@ -684,13 +684,16 @@ class Lumina2Pipeline:
                                   negative_system_prompt=negative_system_prompt)  # fmt: skip
         schedule = schedule_of(s, guidance_scale)
         b = len(prompts) * n
-        negatives = None
-        if schedule.num_guided:
-            negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
-            if len(negatives) == 1 and len(prompts) > 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        negatives = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if not schedule.num_guided:
+            if any(negatives):
+                log.warning("the negative prompt is not used: no step is guided (guidance_scale %g, cfg_trunc_ratio "
+                            "%g)", guidance_scale, s["cfg_trunc_ratio"])  # fmt: skip
+            negatives = None
 
         # noise
         seeds: list[Optional[int]]

@@ -201,5 +201,10 @@ def test_pth_that_is_really_safetensors_or_pickles_objects_is_named(tmp_path):
     torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "run.pth")
     with pytest.raises(CheckpointError, match=r"pickles a non-tensor object \(argparse\.Namespace\).*weights_only=False\)\['model'\]"):
         TensorSource(tmp_path / "run.pth")
+    (tmp_path / "text.pth").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=r"text\.pth: not a PyTorch checkpoint \(neither"):
+        TensorSource(tmp_path / "text.pth")
     torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "ok.pth")  # a plain wrapped state dict still reads
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    np.testing.assert_array_equal(TensorSource(tmp_path / "legacy.pth").get("w"), np.ones(2, np.float32))
     np.testing.assert_array_equal(TensorSource(tmp_path / "ok.pth", pth_key="model").get("w"), np.ones(2, np.float32))

@@ -9,6 +9,7 @@ and saved with ``save_pretrained``; our pipeline loads that directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -128,6 +129,20 @@ def test_latent_output_without_cfg(pipe):
     assert out.images.shape == (1, 4, 6, 16) and np.all(np.isfinite(out.images))
     assert out.settings["num_guided_evaluations"] == 0 and out.settings["negative_prompt"] is None
     assert out.seeds == [1] and np.array_equal(out.images, out.latents)
+
+
+def test_negative_prompts_are_checked_and_an_unused_one_is_named_without_cfg(pipe, caplog):
+    kw = dict(guidance_scale=1.0, solver="euler", num_inference_steps=1, height=32, width=32, output_type="latent")
+    with pytest.raises(ValueError, match="3 negative prompts for 2 prompts"):
+        pipe(["a", "b"], negative_prompt=["x", "y", "z"], **kw)
+    with caplog.at_level("WARNING", logger="lumina_jax.pipeline"):
+        out = pipe("a cat", negative_prompt="blurry", seed=1, **kw)
+    assert "the negative prompt is not used: no step is guided (guidance_scale 1" in caplog.text
+    assert out.settings["negative_prompt"] is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lumina_jax.pipeline"):
+        pipe("a cat", seed=1, **kw)  # no negative prompt given: nothing to say
+    assert "negative prompt" not in caplog.text
 
 
 def test_fused_progress_callback_reports_each_runs_step_count(pipe):
@@ -481,6 +496,27 @@ def test_cli_writes_pngs_with_metadata_and_reuses_compiled_programs(reference, t
     assert hits > 0 and misses == 0, tail
 
 
+def test_cli_out_of_memory_is_one_line_with_what_to_try(reference, tmp_path, capsys, monkeypatch):
+    from lumina_jax.sample.cli import main
+
+    def oom(self, *a, **k):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 275845956520 "
+                                         "bytes.\nBufferAssignment OOM Debugging.")  # fmt: skip
+
+    monkeypatch.setattr(Lumina2Pipeline, "__call__", oom)
+    rc = main(["a cat", "--checkpoint", str(reference[2]), "--compilation-cache", "off", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: out of device memory (RESOURCE_EXHAUSTED: Out of memory" in err and "--size" in err
+    assert "Traceback" not in err and "Debugging" not in err
+
+    def other(self, *a, **k):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(Lumina2Pipeline, "__call__", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        main(["a cat", "--checkpoint", str(reference[2]), "--compilation-cache", "off", "--out", str(tmp_path / "x.png")])
+
+
 def test_cli_errors(reference, tmp_path, capsys):
     from lumina_jax.sample.cli import main, output_paths
 
@@ -556,6 +592,15 @@ def test_saved_images_record_their_own_negative_prompt_mode_and_version(pipe, tm
     assert meta["prompt_truncated"] and long.startswith(meta["prompt"]) and len(meta["prompt"]) == 2000
     save_image(out.images[0], tmp_path / "long.png", long, None, 1, out.settings)
     assert Image.open(tmp_path / "long.png").text["prompt"] == long
+    # ... and so does a long custom system prompt (it is in the settings)
+    save_image(out.images[0], tmp_path / "sys.jpg", "a cat", None, 1, dict(out.settings, system_prompt=long))
+    meta = json.loads(Image.open(tmp_path / "sys.jpg").getexif()[0x010E])
+    assert meta["prompt"] == "a cat" and long.startswith(meta["system_prompt"]) and meta["prompt_truncated"]
+    # one path per image, PIL images only
+    with pytest.raises(ValueError, match="1 paths for 4 images"):
+        save_images(out, [tmp_path / "one.png"])
+    with pytest.raises(ValueError, match="output_type='pil'"):
+        save_images(dataclasses.replace(out, images=np.zeros((4, 32, 32, 3))), paths)
     # no CFG: no negative prompt was used, none is recorded
     out = pipe("a cat", guidance_scale=1.0, num_inference_steps=2, height=32, width=32, seed=1)
     assert out.negative_prompts == [None]

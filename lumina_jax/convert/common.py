@@ -235,6 +235,10 @@ class TensorSource:
         if _looks_like_safetensors(f):
             raise CheckpointError(f"{f}: this is a safetensors file with a {f.suffix} name; rename it to "
                                   f"{f.with_suffix('.safetensors').name}")  # fmt: skip
+        with open(f, "rb") as fh:
+            head = fh.read(2)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save: a zip, or (before 1.6) a pickle
+            raise CheckpointError(f"{f}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
         try:  # torch memory-maps only the zip format; legacy (pre-1.6) files are read whole
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # torch raises many types for corrupt/truncated zips

@@ -231,18 +231,39 @@ def save_image(image: Any, path: Path, prompt: str, negative_prompt: Optional[st
         info.add_text("Software", "lumina-jax")
         image.save(path, format=fmt, pnginfo=info)
         return
-    if len(meta) > _EXIF_MAX:  # long prompts: keep their start, say so
-        short = image_metadata(prompt[:2000], (negative_prompt or "")[:2000] or negative_prompt, seed, settings)
-        meta = json.dumps(dict(short, prompt_truncated=True), default=str)
+    if len(meta) > _EXIF_MAX:  # long texts (prompts, a custom system prompt): keep their starts, say so
+        full = json.loads(meta)
+        for keep in (2000, 200, 20):
+            meta = json.dumps(dict(_cut_strings(full, keep), prompt_truncated=True))
+            if len(meta) <= _EXIF_MAX:
+                break
     exif = Image.Exif()
     exif[0x010E] = meta  # ImageDescription
     exif[0x0131] = "lumina-jax"  # Software
     image.save(path, format=fmt, exif=exif, quality=95)
 
 
+def _cut_strings(value: Any, keep: int) -> Any:
+    """``value`` (JSON data) with every string longer than ``keep`` cut to its first ``keep`` characters."""
+    if isinstance(value, str):
+        return value[:keep]
+    if isinstance(value, dict):
+        return {k: _cut_strings(v, keep) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cut_strings(v, keep) for v in value]
+    return value
+
+
 def save_images(out: Any, paths: list[Path], on_replace: Optional[Any] = None) -> None:
     """Write every image of a :class:`~lumina_jax.pipeline.Lumina2Output` (``output_type="pil"``) to
-    ``paths`` with :func:`save_image`; ``on_replace(path)`` is called before an existing file is replaced."""
+    ``paths`` (one per image) with :func:`save_image`; ``on_replace(path)`` is called before an existing
+    file is replaced."""
+    from PIL import Image
+
+    if len(paths) != len(out.images):
+        raise ValueError(f"{len(paths)} paths for {len(out.images)} images: pass one path per image")
+    if not all(isinstance(img, Image.Image) for img in out.images):
+        raise ValueError("save_images writes PIL images: generate with output_type='pil' (the default)")
     negatives = out.negative_prompts or [None] * len(out.images)
     for img, path, prompt, neg, seed in zip(out.images, paths, out.prompts, negatives, out.seeds):
         if on_replace is not None and path.exists():
@@ -378,6 +399,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         from lumina_jax.convert.cli import cli_message
 
         print(f"{PROG}: error: {cli_message(e, _ARG_TO_FLAG)}", file=err)
+        return 2
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError; only running out of memory is explained here
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        print(f"{PROG}: error: out of device memory ({first}). Try a smaller --size or --n, --dtype bf16, "
+              f"--mode stepwise, or a --mesh over several devices", file=err)  # fmt: skip
         return 2
     paths = output_paths(args.out, out.seeds)
     try:
