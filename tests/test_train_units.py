@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -172,7 +173,7 @@ def test_logged_throughput_sums_each_steps_own_flops(tmp_path, monkeypatch):
     from lumina_jax.train.loop import Trainer
 
     tr = Trainer(load_config("tiny_synthetic", [f"run_dir={tmp_path}", "log.progress=false", "log.every=100"]))
-    clock = iter([10.0, 11.0, 13.0])
+    clock = iter([10.0, 11.0, 13.0, 20.0, 21.0])
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
     m = {"loss": 0.5, "loss_main": 0.5, "loss_aux": 0.0, "grad_norm": 1.0, "lr": 1e-3, "finite": True,
          "nonfinite": 0, "nonfinite_run": 0}  # fmt: skip
@@ -182,6 +183,11 @@ def test_logged_throughput_sums_each_steps_own_flops(tmp_path, monkeypatch):
     out = tr._report(3, m, None, (3e12, 3e11), 1, None, force=True)
     assert out["step_time_s"] == 1.5 and out["tflops_per_device"] == pytest.approx(4.0 / 3.0)
     assert out["remat_tflops_per_device"] == pytest.approx(0.4 / 3.0)
+    # an interval that held a new shape's compile (or a save, or samples) is left out: 7 s here
+    tr._skip_interval = True
+    tr._report(4, m, None, (1e12, 0.0), 1, None)
+    out = tr._report(5, m, None, (2e12, 0.0), 1, None, force=True)
+    assert out["step_time_s"] == 1.0 and out["tflops_per_device"] == pytest.approx(2.0)
     sq = tr.flops(0, 8)
     wide = tr._batch_flops(0, {"latents": np.zeros((tr.cfg.stages[0].batch, 8, 16, 16)), "cap_feats": np.zeros((1, 8, 4))})
     assert wide[0] > 1.5 * sq[0] and tr._batch_flops(0, {"latents": np.zeros((tr.cfg.stages[0].batch, 8, 8, 16)),
@@ -313,12 +319,36 @@ def test_config_overrides_and_unknown_keys():
     ("samples.fn=nocolon", "fn must be 'module:function'"),
     ("model_overrides=[1]", "model_overrides: expected a mapping"),
     ("optimizer.min_lr_ratio=0.1", "min_lr_ratio is the floor of the cosine schedule"),
+    # values that would train the wrong way, or fail only once the run has started
+    ("stages.0.lr=-1", r"stage 'low_res': lr must be finite and >= 0, got -1"),
+    ("optimizer.lr=nan", "lr and warmup_steps must be finite"),
+    ("optimizer.clip_norm=-1", r"clip_norm must be > 0 \(or null: no clipping\), got -1"),
+    ("optimizer.b1=1.5", r"b1 and b2 must be in \[0, 1\)"),
+    ("optimizer.eps=0", "eps must be > 0"),
+    ("stages.0.resolution=0", "resolution 0 is not a positive multiple of 16"),
+    ("stages.0.time_shift_mu=inf", "time_shift_mu must be a finite number"),
+    ("stages.0.data.num_samples=0", r"num_samples and cap_len \(synthetic data\) must be >= 1"),
+    ("stages.0.data.cap_len=0", r"num_samples and cap_len \(synthetic data\) must be >= 1"),
 ])  # fmt: skip
 def test_out_of_range_settings_are_errors_at_load_time(override, message):
     from lumina_jax.train.config import load_config
 
     with pytest.raises(ValueError, match=message):
         load_config("tiny_synthetic", [override])
+
+
+def test_an_empty_lora_block_is_refused_not_read_as_no_lora(tmp_path):
+    """``lora:`` with its lines commented out reads as null: silently a full fine-tune of every weight."""
+    from lumina_jax.train.config import load_config
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / "train" / "lumina2_2b_lora.yaml").read_text()
+    empty = tmp_path / "l.yaml"
+    empty.write_text(text.replace("  rank: 16", "  # rank: 16").replace("  alpha: 16 ", "  # alpha: 16 "))
+    with pytest.raises(ValueError, match=r"'lora:' is empty; write 'lora: \{\}' for a LoRA run with the default"):
+        load_config(empty)
+    assert load_config(empty, ["lora=null"]).lora is None  # explicitly off
+    assert load_config(empty, ["lora={}"]).lora is not None
+    assert load_config(tmp_path / "l.yaml", ["lora.rank=4"]).lora.rank == 4
 
 
 def test_data_section_checks_quoted_numbers_and_empty_mappings():
@@ -968,3 +998,37 @@ def test_a_mixed_batch_crop_past_the_rope_table_is_an_error_not_a_clamp(tmp_path
                                 "token_mask": np.ones((2, 4), bool)}]), tr.cfg.stages[0], 0)
     with pytest.raises(ValueError, match="exceeds the RoPE table"):
         pack_latents([np.zeros((2, 2 * (mc.axes_lens[2] + 1), 4))], 2, max_grid=tuple(mc.axes_lens[1:]))
+
+
+def test_a_new_bucket_shape_mid_stage_is_left_out_of_the_throughput(tmp_path, monkeypatch):
+    """A bucket shape first seen mid-stage compiles when it is dispatched: the metrics interval holding
+    that compile is not a step's time (images/s and MFU would drop for it), nor the checkpoint save."""
+    from lumina_jax.train import loop
+    from lumina_jax.train.config import load_config
+    from lumina_jax.train.loop import Trainer
+
+    plain = loop.build_stage_iterator
+
+    def two_shapes(stage, **kw):
+        it, ck = plain(stage, **kw)
+
+        def gen():
+            for i, b in enumerate(it):  # steps 3 and 4: twice as wide
+                yield dict(b, latents=np.concatenate([b["latents"]] * 2, axis=2)) if i >= 2 else b
+
+        return gen(), ck
+
+    monkeypatch.setattr(loop, "build_stage_iterator", two_shapes)
+    skipped = []
+    report = Trainer._report
+
+    def spy(self, step, *a, **k):
+        skipped.append((step, self._skip_interval))
+        return report(self, step, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_report", spy)
+    cfg = load_config("tiny_synthetic", [f"run_dir={tmp_path}", "log.progress=false", "stages.0.steps=4",
+                                         "stages.1.steps=1", "checkpoint.every=0"])  # fmt: skip
+    Trainer(cfg, stop_at=4).run()
+    # step 3's compile happens while step 2's metrics are awaited: that interval is the one left out
+    assert skipped[:4] == [(1, False), (2, True), (3, False), (4, False)], skipped

@@ -15,6 +15,7 @@ steps, global batch, optional LR and its own data source; the trainer walks thro
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from pathlib import Path
@@ -118,6 +119,9 @@ class DataConfig:
                              f"{list(self.weights)}")  # fmt: skip
         if self.text_len is not None and self.text_len < 1 or self.max_text_len < 1:
             raise ValueError(f"text_len and max_text_len must be >= 1, got {self.text_len} and {self.max_text_len}")
+        if self.num_samples < 1 or self.cap_len < 1:
+            raise ValueError(f"num_samples and cap_len (synthetic data) must be >= 1, got {self.num_samples} and "
+                             f"{self.cap_len}")  # fmt: skip
         if self.num_workers < 0 or self.read_threads < 1 or self.max_consecutive_skips < 1:
             raise ValueError(f"num_workers must be >= 0, read_threads and max_consecutive_skips >= 1, got "
                              f"{self.num_workers}, {self.read_threads}, {self.max_consecutive_skips}")  # fmt: skip
@@ -158,8 +162,12 @@ class StageConfig:
 
         if self.t_sampling is not None and self.t_sampling not in T_SAMPLINGS:
             raise ValueError(f"stage {self.name!r}: unknown t_sampling {self.t_sampling!r}; choose from {T_SAMPLINGS}")
-        if self.resolution % 16:
-            raise ValueError(f"stage {self.name!r}: resolution {self.resolution} is not a multiple of 16")
+        if self.resolution < 16 or self.resolution % 16:
+            raise ValueError(f"stage {self.name!r}: resolution {self.resolution} is not a positive multiple of 16")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"stage {self.name!r}: lr must be finite and >= 0, got {self.lr}")
+        if self.time_shift_mu is not None and not math.isfinite(self.time_shift_mu):
+            raise ValueError(f"stage {self.name!r}: time_shift_mu must be a finite number, got {self.time_shift_mu}")
         if self.steps < 1 or self.batch < 1:
             raise ValueError(f"stage {self.name!r}: steps and batch must be >= 1")
 
@@ -492,6 +500,11 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Trai
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML ({e})") from None
+    if isinstance(raw, dict) and "lora" in raw and raw["lora"] is None and \
+            not any(o.split("=", 1)[0].strip().startswith("lora") for o in overrides):  # fmt: skip
+        # an empty block (its lines commented out) would silently make the run a full fine-tune
+        raise ValueError(f"{p}: 'lora:' is empty; write 'lora: {{}}' for a LoRA run with the default settings, or "
+                         f"remove the key to fine-tune every weight")  # fmt: skip
     return config_from_dict(raw, overrides)
 
 

@@ -301,6 +301,8 @@ class Trainer:
         self.metrics = metrics_lib.MetricLog(self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.primary)
         self._peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind)
         self._flops_memo: dict[tuple, tuple[float, float]] = {}
+        self._timer: Optional[_Throughput] = None
+        self._skip_interval = False  # the next metrics interval held a compile, a save or samples: not a step
         self._signals = _StopSignals()
         self._base_fingerprint: Optional[str] = None  # a LoRA run's frozen base, recorded with its checkpoints
 
@@ -432,7 +434,8 @@ class Trainer:
             meta = self.ckpt.read_meta(latest)
             step = int(meta["step"])
             changes = check_resume(meta, cfg, self.model_config, cfg.run_dir, self._same_trainable)
-            log.info("resuming from %s step %d (stage %s)", self.ckpt.directory, step, meta.get("stage_name"))
+            log.info("resuming from %s step %d (stage %s next)", self.ckpt.directory, step,
+                     cfg.stages[cfg.stage_at(step)].name)  # fmt: skip
             if changes:
                 log.warning("resuming with settings changed since step %d: %s", step,
                             "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))  # fmt: skip
@@ -501,9 +504,10 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=stop - step, desc=f"{stage.name}", unit="step", dynamic_ncols=True, leave=False)
-        pending = None  # (step, metrics futures, data counts): fetched one step late to keep dispatch asynchronous
-        # (t0, finished steps since t0, their useful and remat FLOPs); the first step (compilation) is not timed
-        self._timer = None
+        pending = None  # (step, metrics futures, data counts, FLOPs): fetched one step late (asynchronous dispatch)
+        self._timer = None  # the first step (compilation) is not timed: _report starts the clock after it
+        self._skip_interval = False
+        shapes = {_shapes(first)}  # compiled for this stage; a new bucket shape compiles on its first dispatch
         last: dict = {}
         batch = first
         saved = None
@@ -511,6 +515,9 @@ class Trainer:
             while step < stop:
                 if batch is None:
                     batch = self._next_global(it, stage, step)
+                if _shapes(batch) not in shapes:  # its compile falls in the interval the next report closes
+                    shapes.add(_shapes(batch))
+                    self._skip_interval = True
                 state, m = step_fn(state, batch, hp)
                 flops = self._batch_flops(si, batch)
                 batch = None
@@ -524,12 +531,14 @@ class Trainer:
                     last = self._report(*pending, n_dev, bar, force=True)
                     pending = None
                     self.ckpt.save(step, self._to_save(state), self.meta(step, si, si), ckpt_it)
+                    self._skip_interval = True  # nor is the save's host work a step
                     saved = step
                 if stopping:
                     log.warning("stopped at step %d with a checkpoint; the same command resumes from it", step)
                     break
                 if self._sample_fn and cfg.samples.every and step % cfg.samples.every == 0:
                     self._samples(state, step, stage)
+                    self._skip_interval = True
             if pending is not None:
                 last = self._report(*pending, n_dev, bar, force=True)
         except NonFiniteLossError as e:
@@ -574,10 +583,10 @@ class Trainer:
         m = {k: np.asarray(v).item() for k, v in jax.device_get(m).items()}
         now = time.perf_counter()
         if self._timer is None:
-            self._timer = (now, 0, 0.0, 0.0)
+            self._timer = _Throughput(last=now)
         else:
-            t0, n, useful, remat = self._timer
-            self._timer = (t0, n + 1, useful + flops[0], remat + flops[1])
+            self._timer.add(now, flops, counted=not self._skip_interval)
+            self._skip_interval = False
         if m["nonfinite_run"] >= cfg.max_nonfinite:
             raise NonFiniteLossError(
                 f"step {step}: {int(m['nonfinite_run'])} consecutive steps with a non-finite loss or gradient "
@@ -592,17 +601,17 @@ class Trainer:
             bar.set_postfix(loss=f"{m['loss']:.4f}", gn=f"{m['grad_norm']:.2f}")
         if not (force or step % cfg.log.every == 0):
             return m
-        t0, n, useful, remat = self._timer
-        if n > 0:
-            step_time = (now - t0) / n
+        t = self._timer
+        if t.steps > 0:
+            step_time = t.elapsed / t.steps
             stage = cfg.stages[cfg.stage_at(step - 1)]
             m["step_time_s"] = step_time
             m["images_per_s"] = stage.batch / step_time
-            m["tflops_per_device"] = useful / (now - t0) / n_dev / 1e12
-            m["remat_tflops_per_device"] = remat / (now - t0) / n_dev / 1e12
+            m["tflops_per_device"] = t.useful / t.elapsed / n_dev / 1e12
+            m["remat_tflops_per_device"] = t.remat / t.elapsed / n_dev / 1e12
             if self._peak:
                 m["mfu"] = m["tflops_per_device"] / self._peak
-        self._timer = (now, 0, 0.0, 0.0)
+        self._timer = _Throughput(last=now)
         m.update(data_counters(counts))
         self.metrics.write(step, m)
         if self.primary:
@@ -681,6 +690,30 @@ def _open_run(run_dir: str | Path, which: str, step: Optional[int]) -> tuple[Any
     if which == "ema" and not has_ema:
         raise ValueError(f"run {run_dir} was trained without EMA; export which='params'")
     return ck, step, meta, which
+
+
+@dataclasses.dataclass
+class _Throughput:
+    """Steps timed since the last logged row: each interval between two metric fetches is one step's
+    time, unless it held something else (a new bucket shape's compile, a checkpoint save, samples)."""
+
+    last: float  # when the last step's metrics were fetched
+    steps: int = 0
+    elapsed: float = 0.0
+    useful: float = 0.0  # FLOPs of the timed steps
+    remat: float = 0.0
+
+    def add(self, now: float, flops: tuple[float, float], counted: bool) -> None:
+        if counted:
+            self.steps += 1
+            self.elapsed += now - self.last
+            self.useful += flops[0]
+            self.remat += flops[1]
+        self.last = now
+
+
+def _shapes(batch: dict) -> tuple:
+    return tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
 
 
 def initial_params(cfg: TrainConfig, model_config: Any, mesh: Any) -> Any:

@@ -46,8 +46,15 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown LR schedule {self.schedule!r}; choose from {SCHEDULES}")
-        if self.lr < 0 or self.warmup_steps < 0:
-            raise ValueError(f"lr and warmup_steps must be >= 0, got {self.lr}, {self.warmup_steps}")
+        if not (math.isfinite(self.lr) and self.lr >= 0) or self.warmup_steps < 0:
+            raise ValueError(f"lr and warmup_steps must be finite and >= 0, got {self.lr}, {self.warmup_steps}")
+        if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+            raise ValueError(f"b1 and b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        if not self.eps > 0 or not self.weight_decay >= 0:
+            raise ValueError(f"eps must be > 0 and weight_decay >= 0, got {self.eps}, {self.weight_decay}")
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            # clip_by_global_norm with a negative bound flips every gradient: the run would climb the loss
+            raise ValueError(f"clip_norm must be > 0 (or null: no clipping), got {self.clip_norm}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.min_lr_ratio and self.schedule != "cosine":
