@@ -116,6 +116,7 @@ def test_foreign_checkpoint_loads_into_its_shardings_reading_each_tensor_once_pe
     assert r["norm_final_ones"] == what.startswith("diffusers"), r
 
 
+@pytest.mark.slow
 def test_restore_onto_other_mesh(report):
     r = report["restore"]
     assert r["max_abs_diff"] == 0.0 and r["specs_ok"], r

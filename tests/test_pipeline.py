@@ -287,18 +287,25 @@ def test_components_layouts_cache_and_transformer_override(reference, tmp_path, 
     orig = save_transformer(tmp_path / "orig.safetensors", comps.transformer_config, params2, "original")
     from lumina_jax.convert import nextdit as nd
 
-    reads = []
-    plain = nd.TensorSource.get
-    monkeypatch.setattr(nd.TensorSource, "get", lambda self, k: (reads.append(self.path), plain(self, k))[1])
+    loads = []
+    plain = nd.load_transformer
+    monkeypatch.setattr(nd, "load_transformer", lambda p, **k: (loads.append(Path(p)), plain(p, **k))[1])
     over = load_components(d, transformer=orig)
     np.testing.assert_array_equal(over.transformer["x_embedder"]["kernel"], params2["x_embedder"]["kernel"])
-    # ... without reading the directory's own transformer weights (only its config, the fallback)
-    own = lambda: [p for p in reads if (d / "transformer").resolve() in (Path(p).resolve(), *Path(p).resolve().parents)]  # noqa: E731
-    assert orig in reads and not own()
-    reads.clear()
-    over_cached = load_components(d, transformer=orig, cache=cache)  # the cache entry gives the encoders
-    assert over_cached.layout == "diffusers (cached)" and orig in reads and not own()
+    # ... without loading the directory's own transformer weights (only its config, the fallback): from the
+    # diffusers folder or from the cache entry of it
+    assert loads == [orig]
+    loads.clear()
+    with caplog.at_level("INFO", logger="lumina_jax.convert.components"):
+        over_cached = load_components(d, transformer=orig, cache=cache)  # the cache entry gives the encoders
+    assert over_cached.layout == "diffusers (cached)" and loads == [orig]
     np.testing.assert_array_equal(over_cached.transformer["x_embedder"]["kernel"], params2["x_embedder"]["kernel"])
+    # no cache entry yet: the override's load converts the encoders and says it writes no entry
+    loads.clear()
+    with caplog.at_level("INFO", logger="lumina_jax.convert.components"):
+        load_components(d, transformer=orig, cache=tmp_path / "fresh_cache")
+    assert loads == [orig] and not (tmp_path / "fresh_cache").exists()
+    assert "no cache entry is written when the transformer is replaced" in caplog.text
 
 
 def test_missing_component_is_named(reference, tmp_path):

@@ -192,6 +192,8 @@ def load_components(
             comps = _load_lumina_jax(cached, dtype, own_weights)
             comps.source, comps.layout = str(root), "diffusers (cached)"
         elif not own_weights:  # a cache entry holds the whole directory: written by a load without an override
+            log.info("no cache entry is written when the transformer is replaced (load %s once without it to "
+                     "cache the directory)", root)  # fmt: skip
             comps = _load_diffusers(root, dtype, False)
         else:
             comps = _load_diffusers(root, dtype)
@@ -234,12 +236,15 @@ def peek_size_multiple(path: str | os.PathLike, transformer: Optional[str | os.P
     """What image sides of the model at local ``path`` must be multiples of (VAE factor x patch size),
     read from its configs alone (no weights), so that a bad size fails before a long load; ``None`` when
     the configs cannot be read this way (a hub id, a damaged folder: the full load names the problem)."""
-    from lumina_jax.convert.nextdit import load_transformer_config
+    from lumina_jax.convert.nextdit import detect_format, load_transformer_config, original_weights_file
     from lumina_jax.convert.vae import load_vae_config
 
     root = Path(path).expanduser()
     try:
-        t_cfg = load_transformer_config(transformer if transformer is not None else root / "transformer")
+        t_path = Path(transformer) if transformer is not None else root / "transformer"
+        if detect_format(t_path) == "original" and original_weights_file(t_path).suffix != ".safetensors":
+            return None  # a pickled .pth has no header to read its shapes from: the load checks the size
+        t_cfg = load_transformer_config(t_path)
         if detect_layout(root) == "diffusers":
             factor = load_vae_config(root / "vae").downsample_factor
         else:

@@ -291,14 +291,15 @@ def original_target(path: str | os.PathLike, name: str = "consolidated.00-of-01.
     """Where an original-format export of ``path`` goes: ``path`` itself when it names a weights file
     (one of :data:`WEIGHT_FILE_SUFFIXES`, and not an existing folder), else ``path/name`` (so that a folder
     such as ``lumina.v2`` is written into, never replaced); a folder already holding another
-    ``consolidated.*`` file is a :class:`CheckpointError` (reading it would not give the export)."""
+    ``consolidated*`` file of the same kind (main or EMA) is a :class:`CheckpointError` (reading it
+    would not give the export)."""
     path = Path(path)
     if path.suffix in WEIGHT_FILE_SUFFIXES and not path.is_dir():
         return path
     if path.is_dir() and name.startswith("consolidated"):
-        group = "consolidated_ema" if name.startswith("consolidated_ema") else "consolidated."
-        others = sorted(f.name for f in path.iterdir() if f.name != name and f.name.startswith(group)
-                        and f.suffix in (".safetensors", ".pth"))  # fmt: skip
+        ema = name.startswith("consolidated_ema")  # the main and the EMA weights are read apart (original_weights_file)
+        others = sorted(f.name for f in path.iterdir() if f.name != name and f.name.startswith("consolidated")
+                        and f.name.startswith("consolidated_ema") == ema and f.suffix in (".safetensors", ".pth"))  # fmt: skip
         if others:  # reading the folder would give one of them (or refuse to choose), not this export
             raise CheckpointError(f"{path} already holds {others}: a {name} next to them would not be what reading "
                                   f"the folder gives; write to another folder, or pass the file path itself")

@@ -404,7 +404,9 @@ class Gemma2Output(NamedTuple):
 
 
 class Gemma2Encoder(nn.Module):
-    """Gemma-2 decoder stack without LM head. ``dtype`` is the compute dtype; params are always fp32.
+    """Gemma-2 decoder stack without LM head. ``dtype`` is the compute dtype; params are created fp32,
+    and may be passed in bf16 (a bf16 checkpoint, or the pipeline's cast of the matrices and table): norms
+    still compute in fp32, matrices in ``dtype``.
 
     ``__call__(input_ids (B, L) int, attention_mask (B, L) bool/int, output_hidden_states=False)`` with
     right-padded inputs. ``remat=True`` rematerialises each layer in the backward pass.

@@ -496,15 +496,17 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Trai
         raise FileNotFoundError(f"no train config {str(path_or_name)!r}; bundled: {names}")
     if p.is_dir():
         raise ValueError(f"{p} is a folder; pass a train config YAML (e.g. configs/train/tiny_synthetic.yaml)")
+    text = p.read_text()
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML ({e})") from None
-    if isinstance(raw, dict) and "lora" in raw and raw["lora"] is None and \
+    bare_lora = re.search(r"^lora:[ \t]*(#.*)?$", text, re.MULTILINE)  # not `lora: null`, which says "off"
+    if bare_lora and isinstance(raw, dict) and raw.get("lora") is None and \
             not any(o.split("=", 1)[0].strip().startswith("lora") for o in overrides):  # fmt: skip
         # an empty block (its lines commented out) would silently make the run a full fine-tune
         raise ValueError(f"{p}: 'lora:' is empty; write 'lora: {{}}' for a LoRA run with the default settings, or "
-                         f"remove the key to fine-tune every weight")  # fmt: skip
+                         f"'lora: null' (or no key) to fine-tune every weight")  # fmt: skip
     return config_from_dict(raw, overrides)
 
 

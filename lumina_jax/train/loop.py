@@ -582,11 +582,11 @@ class Trainer:
         cfg = self.cfg
         m = {k: np.asarray(v).item() for k, v in jax.device_get(m).items()}
         now = time.perf_counter()
-        if self._timer is None:
+        if self._timer is None:  # the stage's first step: the clock starts after it (a compile before it too)
             self._timer = _Throughput(last=now)
         else:
             self._timer.add(now, flops, counted=not self._skip_interval)
-            self._skip_interval = False
+        self._skip_interval = False
         if m["nonfinite_run"] >= cfg.max_nonfinite:
             raise NonFiniteLossError(
                 f"step {step}: {int(m['nonfinite_run'])} consecutive steps with a non-finite loss or gradient "

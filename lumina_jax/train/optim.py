@@ -52,9 +52,9 @@ class OptimizerConfig:
             raise ValueError(f"b1 and b2 must be in [0, 1), got {self.b1}, {self.b2}")
         if not self.eps > 0 or not self.weight_decay >= 0:
             raise ValueError(f"eps must be > 0 and weight_decay >= 0, got {self.eps}, {self.weight_decay}")
-        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             # clip_by_global_norm with a negative bound flips every gradient: the run would climb the loss
-            raise ValueError(f"clip_norm must be > 0 (or null: no clipping), got {self.clip_norm}")
+            raise ValueError(f"clip_norm must be >= 0 (0 or null: no clipping), got {self.clip_norm}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.min_lr_ratio and self.schedule != "cosine":
