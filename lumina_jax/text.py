@@ -257,6 +257,8 @@ class TextEncoder:
         """Run the compiled forward for this ``(batch, length)``, compiling it on first use (the seconds
         add to :attr:`compile_seconds`; ``on_phase("compile")`` / ``on_phase("encode")`` bracket it)."""
         input_ids, mask = np.asarray(input_ids, np.int32), np.asarray(mask, bool)
+        if input_ids.ndim != 2 or mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids {input_ids.shape} and mask {mask.shape} must both be (batch, length)")
         bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
         if bad.any():  # jnp.take would read NaN (or wrap) silently, poisoning the whole row
             r, c = np.argwhere(bad)[0]

@@ -97,6 +97,17 @@ def test_mixed_size_batch_equals_per_sample(ref_gqa3):
         assert rel_l2(outs[i], solo) <= 1e-5
     n_valid = np.asarray(grids).prod(1)
     assert np.all(np.asarray(out)[0, n_valid[0] :] == 0)  # padding rows are zeroed
+    # shapes, and concrete grid values (outside jit), are checked: garbage or deep JAX errors otherwise
+    eager = lambda toks, g: NextDiT(config).apply({"params": params}, toks, g, jnp.asarray(t), jnp.asarray(cap),  # noqa: E731
+                                                  jnp.asarray(mask), method=NextDiT.forward_tokens)  # fmt: skip
+    with pytest.raises(ValueError, match=r"do not fit the 20-token budget"):
+        eager(tokens, np.array([[8, 8], [2, 2], [1, 1]]))
+    with pytest.raises(ValueError, match=r"grid_sizes has shape \(3,\); want \(3, 2\)"):
+        eager(tokens, grids[:, 0])
+    with pytest.raises(ValueError, match=rf"image tokens have shape .*the model expects \(B, N, {config.patch_features}\)"):
+        eager(tokens[..., :8], grids)
+    with pytest.raises(ValueError, match="exceed the RoPE table"):
+        eager(jnp.zeros((3, 2 * config.axes_lens[2] + 2, config.patch_features)), [[1, config.axes_lens[2] + 1]] * 3)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "low_precision"])

@@ -167,6 +167,16 @@ def test_token_ids_outside_the_vocabulary_are_an_error(encoder):
     for bad in (vocab, -1):
         with pytest.raises(ValueError, match=rf"token id {bad} at \[0, 2\] is outside the vocabulary"):
             encoder.encode_tokens(np.array([[2, 5, bad]]), mask)
+    with pytest.raises(ValueError, match=r"input_ids \(1, 3\) and mask \(1, 4\) must both be"):
+        encoder.encode_tokens(np.array([[2, 5, 6]]), np.ones((1, 4), bool))
+    # the module itself: concrete JAX ids are checked like NumPy ones (NaN features otherwise), and the mask shape
+    from lumina_jax.models.gemma2 import Gemma2Encoder
+
+    enc = Gemma2Encoder(encoder.config)
+    with pytest.raises(ValueError, match="token ids outside the vocabulary"):
+        enc.apply({"params": encoder.params}, jnp.asarray([[2, 5, vocab]]), jnp.asarray(mask))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 4\), input_ids \(1, 3\)"):
+        enc.apply({"params": encoder.params}, jnp.asarray([[2, 5, 6]]), jnp.ones((1, 4), bool))
 
 
 def test_short_prompts_compile_a_short_bucket_and_match_longer_buckets(pair, tok):

@@ -422,9 +422,13 @@ class Gemma2Encoder(nn.Module):
                  output_hidden_states: bool = False) -> Gemma2Output:
         cfg = self.config
         B, L = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(B, L)}: want the same")
         key_valid = jnp.ones((B, L), bool) if attention_mask is None else attention_mask.astype(bool)
-        if isinstance(input_ids, np.ndarray):  # host ids: one outside the table is an error (as in transformers),
-            bad = input_ids[np.asarray(key_valid)]  # not NaN features (under jit the caller checks: text.py)
+        if not isinstance(input_ids, jax.core.Tracer) and not isinstance(key_valid, jax.core.Tracer):
+            # concrete ids: one outside the table is an error (as in transformers), not NaN features (under
+            # jit the caller checks: text.py)
+            bad = np.asarray(input_ids)[np.asarray(key_valid)]
             if bad.size and (bad.min() < 0 or bad.max() >= cfg.vocab_size):
                 raise ValueError(f"token ids outside the vocabulary (0..{cfg.vocab_size - 1}): min {bad.min()}, "
                                  f"max {bad.max()}; was the tokenizer made for this text encoder?")  # fmt: skip

@@ -617,10 +617,24 @@ class NextDiT(nn.Module):
 
         Sample ``i`` uses its first ``grid_sizes[i,0] * grid_sizes[i,1]`` tokens (row-major grid). Returns
         output tokens ``(B, N, p*p*out_channels)``; padded token rows are zeros. See :func:`pack_latents`.
-        The grid sizes are traced values, so they are not checked here: grids beyond the RoPE table
-        (``axes_lens[1:]``) would share the last position; :func:`pack_latents` and the data pipeline's crop
-        sizes keep within it.
+        Shapes are checked; grid values only when they are concrete (not traced under ``jit``): a grid over
+        the token budget or past the RoPE table (``axes_lens[1:]``) would give garbage or share the last
+        positions; :func:`pack_latents` and the data pipeline's crop sizes keep within both.
         """
+        c = self.config
+        grid_sizes = jnp.asarray(grid_sizes)
+        if img_tokens.ndim != 3 or img_tokens.shape[-1] != c.patch_features:
+            raise ValueError(f"image tokens have shape {img_tokens.shape}; the model expects (B, N, {c.patch_features})"
+                             f" (patch {c.patch_size} x {c.patch_size} x {c.in_channels} channels: pack_latents)")
+        if grid_sizes.shape != (img_tokens.shape[0], 2):
+            raise ValueError(f"grid_sizes has shape {grid_sizes.shape}; want ({img_tokens.shape[0]}, 2): (rows, "
+                             f"columns) of patches per sample")  # fmt: skip
+        if not isinstance(grid_sizes, jax.core.Tracer):
+            g = np.asarray(grid_sizes)
+            if np.any(g[:, 0] * g[:, 1] > img_tokens.shape[1]) or np.any(g < 0):
+                raise ValueError(f"grid sizes {g.tolist()} do not fit the {img_tokens.shape[1]}-token budget")
+            if np.any(g[:, 0] > c.axes_lens[1]) or np.any(g[:, 1] > c.axes_lens[2]):
+                raise ValueError(f"grid sizes {g.tolist()} exceed the RoPE table ({c.axes_lens[1]}x{c.axes_lens[2]})")
         out = self._forward(img_tokens, grid_sizes.astype(jnp.int32), t, cap_feats, cap_mask, uniform=False)
         n_i = grid_sizes[:, 0] * grid_sizes[:, 1]
         valid = jnp.arange(img_tokens.shape[1])[None, :] < n_i[:, None]
