@@ -104,10 +104,36 @@ def test_convert_memory_bench_pth(tmp_path, capsys):
     """The conversion-memory bench runs end to end on a tiny model, exporting a streamed .pth."""
     from lumina_jax.bench import convert_memory
 
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "notes.txt").write_text("mine")
     assert convert_memory.main(["--config", "nextdit_tiny", "--to", "pth", "--workdir", str(tmp_path / "w")]) == 0
     out = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line and " " in line)
     assert out["export"] == "pth" and float(out["save_peak_rss_gib"]) > 0
-    assert not (tmp_path / "w").exists()  # cleaned up without --keep
+    # its own subfolder is cleaned up without --keep; the --workdir folder and what was there stay
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["notes.txt"]
+
+
+def _strict_json(path):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_bench_json_is_strict_and_written_row_by_row(tmp_path, monkeypatch):
+    """Values not measured are null (NaN is not JSON); rows reach the file as they are measured, so a
+    run cut by a time limit keeps them."""
+    from lumina_jax.bench import text_encoder, write_json
+
+    out = tmp_path / "te.json"
+    seen = []
+    monkeypatch.setattr(text_encoder, "write_json", lambda p, rows: (seen.append(len(rows)), write_json(p, rows)))
+    assert text_encoder.main(["--batch", "1", "2", "--seq-len", "16", "--dtype", "fp32", "--iters", "1",
+                              "--warmup", "0", "--no-reference", "--json", str(out)]) == 0  # fmt: skip
+    rows = _strict_json(out)
+    assert seen == [1, 2] and [r["batch"] for r in rows] == [1, 2] and rows[0]["rel_l2_vs_torch"] is None
+    write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5]})
+    assert _strict_json(tmp_path / "x.json") == {"a": None, "b": [None, 1.5]}
 
 
 def test_data_bench_rows_for_both_plans_and_the_plan_alone(tmp_path):
@@ -145,6 +171,10 @@ def test_generate_bench_rows_with_and_without_the_reference(tmp_path, monkeypatc
     jax_row, ref_row = json.loads(out.read_text())
     assert jax_row["rel_l2_vs_diffusers"] < 1e-4 and jax_row["speedup_vs_diffusers"] > 0
     assert ref_row["impl"].startswith("diffusers") and jax_row["evals"] == jax_row["guided"] == 2
+    # another solver does other work than diffusers' flow-match Euler: neither images nor times are compared
+    assert main(["--steps", "2", "--iters", "1", "--solver", "euler", "--json", str(out)]) == 0
+    jax_row, _ = _strict_json(out)
+    assert jax_row["rel_l2_vs_diffusers"] is None and jax_row["speedup_vs_diffusers"] is None
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
     monkeypatch.setitem(sys.modules, "diffusers", None)
     assert main(["--steps", "2", "--iters", "1", "--no-diffusers", "--json", str(out)]) == 0

@@ -209,6 +209,9 @@ def test_bench_train_runs_on_cpu(capsys):
                  "--dtype", "float32", "--attention", "xla", "--mesh", "dp"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "tflops_per_device" in out and "matmul_bf16_tflops" in out
+    for flag in ("--lora", "--cap-len"):  # 0 ran full training / the default length, recorded as 0
+        with pytest.raises(SystemExit):
+            main(["--config", "nextdit_tiny", flag, "0"])
 
 
 def test_bench_train_falls_back_to_a_batch_that_fits(tmp_path, monkeypatch, capsys):

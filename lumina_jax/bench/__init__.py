@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import statistics
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, iters: int = 10, sync: Callable[[object], object] | None = None) -> dict:
@@ -18,6 +22,27 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, iters: int = 10, sync:
         sync(fn())
         ts.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(ts), "min_ms": min(ts), "iters": iters}
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats (a value not measured: NaN) as ``None``: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (:func:`json_safe`; other objects as ``str``) to ``path`` atomically:
+    benchmarks rewrite their file after every row, so a run cut by a time limit leaves what it measured
+    and never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False))
+    os.replace(tmp, path)
 
 
 def block(x):

@@ -8,7 +8,8 @@ forward and forward+backward, in one run. For the whole model with each backend 
 from __future__ import annotations
 
 import argparse
-import json
+
+from lumina_jax.bench import write_json
 
 
 def main(argv: list[str]) -> int:
@@ -42,16 +43,18 @@ def main(argv: list[str]) -> int:
                                                                f"{r['ms']:.3f} ms",
                                                                r["error"] or "", flush=True))  # fmt: skip
             if a.json:  # after each group, so a time limit keeps what was measured
-                with open(a.json, "w") as f:
-                    json.dump(rows, f, indent=1, default=str)
+                write_json(a.json, rows)
         return 0
+
+    def on_rows(rows: list[dict]) -> None:
+        r = rows[-1]
+        print(r["backend"], r["mode"], f"{r['ms']:.3f} ms", r["error"] or "", flush=True)
+        if a.json:
+            write_json(a.json, rows)
 
     rows = bench_attention(batch=a.batch, image_tokens=a.image_tokens, caption_tokens=a.caption_tokens,
                            heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, dtype=a.dtype,
                            backends=a.backends, valid_caption_tokens=a.valid_caption_tokens,
-                           iters=a.iters, warmup=a.warmup)  # fmt: skip
+                           iters=a.iters, warmup=a.warmup, on_rows=on_rows)  # fmt: skip
     print(format_rows(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
     return 0

@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lumina_jax.bench import json_safe, write_json
+
 
 def _hxw(text: str) -> str:
     """An argparse ``type``: ``HxW`` with two positive integers (kept as text)."""
@@ -187,10 +189,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: list[dict] = []
 
     def emit(row: dict) -> None:  # after every phase: a run cut short by a time limit keeps what it measured
-        print(json.dumps(row), flush=True)
+        print(json.dumps(json_safe(row)), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows + [row], f, indent=2)
+            write_json(args.json, rows + [row])
 
     for fam in fams:
         row = bench_family(fam, args, emit)

@@ -25,6 +25,8 @@ from lumina_jax.convert.nextdit import load_transformer, save_transformer
 def rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 src, dst = sys.argv[1], sys.argv[2]
+if dst.endswith(".pth"):
+    import torch  # noqa: F401 -- the .pth writer's import is not the model's memory
 base = rss_gib()
 t0 = time.time()
 config, params = load_transformer(src, dtype=None)
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--config", default="nextdit_2b")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--to", default="safetensors", choices=["safetensors", "pth"], help="export file type")
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--workdir", default=None, help="where the checkpoints are written (in a new subfolder)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     a = ap.parse_args(argv)
 
@@ -56,7 +58,10 @@ def main(argv: list[str]) -> int:
     config = NextDiTConfig.from_yaml(a.config)
     dt = np.float32 if a.dtype == "fp32" else ml_dtypes.bfloat16
     model_gib = param_count(config, include_norm_final=False) * np.dtype(dt).itemsize / 2**30
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="lumina_convert_mem_"))
+    if a.workdir is not None:
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    # a fresh folder of its own, inside --workdir if given: only it is removed afterwards, never the user's folder
+    work = Path(tempfile.mkdtemp(prefix="lumina_convert_mem_", dir=a.workdir))
     src = work / "transformer"
     try:
         t0 = time.time()

@@ -12,7 +12,8 @@ sizes and caption lengths; ``--kind raw``: original image sizes, fitted to the c
 from __future__ import annotations
 
 import argparse
-import json
+
+from lumina_jax.bench import write_json
 
 
 def main(argv: list[str]) -> int:
@@ -38,8 +39,7 @@ def main(argv: list[str]) -> int:
         rows = [bench_plan(records=a.plan_records, global_batch=a.batch, res=r, kind=k) for k in a.kind for r in a.res]
         print_table(rows)
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=1)
+            write_json(a.json, rows)
         return 0
     from lumina_jax.bench import print_table
     from lumina_jax.data.bench import bench_data
@@ -61,8 +61,7 @@ def main(argv: list[str]) -> int:
     print()
     print_table(rows)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(a.json, rows)
     return 0
 
 

@@ -19,11 +19,12 @@ RMSNorm + RoPE kernel (``fuse_qk_norm_rope``), and with ``--unroll`` both togeth
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
+
+from lumina_jax.bench import write_json
 
 
 def _torch_reference(config, params, dtype_name: str):
@@ -128,8 +129,7 @@ def main(argv: list[str]) -> int:
 
     def dump() -> None:  # after every row, so a time limit keeps what was measured
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(args=vars(args), xla_flags=os.environ.get("XLA_FLAGS", ""), rows=rows), f, indent=1)
+            write_json(args.json, dict(args=vars(args), xla_flags=os.environ.get("XLA_FLAGS", ""), rows=rows))
 
     for backend, scan, fused in variants:
         model = NextDiT(config, dtype=dt, attention_backend=backend, scan_layers=scan, fuse_qk_norm_rope=fused)

@@ -6,7 +6,8 @@ Gemma-2 ``hidden_states[-2]`` in JAX vs transformers' ``Gemma2Model`` (same rand
 from __future__ import annotations
 
 import argparse
-import json
+
+from lumina_jax.bench import write_json
 
 
 def main(argv: list[str]) -> int:
@@ -27,9 +28,7 @@ def main(argv: list[str]) -> int:
     from lumina_jax.models.gemma2_bench import bench_text_encoder, format_rows
 
     rows = bench_text_encoder(a.config, batch_sizes=a.batch, seq_len=a.seq_len, valid_len=a.valid_len,
-                              dtype=a.dtype, warmup=a.warmup, iters=a.iters, torch_reference=not a.no_reference)  # fmt: skip
+                              dtype=a.dtype, warmup=a.warmup, iters=a.iters, torch_reference=not a.no_reference,
+                              on_rows=(lambda rows: write_json(a.json, rows)) if a.json else None)  # fmt: skip
     print(format_rows(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
     return 0

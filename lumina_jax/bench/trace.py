@@ -23,6 +23,8 @@ import tempfile
 from collections import defaultdict
 from typing import Any, Optional
 
+from lumina_jax.bench import write_json
+
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = .*?(?:calls=%([\w.\-]+))?(?:, |$)")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{\s*$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -135,6 +137,5 @@ def main(argv: list[str]) -> int:
     for k, ms, n, op in s["top"]:
         print(f"  {ms:8.2f} ms  {n:6.0f} calls  {k[:60]:60s} {op[-90:]}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(s, f, indent=1)
+        write_json(a.json, s)
     return 0

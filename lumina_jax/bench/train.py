@@ -21,7 +21,6 @@ out-of-memory attempts are recorded as rows with ``"error": "out of memory"`` an
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ def main(argv: list[str]) -> int:
                    help="global batch; several: tried in order until one fits in device memory (largest first), "
                         "out-of-memory attempts recorded as rows")
     p.add_argument("--all-batches", action="store_true", help="time every --batch, not only the first that fits")
-    p.add_argument("--cap-len", type=int, default=None, help="caption tokens (default 8 for tiny, else 256)")
+    p.add_argument("--cap-len", type=int_at_least(1), default=None, help="caption tokens (default 8 for tiny, else 256)")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch", "low_precision"))
     p.add_argument("--steps", type=int_at_least(1), default=5)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--mesh", default="fsdp", help="mesh preset: dp, fsdp, fsdp_tensor, context")
     p.add_argument("--no-aux", action="store_true", help="disable the auxiliary pooled-latent loss")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+    p.add_argument("--lora", type=int_at_least(1), default=None, metavar="RANK",
                    help="LoRA fine-tuning step (frozen base, rank-RANK adapters on attention + SwiGLU) instead of "
                         "full training; FLOPs/MFU count no weight gradients")
     p.add_argument("--matmul-n", type=int, default=None, help="size of the reference bf16 matmul")
@@ -53,10 +52,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--profile", default=None, metavar="FILE", help="also write an xprof trace of two steps here")
     args = p.parse_args(argv)
 
+    from lumina_jax.bench import write_json
+
     rows = []
+
+    def dump() -> None:  # after each batch size: a run cut by a time limit keeps the rows so far
+        if args.json:  # one row: the object itself (as before); several: a list
+            write_json(args.json, rows[0] if len(rows) == 1 else rows)
+
     for batch in args.batch:
         try:
             rows.append(_run(args, batch))
+            dump()
         except Exception as e:  # noqa: BLE001 -- only out-of-memory is caught; anything else re-raises
             if not is_oom(e):
                 raise
@@ -64,6 +71,7 @@ def main(argv: list[str]) -> int:
             print(f"batch {batch}: out of device memory ({first[:300]})", flush=True)
             rows.append({"config": args.config, "res": args.res, "batch": batch, "remat": args.remat,
                          "grad_accum": args.grad_accum, "error": "out of memory", "detail": first[:2000]})  # fmt: skip
+            dump()
             continue
         args.profile = None  # the trace is of the first batch size that fits
         if not args.all_batches:
@@ -75,9 +83,6 @@ def main(argv: list[str]) -> int:
         print_table(ok, ["config", "res", "batch", "grad_accum", "remat", "device", "devices", "step_ms",
                          "images_per_s", "tflops_per_device", "remat_tflops_per_device", "mfu",
                          "matmul_bf16_tflops", "vs_matmul", "peak_mem_gib"])  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:  # one row: the object itself (as before); several: a list
-            json.dump(rows[0] if len(rows) == 1 else rows, f, indent=1)
     if not ok:
         print(f"every batch in {args.batch} ran out of device memory", file=sys.stderr)
         return 1
@@ -100,7 +105,7 @@ def _run(args: argparse.Namespace, batch_size: int) -> dict:
     from lumina_jax.train.config import config_from_dict
     from lumina_jax.train.loop import Trainer
 
-    cap_len = args.cap_len or (8 if "tiny" in args.config else 256)
+    cap_len = args.cap_len if args.cap_len is not None else (8 if "tiny" in args.config else 256)
     raw = {
         "model": args.config, "run_dir": "/tmp/lumina_bench_train", "mesh": {"preset": args.mesh},
         "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "grad_accum": args.grad_accum,
@@ -109,7 +114,7 @@ def _run(args: argparse.Namespace, batch_size: int) -> dict:
         "stages": [{"name": "bench", "resolution": args.res, "steps": args.steps + 1, "batch": batch_size,
                     "data": {"kind": "synthetic", "num_samples": max(batch_size, 1), "cap_len": cap_len}}],
     }  # fmt: skip
-    if args.lora:
+    if args.lora is not None:
         raw["lora"] = {"rank": args.lora}
     cfg = config_from_dict(raw)
     tr = Trainer(cfg)

@@ -7,7 +7,8 @@ FLUX VAE decode in JAX (plain, and tiled with ``--tile``) vs diffusers' ``Autoen
 from __future__ import annotations
 
 import argparse
-import json
+
+from lumina_jax.bench import write_json
 
 
 def main(argv: list[str]) -> int:
@@ -32,9 +33,7 @@ def main(argv: list[str]) -> int:
 
     rows = bench_vae_decode(a.config, resolutions=a.res, batch=a.batch, dtype=a.dtype, iters=a.iters,
                             warmup=a.warmup, tile=a.tile, overlap=a.overlap, torch_compile=a.compile,
-                            run_diffusers=not a.no_reference)  # fmt: skip
+                            run_diffusers=not a.no_reference,
+                            on_rows=(lambda rows: write_json(a.json, rows)) if a.json else None)  # fmt: skip
     print_table(rows)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
     return 0

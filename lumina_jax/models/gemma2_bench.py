@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +108,7 @@ def bench_text_encoder(
     iters: int = 5,
     torch_reference: bool = True,
     seed: int = 0,
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time ``hidden_states[-2]`` for JAX (jit, compiled once per shape) and, optionally, transformers.
 
@@ -177,6 +178,8 @@ def bench_text_encoder(
             rows.append(dict(impl="torch", device=tdev, compile_s=0.0, **common, **_stats(ts_t, b * seq_len, flops),
                              rel_l2_vs_torch=0.0))
         rows.append({**jax_row, "rel_l2_vs_torch": rel})
+        if on_rows is not None:  # the rows so far, after each batch size: a run cut by a time limit keeps them
+            on_rows(rows)
     return rows
 
 

@@ -47,6 +47,7 @@ def bench_vae_decode(
     run_diffusers: bool = True,
     attention_backend: str = "xla",
     seed: int = 0,
+    on_rows: Optional[Callable[[list[dict[str, Any]]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Time ``decode`` (and ``decode_tiled`` when ``tile`` is set) against diffusers' decode.
 
@@ -144,6 +145,8 @@ def bench_vae_decode(
                 if name == "diffusers":
                     torch_ms = t["median_ms"]
                 rows.append(row)
+                if on_rows is not None:
+                    on_rows(rows)
 
         variants: list[tuple[str, Callable[..., Any]]] = [
             ("jax", lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.decode))
@@ -168,4 +171,6 @@ def bench_vae_decode(
                 row["rel_l2_vs_diffusers"] = _rel_l2(np.asarray(out), ref)
                 row["speedup_vs_diffusers"] = torch_ms / t["median_ms"]
             rows.append(row)
+            if on_rows is not None:  # the rows so far, after each: a run cut by a time limit keeps them
+                on_rows(rows)
     return rows

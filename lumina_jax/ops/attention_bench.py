@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +80,7 @@ def bench_attention(
     iters: int = 20,
     warmup: int = 2,
     seed: int = 0,
+    on_rows: Optional[Callable[[list[dict[str, Any]]], None]] = None,
 ) -> list[dict[str, Any]]:
     """Time attention backends on joint image+caption self-attention.
 
@@ -133,6 +134,8 @@ def bench_attention(
             except Exception as e:  # a backend that cannot run here must not stop the others
                 row.update(ms=float("nan"), tflops=float("nan"), error=f"{type(e).__name__}: {e}"[:500])
             rows.append(row)
+            if on_rows is not None:  # the rows so far, after each: a run cut by a time limit keeps them
+                on_rows(rows)
     return rows
 
 
