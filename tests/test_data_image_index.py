@@ -496,3 +496,15 @@ def test_training_sources_with_the_same_name_are_told_apart(dataset, tmp_path, m
     assert [s.split(" ")[0] for s in inner.get_state()["config"]["sources"]] == ["data#0", "data#1"]
     named = [JsonlSource(str(paths[0]), name="mine"), JsonlSource(str(paths[1])), JsonlSource(str(paths[1]))]
     assert [s.name for s in unique_names(named)] == ["mine", "data#1", "data#2"]
+
+
+def test_relocated_index_of_a_folder_with_an_undecodable_name():
+    """A folder name that is not valid UTF-8 (surrogate-escaped by Python) still gets its index path; valid
+    names keep the same hash as before (os.fsencode is UTF-8 for them)."""
+    import hashlib
+
+    odd = "/data/d\udce9r/image_sizes.npy"
+    got = image_index.relocated(odd, "/idx")
+    assert got.startswith("/idx/d\udce9r.") and got == image_index.relocated(odd, "/idx")
+    plain = "/data/caps/image_sizes.npy"
+    assert image_index.relocated(plain, "/idx") == f"/idx/caps.{hashlib.sha1(plain.encode()).hexdigest()[:10]}.image_sizes.npy"

@@ -260,7 +260,11 @@ def test_tfds_captioned_folder_without_tensorflow(tmp_path):
     meta = folder / "metadata.jsonl"
     meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())
     assert dict((r, c) for r, c, _ in tfds_folder.iter_captioned_images(folder))["sub/rgba.png"] == "from metadata"
-    meta.write_text(meta.read_text(encoding="utf-8-sig") + "{'file_name': 'x.png'}\n")
+    good = meta.read_text(encoding="utf-8-sig")
+    meta.write_text(good + '{"file_name": "gone.png", "text": "its image was deleted"}\n')
+    with pytest.warns(UserWarning, match=r"1 caption\(s\) name images that are not in the folder \(gone.png\)"):
+        assert len(list(tfds_folder.iter_captioned_images(folder))) == 6
+    meta.write_text(good + "{'file_name': 'x.png'}\n")
     with pytest.raises(ValueError, match=rf"{meta}:3: not a JSON object"):
         list(tfds_folder.iter_captioned_images(folder))
     meta.unlink()

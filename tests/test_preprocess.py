@@ -319,6 +319,17 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(encoders, data, cli
     with pytest.raises(pp.PreprocessError, match="batch_size: was 4, now 2"):
         pp.preprocess(source, encoders, pp.PreprocessConfig(out_dir=str(out), resolution=RES, batch_size=2,
                                                             shard_size=SHARD, progress=False))  # fmt: skip
+    # 6. without the state file nothing contradicting the shards is accepted: another resolution (the cache
+    # would claim it), or a finished run's short last shard (a rerun over more data would lose a record)
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / pp.STATE_FILE).unlink()
+    with pytest.raises(pp.PreprocessError, match=rf"made with other settings \(resolution: was {RES}, now {2 * RES}\)"):
+        pp.preprocess(source, encoders, config(bare, resolution=2 * RES))
+    with pytest.raises(pp.PreprocessError, match=r"5 shard\(s\) hold 9 records, not 5 x 2"):
+        pp.preprocess(source, encoders, config(bare))
 
 
 def test_max_shards_that_reach_the_end_complete_the_cache(encoders, data, cli_cache, tmp_path):
@@ -566,3 +577,13 @@ def test_raw_images_on_two_hosts_encode_to_one_shape(models, data, tmp_path, mon
     np.testing.assert_array_equal(b0s[0]["cap_feats"][:, :n], f0["cap_feats"])
     np.testing.assert_array_equal(b0s[0]["latents"], f0["latents"])
     assert not b0s[0]["cap_mask"][:, n:].any() and not b0s[0]["cap_feats"][:, n:].any()
+
+
+def test_cached_and_raw_training_give_records_without_their_own_the_same_system_prompt():
+    """ArrayRecord/TFDS records without a system prompt: preprocess and raw-image training use one default
+    (a cache made with another one than the run would train on would silently change the conditioning)."""
+    from lumina_jax.data.cli import build_parser
+    from lumina_jax.train.config import DataConfig
+
+    default = build_parser().parse_args(["--data", "x", "--out", "y"]).system_prompt
+    assert default == DataConfig().system_prompt == "real"

@@ -25,13 +25,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--res", nargs="+", type=int, default=[256, 1024])
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--plan", nargs="+", default=["global"], choices=["global", "host"])
-    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--n", type=int_at_least(1), default=256)
     ap.add_argument("--batch", type=int_at_least(1), default=8)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plan-records", type=int, default=0, metavar="N",
                     help="instead: time the global bucket plan alone over a size index of N records "
                          "(global batch --batch, stage --res; e.g. --plan-records 100000000 --batch 1024 --res 1024)")
     a = ap.parse_args(argv)
+    bad = [r for r in a.res if r < 16 or r % 16]
+    if bad:
+        ap.error(f"--res {bad}: resolutions must be positive multiples of 16 px")
     if a.plan_records:
         from lumina_jax.bench import print_table
         from lumina_jax.data.bench import bench_plan

@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-index", type=int, metavar="I", help="this process (default: jax.process_index())")
     p.add_argument("--process-count", type=int, metavar="N",
                    help="number of processes (default: jax.process_count())")
-    p.add_argument("--system-prompt", default="base", metavar="NAME_OR_TEXT",
-                   help="system prompt of ArrayRecord/TFDS records without their own (default base)")
+    p.add_argument("--system-prompt", default="real", metavar="NAME_OR_TEXT",
+                   help="system prompt of ArrayRecord/TFDS records without their own (default real: the training "
+                        "config's data.system_prompt default and the sampling default; JSONL/YAML lines carry "
+                        "the original's own, base or align)")
     p.add_argument("--tfds-split", default="train", metavar="SPLIT", help="TFDS split (default train)")
     p.add_argument("--tfds-data-dir", metavar="DIR", help="TFDS data directory")
     p.add_argument("--image-key", default="image", metavar="KEY", help="TFDS image feature (default image)")

@@ -67,7 +67,7 @@ def relocated(path: str, index_dir: Optional[str | os.PathLike]) -> str:
     name = os.path.basename(full)
     stem = name[: -len(IMAGE_SIZES_SUFFIX)] if name.endswith(IMAGE_SIZES_SUFFIX) else ""
     stem = stem or os.path.basename(os.path.dirname(full)) or "data"
-    digest = hashlib.sha1(full.encode()).hexdigest()[:10]
+    digest = hashlib.sha1(os.fsencode(full)).hexdigest()[:10]  # fsencode: undecodable (non-UTF-8) names too
     return os.path.join(os.fspath(index_dir), f"{stem}.{digest}{IMAGE_SIZES_SUFFIX}")
 
 

@@ -47,9 +47,12 @@ as well, the run keeps ``preprocess_state.json`` with the pipeline's state (a JS
 :meth:`~lumina_jax.data.pipeline.DataIterator.get_state`) at the batch that starts each shard; the rerun
 restores the latest snapshot before the first missing shard (about one batch, plus the samples that
 were waiting in crop-size buckets, is read again; nothing before it is encoded again). Without it
-(deleted), the rerun replays the pipeline from the start and still encodes only missing shards. The
-settings that decide which record lands where (source, resolution, batch, bucket window, workers,
-shard size, models, dtype, host split) are checked against the state file; a mismatch is an error.
+(deleted), the rerun replays the pipeline from the start and still encodes only missing shards, if
+nothing contradicts it: every existing shard must be full (a finished run's short last shard would
+swallow the records a rerun over more data puts after it) and a finished cache's recorded settings
+(``cache_info.json`` ``made_with``) must be this run's. The settings that decide which record lands
+where (source, resolution, batch, bucket window, workers, shard size, models, dtype, host split) are
+checked against the state file; a mismatch is an error.
 ``max_shards`` stops a run after that many new shards (time-boxed or preemptible jobs).
 
 Output files per cache directory: ``latents-NNNNN.array_record``, their size sidecars
@@ -81,6 +84,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lumina_jax.data import records as rec_lib
 from lumina_jax.data.cache import (
+    CACHE_INFO_FILE,
     LATENT_CACHE_SCHEMA,
     LATENT_CHANNELS,
     LATENT_SHARD_PREFIX,
@@ -594,6 +598,25 @@ class _MaxShardsReached(Exception):
     pass
 
 
+def _check_shards_without_state(out: Path, done_shards: int, shard_size: int, made: dict[str, Any]) -> None:
+    """Shards with no state file to say how they were made are continued only when nothing contradicts
+    this run: each full (a finished run's short last shard would swallow the records the rerun puts
+    after it), and the cache's recorded settings (when it finished) this run's."""
+    info = out / CACHE_INFO_FILE
+    old = (json.loads(info.read_text()).get("made_with") if info.exists() else None) or {}
+    diff = sorted(k for k in made if k in old and old[k] != json.loads(json.dumps(made[k])))
+    if diff:
+        detail = "; ".join(f"{k}: was {old[k]!r}, now {made[k]!r}" for k in diff)
+        raise PreprocessError(f"{out} was made with other settings ({detail}) and has no {STATE_FILE}; write to a "
+                              f"new --out directory")  # fmt: skip
+    names = [rec_lib.shard_name(LATENT_SHARD_PREFIX, i) for i in range(done_shards)]
+    held = _count_records(out, names)
+    if held != done_shards * shard_size:
+        raise PreprocessError(f"{out}: its {done_shards} shard(s) hold {held} records, not {done_shards} x {shard_size}"
+                              f" (a finished run's last shard, or another shard size); without {STATE_FILE} they "
+                              f"cannot be continued: write to a new --out directory")  # fmt: skip
+
+
 def _contiguous_shards(directory: Path) -> int:
     """Number of complete shards ``latents-00000 .. latents-(k-1)`` (shards are written in order)."""
     names = {p.name for p in rec_lib.list_shards(directory, LATENT_SHARD_PREFIX)}
@@ -742,6 +765,7 @@ def preprocess(source: Any, encoders: "Encoders | EncoderSpec", config: Preproce
     done_shards = _contiguous_shards(out)
     done_records = done_shards * cfg.shard_size
     if done_shards and not state.entries:
+        _check_shards_without_state(out, done_shards, cfg.shard_size, made_with(state.settings))
         logger.warning("%s: %d complete shard(s) but no %s; replaying the pipeline from the start (their "
                        "records are not encoded again)", out, done_shards, STATE_FILE)  # fmt: skip
     stop_at = None if cfg.max_shards is None else (done_shards + cfg.max_shards) * cfg.shard_size

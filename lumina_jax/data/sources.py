@@ -394,7 +394,7 @@ class JsonlSource(SizeIndexed):
         (the same file under another root names other images)."""
         tag = ""
         if self.root is not None and os.path.abspath(self.root) != os.path.abspath(os.path.dirname(self.path)):
-            tag = ".root-" + hashlib.sha1(os.path.abspath(self.root).encode()).hexdigest()[:10]
+            tag = ".root-" + hashlib.sha1(os.fsencode(os.path.abspath(self.root))).hexdigest()[:10]
         return self.path + tag + image_index_suffix(), self._file_records, self._read_file_row
 
     def _read_file_row(self, row: int) -> RawItem:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -65,7 +66,13 @@ def iter_captioned_images(folder: str | os.PathLike) -> Iterator[tuple[str, str,
     """``(relative_path, caption, absolute_path)`` of every image under ``folder``, sorted by path."""
     folder = Path(folder)
     captions = _read_captions(folder)
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    missing = sorted(set(captions) - {p.relative_to(folder).as_posix() for p in images})
+    if missing:  # a caption whose image is not there (renamed, deleted, another extension) would vanish unseen
+        warnings.warn(f"{folder / 'metadata.jsonl'}: {len(missing)} caption(s) name images that are not in the "
+                      f"folder ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they are not used",
+                      stacklevel=2)  # fmt: skip
+    for path in images:
         rel = path.relative_to(folder).as_posix()
         caption = captions.get(rel)
         if caption is None:
