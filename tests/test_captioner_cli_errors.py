@@ -144,6 +144,38 @@ def test_extreme_aspect_ratio_is_an_unsupported_skip_not_corrupt(tmp_path, model
     assert sorted(r["image_path"] for r in _read(out)) == ["imgs/img0.png", "imgs/img1.png"]
 
 
+def test_an_image_over_the_pixel_limit_is_unsupported_not_corrupt(tmp_path, model_dir, capsys, monkeypatch):
+    """PIL refuses files over its decompression-bomb limit: valid images, skipped with the reason and the
+    flag that raises the limit (the test lowers it: 2400-pixel images over 2 x 1000)."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the run sets it
+    _images(tmp_path / "imgs", 1)
+    assert main(_args(model_dir, tmp_path / "imgs", tmp_path / "caps.jsonl", "--max-image-pixels", "1000")) == 0
+    captured = capsys.readouterr()
+    s = json.loads(captured.out.strip().splitlines()[-1])
+    assert (s["captioned"], s["corrupt"], s["unsupported"]) == (0, 0, 1)
+    assert "decompression bomb" in captured.err and "--max-image-pixels" in captured.err
+
+
+def test_model_folder_problems_are_one_line_setup_errors_or_warnings(tmp_path, model_dir, capsys):
+    _images(tmp_path / "imgs", 1)
+    # pixel limits that disagree across the flags and the processor file
+    with pytest.raises(SystemExit, match=r"min_pixels 2000000 is above max_pixels \d+ \(flags over"):
+        main(_args(model_dir, tmp_path / "imgs", tmp_path / "a.jsonl", "--min-pixels", "2000000"))
+    # a folder without weights (or with a half-downloaded file): the loader's message, no traceback
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pth"))
+    with pytest.raises(SystemExit, match=r"no \.safetensors/\.pth/\.bin files"):
+        main(_args(bare, tmp_path / "imgs", tmp_path / "b.jsonl"))
+    # no preprocessor_config.json: the defaults are used, and said
+    noproc = tmp_path / "noproc"
+    shutil.copytree(model_dir, noproc)
+    (noproc / "preprocessor_config.json").unlink()
+    with pytest.warns(UserWarning, match="no preprocessor_config.json; using the Qwen2-VL defaults"):
+        main(_args(noproc, tmp_path / "imgs", tmp_path / "c.jsonl", "--max-pixels", "20000"))
+
+
 def test_unexpected_errors_in_preprocessing_stop_the_run(tmp_path, model_dir, monkeypatch):
     """Only decode errors are 'corrupt images'; a bug in preprocessing is not hidden behind per-image skips."""
     _images(tmp_path / "imgs", 2)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from lumina_jax.config_utils import int_at_least
 from lumina_jax.models.captioner.prompts import GRANULARITIES, LANGUAGES, PERSPECTIVES, instruction
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-pixels", type=int_at_least(1), default=None, help="override preprocessor_config.json")
     p.add_argument("--max-pixels", type=int_at_least(1), default=None,
                    help="override preprocessor_config.json (default: its value, capped at 28*28*1280)")
+    p.add_argument("--max-image-pixels", type=int_at_least(1), default=None,
+                   help="largest image file decoded (default: PIL's limit, ~179M pixels; larger files are skipped "
+                        "as unsupported); images are resized to --max-pixels anyway")
     p.add_argument("--slot-buckets", type=_slot_buckets, default=None,
                    help="comma-separated vision slot buckets (patches); default: from 256 growing 1.5x up to what an image at --max-pixels takes")
     p.add_argument("--prompt-multiple", type=int_at_least(1), default=64,
@@ -379,6 +383,8 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
                                                                          and not os.access(my_out, os.W_OK)):
         raise _setup_error(f"--out {my_out}: cannot write there ({probe} is not a writable folder)")
 
+    if args.max_image_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = args.max_image_pixels
     if args.instruction is not None and not args.instruction.strip():
         raise _setup_error("--instruction is empty (leave it out to use the templates)")
     if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
@@ -427,6 +433,9 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
         import dataclasses
 
         proc = dataclasses.replace(proc, **overrides)
+    if proc.min_pixels > proc.max_pixels:  # one of them from the flags, the other from the processor file (or cap)
+        raise _setup_error(f"min_pixels {proc.min_pixels} is above max_pixels {proc.max_pixels} (flags over "
+                           f"{args.model}/preprocessor_config.json); pass --min-pixels / --max-pixels that agree")
     text = instruction(args.granularity, args.perspective, args.lang, args.instruction)
     system = args.system or None
     try:
@@ -462,7 +471,10 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
         if bad:
             raise _setup_error(f"--tensor-parallel {tp}: {'; '.join(bad)}")
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    _, params = load_captioner(args.model, dtype=args.param_dtype or args.dtype)
+    try:
+        _, params = load_captioner(args.model, dtype=args.param_dtype or args.dtype)
+    except CheckpointError as e:  # no weights, a half-downloaded file, keys of another model
+        raise _setup_error(str(e)) from None
     n_dev = len(devices) // tp  # devices along the batch
     B = args.batch_size
     if n_dev > 1 and B % n_dev:
@@ -484,6 +496,8 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
             return path, Skipped("missing", "no such file")
         try:
             image = load_image(path)
+        except Image.DecompressionBombError as e:  # valid, but over PIL's pixel limit: not a corrupt file
+            return path, Skipped("unsupported", f"{e} (raise the limit with --max-image-pixels)")
         except Exception as e:  # noqa: BLE001 - any error opening/decoding the file: a corrupt image
             return path, Skipped("corrupt", f"{type(e).__name__}: {e}")
         try:

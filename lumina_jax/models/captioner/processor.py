@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -88,11 +89,16 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: Optional[CaptionerConfig] = None) -> "ImageProcessorConfig":
-        """``preprocessor_config.json`` of a model directory, else defaults for ``config``."""
+        """``preprocessor_config.json`` of a model directory, else defaults for ``config`` (with a warning: a
+        fine-tuned model's own pixel limits would be lost)."""
         f = Path(path) / "preprocessor_config.json"
         if f.is_file():
             return cls.from_dict(json.loads(f.read_text()))
-        return cls.for_model(config) if config is not None else cls()
+        default = cls.for_model(config) if config is not None else cls()
+        warnings.warn(f"{path}: no preprocessor_config.json; using the Qwen2-VL defaults (min_pixels "
+                      f"{default.min_pixels}, max_pixels {default.max_pixels}); transformers' processor would not "
+                      f"load this folder", stacklevel=2)  # fmt: skip
+        return default
 
     def to_dict(self) -> dict[str, Any]:
         """A ``preprocessor_config.json`` that transformers' ``Qwen2VLImageProcessor`` reads."""
