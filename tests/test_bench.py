@@ -134,6 +134,11 @@ def test_bench_json_is_strict_and_written_row_by_row(tmp_path, monkeypatch):
     assert seen == [1, 2] and [r["batch"] for r in rows] == [1, 2] and rows[0]["rel_l2_vs_torch"] is None
     write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5]})
     assert _strict_json(tmp_path / "x.json") == {"a": None, "b": [None, 1.5]}
+    import numpy as np
+
+    write_json(tmp_path / "np.json", {"a": np.float32("nan"), "b": np.float32(1.5), "c": np.int64(3),
+                                      "d": np.bool_(True), "e": np.array([1.0, np.nan])})  # fmt: skip
+    assert _strict_json(tmp_path / "np.json") == {"a": None, "b": 1.5, "c": 3, "d": True, "e": [1.0, None]}
 
 
 def test_data_bench_rows_for_both_plans_and_the_plan_alone(tmp_path):

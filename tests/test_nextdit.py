@@ -102,6 +102,8 @@ def test_mixed_size_batch_equals_per_sample(ref_gqa3):
                                                   jnp.asarray(mask), method=NextDiT.forward_tokens)  # fmt: skip
     with pytest.raises(ValueError, match=r"do not fit the 20-token budget"):
         eager(tokens, np.array([[8, 8], [2, 2], [1, 1]]))
+    with pytest.raises(ValueError, match=r"do not fit the 20-token budget"):  # a NumPy constant under jit too
+        jax.jit(lambda toks: eager(toks, np.array([[8, 8], [2, 2], [1, 1]])))(tokens)
     with pytest.raises(ValueError, match=r"grid_sizes has shape \(3,\); want \(3, 2\)"):
         eager(tokens, grids[:, 0])
     with pytest.raises(ValueError, match=rf"image tokens have shape .*the model expects \(B, N, {config.patch_features}\)"):

@@ -330,6 +330,9 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(encoders, data, cli
         pp.preprocess(source, encoders, config(bare, resolution=2 * RES))
     with pytest.raises(pp.PreprocessError, match=r"5 shard\(s\) hold 9 records, not 5 x 2"):
         pp.preprocess(source, encoders, config(bare))
+    # with its state file, a finished cache that lost cache_info.json is repaired by the same command
+    (out / "cache_info.json").unlink()
+    assert pp.preprocess(source, encoders, config(out)).complete and (out / "cache_info.json").exists()
 
 
 def test_max_shards_that_reach_the_end_complete_the_cache(encoders, data, cli_cache, tmp_path):
@@ -457,6 +460,7 @@ def test_open_source_dispatch(data, tmp_path):
     both = pp.open_sources([data, tmp_path / "ar"])
     assert isinstance(both, ConcatSource) and len(both) == 13 + 9
     assert pp.describe_source(both)["parts"][0]["path"] == str(data)
+    assert pp.describe_source(both)["parts"][1]["system_prompt"] == "real"  # what records without their own get
     (tmp_path / "empty").mkdir()
     with pytest.raises(pp.PreprocessError, match="neither"):
         pp.open_source(tmp_path / "empty")
@@ -579,11 +583,28 @@ def test_raw_images_on_two_hosts_encode_to_one_shape(models, data, tmp_path, mon
     assert not b0s[0]["cap_mask"][:, n:].any() and not b0s[0]["cap_feats"][:, n:].any()
 
 
-def test_cached_and_raw_training_give_records_without_their_own_the_same_system_prompt():
-    """ArrayRecord/TFDS records without a system prompt: preprocess and raw-image training use one default
-    (a cache made with another one than the run would train on would silently change the conditioning)."""
+def test_cached_and_raw_training_give_records_without_their_own_the_same_system_prompt(encoders, data, tmp_path):
+    """ArrayRecord/TFDS records without a system prompt: preprocess (CLI and API) and raw-image training use
+    one default (a cache made with another one than the run would train on would silently change the
+    conditioning), and a resume with another prompt than the interrupted run's is refused, not mixed."""
+    import inspect
+
     from lumina_jax.data.cli import build_parser
     from lumina_jax.train.config import DataConfig
 
     default = build_parser().parse_args(["--data", "x", "--out", "y"]).system_prompt
-    assert default == DataConfig().system_prompt == "real"
+    api = inspect.signature(pp.open_source).parameters["system_prompt"].default
+    assert default == api == DataConfig().system_prompt == ArrayRecordImageSource.__init__.__defaults__[1] == "real"
+    images = sorted((data.parent / "images").glob("img_*.png"))
+    write_image_records([{"image_path": str(p), "caption": p.stem} for p in images], tmp_path / "ar", shard_size=4)
+    out = tmp_path / "cache"
+    pp.preprocess(pp.open_source(tmp_path / "ar", system_prompt="base"), encoders, config(out, max_shards=1))
+    with pytest.raises(pp.PreprocessError, match="other settings .*'system_prompt': 'base'"):
+        pp.preprocess(pp.open_source(tmp_path / "ar"), encoders, config(out))
+    # a state written before the prompt was recorded: the sources' default then, base
+    state = json.loads((out / pp.STATE_FILE).read_text())
+    del state["settings"]["source"]["system_prompt"]
+    (out / pp.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(pp.PreprocessError, match="other settings"):
+        pp.preprocess(pp.open_source(tmp_path / "ar"), encoders, config(out))
+    assert pp.preprocess(pp.open_source(tmp_path / "ar", system_prompt="base"), encoders, config(out)).complete

@@ -25,7 +25,10 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, iters: int = 10, sync:
 
 
 def json_safe(obj: Any) -> Any:
-    """``obj`` with non-finite floats (a value not measured: NaN) as ``None``: strict JSON has no NaN."""
+    """``obj`` with non-finite floats (a value not measured: NaN) as ``None``: strict JSON has no NaN;
+    NumPy scalars and arrays as Python numbers and lists."""
+    if hasattr(obj, "dtype") and hasattr(obj, "tolist"):  # np.float32(1.5) -> 1.5, arrays -> lists
+        obj = obj.tolist()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

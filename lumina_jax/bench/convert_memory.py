@@ -88,6 +88,8 @@ def main(argv: list[str]) -> int:
         for k, v in res.items():
             print(f"{k:24s} {v:.3f}" if isinstance(v, float) else f"{k:24s} {v}")
     finally:
-        if not a.keep:
+        if a.keep:
+            print(f"kept the checkpoints in {work}", flush=True)
+        else:
             shutil.rmtree(work, ignore_errors=True)
     return 0

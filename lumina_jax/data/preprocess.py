@@ -98,6 +98,7 @@ from lumina_jax.data.cache import (
 )
 from lumina_jax.data.pipeline import DataPipeline, PipelineConfig
 from lumina_jax.data.stats import DataStats
+from lumina_jax.text_templates import DEFAULT_SYSTEM_PROMPT
 
 logger = logging.getLogger("lumina_jax.data.preprocess")
 
@@ -128,7 +129,7 @@ def part_dir_name(process_index: int, process_count: int) -> str:
 def open_source(
     spec: str | os.PathLike,
     *,
-    system_prompt: str = "base",
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     tfds_split: str = "train",
     tfds_data_dir: Optional[str] = None,
     image_key: str = "image",
@@ -226,7 +227,7 @@ def _absolute_paths(desc: dict[str, Any]) -> dict[str, Any]:
 def describe_source(source: Any) -> dict[str, Any]:
     """What identifies a source in the state file (its name, type, size and files when known)."""
     out: dict[str, Any] = {"name": source.name, "type": type(source).__name__, "records": len(source)}
-    for attr in ("path", "cache_dir"):
+    for attr in ("path", "cache_dir", "system_prompt"):  # system_prompt: of records without their own
         if getattr(source, attr, None) is not None:
             out[attr] = str(getattr(source, attr))
     inner = getattr(source, "_sources", None)
@@ -598,12 +599,27 @@ class _MaxShardsReached(Exception):
     pass
 
 
+def _older_source(old: Any, new: Any) -> Any:
+    """An older state's source description with the system prompt it did not record: ``"base"``, the
+    sources' default then (so that resuming such a run with another prompt is refused, not mixed)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return old
+    old = dict(old)
+    if "system_prompt" in new and "system_prompt" not in old:
+        old["system_prompt"] = "base"
+    if isinstance(old.get("parts"), list) and isinstance(new.get("parts"), list):
+        old["parts"] = [_older_source(o, n) for o, n in zip(old["parts"], new["parts"])]
+    return old
+
+
 def _check_shards_without_state(out: Path, done_shards: int, shard_size: int, made: dict[str, Any]) -> None:
     """Shards with no state file to say how they were made are continued only when nothing contradicts
     this run: each full (a finished run's short last shard would swallow the records the rerun puts
     after it), and the cache's recorded settings (when it finished) this run's."""
     info = out / CACHE_INFO_FILE
     old = (json.loads(info.read_text()).get("made_with") if info.exists() else None) or {}
+    if "source" in old:
+        old = dict(old, source=_older_source(old["source"], made.get("source")))
     diff = sorted(k for k in made if k in old and old[k] != json.loads(json.dumps(made[k])))
     if diff:
         detail = "; ".join(f"{k}: was {old[k]!r}, now {made[k]!r}" for k in diff)
@@ -643,8 +659,8 @@ class _StateFile:
                 raise PreprocessError(f"{path}: state version {data.get('version')} (expected {STATE_VERSION})")
             old = data.get("settings", {})
             if isinstance(old.get("source"), dict):  # states written before paths were made absolute (relative to
-                # the folder the run is started from, as they were read then)
-                old = dict(old, source=_absolute_paths(old["source"]))
+                # the folder the run is started from, as they were read then), or before the system prompt was kept
+                old = dict(old, source=_older_source(_absolute_paths(old["source"]), settings.get("source")))
             if old != settings:
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 detail = "; ".join(f"{k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
@@ -760,14 +776,14 @@ def preprocess(source: Any, encoders: "Encoders | EncoderSpec", config: Preproce
         result.seconds = time.perf_counter() - t0
         return result
 
-    if isinstance(encoders, EncoderSpec):
-        encoders = encoders.load()
     done_shards = _contiguous_shards(out)
     done_records = done_shards * cfg.shard_size
-    if done_shards and not state.entries:
+    if done_shards and not (out / STATE_FILE).exists():  # checked before the (long) encoder load
         _check_shards_without_state(out, done_shards, cfg.shard_size, made_with(state.settings))
         logger.warning("%s: %d complete shard(s) but no %s; replaying the pipeline from the start (their "
                        "records are not encoded again)", out, done_shards, STATE_FILE)  # fmt: skip
+    if isinstance(encoders, EncoderSpec):
+        encoders = encoders.load()
     stop_at = None if cfg.max_shards is None else (done_shards + cfg.max_shards) * cfg.shard_size
     shards_before = {p.name for p in rec_lib.list_shards(out, LATENT_SHARD_PREFIX)}
     image_shapes0, text_shapes0 = set(encoders.image_shapes), set(encoders.text_shapes)

@@ -45,7 +45,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from lumina_jax.data import records as rec_lib
-from lumina_jax.text_templates import resolve_system_prompt
+from lumina_jax.text_templates import DEFAULT_SYSTEM_PROMPT, resolve_system_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -567,7 +567,8 @@ class ArrayRecordImageSource(SizeIndexed):
 
     Args:
       paths: a folder (all ``<prefix>-NNNNN.array_record`` shards in it) or a list of shard files.
-      system_prompt: template for records without their own ``system_prompt`` (default ``"base"``).
+      system_prompt: template for records without their own ``system_prompt`` (default ``"real"``, as
+        the training config's ``data.system_prompt`` and sampling).
     """
 
     kind = "image"
@@ -576,7 +577,7 @@ class ArrayRecordImageSource(SizeIndexed):
         self,
         paths: str | os.PathLike | Sequence[str | os.PathLike],
         name: Optional[str] = None,
-        system_prompt: str = "base",
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         prefix: str = IMAGE_SHARD_PREFIX,
     ):
         self.index_data_path: Optional[str] = None  # a folder's shards have a size index; a list of files not
@@ -650,7 +651,7 @@ class TfdsSource(SizeIndexed):
         image_key: str = "image",
         caption_key: str = "caption",
         key_key: Optional[str] = None,
-        system_prompt: str = "base",
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         source_name: Optional[str] = None,
     ):
         import tensorflow_datasets as tfds

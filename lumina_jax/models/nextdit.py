@@ -622,6 +622,8 @@ class NextDiT(nn.Module):
         positions; :func:`pack_latents` and the data pipeline's crop sizes keep within both.
         """
         c = self.config
+        concrete = not isinstance(grid_sizes, jax.core.Tracer)  # before asarray: under jit it makes a tracer
+        g = np.asarray(grid_sizes) if concrete else None
         grid_sizes = jnp.asarray(grid_sizes)
         if img_tokens.ndim != 3 or img_tokens.shape[-1] != c.patch_features:
             raise ValueError(f"image tokens have shape {img_tokens.shape}; the model expects (B, N, {c.patch_features})"
@@ -629,8 +631,7 @@ class NextDiT(nn.Module):
         if grid_sizes.shape != (img_tokens.shape[0], 2):
             raise ValueError(f"grid_sizes has shape {grid_sizes.shape}; want ({img_tokens.shape[0]}, 2): (rows, "
                              f"columns) of patches per sample")  # fmt: skip
-        if not isinstance(grid_sizes, jax.core.Tracer):
-            g = np.asarray(grid_sizes)
+        if g is not None:
             if np.any(g[:, 0] * g[:, 1] > img_tokens.shape[1]) or np.any(g < 0):
                 raise ValueError(f"grid sizes {g.tolist()} do not fit the {img_tokens.shape[1]}-token budget")
             if np.any(g[:, 0] > c.axes_lens[1]) or np.any(g[:, 1] > c.axes_lens[2]):

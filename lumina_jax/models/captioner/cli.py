@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int_at_least(1), default=None,
                    help="override preprocessor_config.json (default: its value, capped at 28*28*1280)")
     p.add_argument("--max-image-pixels", type=int_at_least(1), default=None,
-                   help="largest image file decoded (default: PIL's limit, ~179M pixels; larger files are skipped "
-                        "as unsupported); images are resized to --max-pixels anyway")
+                   help="PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, default ~89.5M): files over twice "
+                        "it are skipped as unsupported; images are resized to --max-pixels anyway")
     p.add_argument("--slot-buckets", type=_slot_buckets, default=None,
                    help="comma-separated vision slot buckets (patches); default: from 256 growing 1.5x up to what an image at --max-pixels takes")
     p.add_argument("--prompt-multiple", type=int_at_least(1), default=64,
