@@ -249,8 +249,8 @@ def test_tfds_captioned_folder_without_tensorflow(tmp_path):
     got, stats = collect(DataPipeline(src, config()))
     assert stats.skipped == {src.name: {"undecodable": 1, "empty_caption": 1}}
     prompts = sorted(p for p, _ in got.values())
-    base = text_templates.SYSTEM_PROMPTS["base"]
-    assert prompts == sorted([base + "from metadata"] + [base + f"sidecar caption {i}" for i in range(3)])
+    real = text_templates.SYSTEM_PROMPTS["real"]  # the default of records without their own (as in training)
+    assert prompts == sorted([real + "from metadata"] + [real + f"sidecar caption {i}" for i in range(3)])
     by_name = sources.TfdsSource("captioned_image_folder", data_dir=tmp_path / "tfds", key_key="key")
     assert sorted(by_name.get(i).key for i in range(len(by_name))) == sorted(
         ["im0.png", "im1.png", "im2.png", "sub/rgba.png", "sub/broken.jpg", "sub/nocap.png"])
