@@ -17,7 +17,8 @@ lines of every process's log go to stderr, and the exit code is the first non-ze
 passed on to the processes (a training run stops after a step all agree on, with a checkpoint: the
 same command resumes it); a second Ctrl-C kills them. SIGTERM and SIGHUP to the launcher count as Ctrl-C
 (the processes run in their own sessions, so a killed launcher would otherwise leave them running). The
-processes run in the current folder with the checkout on ``PYTHONPATH`` (both in the ``--dry-run`` output).
+processes run in the current folder with the checkout on ``PYTHONPATH`` (the ``--dry-run`` output shows
+the ``PYTHONPATH``).
 
 Variables: ``LAUNCH_PORT`` (default: a free port), ``DRY_RUN=1`` (same as ``--dry-run``: print the
 environment and commands, run nothing), ``PYTHON`` (interpreter, default: this one).

@@ -31,8 +31,10 @@ VENV="${VENV-~/venv}"
 
 args=""
 for a in "$@"; do args+=" $(printf '%q' "$a")"; done
-remote="set -e; cd ${REPO_DIR}"
-[[ -n "${VENV}" ]] && remote+="; source ${VENV}/bin/activate"
+# quoted for the remote shell, a leading ~/ left bare so that it expands there (paths with spaces work)
+rq() { if [[ "$1" == "~/"* ]]; then printf '~/%q' "${1#\~/}"; else printf '%q' "$1"; fi; }
+remote="set -e; cd $(rq "${REPO_DIR}")"
+[[ -n "${VENV}" ]] && remote+="; source $(rq "${VENV}")/bin/activate"
 [[ -n "${SETUP:-}" ]] && remote+="; ${SETUP}"
 [[ -n "${LIBTPU_INIT_ARGS:-}" ]] && remote+="; export LIBTPU_INIT_ARGS=$(printf '%q' "${LIBTPU_INIT_ARGS}")"
 remote+="; export LUMINA_TPU_POD=1; exec python -m lumina_jax train${args}"  # exec: SIGTERM reaches python

@@ -37,7 +37,7 @@ WORKDIR="${WORKDIR:-/app}"
 
 args=""
 for a in "$@"; do args+=" $(printf '%q' "$a")"; done
-inner="cd ${WORKDIR}"
+inner="cd $(printf '%q' "${WORKDIR}")"
 [[ -n "${LIBTPU_INIT_ARGS:-}" ]] && inner+=" && export LIBTPU_INIT_ARGS=$(printf '%q' "${LIBTPU_INIT_ARGS}")"
 inner+=" && exec python -m lumina_jax train${args}"  # exec: SIGTERM reaches python (preemption checkpoint)
 

@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"command {name!r} is not available in this version ({module_name} missing)", file=sys.stderr)
             return 2
         raise
-    return int(module.main(rest) or 0)
+    code = int(module.main(rest) or 0)
+    distributed = sys.modules.get("lumina_jax.parallel.distributed")
+    if code and distributed is not None and distributed._initialized:  # e.g. caption, preprocess on a pod
+        distributed.exit_alone(code)  # a process that failed alone must not wait in JAX's shutdown
+    return code
 
 
 if __name__ == "__main__":

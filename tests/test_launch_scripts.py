@@ -46,6 +46,20 @@ def test_slurm_cd_quotes_the_checkout(tmp_path):
     assert inner[inner.index("source") + 1] == str(venv / "bin" / "activate")
 
 
+def test_tpu_pod_and_xpk_quote_their_remote_folders():
+    """A checkout path with a space broke the remote ``cd``; a leading ``~/`` still expands remotely."""
+    p = _run(["bash", "launch/tpu_pod.sh", "cfg"], {"DRY_RUN": "1", "TPU_NAME": "t", "ZONE": "z",
+                                                    "REPO_DIR": "~/my repo", "VENV": "~/my venv"})  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    words = shlex.split(p.stdout.strip())
+    remote = next(w for w in words if w.startswith("--command="))[len("--command="):]
+    assert "cd ~/my\\ repo;" in remote and "source ~/my\\ venv/bin/activate;" in remote, remote
+    p = _run(["bash", "launch/xpk.sh", "cfg"], {"DRY_RUN": "1", "CLUSTER": "c", "IMAGE": "i",
+                                                "DEVICE_TYPE": "h100-80gb-8", "WORKDIR": "/my app"})  # fmt: skip
+    words = shlex.split(p.stdout.strip())
+    assert shlex.split(words[words.index("--command") + 1])[:2] == ["cd", "/my app"]
+
+
 def test_the_trainer_is_execd_so_that_sigterm_reaches_it():
     """A shell left in between (PID 1 in a container) neither receives nor forwards SIGTERM, and the
     trainer's preemption checkpoint would never be written."""

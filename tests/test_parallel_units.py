@@ -380,3 +380,37 @@ def test_cli_environment_defaults(monkeypatch):
     assert entry.quiet_environment({"JAX_PLATFORMS": "", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "0"}) == {}
     monkeypatch.setattr("glob.glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
     assert "JAX_PLATFORMS" not in entry.quiet_environment({})
+
+
+def test_a_process_that_fails_alone_exits_at_once_in_a_multi_process_job(monkeypatch, tmp_path):
+    """Returning an error code would run JAX's distributed shutdown, which waits ~5 minutes for the other
+    processes (blocked in a collective with this one); the launcher stops them only once one exits."""
+    import jax
+
+    from lumina_jax.parallel import distributed
+    from lumina_jax.train import cli
+    from lumina_jax.train.loop import Trainer
+
+    exits = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    assert distributed.exit_alone(3) == 3 and exits == []  # one process: an ordinary return
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert distributed.exit_alone(0) == 0 and exits == []
+    with pytest.raises(Exited):
+        distributed.exit_alone(2)
+
+    def fail(self):
+        raise ValueError("latent cache /nowhere: no such directory")
+
+    monkeypatch.setattr(Trainer, "run", fail)
+    with pytest.raises(Exited):
+        cli.main(["tiny_synthetic", f"run_dir={tmp_path}", "log.progress=false"])
+    assert exits == [2, 2]

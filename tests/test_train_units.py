@@ -333,6 +333,7 @@ def test_config_overrides_and_unknown_keys():
     ("stages.0.time_shift_mu=inf", "time_shift_mu must be a finite number"),
     ("stages.0.data.num_samples=0", r"num_samples and cap_len \(synthetic data\) must be >= 1"),
     ("stages.0.data.cap_len=0", r"num_samples and cap_len \(synthetic data\) must be >= 1"),
+    ("scan_layers=false", "scan_layers: false is not supported for training"),  # crashed at the first trace
 ])  # fmt: skip
 def test_out_of_range_settings_are_errors_at_load_time(override, message):
     from lumina_jax.train.config import load_config
@@ -1043,3 +1044,17 @@ def test_a_new_bucket_shape_mid_stage_is_left_out_of_the_throughput(tmp_path, mo
     Trainer(cfg, stop_at=4).run()
     # step 3's compile happens while step 2's metrics are awaited: that interval is the one left out
     assert skipped[:4] == [(1, False), (2, True), (3, False), (4, False)], skipped
+
+
+def test_a_later_stages_missing_data_is_named_when_the_run_starts(tmp_path, caplog):
+    """Stage data opens when its stage starts (possibly days into a run): a path that is not there is
+    said at the start."""
+    from lumina_jax.train.config import load_config
+    from lumina_jax.train.loop import Trainer
+
+    cfg = load_config("tiny_synthetic", [f"run_dir={tmp_path}", "log.progress=false", "stages.1.data.kind=latent_cache",
+                                         "stages.1.data.paths=[/nowhere/cache_128]"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="lumina_jax.train"):
+        Trainer(cfg).metrics.close()
+    assert f"data paths not found on this host (a stage without its data stops the run when it starts): " \
+           f"{cfg.stages[1].name}: /nowhere/cache_128" in caplog.text  # fmt: skip

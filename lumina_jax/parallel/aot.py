@@ -502,8 +502,8 @@ def format_report(rep: Report) -> str:
             f"{rep.analytic_flops / 1e12:.4g} TFLOP ({no_att / 1e12:.4g} without attention); XLA / analytic "
             f"{xla / rep.analytic_flops:.2f}, XLA / analytic-without-attention {xla / max(no_att, 1):.2f}"
             + ("  [Mosaic attention kernels are not counted by XLA]" if rep.attention in MOSAIC_ATTENTIONS else ""),
-            "          (XLA's cost analysis counts a while loop's body once: with scan_layers the layer stack is "
-            "counted as one layer; scan_layers=false for a full count)",
+            "          (XLA's cost analysis counts a while loop's body once: the scanned layer stack is counted "
+            "as one layer)",
         ]
     if rep.replicated_params:
         tot = sum(b for _, b in rep.replicated_params)

@@ -134,3 +134,20 @@ def initialize(
 
 def is_primary() -> bool:
     return jax.process_index() == 0
+
+
+def exit_alone(code: int) -> int:
+    """``code`` for a process that failed on its own (a setting only it could not use: a missing file on
+    its host, ...). In a multi-process job it exits here, at once: returning would run JAX's distributed
+    shutdown, which waits (~5 minutes) for the other processes while they block in a collective with
+    this one, and launchers (``launch/local.py``, Slurm ``--kill-on-bad-exit``) stop the others only
+    when one exits."""
+    if code and jax.process_count() > 1:
+        import sys
+
+        log.error("process %d failed (exit code %d): exiting now so that the job stops", jax.process_index(), code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code

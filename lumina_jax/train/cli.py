@@ -131,9 +131,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = Trainer(cfg, stop_at=args.stop_at).run()
     except (NonFiniteLossError, NoUsableSampleError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return distributed.exit_alone(3)
     except (CheckpointError, OSError, ValueError) as e:  # a setting the run cannot use: one line, not a traceback
-        return _train_error(e, args.verbose)
+        return distributed.exit_alone(_train_error(e, args.verbose))
     if result.stopped_by is not None:
         log.info("stopped at step %d by signal %d; checkpointed, the same command resumes", result.step,
                  result.stopped_by)  # fmt: skip

@@ -292,8 +292,9 @@ class TrainConfig:
                 raise ValueError(f"stage {s.name!r}: batch {s.batch} is not divisible by grad_accum {self.grad_accum}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
-        if self.lora is not None and not self.scan_layers:
-            raise ValueError("lora needs scan_layers: true (the adapters are stacked like the scanned layers)")
+        if not self.scan_layers:  # the train state, its shardings and checkpoints use the stacked layout
+            raise ValueError("scan_layers: false is not supported for training (the params, their shardings and "
+                             "the checkpoints are stacked per layer); the inference pipeline and the model take it")
         if self.lora is not None and tuple(self.trainable) != (".*",):
             raise ValueError(f"trainable {list(self.trainable)} and lora are exclusive: a LoRA run trains its "
                              f"adapters only (choose the adapted matrices with lora.targets)")

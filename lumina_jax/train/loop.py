@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -266,6 +267,12 @@ class Trainer:
                     f"{st.batch // cfg.grad_accum} is not divisible by the batch axes data x fsdp = {div} of the mesh "
                     f"{mesh_lib.describe(self.mesh)}; every device needs whole samples"
                 )
+        # a later stage's data is opened when that stage starts, possibly days in: say now what is not there
+        missing = [f"{st.name}: {p}" for st in cfg.stages if st.data.kind != "synthetic" for p in st.data.paths
+                   if not p.startswith("tfds:") and "://" not in p and not os.path.exists(p)]  # fmt: skip
+        if missing:
+            log.warning("data paths not found on this host (a stage without its data stops the run when it "
+                        "starts): %s", "; ".join(missing))  # fmt: skip
         self.batch_hook = batch_hook  # called with (global step, process-local batch) before each step
         self.primary = jax.process_index() == 0
         self.model: Any = NextDiT(
