@@ -265,3 +265,15 @@ def test_a_resolution_off_the_16_pixel_grid_is_refused_not_rounded():
     mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="resolution 72 is not a positive multiple of 16"):
         aot.build_plan(cfg, mesh, what="forward", resolution=72, global_batch=1)
+
+
+def test_command_line_mesh_takes_presets_and_axis_sizes():
+    """``aot --mesh`` as ``generate --mesh``: a preset, axis sizes, or both (axis sizes were read as a
+    preset name and failed as an unknown config key)."""
+    from lumina_jax.train.config import load_config
+
+    assert aot.mesh_override("fsdp") == "mesh={preset: fsdp}"
+    assert aot.mesh_override("fsdp=2,tensor=2") == "mesh={fsdp: 2, tensor: 2}"
+    assert load_config("tiny_synthetic", [aot.mesh_override("fsdp_tensor,tensor=4")]).mesh.tensor == 4
+    with pytest.raises(ValueError, match="unknown axis 'foo'"):
+        aot.mesh_override("foo=2")

@@ -532,8 +532,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4 (v5p-128 = 64 chips), v6e:4x4, v5e:2x4 (v5e, v5p, v6e)")
     p.add_argument("--config", required=True, help="train config: a YAML path or a name in configs/train")
-    p.add_argument("--mesh", default=None, help="mesh preset (dp, fsdp, fsdp_tensor, context); override "
-                   "single axes with mesh.tensor=4 etc.")  # fmt: skip
+    p.add_argument("--mesh", default=None, help="mesh preset (dp, fsdp, fsdp_tensor, context), axis sizes "
+                   "(fsdp=2,tensor=2) or both; or override single axes with mesh.tensor=4 etc.")  # fmt: skip
     p.add_argument("--what", default="train", choices=WHATS)
     p.add_argument("--stage", type=int, default=0, help="stage of the config whose resolution/batch to use, "
                    "counted from 0 (the trainer's log says 'stage 1/N' for stage 0)")
@@ -550,6 +550,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the train config")
     return p
+
+
+def mesh_override(text: str) -> str:
+    """The train-config override (``mesh={...}``) of a command-line mesh: a preset name, axis sizes, or
+    both, as ``generate --mesh`` takes them (``"fsdp"``, ``"fsdp=2,tensor=2"``); ``ValueError`` naming a
+    bad part."""
+    from lumina_jax.parallel.mesh import MeshConfig
+
+    MeshConfig.parse(text)  # checks names and sizes
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    fields = [f"preset: {p}" for p in parts if "=" not in p]
+    fields += [f"{k.strip()}: {v.strip()}" for k, _, v in (p.partition("=") for p in parts) if v]
+    return f"mesh={{{', '.join(fields)}}}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -569,7 +582,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     overrides = list(args.overrides)
     if args.mesh:
-        overrides.insert(0, f"mesh={{preset: {args.mesh}}}")
+        try:
+            overrides.insert(0, mesh_override(args.mesh))
+        except ValueError as e:
+            print(f"aot: error: --mesh: {e}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args.config, overrides)
         devices = topology_devices(args.topology)
