@@ -232,11 +232,11 @@ class TensorSource:
             import torch
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise CheckpointError(f"{f}: reading a pickled PyTorch checkpoint needs torch installed") from e
-        if _looks_like_safetensors(f):
+        with open(f, "rb") as fh:
+            head = fh.read(9)
+        if _looks_like_safetensors(head, f.stat().st_size):
             raise CheckpointError(f"{f}: this is a safetensors file with a {f.suffix} name; rename it to "
                                   f"{f.with_suffix('.safetensors').name}")  # fmt: skip
-        with open(f, "rb") as fh:
-            head = fh.read(2)
         if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save: a zip, or (before 1.6) a pickle
             raise CheckpointError(f"{f}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
         try:  # torch memory-maps only the zip format; legacy (pre-1.6) files are read whole
@@ -272,11 +272,10 @@ class TensorSource:
         return w.get(key) if isinstance(w, SafetensorsFile) else to_numpy(w)
 
 
-def _looks_like_safetensors(f: Path) -> bool:
-    """A safetensors file whatever its name: a little-endian u64 header size, then a JSON object."""
-    with open(f, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= f.stat().st_size - 8
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes starting with ``head`` (9 bytes) is a safetensors file whatever its
+    name: a little-endian u64 header size, then a JSON object."""
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
 
 
 def read_config_json(path: str | os.PathLike, what: str) -> dict[str, Any]:

@@ -522,8 +522,9 @@ class Trainer:
             while step < stop:
                 if batch is None:
                     batch = self._next_global(it, stage, step)
-                if _shapes(batch) not in shapes:  # its compile falls in the interval the next report closes
-                    shapes.add(_shapes(batch))
+                sig = _shapes(batch)
+                if sig not in shapes:  # its compile falls in the interval the next report closes
+                    shapes.add(sig)
                     self._skip_interval = True
                 state, m = step_fn(state, batch, hp)
                 flops = self._batch_flops(si, batch)
