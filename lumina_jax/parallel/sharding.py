@@ -282,17 +282,24 @@ def load_transformer_sharded(
     shard_tree = param_shardings(abstract, mesh, rules)
     flat_shardings = conv.flatten(shard_tree)
     out = {}
+    stacked: dict[tuple[str, ...], list[str]] = collections.defaultdict(list)  # torch keys per layer -> paths
     for path_, shape in flat_shapes.items():
         sharding = flat_shardings[path_]
         if path_ not in where:  # norm_final for diffusers: its initial value
             out[path_] = jax.make_array_from_callback(shape, sharding, lambda idx, s=shape: np.ones(s, np_dtype)[idx])
-            continue
-        if None in where[path_]:
+        elif None in where[path_]:
             full = piece(path_, None)
             out[path_] = jax.make_array_from_callback(
                 shape, sharding, lambda idx, full=full: np.ascontiguousarray(full[idx], dtype=np_dtype))
+            get.clear()
         else:
-            blocks = _stacked_blocks(shape, sharding, lambda i, p=path_: piece(p, i), np_dtype)
+            stacked[tuple(where[path_][i][0] for i in range(shape[0]))].append(path_)
+    # Params cut from the same tensors (the original's fused qkv: q, k and v) are filled together, layer by
+    # layer, so each layer's tensor is read once for all of them.
+    for paths in stacked.values():
+        group = {p: (flat_shapes[p], flat_shardings[p]) for p in paths}
+        for path_, blocks in _stacked_blocks(group, piece, np_dtype).items():
+            shape, sharding = group[path_]
             out[path_] = jax.make_array_from_callback(shape, sharding, lambda idx, b=blocks, s=shape: b[_index_key(idx, s)])
         get.clear()
     return config, conv.unflatten(out)
@@ -304,29 +311,35 @@ def _index_key(idx: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[in
 
 
 def _stacked_blocks(
-    shape: tuple[int, ...],
-    sharding: jax.sharding.Sharding,
-    layer: Callable[[int], np.ndarray],
+    params: Mapping[str, tuple[tuple[int, ...], jax.sharding.Sharding]],
+    piece: Callable[[str, int], np.ndarray],
     np_dtype: np.dtype,
-) -> dict[tuple[tuple[int, int, int], ...], np.ndarray]:
-    """The distinct blocks this process's devices hold of a stacked ``(layers, ...)`` param, filled by
-    reading each layer's tensor once (``layer(i)``) and copying its slice into every block that covers
-    layer ``i``. Host memory: the local blocks (which ``make_array_from_callback`` holds anyway) plus one
-    layer tensor."""
-    blocks: dict[tuple[tuple[int, int, int], ...], np.ndarray] = {}
-    index_of: dict[tuple[tuple[int, int, int], ...], tuple[slice, ...]] = {}
-    for idx in sharding.addressable_devices_indices_map(shape).values():
-        key = _index_key(idx, shape)
-        if key not in blocks:
-            index_of[key] = idx
-            blocks[key] = np.empty([len(range(*k)) for k in key], np_dtype)
-    for i in range(shape[0]):
-        tensor = None
-        for key, idx in index_of.items():
-            layers = range(*key[0])
-            if i in layers:
-                tensor = layer(i) if tensor is None else tensor
-                blocks[key][layers.index(i)] = tensor[idx[1:]]
+) -> dict[str, dict[tuple[tuple[int, int, int], ...], np.ndarray]]:
+    """For each stacked ``(layers, ...)`` param of ``params`` (path -> (shape, sharding)), the distinct
+    blocks this process's devices hold, filled layer by layer: ``piece(path, i)`` gives layer ``i``'s tensor,
+    its slice is copied into every block that covers layer ``i``. The params share a layer count; taking
+    the layers in the outer loop lets params cut from one tensor read it once per layer. Host memory: the
+    local blocks (which ``make_array_from_callback`` holds anyway) plus one layer tensor."""
+    blocks: dict[str, dict[tuple[tuple[int, int, int], ...], np.ndarray]] = {}
+    index_of: dict[str, dict[tuple[tuple[int, int, int], ...], tuple[slice, ...]]] = {}
+    n_layers = {shape[0] for shape, _ in params.values()}
+    if len(n_layers) != 1:
+        raise ValueError(f"stacked params with different layer counts in one group: {dict(params)}")
+    for path_, (shape, sharding) in params.items():
+        blocks[path_], index_of[path_] = {}, {}
+        for idx in sharding.addressable_devices_indices_map(shape).values():
+            key = _index_key(idx, shape)
+            if key not in blocks[path_]:
+                index_of[path_][key] = idx
+                blocks[path_][key] = np.empty([len(range(*k)) for k in key], np_dtype)
+    for i in range(n_layers.pop()):
+        for path_ in params:
+            tensor = None
+            for key, idx in index_of[path_].items():
+                layers = range(*key[0])
+                if i in layers:
+                    tensor = piece(path_, i) if tensor is None else tensor
+                    blocks[path_][key][layers.index(i)] = tensor[idx[1:]]
     return blocks
 
 

@@ -44,7 +44,8 @@ class DataConfig:
         ``vae`` and ``text_encoder``. ``paths`` are JSONL files, original-style YAML lists (see
         :mod:`lumina_jax.data.sources`; one source per list, its files concatenated), folders of
         ``images-NNNNN.array_record`` shards or prepared TFDS ``array_record`` folders (``.../name/version``,
-        read by :class:`lumina_jax.data.sources.TfdsSource` without TensorFlow).
+        read by :class:`lumina_jax.data.sources.TfdsSource` without TensorFlow). Bucket batches only:
+        ``batching: mixed`` (token-packed crops of several sizes) needs a latent cache.
 
     ``system_prompt`` is the template of TFDS sources (JSONL/YAML entries carry their own);
     ``key_feature`` names a TFDS feature that identifies a record (else ``source:index``);
@@ -105,6 +106,9 @@ class DataConfig:
         # checked here, when the config loads, not when a late stage first builds its data
         if self.batching not in ("bucket", "mixed"):
             raise ValueError(f"batching must be 'bucket' or 'mixed', got {self.batching!r}")
+        if self.kind == "images" and self.batching != "bucket":
+            raise ValueError("raw-image training encodes bucket batches (batching: bucket); for mixed batches "
+                             "encode offline (python -m lumina_jax preprocess) and train from the latent cache")
         if self.kind == "synthetic" and self.batching != "bucket":
             raise ValueError("batching applies to latent_cache and images data; synthetic batches are uniform "
                              "(leave batching at 'bucket')")  # fmt: skip

@@ -353,10 +353,6 @@ def check_same_shapes_on_every_host(stage: StageConfig, shard_count: int) -> Non
     d = stage.data
     if shard_count <= 1 or d.kind == "synthetic":
         return
-    if d.kind == "images" and d.batching != "bucket":
-        raise ValueError(f"stage {stage.name!r}: raw-image training encodes bucket batches (batching: bucket); "
-                         f"for mixed batches encode offline (python -m lumina_jax preprocess) and train from the "
-                         f"latent cache")  # fmt: skip
     if d.batching == "bucket" and d.bucket_plan == "host":
         raise ValueError(f"stage {stage.name!r}: {shard_count} hosts read different data, and `bucket_plan: host` "
                          f"picks each host's image size from its own samples; use `bucket_plan: auto` (the global "

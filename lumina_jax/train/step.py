@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lumina_jax.data.cache import VAE_DOWNSAMPLE
 from lumina_jax.parallel.mesh import BATCH_AXES, LOGICAL_RULES, batch_sharding
 from lumina_jax.train import objective as obj
 from lumina_jax.train.lora import ema_source
@@ -41,7 +42,7 @@ from lumina_jax.train.state import TrainState
 
 DENSE_KEYS = ("latents", "cap_feats", "cap_mask", "valid")
 MIXED_KEYS = ("latents", "cap_feats", "cap_mask", "valid", "token_mask", "image_sizes")
-VAE_FACTOR = 8
+VAE_FACTOR = VAE_DOWNSAMPLE  # mixed batches come only from latent caches (the config refuses raw images)
 
 
 @dataclasses.dataclass(frozen=True)
