@@ -22,7 +22,7 @@ the same initial ``latents``) the output equals diffusers' ``Lumina2Pipeline`` t
 
 Non-empty negative prompts get the system prompt, as in the original (diffusers uses them verbatim:
 ``negative_system_prompt=False``, set by ``preset="diffusers"``); ``guidance_scale`` below 1 is applied
-(the original's formula; diffusers turns CFG off for any scale <= 1). Differences from diffusers that
+(the original's formula; diffusers, and ``preset="diffusers"``, turn CFG off for any scale <= 1). Differences from diffusers that
 remain: ``latents`` are channels-last ``(B, h, w, C)``; seeds instead of torch generators (image ``k`` of a
 call with ``seed=s`` uses ``s + k``, so it can be regenerated alone); with several prompts and
 ``num_images_per_prompt > 1`` diffusers pairs masks and features in different orders (its rows are
@@ -290,6 +290,7 @@ def resolve_settings(*, solver: Optional[str], num_inference_steps: Optional[int
         "cfg_renorm_ratio": ratio,
         "time_shift": shift,
         "negative_system_prompt": bool(pick(negative_system_prompt, "negative_system_prompt", True)),
+        "cfg_off_at_or_below_one": bool(p.get("cfg_off_at_or_below_one", False)),
     }
 
 
@@ -298,7 +299,8 @@ def schedule_of(settings: dict[str, Any], guidance_scale: float) -> Schedule:
     s = settings
     return make_schedule(s["solver"], s["num_inference_steps"], shift=s["time_shift"], guidance_scale=guidance_scale,
                          cfg_trunc_ratio=s["cfg_trunc_ratio"], cfg_trunc_mode=s["cfg_trunc_mode"],
-                         cfg_clamp_ratio=s["cfg_renorm_ratio"] if s["cfg_renorm"] == "clamp" else 1.0)  # fmt: skip
+                         cfg_clamp_ratio=s["cfg_renorm_ratio"] if s["cfg_renorm"] == "clamp" else 1.0,
+                         cfg_off_at_or_below_one=s.get("cfg_off_at_or_below_one", False))  # fmt: skip
 
 
 def _integer(value: Any, name: str) -> int:

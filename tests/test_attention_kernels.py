@@ -171,6 +171,8 @@ def test_no_mask_equals_full_lengths():
     full = flash_attention(q, k, v)
     ref = reference_attention_f64(q, k, v)
     assert rel_l2(full, ref) < F32_TOL
+    np.testing.assert_allclose(full, flash_attention(q, k, v, kv_lengths=jnp.array([33, 33])), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(full, flash_attention(q, k, v, jnp.ones((2, 33), bool)), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,13 +380,15 @@ def test_auto_backend_per_platform_dtype_and_head_dim(monkeypatch):
         assert attn.resolve_backend("auto") == want
     monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(attn, "_gpu_generation", lambda: 9)  # Hopper
-    assert attn.auto_candidates(jnp.bfloat16, 96) == ("cudnn", "pallas", "xla")
-    assert attn.auto_candidates(jnp.float32, 96) == ("pallas", "xla")  # cuDNN runs fp16/bf16 only
-    assert attn.auto_candidates(jnp.bfloat16, 36) == ("pallas", "xla")  # not a multiple of 8
+    # the Triton kernel per shard (pallas_sharded: plain pallas on one device)
+    assert attn.auto_candidates(jnp.bfloat16, 96) == ("cudnn", "pallas_sharded", "xla")
+    assert attn.auto_candidates(jnp.float32, 96) == ("pallas_sharded", "xla")  # cuDNN runs fp16/bf16 only
+    assert attn.auto_candidates(jnp.bfloat16, 36) == ("pallas_sharded", "xla")  # not a multiple of 8
     assert attn.auto_candidates(jnp.bfloat16, 512) == ("xla",)
-    assert attn.auto_candidates(jnp.bfloat16, 256) == ("cudnn", "pallas", "xla")
+    assert attn.auto_candidates(jnp.float64, 64) == ("xla",)  # the kernel takes fp32/bf16/fp16 only
+    assert attn.auto_candidates(jnp.bfloat16, 256) == ("cudnn", "pallas_sharded", "xla")
     monkeypatch.setattr(attn, "_gpu_generation", lambda: 8)  # Ampere: cuDNN up to 128
-    assert attn.auto_candidates(jnp.bfloat16, 256) == ("pallas", "xla")
+    assert attn.auto_candidates(jnp.bfloat16, 256) == ("pallas_sharded", "xla")
     # the FLOP count's question: does the named backend run a kernel for these inputs?
     assert attn.attention_uses_kernel("auto", "bfloat16", 96) and attn.attention_uses_kernel("context", "bfloat16", 96)
     assert not attn.attention_uses_kernel("cudnn", "float32", 96)  # falls back to XLA itself
@@ -397,7 +401,8 @@ def test_auto_backend_per_platform_dtype_and_head_dim(monkeypatch):
 
 def test_auto_falls_back_past_a_backend_that_cannot_build_and_says_so(monkeypatch, caplog):
     """A candidate that fails while tracing (no cuDNN on this machine, a shape a kernel refuses) is
-    passed over for the next one; the choice and the reasons are logged once."""
+    passed over for the next one; the choice and the reasons are logged once, and from then on
+    ``resolve_backend`` / ``attention_uses_kernel`` (FLOP counts, benchmark labels) report what ran."""
     calls = []
 
     def no_cudnn(q, k, v, **kw):
@@ -411,18 +416,22 @@ def test_auto_falls_back_past_a_backend_that_cannot_build_and_says_so(monkeypatc
     monkeypatch.setattr(attn.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(attn, "_gpu_generation", lambda: 9)
     monkeypatch.setitem(attn._BACKENDS, "cudnn", no_cudnn)
-    monkeypatch.setitem(attn._BACKENDS, "pallas", no_pallas)
+    monkeypatch.setitem(attn._BACKENDS, "pallas_sharded", no_pallas)
     monkeypatch.setattr(attn, "_LOGGED_CHOICES", set())
+    monkeypatch.setattr(attn, "_FALLBACKS", {})
+    assert attn.resolve_backend("auto", jnp.bfloat16, 32) == "cudnn" and attn.attention_uses_kernel("auto", "bfloat16", 32)
     q, k, v, _ = make_inputs(11, 2, 16, 16, 4, 2, 32, dtype=jnp.bfloat16)
     lens = jnp.array([16, 5], jnp.int32)
     with caplog.at_level("INFO", logger="lumina_jax.ops"):
         out = jax.jit(lambda q, k, v, n: attn.attention(q, k, v, kv_lengths=n))(q, k, v, lens)
         attn.attention(q, k, v, kv_lengths=lens)  # same inputs again: not logged again
-    assert calls == ["cudnn", "pallas", "cudnn", "pallas"]
+    assert calls == ["cudnn", "pallas", "cudnn", "pallas"]  # (the fake is registered as pallas_sharded)
     np.testing.assert_array_equal(np.asarray(out, np.float32),
                                   np.asarray(attn.attention(q, k, v, kv_lengths=lens, backend="xla"), np.float32))
     assert caplog.text.count("attention backend auto -> xla (gpu, bfloat16, head_dim 32)") == 1
-    assert "cudnn: RuntimeError: cuDNN is not detected." in caplog.text and "pallas: ValueError" in caplog.text
+    assert "cudnn: RuntimeError: cuDNN is not detected." in caplog.text and "pallas_sharded: ValueError" in caplog.text
+    assert attn.resolve_backend("auto", jnp.bfloat16, 32) == "xla" and not attn.attention_uses_kernel("auto", "bfloat16", 32)
+    assert attn.resolve_backend("auto", jnp.bfloat16, 64) == "cudnn"  # another head_dim: not traced yet
 
 
 def test_bench_attention_runs_on_cpu():

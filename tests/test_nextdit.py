@@ -257,6 +257,15 @@ def test_bad_inputs_have_clear_errors():
         NextDiT(config.replace(axes_lens=(4, 8, 8))).apply({"params": params}, x, jnp.zeros(1), cap, mask)
     with pytest.raises(ValueError, match="caption features have length 0"):
         model.apply({"params": params}, x, jnp.zeros(1), cap[:, :0], mask[:, :0])
+    # left padding (transformers' Gemma tokenizer default) or a hole: the model would attend the pad rows
+    x2, cap2 = jnp.zeros((3, 8, 8, 16)), jnp.zeros((3, 4, config.cap_feat_dim))
+    for bad in ([[0, 0, 1, 1]], [[1, 0, 1, 0]]):
+        m = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1]] + bad, bool)
+        with pytest.raises(ValueError, match=r"caption mask rows \[2\] are not right-padded.*padding_side='right'"):
+            model.apply({"params": params}, x2, jnp.zeros(3), cap2, m)
+    ok = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)  # right padding, an empty row: fine
+    assert model.apply({"params": params}, x2, jnp.zeros(3), cap2, ok).shape == x2.shape
+    jax.jit(lambda m: model.apply({"params": params}, x2, jnp.zeros(3), cap2, m))(ok)  # traced: not checked
     with pytest.raises(ValueError, match="unknown NextDiT config keys"):
         NextDiTConfig.from_dict({"dim": 64, "n_layer": 3})
     with pytest.raises(ValueError, match="head_dim"):

@@ -364,6 +364,48 @@ def test_context_attention_with_more_tensor_devices_than_kv_heads(tmp_path):
     assert r.returncode == 0 and "ERR" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
+_GPU_KERNEL_SHARDED_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType
+import lumina_jax.ops.attention as attn
+from lumina_jax.ops.attention import attention
+from lumina_jax.parallel.mesh import LOGICAL_RULES
+import flax.linen as nn
+rng = np.random.default_rng(0)
+b, l, hq, hkv, d = 4, 19, 8, 2, 16
+q = jnp.asarray(rng.standard_normal((b, l, hq, d)), jnp.float32)
+k, v = (jnp.asarray(rng.standard_normal((b, l, hkv, d)), jnp.float32) for _ in range(2))
+n = jnp.asarray([19, 6, 1, 12])
+loss = lambda backend: lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, kv_lengths=n, backend=backend)))
+ref, g_ref = attention(q, k, v, kv_lengths=n, backend="xla"), jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+# "auto" as on a GPU without cuDNN: the Triton kernel (interpreted here) per shard
+attn._AUTO_PREFERENCE["cpu"] = ("pallas_sharded",)
+for shape, backend in (((2, 1, 1, 4), "pallas_sharded"), ((1, 2, 1, 4), "auto"), ((2, 1, 2, 2), "context")):
+    mesh = jax.make_mesh(shape, ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        fwd = jax.jit(lambda q, k, v: attention(q, k, v, kv_lengths=n, backend=backend))
+        out, hlo = fwd(q, k, v), fwd.lower(q, k, v).as_text()
+        g = jax.jit(jax.grad(loss(backend), argnums=(0, 1, 2)))(q, k, v)
+    err = float(jnp.max(jnp.abs(out - ref)))
+    gerr = max(float(jnp.max(jnp.abs(a - c)) / jnp.max(jnp.abs(c))) for a, c in zip(g, g_ref))  # |dv| ~ 76
+    mapped = "manual_computation" in hlo or "SPMDFullToShardShape" in hlo
+    print("ERR", shape, backend, err, gerr, mapped)
+    assert err < 1e-5 and gerr < 1e-5 and mapped, (shape, backend, err, gerr, mapped)
+"""
+
+
+def test_gpu_kernel_runs_per_shard_under_a_mesh(tmp_path):
+    """``pallas_sharded`` (``auto`` on GPU after cuDNN) runs the Triton kernel (interpreted here) inside
+    ``shard_map`` over the batch / head axes, and ``context`` (inner ``auto``) runs it inside its own
+    map without nesting another: outputs and gradients equal XLA on one device (GQA 8/2 on tensor=4, ragged
+    lengths, 8 devices)."""
+    from test_parallel_meshes import subprocess_env
+
+    r = subprocess.run([sys.executable, "-c", _GPU_KERNEL_SHARDED_SCRIPT], env=subprocess_env(8), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.count("ERR") == 3, r.stdout[-2000:] + r.stderr[-4000:]
+
+
 def test_cli_environment_defaults(monkeypatch):
     """With libtpu installed and no TPU here, commands default to the CPU backend (no libtpu errors on
     every command); a TPU VM or the user's own JAX_PLATFORMS is left alone; transformers' torch advice off."""

@@ -191,6 +191,14 @@ def test_solve_reports_each_step_through_a_host_callback(x0):
     np.testing.assert_allclose(out, run_jax("midpoint", x0, 6), rtol=1e-6)
 
 
+def test_solve_integrates_in_float32_from_bf16_noise(x0):
+    """bf16 noise is widened (the state and the schedule are float32), not a scan carry type error."""
+    sched = S.make_schedule("dpm", 3)
+    out = S.dpm(v_jax, (jnp.float32(MU), jnp.float32(SD)), jnp.asarray(x0, jnp.bfloat16), sched)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, run_jax("dpm", np.asarray(jnp.asarray(x0, jnp.bfloat16), np.float32), 3), rtol=1e-6)
+
+
 def test_solvers_run_outside_jit(x0):
     """The public solver functions also run eagerly (the schedule's NumPy arrays indexed by the loop's
     traced step index)."""
@@ -225,6 +233,11 @@ def test_schedule_errors():
         S.make_schedule("euler", 0)
     with pytest.raises(ValueError, match="time_shift"):
         S.make_schedule("euler", 4, shift=-1.0)
+    with pytest.raises(ValueError, match=r"time_shift must be a finite number > 0 \(within float32\)"):
+        S.make_schedule("flow_euler", 4, shift=1e39)  # float32 sigmas would be inf/NaN
+    for solver in S.SOLVERS:  # huge but finite: t + s - s t used to cancel to 0 at t = 1 (inf steps)
+        sched = S.make_schedule(solver, 4, shift=1e16)
+        assert all(np.all(np.isfinite(a)) for a in sched.arrays.values()), solver
     with pytest.raises(ValueError, match="built for 'euler'"):
         S.dpm(v_jax, None, jnp.zeros(3), S.make_schedule("euler", 2))
 
@@ -321,6 +334,20 @@ def test_midpoint_step_can_straddle_the_threshold():
 def test_no_guidance_at_scale_one():
     sched = S.make_schedule("midpoint", 5, guidance_scale=1.0)
     assert sched.num_guided == 0 and sched.segments() == [(0, 5, (False, False))]
+
+
+def test_scales_below_one_are_guided_unless_the_diffusers_rule_is_asked_for():
+    """The original applies ``v_u + w (v_c - v_u)`` for any ``w != 1``; diffusers (and the ``diffusers``
+    preset) turn CFG off for every ``w <= 1``."""
+    from lumina_jax.pipeline import resolve_settings, schedule_of
+
+    assert S.make_schedule("flow_euler", 4, guidance_scale=0.5).num_guided == 4
+    assert S.make_schedule("flow_euler", 4, guidance_scale=0.5, cfg_off_at_or_below_one=True).num_guided == 0
+    assert S.make_schedule("flow_euler", 4, guidance_scale=1.5, cfg_off_at_or_below_one=True).num_guided == 4
+    kw = dict(solver=None, num_inference_steps=4, cfg_trunc_ratio=None, cfg_normalization=None, cfg_trunc_mode=None,
+              time_shift=None, default_shift=6.0)
+    for preset, want in (("diffusers", 0), ("quality", 8), (None, 8)):
+        assert schedule_of(resolve_settings(preset=preset, **kw), 0.5).num_guided == want, preset
 
 
 # ----------------------------------------------------------------------------------------------

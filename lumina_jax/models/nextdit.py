@@ -656,6 +656,14 @@ class NextDiT(nn.Module):
             raise ValueError(f"caption length {lc} (padded) is over the model's limit of {c.axes_lens[0] - 1} tokens "
                              f"(RoPE table of {c.axes_lens[0]} positions, one of them the image tokens' caption "
                              f"position); pad captions to at most {c.axes_lens[0] - 1}")
+        if not isinstance(cap_mask, jax.core.Tracer):  # concrete (not under jit): a left-padded mask is an error
+            m = np.asarray(cap_mask).astype(bool)
+            prefix = np.arange(lc)[None, :] < m.sum(1, keepdims=True)
+            if np.any(m != prefix):
+                rows = np.flatnonzero(np.any(m != prefix, axis=1)).tolist()
+                raise ValueError(f"caption mask rows {rows[:8]} are not right-padded: the model takes each caption's "
+                                 f"valid tokens to come first (a tokenizer padding on the left, as transformers' "
+                                 f"Gemma tokenizer does by default, needs padding_side='right')")  # fmt: skip
         cap_len = jnp.sum(cap_mask.astype(jnp.int32), axis=1)  # (B,) L_i
         n_img = grid[:, 0] * grid[:, 1]  # (B,) N_i
 

@@ -71,6 +71,10 @@ def get_backend(name: str) -> AttentionFn:
 # (Pallas kernels would only run in the slow interpreter). GPU: see auto_candidates.
 _AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {"tpu": ("splash_sharded", "splash"), "cpu": ()}
 _CUDNN_DTYPES = ("bfloat16", "float16")
+_PALLAS_DTYPES = ("float32", "bfloat16", "float16")
+# (platform, dtype, head_dim) -> the backend "auto" ran after passing over failing ones: what
+# resolve_backend reports from then on
+_FALLBACKS: dict[tuple[str, str, int], str] = {}
 _LOGGED_CHOICES: set = set()
 
 
@@ -88,9 +92,10 @@ def auto_candidates(dtype: Optional[object] = None, head_dim: Optional[int] = No
     JAX's default backend), best first, ending with ``"xla"``.
 
     GPU: cuDNN (the fastest measured on Hopper) for bf16/fp16 with ``head_dim`` a multiple of 8 and at
-    most 256 (128 before Hopper); then our Triton kernel (``pallas``, ``head_dim`` <= 256, any float
-    dtype). TPU: the splash kernel (sharded, then local). CPU: XLA. ``None`` for dtype / head_dim means
-    unknown (then the shape conditions are not applied).
+    most 256 (128 before Hopper); then our Triton kernel inside ``shard_map`` (``pallas_sharded``, which
+    is the plain ``pallas`` kernel on one device) for fp32/bf16/fp16 with ``head_dim`` <= 256. TPU: the
+    splash kernel (sharded, then local). CPU: XLA. ``None`` for dtype / head_dim means unknown (then the
+    shape conditions are not applied).
     """
     platform = platform or jax.default_backend()
     if platform != "gpu":
@@ -100,15 +105,22 @@ def auto_candidates(dtype: Optional[object] = None, head_dim: Optional[int] = No
     d_ok = head_dim is None or head_dim % 8 == 0 and head_dim <= (256 if _gpu_generation() >= 9 else 128)
     if (dt is None or dt in _CUDNN_DTYPES) and d_ok:
         names.append("cudnn")
-    if head_dim is None or head_dim <= 256:
-        names.append("pallas")
+    if (dt is None or dt in _PALLAS_DTYPES) and (head_dim is None or head_dim <= 256):
+        names.append("pallas_sharded")
     return (*names, "xla")
 
 
 def resolve_backend(name: str, dtype: Optional[object] = None, head_dim: Optional[int] = None) -> str:
-    """The backend ``name`` stands for here: ``"auto"`` -> the first of :func:`auto_candidates` (which
-    one runs can still fall further down the list if a backend fails to build, e.g. no cuDNN)."""
-    return auto_candidates(dtype, head_dim)[0] if name == "auto" else name
+    """The backend ``name`` stands for here: ``"auto"`` -> the first of :func:`auto_candidates`, or,
+    once ``auto`` has passed over candidates that failed to build for this dtype / head_dim (e.g. no
+    cuDNN), the one it ran."""
+    if name != "auto":
+        return name
+    if dtype is not None and head_dim is not None:
+        ran = _FALLBACKS.get((jax.default_backend(), jnp.dtype(dtype).name, int(head_dim)))
+        if ran is not None:
+            return ran
+    return auto_candidates(dtype, head_dim)[0]
 
 
 def attention_uses_kernel(name: str, dtype: object, head_dim: int) -> bool:
@@ -144,6 +156,8 @@ def auto_attention(q, k, v, *, kv_mask, kv_lengths, scale):
             failed.append(f"{name}: {type(e).__name__}: {e}")
             continue
         key = (jax.default_backend(), jnp.dtype(q.dtype).name, q.shape[-1], name)
+        if failed:
+            _FALLBACKS[key[:3]] = name
         if key not in _LOGGED_CHOICES:
             _LOGGED_CHOICES.add(key)
             log = logging.getLogger("lumina_jax.ops")
@@ -258,3 +272,4 @@ register_lazy_backend("splash_sharded", "lumina_jax.parallel.tpu_attention")
 register_lazy_backend("tpu_splash_local", "lumina_jax.parallel.tpu_attention")
 register_lazy_backend("pallas_tpu_sharded", "lumina_jax.parallel.tpu_attention")
 register_lazy_backend("tpu_pallas_local", "lumina_jax.parallel.tpu_attention")
+register_lazy_backend("pallas_sharded", "lumina_jax.parallel.tpu_attention")

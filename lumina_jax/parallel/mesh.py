@@ -307,13 +307,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-# backends that run context-parallel attention themselves when the mesh has context > 1 (the TPU ones)
-CONTEXT_CAPABLE = ("splash_sharded", "pallas_tpu_sharded")
+# backends that run context-parallel attention themselves when the mesh has context > 1 (the shard_map ones)
+CONTEXT_CAPABLE = ("splash_sharded", "pallas_tpu_sharded", "pallas_sharded")
 
 
 def warn_context_attention(mesh_shape: dict, attention: str) -> bool:
     """Warn (and return True) when a ``context`` mesh axis would not shard the attention: only the
-    ``context*`` backends and the TPU ones (:data:`CONTEXT_CAPABLE`, what ``auto`` is on a TPU) run it in
+    ``context*`` backends and the kernels in shard_map (:data:`CONTEXT_CAPABLE`, what ``auto`` is on a TPU) run it in
     shard_map over the token axis."""
     name = attention
     if name == "auto":

@@ -1,12 +1,15 @@
-"""TPU attention that partitions: Mosaic kernels inside ``shard_map``.
+"""Attention kernels that partition: Pallas kernels inside ``shard_map``.
 
-Mosaic kernels cannot be partitioned automatically by GSPMD, so under a multi-device mesh the kernel
+Mosaic (TPU) and Triton (GPU) kernels cannot be partitioned automatically by GSPMD (XLA would gather
+q, k and v onto every device and run the whole kernel there), so under a multi-device mesh the kernel
 must run per shard: the ``*_sharded`` backends wrap it in ``jax.shard_map`` over the batch and head axes
 the logical rules give the activations (and in the context-parallel wrapper when the ``context`` axis is
 used). On one device they call the kernel directly. Registered attention backends:
 
 * ``splash_sharded`` (the TPU default of ``backend="auto"``) / ``tpu_splash_local``: JAX's splash kernel;
-* ``pallas_tpu_sharded`` / ``tpu_pallas_local``: our own kernels (:mod:`lumina_jax.ops.flash_attention_tpu`).
+* ``pallas_tpu_sharded`` / ``tpu_pallas_local``: our own kernels (:mod:`lumina_jax.ops.flash_attention_tpu`);
+* ``pallas_sharded`` (``auto``'s GPU choice after cuDNN) around ``pallas``: our Triton kernels
+  (:mod:`lumina_jax.ops.flash_attention`; in the Pallas interpreter off GPU, as the tests run it).
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ def _run_sharded(local_kernel, local_name, q, k, v, kv_mask, kv_lengths, scale):
 
     mesh = jax.sharding.get_abstract_mesh()
     shape = dict(mesh.shape) if mesh is not None and not mesh.empty else {}
-    if math.prod(shape.values() or [1]) == 1:
+    # one device, or already inside a shard_map (e.g. the context-parallel wrapper's, whose inner "auto"
+    # picks this backend): the arrays here are per-device blocks
+    if math.prod(shape.values() or [1]) == 1 or getattr(mesh, "manual_axes", ()):
         return local_kernel(q, k, v, kv_mask=kv_mask, kv_lengths=kv_lengths, scale=scale)
     if shape.get("context", 1) > 1:
         from lumina_jax.parallel.context import context_parallel_attention
@@ -83,9 +88,16 @@ def _run_sharded(local_kernel, local_name, q, k, v, kv_mask, kv_lengths, scale):
     return jax.shard_map(local, in_specs=(qkv, qkv, qkv, *specs), out_specs=qkv, check_vma=False)(q, k, v, *extra)
 
 
+def _gpu_pallas(q, k, v, *, kv_mask, kv_lengths, scale):
+    from lumina_jax.ops.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, kv_mask, kv_lengths=kv_lengths, scale=scale, target="gpu")
+
+
 splash_sharded = _sharded(_tpu_splash, "tpu_splash_local")
 pallas_tpu_sharded = _sharded(_tpu_pallas, "tpu_pallas_local")
 register_backend("tpu_splash_local")(_tpu_splash)
 register_backend("splash_sharded")(splash_sharded)
 register_backend("tpu_pallas_local")(_tpu_pallas)
 register_backend("pallas_tpu_sharded")(pallas_tpu_sharded)
+register_backend("pallas_sharded")(_sharded(_gpu_pallas, "pallas"))

@@ -105,14 +105,20 @@ def resolve_cfg_normalization(value: Union[bool, float, str, None]) -> tuple[str
 
 
 def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_ratio: float,
-                   trunc_mode: TruncMode = "time", clamp_ratio: float = 1.0) -> tuple[tuple[bool, ...], ...]:
+                   trunc_mode: TruncMode = "time", clamp_ratio: float = 1.0,
+                   off_at_or_below_one: bool = False) -> tuple[tuple[bool, ...], ...]:
     """Which model evaluations run with CFG: a static ``(num_steps, evals_per_step)`` tuple of bools.
 
     ``eval_times`` ``(num_steps, evals_per_step)`` holds the model time (0 = noise) of each evaluation.
     No evaluation is guided when ``guidance_scale == 1`` (the guided velocity is then exactly the
     conditional one; the original would spend the batched forward anyway) -- unless a CFG-Renorm clamp
     ``clamp_ratio < 1`` applies, which scales even that velocity by the ratio inside the guidance window.
-    Other scales, below 1 too, are guided as in the original (diffusers turns CFG off for every scale ``<= 1``).
+    Other scales, below 1 too, are guided as in the original; ``off_at_or_below_one`` is diffusers' rule
+    (no CFG for any scale ``<= 1``; ``preset="diffusers"`` sets it).
+
+    ``trunc_mode="time"`` compares the evaluation times, computed in float64, with the ratio; where a time
+    equals the ratio exactly in exact arithmetic (e.g. shift 6, ratio 0.25 at the grid point 2/3) the
+    original's float32 grid can round it to either side, so it may guide one evaluation more or fewer.
     """
     eval_times = np.asarray(eval_times, np.float64)
     if eval_times.ndim != 2:
@@ -125,7 +131,7 @@ def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_r
                          f"{cfg_trunc_ratio!r}")  # fmt: skip
     if not np.isfinite(float(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if float(guidance_scale) == 1.0 and not float(clamp_ratio) < 1.0:
+    if float(guidance_scale) == 1.0 and not float(clamp_ratio) < 1.0 or off_at_or_below_one and guidance_scale <= 1:
         on = np.zeros((n, k), bool)
     elif trunc_mode == "time":
         on = eval_times < float(cfg_trunc_ratio)

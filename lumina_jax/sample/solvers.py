@@ -74,8 +74,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"solver": "dpm", "num_inference_steps": 10, "cfg_trunc_ratio": 0.25},
     # diffusers' Lumina2Pipeline defaults (Euler, 30 steps, renorm over rows, step-fraction trunc).
     # Negative prompts verbatim (the original gives non-empty ones the system prompt).
+    # CFG off for every guidance_scale <= 1 (diffusers' do_classifier_free_guidance).
     "diffusers": {"solver": "flow_euler", "num_inference_steps": 30, "cfg_trunc_ratio": 1.0,
-                  "cfg_normalization": "rows", "cfg_trunc_mode": "steps", "negative_system_prompt": False},
+                  "cfg_normalization": "rows", "cfg_trunc_mode": "steps", "negative_system_prompt": False,
+                  "cfg_off_at_or_below_one": True},
 }  # fmt: skip
 """Named settings (documented in the README of the CLI and the notebook). Speed is in model forwards
 per image: ``quality`` 34 guided (= 68 batch rows), ``balanced`` ~23 guided + 11 conditional,
@@ -93,9 +95,10 @@ def check_solver(name: str) -> str:
 
 
 def shift_time(t: np.ndarray, shift: float) -> np.ndarray:
-    """Original time shift on model time (0 = noise): ``t / (t + s - s t)`` (spec §7.1)."""
+    """Original time shift on model time (0 = noise): ``t / (t + s - s t)`` (spec §7.1), computed as
+    ``t / (t + s (1 - t))``, which does not cancel to 0 at ``t = 1`` for huge ``s``."""
     t = np.asarray(t, np.float64)
-    return t / (t + shift - shift * t)
+    return t / (t + shift * (1.0 - t))
 
 
 def shift_sigma(sigma: np.ndarray, shift: float) -> np.ndarray:
@@ -231,12 +234,13 @@ def make_schedule(
     cfg_trunc_ratio: float = 1.0,
     cfg_trunc_mode: TruncMode = "time",
     cfg_clamp_ratio: float = 1.0,
+    cfg_off_at_or_below_one: bool = False,
 ) -> Schedule:
     """Build the :class:`Schedule` of ``solver`` with ``num_steps`` steps (``None``: the solver's default).
 
     ``shift`` is the time shift ``s`` (original ``--time_shifting_factor`` / diffusers scheduler
     ``shift``). Guidance flags follow :func:`lumina_jax.sample.cfg.guidance_flags` (``cfg_clamp_ratio``:
-    the CFG-Renorm clamp ratio when that renorm is on).
+    the CFG-Renorm clamp ratio when that renorm is on; ``cfg_off_at_or_below_one``: diffusers' rule).
     """
     check_solver(solver)
     if num_steps is None:
@@ -245,8 +249,8 @@ def make_schedule(
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_steps!r}")
     num_steps = int(num_steps)
     shift = float(shift)
-    if not shift > 0 or not np.isfinite(shift):
-        raise ValueError(f"time_shift must be a finite number > 0, got {shift}")
+    if not 0 < shift <= float(np.finfo(np.float32).max):  # the schedules are float32 (NaN fails too)
+        raise ValueError(f"time_shift must be a finite number > 0 (within float32), got {shift}")
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     if solver in ("euler", "midpoint"):
         grid = original_grid(num_steps, shift)
@@ -268,7 +272,8 @@ def make_schedule(
         t_eval = model_t.astype(np.float64)[:, None]
     arrays["t_eval"] = f32(t_eval)
     flags = guidance_flags(t_eval, guidance_scale=guidance_scale, cfg_trunc_ratio=cfg_trunc_ratio,
-                           trunc_mode=cfg_trunc_mode, clamp_ratio=cfg_clamp_ratio)  # fmt: skip
+                           trunc_mode=cfg_trunc_mode, clamp_ratio=cfg_clamp_ratio,
+                           off_at_or_below_one=cfg_off_at_or_below_one)  # fmt: skip
     return Schedule(solver, num_steps, flags, arrays)
 
 
@@ -307,7 +312,9 @@ def solve(model_fn: ModelFn, params: Any, x: jax.Array, schedule: Schedule,
 
     ``on_step(i)`` (optional) is called on the host after each step through ``jax.debug.callback``
     (note: executables with host callbacks are not stored in JAX's persistent compilation cache).
+    The state is integrated in float32 whatever ``x``'s dtype (bf16 noise is widened).
     """
+    x = jnp.asarray(x, jnp.float32)
     state = init_state(schedule, x)
     for start, stop, flags in schedule.segments():
 
