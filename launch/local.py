@@ -61,9 +61,9 @@ def echo_new(path: Path, pos: int) -> int:
 
 
 def build(args: argparse.Namespace) -> list[tuple[dict, list[str]]]:
-    port = int(os.environ.get("LAUNCH_PORT") or args.port or free_port())
+    port = int(args.port or os.environ.get("LAUNCH_PORT") or free_port())  # an explicit --port wins
     python = os.environ.get("PYTHON", sys.executable)
-    cmd_tail = [a for a in args.rest if a != "--"]
+    cmd_tail = args.rest[1:] if args.rest[:1] == ["--"] else list(args.rest)  # the separator only
     jobs = []
     for i in range(args.num_processes):
         env = {

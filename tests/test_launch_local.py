@@ -29,6 +29,18 @@ def test_counts_must_be_positive(flag, value, capsys):
     assert "must be >= 1" in capsys.readouterr().err
 
 
+def test_port_and_separator(monkeypatch, capsys):
+    """An explicit ``--port`` wins over ``LAUNCH_PORT``; only the first ``--`` (the separator) is dropped, a
+    later one reaches the child."""
+    monkeypatch.setenv("LAUNCH_PORT", "5555")
+    mod = _load()
+    assert mod.main(["-n", "1", "--port", "4242", "--dry-run", "--", "cfg", "a=1", "--", "--flag"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "LUMINA_COORDINATOR=127.0.0.1:4242" in line and line.endswith("train cfg a=1 -- --flag")
+    assert mod.main(["-n", "1", "--dry-run", "--", "cfg"]) == 0
+    assert "LUMINA_COORDINATOR=127.0.0.1:5555" in capsys.readouterr().out
+
+
 def test_process_0_output_is_streamed(tmp_path):
     # process 0 prints, then hangs past --timeout: its output must already be on the console
     (tmp_path / "hang_after_print.py").write_text("import time\nprint('hello from process', flush=True)\n"

@@ -76,9 +76,18 @@ def test_mesh_argument_parsing():
     assert MeshConfig.parse("fsdp_tensor, tensor=4") == MeshConfig(preset="fsdp_tensor", tensor=4)
     assert MeshConfig.parse("fsdp=2,tensor=2") == MeshConfig(fsdp=2, tensor=2)
     for bad, msg in [("dpp", "unknown mesh preset 'dpp'"), ("gpu=2", "unknown axis 'gpu'"),
-                     ("fsdp=two", "fsdp must be an integer"), ("dp,fsdp", "two presets"), (" , ", "empty mesh")]:
+                     ("fsdp=two", "fsdp must be an integer"), ("dp,fsdp", "two presets"), (" , ", "empty mesh"),
+                     ("fsdp=2,fsdp=4", "fsdp is given twice")]:
         with pytest.raises(ValueError, match=msg):
             MeshConfig.parse(bad)
+
+
+def test_dcn_sizes_on_one_slice_are_warned(caplog):
+    from lumina_jax.parallel.mesh import create_mesh, mesh_shape
+
+    with caplog.at_level("WARNING", logger="lumina_jax.parallel.mesh"):
+        mesh = create_mesh(MeshConfig.parse("dcn_fsdp=2,fsdp=-1"), devices=jax.devices()[:1])
+    assert mesh_shape(mesh)["fsdp"] == 1 and "mesh dcn_fsdp=2 ignored: the 1 devices form one slice" in caplog.text
 
 
 def test_mesh_errors(tmp_path, capsys):

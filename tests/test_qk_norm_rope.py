@@ -20,6 +20,10 @@ def _inputs(seed, b, l, h, d, dtype):
 @pytest.mark.parametrize("d, l, block_l", [(96, 40, 16), (32, 33, 8)])  # 96 = 64 + 32 chunks; L padded
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_matches_reference_and_gradients(d, l, block_l, dtype):
+    """The kernel's output equals the XLA reference. Its backward is, by design, the reference's VJP
+    recomputed in XLA (no Pallas backward), so the gradient check covers the custom_vjp wiring (residuals,
+    length padding, dtype); that the reference is the model's unfused norm + RoPE, values and gradients,
+    is checked in ``test_nextdit_with_the_fused_prologue``."""
     x, w, cos, sin = _inputs(0, 2, l, 3, d, dtype)
     out = qk_norm_rope(x, w, cos, sin, eps=1e-6, block_l=block_l)
     ref = norm_rope_reference(x, w, cos, sin, 1e-6)

@@ -206,12 +206,15 @@ def test_bench_train_runs_on_cpu(capsys):
     from lumina_jax.bench.train import main
 
     assert main(["--config", "nextdit_tiny", "--res", "64", "--batch", "8", "--steps", "2", "--no-aux",
-                 "--dtype", "float32", "--attention", "xla", "--mesh", "dp"]) == 0  # fmt: skip
+                 "--dtype", "float32", "--attention", "xla", "--mesh", "data=1"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "tflops_per_device" in out and "matmul_bf16_tflops" in out
     for flag in ("--lora", "--cap-len"):  # 0 ran full training / the default length, recorded as 0
         with pytest.raises(SystemExit):
             main(["--config", "nextdit_tiny", flag, "0"])
+    with pytest.raises(SystemExit):  # a bad mesh fails in argparse, before any work
+        main(["--config", "nextdit_tiny", "--mesh", "fsdp=two"])
+    assert "fsdp must be an integer" in capsys.readouterr().err
 
 
 def test_bench_train_falls_back_to_a_batch_that_fits(tmp_path, monkeypatch, capsys):

@@ -932,6 +932,24 @@ def test_raw_image_training_says_once_that_captions_are_cut_and_counts_them(capl
     assert enc.last_truncated == 1 and enc.truncated == 7
 
 
+def test_data_counters_count_each_shard_once(monkeypatch):
+    """Processes feeding the same rows (a tensor axis across hosts: 4 processes, 2 shards) read the same
+    samples: the logged counters sum one process per shard, not every copy."""
+    from jax.experimental import multihost_utils
+
+    from lumina_jax.train.data import DATA_COUNTERS, data_counters
+
+    shards = [0, 0, 1, 1]
+    per_process = [np.array([10, 1, 0, 2, 0]), np.array([10, 1, 0, 2, 0]), np.array([7, 0, 1, 0, 3]),
+                   np.array([7, 0, 1, 0, 3])]  # fmt: skip
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([np.concatenate([[s], c]) for s, c in zip(shards, per_process)]))
+    assert len(DATA_COUNTERS) == 5
+    assert data_counters(per_process[0], shards[0]) == {"data/samples": 17, "data/skipped": 1, "data/padded_rows": 1,
+                                                         "data/captions_dropped": 2, "data/captions_truncated": 3}
+
+
 def test_data_counters_count_truncated_captions_in_the_saved_data_state():
     """The encoders' cuts land in the pipeline iterator's DataStats (saved with the data state), and
     the training metrics report them with the other data counters."""

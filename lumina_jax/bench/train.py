@@ -26,6 +26,17 @@ import sys
 import time
 
 
+def _mesh_arg(text: str) -> str:
+    """``--mesh``: checked here, so a typo fails in argparse naming the option."""
+    from lumina_jax.parallel.mesh import MeshConfig
+
+    try:
+        MeshConfig.parse_fields(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def main(argv: list[str]) -> int:
     from lumina_jax.config_utils import int_at_least
 
@@ -41,7 +52,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int_at_least(1), default=5)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--attention", default="auto")
-    p.add_argument("--mesh", default="fsdp", help="mesh preset: dp, fsdp, fsdp_tensor, context")
+    p.add_argument("--mesh", default="fsdp", type=_mesh_arg,
+                   help="mesh: a preset (dp, fsdp, fsdp_tensor, context), axis sizes (fsdp=2,tensor=2) or both")
     p.add_argument("--no-aux", action="store_true", help="disable the auxiliary pooled-latent loss")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lora", type=int_at_least(1), default=None, metavar="RANK",
@@ -102,12 +114,13 @@ def _run(args: argparse.Namespace, batch_size: int) -> dict:
 
     from lumina_jax.bench import peak_device_memory
     from lumina_jax.train import metrics as M
+    from lumina_jax.parallel.mesh import MeshConfig
     from lumina_jax.train.config import config_from_dict
     from lumina_jax.train.loop import Trainer
 
     cap_len = args.cap_len if args.cap_len is not None else (8 if "tiny" in args.config else 256)
     raw = {
-        "model": args.config, "run_dir": "/tmp/lumina_bench_train", "mesh": {"preset": args.mesh},
+        "model": args.config, "run_dir": "/tmp/lumina_bench_train", "mesh": MeshConfig.parse_fields(args.mesh),
         "dtype": args.dtype, "attention": args.attention, "remat": args.remat, "grad_accum": args.grad_accum,
         "objective": {"aux_loss_weight": 0.0 if args.no_aux else 1.0},
         "log": {"tensorboard": False, "progress": False},

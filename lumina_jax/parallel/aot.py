@@ -558,11 +558,8 @@ def mesh_override(text: str) -> str:
     bad part."""
     from lumina_jax.parallel.mesh import MeshConfig
 
-    MeshConfig.parse(text)  # checks names and sizes
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    fields = [f"preset: {p}" for p in parts if "=" not in p]
-    fields += [f"{k.strip()}: {v.strip()}" for k, _, v in (p.partition("=") for p in parts) if v]
-    return f"mesh={{{', '.join(fields)}}}"
+    fields = MeshConfig.parse_fields(text)  # checks names and sizes
+    return f"mesh={{{', '.join(f'{k}: {v}' for k, v in fields.items())}}}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -55,7 +55,7 @@ def measure(config: str, dtype: str, mesh_preset: str, layers: int | None, refin
         cfg = cfg.replace(n_layers=layers)
     if refiner_layers is not None:
         cfg = cfg.replace(n_refiner_layers=refiner_layers)
-    mesh = M.create_mesh(mesh_preset)
+    mesh = M.create_mesh(M.MeshConfig.parse(mesh_preset))
     dt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     abstract = S.unbox(S.model_abstract(cfg))
     param_bytes = sum(int(a.size) * jnp.dtype(dt).itemsize for a in jax.tree.leaves(abstract))
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="nextdit_7b")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--mesh", default="fsdp", help="mesh preset (dp, fsdp, fsdp_tensor, context)")
+    p.add_argument("--mesh", default="fsdp",
+                   help="mesh: a preset (dp, fsdp, fsdp_tensor, context), axis sizes (fsdp=2,tensor=2) or both")
     p.add_argument("--layers", type=int, default=None, help="override n_layers (keep widths)")
     p.add_argument("--refiner-layers", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the report here")

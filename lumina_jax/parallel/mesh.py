@@ -122,6 +122,11 @@ class MeshConfig:
     def parse(cls, text: str) -> "MeshConfig":
         """A command-line mesh: a preset name (``"fsdp"``), axis sizes (``"fsdp=2,tensor=4"``) or both
         (``"fsdp_tensor,tensor=4"``); ``ValueError`` naming the bad part otherwise."""
+        return cls(**cls.parse_fields(text))
+
+    @classmethod
+    def parse_fields(cls, text: str) -> dict[str, Any]:
+        """The fields a command-line mesh (:meth:`parse`) gives, as a train config's ``mesh`` dict."""
         fields: dict[str, Any] = {}
         sizes = {f.name for f in dataclasses.fields(cls)} - {"preset"}
         for part in (x.strip() for x in str(text).split(",")):
@@ -135,13 +140,16 @@ class MeshConfig:
             key, _, value = (x.strip() for x in part.partition("="))
             if key not in sizes:
                 raise ValueError(f"mesh {text!r}: unknown axis {key!r}; known: {sorted(sizes)}")
+            if key in fields:
+                raise ValueError(f"mesh {text!r}: {key} is given twice")
             try:
                 fields[key] = int(value)
             except ValueError:
                 raise ValueError(f"mesh {text!r}: {key} must be an integer, got {value!r}") from None
         if not fields:
             raise ValueError("empty mesh: give a preset name or axis sizes like fsdp=2,tensor=2")
-        return cls(**fields)
+        cls(**fields)  # checks the preset name
+        return fields
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -207,6 +215,10 @@ def create_mesh(config: MeshConfig | Mapping[str, Any] | str | None = None, devi
             [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices, allow_split_physical_axes=True
         )
     else:
+        dcn = {k: v for k, v in (("dcn_data", config.dcn_data), ("dcn_fsdp", config.dcn_fsdp)) if v > 1}
+        if dcn:
+            log.warning("mesh %s ignored: the %d devices form one slice (one node); the DCN sizes split the mesh "
+                        "across slices", ", ".join(f"{k}={v}" for k, v in dcn.items()), len(devices))  # fmt: skip
         sizes = _fill(config.ici_sizes(), len(devices), "mesh")
         shape = [sizes[a] for a in MESH_AXES]
         if devices[0].platform == "tpu":

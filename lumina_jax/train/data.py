@@ -273,15 +273,20 @@ def local_data_counts(it: Any) -> Optional[np.ndarray]:
                      stats.captions_truncated], np.int64)  # fmt: skip
 
 
-def data_counters(counts: Optional[np.ndarray]) -> dict[str, int]:
-    """``{"data/<name>": n}`` of :func:`local_data_counts` summed over all processes (``{}`` for ``None``).
-    With several processes this is a collective: every process calls it at the same step."""
+def data_counters(counts: Optional[np.ndarray], shard_index: int = 0) -> dict[str, int]:
+    """``{"data/<name>": n}`` of :func:`local_data_counts` summed over the data shards (``{}`` for ``None``).
+    Processes that feed the same rows (``shard_index`` of :func:`process_rows`: a ``tensor`` or
+    ``context`` axis spanning hosts) read the same samples, so each shard is counted once. With several
+    processes this is a collective: every process calls it at the same step."""
     if counts is None:
         return {}
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(DATA_COUNTERS)).sum(0)
+        rows = np.asarray(multihost_utils.process_allgather(np.concatenate([[shard_index], counts]).astype(np.int64)))
+        rows = rows.reshape(-1, len(DATA_COUNTERS) + 1)
+        _, first = np.unique(rows[:, 0], return_index=True)  # one process per shard
+        counts = rows[first, 1:].sum(0)
     return {f"data/{k}": int(v) for k, v in zip(DATA_COUNTERS, counts)}
 
 

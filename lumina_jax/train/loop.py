@@ -497,6 +497,7 @@ class Trainer:
 
     def _run_stage(self, si: int, state: TrainState, step: int, stop: int, it, ckpt_it):
         cfg, stage = self.cfg, self.cfg.stages[si]
+        self._shard_index = shard_lib.process_rows(stage.batch, self.mesh)[2]  # replicas of a shard count its data once
         end = cfg.stage_bounds()[si][1]
         if self._signals.signum is not None:  # asked to stop before this stage's first step: the latest
             return state, step, {}  # checkpoint is where the run is, and compiling could outlast the grace period
@@ -620,7 +621,7 @@ class Trainer:
             if self._peak:
                 m["mfu"] = m["tflops_per_device"] / self._peak
         self._timer = _Throughput(last=now)
-        m.update(data_counters(counts))
+        m.update(data_counters(counts, self._shard_index))
         self.metrics.write(step, m)
         if self.primary:
             line = metrics_lib.format_line(step, self.cfg.total_steps, m)
