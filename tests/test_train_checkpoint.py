@@ -86,7 +86,8 @@ if __name__ == "__main__":
 
 def test_retention_keeps_milestones_across_a_changed_keep_every_and_the_stage_ends(tmp_path, caplog):
     """keep=1 + keep_every=2: steps 2, 4 (also stage 0's end) and 6 stay; resuming without keep_every keeps them
-    (and warns of the change); with keep_stage_ends=false and no keep_every only the newest survives."""
+    (and warns of the change), and so does a second resume without it; other stage lengths keep the old stage
+    end; with keep_stage_ends=false and no keep_every only the newest survives."""
     from test_train_loop import make_cfg
 
     from lumina_jax.train.loop import Trainer
@@ -100,6 +101,93 @@ def test_retention_keeps_milestones_across_a_changed_keep_every_and_the_stage_en
         b = Trainer(make_cfg(tmp_path / "r", *base), stop_at=8)
         b.run()
     assert b.ckpt.all_steps() == [2, 3, 4, 6, 8] and "checkpoint.keep_every: 2 -> 0" in caplog.text
+    c = Trainer(make_cfg(tmp_path / "r", *base[:1], "stages.1.steps=6", *base[2:], "stages.0.steps=4"), stop_at=9)
+    c.run()  # a second resume without keep_every, stages now 4 + 6 steps: 2, 3 and 8 (stage ends of then), 4, 6 stay
+    assert c.ckpt.all_steps() == [2, 3, 4, 6, 8, 9]
     c = Trainer(make_cfg(tmp_path / "s", *base, "checkpoint.keep_stage_ends=false"), stop_at=6)
     c.run()
     assert c.ckpt.all_steps() == [6]
+
+
+def test_a_damaged_latest_checkpoint_is_named_with_the_step_to_fall_back_to(tmp_path):
+    """Truncated state metadata or garbage in the data state: a ``CheckpointError`` naming the step's folder
+    and the checkpoint a resume falls back to once it is moved away (not a bare JSONDecodeError); moved away,
+    the run resumes from that one."""
+    import shutil
+
+    from test_train_loop import make_cfg
+
+    from lumina_jax.convert.errors import CheckpointError
+    from lumina_jax.train.loop import Trainer
+
+    base = ["checkpoint.every=2", "checkpoint.async_save=false"]
+    Trainer(make_cfg(tmp_path / "r", *base), stop_at=4).run()
+    ckpt = tmp_path / "r" / "checkpoints"
+    for damage in ("state/_METADATA", "data_iter/process_0-of-1.json"):
+        shutil.copytree(ckpt / "4", tmp_path / "saved4", dirs_exist_ok=True)
+        target = ckpt / "4" / damage
+        target.write_text(target.read_text()[: target.stat().st_size // 2])
+        with pytest.raises(CheckpointError, match=r"checkpoints/4 could not be read .*move it away to resume from the "
+                                                  r"one before \(step 2\)"):  # fmt: skip
+            Trainer(make_cfg(tmp_path / "r", *base), stop_at=6).run()
+        shutil.rmtree(ckpt / "4")
+        shutil.copytree(tmp_path / "saved4", ckpt / "4")
+    shutil.move(ckpt / "4", tmp_path / "moved4")
+    assert Trainer(make_cfg(tmp_path / "r", *base), stop_at=6).run().step == 6
+
+
+def test_a_checkpoint_without_its_data_state_is_refused_mid_stage(tmp_path):
+    """Resuming mid-stage from a checkpoint whose ``data_iter/`` is missing would replay the stage's data
+    from its start: refused, naming ``checkpoint.resume_data=false``, which then accepts it."""
+    import shutil
+
+    from test_train_loop import make_cfg
+
+    from lumina_jax.train.checkpoint import DataStateMismatchError
+    from lumina_jax.train.loop import Trainer
+
+    base = ["checkpoint.every=2", "checkpoint.async_save=false"]
+    Trainer(make_cfg(tmp_path / "r", *base), stop_at=2).run()
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "2" / "data_iter")
+    with pytest.raises(DataStateMismatchError, match=r"no data iterator state .*checkpoint.resume_data=false"):
+        Trainer(make_cfg(tmp_path / "r", *base), stop_at=3).run()
+    assert Trainer(make_cfg(tmp_path / "r", *base, "checkpoint.resume_data=false"), stop_at=3).run().step == 3
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_log_row(tmp_path, monkeypatch):
+    """A background write that fails (a full disk, simulated) is raised at the next logged step as a
+    ``CheckpointError`` naming the newest complete checkpoint, not at the next save many steps later."""
+    import time
+
+    import orbax.checkpoint as ocp
+    from test_train_loop import make_cfg
+
+    from lumina_jax.convert.errors import CheckpointError
+    from lumina_jax.train.loop import Trainer
+
+    plain = ocp.StandardCheckpointHandler.async_save
+    calls = []
+
+    class DiskFull:
+        def result(self, timeout=None):
+            raise OSError(28, "No space left on device (simulated)")
+
+    async def failing_first_save(self, directory, *a, **k):
+        futures = await plain(self, directory, *a, **k)
+        calls.append(str(directory))
+        return list(futures or []) + ([DiskFull()] if len(calls) == 1 else [])
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing_first_save)
+    seen = []
+
+    def hook(step, batch):  # give the save of step 4 time to fail in the background
+        seen.append(step)
+        time.sleep(1.0 if step == 5 else 0.0)
+
+    # saves at the stage ends only: step 4 (fails in the background) and step 12
+    cfg = make_cfg(tmp_path / "r", "stages.0.steps=4", "stages.1.steps=8", "checkpoint.every=0", "log.every=1",
+                   "checkpoint.async_save=true")  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"background checkpoint save .* failed \(OSError: .*No space left on "
+                                              r"device.*newest complete checkpoint: none"):  # fmt: skip
+        Trainer(cfg, batch_hook=hook).run()
+    assert max(seen) < 7  # raised by step 6's log row, not at the step 12 save

@@ -62,7 +62,7 @@ def test_lora_run_trains_the_adapter_only_and_resumes_exactly(base_ckpt, tmp_pat
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ResumeMismatchError, match=r"lora: .*'rank': 4.*'rank': 8"):
         Trainer(_lora_cfg(tmp_path / "b", base_ckpt, "lora.rank=8"), stop_at=5).run()
-    # the base is re-read from init on resume, so init may not change, nor the checkpoint behind it
+    # the base is re-read from init on resume, so init must be given and the checkpoint behind it unchanged
     with pytest.raises(ResumeMismatchError, match=r"init: .* -> None"):
         Trainer(make_cfg(tmp_path / "b", *LORA), stop_at=5).run()
     import shutil
@@ -86,6 +86,9 @@ def test_lora_run_trains_the_adapter_only_and_resumes_exactly(base_ckpt, tmp_pat
         shutil.rmtree(base_ckpt)
         shutil.copytree(saved, base_ckpt)
     restore_lora(tmp_path / "b", with_base=True)  # the original base: no complaint
+    moved = tmp_path / "moved_base"  # the same weights elsewhere: the fingerprint matches, the run goes on
+    shutil.copytree(base_ckpt, moved)
+    Trainer(_lora_cfg(tmp_path / "b", moved), stop_at=5).run()
     # checkpoints hold the adapter state, not the frozen base: the arrays they record (orbax's own metadata, not
     # file sizes, which vary with how OCDBT batched the writes) are the adapter, its EMA and its Adam moments
     saved = _saved_arrays(tmp_path / "b" / "checkpoints" / "4")

@@ -55,6 +55,10 @@ class NoUsableSampleError(RuntimeError):
     """A source yields no usable sample."""
 
 
+class DataStateError(ValueError):
+    """A saved data iterator state that does not fit this pipeline (other settings or layout)."""
+
+
 class MissingSizeIndexError(ValueError):
     """The global bucket plan was asked for, but a source has no size index (or cannot have one)."""
 
@@ -653,7 +657,7 @@ class DataIterator(grain.DatasetIterator):
                             "index appeared, or was removed) since the save; set bucket_plan='host' (training "
                             "config: stages.N.data.bucket_plan=host) to continue with per-host buckets, or "
                             "'global' to keep the global plan.")
-                raise ValueError(
+                raise DataStateError(
                     f"cannot restore the data iterator: its state was saved by a pipeline with other settings "
                     f"(saved -> now: {detail}). Restore it into a pipeline configured as when it was saved, or "
                     f"start without the saved data state (training config: checkpoint.resume_data=false).{hint}"
@@ -661,7 +665,7 @@ class DataIterator(grain.DatasetIterator):
         try:
             self._parent.set_state(state["pipeline"])
         except (KeyError, IndexError, TypeError) as e:  # a state of another layout (no fingerprint to check)
-            raise ValueError(
+            raise DataStateError(
                 f"cannot restore the data iterator: the saved state does not fit this pipeline "
                 f"({type(e).__name__}: {e}); was it saved with other num_workers, sources or batching?"
             ) from e

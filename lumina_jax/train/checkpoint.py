@@ -21,8 +21,9 @@ complete (``tests/test_train_checkpoint.py`` kills a writer mid-save).
 
 Retention: the newest ``keep`` checkpoints, plus every step divisible by ``keep_every``, plus the
 ``protect``ed steps (the trainer passes its stages' last steps: each stage's final model stays), plus the
-steps an earlier ``keep_every`` kept (read from the latest checkpoint's config when the manager opens:
-resuming with another ``keep_every``, or none, never deletes the milestones kept so far).
+steps on disk that were milestones or stage ends under the config they were written with (read from
+each step's meta when the manager opens: resuming with another ``keep_every`` or none, or with other
+stage lengths, any number of times, never deletes what was kept so far).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lumina_jax.convert.errors import CheckpointError
+from lumina_jax.data.pipeline import DataStateError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ class RunCheckpoints:
         policies: list[Any] = [pp.LatestN(keep) if keep and keep > 0 else pp.PreserveAll()]
         if keep_every and keep_every > 0:
             policies.append(pp.EveryNSteps(keep_every))
-        self.protected = sorted(set(int(s) for s in protect) | set(_milestones_kept_so_far(self.directory)))
+        self.protected = sorted(set(int(s) for s in protect) | set(_steps_kept_so_far(self.directory)))
         if self.protected:
             policies.append(pp.CustomSteps(self.protected))
         options = ocp.CheckpointManagerOptions(
@@ -177,7 +179,19 @@ class RunCheckpoints:
             raise CheckpointError(f"{self.directory}/{step} has no {META}/: {Path(self.directory).parent} is not a "
                                   f"lumina-jax run directory, or that checkpoint is damaged (move it away to resume "
                                   f"from the one before); checkpoints there: {self.all_steps()}")  # fmt: skip
-        return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+
+    def _unreadable(self, step: int, e: BaseException) -> CheckpointError:
+        """The error for a checkpoint step whose files cannot be read back (damaged, truncated, written by
+        something else): names it and the step a resume would fall back to once it is moved away."""
+        before = [s for s in self.all_steps() if s < step]
+        fallback = f"the one before (step {before[-1]})" if before else "the start (no earlier checkpoint)"
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        return CheckpointError(f"{self.directory}/{step} could not be read ({detail[:500]}); if it is damaged, move it "
+                               f"away to resume from {fallback}")  # fmt: skip
 
     def restore(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:
         """Restore ``step`` into ``target`` (a tree of ``ShapeDtypeStruct`` with shardings, any mesh);
@@ -192,16 +206,18 @@ class RunCheckpoints:
         items = {STATE: ocp.args.StandardRestore(to_nested(target)), META: ocp.args.JsonRestore()}
         item = checkpointable(data_iter)
         elastic = None
-        if item is not None:
-            elastic = self._other_process_count_state(step)
-            if elastic is None:
-                items[DATA] = grain.checkpoint.CheckpointRestore(item)
         try:
+            if item is not None:
+                elastic = self._other_process_count_state(step)
+                if elastic is None:
+                    items[DATA] = grain.checkpoint.CheckpointRestore(item)
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as e:
+        except (DataStateMismatchError, CheckpointError, DataStateError):  # already say what to do
+            raise
+        except Exception as e:
             msg = str(e)
-            if "tree structures do not match" not in msg and "Structure mismatch" not in msg:
-                raise
+            if not isinstance(e, ValueError) or "tree structures do not match" not in msg and "Structure mismatch" not in msg:
+                raise self._unreadable(step, e) from e
             # orbax prints both whole trees (megabytes for a 2B model); name the subtrees that differ
             where = re.findall(r"^(\S+):\n\s+- Source", msg, flags=re.M) + [
                 ".".join(re.findall(r"'([^']*)'", p)) for p in re.findall(r"Target path \(([^)]*)\)", msg)]
@@ -283,6 +299,28 @@ class RunCheckpoints:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def check_for_errors(self) -> None:
+        """Raise :class:`CheckpointError` if a finished background save failed (e.g. a full disk), rather than
+        at the next save, possibly many steps later."""
+        try:
+            # orbax 0.12 finishes an async save in the manager's own finalize thread, whose error only its join
+            # (wait_until_finished) raises: join it once it is done (no wait), then the checkpointer's check
+            # (private: a thread, or orbax's OptionalRef of one; anything else is left to the next save)
+            finalize = getattr(self.manager, "_finalize_thread", None)
+            finalize = finalize.get() if hasattr(finalize, "get") else finalize
+            if finalize is not None and hasattr(finalize, "is_alive") and not finalize.is_alive():
+                self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            detail = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+            if "://" in str(self.directory):
+                newest = f"step {self.latest_step()}"
+            else:  # the manager's own list may already name the failed step; the folders on disk do not
+                steps = sorted(int(d.name) for d in Path(self.directory).iterdir() if d.name.isdigit())
+                newest = f"step {steps[-1]}" if steps else "none"
+            raise CheckpointError(f"a background checkpoint save in {self.directory} failed ({detail}); the newest "
+                                  f"complete checkpoint: {newest}") from e  # fmt: skip
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
@@ -296,9 +334,12 @@ def versions() -> dict:
             "orbax": getattr(ocp, "__version__", "?"), "numpy": np.__version__}  # fmt: skip
 
 
-def _milestones_kept_so_far(directory: str | Path) -> list[int]:
-    """Steps on disk that the ``checkpoint.keep_every`` of the latest checkpoint's config kept (``[]`` when
-    there is none, or its config cannot be read: a foreign or older layout)."""
+def _steps_kept_so_far(directory: str | Path) -> list[int]:
+    """Steps on disk that their own run's retention settings kept for good: a milestone of the
+    ``checkpoint.keep_every`` in effect when the step was written, or a stage's last step (with
+    ``keep_stage_ends``) under the stage lengths of then. Each step's meta holds the config it was written
+    with, so later runs with other settings (or several resumes without ``keep_every``) never delete
+    them. Steps whose meta cannot be read (a foreign or older layout, a damaged one) are not protected."""
     from etils import epath
 
     root = epath.Path(str(directory))
@@ -306,11 +347,15 @@ def _milestones_kept_so_far(directory: str | Path) -> list[int]:
         steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
     except OSError:
         return []
-    if not steps:
-        return []
-    try:  # orbax's JsonCheckpointHandler file of the meta item
-        meta = json.loads((root / str(steps[-1]) / META / "metadata").read_text())
-        every = int(((meta.get("config") or {}).get("checkpoint") or {}).get("keep_every") or 0)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return []
-    return [s for s in steps if every > 0 and s % every == 0]
+    kept = []
+    for step in steps:
+        try:  # orbax's JsonCheckpointHandler file of the meta item
+            config = json.loads((root / str(step) / META / "metadata").read_text()).get("config") or {}
+            every = int((config.get("checkpoint") or {}).get("keep_every") or 0)
+            ends = np.cumsum([int(st.get("steps", 0)) for st in config.get("stages") or []]).tolist()
+            stage_ends = bool((config.get("checkpoint") or {}).get("keep_stage_ends", True))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        if every > 0 and step % every == 0 or stage_ends and step in ends:
+            kept.append(step)
+    return kept

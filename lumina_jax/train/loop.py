@@ -143,8 +143,8 @@ def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
     shape_of = lambda d: None if d is None else (d.get("rank"), list(d.get("targets") or []))  # noqa: E731
     if shape_of(old_lora) != shape_of(new_lora):  # adapters on/off, another rank or other matrices
         state.append(("lora", old_lora, new_lora))
-    elif new_lora is not None and saved_cfg.get("init") != cfg.init:  # the frozen base is re-read from init
-        state.append(("init", saved_cfg.get("init"), cfg.init))
+    elif new_lora is not None and cfg.init is None:  # the frozen base is re-read from init: it must be given
+        state.append(("init", saved_cfg.get("init"), cfg.init))  # (moved elsewhere: its fingerprint decides)
     old_trainable = saved_cfg.get("trainable")
     if old_trainable is not None and list(old_trainable) != list(cfg.trainable):
         if same_trainable is None or not same_trainable(tuple(old_trainable)):
@@ -310,6 +310,7 @@ class Trainer:
         self._flops_memo: dict[tuple, tuple[float, float]] = {}
         self._timer: Optional[_Throughput] = None
         self._skip_interval = False  # the next metrics interval held a compile, a save or samples: not a step
+        self._shard_index = 0  # this process's data shard in the running stage (process_rows)
         self._signals = _StopSignals()
         self._base_fingerprint: Optional[str] = None  # a LoRA run's frozen base, recorded with its checkpoints
 
@@ -450,7 +451,10 @@ class Trainer:
                 if was is not None and cfg.stage_at(step) != was[0] and step < cfg.total_steps:
                     log.warning("with the new stage lengths step %d is in stage %r (was %r)", step,
                                 cfg.stages[cfg.stage_at(step)].name, was[1])  # fmt: skip
-                if any(k == "init" for k, _, _ in changes):
+                if any(k == "init" for k, _, _ in changes) and cfg.lora is not None:
+                    log.warning("the LoRA run's frozen base is read from the new init %s; it must hold the weights "
+                                "the run trained on (checked against the checkpoint's fingerprint)", cfg.init)
+                elif any(k == "init" for k, _, _ in changes):
                     log.warning("init is read only when a run starts: this run goes on from its step %d checkpoint "
                                 "in %s (use a new run_dir to start from the new init)", step, cfg.run_dir)  # fmt: skip
             if step >= total:
@@ -474,6 +478,13 @@ class Trainer:
                 if state is None:
                     if latest is not None:
                         same_stage = meta.get("data_stage") == si and self.ckpt.has_data(latest)
+                        if (meta.get("data_stage") == si and not same_stage and cfg.checkpoint.resume_data
+                                and ckpt_lib.checkpointable(ckpt_it) is not None):
+                            raise ckpt_lib.DataStateMismatchError(
+                                f"checkpoint step {latest} in {self.ckpt.directory} has no data iterator state "
+                                f"({ckpt_lib.DATA}/) for stage {stage.name!r}: its data would start again from the "
+                                f"beginning, repeating batches already trained on; resume with "
+                                f"checkpoint.resume_data=false to accept that")  # fmt: skip
                         if same_stage and not cfg.checkpoint.resume_data:
                             log.warning("checkpoint.resume_data=false: the data of stage %s starts from its beginning, "
                                         "not from step %d's position", stage.name, latest)  # fmt: skip
@@ -622,6 +633,7 @@ class Trainer:
                 m["mfu"] = m["tflops_per_device"] / self._peak
         self._timer = _Throughput(last=now)
         m.update(data_counters(counts, self._shard_index))
+        self.ckpt.check_for_errors()  # a failed background save stops the run here, not at the next save
         self.metrics.write(step, m)
         if self.primary:
             line = metrics_lib.format_line(step, self.cfg.total_steps, m)
