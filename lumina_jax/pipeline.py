@@ -67,7 +67,8 @@ from lumina_jax.sample import loop
 from lumina_jax.sample.cfg import RENORM_MODES, TRUNC_MODES, resolve_cfg_normalization
 from lumina_jax.sample.solvers import DEFAULT_SOLVER, PRESETS, SOLVERS, Schedule, init_state, make_schedule
 from lumina_jax.text import PromptTooLongError, TextEncoder
-from lumina_jax.text_templates import SYSTEM_PROMPTS, check_template_name
+from lumina_jax.text_templates import SYSTEM_PROMPTS
+from lumina_jax.text_templates import resolve_system_prompt as _resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -137,24 +138,15 @@ def check_image_size(height: int, width: int, multiple: int = 16, max_tokens_sid
 
 
 def resolve_system_prompt(system_prompt: Optional[str]) -> str:
-    """The text put before each prompt.
-
-    ``None`` -> the default template (``"real"``, the diffusers default sentence). A template name of
-    :data:`lumina_jax.text_templates.SYSTEM_PROMPTS` -> that template. Any other string is handled like
-    diffusers does: ``system_prompt + " <Prompt Start> "``, unless it already contains ``<Prompt Start>``
-    (then it is used verbatim). A single word that is not a template name is a ``ValueError`` (a
-    misspelt name).
-    """
+    """The text put before each prompt: ``None`` -> the default template (``"real"``, the diffusers
+    default sentence); anything else as :func:`lumina_jax.text_templates.resolve_system_prompt` (a template
+    name, or text that gets diffusers' ``" <Prompt Start> "`` unless it holds one; the same rule the
+    training data and preprocessing use)."""
     if system_prompt is None:
         return SYSTEM_PROMPTS["real"]
     if not isinstance(system_prompt, str):
         raise TypeError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
-    check_template_name(system_prompt)
-    if system_prompt in SYSTEM_PROMPTS:
-        return SYSTEM_PROMPTS[system_prompt]
-    if "<Prompt Start>" in system_prompt:
-        return system_prompt
-    return system_prompt + " <Prompt Start> "
+    return _resolve_template(system_prompt)
 
 
 def _as_prompt_list(prompt: Union[str, Sequence[str]], what: str = "prompt") -> list[str]:

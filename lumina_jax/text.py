@@ -135,6 +135,8 @@ def bucket_lengths(max_length: int, min_bucket: int = MIN_BUCKET) -> tuple[int, 
     """``(64, 128, 256, ...)`` below ``max_length``, then ``max_length`` itself."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if min_bucket < 1:
+        raise ValueError(f"min_bucket must be >= 1, got {min_bucket}")
     out = []
     b = min_bucket
     while b < max_length:
@@ -170,6 +172,9 @@ class TextEncoder:
             raise ValueError(f"text encoder dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.min_bucket = int(min_bucket)
+        if self.min_bucket < 1:
+            raise ValueError(f"min_bucket must be >= 1, got {min_bucket}")
+        _check_tokenizer(tokenizer, "TextEncoder")  # also when the caller built the tokenizer
         self.last_truncated = 0  # prompts cut to max_length by the last tokenize call
         self.last_truncated_rows: tuple[int, ...] = ()  # ... and their indices
         self.precision = precision
@@ -211,9 +216,13 @@ class TextEncoder:
         """
         if on_truncate not in ("warn", "error", "quiet"):
             raise ValueError(f"on_truncate must be 'warn', 'error' or 'quiet', got {on_truncate!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
         if max_length > self.config.max_position_embeddings:
             raise ValueError(f"max_length={max_length} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if isinstance(prompts, (bytes, bytearray, dict)) or not hasattr(prompts, "__iter__"):
+            raise TypeError(f"{label}s must be a string or a list of strings, got {type(prompts).__name__}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")

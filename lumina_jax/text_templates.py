@@ -69,11 +69,11 @@ def system_prompt_problem(name_or_text: object) -> str | None:
 
 
 def resolve_system_prompt(name_or_text: str) -> str:
-    """Returns the prefix for a template name, or ``name_or_text`` itself if it is not a name.
-
-    A custom string is used verbatim (no separator is added), so it should end with
-    ``" <Prompt Start> "`` if it is meant to look like the built-in templates. A single word that is
-    not a template name is a ``ValueError`` (see :func:`check_template_name`).
+    """The text put before each prompt: the template of a name of :data:`SYSTEM_PROMPTS`; any other text
+    as diffusers builds it, ``text + " <Prompt Start> "``, unless it already contains ``<Prompt Start>``
+    (then verbatim). One rule for training data, preprocessing and sampling, so a custom system prompt
+    means the same tokens in all three. ``"empty"`` is the name for no system prompt. A single word that
+    is not a template name is a ``ValueError`` (see :func:`check_template_name`).
     """
     if not isinstance(name_or_text, str):
         raise TypeError(
@@ -81,7 +81,11 @@ def resolve_system_prompt(name_or_text: str) -> str:
             f"got {type(name_or_text).__name__}"
         )
     check_template_name(name_or_text)
-    return SYSTEM_PROMPTS.get(name_or_text, name_or_text)
+    if name_or_text in SYSTEM_PROMPTS:
+        return SYSTEM_PROMPTS[name_or_text]
+    if _PROMPT_START.strip() in name_or_text:
+        return name_or_text
+    return name_or_text + _PROMPT_START
 
 
 def build_prompt(prompt: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT, *, empty_is_unconditional: bool = True) -> str:

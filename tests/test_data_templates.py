@@ -78,9 +78,16 @@ def test_build_prompt_rules():
     assert tt.build_prompt("   ", "align") == ""  # unconditional: no system prompt
     assert tt.build_prompt("a dog", "base") == SPEC_STRINGS["base"] + "a dog"
     assert tt.build_prompt("a dog", "empty") == "a dog"
-    custom = "Draw this: "
-    assert tt.resolve_system_prompt(custom) == custom
-    assert tt.build_prompt("a dog", custom) == "Draw this: a dog"
+    # custom text as diffusers builds it (the pipeline uses the same function: training and sampling agree)
+    custom = "Draw this."
+    assert tt.resolve_system_prompt(custom) == "Draw this. <Prompt Start> "
+    assert tt.build_prompt("a dog", custom) == "Draw this. <Prompt Start> a dog"
+    assert tt.build_prompt("a dog", "Mine <Prompt Start> ") == "Mine <Prompt Start> a dog"  # holds one: verbatim
+    assert tt.resolve_system_prompt("") == " <Prompt Start> "  # diffusers' system_prompt="" ("empty": none)
+    from lumina_jax.pipeline import resolve_system_prompt as pipeline_rule
+
+    for text in (custom, "Mine <Prompt Start> ", "", "real", "base"):
+        assert pipeline_rule(text) == tt.resolve_system_prompt(text), text
     with pytest.raises(TypeError):
         tt.build_prompt(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -90,7 +97,7 @@ def test_build_prompt_rules():
         tt.build_prompt("a dog", "aligned")
     with pytest.raises(ValueError, match="unknown system prompt template 'xyz'; templates: real, base"):
         tt.resolve_system_prompt("xyz")
-    assert tt.resolve_system_prompt("你是一个生成高质量图像的助手") == "你是一个生成高质量图像的助手"  # text, not a name
+    assert tt.resolve_system_prompt("你是一个生成高质量图像的助手") == "你是一个生成高质量图像的助手 <Prompt Start> "  # text, not a name
     from lumina_jax.data.sources import ListSource
 
     with pytest.raises(ValueError, match="'rael'"):  # a source's default fails when it is built

@@ -92,12 +92,14 @@ def test_load_tokenizer_from_sentencepiece_and_saved_dirs(sp_dir, saved_dir, tok
         load_tokenizer(saved_dir.parent)
 
 
-def test_load_tokenizer_rejects_tokenizer_without_bos(sp_dir):
+def test_load_tokenizer_rejects_tokenizer_without_bos(sp_dir, pair):
     bad = transformers.GemmaTokenizer.from_pretrained(sp_dir, add_bos_token=False)
     from lumina_jax.text import _check_tokenizer
 
     with pytest.raises(ValueError, match=r"exactly \[<bos>\]"):
         _check_tokenizer(bad, "test")
+    with pytest.raises(ValueError, match=r"TextEncoder: tokenizer encodes the empty prompt as \[\]"):
+        TextEncoder(pair[1], TINY, bad)  # a tokenizer built by the caller is checked too (empty rows otherwise)
 
 
 def test_buckets():
@@ -105,6 +107,19 @@ def test_buckets():
     assert bucket_lengths(300) == (64, 128, 256, 300)
     assert bucket_lengths(32) == (32,)
     assert [bucket_for(n, 256) for n in (1, 64, 65, 129, 256)] == [64, 64, 128, 256, 256]
+    with pytest.raises(ValueError, match="min_bucket must be >= 1"):  # 0 used to loop forever
+        bucket_lengths(256, 0)
+
+
+def test_bad_arguments_are_named(encoder, pair, tok):
+    with pytest.raises(ValueError, match="min_bucket must be >= 1, got 0"):
+        TextEncoder(pair[1], TINY, tok, min_bucket=0)
+    for bad in (0, -1, 256.0, True):
+        with pytest.raises(ValueError, match=r"max_length must be an integer >= 1"):
+            encoder.tokenize("a cat", max_length=bad)
+    for bad in (None, b"a cat", 3):
+        with pytest.raises(TypeError, match=r"prompts must be a string or a list of strings"):
+            encoder.tokenize(bad)
 
 
 def test_system_prompt_and_unconditional_prompt(encoder, tok):
@@ -114,8 +129,10 @@ def test_system_prompt_and_unconditional_prompt(encoder, tok):
     assert ids[1, 0] == tok.bos_token_id and mask[1].sum() == 1  # "" gets no system prompt
     ids_base, mask_base = encoder.tokenize(SHORT, system_prompt="base")
     assert ids_base[0, : mask_base.sum()].tolist() == tok(SYSTEM_PROMPTS["base"] + SHORT)["input_ids"]
-    ids_custom, m = encoder.tokenize(SHORT, system_prompt="")
-    assert ids_custom[0, : m.sum()].tolist() == tok(SHORT)["input_ids"]
+    ids_none, m = encoder.tokenize(SHORT, system_prompt="empty")
+    assert ids_none[0, : m.sum()].tolist() == tok(SHORT)["input_ids"]
+    ids_custom, m = encoder.tokenize(SHORT, system_prompt="Paint it.")  # custom text: diffusers' separator added
+    assert ids_custom[0, : m.sum()].tolist() == tok("Paint it. <Prompt Start> " + SHORT)["input_ids"]
 
 
 def test_encode_matches_diffusers_style_transformers_path(encoder, pair, tok):

@@ -532,8 +532,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4 (v5p-128 = 64 chips), v6e:4x4, v5e:2x4 (v5e, v5p, v6e)")
     p.add_argument("--config", required=True, help="train config: a YAML path or a name in configs/train")
-    p.add_argument("--mesh", default=None, help="mesh preset (dp, fsdp, fsdp_tensor, context), axis sizes "
-                   "(fsdp=2,tensor=2) or both; or override single axes with mesh.tensor=4 etc.")  # fmt: skip
+    p.add_argument("--mesh", default=None, help="the whole mesh, replacing the config's: a preset (dp, fsdp, "
+                   "fsdp_tensor, context), axis sizes (fsdp=2,tensor=2) or both; to change single axes of the "
+                   "config's mesh give overrides such as mesh.tensor=4 instead")  # fmt: skip
     p.add_argument("--what", default="train", choices=WHATS)
     p.add_argument("--stage", type=int, default=0, help="stage of the config whose resolution/batch to use, "
                    "counted from 0 (the trainer's log says 'stage 1/N' for stage 0)")
