@@ -438,7 +438,7 @@ class Lumina2Pipeline:
         weights; adapters loaded before stay (their products add up). Shapes do not change, so compiled
         programs are reused. Returns the loaded adapter."""
         if not isinstance(lora, LoRA):
-            lora = load_lora(lora)
+            lora = load_lora(lora, self.components.transformer_config)  # names checked against this model's layers
         if not np.isfinite(float(scale)):
             raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
         self.loras = [*self.loras, (lora, float(scale))]

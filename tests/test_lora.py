@@ -169,6 +169,26 @@ def test_lora_errors(case, tmp_path):
     bad({"layers.0.attn.to_q.lora_A.weight": wide, "layers.0.attn.to_q.lora_B.weight": wide.T},
         r"maps 96 -> 96 features, the model's weight 72 -> 72: a LoRA for another model", merge=True)
     bad({"something": a}, "no Next-DiT LoRA weights")
+    qa, qb = sd["layers.0.attn.to_q.lora_A.weight"], sd["layers.0.attn.to_q.lora_B.weight"]
+    bad({"layers.0.attn.to_q.lora_A.weight": qa, "layers.0.attn.to_q.lora_B.weight": qb,
+         "lora_transformer_layers_0_attn_to_q.lora_down.weight": qa, "lora_transformer_layers_0_attn_to_q.lora_up.weight": qb},
+        r"1 modules are given twice under different spellings, e.g. 'layers.0.attn.to_q'")  # one used to be dropped
+    bad({"layers.0.attn.to_q.lora_A.weight": qa, "layers.0.attn.to_q.lora_B.weight": qb,
+         "layers.0.attention.qkv.lora_A.weight": np.zeros((2, 72), np.float32),
+         "layers.0.attention.qkv.lora_B.weight": np.zeros((120, 2), np.float32)},
+        r"mixes the diffusers and original layouts")
+    bad({"layers.0.attn.to_q.lora_A.weight": qa, "layers.0.attn.to_q.lora_B.weight": qb,
+         "layers.0.attn.to_q.alpha": np.asarray(np.nan, np.float32)}, r"alpha nan \(not a finite number\)")
+    bad({"layers.0.attn.to_q.lora_A.weight": qa, "layers.0.attn.to_q.lora_B.weight": np.full_like(qb, np.inf)},
+        r"'layers.0.attn.to_q' holds NaN or infinite values")
+    deep = config.replace(n_refiner_layers=12)  # deeper than the template used without a config
+    names = {"noise_refiner.9.attn.to_q.lora_A.weight": qa, "noise_refiner.9.attn.to_q.lora_B.weight": qb}
+    bad(names, r"checked against a 64-layer template: pass the model config")
+    assert list(load_lora(tmp_path / "x.safetensors", deep).modules) == ["noise_refiner.9.attn.to_q"]
+    from lumina_jax.convert.lora import pair_scales
+
+    with pytest.raises(ValueError, match=r"--lora-scale must be finite numbers, got \[nan\]"):
+        pair_scales(["a.safetensors"], [float("nan")])
     assert isinstance(load_lora(root / "diffusers"), LoRA)
 
 

@@ -150,7 +150,8 @@ def load_lora(path: Union[str, os.PathLike], config: Optional[NextDiTConfig] = N
     """Read a LoRA: a ``.safetensors`` / ``.pth`` / ``.bin`` file, or a folder holding one (diffusers'
     ``pytorch_lora_weights.safetensors``, PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``).
 
-    ``config`` (optional) resolves kohya underscore names for models with more layers than 64.
+    ``config`` (optional, the model's): module names are checked against its layers; without it, against a
+    template of 64 layers and 8 refiner layers (deeper models need the config).
     Raises :class:`~lumina_jax.convert.errors.CheckpointError` naming what is wrong: no LoRA weights,
     DoRA, unknown modules, a module with only one of its two matrices, mismatched ranks.
     """
@@ -194,6 +195,10 @@ def load_lora(path: Union[str, os.PathLike], config: Optional[NextDiTConfig] = N
         alpha = float(np.asarray(g["alpha"]).reshape(())) if "alpha" in g else None
         if alpha is None and meta is not None:
             alpha = _peft_alpha(meta, name, down.shape[0])
+        if alpha is not None and not math.isfinite(alpha):
+            raise CheckpointError(f"{path}: module {raw!r} has alpha {alpha} (not a finite number)")
+        if not (np.all(np.isfinite(down)) and np.all(np.isfinite(up))):
+            raise CheckpointError(f"{path}: module {raw!r} holds NaN or infinite values")
         modules[name] = LoRAModule(down, up, alpha)
     lora = LoRA(modules, layout, str(path))
     log.info("%s: LoRA of %d modules (%s layout, rank %s)", path, len(modules), layout,
@@ -214,8 +219,24 @@ def _resolve_names(raw: list[str], config: Optional[NextDiTConfig], path: Path) 
     n, layout, found = best
     unknown = sorted(set(raw) - set(found))
     if unknown:
+        other = "original" if layout == "diffusers" else "diffusers"
+        known = _module_names(other, config)
+        underscored = {k.replace(".", "_") for k in known}
+        if all(r in known or r in underscored for r in unknown):
+            raise CheckpointError(f"{path}: the file mixes the {layout} and {other} layouts ({len(found)} {layout} "
+                                  f"modules, {len(unknown)} {other} ones, e.g. {unknown[:3]}); give one adapter "
+                                  f"per file")  # fmt: skip
+        hint = "" if config else "; checked against a 64-layer template: pass the model config for deeper models"
         raise CheckpointError(f"{path}: {len(unknown)} LoRA modules match no Next-DiT linear layer of either layout "
-                              f"(closest: {layout}): {unknown[:6]}")  # fmt: skip
+                              f"(closest: {layout}{hint}): {unknown[:6]}")  # fmt: skip
+    spelled: dict[str, list[str]] = {}
+    for r, name in found.items():
+        spelled.setdefault(name, []).append(r)
+    twice = {name: rs for name, rs in spelled.items() if len(rs) > 1}
+    if twice:
+        name, rs = next(iter(twice.items()))
+        raise CheckpointError(f"{path}: {len(twice)} modules are given twice under different spellings, e.g. "
+                              f"{name!r} as {rs}; keep one")  # fmt: skip
     return layout, found
 
 
@@ -230,6 +251,9 @@ def pair_scales(paths: Sequence[str], scales: Sequence[float]) -> list[tuple[str
     if len(scales) != len(paths):
         raise ValueError(f"{len(scales)} --lora-scale values for {len(paths)} --lora adapters (give one, or one "
                          f"per adapter)")  # fmt: skip
+    bad = [s for s in scales if not math.isfinite(float(s))]
+    if bad:
+        raise ValueError(f"--lora-scale must be finite numbers, got {bad}")
     return list(zip(paths, (float(s) for s in scales)))
 
 

@@ -20,7 +20,8 @@ samples use the merged weights (:func:`apply_lora`), like the pipeline's ``load_
 Sharding: ``down`` takes the logical names of ``W``'s input axis, ``up`` those of its output axis, so
 the adapter is split like the weight it adapts. :func:`export_lora` writes the adapter in diffusers'
 LoRA layout (``transformer.<module>.lora_A/lora_B.weight`` + ``lora_adapter_metadata``), which
-``Lumina2Pipeline.load_lora_weights`` (diffusers), PEFT and :func:`lumina_jax.convert.lora.load_lora` read.
+``Lumina2Pipeline.load_lora_weights`` (diffusers; PEFT underneath) and :func:`lumina_jax.convert.lora.load_lora`
+read (not a PEFT adapter folder: there is no ``adapter_config.json`` for ``PeftModel.from_pretrained``).
 """
 
 from __future__ import annotations
