@@ -394,6 +394,13 @@ def test_recipe_config_matches_spec():
     o = cfg.optimizer
     assert (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm) == (0.9, 0.95, 1e-15, 0.0, 2.0)
     assert cfg.ema_decay == 0.95 and cfg.objective.t_sampling == "lognorm"
+    import types
+
+    from lumina_jax.train.loop import Trainer
+
+    # the auxiliary loss on the 4x-pooled latent: the 256-px equivalent of 1024-px stages only (spec §6.2)
+    weights = [Trainer.aux_weight(types.SimpleNamespace(cfg=cfg), i) for i in range(3)]
+    assert weights == [0.0, 1.0, 1.0] and cfg.objective.aux_pool == 4
 
 
 def test_cli_rejects_unknown_key(capsys):
@@ -588,6 +595,8 @@ def test_flops_and_peaks():
     assert metrics.peak_tflops("NVIDIA H100 80GB HBM3") == 989 and metrics.peak_tflops("TPU v6 lite") == 918
     assert metrics.peak_tflops("TPU v5 lite") == 197 and metrics.peak_tflops("TPU v5p") == 459
     assert metrics.peak_tflops("TPU v4") == 275 and metrics.peak_tflops("cpu") is None
+    assert metrics.peak_tflops("NVIDIA H100 PCIe") == 756 and metrics.peak_tflops("NVIDIA H100 NVL") == 835
+    assert metrics.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
     c = NextDiTConfig()
     f = metrics.train_flops_per_sample(c, 1024, 256, aux=True)
     assert f["forward"] == flops_forward(c, 256, 4096) and f["aux_forward"] == flops_forward(c, 256, 256)

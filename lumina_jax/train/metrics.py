@@ -24,7 +24,10 @@ import numpy as np
 from lumina_jax.models.nextdit import NextDiTConfig, flops_forward
 
 # (substring of device_kind, lower-case) -> peak dense bf16 TFLOP/s per device
+# (first match wins: the PCIe / NVL H100s before the SXM default)
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
     ("h100", 989.0),
     ("h200", 989.0),
     ("v6 lite", 918.0),
@@ -34,6 +37,7 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("v5p", 459.0),
     ("tpu v5", 459.0),  # "TPU v5" is v5p's device_kind
     ("v4", 275.0),
+    ("a100", 312.0),
 )
 
 
