@@ -140,8 +140,8 @@ def check_image_size(height: int, width: int, multiple: int = 16, max_tokens_sid
 def resolve_system_prompt(system_prompt: Optional[str]) -> str:
     """The text put before each prompt: ``None`` -> the default template (``"real"``, the diffusers
     default sentence); anything else as :func:`lumina_jax.text_templates.resolve_system_prompt` (a template
-    name, or text that gets diffusers' ``" <Prompt Start> "`` unless it holds one; the same rule the
-    training data and preprocessing use)."""
+    name, ``""`` for none, or text that gets diffusers' ``" <Prompt Start> "`` unless it holds one; the
+    same rule the training data and preprocessing use)."""
     if system_prompt is None:
         return SYSTEM_PROMPTS["real"]
     if not isinstance(system_prompt, str):

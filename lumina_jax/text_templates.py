@@ -72,8 +72,9 @@ def resolve_system_prompt(name_or_text: str) -> str:
     """The text put before each prompt: the template of a name of :data:`SYSTEM_PROMPTS`; any other text
     as diffusers builds it, ``text + " <Prompt Start> "``, unless it already contains ``<Prompt Start>``
     (then verbatim). One rule for training data, preprocessing and sampling, so a custom system prompt
-    means the same tokens in all three. ``"empty"`` is the name for no system prompt. A single word that
-    is not a template name is a ``ValueError`` (see :func:`check_template_name`).
+    means the same tokens in all three; applying it to its own result changes nothing. ``"empty"`` and
+    ``""`` mean no system prompt (diffusers would put ``" <Prompt Start> "`` for ``""``). A single word
+    that is not a template name is a ``ValueError`` (see :func:`check_template_name`).
     """
     if not isinstance(name_or_text, str):
         raise TypeError(
@@ -83,7 +84,7 @@ def resolve_system_prompt(name_or_text: str) -> str:
     check_template_name(name_or_text)
     if name_or_text in SYSTEM_PROMPTS:
         return SYSTEM_PROMPTS[name_or_text]
-    if _PROMPT_START.strip() in name_or_text:
+    if _PROMPT_START.strip() in name_or_text or name_or_text == "":
         return name_or_text
     return name_or_text + _PROMPT_START
 

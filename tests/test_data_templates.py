@@ -83,11 +83,12 @@ def test_build_prompt_rules():
     assert tt.resolve_system_prompt(custom) == "Draw this. <Prompt Start> "
     assert tt.build_prompt("a dog", custom) == "Draw this. <Prompt Start> a dog"
     assert tt.build_prompt("a dog", "Mine <Prompt Start> ") == "Mine <Prompt Start> a dog"  # holds one: verbatim
-    assert tt.resolve_system_prompt("") == " <Prompt Start> "  # diffusers' system_prompt="" ("empty": none)
+    assert tt.resolve_system_prompt("") == "" == tt.resolve_system_prompt("empty")  # none (diffusers: separator)
     from lumina_jax.pipeline import resolve_system_prompt as pipeline_rule
 
-    for text in (custom, "Mine <Prompt Start> ", "", "real", "base"):
-        assert pipeline_rule(text) == tt.resolve_system_prompt(text), text
+    for text in (custom, "Mine <Prompt Start> ", "", "real", "base", "empty"):
+        once = tt.resolve_system_prompt(text)
+        assert pipeline_rule(text) == once and tt.resolve_system_prompt(once) == once, text  # idempotent
     with pytest.raises(TypeError):
         tt.build_prompt(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):

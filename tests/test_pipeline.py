@@ -473,6 +473,24 @@ def test_model_directory_sets_the_default_system_prompt_and_guidance(reference, 
     np.testing.assert_array_equal(default, run(system_prompt="empty", guidance_scale=2.5))
     assert not np.allclose(default, run(system_prompt="real", guidance_scale=2.5))
     assert not np.allclose(default, run(system_prompt="empty", guidance_scale=4.0))
+    # the texts the tokenizer sees: the prompt alone under "empty" (as the model was trained), never a
+    # separator added by resolving the prefix twice
+    seen = []
+    tok = p.components.tokenizer
+    plain_call = type(tok).__call__
+
+    def spy(self, texts, *a, **k):
+        seen.extend([texts] if isinstance(texts, str) else list(texts))
+        return plain_call(self, texts, *a, **k)
+
+    type(tok).__call__ = spy
+    try:
+        run()
+        run(system_prompt="Paint it.")
+    finally:
+        type(tok).__call__ = plain_call
+    assert PROMPTS[0] in seen and "Paint it. <Prompt Start> " + PROMPTS[0] in seen, seen
+    assert not [t for t in seen if t.count("<Prompt Start>") > 1 or t.startswith(" <Prompt Start>")], seen
 
 
 def test_default_model_is_tiny_random_with_a_notice(monkeypatch, caplog, tmp_path):

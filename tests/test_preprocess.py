@@ -608,3 +608,13 @@ def test_cached_and_raw_training_give_records_without_their_own_the_same_system_
     with pytest.raises(pp.PreprocessError, match="other settings"):
         pp.preprocess(pp.open_source(tmp_path / "ar"), encoders, config(out))
     assert pp.preprocess(pp.open_source(tmp_path / "ar", system_prompt="base"), encoders, config(out)).complete
+    # custom text meant itself verbatim before it got diffusers' separator: an interrupted run of then (its
+    # state has no system_prompt_text) is not continued with the tokens the text means now
+    out2 = tmp_path / "cache2"
+    pp.preprocess(pp.open_source(tmp_path / "ar", system_prompt="Draw it."), encoders, config(out2, max_shards=1))
+    state = json.loads((out2 / pp.STATE_FILE).read_text())
+    assert state["settings"]["source"]["system_prompt_text"] == "Draw it. <Prompt Start> "
+    del state["settings"]["source"]["system_prompt_text"]
+    (out2 / pp.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(pp.PreprocessError, match=r"other settings .*system_prompt_text.*'Draw it\.'"):
+        pp.preprocess(pp.open_source(tmp_path / "ar", system_prompt="Draw it."), encoders, config(out2))

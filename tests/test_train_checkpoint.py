@@ -109,7 +109,7 @@ def test_retention_keeps_milestones_across_a_changed_keep_every_and_the_stage_en
     assert c.ckpt.all_steps() == [6]
 
 
-def test_a_damaged_latest_checkpoint_is_named_with_the_step_to_fall_back_to(tmp_path):
+def test_a_damaged_latest_checkpoint_is_named_with_the_step_to_fall_back_to(tmp_path, monkeypatch):
     """Truncated state metadata or garbage in the data state: a ``CheckpointError`` naming the step's folder
     and the checkpoint a resume falls back to once it is moved away (not a bare JSONDecodeError); moved away,
     the run resumes from that one."""
@@ -132,6 +132,17 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_step_to_fall_back_to(tmp_
             Trainer(make_cfg(tmp_path / "r", *base), stop_at=6).run()
         shutil.rmtree(ckpt / "4")
         shutil.copytree(tmp_path / "saved4", ckpt / "4")
+    # a failure that is not the files' (out of memory, ...) keeps its own error, with no advice to move anything
+    import orbax.checkpoint as ocp
+
+    def oom(self, *a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.0GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.CheckpointManager, "restore", oom)
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED") as e:
+            Trainer(make_cfg(tmp_path / "r", *base), stop_at=6).run()
+    assert not isinstance(e.value, CheckpointError)
     shutil.move(ckpt / "4", tmp_path / "moved4")
     assert Trainer(make_cfg(tmp_path / "r", *base), stop_at=6).run().step == 6
 

@@ -89,6 +89,9 @@ def test_lora_run_trains_the_adapter_only_and_resumes_exactly(base_ckpt, tmp_pat
     moved = tmp_path / "moved_base"  # the same weights elsewhere: the fingerprint matches, the run goes on
     shutil.copytree(base_ckpt, moved)
     Trainer(_lora_cfg(tmp_path / "b", moved), stop_at=5).run()
+    # adapters on a random base (no init, e.g. an experiment): resumes like any run
+    Trainer(make_cfg(tmp_path / "c", *LORA), stop_at=1).run()
+    assert Trainer(make_cfg(tmp_path / "c", *LORA), stop_at=2).run().step == 2
     # checkpoints hold the adapter state, not the frozen base: the arrays they record (orbax's own metadata, not
     # file sizes, which vary with how OCDBT batched the writes) are the adapter, its EMA and its Adam moments
     saved = _saved_arrays(tmp_path / "b" / "checkpoints" / "4")

@@ -951,12 +951,13 @@ def test_data_counters_count_each_shard_once(monkeypatch):
     shards = [0, 0, 1, 1]
     per_process = [np.array([10, 1, 0, 2, 0]), np.array([10, 1, 0, 2, 0]), np.array([7, 0, 1, 0, 3]),
                    np.array([7, 0, 1, 0, 3])]  # fmt: skip
-    monkeypatch.setattr(jax, "process_count", lambda: 4)
-    monkeypatch.setattr(multihost_utils, "process_allgather",
-                        lambda x: np.stack([np.concatenate([[s], c]) for s, c in zip(shards, per_process)]))
+    others = np.stack([np.concatenate([[s], c]) for s, c in zip(shards[1:], per_process[1:])])
+    monkeypatch.setattr(jax, "process_count", lambda: 4)  # this is process 0; the others' rows are fixed
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.concatenate([np.asarray(x)[None], others]))
     assert len(DATA_COUNTERS) == 5
     assert data_counters(per_process[0], shards[0]) == {"data/samples": 17, "data/skipped": 1, "data/padded_rows": 1,
                                                          "data/captions_dropped": 2, "data/captions_truncated": 3}
+    assert data_counters(per_process[0], 7)["data/samples"] == 27  # a shard of its own: counted on its own
 
 
 def test_data_counters_count_truncated_captions_in_the_saved_data_state():

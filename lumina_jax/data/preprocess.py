@@ -98,7 +98,7 @@ from lumina_jax.data.cache import (
 )
 from lumina_jax.data.pipeline import DataPipeline, PipelineConfig
 from lumina_jax.data.stats import DataStats
-from lumina_jax.text_templates import DEFAULT_SYSTEM_PROMPT
+from lumina_jax.text_templates import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS, resolve_system_prompt
 
 logger = logging.getLogger("lumina_jax.data.preprocess")
 
@@ -230,6 +230,8 @@ def describe_source(source: Any) -> dict[str, Any]:
     for attr in ("path", "cache_dir", "system_prompt"):  # system_prompt: of records without their own
         if getattr(source, attr, None) is not None:
             out[attr] = str(getattr(source, attr))
+    if isinstance(getattr(source, "system_prompt", None), str):  # the text it means (the rule may change)
+        out["system_prompt_text"] = resolve_system_prompt(source.system_prompt)
     inner = getattr(source, "_sources", None)
     if inner:
         out["parts"] = [describe_source(s) for s in inner]
@@ -601,12 +603,16 @@ class _MaxShardsReached(Exception):
 
 def _older_source(old: Any, new: Any) -> Any:
     """An older state's source description with the system prompt it did not record: ``"base"``, the
-    sources' default then (so that resuming such a run with another prompt is refused, not mixed)."""
+    sources' default then, and the text it meant then (custom text verbatim, since changed to diffusers'
+    rule), so that resuming such a run with another prompt text is refused, not mixed."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return old
     old = dict(old)
     if "system_prompt" in new and "system_prompt" not in old:
         old["system_prompt"] = "base"
+    if "system_prompt_text" in new and "system_prompt_text" not in old and isinstance(old.get("system_prompt"), str):
+        # written before the text was recorded, when custom text was used verbatim (templates as now)
+        old["system_prompt_text"] = SYSTEM_PROMPTS.get(old["system_prompt"], old["system_prompt"])
     if isinstance(old.get("parts"), list) and isinstance(new.get("parts"), list):
         old["parts"] = [_older_source(o, n) for o, n in zip(old["parts"], new["parts"])]
     return old

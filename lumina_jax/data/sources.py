@@ -18,7 +18,8 @@ Sources here:
 
       image:          bytes  -- the encoded file (PNG, JPEG, WebP, ...), stored as-is
       caption:        str    -- the caption without system prompt ("" = unusable)
-      system_prompt:  str    -- optional; template name or literal text (default: the source's)
+      system_prompt:  str    -- optional; template name or text (text_templates.resolve_system_prompt;
+                                default: the source's)
       key:            str    -- optional; stable identifier used in logs (default "<name>:<index>")
       schema:         str    -- "lumina_image_record/v1"
 

@@ -182,7 +182,9 @@ class RunCheckpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
         except Exception as e:
-            raise self._unreadable(step, e) from e
+            if _is_read_failure(e):
+                raise self._unreadable(step, e) from e
+            raise
 
     def _unreadable(self, step: int, e: BaseException) -> CheckpointError:
         """The error for a checkpoint step whose files cannot be read back (damaged, truncated, written by
@@ -190,8 +192,8 @@ class RunCheckpoints:
         before = [s for s in self.all_steps() if s < step]
         fallback = f"the one before (step {before[-1]})" if before else "the start (no earlier checkpoint)"
         detail = " ".join(f"{type(e).__name__}: {e}".split())
-        return CheckpointError(f"{self.directory}/{step} could not be read ({detail[:500]}); if it is damaged, move it "
-                               f"away to resume from {fallback}")  # fmt: skip
+        return CheckpointError(f"{self.directory}/{step} could not be read ({detail[:2000]}); if it is damaged, move "
+                               f"it away to resume from {fallback}")  # fmt: skip
 
     def restore(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:
         """Restore ``step`` into ``target`` (a tree of ``ShapeDtypeStruct`` with shardings, any mesh);
@@ -216,8 +218,10 @@ class RunCheckpoints:
             raise
         except Exception as e:
             msg = str(e)
-            if not isinstance(e, ValueError) or "tree structures do not match" not in msg and "Structure mismatch" not in msg:
+            if _is_read_failure(e):
                 raise self._unreadable(step, e) from e
+            if not isinstance(e, ValueError) or "tree structures do not match" not in msg and "Structure mismatch" not in msg:
+                raise  # e.g. out of memory, a sharding that does not fit: not the checkpoint's fault
             # orbax prints both whole trees (megabytes for a 2B model); name the subtrees that differ
             where = re.findall(r"^(\S+):\n\s+- Source", msg, flags=re.M) + [
                 ".".join(re.findall(r"'([^']*)'", p)) for p in re.findall(r"Target path \(([^)]*)\)", msg)]
@@ -324,6 +328,14 @@ class RunCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _is_read_failure(e: BaseException) -> bool:
+    """Whether a restore failed reading the checkpoint's files (missing, truncated, garbled: the
+    checkpoint's fault) rather than for another reason (memory, shardings, a state that does not fit:
+    their own errors say so)."""
+    # tensorstore reports unreadable chunks as a bare Exception
+    return isinstance(e, (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError)) or type(e) is Exception
 
 
 def versions() -> dict:

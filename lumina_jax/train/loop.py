@@ -143,8 +143,10 @@ def check_resume(meta: dict, cfg: TrainConfig, model_config: Any, run_dir: Any,
     shape_of = lambda d: None if d is None else (d.get("rank"), list(d.get("targets") or []))  # noqa: E731
     if shape_of(old_lora) != shape_of(new_lora):  # adapters on/off, another rank or other matrices
         state.append(("lora", old_lora, new_lora))
-    elif new_lora is not None and cfg.init is None:  # the frozen base is re-read from init: it must be given
-        state.append(("init", saved_cfg.get("init"), cfg.init))  # (moved elsewhere: its fingerprint decides)
+    elif new_lora is not None and saved_cfg.get("init") != cfg.init and (cfg.init is None or "base_fingerprint" not in meta):
+        # the frozen base is re-read from init: another path is fine when the checkpoint's fingerprint can tell
+        # it holds the same weights (check_base_fingerprint); none, or no fingerprint to check, is not
+        state.append(("init", saved_cfg.get("init"), cfg.init))
     old_trainable = saved_cfg.get("trainable")
     if old_trainable is not None and list(old_trainable) != list(cfg.trainable):
         if same_trainable is None or not same_trainable(tuple(old_trainable)):
