@@ -208,3 +208,28 @@ def test_pth_that_is_really_safetensors_or_pickles_objects_is_named(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     np.testing.assert_array_equal(TensorSource(tmp_path / "legacy.pth").get("w"), np.ones(2, np.float32))
     np.testing.assert_array_equal(TensorSource(tmp_path / "ok.pth", pth_key="model").get("w"), np.ones(2, np.float32))
+
+
+def test_atomic_output_does_not_clobber_a_destination_that_appears_meanwhile(tmp_path):
+    """Without overwrite, a destination made by another writer while this one ran is left alone (this output
+    is discarded with an error), not moved aside and deleted; with overwrite it is replaced."""
+    from lumina_jax.convert.common import atomic_output
+
+    dst = tmp_path / "out.bin"
+    with pytest.raises(FileExistsError, match="appeared while it was being written"):
+        with atomic_output(dst) as tmp:
+            tmp.write_bytes(b"new")
+            dst.write_bytes(b"theirs")
+    assert dst.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with atomic_output(dst, overwrite=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert dst.read_bytes() == b"new"
+
+
+def test_a_tensor_dtype_numpy_lacks_is_a_checkpoint_error():
+    """float8 weights in a .pth: a CheckpointError the CLI prints as one line, not torch's TypeError."""
+    from lumina_jax.convert.common import to_numpy
+    from lumina_jax.convert.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"unsupported tensor dtype torch.float8_e4m3fn"):
+        to_numpy(torch.zeros(2, dtype=torch.float8_e4m3fn))

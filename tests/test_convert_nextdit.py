@@ -198,6 +198,18 @@ def test_config_inference_errors_and_ffn_multiplier(diffusers_dir, tmp_path):
         infer_original_config({k: v.shape for k, v in sd.items() if not k.startswith("layers.")})
     with pytest.raises(CheckpointError, match="cannot infer its config: no tensor 'cap_embedder.1.weight'"):
         infer_original_config({k: v.shape for k, v in sd.items() if not k.startswith("cap_embedder")})
+    # a stray key or a lone odd shape is named, not the tensors that are right
+    shapes = {k: v.shape for k, v in sd.items()}
+    with pytest.raises(CheckpointError, match=r"layers.N blocks 0..5 do not all hold the same tensors \(layers.2: no "
+                                              r"tensors.*layers.5: lacks"):  # fmt: skip
+        infer_original_config({**shapes, "layers.5.attention.out.weight": shapes["layers.0.attention.out.weight"]})
+    with pytest.raises(CheckpointError, match=r"layers.1: lacks attention.out.weight"):
+        infer_original_config({k: v for k, v in shapes.items() if k != "layers.1.attention.out.weight"})
+    odd = {**shapes, "layers.0.attention.q_norm.weight": (6,)}
+    save_file({**sd, "layers.0.attention.q_norm.weight": np.ones(6, np.float32)}, tmp_path / "odd.safetensors")
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys \(1\): layers.0.attention.q_norm.weight: expected"):
+        load_transformer(tmp_path / "odd.safetensors")
+    assert infer_original_config(odd).head_dim == infer_original_config(shapes).head_dim  # the common width
 
 
 def test_layers_stored_in_different_dtypes_keep_their_values(diffusers_dir, tmp_path):
@@ -607,3 +619,24 @@ def test_cli_convert(diffusers_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(convert_nextdit, "save_transformer", read_only)
     assert convert_main([str(d), str(tmp_path / "ro" / "x.safetensors"), "--to", "original"]) == 1
     assert "error: [Errno 30] Read-only file system" in capsys.readouterr().err
+
+
+def test_a_config_given_for_a_diffusers_folder_may_not_contradict_its_config_json(diffusers_dir):
+    """``config=`` (``--config``) for a diffusers folder may add what config.json cannot hold (the original's
+    q/k-norm eps), not change what it holds (a silently different model otherwise)."""
+    _, d = diffusers_dir
+    config, _ = load_transformer(d)
+    with pytest.raises(CheckpointError, match=r"config.json disagrees with the config given for it: axes_lens .* there"):
+        load_transformer(d, config=config.replace(axes_lens=(10, 10, 10)))
+    other_eps = config.replace(qk_norm_eps=1e-6)
+    assert load_transformer(d, config=other_eps)[0] == other_eps
+
+
+def test_weight_file_suffixes_are_case_insensitive(diffusers_dir, tmp_path):
+    """``Model.SafeTensors`` is a safetensors file (not a folder holding a .pth), and reads back bit-exact."""
+    _, d = diffusers_dir
+    config, params = load_transformer(d, dtype=None)
+    out = save_transformer(tmp_path / "Model.SafeTensors", config, params, "original")
+    assert out == tmp_path / "Model.SafeTensors" and out.is_file() and out.read_bytes()[8:9] == b"{"  # safetensors header
+    again = save_transformer(tmp_path / "a.safetensors", *load_transformer(out, dtype=None), "original")
+    _assert_bit_exact(_tensors(again), _tensors(save_transformer(tmp_path / "b.safetensors", config, params, "original")))

@@ -152,7 +152,7 @@ def component_kind(path: str | Path) -> str:
                 hint = " (captioners: lumina_jax.convert.load_captioner / save_captioner)" if "vl" in str(other) else ""
                 raise CheckpointError(f"{p}: a {other!r} model; convert handles Next-DiT, Gemma-2 and AutoencoderKL "
                                       f"checkpoints{hint}")  # fmt: skip
-        if p.is_file() and p.suffix == ".safetensors":
+        if p.is_file() and p.suffix.lower() == ".safetensors":
             from lumina_jax.convert.safetensors_io import SafetensorsFile
 
             names = set(SafetensorsFile(p).keys())
@@ -179,7 +179,7 @@ def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: floa
     if kind == "text_encoder" and target.suffix.lower() in WEIGHT_FILE_SUFFIXES:
         raise ValueError(f"{target}: a text encoder is written as a folder; give a folder name, not a "
                          f"{target.suffix} file")  # fmt: skip
-    if kind == "vae" and args.to == "original" and target.suffix != ".safetensors":
+    if kind == "vae" and args.to == "original" and target.suffix.lower() != ".safetensors":
         raise ValueError(f"{target}: --to original writes BFL's ae.safetensors; give a .safetensors file or a folder")
     if kind == "text_encoder":
         from lumina_jax.convert.gemma2 import load_text_encoder, save_text_encoder

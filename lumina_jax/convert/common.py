@@ -109,7 +109,11 @@ def to_numpy(x: Any) -> np.ndarray:
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
             return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return x.numpy()
+        try:
+            return x.numpy()
+        except TypeError as e:  # float8 / complex32 / quantized tensors NumPy has no dtype for
+            raise CheckpointError(f"unsupported tensor dtype {x.dtype} ({e}); convert the checkpoint to "
+                                  f"float32 / bfloat16 / float16 first") from None
     return np.asarray(x)
 
 
@@ -204,7 +208,7 @@ class TensorSource:
         else:
             files = [self.path]
         for f in files:
-            if f.suffix == ".safetensors":
+            if f.suffix.lower() == ".safetensors":
                 st = SafetensorsFile(f)
                 self.metadata.update(st.metadata)
                 for k in st.keys():
@@ -331,6 +335,9 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         yield tmp
         if not tmp.exists():
             raise CheckpointError(f"nothing was written for {dst}")
+        if dst.exists() and not overwrite:  # made by someone else while this ran: theirs stays
+            raise FileExistsError(f"{dst} appeared while it was being written (another run?); left as it is, "
+                                  f"this output discarded (pass overwrite=True to replace it)")  # fmt: skip
         if dst.exists():
             old = dst.with_name(f"{_old_tag(dst)}{os.getpid()}")
             os.replace(dst, old)

@@ -242,7 +242,7 @@ def peek_size_multiple(path: str | os.PathLike, transformer: Optional[str | os.P
     root = Path(path).expanduser()
     try:
         t_path = Path(transformer) if transformer is not None else root / "transformer"
-        if detect_format(t_path) == "original" and original_weights_file(t_path).suffix != ".safetensors":
+        if detect_format(t_path) == "original" and original_weights_file(t_path).suffix.lower() != ".safetensors":
             return None  # a pickled .pth has no header to read its shapes from: the load checks the size
         t_cfg = load_transformer_config(t_path)
         if detect_layout(root) == "diffusers":

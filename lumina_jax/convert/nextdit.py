@@ -15,13 +15,14 @@ directory renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Mapping, Optional
 
 import numpy as np
 
@@ -205,7 +206,9 @@ def torch_to_jax(
                 elif piece.dtype != flat[part.path].dtype:  # layers stored in different dtypes (keep-dtype load)
                     wide = np.float64 if np.float64 in (piece.dtype, flat[part.path].dtype) else np.float32
                     if flat[part.path].dtype != wide:
-                        log.info("%s: layers in different dtypes; stacked as %s", rule.key, np.dtype(wide).name)
+                        log.warning("%s: layers stored in different dtypes (%s, %s); stacked as %s (pass a dtype "
+                                    "to choose one)", rule.key, piece.dtype, flat[part.path].dtype,
+                                    np.dtype(wide).name)  # fmt: skip
                         flat[part.path] = flat[part.path].astype(wide)  # exact: every weight dtype fits
                 flat[part.path][part.layer] = piece
     fill_dtype = dtype or next((v.dtype for v in flat.values()), np.dtype(np.float32))
@@ -237,8 +240,11 @@ def jax_to_torch_specs(flat: dict[str, Any], rules: list[Rule], dtype: Any = Non
     dt = resolve_dtype(dtype)
     shapes = {k: tuple(np.shape(v)) for k, v in flat.items()}
     out = []
+    by_key = rules_by_key(rules)
     for key, shape in torch_shapes(rules, shapes).items():
-        src = np.dtype(getattr(flat[rules_by_key(rules)[key].parts[0].path], "dtype", np.float32))
+        # a fused tensor (the original's qkv) of parts in different dtypes is their promotion, as the
+        # concatenation in jax_to_torch makes it
+        src = np.result_type(*(np.dtype(getattr(flat[p.path], "dtype", np.float32)) for p in by_key[key].parts))
         floating = np.issubdtype(src, np.floating) or src == np.dtype("bfloat16")
         out.append((key, shape, dt if (dt is not None and floating) else src))
     return out
@@ -279,7 +285,7 @@ def detect_format(path: str | os.PathLike) -> Format:
             raise CheckpointError(f"{p} is a training run; write its weights as a checkpoint first: "
                                   f"python -m lumina_jax train export {run} OUT")
         raise CheckpointError(f"{p}: cannot tell the checkpoint format (no {JAX_MARKER}, config.json or consolidated*)")
-    if p.suffix in WEIGHT_FILE_SUFFIXES:
+    if p.suffix.lower() in WEIGHT_FILE_SUFFIXES:
         return "original"
     raise CheckpointError(f"{p}: unknown checkpoint file type {p.suffix!r}")
 
@@ -294,12 +300,12 @@ def original_target(path: str | os.PathLike, name: str = "consolidated.00-of-01.
     ``consolidated*`` file of the same kind (main or EMA) is a :class:`CheckpointError` (reading it
     would not give the export)."""
     path = Path(path)
-    if path.suffix in WEIGHT_FILE_SUFFIXES and not path.is_dir():
+    if path.suffix.lower() in WEIGHT_FILE_SUFFIXES and not path.is_dir():
         return path
     if path.is_dir() and name.startswith("consolidated"):
         ema = name.startswith("consolidated_ema")  # the main and the EMA weights are read apart (original_weights_file)
         others = sorted(f.name for f in path.iterdir() if f.name != name and f.name.startswith("consolidated")
-                        and f.name.startswith("consolidated_ema") == ema and f.suffix in (".safetensors", ".pth"))  # fmt: skip
+                        and f.name.startswith("consolidated_ema") == ema and f.suffix.lower() in (".safetensors", ".pth"))  # fmt: skip
         if others:  # reading the folder would give one of them (or refuse to choose), not this export
             raise CheckpointError(f"{path} already holds {others}: a {name} next to them would not be what reading "
                                   f"the folder gives; write to another folder, or pass the file path itself")
@@ -362,7 +368,7 @@ def original_weights_file(path: str | os.PathLike) -> Path:
 
 def _original_source(path: Path, pth_key: Optional[str] = None) -> TensorSource:
     f = original_weights_file(path)
-    if pth_key is not None and f.suffix not in (".pth", ".pt", ".bin"):
+    if pth_key is not None and f.suffix.lower() not in (".pth", ".pt", ".bin"):
         raise CheckpointError(f"{f}: pth_key {pth_key!r} picks a state dict of a .pth file; this one is {f.suffix}")
     return TensorSource(f, pth_key=pth_key)
 
@@ -404,16 +410,20 @@ def infer_original_config(shapes: dict[str, tuple[int, ...]], patch_size: int = 
         raise CheckpointError("checkpoint has no q_norm weights: cannot infer head_dim; pass config=")
     try:
         dim, patch_feats = shapes["x_embedder.weight"]
-        n_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("layers."))
-        n_ref = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("noise_refiner."))
-        hd = shapes["layers.0.attention.q_norm.weight"][0]
-        qkv_rows = shapes["layers.0.attention.qkv.weight"][0]
-        ffn = shapes["layers.0.feed_forward.w1.weight"][0]
+        n_layers = _layer_count(shapes, "layers")
+        n_ref = _layer_count(shapes, "noise_refiner")
+        # sizes every layer has, taken from the most common shape: a lone mis-shaped tensor is then the one
+        # the key check names (not all the others)
+        hd = _common_shape(shapes, "attention.q_norm.weight")[0]
+        qkv_rows = _common_shape(shapes, "attention.qkv.weight")[0]
+        ffn = _common_shape(shapes, "feed_forward.w1.weight")[0]
         out_feats = shapes["final_layer.linear.weight"][0]
         cap_dim = shapes["cap_embedder.1.weight"][1]
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"not an original Next-DiT checkpoint (cannot infer its config: no tensor {e})") from None
-    except ValueError:  # max() of nothing
+    except ValueError:  # no blocks at all
         raise CheckpointError("not an original Next-DiT checkpoint (cannot infer its config: no layers.N.* or "
                               "noise_refiner.N.* tensors)") from None  # fmt: skip
     n_heads = dim // hd
@@ -444,6 +454,42 @@ def infer_original_config(shapes: dict[str, tuple[int, ...]], patch_size: int = 
     if config.ffn_hidden != ffn:
         raise CheckpointError(f"cannot infer the feed-forward config of width {ffn} for dim {dim}; pass config=")
     return config
+
+
+def _layer_count(shapes: Mapping[str, tuple], stack: str) -> int:
+    """The number of ``<stack>.N.*`` blocks; indices must run 0..N-1 with the same tensors in each, else a
+    :class:`CheckpointError` naming the stray or missing ones."""
+    keys: dict[int, set[str]] = collections.defaultdict(set)
+    for k in shapes:
+        parts = k.split(".")
+        if parts[0] == stack and len(parts) > 2 and parts[1].isdigit():
+            keys[int(parts[1])].add(".".join(parts[2:]))
+    if not keys:
+        raise ValueError(stack)  # (max() of nothing before) -> "no layers.N.* tensors"
+    n = max(keys) + 1
+    full = collections.Counter(frozenset(v) for v in keys.values()).most_common(1)[0][0]
+    odd = []
+    for i in range(n):
+        have = keys.get(i, set())
+        if have == full:
+            continue
+        lacks, extra = sorted(full - have), sorted(have - full)
+        odd.append(f"{stack}.{i}: " + ("no tensors" if not have else
+                   f"lacks {', '.join(lacks[:3])}" if lacks else f"has extra {', '.join(extra[:3])}"))  # fmt: skip
+    if odd:
+        raise CheckpointError(f"{stack}.N blocks 0..{n - 1} do not all hold the same tensors ({'; '.join(odd[:4])}); "
+                              f"a stray or missing key? (or pass config=)")  # fmt: skip
+    return n
+
+
+def _common_shape(shapes: Mapping[str, tuple], suffix: str) -> tuple:
+    """The most common shape of ``<stack>.N.<suffix>`` over the blocks of every stack (main layers and
+    refiners have the same width; ``KeyError`` if none has it)."""
+    found = [tuple(v) for k, v in shapes.items() if k.startswith(("layers.", "noise_refiner.", "context_refiner."))
+             and k.endswith("." + suffix) and k.count(".") == suffix.count(".") + 2]  # fmt: skip
+    if not found:
+        raise KeyError(f"layers.0.{suffix}")
+    return collections.Counter(found).most_common(1)[0][0]
 
 
 def _config_of(f: Path, make: Any) -> NextDiTConfig:
@@ -542,6 +588,13 @@ def load_transformer(
     if fmt == "diffusers":
         if config is None:
             config = load_transformer_config(path)
+        else:  # it may add what config.json cannot hold (e.g. qk_norm_eps), not contradict what it holds
+            ours = config.to_dict()
+            differ = {k: (v, ours[k]) for k, v in recorded_config(path).items() if ours.get(k) != v}
+            if differ:
+                raise CheckpointError(f"{path / 'config.json'} disagrees with the config given for it: "
+                                      + ", ".join(f"{k} {a!r} there, {b!r} given" for k, (a, b) in differ.items())
+                                      + "; drop config= (--config) or fix it")  # fmt: skip
         src: Any = TensorSource(path)
     else:
         src = _Prefixed(_original_source(path, pth_key))
@@ -602,7 +655,7 @@ def save_transformer(
             rules = original_rules(config)
             tensors, specs = jax_to_torch(flat, rules, dtype), jax_to_torch_specs(flat, rules, dtype)
             meta = {"lumina_jax_config": json.dumps(config.to_dict())}
-            if target.suffix == ".safetensors":  # both streamed: one tensor in memory at a time
+            if target.suffix.lower() == ".safetensors":  # both streamed: one tensor in memory at a time
                 from lumina_jax.convert.safetensors_io import save_file_streaming
 
                 save_file_streaming(tmp, specs, tensors, metadata=meta)
