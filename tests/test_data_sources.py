@@ -42,6 +42,12 @@ def test_parse_original_item_key_mapping():
     for bad in ({"path": "a.png"}, {"prompt": "c"}, {"path": 3, "prompt": "c"}, [1, 2]):
         with pytest.raises(sources.SkipSample):
             sources.parse_original_item(bad)
+    # a line's own system_prompt (our extension) replaces the key-based choice; a misspelt one is a bad record
+    assert sources.parse_original_item({"path": "a.png", "prompt": "c", "system_prompt": "empty"}) == ("a.png", "c", "empty")
+    assert sources.parse_original_item({"image_path": "a.png", "super_high_quality_caption": "c",
+                                        "system_prompt": "Paint it."}) == ("a.png", "c", "Paint it.")  # fmt: skip
+    with pytest.raises(sources.SkipSample, match="'emtpy'"):
+        sources.parse_original_item({"path": "a.png", "prompt": "c", "system_prompt": "emtpy"})
     # a JSON "\ud83d" escape without its pair is valid JSON but not text the tokenizer takes
     lone = json.loads('{"path": "a.png", "prompt": "a cat \\ud83d"}')
     with pytest.raises(sources.SkipSample, match="not valid Unicode"):

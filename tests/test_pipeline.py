@@ -503,6 +503,25 @@ def test_default_model_is_tiny_random_with_a_notice(monkeypatch, caplog, tmp_pat
     assert p.components.transformer_config.dim == 64 and p.default_image_size == 64
 
 
+def test_words_the_bundled_model_never_saw_are_warned_before_loading(caplog):
+    """``generate`` without ``--checkpoint`` names prompt words outside the shapes world's captions (its image
+    would not follow them: a blank one is possible); the README's prompt, a capitalised first word and
+    punctuation pass; with a checkpoint nothing is said."""
+    from lumina_jax.sample.cli import build_parser, check_before_loading
+    from lumina_jax.shapes.spec import EXAMPLE_PROMPT
+
+    def said(*argv):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lumina_jax.generate"):
+            check_before_loading(build_parser().parse_args(list(argv)))
+        return caplog.text
+
+    assert said(EXAMPLE_PROMPT, "A blue square at the top, on a black background.") == ""
+    text = said("a photo of a cat", "--negative", "Blurry")
+    assert "never seen ['photo', 'cat']" in text and "never seen ['Blurry']" in text
+    assert said("a photo of a cat", "--checkpoint", "somewhere") == ""
+
+
 def test_enable_compilation_cache(tmp_path, monkeypatch):
     import jax
 

@@ -1087,3 +1087,31 @@ def test_a_later_stages_missing_data_is_named_when_the_run_starts(tmp_path, capl
         Trainer(cfg).metrics.close()
     assert f"data paths not found on this host (a stage without its data stops the run when it starts): " \
            f"{cfg.stages[1].name}: /nowhere/cache_128" in caplog.text  # fmt: skip
+
+
+def test_bundled_model_fine_tune_config_and_the_jsonl_system_prompt_warning(tmp_path, caplog):
+    """``configs/train/shapes_finetune.yaml`` fits the bundled model (its transformer config, its encoders);
+    a JSONL file whose lines carry no ``system_prompt`` while the stage sets one is warned about (its lines
+    would get the original's "base" template and be cut by max_text_len), one whose lines do is not."""
+    import json
+
+    from lumina_jax.convert.nextdit import load_transformer_config
+    from lumina_jax.train.config import load_config, load_model_config
+    from lumina_jax.train.loop import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config("shapes_finetune")
+    assert load_model_config(cfg) == load_transformer_config(root / cfg.init)
+    data = cfg.stages[0].data
+    assert data.system_prompt == "empty" and (root / data.vae).is_dir() and data.tokenizer is None
+    for with_key, warned in ((False, True), (True, False)):
+        jsonl = tmp_path / f"d{with_key}.jsonl"
+        line = {"path": "a.png", "prompt": "a red circle", **({"system_prompt": "empty"} if with_key else {})}
+        jsonl.write_text(json.dumps(line) + "\n")
+        run = load_config("tiny_synthetic", [f"run_dir={tmp_path}/r{with_key}", "log.progress=false",
+                                             "stages.1.data={kind: images, paths: [" + str(jsonl) + "], vae: v, "
+                                             "text_encoder: t, system_prompt: empty}"])  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lumina_jax.train"):
+            Trainer(run).metrics.close()
+        assert ("data.system_prompt does not apply to JSONL/YAML sources" in caplog.text) == warned, caplog.text

@@ -46,7 +46,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from lumina_jax.data import records as rec_lib
-from lumina_jax.text_templates import DEFAULT_SYSTEM_PROMPT, resolve_system_prompt
+from lumina_jax.text_templates import DEFAULT_SYSTEM_PROMPT, resolve_system_prompt, system_prompt_problem
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,9 @@ def parse_original_item(item: Mapping[str, Any]) -> tuple[str, Optional[str], st
 
     Follows ``T2IItemProcessor.process_item`` of the original ``finetune.py``: a
     ``super_high_quality_caption`` selects the ``"align"`` template (image under ``image_path``);
-    otherwise a ``prompt`` selects ``"base"`` (image under ``image_path`` or ``path``). Raises
-    :class:`SkipSample` ("bad_record") for anything else.
+    otherwise a ``prompt`` selects ``"base"`` (image under ``image_path`` or ``path``). A line's own
+    ``system_prompt`` (a template name such as ``"empty"``, or text; our extension) replaces that choice.
+    Raises :class:`SkipSample` ("bad_record") for anything else.
     """
     if not isinstance(item, Mapping):
         raise SkipSample("bad_record", f"the record is not a JSON object (got {type(item).__name__})")
@@ -136,6 +137,11 @@ def parse_original_item(item: Mapping[str, Any]) -> tuple[str, Optional[str], st
         caption, system = item["prompt"], "base"
     else:
         raise SkipSample("bad_record", f"no caption key in {sorted(item)}")
+    if "system_prompt" in item:
+        problem = system_prompt_problem(item["system_prompt"])
+        if problem is not None:
+            raise SkipSample("bad_record", problem)
+        system = item["system_prompt"]
     if not isinstance(path, str) or not path:
         raise SkipSample("bad_record", f"no image path in {sorted(item)}")
     if caption is not None and not isinstance(caption, str):

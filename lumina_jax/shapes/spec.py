@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from typing import Optional
 
 import numpy as np
@@ -155,6 +156,19 @@ def vocabulary_corpus() -> list[str]:
         s = random_scene(rng, held_out=None)
         out.append(caption(s, rng=rng))
     return out
+
+
+_VOCABULARY: set[str] = set()
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` that no caption of the shapes world uses (punctuation stripped, the first
+    word's capital allowed): the bundled model has never seen them, and its output for them is arbitrary."""
+    if not _VOCABULARY:
+        _VOCABULARY.update(w for c in vocabulary_corpus() for w in re.findall(r"[^\s,.]+", c))
+    words = re.findall(r"[^\s,.;:!?]+", prompt)
+    known = [w in _VOCABULARY or (i == 0 and w[:1].lower() + w[1:] in _VOCABULARY) for i, w in enumerate(words)]
+    return list(dict.fromkeys(w for w, ok in zip(words, known) if not ok))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import math
 import os
@@ -275,6 +276,16 @@ class Trainer:
         if missing:
             log.warning("data paths not found on this host (a stage without its data stops the run when it "
                         "starts): %s", "; ".join(missing))  # fmt: skip
+        # data.system_prompt is the template of records without their own; JSONL/YAML lines always have one
+        from lumina_jax.text_templates import DEFAULT_SYSTEM_PROMPT
+
+        lines = [f"{st.name}: {p}" for st in cfg.stages if st.data.kind == "images"
+                 and st.data.system_prompt != DEFAULT_SYSTEM_PROMPT for p in st.data.paths
+                 if p.lower().endswith((".yaml", ".yml")) or p.lower().endswith(".jsonl") and _first_line_lacks(p)]
+        if lines:
+            log.warning("data.system_prompt does not apply to JSONL/YAML sources, whose lines pick \"base\" (prompt) or "
+                        "\"align\" (super_high_quality_caption) as the original does, unless a line has its own "
+                        "\"system_prompt\" key: %s", "; ".join(lines))  # fmt: skip
         self.batch_hook = batch_hook  # called with (global step, process-local batch) before each step
         self.primary = jax.process_index() == 0
         self.model: Any = NextDiT(
@@ -754,6 +765,17 @@ def initial_params(cfg: TrainConfig, model_config: Any, mesh: Any) -> Any:
                 + "; set model / model_overrides to the checkpoint's values")  # fmt: skip
         return shard_lib.load_transformer_sharded(cfg.init, mesh, config=model_config)[1]
     return shard_lib.init_params_sharded(model_config, mesh, cfg.seed)
+
+
+def _first_line_lacks(path: str, key: str = "system_prompt") -> bool:
+    """Whether the first record of a local JSONL file lacks ``key`` (False when it cannot be read: the
+    data loader says what is wrong with it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        return isinstance(item := json.loads(first), dict) and key not in item
+    except (OSError, ValueError):
+        return False
 
 
 def check_base_fingerprint(base: Any, meta: dict, init: Optional[str]) -> str:
