@@ -157,6 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="colour,shape,position minimum held-out accuracies (e.g. 0.9,0.8,0.8; one value: all "
                    "three) of CFG on, or of CFG off with --cfg off; exit status 1 if not met")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.guidance is not None and args.cfg == "off":
+        p.error("--guidance sets the scale of --cfg on; with --cfg off (scale 1.0) it would be ignored")
     if args.min_heldout and args.n < 2:
         p.error(f"--min-heldout: --n {args.n} gives no held-out images (half of --n are held-out): use --n 2 or more")
 

@@ -35,7 +35,7 @@ def fake_run(monkeypatch):
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--n", "0"], ["--min-heldout", "2"], ["--min-heldout", "0.9,0.8"],
                                   ["--n", "1", "--min-heldout", "0.5"], ["--seed", "-1"], ["--steps", "0"],
-                                  ["--shift", "-1"], ["--solver", "bogus"]])  # fmt: skip
+                                  ["--shift", "-1"], ["--solver", "bogus"], ["--cfg", "off", "--guidance", "2"]])  # fmt: skip
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_shapes.main(argv)
