@@ -212,7 +212,7 @@ def test_config_inference_errors_and_ffn_multiplier(diffusers_dir, tmp_path):
     assert infer_original_config(odd).head_dim == infer_original_config(shapes).head_dim  # the common width
 
 
-def test_layers_stored_in_different_dtypes_keep_their_values(diffusers_dir, tmp_path):
+def test_layers_stored_in_different_dtypes_keep_their_values(diffusers_dir, tmp_path, caplog):
     """A keep-dtype load stacks the layers of a weight in one array: a file whose layers differ in dtype
     (here layer 0 in bf16, layer 1 in fp32) is stacked in fp32, so no layer loses precision."""
     _, d = diffusers_dir
@@ -220,10 +220,18 @@ def test_layers_stored_in_different_dtypes_keep_their_values(diffusers_dir, tmp_
     key0, key1 = "layers.0.feed_forward.w1.weight", "layers.1.feed_forward.w1.weight"
     sd[key0] = sd[key0].astype(ml_dtypes.bfloat16)
     save_file(sd, tmp_path / "mixed.safetensors")
-    config, params = load_transformer(tmp_path / "mixed.safetensors", dtype=None)
+    with caplog.at_level("WARNING", logger="lumina_jax.convert"):
+        config, params = load_transformer(tmp_path / "mixed.safetensors", dtype=None)
     out = _tensors(save_transformer(tmp_path / "again.safetensors", config, params, "original"))
     assert out[key1].dtype == np.float32 and out[key1].tobytes() == sd[key1].tobytes()
     np.testing.assert_array_equal(out[key0], sd[key0].astype(np.float32))
+    assert caplog.text.count("layers stored in different dtypes: 1 params") == 1
+    caplog.clear()  # the wider layer first: said too
+    sd[key0], sd[key1] = sd[key0].astype(np.float32), sd[key1].astype(ml_dtypes.bfloat16)
+    save_file(sd, tmp_path / "mixed2.safetensors")
+    with caplog.at_level("WARNING", logger="lumina_jax.convert"):
+        load_transformer(tmp_path / "mixed2.safetensors", dtype=None)
+    assert caplog.text.count("layers stored in different dtypes: 1 params") == 1
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -630,6 +638,16 @@ def test_a_config_given_for_a_diffusers_folder_may_not_contradict_its_config_jso
         load_transformer(d, config=config.replace(axes_lens=(10, 10, 10)))
     other_eps = config.replace(qk_norm_eps=1e-6)
     assert load_transformer(d, config=other_eps)[0] == other_eps
+    # the same model said differently (out_channels None = in_channels; the default image size is metadata)
+    same = config.replace(out_channels=config.in_channels, sample_size=config.sample_size * 2)
+    assert load_transformer(d, config=same)[0] == same
+    # a folder whose config.json is missing: the given config is what describes the weights
+    import shutil
+
+    bare = Path(d).parent / "no_config_json"
+    shutil.copytree(d, bare)
+    (bare / "config.json").unlink()
+    assert load_transformer(bare, config=config)[0] == config
 
 
 def test_weight_file_suffixes_are_case_insensitive(diffusers_dir, tmp_path):
@@ -639,4 +657,7 @@ def test_weight_file_suffixes_are_case_insensitive(diffusers_dir, tmp_path):
     out = save_transformer(tmp_path / "Model.SafeTensors", config, params, "original")
     assert out == tmp_path / "Model.SafeTensors" and out.is_file() and out.read_bytes()[8:9] == b"{"  # safetensors header
     again = save_transformer(tmp_path / "a.safetensors", *load_transformer(out, dtype=None), "original")
+    folder = tmp_path / "folder"  # a folder holding such a file reads it as its weights
+    save_transformer(folder / "consolidated.00-of-01.SAFETENSORS", config, params, "original")
+    assert load_transformer(folder, dtype=None)[0] == config
     _assert_bit_exact(_tensors(again), _tensors(save_transformer(tmp_path / "b.safetensors", config, params, "original")))

@@ -46,6 +46,7 @@ def test_parse_original_item_key_mapping():
     assert sources.parse_original_item({"path": "a.png", "prompt": "c", "system_prompt": "empty"}) == ("a.png", "c", "empty")
     assert sources.parse_original_item({"image_path": "a.png", "super_high_quality_caption": "c",
                                         "system_prompt": "Paint it."}) == ("a.png", "c", "Paint it.")  # fmt: skip
+    assert sources.parse_original_item({"path": "a.png", "prompt": "c", "system_prompt": None}) == ("a.png", "c", "base")
     with pytest.raises(sources.SkipSample, match="'emtpy'"):
         sources.parse_original_item({"path": "a.png", "prompt": "c", "system_prompt": "emtpy"})
     # a JSON "\ud83d" escape without its pair is valid JSON but not text the tokenizer takes

@@ -189,6 +189,7 @@ def torch_to_jax(
     dtype = resolve_dtype(dtype)
     flat: dict[str, np.ndarray] = {}
     covered = {p.path for rule in rules for p in rule.parts}
+    widened: set[str] = set()
     for rule in rules:
         t = get(rule.key)
         off = 0
@@ -205,12 +206,13 @@ def torch_to_jax(
                     flat[part.path] = np.empty(shapes[part.path], dtype=piece.dtype)
                 elif piece.dtype != flat[part.path].dtype:  # layers stored in different dtypes (keep-dtype load)
                     wide = np.float64 if np.float64 in (piece.dtype, flat[part.path].dtype) else np.float32
+                    widened.add(part.path)
                     if flat[part.path].dtype != wide:
-                        log.warning("%s: layers stored in different dtypes (%s, %s); stacked as %s (pass a dtype "
-                                    "to choose one)", rule.key, piece.dtype, flat[part.path].dtype,
-                                    np.dtype(wide).name)  # fmt: skip
                         flat[part.path] = flat[part.path].astype(wide)  # exact: every weight dtype fits
                 flat[part.path][part.layer] = piece
+    if widened:
+        log.warning("layers stored in different dtypes: %d params (e.g. %s) are stacked in the widest, %s",
+                    len(widened), sorted(widened)[0], ", ".join(sorted({flat[p].dtype.name for p in widened})))
     fill_dtype = dtype or next((v.dtype for v in flat.values()), np.dtype(np.float32))
     for path in shapes:
         if path not in covered:
@@ -278,7 +280,7 @@ def detect_format(path: str | os.PathLike) -> Format:
             return "diffusers"
         if (p / "transformer").is_dir():
             raise CheckpointError(f"{p} looks like a whole pipeline; pass {p / 'transformer'} for the transformer")
-        if list(p.glob("consolidated*.pth")) or list(p.glob("consolidated*.safetensors")):
+        if _consolidated_files(p):
             return "original"
         run = p if (p / "checkpoints").is_dir() else p.parent if p.name == "checkpoints" else None
         if run is not None:
@@ -291,6 +293,14 @@ def detect_format(path: str | os.PathLike) -> Format:
 
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def _consolidated_files(folder: Path) -> list[Path]:
+    """The folder's ``consolidated*`` weight files, ``.safetensors`` before ``.pth`` (suffixes in any case, as
+    the writers take them)."""
+    found = [f for f in folder.iterdir() if f.name.startswith("consolidated") and f.is_file()]
+    return sorted(f for f in found if f.suffix.lower() == ".safetensors") + sorted(
+        f for f in found if f.suffix.lower() == ".pth")
 
 
 def original_target(path: str | os.PathLike, name: str = "consolidated.00-of-01.pth") -> Path:
@@ -339,7 +349,7 @@ def original_weights_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     files = [path]
     if path.is_dir():
-        files = sorted(path.glob("consolidated*.safetensors")) + sorted(path.glob("consolidated*.pth"))
+        files = _consolidated_files(path)
         if not files:
             raise CheckpointError(f"{path}: no consolidated*.safetensors or consolidated*.pth file")
     shards = [f.name for f in files if (m := re.search(r"\.\d+-of-(\d+)\.", f.name)) and int(m.group(1)) > 1]
@@ -519,6 +529,25 @@ def recorded_config(path: str | os.PathLike) -> dict[str, Any]:
     return {} if stored is None else stored.to_dict()
 
 
+def _contradictions(path: Path, config: NextDiTConfig) -> dict[str, tuple[Any, Any]]:
+    """``{field: (in config.json, given)}`` where a diffusers folder's config.json and a config given for it
+    describe different models: sizes, eps, RoPE (``out_channels`` as the effective count; the metadata
+    fields, e.g. the default image size, are not the model). None when config.json is missing or unusable
+    (the given config is then what describes the weights)."""
+    try:
+        recorded = recorded_config(path)
+    except (OSError, ValueError):
+        return {}
+    ours = config.to_dict()
+    recorded.pop("out_channels", None)
+    out = {k: (v, ours.get(k)) for k, v in recorded.items()
+           if k not in NextDiTConfig.METADATA_FIELDS and ours.get(k) != v}  # fmt: skip
+    theirs = NextDiTConfig.from_diffusers_config(read_json(path / "config.json"))
+    if theirs.out_ch != config.out_ch:
+        out["out_channels"] = (theirs.out_ch, config.out_ch)
+    return out
+
+
 def _stored_config(src: TensorSource) -> Optional[NextDiTConfig]:
     """The config our original-format export stores in its metadata (``lumina_jax_config``: the
     safetensors ``__metadata__``, or the ``.pth`` archive's metadata record), so that a
@@ -589,8 +618,7 @@ def load_transformer(
         if config is None:
             config = load_transformer_config(path)
         else:  # it may add what config.json cannot hold (e.g. qk_norm_eps), not contradict what it holds
-            ours = config.to_dict()
-            differ = {k: (v, ours[k]) for k, v in recorded_config(path).items() if ours.get(k) != v}
+            differ = _contradictions(path, config)
             if differ:
                 raise CheckpointError(f"{path / 'config.json'} disagrees with the config given for it: "
                                       + ", ".join(f"{k} {a!r} there, {b!r} given" for k, (a, b) in differ.items())

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default="real", metavar="NAME_OR_TEXT",
                    help="system prompt of ArrayRecord/TFDS records without their own (default real: the training "
                         "config's data.system_prompt default and the sampling default; JSONL/YAML lines carry "
-                        "the original's own, base or align)")
+                        "the original's own, base or align, unless a line has a system_prompt key)")
     p.add_argument("--tfds-split", default="train", metavar="SPLIT", help="TFDS split (default train)")
     p.add_argument("--tfds-data-dir", metavar="DIR", help="TFDS data directory")
     p.add_argument("--image-key", default="image", metavar="KEY", help="TFDS image feature (default image)")

@@ -137,7 +137,7 @@ def parse_original_item(item: Mapping[str, Any]) -> tuple[str, Optional[str], st
         caption, system = item["prompt"], "base"
     else:
         raise SkipSample("bad_record", f"no caption key in {sorted(item)}")
-    if "system_prompt" in item:
+    if item.get("system_prompt") is not None:  # (null: as if absent)
         problem = system_prompt_problem(item["system_prompt"])
         if problem is not None:
             raise SkipSample("bad_record", problem)

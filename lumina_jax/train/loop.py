@@ -281,7 +281,7 @@ class Trainer:
 
         lines = [f"{st.name}: {p}" for st in cfg.stages if st.data.kind == "images"
                  and st.data.system_prompt != DEFAULT_SYSTEM_PROMPT for p in st.data.paths
-                 if p.lower().endswith((".yaml", ".yml")) or p.lower().endswith(".jsonl") and _first_line_lacks(p)]
+                 if p.lower().endswith((".yaml", ".yml", ".json")) or p.lower().endswith(".jsonl") and _first_line_lacks(p)]
         if lines:
             log.warning("data.system_prompt does not apply to JSONL/YAML sources, whose lines pick \"base\" (prompt) or "
                         "\"align\" (super_high_quality_caption) as the original does, unless a line has its own "
