@@ -311,10 +311,11 @@ def check_before_loading(args: argparse.Namespace) -> None:
     if args.checkpoint is None and args.transformer is None:  # the bundled model knows its world's words only
         from lumina_jax.shapes.spec import unknown_words
 
+        log = logging.getLogger("lumina_jax.generate")
         for prompt in [*args.prompt, *([args.negative] if args.negative else [])]:
             if unknown := unknown_words(prompt):
-                logging.getLogger("lumina_jax.generate").warning("the bundled default model has never seen %s (in %r): its image will not follow them; it "
-                            "knows colours, shapes and positions of its shapes world, lowercase (README)",
+                log.warning("the bundled default model has never seen %s (in %r): its image will not follow them; "
+                            "it knows colours, shapes and positions of its shapes world, lowercase (README)",
                             unknown[:6], prompt)  # fmt: skip
     if args.size:
         multiple = peek_size_multiple(args.checkpoint or DEFAULT_MODEL_DIR, args.transformer)
