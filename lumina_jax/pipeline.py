@@ -297,7 +297,9 @@ def schedule_of(settings: dict[str, Any], guidance_scale: float) -> Schedule:
 
 def _integer(value: Any, name: str) -> int:
     """``value`` as an int; ``ValueError`` naming ``name`` for anything else (floats are not rounded)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, np.ndarray) and value.ndim == 0:  # a NumPy scalar array (np.array(3))
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return int(value)
 
@@ -647,7 +649,7 @@ class Lumina2Pipeline:
             raise ValueError(f"on_long_prompt must be 'warn' or 'error', got {on_long_prompt!r}")
         if guidance_scale is None:
             guidance_scale = self.components.guidance_scale
-        if not np.isfinite(float(guidance_scale)):
+        if isinstance(guidance_scale, (str, bytes, bool)) or not np.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         n = _integer(num_images_per_prompt, "num_images_per_prompt")
         if n < 1:

@@ -414,10 +414,16 @@ def test_argument_errors(pipe, noise):
     for bad in (float("nan"), -0.5, 1.5):
         with pytest.raises(ValueError, match=r"cfg_trunc_ratio must be in \[0, 1\]"):
             pipe("a cat", cfg_trunc_ratio=bad)
-    for kw in ({"seed": 1.5}, {"seed": [0, 2.5]}, {"num_images_per_prompt": 1.7}, {"max_sequence_length": 10.5}):
+    for kw in ({"seed": 1.5}, {"seed": [0, 2.5]}, {"num_images_per_prompt": 1.7}, {"max_sequence_length": 10.5},
+               {"seed": np.array(True)}):  # fmt: skip
         name = next(iter(kw))
         with pytest.raises(ValueError, match=rf"{name} must be an integer, got"):
             pipe(["a cat", "a dog"] if name == "seed" and isinstance(kw[name], list) else "a cat", **kw)
+    for bad in ("4", True):  # float("4") would have run
+        with pytest.raises(ValueError, match=r"guidance_scale must be a finite number, got"):
+            pipe("a cat", guidance_scale=bad)
+    kw = dict(num_inference_steps=1, height=32, width=32, output_type="latent")
+    np.testing.assert_array_equal(pipe("a cat", seed=np.array(3), **kw).images, pipe("a cat", seed=3, **kw).images)
     for bad in (-5, 0, -16):
         with pytest.raises(ValueError, match=rf"^height={bad} \(nearest valid: 16\): not a positive multiple"):
             check_image_size(bad, 64)
