@@ -76,11 +76,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"command {name!r} is not available in this version ({module_name} missing)", file=sys.stderr)
             return 2
         raise
-    code = int(module.main(rest) or 0)
-    distributed = sys.modules.get("lumina_jax.parallel.distributed")
-    if code and distributed is not None and distributed._initialized:  # e.g. caption, preprocess on a pod
-        distributed.exit_alone(code)  # a process that failed alone must not wait in JAX's shutdown
+    try:
+        code = int(module.main(rest) or 0)
+    except SystemExit as e:  # argparse errors, setup errors raised as SystemExit("message")
+        if not e.code or not _distributed_initialized():
+            raise
+        if not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception:
+        if not _distributed_initialized():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if code and _distributed_initialized():  # e.g. caption, preprocess on a pod
+        _distributed_module().exit_alone(code)  # a process that failed alone must not wait in JAX's shutdown
     return code
+
+
+def _distributed_module():
+    return sys.modules.get("lumina_jax.parallel.distributed")
+
+
+def _distributed_initialized() -> bool:
+    """Whether this process joined a multi-process JAX job (``parallel.distributed.initialize``)."""
+    distributed = _distributed_module()
+    return distributed is not None and bool(distributed._initialized)
 
 
 if __name__ == "__main__":

@@ -232,3 +232,31 @@ def test_bench_caption_runs_on_cpu_against_transformers(tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench(bad)
     assert "expected HxW" in capsys.readouterr().err
+
+
+def test_the_models_repetition_penalty_applies_unless_overridden(tmp_path, model_dir, capsys):
+    """transformers' generate() applies generation_config.json's ``repetition_penalty`` even when greedy;
+    so does caption (with a note), ``--repetition-penalty 1`` turns it off, a malformed value is refused."""
+    import shutil
+
+    penalised = tmp_path / "model"
+    shutil.copytree(model_dir, penalised)
+    gen_file = penalised / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    _make_images(tmp_path / "imgs", SIZES[:2])
+    base = ["--images", str(tmp_path / "imgs"), *COMMON]
+
+    def captions(model, name, *extra):
+        assert main(["--model", str(model), "--out", str(tmp_path / name), *base, *extra]) == 0
+        return [r["prompt"] for r in _read(tmp_path / name)], capsys.readouterr().err
+
+    plain, err = captions(model_dir, "plain.jsonl")
+    assert "repetition penalty" not in err
+    gen_file.write_text(json.dumps({**gen, "repetition_penalty": 1.5}))
+    with_penalty, err = captions(penalised, "penalised.jsonl")
+    assert "repetition penalty 1.5 from the model's generation_config.json" in err
+    assert with_penalty != plain
+    assert captions(penalised, "off.jsonl", "--repetition-penalty", "1")[0] == plain
+    gen_file.write_text(json.dumps({**gen, "repetition_penalty": "high"}))
+    with pytest.raises(SystemExit, match="repetition_penalty 'high' is not a positive number"):
+        main(["--model", str(penalised), "--out", str(tmp_path / "bad.jsonl"), *base])

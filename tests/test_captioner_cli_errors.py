@@ -394,3 +394,25 @@ def test_resume_reads_only_this_outputs_parts_and_inputs_like_the_training_data(
     (tmp_path / "outdir").mkdir()
     with pytest.raises(SystemExit, match="is a folder; give a .jsonl file name"):
         main(["--model", str(tmp_path), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "outdir")])
+
+
+def test_image_lists_keep_link_names_and_skip_lines_that_are_not_records(tmp_path, capsys):
+    """A dataset of links into a blob store is recorded under its own names (two names of one blob are
+    two records); an earlier run's output cut short by a crash still lists its good lines."""
+    from lumina_jax.models.captioner.cli import list_images
+
+    blobs = _images(tmp_path / "blobs", 1)
+    (tmp_path / "ds").mkdir()
+    for name in ("cat.png", "also_cat.png"):
+        (tmp_path / "ds" / name).symlink_to(blobs[0])
+    assert list_images(tmp_path / "ds") == [tmp_path / "ds" / "also_cat.png", tmp_path / "ds" / "cat.png"]
+    assert list_images(tmp_path / "ds" / "cat.png") == [tmp_path / "ds" / "cat.png"]
+    lst = tmp_path / "list.jsonl"
+    lst.write_text('{"image_path": "ds/cat.png"}\n{"image_path": "ds/../ds/cat.png"}\n{"prompt": "no path"}\n'
+                   '{"image_path": "ds/also_c')
+    assert list_images(lst) == [tmp_path / "ds" / "cat.png"]
+    err = capsys.readouterr().err
+    assert "skipped 2 line(s)" in err and "list.jsonl:3: no image_path/path" in err and "list.jsonl:4" in err
+    lst.write_text('{"image_path": "ds/also_c')
+    with pytest.raises(ValueError, match=r"list\.jsonl: no usable record; .*list\.jsonl:1"):
+        list_images(lst)

@@ -78,6 +78,34 @@ def test_bf16_round_trip_and_released_layout(tmp_path):
         assert np.array_equal(flatten(from_old)[k], v), k
 
 
+def test_mixed_dtype_checkpoint_keeps_each_tensors_dtype(tmp_path):
+    """A bf16 checkpoint whose vision merger is stored in fp32: ``dtype=None`` keeps every tensor's own dtype
+    (not the final norm's for all), so the export is bit-exact, dtypes included; a layer stack stored in two
+    dtypes takes the wider one, losslessly."""
+    from lumina_jax.convert.safetensors_io import save_file
+
+    config, model = T.save_tiny_model(tmp_path / "hf", "qwen2_5_vl")
+    sd = {k: v.astype(np.float32 if ".merger." in k else ml_dtypes.bfloat16) for k, v in _sd(model).items()}
+    sd["model.language_model.layers.1.mlp.up_proj.weight"] = sd["model.language_model.layers.1.mlp.up_proj.weight"].astype(np.float32)
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file(sd, src / "model.safetensors")
+    _, params = load_captioner(src, dtype=None)
+    flat = flatten(params)
+    assert flat["visual/merger/fc1/kernel"].dtype == np.float32
+    assert flat["visual/patch_embed/kernel"].dtype == ml_dtypes.bfloat16
+    assert flat["language_model/layers/mlp/up_proj/kernel"].dtype == np.float32  # widened stack
+    save_captioner(tmp_path / "export", config, params)
+    written = TensorSource(tmp_path / "export")
+    for k, v in sd.items():
+        w = written.get(k)
+        if k.startswith("model.language_model.layers.") and ".mlp.up_proj." in k:
+            assert w.dtype == np.float32 and np.array_equal(w, v.astype(np.float32)), k
+        else:
+            assert w.dtype == v.dtype and np.array_equal(w, v), k
+
+
 def test_key_errors_name_the_keys(tmp_path):
     config, model = T.save_tiny_model(tmp_path / "hf", "qwen2_vl")
     sd = _sd(model)

@@ -229,6 +229,27 @@ def test_greedy_decode_matches_transformers(case, with_stop):
         assert not np.asarray(out.finished).any()
 
 
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_decodes_as_transformers_does_row_by_row(case, penalty):
+    """transformers' ``repetition_penalty`` applies to greedy decoding (the released chat models set it in
+    generation_config.json): each row of our padded batch decodes as transformers decodes it alone (HF's
+    batched run would penalise the left-padding token too)."""
+    n_new = 16
+    batch = build_batch(case.examples, case.config, prompt_buckets=32, batch_size=4)
+    out = generate(case.params, batch, case.config, GenerationConfig(max_new_tokens=n_new, repetition_penalty=penalty),
+                   active=np.array([True, True, True, False]))
+    plain = generate(case.params, batch, case.config, GenerationConfig(max_new_tokens=n_new))
+    assert (np.asarray(out.tokens)[:3] != np.asarray(plain.tokens)[:3]).any()  # the penalty matters here
+    for i, (image, text) in enumerate(zip(case.images, INSTRUCTIONS)):
+        hin = T.hf_inputs(case.hf_tok, [chat_prompt(text)], [image], case.proc)
+        with torch.no_grad():
+            ref = case.model.generate(**hin, max_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                                      eos_token_id=None, repetition_penalty=penalty)
+        np.testing.assert_array_equal(np.asarray(out.tokens[i]), ref[0, hin["input_ids"].shape[1]:].numpy())
+    with pytest.raises(ValueError, match="repetition_penalty must be a positive number"):
+        GenerationConfig(repetition_penalty=0.0)
+
+
 @pytest.mark.parametrize("case", ["qwen2_5_vl"], indirect=True)  # Qwen2-VL has no window attention
 def test_window_attention_matters(case):
     """Negative control (Qwen2.5-VL): full attention in every block must change the image features."""

@@ -456,3 +456,44 @@ def test_a_process_that_fails_alone_exits_at_once_in_a_multi_process_job(monkeyp
     with pytest.raises(Exited):
         cli.main(["tiny_synthetic", f"run_dir={tmp_path}", "log.progress=false"])
     assert exits == [2, 2]
+
+
+@pytest.mark.parametrize("failure", [SystemExit("caption: error: --out is a folder"), SystemExit(2), ValueError("x")])
+def test_a_command_that_raises_in_a_multi_process_job_exits_at_once(monkeypatch, capsys, failure):
+    """Commands report setup errors as ``SystemExit`` (argparse, ``caption``) or raise: on a pod that
+    process must exit at once too, not sit in JAX's shutdown barrier while its peers wait for it."""
+    import types
+
+    import jax
+
+    import lumina_jax.__main__ as entry
+    from lumina_jax.parallel import distributed
+
+    exits = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Exited
+
+    def fail(argv):
+        raise failure
+
+    monkeypatch.setitem(sys.modules, "fake_command", types.SimpleNamespace(main=fail))
+    monkeypatch.setitem(entry.COMMANDS, "fake", ("fake_command", "fails"))
+    with pytest.raises(type(failure)):  # one process: the error propagates as before
+        entry.main(["fake"])
+    monkeypatch.setattr(distributed, "_initialized", True)
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    monkeypatch.setattr(distributed.logging, "shutdown", lambda: None)  # would close capsys' handlers
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(Exited):
+        entry.main(["fake"])
+    assert exits == [2 if failure.args == (2,) else 1]
+    err = capsys.readouterr().err
+    if isinstance(failure, ValueError):
+        assert "Traceback" in err and "ValueError: x" in err
+    elif failure.args != (2,):
+        assert "--out is a folder" in err

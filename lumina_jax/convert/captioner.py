@@ -53,6 +53,7 @@ from lumina_jax.convert.common import (
     cast,
     flatten,
     read_config_json,
+    read_json,
     resolve_dtype,
     to_numpy,
     unflatten,
@@ -258,11 +259,15 @@ def _fill_params(get: Callable[[str], np.ndarray], stored_shapes: Mapping[str, t
     check_keys(torch_key_shapes(config), {c: tuple(stored_shapes[k]) for c, k in names.items()}, what)
     shapes = jax_param_shapes(config)
     dt = resolve_dtype(dtype)
-    if dt is None:
-        dt = get(names["language_model.norm.weight"]).dtype
-    flat: dict[str, np.ndarray] = {p: np.empty(s, dt) for p, s in shapes.items()}
+    # dt None: each param takes its source tensor's dtype (a bf16 model with an fp32 merger stays so); a
+    # layer stack whose layers were stored in different dtypes takes the widest (lossless)
+    flat: dict[str, np.ndarray] = {} if dt is None else {p: np.empty(s, dt) for p, s in shapes.items()}
     for e in key_table(config):
         for p, arr in zip(e.paths, _to_jax(get(names[e.key]), e, shapes)):
+            if p not in flat:
+                flat[p] = np.empty(shapes[p], arr.dtype)
+            elif dt is None and arr.dtype != flat[p].dtype:
+                flat[p] = flat[p].astype(np.result_type(flat[p].dtype, arr.dtype))
             if e.layer is None:
                 flat[p][...] = arr
             else:
@@ -332,6 +337,14 @@ def read_config(path: str | os.PathLike) -> CaptionerConfig:
             eos = [eos] if isinstance(eos, int) else list(eos)
             config = dataclasses.replace(config, eos_token_id=tuple(dict.fromkeys([*config.eos_token_id, *eos])))
     return config
+
+
+def generation_setting(path: str | os.PathLike, key: str) -> Any:
+    """``key`` of the directory's ``generation_config.json`` (transformers' decoding defaults, e.g.
+    ``repetition_penalty``), or None when the file or the key is absent; a malformed file is a
+    :class:`CheckpointError`."""
+    f = Path(path) / "generation_config.json"
+    return read_json(f, "object").get(key) if f.is_file() else None
 
 
 def load_captioner(path: str | os.PathLike, *, dtype: Any = "fp32") -> tuple[CaptionerConfig, Params]:

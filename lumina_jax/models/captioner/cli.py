@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_float_in(0.0, float("inf")), default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0)
     p.add_argument("--top-k", type=int_at_least(0), default=0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=_float_in(0.0, float("inf"), open_low=True), default=None,
+                   help="transformers' repetition penalty (applies to greedy decoding too); default: the "
+                        "model's generation_config.json, else 1 (off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="compute dtype (and KV cache)")
     p.add_argument("--param-dtype", choices=("fp32", "bf16"), default=None, help="default: same as --dtype")
@@ -140,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 def list_images(spec: str | os.PathLike) -> list[Path]:
     """Absolute image paths, each once: of a folder (recursive, following links to folders, sorted), a list
     of records as the training data reads them (JSONL, or a ``.json`` array; file order, paths relative to
-    its folder) or one image file."""
+    its folder; lines that are not records are skipped and reported, as the training data does) or one
+    image file. Paths are made absolute and normalised but links are not followed: a dataset of links
+    into a blob store (a hub cache, git-annex, DVC) is recorded under its own names."""
     from lumina_jax.data.sources import _BadEntry, _read_original_records
 
     spec = Path(spec)
@@ -149,20 +154,32 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
     if not spec.is_file():
         raise FileNotFoundError(f"--images {spec}: no such folder or file")
     if spec.suffix.lower() in IMAGE_EXTENSIONS:
-        return [spec.resolve()]
-    out = []
+        return [_absolute(spec)]
+    out, bad = [], []
     for where, item in _read_original_records(spec):
         if isinstance(item, _BadEntry):
             if spec.suffix.lower() not in (".jsonl", ".json", ".txt"):
                 raise ValueError(f"--images {spec}: not a JSONL list of images ({item.message}), and "
                                  f"{spec.suffix or 'no suffix'} is not an image extension {list(IMAGE_EXTENSIONS)}")
-            raise ValueError(f"{where}: {item.message}")
+            bad.append(f"{where}: {item.message}")
+            continue
         path = item.get("image_path", item.get("path")) if isinstance(item, dict) else None
         if not isinstance(path, str) or not path:
-            raise ValueError(f"{where}: no image_path/path")
+            bad.append(f"{where}: no image_path/path")
+            continue
         p = Path(path)
-        out.append((p if p.is_absolute() else spec.parent / p).resolve())
+        out.append(_absolute(p if p.is_absolute() else spec.parent / p))
+    if bad and not out:
+        raise ValueError(f"--images {spec}: no usable record; " + "; ".join(bad[:3]))
+    if bad:  # e.g. the last line of an earlier run's output, cut short by a crash
+        shown = "; ".join(bad[:3]) + (f"; ... ({len(bad) - 3} more)" if len(bad) > 3 else "")
+        print(f"caption: skipped {len(bad)} line(s) of {spec} that are not image records: {shown}", file=sys.stderr)
     return list(dict.fromkeys(out))  # listed twice (or by two spellings): captioned once
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` absolute and normalised (``..``, ``.``, doubled separators), links kept as they are."""
+    return Path(os.path.abspath(path))
 
 
 def _walk_images(root: Path) -> Iterator[Path]:
@@ -177,7 +194,7 @@ def _walk_images(root: Path) -> Iterator[Path]:
         for name in files:
             p = Path(d) / name
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-                yield p.resolve()
+                yield _absolute(p)
 
 
 def output_file(out: Path, index: int, count: int) -> Path:
@@ -363,7 +380,7 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     import jax
     import jax.numpy as jnp
 
-    from lumina_jax.convert.captioner import load_captioner, read_config
+    from lumina_jax.convert.captioner import generation_setting, load_captioner, read_config
     from lumina_jax.models.captioner.decode import GenerationConfig, generate
     from lumina_jax.models.captioner.model import cast_params
     from lumina_jax.models.captioner.processor import (
@@ -400,7 +417,7 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise _setup_error(str(e)) from None
     done = done_set(out, settings_key(args.granularity, args.perspective, args.lang, args.instruction))
-    base = out.parent.resolve()
+    base = _absolute(out.parent)  # the images' own names (links not followed), relative to the output
     rel = {p: os.path.normpath(os.path.relpath(p, base)) for p in images}
     todo = [p for p in images if rel[p] not in done]
     skipped_existing = len(images) - len(todo)
@@ -459,8 +476,22 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     pad_id = tok.maybe_token_id(ENDOFTEXT)
     pad_id = config.pad_token_id if pad_id is None else pad_id
     max_new = DEFAULT_MAX_NEW_TOKENS[args.granularity] if args.max_new_tokens is None else args.max_new_tokens
+    penalty = args.repetition_penalty
+    if penalty is None:  # as transformers' generate(): the model's own default, greedy or not
+        try:
+            penalty = generation_setting(args.model, "repetition_penalty")
+        except CheckpointError as e:
+            raise _setup_error(str(e)) from None
+        if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float))
+                                    or not 0 < penalty < float("inf")):
+            raise _setup_error(f"{args.model}/generation_config.json: repetition_penalty {penalty!r} is not a "
+                               "positive number")
+        if penalty not in (None, 1, 1.0):
+            print(f"[caption] repetition penalty {penalty} from the model's generation_config.json "
+                  "(--repetition-penalty 1 turns it off)", file=sys.stderr)
     gen = GenerationConfig(max_new_tokens=max_new, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, stop_token_ids=tuple(stops), pad_token_id=int(pad_id or 0))
+                           top_k=args.top_k, stop_token_ids=tuple(stops), pad_token_id=int(pad_id or 0),
+                           repetition_penalty=float(1.0 if penalty is None else penalty))
 
     devices = jax.local_devices()
     tp = args.tensor_parallel

@@ -6,7 +6,11 @@ when every row has emitted a stop token or ``max_new_tokens`` tokens exist. Rows
 lengths (left padding, ``kv_start``) and M-RoPE offsets (``next_position``: after an image the text
 positions run ahead of the slot index, like HF's ``rope_deltas``).
 
-Sampling per step (HF order): ``temperature == 0`` is greedy (``argmax``; ties -> lowest id, as torch);
+Sampling per step (HF order): first the repetition penalty (HF's ``RepetitionPenaltyLogitsProcessor``: the
+logit of every token already in the row -- its prompt, image placeholder tokens included, and what it has
+generated -- is divided by ``repetition_penalty`` when positive, multiplied when negative; a row's left
+padding does not count, so each row decodes as it would alone, where HF's batched ``generate`` would also
+penalise the padding token); then ``temperature == 0`` is greedy (``argmax``; ties -> lowest id, as torch);
 otherwise logits / temperature, then top-k (tokens tied with the k-th logit stay, as HF), then top-p (HF's
 ``TopPLogitsWarper``: sort ascending, stable, drop the tokens whose cumulative mass is ``<= 1 - top_p``, keep
 at least the last one; of tokens tied at the cut-off only those needed by sorted order stay, i.e. the ones
@@ -38,6 +42,7 @@ class GenerationConfig:
     top_k: int = 0  # 0 -> off
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    repetition_penalty: float = 1.0  # 1 -> off; transformers' ``repetition_penalty`` (greedy too)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -49,6 +54,8 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a positive number, got {self.repetition_penalty}")
 
 
 class GenerateOutput(NamedTuple):
@@ -57,8 +64,16 @@ class GenerateOutput(NamedTuple):
     finished: jax.Array  # (B,) bool: the row emitted a stop token
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, gen: GenerationConfig) -> jax.Array:
-    """``(B, V)`` fp32 logits -> ``(B,)`` int32 token ids under ``gen``'s sampling settings."""
+def sample_logits(logits: jax.Array, rng: jax.Array, gen: GenerationConfig,
+                  seen: Optional[jax.Array] = None) -> jax.Array:
+    """``(B, V)`` fp32 logits -> ``(B,)`` int32 token ids under ``gen``'s sampling settings; ``seen``
+    (``(B, V)`` bool, needed when ``gen.repetition_penalty != 1``) marks the tokens the penalty applies to."""
+    if gen.repetition_penalty != 1.0:
+        if seen is None:
+            raise ValueError("repetition_penalty needs the tokens seen so far (seen=)")
+        logits = logits.astype(jnp.float32)
+        penalised = jnp.where(logits < 0, logits * gen.repetition_penalty, logits / gen.repetition_penalty)
+        logits = jnp.where(seen, penalised, logits)
     if gen.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / gen.temperature
@@ -103,31 +118,39 @@ def _generate(params: Params, batch: PromptBatch, rng: jax.Array, active: jax.Ar
     h, cache = model.apply(variables, batch, cache, method=QwenVL.prefill)
     logits = model.apply(variables, h[:, -1], method=QwenVL.logits)
     rng, sub = jax.random.split(rng)
-    tok = sample_logits(logits, sub, gen)
+    seen = None  # (B, V) bool: the tokens each row holds, for the repetition penalty
+    if gen.repetition_penalty != 1.0:
+        V = logits.shape[-1]
+        rows = jnp.arange(B)[:, None]
+        prompt = jnp.where(jnp.arange(P)[None, :] >= batch.kv_start[:, None], batch.input_ids, V)  # padding: none
+        seen = jnp.zeros((B, V), bool).at[rows, prompt].set(True, mode="drop")
+    tok = sample_logits(logits, sub, gen, seen)
+    mark = lambda seen, t: None if seen is None else seen.at[jnp.arange(B), t].set(True)  # noqa: E731
 
     is_stop = lambda t: jnp.any(t[:, None] == stops[None, :], axis=-1)  # noqa: E731
     done = ~active | is_stop(tok)
     tok = jnp.where(active, tok, gen.pad_token_id)
     tokens = jnp.full((B, T), gen.pad_token_id, jnp.int32).at[:, 0].set(tok)
     lengths = active.astype(jnp.int32)
+    seen = mark(seen, tok)
 
     def cond(state):
-        step, _, _, _, done, _, _ = state
+        step, _, _, _, done, _, _, _ = state
         return (step < T) & ~jnp.all(done)
 
     def body(state):
-        step, tok, tokens, lengths, done, cache, rng = state
+        step, tok, tokens, lengths, done, cache, rng, seen = state
         logits, cache = model.apply(variables, tok, batch.next_position + step - 1, P + step - 1, batch.kv_start,
                                     cache, method=QwenVL.decode_step)
         rng, sub = jax.random.split(rng)
-        new = jnp.where(done, gen.pad_token_id, sample_logits(logits, sub, gen))
+        new = jnp.where(done, gen.pad_token_id, sample_logits(logits, sub, gen, seen))
         tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (jnp.zeros((), jnp.int32), step))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | is_stop(new)
-        return step + 1, new, tokens, lengths, done, cache, rng
+        return step + 1, new, tokens, lengths, done, cache, rng, mark(seen, new)
 
-    state = (jnp.ones((), jnp.int32), tok, tokens, lengths, done, cache, rng)
-    _, _, tokens, lengths, done, _, _ = jax.lax.while_loop(cond, body, state)
+    state = (jnp.ones((), jnp.int32), tok, tokens, lengths, done, cache, rng, seen)
+    _, _, tokens, lengths, done, _, _, _ = jax.lax.while_loop(cond, body, state)
     return GenerateOutput(tokens, lengths, active & done)  # an active row is only ever done by a stop token
 
 
