@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
@@ -11,6 +12,39 @@ import yaml
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
 T = TypeVar("T", bound="YamlConfig")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 numbers: ``1e-4`` is a float (1.1: a string), ``0100`` is 100
+    (1.1: octal 64), ``1:00`` a string (1.1: sexagesimal 60), ``0x1F``/``0o17`` hexadecimal/octal.
+    Booleans keep 1.1's spellings (``yes``/``no``/``on``/``off``)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0x", "0o")):
+        return int(text, 0)
+    return int(text, 10)  # "0100" -> 100
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def load_yaml(text: str) -> Any:
+    """A config document (YAML with 1.2's numbers, see :class:`_ConfigLoader`); raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 class YamlConfig:
@@ -41,7 +75,7 @@ class YamlConfig:
             names = sorted(q.stem for q in MODEL_CONFIG_DIR.glob(f"{cls._prefix}*.yaml"))
             raise FileNotFoundError(f"no {cls._what} config {name_or_path!r}; bundled configs: {names}")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{p}: not valid YAML ({e})") from None
         d.pop("command", None)  # configs may carry the command that uses them

@@ -290,9 +290,11 @@ def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_each_step_once
 
 
 def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_state(tmp_path):
-    """Batches of NaN from step 3 on: steps 3 and 4 are skipped, the run aborts when step 4's metrics are read
-    (max_nonfinite 2; step 5, also skipped, is already dispatched by then) with a checkpoint of step 5 that holds
-    step 2's weights; the same command resumes from it."""
+    """Batches of NaN from step 3 on: steps 3 and 4 are skipped, the run aborts at step 4 (max_nonfinite 2:
+    after a non-finite step each step's metrics are read before the next one is dispatched) with a checkpoint
+    of step 4 that holds step 2's weights; the same command resumes from it. With max_nonfinite 1 the abort
+    is found one step late (the next step was dispatched before the first NaN was seen): the message says
+    whether that step was applied, and every step's metrics are logged."""
     import numpy as np
 
     from lumina_jax.train.loop import NonFiniteLossError, Trainer
@@ -306,11 +308,43 @@ def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_stat
     good = Trainer(make_cfg(tmp_path / "ref", *extra), stop_at=2)
     good.run()
     bad = Trainer(make_cfg(tmp_path / "run", *extra), batch_hook=poison)
-    with pytest.raises(NonFiniteLossError, match="A checkpoint of step 5 holds the run as it was"):
+    with pytest.raises(NonFiniteLossError, match=r"^step 4: 2 consecutive .* A checkpoint of step 4 holds the run as"):
         bad.run()
-    assert bad.ckpt.all_steps() == [5]
-    resumed = Trainer(make_cfg(tmp_path / "run", *extra), stop_at=5)
-    state, _ = resumed.restore(5)
+    assert bad.ckpt.all_steps() == [4]
+    resumed = Trainer(make_cfg(tmp_path / "run", *extra), stop_at=4)
+    state, _ = resumed.restore(4)
     for x, y in zip(leaves(state.params), leaves(good.state.params)):
         np.testing.assert_array_equal(x, y)  # the skipped steps changed nothing
-    resumed.run()  # nothing left to train up to stop_at=5: it resumes and stops
+    resumed.run()  # nothing left to train up to stop_at=4: it resumes and stops
+
+    def one_bad(step, batch):
+        if step == 2:
+            batch["latents"][...] = np.nan
+
+    once = Trainer(make_cfg(tmp_path / "once", *extra[:-1], "max_nonfinite=1", "log.every=1"), batch_hook=one_bad)
+    with pytest.raises(NonFiniteLossError, match=r"^step 3: 1 consecutive .* Step 4 had already run when this was "
+                                                 r"found, and was applied\. A checkpoint of step 4"):
+        once.run()
+    assert once.ckpt.all_steps() == [4]
+    logged = [r["step"] for r in map(json.loads, open(tmp_path / "once" / "metrics.jsonl")) if "loss" in r]
+    assert logged == [1, 2, 3, 4], logged
+
+
+def _grey_samples(params, model_config, prompts, seeds, resolution):
+    """A ``samples.fn`` for the test below: one flat image per prompt, its shade from the params."""
+    shade = int(abs(float(sum(np.asarray(x).sum() for x in jax.tree.leaves(params)))) * 1000) % 256
+    return np.full((len(prompts), 8, 8, 3), shade, np.uint8)
+
+
+def test_sample_grids_every_k_steps_and_at_the_end(tmp_path):
+    """``samples.every=3`` over 2 + 2 steps: a grid at step 3 and one of the final model at step 4."""
+    from PIL import Image
+
+    from lumina_jax.train.loop import Trainer
+
+    extra = ["stages.0.steps=2", "stages.1.steps=2", "checkpoint.every=0", "samples.every=3",
+             f"samples.fn={__name__}:_grey_samples", "samples.prompts=[a, b, c]", "samples.seeds=[0, 1, 2]"]
+    Trainer(make_cfg(tmp_path, *extra)).run()
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == ["step_0000003.png", "step_0000004.png"]
+    assert np.asarray(Image.open(tmp_path / "samples" / grids[0])).shape[2] == 3

@@ -321,6 +321,9 @@ def test_config_overrides_and_unknown_keys():
     ("trainable=[layers/(]", r"trainable: 'layers/\(' is not a regular expression"),
     ("samples.every=5", r"samples: every=5 needs fn"),
     ("samples.fn=nocolon", "fn must be 'module:function'"),
+    ("init=", "init is empty: give a checkpoint to start from"),
+    ("objective.aux_loss_weight=-1", r"objective\.aux_loss_weight must be a finite number >= 0, got -1"),
+    ("objective.aux_loss_weight=nan", r"objective\.aux_loss_weight must be a finite number >= 0, got nan"),
     ("model_overrides=[1]", "model_overrides: expected a mapping"),
     ("optimizer.min_lr_ratio=0.1", "min_lr_ratio is the floor of the cosine schedule"),
     # values that would train the wrong way, or fail only once the run has started
@@ -340,6 +343,32 @@ def test_out_of_range_settings_are_errors_at_load_time(override, message):
 
     with pytest.raises(ValueError, match=message):
         load_config("tiny_synthetic", [override])
+
+
+def test_config_values_read_as_written(tmp_path, caplog):
+    """YAML anchors shared by stages are copied before overrides (an override of one stage changed all
+    of them); numbers follow YAML 1.2 in files and overrides (``1e-3`` a float, ``0100`` one hundred, not
+    octal 64); a number given for a text field is that text; sample grids need one seed per prompt."""
+    from lumina_jax.train.config import load_config
+
+    cfg = load_config("shapes", ["stages.0.data.read_threads=7", "stages.2.data.paths=[/data/tune]"])
+    assert [s.data.read_threads for s in cfg.stages][1:] == [cfg.stages[1].data.read_threads] * 2
+    assert cfg.stages[0].data.read_threads == 7 and cfg.stages[1].data.read_threads != 7
+    assert cfg.stages[2].data.paths == ("/data/tune",) and cfg.stages[0].data.paths != ("/data/tune",)
+    text = (Path(__file__).resolve().parent.parent / "configs" / "train" / "tiny_synthetic.yaml").read_text()
+    f = tmp_path / "t.yaml"
+    assert "  lr: 1.0e-3\n" in text
+    f.write_text(text.replace("  lr: 1.0e-3\n", "  lr: 3e-3\n"))  # YAML 1.1: the string '3e-3'
+    assert load_config(f).optimizer.lr == 3e-3
+    cfg = load_config("tiny_synthetic", ["checkpoint.every=0100", "run_dir=2024", "stages.0.lr=2e-4"])
+    assert (cfg.checkpoint.every, cfg.run_dir, cfg.stages[0].lr) == (100, "2024", 2e-4)
+    with pytest.raises(ValueError, match="3 prompts but 2 seeds"):
+        load_config("tiny_synthetic", ["samples.every=5", "samples.fn=m:f", "samples.prompts=[a, b, c]"])
+    with caplog.at_level("WARNING"):
+        load_config("tiny_synthetic", ["optimizer.warmup_steps=10"])  # stages of 10 steps
+    assert "warms up again at every stage" in caplog.text
+    with pytest.raises(ValueError, match="samples.prompts is empty"):
+        load_config("tiny_synthetic", ["samples.every=5", "samples.fn=m:f", "samples.prompts=[]", "samples.seeds=[]"])
 
 
 def test_an_empty_lora_block_is_refused_not_read_as_no_lora(tmp_path):
@@ -665,7 +694,7 @@ def test_stage_time_shift_mu_and_t_sampling_override_the_objective(tmp_path):
     assert (tr.step_config(0).t_sampling, tr.step_config(1).t_sampling) == ("lognorm", "uniform")
     # a stage's own auxiliary weight (0: no pooled term there, nor its FLOPs), the objective's elsewhere
     assert (tr.step_config(0).aux_loss_weight, tr.step_config(1).aux_loss_weight) == (0.0, cfg.objective.aux_loss_weight)
-    with pytest.raises(ValueError, match="aux_loss_weight must be >= 0"):
+    with pytest.raises(ValueError, match="aux_loss_weight must be a finite number >= 0"):
         load_config("tiny_synthetic", ["stages.0.aux_loss_weight=-1"])
     with pytest.raises(ValueError, match="stage 'low_res'.*unknown t_sampling 'beta'"):
         load_config("tiny_synthetic", ["stages.0.t_sampling=beta"])
@@ -702,6 +731,13 @@ def test_grad_accumulation_is_the_exact_batch_mean_with_padding_rows(a):
         per = per + obj.flow_loss(apply, obj.avg_pool(jnp.asarray(mb["latents"]), 4), k_aux, t_sampling="lognorm", mu=0.5)
         total += float(np.sum(np.asarray(per) * mb["valid"]))
     np.testing.assert_allclose(float(m["loss"]), total / 5, rtol=1e-5)
+    # whatever the padding rows hold (a NaN) reaches neither the loss nor the gradient
+    poisoned = {**batch, "latents": batch["latents"].copy(), "cap_feats": batch["cap_feats"].copy()}
+    poisoned["latents"][5:] = np.nan
+    poisoned["cap_feats"][5:] = np.nan
+    _, m2 = step(state, poisoned, hp)
+    assert bool(m2["finite"]) and float(m2["grad_norm"]) == float(m["grad_norm"])
+    assert float(m2["loss"]) == float(m["loss"])
 
 
 def test_aux_loss_crops_odd_pooled_sides_to_the_patch_size():

@@ -155,9 +155,9 @@ class Gemma2Config:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "Gemma2Config":
         """Load ``configs/model/gemma2_*.yaml``; ``overrides`` replace single keys (still checked)."""
-        import yaml
+        from lumina_jax.config_utils import load_yaml
 
-        d = yaml.safe_load(Path(path).read_text()) or {}
+        d = load_yaml(Path(path).read_text()) or {}
         d.update(overrides)
         return cls.from_dict(d)
 

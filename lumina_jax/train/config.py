@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from lumina_jax.config_utils import load_yaml
 from lumina_jax.parallel.mesh import MeshConfig
 from lumina_jax.train.lora import LoraTrainConfig
 from lumina_jax.train.optim import OptimizerConfig
@@ -161,8 +162,8 @@ class StageConfig:
     def __post_init__(self):
         from lumina_jax.train.objective import T_SAMPLINGS
 
-        if self.aux_loss_weight is not None and not self.aux_loss_weight >= 0:
-            raise ValueError(f"stage {self.name!r}: aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        if self.aux_loss_weight is not None and not 0 <= self.aux_loss_weight < math.inf:
+            raise ValueError(f"stage {self.name!r}: aux_loss_weight must be a finite number >= 0, got {self.aux_loss_weight}")
 
         if self.t_sampling is not None and self.t_sampling not in T_SAMPLINGS:
             raise ValueError(f"stage {self.name!r}: unknown t_sampling {self.t_sampling!r}; choose from {T_SAMPLINGS}")
@@ -192,6 +193,8 @@ class ObjectiveConfig:
             raise ValueError(f"unknown t_sampling {self.t_sampling!r}; choose from {T_SAMPLINGS}")
         if self.aux_pool < 1:
             raise ValueError(f"objective.aux_pool must be >= 1, got {self.aux_pool}")
+        if not 0 <= self.aux_loss_weight < math.inf:  # NaN too: every step would be non-finite
+            raise ValueError(f"objective.aux_loss_weight must be a finite number >= 0, got {self.aux_loss_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +255,11 @@ class SampleConfig:
                              "without it no samples are made")  # fmt: skip
         if self.fn is not None and (":" not in self.fn or not all(self.fn.split(":", 1))):
             raise ValueError(f"fn must be 'module:function', got {self.fn!r}")
+        if self.every and not self.prompts:
+            raise ValueError("samples.prompts is empty: a sample grid needs at least one prompt")
+        if self.every and len(self.seeds) != len(self.prompts):
+            raise ValueError(f"samples: {len(self.prompts)} prompts but {len(self.seeds)} seeds; give one seed per "
+                             f"prompt (samples.seeds=[...])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +302,13 @@ class TrainConfig:
         for s in self.stages:
             if s.batch % self.grad_accum:
                 raise ValueError(f"stage {s.name!r}: batch {s.batch} is not divisible by grad_accum {self.grad_accum}")
+        short = [s.name for s in self.stages if self.optimizer.warmup_steps >= s.steps]
+        if short and self.optimizer.warmup_steps > 0:  # the warm-up restarts at every stage
+            import logging
+
+            logging.getLogger("lumina_jax.train").warning(
+                "optimizer.warmup_steps=%d is not shorter than stage(s) %s: the LR warms up again at every stage "
+                "start and never reaches its peak there", self.optimizer.warmup_steps, short)
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
         if not self.scan_layers:  # the train state, its shardings and checkpoints use the stacked layout
@@ -302,6 +317,9 @@ class TrainConfig:
         if self.lora is not None and tuple(self.trainable) != (".*",):
             raise ValueError(f"trainable {list(self.trainable)} and lora are exclusive: a LoRA run trains its "
                              f"adapters only (choose the adapted matrices with lora.targets)")
+        if self.init is not None and not str(self.init).strip():  # init=$UNSET_VAR in a launch script
+            raise ValueError("init is empty: give a checkpoint to start from, or leave init out (null) to start "
+                             "from random weights")
         if self.max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be >= 1 (consecutive skipped steps before aborting), "
                              f"got {self.max_nonfinite}")
@@ -414,6 +432,8 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
         return int(v)
     if tp in (int, float) and isinstance(v, bool):
         raise ValueError(f"{where}: expected {tp.__name__}, got bool {v!r}")
+    if tp is str and isinstance(v, int) and not isinstance(v, bool):
+        return str(v)  # run_dir=2024 (the shell took the quotes of run_dir="2024")
     if tp in (int, float, bool, str) and not isinstance(v, tp):
         raise ValueError(f"{where}: expected {tp.__name__}, got {type(v).__name__} {v!r}")
     return v
@@ -423,7 +443,7 @@ def parse_value(text: str) -> Any:
     """A command-line value: YAML, with ``1e-4``-style floats (YAML 1.1 would keep them strings); a quoted
     value stays a string (``run_dir="2024"``)."""
     try:
-        v = yaml.safe_load(text) if text != "" else ""
+        v = load_yaml(text) if text != "" else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override value {text!r} is not valid YAML ({e})") from None
     if isinstance(v, str) and not text.strip().startswith(("'", '"')):
@@ -503,7 +523,7 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Trai
         raise ValueError(f"{p} is a folder; pass a train config YAML (e.g. configs/train/tiny_synthetic.yaml)")
     text = p.read_text()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML ({e})") from None
     bare_lora = re.search(r"^lora:[ \t]*(#.*)?$", text, re.MULTILINE)  # not `lora: null`, which says "off"
@@ -516,15 +536,22 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Trai
 
 
 def config_from_dict(raw: dict, overrides: Sequence[str] = ()) -> TrainConfig:
-    import copy
-
-    raw = copy.deepcopy(raw)
+    raw = _unshared(raw)  # YAML anchors (`data: *data`) share one dict: an override must change one stage
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         k, v = item.split("=", 1)
         apply_override(raw, k.strip(), parse_value(v))
     return _build(TrainConfig, raw, "")
+
+
+def _unshared(node: Any) -> Any:
+    """A copy of a YAML document with every mapping and list its own (``copy.deepcopy`` keeps sharing)."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_unshared(v) for v in node]
+    return node
 
 
 def load_model_config(cfg: TrainConfig):

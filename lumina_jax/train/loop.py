@@ -537,6 +537,7 @@ class Trainer:
 
             bar = tqdm(total=stop - step, desc=f"{stage.name}", unit="step", dynamic_ncols=True, leave=False)
         pending = None  # (step, metrics futures, data counts, FLOPs): fetched one step late (asynchronous dispatch)
+        self._in_step = False  # after a non-finite step: metrics fetched at once, so an abort stops at its own step
         self._timer = None  # the first step (compilation) is not timed: _report starts the clock after it
         self._skip_interval = False
         shapes = {_shapes(first)}  # compiled for this stage; a new bucket shape compiles on its first dispatch
@@ -555,32 +556,43 @@ class Trainer:
                 flops = self._batch_flops(si, batch)
                 batch = None
                 step += 1
-                if pending is not None:
-                    last = self._report(*pending, n_dev, bar)
-                pending = (step, m, local_data_counts(it), flops)
+                previous, pending = pending, (step, m, local_data_counts(it), flops)
+                if previous is not None:
+                    last = self._report(*previous, n_dev, bar)
+                if self._in_step:
+                    now, pending = pending, None
+                    last = self._report(*now, n_dev, bar)
                 every = cfg.checkpoint.every
                 stopping = self._signals.stop_at(step)
                 if step == end or step == stop or (every and step % every == 0) or stopping:
-                    last = self._report(*pending, n_dev, bar, force=True)
-                    pending = None
+                    if pending is not None:
+                        now, pending = pending, None
+                        last = self._report(*now, n_dev, bar, force=True)
                     self.ckpt.save(step, self._to_save(state), self.meta(step, si, si), ckpt_it)
                     self._skip_interval = True  # nor is the save's host work a step
                     saved = step
                 if stopping:
                     log.warning("stopped at step %d with a checkpoint; the same command resumes from it", step)
                     break
-                if self._sample_fn and cfg.samples.every and step % cfg.samples.every == 0:
+                if self._sample_fn and cfg.samples.every and (step % cfg.samples.every == 0 or step == cfg.total_steps):
                     self._samples(state, step, stage)
                     self._skip_interval = True
             if pending is not None:
-                last = self._report(*pending, n_dev, bar, force=True)
+                now, pending = pending, None
+                last = self._report(*now, n_dev, bar, force=True)
         except NonFiniteLossError as e:
             # the skipped steps changed no weights: keep this state and data position, so that a resume (lower
             # LR, other data) loses none of the steps since the last periodic checkpoint, nor re-reads bad batches
+            after = ""
+            if pending is not None:  # found one step late (max_nonfinite=1): the next step ran meanwhile
+                late = {k: np.asarray(v).item() for k, v in jax.device_get(pending[1]).items()}
+                self.metrics.write(step, late)
+                after = (f" Step {step} had already run when this was found, and was "
+                         f"{'applied' if late['finite'] else 'skipped too'}.")
             if saved != step:
                 self.ckpt.save(step, self._to_save(state), self.meta(step, si, si), ckpt_it)
-            raise NonFiniteLossError(f"{e} A checkpoint of step {step} holds the run as it was (no skipped step "
-                                     f"changed it); the same command resumes from it.") from None  # fmt: skip
+            raise NonFiniteLossError(f"{e}{after} A checkpoint of step {step} holds the run as it was (no skipped "
+                                     f"step changed it); the same command resumes from it.") from None  # fmt: skip
         finally:
             if bar is not None:
                 bar.close()
@@ -621,11 +633,13 @@ class Trainer:
             self._timer.add(now, flops, counted=not self._skip_interval)
         self._skip_interval = False
         if m["nonfinite_run"] >= cfg.max_nonfinite:
+            self.metrics.write(step, m)  # the aborting step's row too
             raise NonFiniteLossError(
                 f"step {step}: {int(m['nonfinite_run'])} consecutive steps with a non-finite loss or gradient "
                 f"(loss={m['loss']}, grad_norm={m['grad_norm']}); none of them was applied. Aborting (max_nonfinite="
                 f"{cfg.max_nonfinite}). Lower the LR or check the data."
             )
+        self._in_step = not m["finite"]  # until a finite step: each step's metrics right after it
         if not m["finite"]:
             log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): step skipped (%d in a row)",
                         step, m["loss"], m["grad_norm"], int(m["nonfinite_run"]))  # fmt: skip

@@ -99,10 +99,14 @@ def make_loss_fn(model: nn.Module, cfg: StepConfig) -> Callable:
         cap, cmask = mb["cap_feats"], mb["cap_mask"]
         valid = mb.get("valid")
         aux_denom = denom if aux_denom is None else aux_denom
+        if valid is not None:  # padding rows read as zeros: whatever they hold (a NaN) reaches no gradient
+            keep = lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))  # noqa: E731
+            mb = {**mb, "latents": keep(mb["latents"]), "cap_feats": keep(mb["cap_feats"])}
+            cap = mb["cap_feats"]
 
         def share(per, d=denom):
             w = jnp.ones_like(per) if valid is None else valid.astype(jnp.float32)
-            return jnp.sum(jnp.where(w > 0, per, 0.0)) / d  # where: a NaN in a padding row stays out
+            return jnp.sum(jnp.where(w > 0, per, 0.0)) / d  # padding rows' losses stay out of the mean
         if cfg.mixed:
             grid = mb["image_sizes"].astype(jnp.int32) // (VAE_FACTOR * model.config.patch_size)
             main = share(token_flow_loss(params, mb["latents"], grid, k_main, cap, cmask))
