@@ -18,7 +18,7 @@ cfg_trunc_ratio / mode    1.0 / ``"time"``: CFG while t < r     ``cfg_trunc_mode
 
 ``preset=`` picks a named group of settings (:data:`lumina_jax.sample.solvers.PRESETS`: ``quality``,
 ``balanced``, ``fast``, ``diffusers``); explicit keywords override it. With ``preset="diffusers"`` (and
-the same initial ``latents``) the output equals diffusers' ``Lumina2Pipeline`` to ~1e-5.
+the same initial ``latents``) the output equals diffusers' ``Lumina2Pipeline`` to ~1e-6 relative.
 
 Non-empty negative prompts get the system prompt, as in the original (diffusers uses them verbatim:
 ``negative_system_prompt=False``, set by ``preset="diffusers"``); ``guidance_scale`` below 1 is applied
@@ -626,7 +626,8 @@ class Lumina2Pipeline:
             ``True`` (original), ``False`` under ``preset="diffusers"``.
           solver: ``"midpoint"`` (default), ``"euler"``, ``"dpm"`` (original semantics) or ``"flow_euler"``
             (diffusers' scheduler).
-          time_shift: the shift ``s``; default the scheduler config's ``shift`` (6.0).
+          time_shift: the shift ``s``; default the scheduler config's ``shift`` (6.0 for Lumina-Image 2.0,
+            3.0 for the bundled model).
           seed: int (image ``k`` uses ``seed + k``), one int per image, or ``None`` (random, reported).
           preset: ``"quality"``, ``"balanced"``, ``"fast"`` or ``"diffusers"`` (see ``PRESETS``).
           mode: ``"fused"`` (one compiled program) or ``"stepwise"`` (one call per step).

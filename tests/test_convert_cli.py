@@ -195,6 +195,9 @@ def test_original_export_into_a_folder_with_another_consolidated_file_is_refused
     with pytest.raises(CheckpointError, match="already holds"):
         original_target(rel, "consolidated_ema.00-of-01.pth")
     assert original_target(rel / "x.pth") == rel / "x.pth"  # a file named by the user: written as asked
+    assert original_target(rel / "consolidated.00-of-01.pth") == rel / "consolidated.00-of-01.pth"
+    with pytest.raises(CheckpointError, match="already holds .* a name that does not start with 'consolidated'"):
+        original_target(rel / "consolidated_ema.00-of-01.pth")  # named as a file: reading the folder would not give it
 
 
 def test_a_folder_with_one_checkpoint_in_both_formats_says_which_it_reads(tmp_path, caplog):

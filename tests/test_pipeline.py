@@ -628,6 +628,7 @@ def test_cli_errors(reference, tmp_path, capsys):
         main(["a cat", "--solver", "heun"])
     # what needs no weights fails before they load (a typo must not cost a 2B model's load)
     for flags, want in ((["--size", "100x64"], "nearest valid: 96 or 112"), (["--cfg", "nan"], "--cfg must be a finite"),
+                        (["--size", "64x16000"], "height=16000 exceeds the model's RoPE table"),
                         (["--seed", "-1"], "leave out --seed"), (["--system-prompt", "reall"], "did you mean 'real'"),
                         (["--steps", "0"], "--steps must be a positive integer"), (["--shift", "0"], "--shift must be"),
                         (["--max-length", "0"], "--max-length must be >= 1"), (["--renorm", "-1"], "--renorm ratio")):  # fmt: skip

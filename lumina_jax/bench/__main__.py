@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark {argv[0]!r}; choose from {sorted(BENCHES)}", file=sys.stderr)
         return 2
     module_name = BENCHES[argv[0]][0]
+    from lumina_jax.__main__ import quiet_environment
+
+    quiet_environment()  # as `python -m lumina_jax`: no libtpu errors on a dev install without a TPU
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

@@ -14,7 +14,9 @@ are detected:
 Nothing is written at ``DST`` unless the whole conversion succeeds; an ``--overwrite`` that is killed
 leaves the old ``DST`` (put back by the next run if the kill came between the two renames that replace
 it). The config goes with the weights in every format (for ``--to original``, in the file's metadata: the
-original code ignores it, a reload here uses it); ``--config`` overrides it.
+original code ignores it, a reload here uses it). ``--config`` names it for original checkpoints (else
+inferred from the shapes) and for diffusers folders must agree with their ``config.json``; project
+checkpoints carry their own.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def main(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("src", help="checkpoint: project dir, diffusers transformer dir, original .pth/.safetensors "
                     "file, or a folder with consolidated.00-of-01.* (the EMA file consolidated_ema.* is read "
-                    "only when passed itself)")  # fmt: skip
+                    "when passed itself or when it is the folder's only weights file)")  # fmt: skip
     ap.add_argument("dst", help="output path; for --to original a .pth or .safetensors file, or a folder that "
                     "gets consolidated.00-of-01.pth")  # fmt: skip
     ap.add_argument("--to", required=True, choices=["jax", "diffusers", "original"])

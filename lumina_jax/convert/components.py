@@ -175,7 +175,7 @@ def load_components(
     Args:
       path: a diffusers pipeline directory, a lumina_jax layout directory, or a hub id.
       transformer: optional checkpoint that replaces the directory's transformer (any format).
-      dtype: weight dtype of the returned params (``"fp32"``, ``"bf16"``).
+      dtype: weight dtype of the returned params (``"fp32"``, ``"bf16"``; ``None`` keeps each stored dtype).
       cache: for diffusers directories, ``True`` caches the converted weights under
         ``cache_home()/converted`` (a directory path chooses another root); the next load reads the cache.
     Raises:
@@ -232,10 +232,12 @@ def load_components(
     return comps
 
 
-def peek_size_multiple(path: str | os.PathLike, transformer: Optional[str | os.PathLike] = None) -> Optional[int]:
-    """What image sides of the model at local ``path`` must be multiples of (VAE factor x patch size),
-    read from its configs alone (no weights), so that a bad size fails before a long load; ``None`` when
-    the configs cannot be read this way (a hub id, a damaged folder: the full load names the problem)."""
+def peek_size_limits(path: str | os.PathLike,
+                     transformer: Optional[str | os.PathLike] = None) -> Optional[tuple[int, int]]:
+    """``(multiple, max_tokens_side)`` of the model at local ``path``: what image sides must be multiples
+    of (VAE factor x patch size) and how many patches a side may hold (its RoPE table), read from its
+    configs alone (no weights), so that a bad size fails before a long load; ``None`` when the configs
+    cannot be read this way (a hub id, a damaged folder: the full load names the problem)."""
     from lumina_jax.convert.nextdit import detect_format, load_transformer_config, original_weights_file
     from lumina_jax.convert.vae import load_vae_config
 
@@ -252,7 +254,7 @@ def peek_size_multiple(path: str | os.PathLike, transformer: Optional[str | os.P
             factor = VAEConfig.from_dict(marker["config"]).downsample_factor
     except (CheckpointError, OSError, ValueError, TypeError, KeyError):
         return None
-    return factor * t_cfg.patch_size
+    return factor * t_cfg.patch_size, min(t_cfg.axes_lens[1:])
 
 
 def _read_scheduler(root: Path) -> dict[str, Any]:

@@ -311,15 +311,18 @@ def original_target(path: str | os.PathLike, name: str = "consolidated.00-of-01.
     would not give the export)."""
     path = Path(path)
     if path.suffix.lower() in WEIGHT_FILE_SUFFIXES and not path.is_dir():
-        return path
-    if path.is_dir() and name.startswith("consolidated"):
+        folder, name, target = path.parent, path.name, path
+    else:
+        folder, target = path, path / name
+    if folder.is_dir() and name.startswith("consolidated"):
         ema = name.startswith("consolidated_ema")  # the main and the EMA weights are read apart (original_weights_file)
-        others = sorted(f.name for f in path.iterdir() if f.name != name and f.name.startswith("consolidated")
+        others = sorted(f.name for f in folder.iterdir() if f.name != name and f.name.startswith("consolidated")
                         and f.name.startswith("consolidated_ema") == ema and f.suffix.lower() in (".safetensors", ".pth"))  # fmt: skip
         if others:  # reading the folder would give one of them (or refuse to choose), not this export
-            raise CheckpointError(f"{path} already holds {others}: a {name} next to them would not be what reading "
-                                  f"the folder gives; write to another folder, or pass the file path itself")
-    return path / name
+            raise CheckpointError(f"{folder} already holds {others}: a {name} next to them would not be what "
+                                  f"reading the folder gives; write to another folder, or give the file a name "
+                                  f"that does not start with 'consolidated'")  # fmt: skip
+    return target
 
 
 def _other_component(d: Path) -> Optional[str]:
@@ -654,7 +657,7 @@ def save_transformer(
     - ``"original"``: a single file; ``.safetensors`` or ``.pth`` by the suffix of ``path`` (a folder, or
       a path without a weights-file suffix, becomes ``path/consolidated.00-of-01.pth``: :func:`original_target`);
       ``norm_final.weight`` is written too (the original loads strictly).
-    ``dtype``: ``"fp32"``/``"bf16"``/``None`` (keep the params' dtype).
+    ``dtype``: ``"fp32"``/``"bf16"``/``"fp16"``/``None`` (keep the params' dtype).
     """
     path = Path(path)
     if format != "jax":

@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-weights", action="store_true",
                     help="cache converted diffusers weights as orbax (faster later loads)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (the phase messages stay)")
-    ap.add_argument("-q", "--quiet", action="store_true", help="print only the written paths, errors and "
-                    "notices of replaced files (no progress bar, phases or timings)")  # fmt: skip
+    ap.add_argument("-q", "--quiet", action="store_true", help="print only the written paths, warnings, "
+                    "errors and notices of replaced files (no progress bar, phases or timings)")  # fmt: skip
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -292,7 +292,7 @@ def check_before_loading(args: argparse.Namespace) -> None:
     """What can be checked without the weights, so that a typo fails in a second, not after minutes of
     loading: the sampler settings (as the pipeline resolves them), the system prompt's template name,
     the seed, the text length, and the image size against the model's configs (when they are local)."""
-    from lumina_jax.convert.components import peek_size_multiple
+    from lumina_jax.convert.components import peek_size_limits
     from lumina_jax.pipeline import DEFAULT_MODEL_DIR, check_image_size, resolve_settings, schedule_of
     from lumina_jax.text_templates import resolve_system_prompt
 
@@ -318,9 +318,10 @@ def check_before_loading(args: argparse.Namespace) -> None:
                             "it knows colours, shapes and positions of its shapes world, lowercase (README)",
                             unknown[:6], prompt)  # fmt: skip
     if args.size:
-        multiple = peek_size_multiple(args.checkpoint or DEFAULT_MODEL_DIR, args.transformer)
-        if multiple is not None:
-            check_image_size(args.size[1], args.size[0], multiple)
+        limits = peek_size_limits(args.checkpoint or DEFAULT_MODEL_DIR, args.transformer)
+        if limits is not None:
+            multiple, max_tokens_side = limits
+            check_image_size(args.size[1], args.size[0], multiple, max_tokens_side=max_tokens_side, patch_px=multiple)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
