@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +113,16 @@ def _positive(text: str) -> float:
     return v
 
 
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
 def min_accuracies(text: str) -> tuple[float, float, float]:
     """argparse type of ``--min-heldout``: ``C,S,P`` (colour, shape, position) or one value for all three."""
     try:
@@ -138,13 +150,25 @@ def check_min_heldout(results: dict[str, dict], mins: Sequence[float]) -> Option
     return None
 
 
+def _unwritable(folder: Path) -> Optional[str]:
+    """Why files cannot be written under ``folder`` (created if missing), or None."""
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lumina_jax eval-shapes", description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int_at_least(1), default=200, help="images per setting (half held-out, half seen)")
     p.add_argument("--checkpoint", default=None, help="model directory (default: the bundled model)")
     p.add_argument("--cfg", choices=("on", "off", "both"), default="both",
                    help="CFG on (the model's guidance scale, or --guidance), off (1.0) or both")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=_finite, default=None,
                    help="guidance scale for --cfg on (default: the model's; 2.5 for the bundled model)")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="solver steps (default: the pipeline's)")
     p.add_argument("--solver", default=None, choices=sorted(SOLVERS))
@@ -162,6 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.min_heldout and args.n < 2:
         p.error(f"--min-heldout: --n {args.n} gives no held-out images (half of --n are held-out): use --n 2 or more")
 
+    for flag, where in (("--json", args.json and Path(args.json).parent), ("--save-dir", args.save_dir)):
+        problem = where and _unwritable(Path(where))
+        if problem:  # found now, not after minutes of evaluation
+            p.error(f"{flag}: {problem}")
     from lumina_jax.convert.errors import CheckpointError
     from lumina_jax.pipeline import Lumina2Pipeline
 

@@ -91,7 +91,9 @@ def enable_compilation_cache(path: Union[str, os.PathLike, bool, None] = None) -
     ``path``: a directory; ``None`` -> ``$LUMINA_JAX_COMPILATION_CACHE`` or ``cache_home()/xla``
     (``~/.cache/lumina_jax/xla``); ``False`` (or the env var set to ``off``/``0``) leaves JAX's settings
     alone. A directory the user already configured (``jax_compilation_cache_dir``) is kept when
-    ``path`` is ``None``. Every program is cached (minimum compile time 0 s). Returns the directory used.
+    ``path`` is ``None``. Every program is cached (minimum compile time 0 s). Returns the directory used;
+    ``None`` (with a warning) when it cannot be created (a read-only home, a file in the way): the work
+    goes on, compiled anew.
     """
     env = os.environ.get("LUMINA_JAX_COMPILATION_CACHE")
     if path is False or (path is None and env is not None and env.strip().lower() in ("", "0", "off", "false", "none")):
@@ -102,7 +104,12 @@ def enable_compilation_cache(path: Union[str, os.PathLike, bool, None] = None) -
             return Path(current)
         path = env or cache_home() / "xla"
     d = Path(path).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # the cache only saves time: its absence must not stop the job
+        log.warning("compilation cache %s cannot be used (%s: %s); compiling without a persistent cache",
+                    d, type(e).__name__, e.strerror or e)
+        return None
     if current != str(d):
         jax.config.update("jax_compilation_cache_dir", str(d))
         from jax.experimental.compilation_cache import compilation_cache
@@ -247,6 +254,14 @@ def load_dtype(weights_dtype: str, compute: str) -> Optional[str]:
     return weights_dtype
 
 
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float when it is a real number (NumPy scalars too); a string or a bool is refused
+    (``float("0.25")`` and ``float(True)`` would run)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def resolve_settings(*, solver: Optional[str], num_inference_steps: Optional[int], cfg_trunc_ratio: Optional[float],
                      cfg_normalization: Any, cfg_trunc_mode: Optional[str], time_shift: Optional[float],
                      preset: Optional[str], negative_system_prompt: Optional[bool] = None,
@@ -272,11 +287,11 @@ def resolve_settings(*, solver: Optional[str], num_inference_steps: Optional[int
     mode = pick(cfg_trunc_mode, "cfg_trunc_mode", "time")
     if mode not in TRUNC_MODES:
         raise ValueError(f"unknown cfg_trunc_mode {mode!r}; choose from {TRUNC_MODES}")
-    shift = float(time_shift) if time_shift is not None else default_shift
+    shift = _real("time_shift", time_shift) if time_shift is not None else default_shift
     return {
         "solver": solver,
         "num_inference_steps": steps,
-        "cfg_trunc_ratio": float(pick(cfg_trunc_ratio, "cfg_trunc_ratio", 1.0)),
+        "cfg_trunc_ratio": _real("cfg_trunc_ratio", pick(cfg_trunc_ratio, "cfg_trunc_ratio", 1.0)),
         "cfg_trunc_mode": mode,
         "cfg_renorm": renorm,
         "cfg_renorm_ratio": ratio,

@@ -35,13 +35,22 @@ def fake_run(monkeypatch):
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--n", "0"], ["--min-heldout", "2"], ["--min-heldout", "0.9,0.8"],
                                   ["--n", "1", "--min-heldout", "0.5"], ["--seed", "-1"], ["--steps", "0"],
-                                  ["--shift", "-1"], ["--solver", "bogus"], ["--cfg", "off", "--guidance", "2"]])  # fmt: skip
+                                  ["--shift", "-1"], ["--solver", "bogus"], ["--cfg", "off", "--guidance", "2"],
+                                  ["--guidance", "nan"]])  # fmt: skip
 def test_bad_arguments_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         eval_shapes.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert (argv[-2] if argv[-2].startswith("--") else argv[0]) in err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--save-dir"])
+def test_unwritable_outputs_are_usage_errors_before_the_evaluation(tmp_path, capsys, fake_run, flag):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        eval_shapes.main(["--n", "2", flag, str(tmp_path / "file" / "out.json")])
+    assert e.value.code == 2 and f"{flag}: {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_a_missing_checkpoint_is_exit_2_not_a_traceback(tmp_path, capsys):

@@ -422,6 +422,9 @@ def test_argument_errors(pipe, noise):
     for bad in ("4", True):  # float("4") would have run
         with pytest.raises(ValueError, match=r"guidance_scale must be a finite number, got"):
             pipe("a cat", guidance_scale=bad)
+        for name in ("cfg_trunc_ratio", "time_shift"):
+            with pytest.raises(ValueError, match=rf"{name} must be a number, got"):
+                pipe("a cat", **{name: bad})
     kw = dict(num_inference_steps=1, height=32, width=32, output_type="latent")
     np.testing.assert_array_equal(pipe("a cat", seed=np.array(3), **kw).images, pipe("a cat", seed=3, **kw).images)
     for bad in (-5, 0, -16):
@@ -528,7 +531,7 @@ def test_words_the_bundled_model_never_saw_are_warned_before_loading(caplog):
     assert said("a photo of a cat", "--checkpoint", "somewhere") == ""
 
 
-def test_enable_compilation_cache(tmp_path, monkeypatch):
+def test_enable_compilation_cache(tmp_path, monkeypatch, caplog):
     import jax
 
     from lumina_jax.pipeline import enable_compilation_cache
@@ -544,6 +547,10 @@ def test_enable_compilation_cache(tmp_path, monkeypatch):
         assert enable_compilation_cache() == tmp_path / "env"
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
         assert enable_compilation_cache(tmp_path / "explicit") == tmp_path / "explicit"
+        (tmp_path / "a_file").write_text("")  # a read-only home, a file in the way: a warning, no crash
+        with caplog.at_level("WARNING"):
+            assert enable_compilation_cache(tmp_path / "a_file" / "xla") is None
+        assert "cannot be used" in caplog.text and jax.config.jax_compilation_cache_dir == str(tmp_path / "explicit")
     finally:
         jax.config.update("jax_compilation_cache_dir", old)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old_t)
@@ -678,6 +685,11 @@ def test_saved_images_record_their_own_negative_prompt_mode_and_version(pipe, tm
         assert meta["mode"] == "fused" and meta["lumina_jax_version"] == lumina_jax.__version__
     jpg = Image.open(paths[3])
     assert jpg.format == "JPEG" and jpg.size == (32, 32)
+    # the batch's truncated-text indices become each image's own flags (2 images per prompt here)
+    cut = dataclasses.replace(out, settings=dict(out.settings, truncated_prompts={"prompt": [1], "negative_prompt": [0]}))
+    save_images(cut, [tmp_path / f"cut{i}.png" for i in range(4)])
+    flags = [json.loads(Image.open(tmp_path / f"cut{i}.png").text["lumina_jax"])["truncated_prompts"] for i in range(4)]
+    assert flags == [{"prompt": False, "negative_prompt": True}] * 2 + [{"prompt": True, "negative_prompt": False}] * 2
     meta = json.loads(jpg.getexif()[0x010E])
     assert meta["prompt"] == "a dog" and meta["negative_prompt"] == "dark" and meta["seed"] == 4
     # a prompt too long for JPEG's 64 KiB EXIF segment keeps its start there (PNG keeps it whole)

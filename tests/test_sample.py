@@ -154,6 +154,11 @@ def test_time_grids():
     assert sig[-1] == 0.0 and abs(sig[0] - 6 * 0.999 / (1 + 5 * 0.999)) < 1e-12 and np.all(np.diff(sig) < 0)
     sched = S.make_schedule("midpoint", 3)
     assert sched.num_evaluations == 6 and sched.arrays["t_eval"].shape == (3, 2)
+    np.testing.assert_allclose(S.dpm_alphas(20, 6.0), 1.0 - sig, rtol=1e-12, atol=1e-15)
+    for shift in (1e17, 3e38):  # the shifted sigma rounds to 1: its complement is computed apart (NaN before)
+        for solver in S.SOLVERS:
+            arrays = S.make_schedule(solver, 4, shift=shift).arrays
+            assert all(np.isfinite(v).all() for v in arrays.values()), (solver, shift)
 
 
 def test_flow_euler_matches_diffusers_scheduler(x0):

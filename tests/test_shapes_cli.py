@@ -68,3 +68,15 @@ def test_help_description_is_a_full_sentence(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert build.DESCRIPTION in out and out.count("python -m lumina_jax train configs/train/shapes.yaml") == 1
     assert build.DESCRIPTION.endswith(".") and "``" not in build.DESCRIPTION
+
+
+@pytest.mark.parametrize("argv", [["prepare", "--num-train", "0"], ["prepare", "--num-test", "-5"],
+                                  ["train-vae", "--steps", "0"], ["train-vae", "--batch", "0"],
+                                  ["train-text-encoder", "--steps", "0"]])  # fmt: skip
+def test_counts_below_one_are_usage_errors(argv, tmp_path, capsys):
+    """``prepare --num-train 0`` crashed in TFDS after part of the work; ``train-vae --steps 0`` wrote an
+    untrained autoencoder."""
+    with pytest.raises(SystemExit) as e:
+        build.main([*argv, "--work", str(tmp_path)])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

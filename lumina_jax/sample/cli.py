@@ -53,6 +53,8 @@ _PRESET_FLAGS = {"solver": "--solver", "num_inference_steps": "--steps", "cfg_tr
 
 
 def _preset_flag(key: str, value: Any) -> str:
+    if key == "cfg_off_at_or_below_one":  # no flag of its own: diffusers' rule, described
+        return "(CFG off for --cfg <= 1)" if value else "(CFG applied below 1)"
     flag = _PRESET_FLAGS.get(key, key)
     if isinstance(value, bool):
         return flag if value else flag.replace("--", "--no-", 1)
@@ -265,10 +267,15 @@ def save_images(out: Any, paths: list[Path], on_replace: Optional[Any] = None) -
     if not all(isinstance(img, Image.Image) for img in out.images):
         raise ValueError("save_images writes PIL images: generate with output_type='pil' (the default)")
     negatives = out.negative_prompts or [None] * len(out.images)
-    for img, path, prompt, neg, seed in zip(out.images, paths, out.prompts, negatives, out.seeds):
+    n = int(out.settings.get("num_images_per_prompt") or 1)
+    cut = out.settings.get("truncated_prompts")
+    for j, (img, path, prompt, neg, seed) in enumerate(zip(out.images, paths, out.prompts, negatives, out.seeds)):
         if on_replace is not None and path.exists():
             on_replace(path)
-        save_image(img, path, prompt, neg, seed, out.settings)
+        settings = out.settings
+        if isinstance(cut, dict):  # the batch's prompt indices -> whether this image's own texts were cut
+            settings = dict(settings, truncated_prompts={k: j // n in rows for k, rows in cut.items()})
+        save_image(img, path, prompt, neg, seed, settings)
 
 
 class _CacheStats:

@@ -117,6 +117,13 @@ def dpm_sigmas(num_steps: int, shift: float = DEFAULT_TIME_SHIFT) -> np.ndarray:
     return shift_sigma(np.linspace(0.0, DPM_SIGMA_START, num_steps + 1), shift)[::-1].copy()
 
 
+def dpm_alphas(num_steps: int, shift: float = DEFAULT_TIME_SHIFT) -> np.ndarray:
+    """``1 - dpm_sigmas(num_steps, shift)`` computed as ``(1 - v) / (1 + (s - 1) v)`` (``v`` the unshifted
+    level), which keeps its precision where a huge ``s`` rounds the shifted sigma to 1."""
+    v = np.linspace(0.0, DPM_SIGMA_START, num_steps + 1)[::-1]
+    return (1.0 - v) / (1.0 + (float(shift) - 1.0) * v)
+
+
 def flow_euler_sigmas(num_steps: int, shift: float = DEFAULT_TIME_SHIFT) -> tuple[np.ndarray, np.ndarray]:
     """diffusers' FlowMatchEulerDiscrete schedule, float32 as diffusers computes it.
 
@@ -130,24 +137,26 @@ def flow_euler_sigmas(num_steps: int, shift: float = DEFAULT_TIME_SHIFT) -> tupl
     return np.concatenate([sig, np.zeros(1, np.float32)]), model_t
 
 
-def dpm_coefficients(sigmas: np.ndarray) -> dict[str, np.ndarray]:
+def dpm_coefficients(sigmas: np.ndarray, alphas: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """Per-step coefficients of DPM-Solver++(2M) in flow parametrisation (alpha = 1 - sigma).
 
     Step ``i`` from ``s = sigma_i`` to ``u = sigma_{i+1}`` with data predictions ``D_i``:
     ``x <- a_i x + b_i D_i + c_i (D_i - D_{i-1})`` where ``a = u / s``, ``b = -alpha_u expm1(-h)``,
     ``h = lambda_u - lambda_s``, ``lambda = log(alpha / sigma)``, and ``c = b / (2 r)`` with
     ``r = h_{i-1} / h_i`` for second-order steps, 0 for the first and the last (lower-order-final) step.
+    ``alphas``: ``1 - sigmas`` when known more precisely (:func:`dpm_alphas`).
     """
     sig = np.asarray(sigmas, np.float64)
+    alpha = 1.0 - sig if alphas is None else np.asarray(alphas, np.float64)
     n = len(sig) - 1
     with np.errstate(divide="ignore"):
-        lam = np.log1p(-sig) - np.log(sig)  # +inf at sigma = 0
+        lam = np.log(alpha) - np.log(sig)  # +inf at sigma = 0
     a, b, c = np.zeros(n), np.zeros(n), np.zeros(n)
     h = lam[1:] - lam[:-1]
     for i in range(n):
         s, u = sig[i], sig[i + 1]
         a[i] = u / s
-        b[i] = -(1.0 - u) * np.expm1(-h[i])  # -> 1 when u = 0 (h = inf)
+        b[i] = -alpha[i + 1] * np.expm1(-h[i])  # -> 1 when u = 0 (h = inf)
         second_order = 0 < i < n - 1
         if second_order:
             c[i] = 0.5 * b[i] / (h[i - 1] / h[i])
@@ -262,10 +271,10 @@ def make_schedule(
         else:
             t_eval = t[:, None]
     elif solver == "dpm":
-        sig = dpm_sigmas(num_steps, shift)
-        co = dpm_coefficients(sig)
-        arrays = {"t": f32(1.0 - sig[:-1]), "sigma": f32(sig[:-1]), **{k: f32(v) for k, v in co.items()}}
-        t_eval = (1.0 - sig[:-1])[:, None]
+        sig, alpha = dpm_sigmas(num_steps, shift), dpm_alphas(num_steps, shift)
+        co = dpm_coefficients(sig, alpha)
+        arrays = {"t": f32(alpha[:-1]), "sigma": f32(sig[:-1]), **{k: f32(v) for k, v in co.items()}}
+        t_eval = alpha[:-1, None]
     else:  # flow_euler
         sig, model_t = flow_euler_sigmas(num_steps, shift)
         arrays = {"t": model_t, "dsigma": (sig[1:] - sig[:-1]).astype(np.float32)}

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lumina_jax.config_utils import int_at_least
 from lumina_jax.shapes.text_train import TextTrainConfig, train_text_encoder
 from lumina_jax.shapes.vae_train import VAE_CONFIG, VAETrainConfig, train_vae
 
@@ -138,16 +139,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare", help="dataset (TFDS array_record) + frozen encoders")
     a.add_argument("--work", default="data/shapes")
-    a.add_argument("--num-train", type=int, default=16000)
-    a.add_argument("--num-test", type=int, default=200)
+    a.add_argument("--num-train", type=int_at_least(1), default=16000)
+    a.add_argument("--num-test", type=int_at_least(1), default=200)
     a.add_argument("--overwrite", action="store_true",
                    help="prepare the dataset again if WORK/tfds holds one with other split sizes")
     v = sub.add_parser("train-vae",
                        help="train the autoencoder stage (default: 8x, 8 latent channels) into WORK/encoders/vae_f8")
     v.add_argument("--work", default="data/shapes")
     v.add_argument("--out", default=None, help="output directory (default: WORK/encoders/vae_f8)")
-    v.add_argument("--steps", type=int, default=VAETrainConfig.steps)
-    v.add_argument("--batch", type=int, default=VAETrainConfig.batch)
+    v.add_argument("--steps", type=int_at_least(1), default=VAETrainConfig.steps)
+    v.add_argument("--batch", type=int_at_least(1), default=VAETrainConfig.batch)
     v.add_argument("--lr", type=float, default=VAETrainConfig.lr)
     v.add_argument("--seed", type=int, default=VAETrainConfig.seed)
     v.add_argument("--config", default=str(VAE_CONFIG),
@@ -157,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="pretrain the tiny Gemma-2 as a causal LM on captions into WORK/encoders/text_encoder_lm")
     t.add_argument("--work", default="data/shapes")
     t.add_argument("--out", default=None, help="output directory (default: WORK/encoders/text_encoder_lm)")
-    t.add_argument("--steps", type=int, default=TextTrainConfig.steps)
+    t.add_argument("--steps", type=int_at_least(1), default=TextTrainConfig.steps)
     t.add_argument("--seed", type=int, default=TextTrainConfig.seed)
     t.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     b = sub.add_parser("assemble", help="run checkpoint + encoders -> pipeline directory")
