@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     ok = [r for r in rows if "error" not in r]
     if ok:
         print_table(ok, ["config", "res", "batch", "grad_accum", "remat", "device", "devices", "step_ms",
-                         "images_per_s", "tflops_per_device", "remat_tflops_per_device", "mfu",
+                         "images_per_s", "tflops_per_device", "remat_tflops_per_device", "mfu", "mfu_valid_tokens",
                          "matmul_bf16_tflops", "vs_matmul", "peak_mem_gib"])  # fmt: skip
     if not ok:
         print(f"every batch in {args.batch} ran out of device memory", file=sys.stderr)
@@ -164,8 +164,10 @@ def _run(args: argparse.Namespace, batch_size: int) -> dict:
         tr.metrics.close()
     step_s = statistics.median(times)
     n_dev = jax.device_count()
-    useful, remat = tr.flops(0, cap_len)
+    useful, remat = tr.flops(0, cap_len)  # the work done: the padded caption length, as the trainer logs it
     tflops = useful / step_s / n_dev / 1e12
+    valid_cap = float(np.asarray(jax.device_get(batch["cap_mask"])).sum(axis=1).mean())
+    valid_tflops = tr.flops(0, valid_cap)[0] / step_s / n_dev / 1e12  # caption padding not counted
     kind = jax.devices()[0].device_kind
     peak = M.peak_tflops(kind)
     n = args.matmul_n or (1024 if jax.default_backend() == "cpu" else 8192)
@@ -176,6 +178,8 @@ def _run(args: argparse.Namespace, batch_size: int) -> dict:
         "step_ms": round(step_s * 1e3, 2), "images_per_s": round(batch_size / step_s, 2),
         "tflops_per_device": tflops, "remat_tflops_per_device": remat / step_s / n_dev / 1e12,
         "peak_tflops": peak, "mfu": tflops / peak if peak else None,
+        "valid_caption_tokens": valid_cap, "tflops_per_device_valid_tokens": valid_tflops,
+        "mfu_valid_tokens": valid_tflops / peak if peak else None,
         "matmul_bf16_tflops": matmul, "vs_matmul": tflops / matmul if matmul else None,
         "loss": float(np.asarray(m["loss"])), "train_flops_per_step": useful, "grad_accum": args.grad_accum,
         "lora_rank": args.lora,

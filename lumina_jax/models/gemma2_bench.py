@@ -113,7 +113,8 @@ def bench_text_encoder(
     """Time ``hidden_states[-2]`` for JAX (jit, compiled once per shape) and, optionally, transformers.
 
     ``valid_len`` tokens per row are real and the rest right padding (default: all real). ``dtype`` is
-    the compute dtype on both sides (torch runs the model cast to it; JAX keeps fp32 params). Returns
+    the compute dtype on both sides (torch runs the model cast to it; JAX casts the matmul weights and the
+    embedding table to it once, as :class:`~lumina_jax.pipeline.Lumina2Pipeline` does). Returns
     one dict per (implementation, batch size): ``impl, device, batch, seq_len, valid_len, dtype,
     compile_s, ms_mean, ms_min, tokens_per_s, tflop_s, rel_l2_vs_torch`` (the last one for JAX rows,
     measured on valid tokens against torch in the same dtype; NaN without the torch reference).
@@ -136,6 +137,10 @@ def bench_text_encoder(
         from lumina_jax.models.gemma2 import init_params
 
         params = init_params(cfg, jax.random.PRNGKey(seed))
+    if jdt != jnp.float32:  # as the pipeline holds them: matmul weights and the table cast once, not per call
+        from lumina_jax.models.nextdit import cast_matmul_weights
+
+        params = cast_matmul_weights(params, jdt, names=("kernel", "embedding"))
     params = jax.device_put(params)
     fwd = jax.jit(lambda p, i, m: dit_features(p, i, m, cfg, dtype=jdt))
     jax_device = str(jax.devices()[0].device_kind)
