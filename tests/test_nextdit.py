@@ -253,8 +253,17 @@ def test_bad_inputs_have_clear_errors():
     small = config.replace(axes_lens=(32, 3, 8))  # 8x8 latents = 4x4 patches: rows beyond the table
     with pytest.raises(ValueError, match=r"latent grid 4x4 patches exceeds the RoPE table \(3x8"):
         NextDiT(small).apply({"params": params}, x, jnp.zeros(1), cap, mask)
-    with pytest.raises(ValueError, match=r"caption length 4 \(padded\) is over the model's limit of 3 tokens"):
-        NextDiT(config.replace(axes_lens=(4, 8, 8))).apply({"params": params}, x, jnp.zeros(1), cap, mask)
+    short_table = NextDiT(config.replace(axes_lens=(4, 8, 8)))
+    with pytest.raises(ValueError, match=r"the longest caption has 4 tokens, over the model's limit of 3 tokens"):
+        short_table.apply({"params": params}, x, jnp.zeros(1), cap, mask)
+    # only valid tokens need RoPE rows (as diffusers): padding past the table is fine when the mask is known ...
+    capr = jax.random.normal(jax.random.PRNGKey(3), cap.shape)
+    three = jnp.asarray([[1, 1, 1, 0]], bool)
+    np.testing.assert_allclose(short_table.apply({"params": params}, x, jnp.zeros(1), capr, three),
+                               short_table.apply({"params": params}, x, jnp.zeros(1), capr[:, :3], three[:, :3]),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match=r"captions are padded to 4 tokens, over the model's limit of 3"):
+        jax.jit(lambda m: short_table.apply({"params": params}, x, jnp.zeros(1), capr, m))(three)  # ... not under jit
     with pytest.raises(ValueError, match="caption features have length 0"):
         model.apply({"params": params}, x, jnp.zeros(1), cap[:, :0], mask[:, :0])
     # left padding (transformers' Gemma tokenizer default) or a hole: the model would attend the pad rows

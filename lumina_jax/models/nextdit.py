@@ -652,11 +652,16 @@ class NextDiT(nn.Module):
                              f"{cap_feats.shape[:2]} and caption mask {cap_mask.shape} (want (B,), (B, L), (B, L))")
         if lc == 0:
             raise ValueError("caption features have length 0: every caption needs at least one token (BOS)")
-        if lc > c.axes_lens[0] - 1:
-            raise ValueError(f"caption length {lc} (padded) is over the model's limit of {c.axes_lens[0] - 1} tokens "
+        concrete = not isinstance(cap_mask, jax.core.Tracer)
+        # only the valid tokens need RoPE rows (padding is masked; the image tokens sit at position L_i), as in
+        # diffusers and the original; under jit the lengths are unknown, so the padded length must fit
+        longest = int(np.asarray(cap_mask).astype(bool).sum(1).max()) if concrete else lc
+        if longest > c.axes_lens[0] - 1:
+            what = "the longest caption has" if concrete else "captions are padded to"
+            raise ValueError(f"{what} {longest} tokens, over the model's limit of {c.axes_lens[0] - 1} tokens "
                              f"(RoPE table of {c.axes_lens[0]} positions, one of them the image tokens' caption "
-                             f"position); pad captions to at most {c.axes_lens[0] - 1}")
-        if not isinstance(cap_mask, jax.core.Tracer):  # concrete (not under jit): a left-padded mask is an error
+                             f"position); cut (or, under jit, pad) captions to at most {c.axes_lens[0] - 1}")
+        if concrete:  # not under jit: a left-padded mask is an error
             m = np.asarray(cap_mask).astype(bool)
             prefix = np.arange(lc)[None, :] < m.sum(1, keepdims=True)
             if np.any(m != prefix):
