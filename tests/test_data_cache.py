@@ -391,3 +391,40 @@ def test_per_host_batches_refuse_a_text_len_below_the_longest_cached_caption_at_
         DataPipeline(src, PipelineConfig(text_len=32, **kw))
     batches = list(DataPipeline(src, PipelineConfig(text_len=64, **kw)))
     assert len(batches) == 10 and {b["cap_feats"].shape[1] for b in batches} == {64}
+
+
+def test_a_stage_warns_about_latent_caches_made_with_different_encoders(tmp_path, caplog):
+    """A stage's caches should hold latents and caption features of the same encoders: caches whose
+    ``made_with`` name another VAE or text encoder are warned about, naming the caches and the fields (a
+    warning: the models are known by path only). Fields a cache does not record (older caches), the dtype
+    and max_length are not compared."""
+    import jax
+
+    from lumina_jax.parallel.mesh import create_mesh
+    from lumina_jax.train.config import load_config, load_model_config
+    from lumina_jax.train.data import build_stage_iterator
+
+    models = {"vae": "/models/flux/vae", "text_encoder": "/models/gemma", "tokenizer": "/models/tok", "dtype": "bf16"}
+    made = {"models": models, "resolution": 64, "max_ratio": 4.0, "max_length": 256}
+    recs = [{"latent": np.zeros((8, 8, 16)), "cap_feats": np.ones((3, 32)), "cap_mask": np.ones(3, bool),
+             "prompt": f"p{i}"} for i in range(4)]  # fmt: skip
+    empty = (np.zeros((1, 32)), np.ones(1, bool))
+    for name, made_with in [("flux", made), ("flux_again", dict(made, models=dict(models, dtype="fp32"), max_length=128)),
+                            ("older", None), ("sd3", dict(made, models=dict(models, vae="/models/sd3/vae")))]:  # fmt: skip
+        cache.write_latent_cache(recs, tmp_path / name, shard_size=4, empty_prompt_features=empty, made_with=made_with)
+    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+
+    def build(*names):
+        paths = "[" + ",".join(str(tmp_path / n) for n in names) + "]"
+        cfg = load_config("tiny_synthetic", ["stages.0.data.kind=latent_cache", f"stages.0.data.paths={paths}"])
+        return build_stage_iterator(cfg.stages[0], model_config=load_model_config(cfg), mesh=mesh, seed=0,
+                                    stage_index=0)[0]  # fmt: skip
+
+    with caplog.at_level("WARNING", logger="lumina_jax"):
+        with build("flux", "flux_again", "older") as it:  # same models (another dtype and length), and one recording none
+            assert next(it)["latents"].shape[1:] == (8, 8, 16)
+        assert "different encoders" not in caplog.text
+        with build("flux", "older", "sd3"):
+            pass
+    assert (f"stage 'low_res' mixes latent caches encoded with different encoders (models.vae: {tmp_path}/flux has "
+            f"'/models/flux/vae', {tmp_path}/sd3 has '/models/sd3/vae')") in caplog.text

@@ -75,6 +75,37 @@ def test_two_hosts_rows_make_the_one_host_batch_and_skips_add_up(dataset, caplog
         assert {tuple(s) for s in b["image_sizes"]} == {b["images"].shape[1:3]}
 
 
+
+def test_records_the_index_marks_unusable_are_read_only_to_name_the_logged_skips(dataset, caplog):
+    """Every host walks the whole global plan, skips included; naming a skipped record reads it, which only
+    the skips that are logged need (shard 0 logs the plan's skips, the first few): host 1 reads none of them."""
+    jsonl, _ = dataset
+
+    class Counting(JsonlSource):
+        def __init__(self, path):
+            super().__init__(path)
+            self.reads = []
+
+        def get(self, index):
+            self.reads.append(index)
+            return super().get(index)
+
+    sizes = np.asarray(JsonlSource(jsonl).record_sizes())
+    unusable = set(np.flatnonzero((sizes[:, 2] > 0) | (sizes[:, 0] <= 0)).tolist())
+    assert len(unusable) >= 4
+    for host in (1, 0):
+        source = Counting(jsonl)
+        with caplog.at_level("WARNING", logger="lumina_jax.data"):
+            caplog.clear()
+            batches = list(DataPipeline([source], config(shard_index=host, shard_count=2, probe_samples=0)))
+        assert batches and not unusable & {i for b in batches for i in (int(x.split(":")[1]) for x in b["ids"])}
+        named = [line for line in caplog.text.splitlines() if "(size index)" in line]
+        read = [i for i in source.reads if i in unusable]
+        if host == 1:
+            assert read == [] and named == []
+        else:  # the logged ones, each once
+            assert len(read) == len(named) == len(set(read)) > 0
+
 def test_resume_is_exact(dataset):
     jsonl, _ = dataset
     pipe = DataPipeline([JsonlSource(jsonl)], config(batch_size=4, num_epochs=None))

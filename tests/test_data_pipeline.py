@@ -609,3 +609,67 @@ def test_data_workers_ignore_sigint_so_the_trainer_can_stop_with_a_checkpoint(mo
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+# --------------------------------------------------------------------------------------------------
+# Closing
+
+
+class _PassThrough:
+    """Stands in for FrozenEncoders: the batch as it is."""
+
+    last_truncated = 0
+
+    def __call__(self, batch):
+        return batch
+
+
+def test_the_raw_image_stage_iterator_closes_its_pipeline_and_worker_processes(dataset):
+    """The trainer closes a stage's iterator after the stage when it has ``close``: the raw-image stage's
+    (``train.data.EncodedIterator``) passes it to the pipeline, so its grain worker processes end (twice is
+    fine)."""
+    import multiprocessing
+
+    from lumina_jax.train.data import EncodedIterator
+
+    jsonl, _ = dataset
+    before = set(multiprocessing.active_children())
+    it = EncodedIterator(iter(DataPipeline(JsonlSource(jsonl), config(num_workers=1))), _PassThrough())
+    next(it)
+    assert set(multiprocessing.active_children()) - before  # the worker
+    it.close()
+    it.close()
+    assert not set(multiprocessing.active_children()) - before
+
+
+EXIT_SCRIPT = """
+import sys
+from lumina_jax.data.pipeline import DataPipeline, PipelineConfig
+from lumina_jax.data.sources import JsonlSource
+pipe = DataPipeline([JsonlSource(sys.argv[1])], PipelineConfig(resolution=64, batch_size=4, shard_index=0,
+                    shard_count=1, caption_dropout=0.0))
+assert pipe.bucket_plan == "global"
+it = iter(pipe)
+print(next(it)["images"].shape, flush=True)
+"""
+
+
+def test_a_pipeline_left_open_at_exit_does_not_abort_the_interpreter(tmp_path):
+    """A script that reads a batch and exits without closing its iterator exits cleanly: the iterator is
+    closed at exit while its prefetch threads could still be reading (they made the interpreter abort with
+    "terminate called without an active exception", exit code 134)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lumina_jax.data import image_index
+
+    jsonl, _ = testing.make_test_dataset(tmp_path)
+    image_index.index_image_source(JsonlSource(jsonl), threads=1, progress=False)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(jsonl)], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 0 and "(4, " in run.stdout, run.stderr[-2000:]
+    assert "terminate called" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr[-2000:]

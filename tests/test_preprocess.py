@@ -618,3 +618,91 @@ def test_cached_and_raw_training_give_records_without_their_own_the_same_system_
     (out2 / pp.STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(pp.PreprocessError, match=r"other settings .*system_prompt_text.*'Draw it\.'"):
         pp.preprocess(pp.open_source(tmp_path / "ar", system_prompt="Draw it."), encoders, config(out2))
+
+
+class FakeEncoders:
+    """Encoders that return zeros of the right shapes, for tests of the bookkeeping (no compilation)."""
+
+    num_devices = 1
+
+    def __init__(self):
+        self.image_shapes, self.text_shapes = set(), set()
+
+    def describe(self) -> dict:
+        return {"dtype": "bf16", "vae": "/m/vae", "text_encoder": "/m/te", "tokenizer": "/m/tok"}
+
+    def empty_prompt_features(self, batch_size, max_length):
+        return np.zeros((1, 8), np.float32), np.ones(1, bool)
+
+    def encode_images(self, images):
+        return np.zeros((images.shape[0], images.shape[1] // 8, images.shape[2] // 8, 16), np.float32)
+
+    def encode_prompts(self, prompts, max_length):
+        return np.zeros((len(prompts), 4, 8), np.float32), np.ones((len(prompts), 4), bool)
+
+    def count_truncated(self, prompts, max_length):
+        return 0
+
+
+def test_a_process_whose_slice_is_all_skipped_completes_an_empty_part_that_merges(tmp_path):
+    """Records 1 and 3 of 5 are corrupt and process 1 of 2 gets exactly those: it completes an empty part
+    carrying its skip counts (not NoUsableSampleError, which left --merge refusing forever), and the merge
+    holds process 0's records and both processes' skips. Parts that are all empty are an error naming why."""
+    good = [SyntheticItem(f"img_{i}.png", f"caption {i}", 32, 32) for i in range(3)]
+    bad = [SyntheticItem(f"bad_{i}.jpg", "not an image", expected_skip="undecodable", defect="garbage")
+           for i in range(2)]  # fmt: skip
+    jsonl, _ = make_test_dataset(tmp_path / "data", [good[0], bad[0], good[1], bad[1], good[2]])
+    out = tmp_path / "cache"
+    results = [pp.preprocess(JsonlSource(jsonl), FakeEncoders(), config(out, process_index=i, process_count=2))
+               for i in range(2)]  # fmt: skip
+    assert [(r.complete, r.num_records, r.num_shards) for r in results] == [(True, 3, 2), (True, 0, 0)]
+    assert results[1].skipped == {"data": {"undecodable": 2}} and results[1].records_read == 2
+    assert pp.preprocess(JsonlSource(jsonl), FakeEncoders(), config(out, process_index=1, process_count=2)
+                         ).already_complete  # fmt: skip
+    merged = pp.merge_parts(out)
+    assert (merged.num_records, merged.parts, merged.skipped) == (3, 2, {"data": {"undecodable": 2}})
+    assert sorted(r["prompt"].split("> ")[-1] for r in read_all(out)) == [f"caption {i}" for i in range(3)]
+    # one process alone on the data: everything skipped is still an error
+    from lumina_jax.data.pipeline import NoUsableSampleError
+
+    only_bad, _ = make_test_dataset(tmp_path / "bad", bad * 20)
+    with pytest.raises(NoUsableSampleError):
+        pp.preprocess(JsonlSource(only_bad), FakeEncoders(), config(tmp_path / "c1", probe_samples=1))
+    # every part empty: the merge names the skip reasons
+    for i in range(2):
+        d = tmp_path / "empty" / pp.part_dir_name(i, 2)
+        write_latent_cache([], d, shard_size=SHARD, empty_prompt_features=(np.zeros((1, 8)), np.ones(1, bool)))
+        (d / pp.STATE_FILE).write_text(json.dumps({"complete": {"skipped": {"data": {"missing": 1 + i}}}}))
+    with pytest.raises(pp.PreprocessError, match=r"none of the 2 processes wrote a record.*data: missing=3"):
+        pp.merge_parts(tmp_path / "empty")
+
+
+def test_merge_refuses_parts_encoded_from_different_data(tmp_path):
+    """The parts' recorded sources must be the same data (name, type, record count, system prompt); their
+    paths may differ (each host mounts the data where it likes). The error names both parts' sources."""
+    out = tmp_path / "cache"
+    settings = {"models": FakeEncoders().describe(), "resolution": 64, "batch_size": 4, "bucket_window": None,
+                "max_ratio": 4.0, "shard_size": SHARD, "max_length": 256, "num_workers": 0,
+                "process_count": 2}  # fmt: skip
+    sources = [{"name": "laion", "type": "JsonlSource", "records": 100, "path": "/mnt/a/laion.jsonl",
+                "system_prompt": "base"},
+               {"name": "laion", "type": "JsonlSource", "records": 100, "path": "/data/laion.jsonl",
+                "system_prompt": "base"}]  # fmt: skip
+    for i, (source, n) in enumerate(zip(sources, (3, 2))):
+        d = out / pp.part_dir_name(i, 2)
+        part = dict(settings, source=source, process_index=i)
+        recs = [{"latent": np.zeros((8, 8, 16)), "cap_feats": np.zeros((3, 8)), "cap_mask": np.ones(3, bool),
+                 "prompt": f"{i} {k}"} for k in range(n)]  # fmt: skip
+        write_latent_cache(recs, d, shard_size=SHARD, made_with=pp.made_with(part))
+        (d / pp.STATE_FILE).write_text(json.dumps({"settings": part, "complete": {"skipped": {}}}))
+    state_path = out / pp.part_dir_name(1, 2) / pp.STATE_FILE
+    state = json.loads(state_path.read_text())
+    for change, differ in (({"name": "coyo", "records": 7}, "name, records"),
+                           ({"system_prompt": "real"}, "system_prompt")):
+        other = dict(state, settings=dict(state["settings"], source=dict(sources[1], **change)))
+        state_path.write_text(json.dumps(other))
+        with pytest.raises(pp.PreprocessError, match=rf"encoded different data \({differ} differ\): "
+                           rf"process-00000-of-00002 from .*'laion'.* process-00001-of-00002 from "):  # fmt: skip
+            pp.merge_parts(out)
+    state_path.write_text(json.dumps(state))  # the same data at another path: merged
+    assert pp.merge_parts(out).num_records == 5

@@ -37,7 +37,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 import grain
 import numpy as np
 
-from lumina_jax.data.transforms import is_skip
+from lumina_jax.data.transforms import LazyKey, is_skip
 
 MAX_SKIP_EXAMPLES = 8
 
@@ -70,7 +70,8 @@ class SkipTally:
         k = f"{marker['source']}\t{marker['_skip']}"
         self.counts[k] = self.counts.get(k, 0) + 1
         if len(self.examples) < MAX_SKIP_EXAMPLES:
-            self.examples.append([marker["source"], marker["_skip"], str(marker["key"])])
+            key = marker["key"]  # a LazyKey stays lazy until it is logged (or pickled)
+            self.examples.append([marker["source"], marker["_skip"], key if isinstance(key, LazyKey) else str(key)])
 
     def add_tally(self, tally: dict) -> None:
         for k, v in tally["counts"].items():

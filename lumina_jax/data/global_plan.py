@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 from typing import Any, Optional, Sequence
 
@@ -43,7 +44,7 @@ import numpy as np
 from lumina_jax.data import batching
 from lumina_jax.data.crops import CropFitter
 from lumina_jax.data.pipeline import NoUsableSampleError
-from lumina_jax.data.transforms import is_skip, skip_marker
+from lumina_jax.data.transforms import LazyKey, is_skip, skip_marker
 
 INDEX_COMMAND = "python -m lumina_jax preprocess --index --out {dir}"
 
@@ -75,13 +76,17 @@ class SizeRefLoader:
 
     def _record_name(self, index: int) -> str:
         """The record's key or file (e.g. ``data.jsonl:12`` or its image path) where the source can say it
-        (skipped records only: one read of the record), else ``source:index``."""
+        (one read of the record: called only for the skipped records whose :class:`LazyKey` is shown, i.e.
+        logged, or sent from a worker process), else ``source:index``."""
         try:
             raw = self.source.get(index)
             name = getattr(raw, "image_path", None) or getattr(raw, "key", None)
         except Exception:  # noqa: BLE001 -- a record the index marked unusable may not even parse
             name = None
         return f"{name} ({self.source_name}:{index})" if name else f"{self.source_name}:{index}"
+
+    def _planned_skip_key(self, index: int) -> str:
+        return f"{self._record_name(index)} (size index)"
 
     def __call__(self, item: tuple[int, int]) -> dict:
         epoch, index = int(item[0]), int(item[1])
@@ -94,7 +99,8 @@ class SizeRefLoader:
         if third > 0 or h <= 0 or w <= 0:
             from lumina_jax.data.image_index import reason_of
 
-            return skip_marker(reason_of(third), self.source_name, f"{self._record_name(index)} (size index)")
+            key = LazyKey(functools.partial(self._planned_skip_key, index))  # no read unless it is logged
+            return skip_marker(reason_of(third), self.source_name, key)
         cw, ch = self.fit(w, h)
         return {"ref": ref, "image_size": (ch, cw), "cap_len": 0}
 

@@ -34,6 +34,7 @@ import inspect
 import json
 import logging
 import sys
+import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import grain
@@ -603,6 +604,20 @@ def state_fingerprint(
     return json.loads(json.dumps(fingerprint))  # the form it has after a JSON round trip
 
 
+def _close_iterator(inner: grain.DatasetIterator, owner: "weakref.ref[DataIterator]") -> None:
+    """Closes a :class:`DataIterator`'s pipeline: when the iterator is collected, or at interpreter exit
+    while it is still alive (a script that never closed it). At exit its prefetch thread would otherwise
+    still be reading when the interpreter finalizes ("terminate called without an active exception", exit
+    code 134), and the pipeline's iterators would be closed again by their ``__del__`` once the modules they
+    use are torn down; so the pipeline is closed and let go of here, while everything is still loaded."""
+    iterator = owner()
+    if iterator is None:
+        inner.close()
+        return
+    iterator.close()  # idempotent; closes the whole pipeline (worker processes, prefetch threads)
+    iterator._parents = ()  # the closed pipeline is collected now, not during interpreter teardown
+
+
 class DataIterator(grain.DatasetIterator):
     """Iterator over batches with exact counters (:attr:`stats`) and a JSON-serialisable state.
 
@@ -617,6 +632,8 @@ class DataIterator(grain.DatasetIterator):
         super().__init__(inner)
         self.stats = DataStats()
         self._fingerprint = fingerprint
+        # Closed when collected, and at interpreter exit if still open (see _close_iterator).
+        weakref.finalize(self, _close_iterator, inner, weakref.ref(self))
 
     def __next__(self) -> dict:
         while True:

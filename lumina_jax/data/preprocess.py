@@ -39,6 +39,9 @@ complete cache of its own under ``<out>/process-0000i-of-0000n/`` (with one proc
 Either list those directories as the training ``data.paths`` (with ``weights`` proportional to their
 ``cache_info.json`` record counts), or, once every process has finished,
 run :func:`merge_parts` (``preprocess --merge --out DIR``) to move all shards into ``<out>`` as one cache.
+A process whose slice has no usable record writes an empty part (no shards, its skip counts): merge it, or
+leave it out of ``data.paths``. The merge refuses parts encoded from different data (source name, type,
+record count, system prompt; not its path, which may differ between hosts) or with different settings.
 Each process encodes on all of its local devices (the batch is split across them; params replicated).
 
 Resuming: shards are written atomically, so a shard that exists is complete. A rerun with the same
@@ -96,7 +99,7 @@ from lumina_jax.data.cache import (
     write_latent_cache,
     write_size_index,
 )
-from lumina_jax.data.pipeline import DataPipeline, PipelineConfig
+from lumina_jax.data.pipeline import DataPipeline, NoUsableSampleError, PipelineConfig
 from lumina_jax.data.stats import DataStats
 from lumina_jax.text_templates import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS, resolve_system_prompt
 
@@ -757,7 +760,9 @@ def preprocess(source: Any, encoders: "Encoders | EncoderSpec", config: Preproce
     ``encoders``: loaded :class:`Encoders`, or an :class:`EncoderSpec` loaded only when needed.
     Returns a :class:`PreprocessResult`; ``complete`` is False when ``max_shards`` stopped the run.
     Raises :class:`PreprocessError` for settings that differ from an interrupted run's,
-    :class:`lumina_jax.data.pipeline.NoUsableSampleError` for a source without usable samples.
+    :class:`lumina_jax.data.pipeline.NoUsableSampleError` for a source without usable samples. With
+    several processes, a process whose slice has no usable record (every one skipped) completes an empty
+    part that carries its skip counts (:func:`merge_parts` takes it).
     """
     t0 = time.perf_counter()
     cfg = config
@@ -822,6 +827,15 @@ def preprocess(source: Any, encoders: "Encoders | EncoderSpec", config: Preproce
                 try:
                     batch = next(it)
                 except StopIteration:  # checked before max_shards: a run that wrote the last record is complete
+                    break
+                except NoUsableSampleError:
+                    if count == 1 or it.stats.samples or it.stats.total_skipped() != slice_records:
+                        raise
+                    # Every record of this process's slice was read and skipped (the others' slices may have
+                    # usable ones): an empty, complete part with its skip counts, so that --merge can go on.
+                    stats_holder["stats"] = it.stats
+                    logger.warning("%s: none of the %d records of process %d's slice is usable (%s); it is an "
+                                   "empty part", out, slice_records, index, it.stats.summary())  # fmt: skip
                     break
                 if stop_at is not None and emitted >= stop_at:
                     raise _MaxShardsReached()
@@ -987,6 +1001,46 @@ def find_parts(out_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(parts.items()))
 
 
+def _source_identity(desc: Any) -> Any:
+    """A :func:`describe_source` dict without its local paths: hosts may mount the same data at other paths."""
+    if not isinstance(desc, dict):
+        return desc
+    out = {k: v for k, v in desc.items() if k not in ("path", "cache_dir")}
+    if isinstance(out.get("parts"), list):
+        out["parts"] = [_source_identity(p) for p in out["parts"]]
+    return out
+
+
+def _source_differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """The fields of two source identities that differ (only those both record: older states lack some)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [where or "source"]
+    diff = []
+    for key in sorted(set(a) & set(b)):
+        name = f"{where}.{key}" if where else key
+        if key == "parts" and isinstance(a[key], list) and isinstance(b[key], list) and len(a[key]) == len(b[key]):
+            for j, (pa, pb) in enumerate(zip(a[key], b[key])):
+                diff += _source_differences(pa, pb, f"{name}[{j}]")
+        elif a[key] != b[key]:
+            diff.append(name)
+    return diff
+
+
+def _check_same_source(out: Path, sources: Mapping[str, Any]) -> None:
+    """:class:`PreprocessError` naming two parts (directory names -> their recorded source) that encoded
+    different data: another name, type, record count or system prompt (paths are not compared)."""
+    known = [(name, _source_identity(desc)) for name, desc in sources.items() if isinstance(desc, dict)]
+    for name, ident in known[1:]:
+        diff = _source_differences(known[0][1], ident)
+        if diff:
+            first, first_ident = known[0]
+            raise PreprocessError(
+                f"{out}: the processes encoded different data ({', '.join(diff)} differ): {first} from "
+                f"{first_ident}, {name} from {ident}; every process must run on the same --data (paths may "
+                f"differ) before merging"
+            )
+
+
 def merge_parts(out_dir: str | os.PathLike, *, progress: bool = False) -> MergeResult:
     """Moves the shards of every ``process-i-of-n`` directory into ``out_dir`` as one cache.
 
@@ -994,7 +1048,9 @@ def merge_parts(out_dir: str | os.PathLike, *, progress: bool = False) -> MergeR
     sidecar moves with it (renamed to the new shard's), one a part lacks is built by reading the shard,
     and ``record_sizes.npy`` is written before ``cache_info.json``. Resumable: the plan is written first
     and an interrupted merge continues where it stopped when run again. ``progress``: a bar over the
-    records read to build missing sidecars.
+    records read to build missing sidecars. A part without shards (every record of its slice skipped) adds its
+    skip counts only; if every part is empty, :class:`PreprocessError` names the skip reasons. Parts whose
+    recorded source (name, type, record count, system prompt; not its path) or settings differ are refused.
     """
     out = Path(out_dir)
     plan_path = out / MERGE_PLAN_FILE
@@ -1015,6 +1071,7 @@ def merge_parts(out_dir: str | os.PathLike, *, progress: bool = False) -> MergeR
             if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
                 raise PreprocessError(f"{out}: the processes encoded with different {key!r} ({values}); rerun the "
                                       f"differing processes with the others' settings before merging")  # fmt: skip
+        _check_same_source(out, {parts[i].name: s.get("source") for i, s in settings.items()})
         moves, skipped = [], {}
         for i, d in parts.items():
             for p in rec_lib.list_shards(d, LATENT_SHARD_PREFIX):
@@ -1024,6 +1081,11 @@ def merge_parts(out_dir: str | os.PathLike, *, progress: bool = False) -> MergeR
                 for reason, n in reasons.items():
                     skipped.setdefault(source, {})
                     skipped[source][reason] = skipped[source].get(reason, 0) + int(n)
+        if not moves:  # every part is empty: no record of the data was usable
+            reasons = "; ".join(f"{source}: " + ", ".join(f"{r}={n}" for r, n in sorted(rs.items()))
+                                for source, rs in sorted(skipped.items()))  # fmt: skip
+            raise PreprocessError(f"{out}: none of the {len(parts)} processes wrote a record: every record was skipped "
+                                  f"({reasons or 'no skip counts recorded'}); check the data")  # fmt: skip
         first = next(iter(parts.values()))
         plan = {"parts": [d.name for d in parts.values()], "moves": moves, "skipped": skipped,
                 "config_from": first.name, "made_with": made_with(next(iter(settings.values())))}  # fmt: skip

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -134,8 +134,36 @@ class ImageTransformConfig:
         return crops.crop_sizes_for_resolution(self.resolution, crops.PATCH_PIXELS, self.max_ratio)
 
 
-def skip_marker(reason: str, source: str, key: str) -> dict:
+def skip_marker(reason: str, source: str, key: "str | LazyKey") -> dict:
     return {"_skip": reason, "source": source, "key": key}
+
+
+class LazyKey:
+    """A skip marker's key that is built only when it is shown (``str``/``repr``, or pickled: it pickles as the
+    plain string), for keys that cost a read of the record: only the few skips that are logged pay for it."""
+
+    __slots__ = ("_make", "_text")
+
+    def __init__(self, make: Callable[[], str]):
+        self._make: Optional[Callable[[], str]] = make
+        self._text: Optional[str] = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text, self._make = str(self._make()), None
+        return self._text
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+    def __eq__(self, other: Any) -> bool:
+        return str(self) == (str(other) if isinstance(other, LazyKey) else other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __reduce__(self) -> tuple:
+        return str, (str(self),)
 
 
 def is_skip(element: Any) -> bool:

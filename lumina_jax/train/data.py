@@ -22,6 +22,7 @@ Kinds (:class:`lumina_jax.train.config.DataConfig`):
 
 from __future__ import annotations
 
+import json
 import logging
 
 from typing import Any, Iterator, Optional
@@ -164,6 +165,7 @@ class EncodedIterator:
 
     def __init__(self, inner: Any, encoders: FrozenEncoders):
         self.inner, self.encoders = inner, encoders
+        self._closed = False
 
     @property
     def stats(self) -> Any:
@@ -184,6 +186,14 @@ class EncodedIterator:
     def set_state(self, state) -> None:
         self.inner.set_state(state)
 
+    def close(self) -> None:
+        """Closes the inner iterator (its grain worker processes and prefetch threads); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
 
 def check_cache_for_stage(cache: Any, stage: Any, model_config: Any) -> None:
     """A latent cache made for another stage is an error naming it: its recorded resolution (``preprocess``
@@ -197,6 +207,36 @@ def check_cache_for_stage(cache: Any, stage: Any, model_config: Any) -> None:
     if empty is not None and empty[0].shape[-1] != model_config.cap_feat_dim:
         raise ValueError(f"latent cache {cache.cache_dir} holds {empty[0].shape[-1]}-wide caption features; the "
                          f"model expects cap_feat_dim {model_config.cap_feat_dim} (another text encoder?)")  # fmt: skip
+
+
+# What a latent cache's ``made_with`` records of its encoders: caches that differ in these hold latents or caption
+# features of other spaces (another VAE, another text encoder), not to be mixed in one batch.
+ENCODER_FIELDS = ("models.vae", "models.text_encoder")
+
+
+def check_caches_agree(caches: Any, stage: Any) -> list[str]:
+    """Warn, naming the caches and fields, when a stage's latent caches were encoded with different VAEs or
+    text encoders (their ``made_with`` in ``cache_info.json``, :data:`ENCODER_FIELDS`): one batch would mix
+    latents of two latent spaces. A warning, not an error: the encoders are known by the paths they were
+    read from, and one model copied to two places is still one model. A field is compared only between
+    caches that record it (older caches record fewer, or nothing). Returns the differences."""
+    differ = []
+    for field in ENCODER_FIELDS:
+        values = {}
+        for cache in caches:
+            value = getattr(cache, "made_with", None) or {}
+            for key in field.split("."):
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is not None:
+                values[cache.cache_dir] = value
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            differ.append(f"{field}: " + ", ".join(f"{d} has {v!r}" for d, v in values.items()))
+    if differ:
+        logger.warning("stage %r mixes latent caches encoded with different encoders (%s): unless these are copies "
+                    "of the same models, their latents or caption features are not interchangeable; encode every "
+                    "cache of a stage with the same models (`preprocess --vae --text-encoder`), or train on them "
+                    "in separate stages", stage.name, "; ".join(differ))
+    return differ
 
 
 def build_stage_iterator(
@@ -238,6 +278,7 @@ def build_stage_iterator(
         caches = unique_names([LatentCacheSource(p) for p in d.paths])
         for c in caches:
             check_cache_for_stage(c, stage, model_config)
+        check_caches_agree(caches, stage)
         pipe = _stage_pipeline(stage, caches, pc, shard_count,
                                "(Or use `batching: mixed` with a fixed `text_len`.)")  # fmt: skip
         it = iter(pipe)
