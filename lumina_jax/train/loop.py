@@ -488,26 +488,12 @@ class Trainer:
                 start, end = cfg.stage_bounds()[si]
                 it, ckpt_it = build_stage_iterator(stage, model_config=self.model_config, mesh=self.mesh,
                                                    seed=cfg.seed, stage_index=si)  # fmt: skip
-                if state is None:
-                    if latest is not None:
-                        same_stage = meta.get("data_stage") == si and self.ckpt.has_data(latest)
-                        if (meta.get("data_stage") == si and not same_stage and cfg.checkpoint.resume_data
-                                and ckpt_lib.checkpointable(ckpt_it) is not None):
-                            raise ckpt_lib.DataStateMismatchError(
-                                f"checkpoint step {latest} in {self.ckpt.directory} has no data iterator state "
-                                f"({ckpt_lib.DATA}/) for stage {stage.name!r}: its data would start again from the "
-                                f"beginning, repeating batches already trained on; resume with "
-                                f"checkpoint.resume_data=false to accept that")  # fmt: skip
-                        if same_stage and not cfg.checkpoint.resume_data:
-                            log.warning("checkpoint.resume_data=false: the data of stage %s starts from its beginning, "
-                                        "not from step %d's position", stage.name, latest)  # fmt: skip
-                            same_stage = False
-                        state, _ = self.restore(latest, ckpt_it if same_stage else None)
-                    else:
-                        state = self.fresh_state()
-                state, step, last_metrics = self._run_stage(si, state, step, min(end, total), it, ckpt_it)
-                if hasattr(it, "close"):
-                    it.close()
+                try:
+                    state, step, last_metrics = self._stage_from(si, state, step, min(end, total), it, ckpt_it,
+                                                                 latest, meta)  # fmt: skip
+                finally:  # its worker processes and prefetch threads end with the stage, also on an error
+                    if hasattr(it, "close"):
+                        it.close()
         finally:
             try:  # the last save finishes while a stop signal is still only recorded
                 self.ckpt.wait()
@@ -518,6 +504,28 @@ class Trainer:
         nonfinite = int(jax.device_get(state.nonfinite)) if state is not None else 0
         return RunResult(step=step, stage=cfg.stage_at(max(step - 1, 0)), last_metrics=last_metrics, nonfinite=nonfinite,
                          stopped_by=self._signals.signum)  # fmt: skip
+
+    def _stage_from(self, si: int, state, step: int, stop: int, it, ckpt_it, latest, meta):
+        """Run stage ``si`` from ``step`` (restoring or creating the state on the run's first stage)."""
+        cfg, stage = self.cfg, self.cfg.stages[si]
+        if state is None:
+            if latest is not None:
+                same_stage = meta.get("data_stage") == si and self.ckpt.has_data(latest)
+                if (meta.get("data_stage") == si and not same_stage and cfg.checkpoint.resume_data
+                        and ckpt_lib.checkpointable(ckpt_it) is not None):
+                    raise ckpt_lib.DataStateMismatchError(
+                        f"checkpoint step {latest} in {self.ckpt.directory} has no data iterator state "
+                        f"({ckpt_lib.DATA}/) for stage {stage.name!r}: its data would start again from the "
+                        f"beginning, repeating batches already trained on; resume with "
+                        f"checkpoint.resume_data=false to accept that")  # fmt: skip
+                if same_stage and not cfg.checkpoint.resume_data:
+                    log.warning("checkpoint.resume_data=false: the data of stage %s starts from its beginning, "
+                                "not from step %d's position", stage.name, latest)  # fmt: skip
+                    same_stage = False
+                state, _ = self.restore(latest, ckpt_it if same_stage else None)
+            else:
+                state = self.fresh_state()
+        return self._run_stage(si, state, step, stop, it, ckpt_it)
 
     def _run_stage(self, si: int, state: TrainState, step: int, stop: int, it, ckpt_it):
         cfg, stage = self.cfg, self.cfg.stages[si]
