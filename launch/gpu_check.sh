@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Correctness + speed checks on a lent GPU machine (H100/H200), in two parts sized for one short lease.
+# Correctness + speed checks on a lent GPU machine (H100/H200): parts 1 and 2 sized for one short lease, part 3
+# for a later one.
 #
 # Prepare here (once):   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -12,7 +13,8 @@
 # Part 3 is for a later lease. Without the wheels a part stops (exit 3).
 # Time arithmetic (a lease is 15 min of device time, the machine's start included, ~2-3 min): part 1's caps
 # sum to 535 s (deadline 555 s) for the figures that settle issues 3, 10, 8 and 2; part 2 gets what is left
-# (~150-250 s): the training step (#6) first, then the kernel sweep, then generate vs torch.compile (#4).
+# (~150-250 s): the training step (#6), then the kernel sweep. Part 3 (a lease of its own) starts with
+# generate vs diffusers eager and torch.compile (#4, ~300 s: two torch compiles of the 2B transformer).
 # First lease (2026-11-27, H200): part 1 took 452 s, part 2 246 s; figures in BENCHMARKS.md.
 # Each part stops starting steps DEADLINE_S seconds after it began (default 555), and each step gets at
 # most the time left, so the part ends inside the call's limit with what it measured.
@@ -49,11 +51,12 @@ step() {  # step <cap seconds> <name> <command...>: runs with min(cap, time left
   echo "=== $name: rc=${PIPESTATUS[0]} in $(( SECONDS - s ))s" | tee -a "$LOG"
   pack
 }
-if [ "${DRY_RUN:-0}" != 1 ] && [ -f /tmp/site/.lumina_installed ]; then
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}  # part 2 on the warm machine of part 1: installed already
-elif [ "${DRY_RUN:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+WHEELS=$(ls .whl/*.whl 2>/dev/null | sort | tr '\n' ' ')
+if [ "${DRY_RUN:-0}" != 1 ] && [ -n "$WHEELS" ] && [ "$(cat /tmp/site/.lumina_installed 2>/dev/null)" = "$WHEELS" ]; then
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}  # a later part on the warm machine: these wheels are installed
+elif [ "${DRY_RUN:-0}" != 1 ] && [ -n "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.lumina_installed && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    && echo "$WHEELS" > /tmp/site/.lumina_installed && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
 B="python3 -m lumina_jax.bench"
@@ -95,10 +98,10 @@ elif [ "$PART" = 2 ]; then
   step 150 train-2b-1024 $B train --config nextdit_2b --res 1024 --batch 8 4 --grad-accum 4 --remat low_precision --steps 5 \
       --profile "$RES/train.xplane.pb" --json "$RES/train_1024.json"
   step 60 attention-sweep $B attention --sweep --iters 10 --warmup 1 --json "$RES/sweep.json"
+else
   # the end-to-end pipeline vs diffusers eager and torch.compile (#4): torch.compile compiles the transformer
   # once per caption length the pipeline uses (prompt and negative: twice, ~60 s each on an H200)
   step 330 generate-2b $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --compile --json "$RES/generate.json"
-else
   # random 2B weights drawn on the host (~70 s for DiT + Gemma) before the compile
   step 180 generate-2b-fast $B generate --shapes 2b --steps 30 --cfg 4 --iters 2 --no-diffusers --unroll --fused-qk \
       --json "$RES/generate_fast.json"

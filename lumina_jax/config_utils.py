@@ -15,28 +15,32 @@ T = TypeVar("T", bound="YamlConfig")
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` with YAML 1.2 numbers: ``1e-4`` is a float (1.1: a string), ``0100`` is 100
-    (1.1: octal 64), ``1:00`` a string (1.1: sexagesimal 60), ``0x1F``/``0o17`` hexadecimal/octal.
-    Booleans keep 1.1's spellings (``yes``/``no``/``on``/``off``)."""
+    """``yaml.SafeLoader`` with YAML 1.2's numbers: ``1e-4`` is a float (1.1: a string), ``0100`` is 100
+    (1.1: octal 64), ``1:00`` a string (1.1: sexagesimal 60); ``0x1F``/``0o17``/``0b101`` and digit
+    separators (``10_000``) as in 1.1. Booleans keep 1.1's spellings (``yes``/``no``/``on``/``off``)."""
 
 
 _ConfigLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(  # before the float resolver: "12" is an int
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0o[0-7_]+|[0-9][0-9_]*)$"), list("-+0123456789"))
 _ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+.0123456789"))
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    text = loader.construct_scalar(node)
-    if text.startswith(("0x", "0o")):
-        return int(text, 0)
-    return int(text, 10)  # "0100" -> 100
+    text = loader.construct_scalar(node).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    if digits[:2] in ("0x", "0o", "0b"):
+        return sign * int(digits, 0)
+    return sign * int(digits, 10)  # "0100" -> 100, not octal
 
 
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)

@@ -257,6 +257,8 @@ def load_dtype(weights_dtype: str, compute: str) -> Optional[str]:
 def _real(name: str, value: Any) -> float:
     """``value`` as a float when it is a real number (NumPy scalars too); a string or a bool is refused
     (``float("0.25")`` and ``float(True)`` would run)."""
+    if np.ndim(value) == 0 and hasattr(value, "dtype") and not isinstance(value, (np.generic,)):
+        value = np.asarray(value)[()]  # a 0-d NumPy or JAX array: its scalar
     if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)

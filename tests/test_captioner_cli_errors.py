@@ -416,3 +416,18 @@ def test_image_lists_keep_link_names_and_skip_lines_that_are_not_records(tmp_pat
     lst.write_text('{"image_path": "ds/also_c')
     with pytest.raises(ValueError, match=r"list\.jsonl: no usable record; .*list\.jsonl:1"):
         list_images(lst)
+
+
+def test_recorded_paths_open_from_the_output_folder_through_linked_folders(tmp_path):
+    """The output folder reached through a link: the relative ``image_path`` must open from the output's
+    folder the way the data reader joins it (the file system resolves ``..`` after following links)."""
+    from lumina_jax.models.captioner.cli import _absolute
+
+    (tmp_path / "deep" / "er" / "real").mkdir(parents=True)
+    (tmp_path / "L").mkdir()
+    (tmp_path / "L" / "link2").symlink_to(tmp_path / "deep" / "er" / "real")
+    img = _images(tmp_path / "L" / "imgs", 1)[0]
+    out_dir = tmp_path / "L" / "link2" / "out"
+    out_dir.mkdir()
+    rel = os.path.relpath(_absolute(img), out_dir.resolve())
+    assert os.path.isfile(os.path.join(out_dir, rel)), rel

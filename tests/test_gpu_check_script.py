@@ -52,7 +52,7 @@ def _command_module(argv: list[str]):
 @pytest.mark.parametrize("part", ["1", "2", "3", "shapes"])
 def test_every_step_parses(part, tmp_path, monkeypatch, capsys):
     steps = _steps(part, tmp_path)
-    assert len(steps) >= 3
+    assert len(steps) >= 2
     # a training step resolves its config and overrides (unknown keys fail) and stops there
     for name, argv in steps:
         if argv[2:4] == ["lumina_jax", "train"]:

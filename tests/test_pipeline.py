@@ -427,6 +427,8 @@ def test_argument_errors(pipe, noise):
                 pipe("a cat", **{name: bad})
     kw = dict(num_inference_steps=1, height=32, width=32, output_type="latent")
     np.testing.assert_array_equal(pipe("a cat", seed=np.array(3), **kw).images, pipe("a cat", seed=3, **kw).images)
+    np.testing.assert_array_equal(pipe("a cat", seed=3, time_shift=np.array(3.0), cfg_trunc_ratio=np.float32(1), **kw).images,
+                                  pipe("a cat", seed=3, time_shift=3.0, **kw).images)  # 0-d arrays are numbers
     for bad in (-5, 0, -16):
         with pytest.raises(ValueError, match=rf"^height={bad} \(nearest valid: 16\): not a positive multiple"):
             check_image_size(bad, 64)

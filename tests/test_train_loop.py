@@ -329,6 +329,21 @@ def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_stat
     logged = [r["step"] for r in map(json.loads, open(tmp_path / "once" / "metrics.jsonl")) if "loss" in r]
     assert logged == [1, 2, 3, 4], logged
 
+    # across a stage boundary (NaN at steps 4, the end of stage 0, and 5): the abort is at step 5 itself, and
+    # the rows of the save at 4 and of the abort are logged although log.every is 100
+    def at_the_boundary(step, batch):
+        if step in (3, 4):
+            batch["latents"][...] = np.nan
+
+    edge = Trainer(make_cfg(tmp_path / "edge", "stages.0.steps=4", "stages.1.steps=2", "checkpoint.every=0",
+                            "max_nonfinite=2", "log.every=100"), batch_hook=at_the_boundary)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"^step 5: 2 consecutive .* none of them was applied\. Aborting "
+                                                 r"\(max_nonfinite=2\)\. Lower the LR or check the data\. A checkpoint of step 5"):
+        edge.run()
+    assert edge.ckpt.all_steps()[-1] == 5
+    logged = [r["step"] for r in map(json.loads, open(tmp_path / "edge" / "metrics.jsonl")) if "loss" in r]
+    assert logged == [4, 5], logged
+
 
 def _grey_samples(params, model_config, prompts, seeds, resolution):
     """A ``samples.fn`` for the test below: one flat image per prompt, its shade from the params."""

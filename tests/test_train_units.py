@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
 from lumina_jax.train import objective as obj
 from lumina_jax.train import optim
@@ -360,12 +361,20 @@ def test_config_values_read_as_written(tmp_path, caplog):
     assert "  lr: 1.0e-3\n" in text
     f.write_text(text.replace("  lr: 1.0e-3\n", "  lr: 3e-3\n"))  # YAML 1.1: the string '3e-3'
     assert load_config(f).optimizer.lr == 3e-3
-    cfg = load_config("tiny_synthetic", ["checkpoint.every=0100", "run_dir=2024", "stages.0.lr=2e-4"])
-    assert (cfg.checkpoint.every, cfg.run_dir, cfg.stages[0].lr) == (100, "2024", 2e-4)
+    f.write_text(text.replace("  lr: 1.0e-3\n", "  lr: 1.0e-3\n  warmup_steps: 1_0\n").replace("  warmup_steps: 0\n", ""))
+    assert load_config(f).optimizer.warmup_steps == 10  # digit separators, as YAML 1.1 reads them
+    cfg = load_config("tiny_synthetic", ["checkpoint.every=0100", "run_dir=2024_01_05", "stages.0.lr=2e-4",
+                                         "stages.0.name=007", "seed=0x10"])  # fmt: skip
+    assert (cfg.checkpoint.every, cfg.run_dir, cfg.stages[0].lr) == (100, "2024_01_05", 2e-4)
+    assert (cfg.stages[0].name, cfg.seed) == ("007", 16)  # a text field takes the text as typed
+    assert type(cfg.checkpoint.every) is int and "every: 100" in yaml.safe_dump(cfg.to_dict())
     with pytest.raises(ValueError, match="3 prompts but 2 seeds"):
         load_config("tiny_synthetic", ["samples.every=5", "samples.fn=m:f", "samples.prompts=[a, b, c]"])
     with caplog.at_level("WARNING"):
-        load_config("tiny_synthetic", ["optimizer.warmup_steps=10"])  # stages of 10 steps
+        load_config("tiny_synthetic", ["optimizer.warmup_steps=10"])  # stages of 10 steps: the peak at the last
+    assert "warms up again" not in caplog.text
+    with caplog.at_level("WARNING"):
+        load_config("tiny_synthetic", ["optimizer.warmup_steps=11"])
     assert "warms up again at every stage" in caplog.text
     with pytest.raises(ValueError, match="samples.prompts is empty"):
         load_config("tiny_synthetic", ["samples.every=5", "samples.fn=m:f", "samples.prompts=[]", "samples.seeds=[]"])

@@ -302,12 +302,12 @@ class TrainConfig:
         for s in self.stages:
             if s.batch % self.grad_accum:
                 raise ValueError(f"stage {s.name!r}: batch {s.batch} is not divisible by grad_accum {self.grad_accum}")
-        short = [s.name for s in self.stages if self.optimizer.warmup_steps >= s.steps]
+        short = [s.name for s in self.stages if self.optimizer.warmup_steps > s.steps]
         if short and self.optimizer.warmup_steps > 0:  # the warm-up restarts at every stage
             import logging
 
             logging.getLogger("lumina_jax.train").warning(
-                "optimizer.warmup_steps=%d is not shorter than stage(s) %s: the LR warms up again at every stage "
+                "optimizer.warmup_steps=%d is longer than stage(s) %s: the LR warms up again at every stage "
                 "start and never reaches its peak there", self.optimizer.warmup_steps, short)
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
@@ -403,7 +403,20 @@ def _build(cls: type, d: Any, where: str) -> Any:
         raise ValueError(f"{where}: {e}") from None
 
 
+def _plain(v: Any) -> Any:
+    """``v`` with every :class:`_OverrideInt` a plain ``int`` (configs are dumped as YAML and JSON)."""
+    if isinstance(v, _OverrideInt):
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    return v
+
+
 def _coerce(tp: Any, v: Any, where: str) -> Any:
+    if tp is str and isinstance(v, _OverrideInt):
+        return v.text  # run_dir=2024 (the shell took the quotes of run_dir="2024"): the text as typed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
@@ -418,7 +431,7 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
             return {}
         if not isinstance(v, dict):
             raise ValueError(f"{where}: expected a mapping, got {type(v).__name__} {v!r}")
-        return v
+        return _plain(v)
     if origin is tuple:
         if isinstance(v, (str, int, float)):
             v = [v]
@@ -432,27 +445,36 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
         return int(v)
     if tp in (int, float) and isinstance(v, bool):
         raise ValueError(f"{where}: expected {tp.__name__}, got bool {v!r}")
-    if tp is str and isinstance(v, int) and not isinstance(v, bool):
-        return str(v)  # run_dir=2024 (the shell took the quotes of run_dir="2024")
     if tp in (int, float, bool, str) and not isinstance(v, tp):
         raise ValueError(f"{where}: expected {tp.__name__}, got {type(v).__name__} {v!r}")
-    return v
+    return _plain(v)
+
+
+class _OverrideInt(int):
+    """An integer typed on the command line, with its text (a text field takes the text: ``0017`` stays
+    ``"0017"``, ``2024_01_05`` stays as typed)."""
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> "_OverrideInt":
+        out = super().__new__(cls, value)
+        out.text = text
+        return out
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value: YAML, with ``1e-4``-style floats (YAML 1.1 would keep them strings); a quoted
-    value stays a string (``run_dir="2024"``)."""
+    """A command-line value: YAML with 1.2's numbers (:func:`lumina_jax.config_utils.load_yaml`), ``nan``
+    and ``inf`` as floats; a quoted value stays a string (``run_dir="2024"``), and an integer keeps its text
+    for text fields (:class:`_OverrideInt`)."""
     try:
         v = load_yaml(text) if text != "" else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override value {text!r} is not valid YAML ({e})") from None
+    if isinstance(v, int) and not isinstance(v, bool):
+        return _OverrideInt(v, text.strip())
     if isinstance(v, str) and not text.strip().startswith(("'", '"')):
         try:
-            return int(v)
-        except ValueError:
-            pass
-        try:
-            return float(v)
+            return float(v)  # nan, inf
         except ValueError:
             pass
     return v

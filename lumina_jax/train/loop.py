@@ -479,6 +479,9 @@ class Trainer:
             log.info("dropped %d metrics.jsonl rows of an earlier attempt that saved no checkpoint", dropped)
         self.metrics.record_start(step, cfg.to_dict())
         last_metrics: dict = {}
+        # after a non-finite step, metrics are fetched right after each step (across stage boundaries too), so
+        # that an abort stops at its own step
+        self._in_step = False
         self._signals = _StopSignals()
         try:
             self._signals.__enter__()
@@ -545,7 +548,6 @@ class Trainer:
 
             bar = tqdm(total=stop - step, desc=f"{stage.name}", unit="step", dynamic_ncols=True, leave=False)
         pending = None  # (step, metrics futures, data counts, FLOPs): fetched one step late (asynchronous dispatch)
-        self._in_step = False  # after a non-finite step: metrics fetched at once, so an abort stops at its own step
         self._timer = None  # the first step (compilation) is not timed: _report starts the clock after it
         self._skip_interval = False
         shapes = {_shapes(first)}  # compiled for this stage; a new bucket shape compiles on its first dispatch
@@ -567,15 +569,13 @@ class Trainer:
                 previous, pending = pending, (step, m, local_data_counts(it), flops)
                 if previous is not None:
                     last = self._report(*previous, n_dev, bar)
-                if self._in_step:
-                    now, pending = pending, None
-                    last = self._report(*now, n_dev, bar)
                 every = cfg.checkpoint.every
                 stopping = self._signals.stop_at(step)
-                if step == end or step == stop or (every and step % every == 0) or stopping:
-                    if pending is not None:
-                        now, pending = pending, None
-                        last = self._report(*now, n_dev, bar, force=True)
+                boundary = step == end or step == stop or bool(every and step % every == 0) or stopping
+                if self._in_step or boundary:  # this step's metrics now (a save's row is always logged)
+                    now, pending = pending, None
+                    last = self._report(*now, n_dev, bar, force=boundary)
+                if boundary:
                     self.ckpt.save(step, self._to_save(state), self.meta(step, si, si), ckpt_it)
                     self._skip_interval = True  # nor is the save's host work a step
                     saved = step

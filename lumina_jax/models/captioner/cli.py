@@ -144,8 +144,8 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
     """Absolute image paths, each once: of a folder (recursive, following links to folders, sorted), a list
     of records as the training data reads them (JSONL, or a ``.json`` array; file order, paths relative to
     its folder; lines that are not records are skipped and reported, as the training data does) or one
-    image file. Paths are made absolute and normalised but links are not followed: a dataset of links
-    into a blob store (a hub cache, git-annex, DVC) is recorded under its own names."""
+    image file. Folders are resolved, file names kept: a dataset of links into a blob store (a hub cache,
+    git-annex, DVC) is recorded under its own names."""
     from lumina_jax.data.sources import _BadEntry, _read_original_records
 
     spec = Path(spec)
@@ -178,8 +178,11 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
 
 
 def _absolute(path: Path) -> Path:
-    """``path`` absolute and normalised (``..``, ``.``, doubled separators), links kept as they are."""
-    return Path(os.path.abspath(path))
+    """``path`` with its folder resolved (links, ``..``) and its own name kept, link or not: a dataset of links
+    into a blob store keeps its names, and the recorded path, relative to the resolved output folder,
+    opens the way the data reader opens it (the file system resolves ``..`` after following links)."""
+    path = Path(os.path.abspath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _walk_images(root: Path) -> Iterator[Path]:
@@ -417,7 +420,7 @@ def _run(args: argparse.Namespace, index: int, count: int) -> int:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise _setup_error(str(e)) from None
     done = done_set(out, settings_key(args.granularity, args.perspective, args.lang, args.instruction))
-    base = _absolute(out.parent)  # the images' own names (links not followed), relative to the output
+    base = out.parent.resolve()  # the images' folders resolved as the output's: relative paths that open
     rel = {p: os.path.normpath(os.path.relpath(p, base)) for p in images}
     todo = [p for p in images if rel[p] not in done]
     skipped_existing = len(images) - len(todo)
