@@ -496,8 +496,10 @@ class Lumina2Pipeline:
         self.last_truncated = {"prompt": list(te.last_truncated_rows), "negative_prompt": []}
         if negative_prompts is not None:
             # negatives were broadcast to one per prompt: warning indices are those of ``prompt``
+            # diffusers (negative_system_prompt=False) encodes negatives verbatim: " " is not ""
             ids_u, mask_u = te.tokenize(negative_prompts, prefix if negative_system_prompt else "empty",
-                                        max_sequence_length, on_long_prompt, label="negative prompt")  # fmt: skip
+                                        max_sequence_length, on_long_prompt, label="negative prompt",
+                                        empty_is_unconditional=negative_system_prompt)  # fmt: skip
             self.last_truncated["negative_prompt"] = list(te.last_truncated_rows)
             length = max(ids.shape[1], ids_u.shape[1])
             pad = lambda a, v: np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=v)  # noqa: E731
@@ -616,7 +618,8 @@ class Lumina2Pipeline:
             (as in the original and diffusers).
           negative_prompt: the unconditional prompt(s); default ``""``. An empty or whitespace-only one is
             the unconditional prompt ``""`` (no system prompt); a non-empty one gets the system prompt
-            (original) unless ``negative_system_prompt=False`` (diffusers: verbatim).
+            (original) unless ``negative_system_prompt=False`` (diffusers: every negative verbatim,
+            whitespace too: ``" "`` is encoded as written).
           height, width: pixels, multiples of :attr:`size_multiple` (16); default :attr:`default_image_size`.
           num_inference_steps: solver steps (default per solver: midpoint 17, dpm 20, euler/flow_euler 30).
             For euler/midpoint the original's ``--num_sampling_steps N`` (grid points) is ``N - 1`` here;

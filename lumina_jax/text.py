@@ -123,7 +123,8 @@ def _check_tokenizer(tok: Any, where: str) -> None:
     if tok.bos_token_id is None or ids != [tok.bos_token_id]:
         raise ValueError(
             f"{where}: tokenizer encodes the empty prompt as {ids}; Lumina needs exactly [<bos>] "
-            f"(bos_token_id={tok.bos_token_id}): load it with add_bos_token=True, add_eos_token=False"
+            f"(bos_token_id={tok.bos_token_id}): set \"add_bos_token\": true and \"add_eos_token\": false in its "
+            f"tokenizer_config.json (as Gemma's own tokenizer folder has them)"
         )
 
 

@@ -230,6 +230,12 @@ def test_prompt_negative_prompt_and_guidance_semantics(pipe):
     assert int(mask[3].sum()) == 1  # "" stays the unconditional prompt (<bos> only)
     _, mask_d = pipe.encode_prompts(["a cat"], ["blurry"], "real", 64, negative_system_prompt=False)
     assert int(mask_d[1].sum()) == int((ids_neg_verbatim[0] != te.tokenizer.pad_token_id).sum())
+    # " " is a text for diffusers (encoded as written: <bos> and a space token), "" for the original
+    ids_space = te.tokenizer(" ")["input_ids"]
+    _, mask_s = pipe.encode_prompts(["a cat", "a cat"], [" ", ""], "real", 64, negative_system_prompt=False)
+    assert int(mask_s[2].sum()) == len(ids_space) > 1 and int(mask_s[3].sum()) == 1
+    _, mask_o = pipe.encode_prompts(["a cat"], [" "], "real", 64)
+    assert int(mask_o[1].sum()) == 1
     settings = lambda **kw: pipe.resolve_settings(**{**dict(  # noqa: E731
         solver=None, num_inference_steps=None, cfg_trunc_ratio=None, cfg_normalization=None, cfg_trunc_mode=None,
         time_shift=None, preset=None), **kw})  # fmt: skip
@@ -323,6 +329,45 @@ def test_components_layouts_cache_and_transformer_override(reference, tmp_path, 
         third = load_components(d, cache=tmp_path / "not_a_dir")
     assert third.layout == "diffusers" and "could not cache the converted weights" in caplog.text
     _same_tree(third.transformer, comps.transformer)
+    # ... nor does orbax's full-disk error (a ValueError)
+    import lumina_jax.convert.components as components_lib
+
+    def disk_full(*a, **k):
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+
+    with monkeypatch.context() as m, caplog.at_level("WARNING", logger="lumina_jax.convert.components"):
+        m.setattr(components_lib, "save_components", disk_full)
+        assert load_components(d, cache=tmp_path / "full").layout == "diffusers"
+    assert "No space left on device" in caplog.text
+    # files the load never reads (a README, .git/) do not invalidate the entry
+    (d / "README.md").write_text("# notes")
+    (d / ".git").mkdir()
+    (d / ".git" / "index").write_text("x")
+    assert load_components(d, cache=cache).layout == "diffusers (cached)"
+    # a damaged entry (or one of another version) is dropped with a warning and the source converted again
+    entry = next(p for p in cache.iterdir() if p.is_dir())
+    marker = entry / "vae" / "lumina_jax.json"
+    marker.write_text(marker.read_text().replace('"config": {', '"config": {"new_field": 1, ', 1))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lumina_jax.convert.components"):
+        again = load_components(d, cache=cache)
+    assert again.layout == "diffusers" and "cannot be read" in caplog.text
+    _same_tree(again.transformer, comps.transformer)
+    assert load_components(d, cache=cache).layout == "diffusers (cached)"
+    # a linked component folder (a fine-tune's transformer/) is followed: its change is seen
+    import shutil
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    shutil.copytree(d / "transformer", tmp_path / "ft")
+    for item in d.iterdir():
+        if not item.name.startswith("."):
+            (linked / item.name).symlink_to(tmp_path / "ft" if item.name == "transformer" else item)
+    assert load_components(linked, cache=cache).layout == "diffusers"
+    assert load_components(linked, cache=cache).layout == "diffusers (cached)"
+    weights = next(f for f in (tmp_path / "ft").iterdir() if f.suffix == ".safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert load_components(linked, cache=cache).layout == "diffusers"
 
     # an original-format transformer replaces the directory's one
     from lumina_jax.convert.nextdit import save_transformer

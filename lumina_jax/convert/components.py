@@ -22,8 +22,10 @@ original ``consolidated*.pth``, a diffusers ``transformer/`` folder, a project c
 fine-tuned original checkpoint runs with the text encoder and VAE of a pipeline directory.
 
 ``cache=True`` (or a directory) stores the converted components of a diffusers directory in the
-lumina_jax layout under a key made of the source path, file sizes and modification times, and loads
-from there next time (no torch, no key mapping).
+lumina_jax layout under a key made of the source path and the sizes, modification and change times of
+the files the load reads (``model_index.json`` and the component folders, through links; not ``.git/``
+or READMEs), and loads from there next time (no torch, no key mapping). An entry that cannot be read
+(damaged, or written by another version) is dropped with a warning and the source converted again.
 """
 
 from __future__ import annotations
@@ -187,10 +189,21 @@ def load_components(
     if layout == "diffusers" and cache:
         cache_root = cache_home() / "converted" if cache is True else Path(cache)
         cached = cache_root / _cache_key(root, dtype)
+        comps = None
         if (cached / PIPELINE_MARKER).exists():
             log.info("loading converted weights from the cache %s", cached)
-            comps = _load_lumina_jax(cached, dtype, own_weights)
-            comps.source, comps.layout = str(root), "diffusers (cached)"
+            try:
+                comps = _load_lumina_jax(cached, dtype, own_weights)
+                comps.source, comps.layout = str(root), "diffusers (cached)"
+            except Exception as e:  # a damaged entry, one of another version: the source is still there
+                import shutil
+
+                log.warning("the cache entry %s cannot be read (%s: %s); removing it and converting %s again",
+                            cached, type(e).__name__, str(e)[:300], root)  # fmt: skip
+                shutil.rmtree(cached, ignore_errors=True)
+                comps = None
+        if comps is not None:
+            pass
         elif not own_weights:  # a cache entry holds the whole directory: written by a load without an override
             log.info("no cache entry is written when the transformer is replaced (load %s once without it to "
                      "cache the directory)", root)  # fmt: skip
@@ -201,7 +214,8 @@ def load_components(
                 save_components(cached, comps)
                 log.info("cached the converted weights in %s", cached)
                 _drop_stale_cache_entries(cache_root, cached, root, dtype)
-            except OSError as e:  # full disk, read-only cache folder...: the loaded weights are still good
+            except Exception as e:  # full disk (orbax reports it as ValueError), read-only cache folder...: the
+                # loaded weights are still good
                 if isinstance(e, FileExistsError) and (cached / PIPELINE_MARKER).exists():
                     pass  # another process wrote it meanwhile
                 else:
@@ -415,15 +429,32 @@ def _jsonable(x: Any) -> Any:
 CACHE_SOURCE = "cache_source.json"
 
 
+# what a diffusers directory's load reads: the cache key covers these alone (a .git/ or README changing must not
+# reconvert a whole model)
+CACHED_COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+
+
 def _cache_key(root: Path, dtype: Any) -> str:
-    """Source path + every weight/config file's size and mtime + dtype (resolved: ``"bf16"`` and
-    ``jnp.bfloat16`` share entries) + layout version."""
+    """Source path + dtype (resolved: ``"bf16"`` and ``jnp.bfloat16`` share entries) + layout and package
+    version + the size, mtime, ctime and inode of ``model_index.json`` and of every file in the component
+    folders, followed through links (a linked ``transformer/`` of a fine-tune counts); dot files and
+    folders are left out. ctime cannot be set back, so a file replaced with the same size and mtime
+    (``cp -p``, ``rsync -a``) changes the key too."""
+    from lumina_jax import __version__
+
     h = hashlib.sha256()
-    h.update(f"{_cache_source(root, dtype)}|v{LAYOUT_VERSION}".encode())
-    for f in sorted(root.rglob("*")):
-        if f.is_file():
+    h.update(f"{_cache_source(root, dtype)}|v{LAYOUT_VERSION}|{__version__}".encode())
+    files = [root / "model_index.json"]
+    for name in CACHED_COMPONENTS:
+        for d, dirs, names in os.walk(root / name, followlinks=True):
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            files += [Path(d) / n for n in sorted(names) if not n.startswith(".")]
+    for f in files:
+        try:
             st = f.stat()
-            h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:  # absent (model_index.json), a dangling link
+            continue
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())
     return f"{root.resolve().name}-{h.hexdigest()[:16]}"
 
 
@@ -438,7 +469,9 @@ def _drop_stale_cache_entries(cache_root: Path, fresh: Path, root: Path, dtype: 
 
     source = _cache_source(root, dtype)
     (fresh / CACHE_SOURCE).write_text(json.dumps({"source": source}))
-    for other in cache_root.glob(f"{root.resolve().name}-*"):
+    import glob
+
+    for other in cache_root.glob(f"{glob.escape(root.resolve().name)}-*"):
         try:
             same = other != fresh and json.loads((other / CACHE_SOURCE).read_text()).get("source") == source
         except (OSError, ValueError):  # entries of other sources, or written before sources were recorded
