@@ -314,6 +314,14 @@ def test_pallas_lowers_to_triton(masking, monkeypatch):
     assert sorted(verified) == sorted(names)
 
 
+def test_splash_tiles_pad_the_sequence_least():
+    """Lumina's 4096 + 256 tokens: 256-token tiles (no padding), not 512 (4608 rows, ~12 % more work)."""
+    from lumina_jax.ops.splash_attention import fit_block
+
+    assert [fit_block(n, 512) for n in (4352, 4096, 4192, 2176, 100)] == [256, 512, 384, 384, 128]
+    assert fit_block(4352, 128) == 128  # the largest asked for bounds it
+
+
 def test_splash_lowers_for_tpu():
     """The splash fwd+bwd program (head_dim 96 padded to 128) lowers to Mosaic for TPU on the CPU."""
     from jax import export
@@ -389,6 +397,20 @@ def test_auto_backend_per_platform_dtype_and_head_dim(monkeypatch):
     assert attn.auto_candidates(jnp.bfloat16, 256) == ("cudnn", "pallas_sharded", "xla")
     monkeypatch.setattr(attn, "_gpu_generation", lambda: 8)  # Ampere: cuDNN up to 128
     assert attn.auto_candidates(jnp.bfloat16, 256) == ("pallas_sharded", "xla")
+    monkeypatch.setattr(attn, "_gpu_generation", lambda: 7)  # a T4 (Colab): no cuDNN flash, no Triton bf16 dot
+    assert attn.auto_candidates(jnp.bfloat16, 96) == ("xla",)
+    assert attn.auto_candidates(jnp.float16, 96) == ("pallas_sharded", "xla")
+    assert attn.auto_candidates(jnp.float32, 96) == ("pallas_sharded", "xla")
+    for platform in ("gpu", "tpu"):  # a float64 debugging run: the kernels' index arithmetic is int32
+        assert attn.auto_candidates(jnp.float64, 96, platform) == ("xla",)
+    assert attn.auto_candidates(jnp.float16, 96, "tpu") == ("xla",)  # Mosaic splash: fp32/bf16
+    assert attn.auto_candidates(jnp.bfloat16, 96, "tpu") == ("splash_sharded", "splash", "xla")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        assert attn.auto_candidates(jnp.float32, 96, "gpu") == ("xla",)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    monkeypatch.setattr(attn, "_gpu_generation", lambda: 9)
     # the FLOP count's question: does the named backend run a kernel for these inputs?
     assert attn.attention_uses_kernel("auto", "bfloat16", 96) and attn.attention_uses_kernel("context", "bfloat16", 96)
     assert not attn.attention_uses_kernel("cudnn", "float32", 96)  # falls back to XLA itself

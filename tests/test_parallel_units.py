@@ -348,12 +348,18 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
 gerr = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g, g_ref))
 print("ERR", err, gerr)
 assert err < 1e-5 and gerr < 1e-5, (err, gerr)
+with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):  # cross-attention: refused by name
+    try:
+        jax.jit(lambda q, k, v: attention(q, k, v, backend="context_xla"))(q, k[:, :5], v[:, :5])
+        raise SystemExit("no error for 13 queries and 5 keys")
+    except ValueError as e:
+        assert "context-parallel attention is self-attention: 13 queries but 5 keys" in str(e), e
 """
 
 
 def test_context_attention_with_more_tensor_devices_than_kv_heads(tmp_path):
     """8 / 2 heads on tensor=4 (x context=2): K/V heads repeated so heads stay split; outputs and gradients
-    (through the repeat) equal one device's."""
+    (through the repeat) equal one device's; queries and keys of different lengths are refused by name."""
     import subprocess
     import sys
 

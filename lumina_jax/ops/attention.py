@@ -92,20 +92,28 @@ def auto_candidates(dtype: Optional[object] = None, head_dim: Optional[int] = No
     JAX's default backend), best first, ending with ``"xla"``.
 
     GPU: cuDNN (the fastest measured on Hopper) for bf16/fp16 with ``head_dim`` a multiple of 8 and at
-    most 256 (128 before Hopper); then our Triton kernel inside ``shard_map`` (``pallas_sharded``, which
-    is the plain ``pallas`` kernel on one device) for fp32/bf16/fp16 with ``head_dim`` <= 256. TPU: the
-    splash kernel (sharded, then local). CPU: XLA. ``None`` for dtype / head_dim means unknown (then the
-    shape conditions are not applied).
+    most 256 (128 before Hopper), on Ampere or newer; then our Triton kernel inside ``shard_map``
+    (``pallas_sharded``, which is the plain ``pallas`` kernel on one device) for fp32/bf16/fp16 with
+    ``head_dim`` <= 256 (before Ampere, e.g. a T4: fp32/fp16 only, Triton's bf16 dot needs sm80). TPU: the
+    splash kernel (sharded, then local) for fp32/bf16. CPU: XLA. With ``jax_enable_x64`` on (a float64
+    debugging run) only XLA: the kernels' index arithmetic is int32. ``None`` for dtype / head_dim means
+    unknown (then the shape conditions are not applied); an unreadable GPU generation is taken as recent.
     """
     platform = platform or jax.default_backend()
-    if platform != "gpu":
-        return (*_AUTO_PREFERENCE.get(platform, ()), "xla")
-    names = []
     dt = None if dtype is None else jnp.dtype(dtype).name
-    d_ok = head_dim is None or head_dim % 8 == 0 and head_dim <= (256 if _gpu_generation() >= 9 else 128)
-    if (dt is None or dt in _CUDNN_DTYPES) and d_ok:
+    if jax.config.jax_enable_x64 or (dt is not None and dt not in _PALLAS_DTYPES):
+        return ("xla",)
+    if platform != "gpu":
+        tpu_ok = platform != "tpu" or dt in (None, "float32", "bfloat16")  # Mosaic: no fp16 splash
+        return (*(_AUTO_PREFERENCE.get(platform, ()) if tpu_ok else ()), "xla")
+    names = []
+    generation = _gpu_generation()
+    pre_ampere = 0 < generation < 8
+    d_ok = head_dim is None or head_dim % 8 == 0 and head_dim <= (256 if generation >= 9 else 128)
+    if (dt is None or dt in _CUDNN_DTYPES) and d_ok and not pre_ampere:
         names.append("cudnn")
-    if (dt is None or dt in _PALLAS_DTYPES) and (head_dim is None or head_dim <= 256):
+    if (dt is None or dt in _PALLAS_DTYPES) and (head_dim is None or head_dim <= 256) and \
+            not (pre_ampere and dt in (None, "bfloat16")):  # fmt: skip
         names.append("pallas_sharded")
     return (*names, "xla")
 
@@ -138,7 +146,7 @@ def attention_uses_kernel(name: str, dtype: object, head_dim: int) -> bool:
 
 # What a backend raises while tracing when it cannot run these inputs here (no cuDNN, a shape the
 # kernel does not take, a module that fails to import); "auto" then tries the next candidate.
-_UNAVAILABLE = (RuntimeError, NotImplementedError, ValueError, ImportError)
+_UNAVAILABLE = (RuntimeError, NotImplementedError, ValueError, ImportError, TypeError)
 
 
 def auto_attention(q, k, v, *, kv_mask, kv_lengths, scale):

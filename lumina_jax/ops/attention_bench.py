@@ -121,16 +121,18 @@ def bench_attention(
             loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
             return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-        runs = name  # what the name runs for these inputs (auto's pick; cudnn's own XLA fallback for fp32)
-        if name != "pallas_stock":
+        def what_ran() -> str:  # auto's pick (known once it traced: it may pass over a backend that fails
+            if name == "pallas_stock":  # to build); cudnn's own XLA fallback for fp32
+                return name
             runs = attn.resolve_backend(name, dt, head_dim)
-            if runs == "cudnn" and not attn.attention_uses_kernel(runs, dt, head_dim):
-                runs = "xla"
+            return "xla" if runs == "cudnn" and not attn.attention_uses_kernel(runs, dt, head_dim) else runs
+
         for mode, fn, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, 3.5 * fwd_flops)):
-            row = dict(backend=name, runs=runs, mode=mode, platform=platform, dtype=str(dt), error=None, **shape)
+            row = dict(backend=name, runs=what_ran(), mode=mode, platform=platform, dtype=str(dt), error=None,
+                       **shape)  # fmt: skip
             try:
                 ms = _time(jax.jit(fn), (q, k, v), iters, warmup)
-                row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+                row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, runs=what_ran())
             except Exception as e:  # a backend that cannot run here must not stop the others
                 row.update(ms=float("nan"), tflops=float("nan"), error=f"{type(e).__name__}: {e}"[:500])
             rows.append(row)

@@ -61,6 +61,15 @@ def _make_kernel(
     )
 
 
+def fit_block(length: int, block: int, floor: int = 2 * _LANES) -> int:
+    """The tile size for a sequence of ``length``: of the multiples of 128 up to ``block`` (and at least
+    ``floor`` where ``block`` allows), the one that pads ``length`` least, the larger on a tie. Lumina's
+    4096 + 256 tokens take 256 (4352, no padding) where 512 would pad to 4608 (~12 % more work)."""
+    block = min(block, _round_up(length, _LANES))
+    sizes = [b for b in range(_LANES, block + 1, _LANES) if b >= min(floor, block)]
+    return min(sizes, key=lambda b: (_round_up(length, b), -b))
+
+
 def splash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -81,7 +90,8 @@ def splash_attention(
       q: ``(B, Lq, Hq, D)``; k, v: ``(B, Lk, Hkv, D)``; same float dtype.
       kv_mask / kv_lengths: as in :func:`lumina_jax.ops.attention.attention`.
       scale: softmax scale, default ``1/sqrt(D)``.
-      block_q, block_kv: tile sizes, multiples of 128 (shrunk for short sequences). Untuned.
+      block_q, block_kv: the largest tile sizes, multiples of 128: each is lowered to the one that pads the
+        sequence least (:func:`fit_block`). Untuned.
       fused_bwd: use splash's fused dq/dkv backward kernel.
       interpret: run the Pallas interpreter (CPU); default True unless the default backend is TPU.
       pad_head_dim: pad D to a multiple of 128; default only when compiling for TPU.
@@ -108,8 +118,7 @@ def splash_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(d)
 
-    bq = min(block_q, _round_up(lq, _LANES))
-    bkv = min(block_kv, _round_up(lk, _LANES))
+    bq, bkv = fit_block(lq, block_q), fit_block(lk, block_kv)
     lq_pad, lk_pad = _round_up(lq, bq), _round_up(lk, bkv)
     d_pad = _round_up(d, _LANES) if pad_head_dim else d
 

@@ -112,6 +112,9 @@ def context_parallel_attention(
 
     b, length, hq, d = q.shape
     hkv = k.shape[2]
+    if k.shape[1] != length:  # the sequence is split once, queries and keys alike: self-attention only
+        raise ValueError(f"context-parallel attention is self-attention: {length} queries but {k.shape[1]} keys; "
+                         f"use a backend without context_ for cross-attention")
     batch_axes, head_axis, kv_repeat = shard_layout(shape, b, hq, hkv, _resolve("activation_batch"),
                                                     _resolve("activation_heads"))  # fmt: skip
     if kv_repeat > 1:
