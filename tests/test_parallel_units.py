@@ -430,15 +430,8 @@ def test_cli_environment_defaults(monkeypatch):
     assert "JAX_PLATFORMS" not in entry.quiet_environment({})
 
 
-def test_a_process_that_fails_alone_exits_at_once_in_a_multi_process_job(monkeypatch, tmp_path):
-    """Returning an error code would run JAX's distributed shutdown, which waits ~5 minutes for the other
-    processes (blocked in a collective with this one); the launcher stops them only once one exits."""
-    import jax
-
-    from lumina_jax.parallel import distributed
-    from lumina_jax.train import cli
-    from lumina_jax.train.loop import Trainer
-
+def _fake_os_exit(monkeypatch, distributed) -> tuple[list, type]:
+    """``distributed.os._exit`` recording its code and raising the returned exception type instead."""
     exits = []
 
     class Exited(Exception):
@@ -449,6 +442,19 @@ def test_a_process_that_fails_alone_exits_at_once_in_a_multi_process_job(monkeyp
         raise Exited
 
     monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    return exits, Exited
+
+
+def test_a_process_that_fails_alone_exits_at_once_in_a_multi_process_job(monkeypatch, tmp_path):
+    """Returning an error code would run JAX's distributed shutdown, which waits ~5 minutes for the other
+    processes (blocked in a collective with this one); the launcher stops them only once one exits."""
+    import jax
+
+    from lumina_jax.parallel import distributed
+    from lumina_jax.train import cli
+    from lumina_jax.train.loop import Trainer
+
+    exits, Exited = _fake_os_exit(monkeypatch, distributed)
     assert distributed.exit_alone(3) == 3 and exits == []  # one process: an ordinary return
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert distributed.exit_alone(0) == 0 and exits == []
@@ -475,15 +481,6 @@ def test_a_command_that_raises_in_a_multi_process_job_exits_at_once(monkeypatch,
     import lumina_jax.__main__ as entry
     from lumina_jax.parallel import distributed
 
-    exits = []
-
-    class Exited(Exception):
-        pass
-
-    def fake_exit(code):
-        exits.append(code)
-        raise Exited
-
     def fail(argv):
         raise failure
 
@@ -492,7 +489,7 @@ def test_a_command_that_raises_in_a_multi_process_job_exits_at_once(monkeypatch,
     with pytest.raises(type(failure)):  # one process: the error propagates as before
         entry.main(["fake"])
     monkeypatch.setattr(distributed, "_initialized", True)
-    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    exits, Exited = _fake_os_exit(monkeypatch, distributed)
     monkeypatch.setattr(distributed.logging, "shutdown", lambda: None)  # would close capsys' handlers
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(Exited):

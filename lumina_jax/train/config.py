@@ -366,6 +366,10 @@ class TrainConfig:
 
 
 def _to_plain(x: Any) -> Any:
+    """A copy of ``x`` made of plain dicts, lists and scalars, each its own (``copy.deepcopy`` keeps the
+    sharing of YAML anchors), with every :class:`_OverrideInt` a plain ``int`` (configs are dumped as YAML)."""
+    if isinstance(x, _OverrideInt):
+        return int(x)
     if isinstance(x, dict):
         return {k: _to_plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -403,17 +407,6 @@ def _build(cls: type, d: Any, where: str) -> Any:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _plain(v: Any) -> Any:
-    """``v`` with every :class:`_OverrideInt` a plain ``int`` (configs are dumped as YAML and JSON)."""
-    if isinstance(v, _OverrideInt):
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_plain(x) for x in v)
-    return v
-
-
 def _coerce(tp: Any, v: Any, where: str) -> Any:
     if tp is str and isinstance(v, _OverrideInt):
         return v.text  # run_dir=2024 (the shell took the quotes of run_dir="2024"): the text as typed
@@ -431,7 +424,7 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
             return {}
         if not isinstance(v, dict):
             raise ValueError(f"{where}: expected a mapping, got {type(v).__name__} {v!r}")
-        return _plain(v)
+        return _to_plain(v)
     if origin is tuple:
         if isinstance(v, (str, int, float)):
             v = [v]
@@ -447,7 +440,7 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
         raise ValueError(f"{where}: expected {tp.__name__}, got bool {v!r}")
     if tp in (int, float, bool, str) and not isinstance(v, tp):
         raise ValueError(f"{where}: expected {tp.__name__}, got {type(v).__name__} {v!r}")
-    return _plain(v)
+    return int(v) if isinstance(v, _OverrideInt) else v
 
 
 class _OverrideInt(int):
@@ -558,22 +551,13 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Trai
 
 
 def config_from_dict(raw: dict, overrides: Sequence[str] = ()) -> TrainConfig:
-    raw = _unshared(raw)  # YAML anchors (`data: *data`) share one dict: an override must change one stage
+    raw = _to_plain(raw)  # a copy: YAML anchors (`data: *data`) share one dict, an override must change one stage
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         k, v = item.split("=", 1)
         apply_override(raw, k.strip(), parse_value(v))
     return _build(TrainConfig, raw, "")
-
-
-def _unshared(node: Any) -> Any:
-    """A copy of a YAML document with every mapping and list its own (``copy.deepcopy`` keeps sharing)."""
-    if isinstance(node, dict):
-        return {k: _unshared(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_unshared(v) for v in node]
-    return node
 
 
 def load_model_config(cfg: TrainConfig):
