@@ -141,8 +141,9 @@ def test_sharded_safetensors_hold_at_most_one_shard(tmp_path, with_specs):
     assert [p.name for p in paths] == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     assert sorted(q.name for q in tmp_path.iterdir()) == sorted([p.name for p in paths] + ["model.safetensors.index.json"])
     assert max_alive <= (0 if with_specs else 2)  # 1000-byte shards hold two 400-byte tensors
-    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
-    assert weight_map == {f"t{i}": paths[i // 2].name for i in range(7)}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {f"t{i}": paths[i // 2].name for i in range(7)}
+    assert index["metadata"]["total_size"] == 7 * 400  # the tensors' bytes, as transformers records it
     for i, (name, a) in enumerate(arrays):
         np.testing.assert_array_equal(SafetensorsFile(paths[i // 2]).get(name), a)
 
@@ -184,6 +185,46 @@ def test_safetensors_bytes_are_little_endian_whatever_the_host(tmp_path, monkeyp
     assert np.array_equal(f.get("a"), a) and np.array_equal(f.get("b"), b)
     monkeypatch.setattr(safetensors_io.np, "little_endian", False)
     assert np.array_equal(f.get("a"), a.byteswap()) and np.array_equal(f.get("b"), b)
+
+
+def test_safetensors_headers_are_checked_like_the_reference_library(tmp_path):
+    """Negative or overlapping offsets, a name given twice, fractional shapes and non-string metadata are
+    corrupt headers (the safetensors library refuses them too); a tensor of a dtype this reader does not
+    know fails only when it is read; fp8 and unsigned tensors are read; big-endian arrays and non-string
+    metadata are written as the format wants (little-endian bytes, JSON text)."""
+    import json
+    import struct
+
+    import ml_dtypes
+    import safetensors.numpy
+
+    from lumina_jax.convert.safetensors_io import SafetensorsFile, save_file
+
+    def write(header, data=b"\0" * 8, raw=None):
+        blob = raw if raw is not None else json.dumps(header).encode()
+        (tmp_path / "h.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+        return tmp_path / "h.safetensors"
+
+    f32 = lambda shape, offsets: {"dtype": "F32", "shape": shape, "data_offsets": offsets}  # noqa: E731
+    for header, msg in [({"a": f32([1], [-8, 0])}, "entry for tensor 'a'"),
+                        ({"a": f32([2], [0, 8]), "b": f32([1], [4, 8])}, "tensors 'a' and 'b' overlap"),
+                        ({"a": f32([2.0], [0, 8])}, "entry for tensor 'a'"),
+                        ({"__metadata__": {"x": {}}, "a": f32([2], [0, 8])}, "__metadata__ must map names to strings")]:  # fmt: skip
+        with pytest.raises(CheckpointError, match=msg):
+            SafetensorsFile(write(header))
+    twice = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    with pytest.raises(CheckpointError, match="the name 'a' appears twice"):
+        SafetensorsFile(write(None, raw=twice))
+    mixed = SafetensorsFile(write({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]},
+                                   "u": {"dtype": "U16", "shape": [1], "data_offsets": [2, 4]},
+                                   "q": {"dtype": "Q4", "shape": [2], "data_offsets": [4, 6]}}))  # fmt: skip
+    assert mixed.get("w").dtype == ml_dtypes.float8_e4m3fn and mixed.get("u").dtype == np.uint16
+    with pytest.raises(CheckpointError, match="tensor 'q' has unsupported dtype 'Q4'"):
+        mixed.get("q")
+    big = np.arange(6, dtype=">f4").reshape(2, 3)
+    save_file({"big": big}, tmp_path / "w.safetensors", metadata={"flag": True, "name": "x"})
+    assert np.array_equal(safetensors.numpy.load_file(tmp_path / "w.safetensors")["big"], big)
+    assert SafetensorsFile(tmp_path / "w.safetensors").metadata == {"flag": "true", "name": "x"}
 
 
 def test_pth_that_is_really_safetensors_or_pickles_objects_is_named(tmp_path):

@@ -252,8 +252,11 @@ def test_our_original_export_reloads_with_its_config(tmp_path, suffix):
     loaded, params2 = load_transformer(path)
     assert loaded == config
     _assert_bit_exact(flatten(params2), {k: np.asarray(v) for k, v in flatten(params).items()})
-    other = dataclasses.replace(config, axes_lens=(64, 64, 64))
+    other = dataclasses.replace(config, axes_lens=(64, 64, 64))  # another RoPE table size: the same outputs
     assert load_transformer(path, config=other)[0] == other
+    for field, value in (("qk_norm_eps", 1e-6), ("axes_dims", (4, 4, 8)), ("rope_theta", 500.0)):
+        with pytest.raises(CheckpointError, match=rf"config stored with the weights disagrees .*{field}"):
+            load_transformer(path, config=dataclasses.replace(config, **{field: value}))
     bare = tmp_path / f"bare{suffix}"  # the same tensors, no stored config: inferred (patch 2, equal split)
     if suffix == ".pth":
         torch.save({k: torch.from_numpy(v.copy()) for k, v in _tensors(path).items()}, bare)

@@ -314,3 +314,18 @@ def test_convert_bakes_loras_into_a_checkpoint(case, tmp_path, capsys):
     assert rel_l2(ref, _out(config, got, *xs)) <= 1e-5  # two halves = the adapter once
     assert main([str(root / "base"), str(tmp_path / "x"), "--to", "jax", "--lora-scale", "2"]) == 1
     assert "--lora-scale without --lora" in capsys.readouterr().err
+    # a bf16 base written as fp32: the adapter is merged in fp32 and rounded once (not to bf16 first)
+    from lumina_jax.convert.nextdit import save_transformer
+
+    b16 = save_transformer(tmp_path / "b16", config, params, "jax", dtype="bf16")
+    assert main([str(b16), str(tmp_path / "wide"), "--to", "jax", "--dtype", "fp32", "--lora",
+                 str(root / "diffusers")]) == 0  # fmt: skip
+    _, base16 = load_transformer(b16, dtype=None)
+    _, wide = load_transformer(tmp_path / "wide", dtype=None)
+    lora = [(load_lora(root / "diffusers"), 1.0)]
+    want = merge_lora(base16, config, lora, dtype=np.float32)
+    narrow = merge_lora(base16, config, lora)  # rounded to bf16 on the way
+    for a, b in zip(jax.tree.leaves(wide), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b, np.float32))
+               for a, b in zip(jax.tree.leaves(wide), jax.tree.leaves(narrow)))  # fmt: skip

@@ -14,9 +14,9 @@ are detected:
 Nothing is written at ``DST`` unless the whole conversion succeeds; an ``--overwrite`` that is killed
 leaves the old ``DST`` (put back by the next run if the kill came between the two renames that replace
 it). The config goes with the weights in every format (for ``--to original``, in the file's metadata: the
-original code ignores it, a reload here uses it). ``--config`` names it for original checkpoints (else
-inferred from the shapes) and for diffusers folders must agree with their ``config.json``; project
-checkpoints carry their own.
+original code ignores it, a reload here uses it). ``--config`` names it for original checkpoints without
+one (else inferred from the shapes); where the weights carry a config (``config.json``, our exports'
+metadata) it must agree with it (the RoPE table size aside); project checkpoints carry their own.
 """
 
 from __future__ import annotations
@@ -113,7 +113,12 @@ def main(argv: list[str]) -> int:
         config, params = load_transformer(args.src, config=config, dtype=None, pth_key=args.pth_key)
         print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s", flush=True)
         if loras:
-            params = merge_lora(params, config, [(load_lora(p, config), w) for p, w in loras])
+            # merged in fp32 and rounded once, to --dtype when given (a bf16 source written as fp32 keeps the
+            # whole adapter, not its bf16 rounding), else to each param's own dtype
+            from lumina_jax.convert.common import resolve_dtype
+
+            params = merge_lora(params, config, [(load_lora(p, config), w) for p, w in loras],
+                                dtype=resolve_dtype(args.dtype))  # fmt: skip
             print("merged " + ", ".join(f"{p} (weight {w:g})" for p, w in loras), flush=True)
         print(f"writing {args.to}", flush=True)
         out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)

@@ -476,7 +476,9 @@ def write_sharded_safetensors(
             save_file_streaming(path, shard, (next(it) for _ in shard), metadata=metadata)
     if n > 1:
         weight_map = {name: path.name for path, shard in zip(names, plan) for name, _, _ in shard}
-        total = sum(p.stat().st_size for p in names)
+        # the tensors' bytes, as transformers/diffusers record it (not the files' sizes with their headers)
+        total = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shard in plan
+                    for _, shape, dtype in shard)  # fmt: skip
         (out_dir / index_name).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
         )

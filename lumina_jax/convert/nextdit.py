@@ -603,7 +603,8 @@ def load_transformer(
     diffusers ``transformer/`` directory (config.json + safetensors), or an original checkpoint (a
     ``.pth``/``.safetensors`` file, or a directory with ``consolidated*``; the config is the one our
     export stores in the file's metadata, else inferred from the shapes, unless ``config`` is
-    given; ``model.diffusion_model.`` prefixes are stripped).
+    given, which may change a stored config's RoPE table size but nothing else that it holds (as with
+    a diffusers folder's config.json); ``model.diffusion_model.`` prefixes are stripped).
     ``dtype`` is the param dtype (``"fp32"`` default; ``None`` keeps the checkpoint's). ``pth_key`` picks
     the state dict of a ``.pth`` that wraps several (``"ema"`` of ``{"model": ..., "ema": ...}``; without
     it such a file reads ``"model"``, and a file wrapping a single one reads that).
@@ -631,6 +632,20 @@ def load_transformer(
         src = _Prefixed(_original_source(path, pth_key))
         if config is None:
             config = _stored_config(src.src) or infer_original_config(src.shapes())
+        else:  # the config our export stored may be extended (a larger RoPE table: axes_lens) but not
+            try:  # contradicted where it changes the weights' outputs (RoPE split and theta, eps: shapes do not
+                stored = _stored_config(src.src)  # show them); one that cannot be read is what config= replaces
+            except CheckpointError:
+                stored = None
+            if stored is not None:
+                theirs, ours = stored.to_dict(), config.to_dict()
+                free = {"axes_lens", *NextDiTConfig.METADATA_FIELDS}
+                differ = {k: (v, ours.get(k)) for k, v in theirs.items() if k not in free and ours.get(k) != v}
+                if differ:
+                    raise CheckpointError(f"{path}: the config stored with the weights disagrees with the config "
+                                          "given for it: " + ", ".join(f"{k} {a!r} stored, {b!r} given"
+                                                                        for k, (a, b) in differ.items())
+                                          + "; drop config= (--config) or fix it")  # fmt: skip
     found = src.shapes()
     # norm_final is unused by the forward; tolerate repackaged original files that dropped it.
     rules = [r for r in RULES[fmt](config) if r.key in found or r.key != "norm_final.weight"]

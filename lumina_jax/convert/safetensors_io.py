@@ -30,7 +30,12 @@ _DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
+    "U16": np.dtype(np.uint16),
+    "U32": np.dtype(np.uint32),
+    "U64": np.dtype(np.uint64),
     "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -58,20 +63,26 @@ class SafetensorsFile:
                     f"{self.path}: truncated or not a safetensors file (header says {n} bytes, file has {size})"
                 )
             try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
                 raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", {}) or {}
-        if not isinstance(self.metadata, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ is a JSON "
-                                  f"{type(self.metadata).__name__}, not an object)")  # fmt: skip
+        if not isinstance(self.metadata, dict) or not all(isinstance(x, str) for x in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (__metadata__ must map names to "
+                                  f"strings, got {str(self.metadata)[:200]})")  # fmt: skip
+        natural = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
         for name, v in header.items():
             offsets = v.get("data_offsets") if isinstance(v, dict) else None
-            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                    and isinstance(v.get("shape"), list)):  # fmt: skip
+            shape = v.get("shape") if isinstance(v, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(natural(o) for o in offsets)
+                    and offsets[0] <= offsets[1] and isinstance(shape, list) and all(natural(d) for d in shape)):  # fmt: skip
                 raise CheckpointError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: {v!r}")
+        spans = sorted((v["data_offsets"][0], v["data_offsets"][1], name) for name, v in header.items())
+        for (_, end_a, a), (begin_b, end_b, b) in zip(spans, spans[1:]):
+            if begin_b < end_a and end_b > begin_b:  # two tensors' bytes overlap (empty tensors take none)
+                raise CheckpointError(f"{self.path}: corrupt safetensors header: tensors {a!r} and {b!r} overlap")
         self._header: dict[str, dict] = header
         self._data_start = 8 + n
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
@@ -80,9 +91,8 @@ class SafetensorsFile:
                 f"{self.path}: truncated safetensors file: tensors need {self._data_start + end} bytes, "
                 f"file has {size}"
             )
-        for name, v in header.items():
-            if v.get("dtype") not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {v.get('dtype')!r}")
+        # a dtype this reader does not know is an error only when that tensor is read: a file may carry
+        # tensors nobody here reads (e.g. fp8 text-encoder weights in an all-in-one checkpoint)
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -91,7 +101,11 @@ class SafetensorsFile:
         return tuple(self._header[name]["shape"])
 
     def dtype(self, name: str) -> np.dtype:
-        return _DTYPES[self._header[name]["dtype"]]
+        code = self._header[name].get("dtype")
+        if code not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {code!r}; known: "
+                                  f"{sorted(_DTYPES)}")  # fmt: skip
+        return _DTYPES[code]
 
     def get(self, name: str) -> np.ndarray:
         """Read one tensor with a positioned read into a fresh array.
@@ -103,7 +117,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         v = self._header[name]
         begin, end = (int(o) for o in v["data_offsets"])
-        dt = _DTYPES[v["dtype"]]
+        dt = self.dtype(name)
         shape = tuple(v["shape"])
         n = int(np.prod(shape, dtype=np.int64))
         if end - begin != n * dt.itemsize:
@@ -129,6 +143,16 @@ class SafetensorsFile:
         pass
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; a name given twice is an error (not the last one silently)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the name {k!r} appears twice")
+        out[k] = v
+    return out
+
+
 TensorSpec = tuple[str, tuple[int, ...], np.dtype]
 
 
@@ -141,11 +165,11 @@ def save_file_streaming(
     """Write tensors one at a time: the header comes from ``specs`` (name, shape, dtype), then each
     array from ``arrays`` (same names, same order) is written and dropped, so only one is in memory."""
     header: dict[str, dict] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    if metadata:  # strings, as the format wants: other values as JSON (True -> "true", not Python's "True")
+        header["__metadata__"] = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     offset = 0
     for name, shape, dtype in specs:
-        dtype = np.dtype(dtype)
+        dtype = np.dtype(dtype).newbyteorder("=")  # a big-endian array is written as little-endian
         if dtype not in _NAMES:
             raise CheckpointError(f"cannot write tensor {name!r} of dtype {dtype} to safetensors")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -160,7 +184,8 @@ def save_file_streaming(
         for name, shape, dtype in specs:
             got_name, arr = next(it)
             arr = np.asarray(arr)
-            if got_name != name or tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+            if got_name != name or tuple(arr.shape) != tuple(shape) or \
+                    arr.dtype.newbyteorder("=") != np.dtype(dtype).newbyteorder("="):  # fmt: skip
                 raise CheckpointError(
                     f"tensor stream out of plan: expected {name} {tuple(shape)} {np.dtype(dtype)}, "
                     f"got {got_name} {tuple(arr.shape)} {arr.dtype}"
