@@ -664,3 +664,15 @@ def test_weight_file_suffixes_are_case_insensitive(diffusers_dir, tmp_path):
     save_transformer(folder / "consolidated.00-of-01.SAFETENSORS", config, params, "original")
     assert load_transformer(folder, dtype=None)[0] == config
     _assert_bit_exact(_tensors(again), _tensors(save_transformer(tmp_path / "b.safetensors", config, params, "original")))
+
+
+def test_a_model_without_refiners_is_refused_by_the_jax_format_by_name(tmp_path):
+    """orbax cannot save empty arrays: ``n_refiner_layers: 0`` is named before anything is written."""
+    import dataclasses
+
+    from lumina_jax.models.nextdit import NextDiTConfig, init_params
+
+    config = dataclasses.replace(NextDiTConfig.from_yaml("nextdit_tiny"), n_refiner_layers=0)
+    with pytest.raises(ValueError, match=r"empty params .*n_refiner_layers=0.*'diffusers' or 'original'"):
+        save_transformer(tmp_path / "r0", config, init_params(config, 0), "jax")
+    assert not (tmp_path / "r0").exists()

@@ -681,6 +681,10 @@ def save_transformer(
     shapes = jax_shapes(config)
     check_keys(shapes, {k: tuple(np.shape(v)) for k, v in flat.items()}, "params to save")
     if format == "jax":
+        empty = sorted(k for k, v in flat.items() if np.size(v) == 0)
+        if empty:  # orbax cannot save empty arrays (e.g. the stacked refiners of n_refiner_layers: 0)
+            raise ValueError(f"the jax format cannot hold the empty params {empty[:3]} (n_refiner_layers="
+                             f"{config.n_refiner_layers}?); save this model as 'diffusers' or 'original'")
         with atomic_output(path, overwrite=overwrite) as tmp:
             _save_jax(tmp, config, flat, dtype)
         return path
