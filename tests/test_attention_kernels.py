@@ -318,8 +318,10 @@ def test_splash_tiles_pad_the_sequence_least():
     """Lumina's 4096 + 256 tokens: 256-token tiles (no padding), not 512 (4608 rows, ~12 % more work)."""
     from lumina_jax.ops.splash_attention import fit_block
 
-    assert [fit_block(n, 512) for n in (4352, 4096, 4192, 2176, 100)] == [256, 512, 384, 384, 128]
+    assert [fit_block(n, 512) for n in (4352, 4096, 4192, 2176, 4608, 100)] == [256, 512, 256, 256, 512, 128]
     assert fit_block(4352, 128) == 128  # the largest asked for bounds it
+    with pytest.raises(ValueError, match="multiples of 128, got 200"):
+        fit_block(4352, 200)
 
 
 def test_splash_lowers_for_tpu():

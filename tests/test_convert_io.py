@@ -208,6 +208,8 @@ def test_safetensors_headers_are_checked_like_the_reference_library(tmp_path):
     f32 = lambda shape, offsets: {"dtype": "F32", "shape": shape, "data_offsets": offsets}  # noqa: E731
     for header, msg in [({"a": f32([1], [-8, 0])}, "entry for tensor 'a'"),
                         ({"a": f32([2], [0, 8]), "b": f32([1], [4, 8])}, "tensors 'a' and 'b' overlap"),
+                        ({"a": f32([4], [0, 16]), "e": f32([0], [8, 8]), "c": f32([1], [10, 14])},
+                         "tensors 'a' and 'c' overlap"),  # an empty tensor between them hides nothing
                         ({"a": f32([2.0], [0, 8])}, "entry for tensor 'a'"),
                         ({"__metadata__": {"x": {}}, "a": f32([2], [0, 8])}, "__metadata__ must map names to strings")]:  # fmt: skip
         with pytest.raises(CheckpointError, match=msg):

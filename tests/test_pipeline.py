@@ -354,6 +354,17 @@ def test_components_layouts_cache_and_transformer_override(reference, tmp_path, 
     assert again.layout == "diffusers" and "cannot be read" in caplog.text
     _same_tree(again.transformer, comps.transformer)
     assert load_components(d, cache=cache).layout == "diffusers (cached)"
+    # ... but an I/O hiccup while reading a good entry is an error, and the entry stays
+    entries = sorted(cache.iterdir())
+
+    def hiccup(*a, **k):
+        raise OSError(116, "Stale file handle")
+
+    with monkeypatch.context() as m:
+        m.setattr(components_lib, "_load_lumina_jax", hiccup)
+        with pytest.raises(OSError, match="Stale file handle"):
+            load_components(d, cache=cache)
+    assert sorted(cache.iterdir()) == entries
     # a linked component folder (a fine-tune's transformer/) is followed: its change is seen
     import shutil
 

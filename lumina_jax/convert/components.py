@@ -22,9 +22,9 @@ original ``consolidated*.pth``, a diffusers ``transformer/`` folder, a project c
 fine-tuned original checkpoint runs with the text encoder and VAE of a pipeline directory.
 
 ``cache=True`` (or a directory) stores the converted components of a diffusers directory in the
-lumina_jax layout under a key made of the source path and the sizes, modification and change times of
-the files the load reads (``model_index.json`` and the component folders, through links; not ``.git/``
-or READMEs), and loads from there next time (no torch, no key mapping). An entry that cannot be read
+lumina_jax layout under a key made of the source path and the sizes and modification times of the
+files the load reads (``model_index.json`` and the component folders, through links; not ``.git/`` or
+READMEs), and loads from there next time (no torch, no key mapping). An entry that cannot be read
 (damaged, or written by another version) is dropped with a warning and the source converted again.
 """
 
@@ -195,8 +195,8 @@ def load_components(
             try:
                 comps = _load_lumina_jax(cached, dtype, own_weights)
                 comps.source, comps.layout = str(root), "diffusers (cached)"
-            except Exception as e:  # a damaged entry, one of another version: the source is still there
-                import shutil
+            except (CheckpointError, ValueError, KeyError, TypeError) as e:  # a damaged entry, one of another
+                import shutil  # version (the source is still there); not an I/O hiccup or a full memory
 
                 log.warning("the cache entry %s cannot be read (%s: %s); removing it and converting %s again",
                             cached, type(e).__name__, str(e)[:300], root)  # fmt: skip
@@ -436,10 +436,10 @@ CACHED_COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "schedul
 
 def _cache_key(root: Path, dtype: Any) -> str:
     """Source path + dtype (resolved: ``"bf16"`` and ``jnp.bfloat16`` share entries) + layout and package
-    version + the size, mtime, ctime and inode of ``model_index.json`` and of every file in the component
-    folders, followed through links (a linked ``transformer/`` of a fine-tune counts); dot files and
-    folders are left out. ctime cannot be set back, so a file replaced with the same size and mtime
-    (``cp -p``, ``rsync -a``) changes the key too."""
+    version + the size and mtime of ``model_index.json`` and of every file in the component folders,
+    followed through links (a linked ``transformer/`` of a fine-tune counts); dot files and folders are
+    left out. (Not the inode or ctime: copies of one model on several hosts, a ``cp -a`` restore and
+    network file systems that renumber inodes must keep their entry.)"""
     from lumina_jax import __version__
 
     h = hashlib.sha256()
@@ -454,7 +454,7 @@ def _cache_key(root: Path, dtype: Any) -> str:
             st = f.stat()
         except OSError:  # absent (model_index.json), a dangling link
             continue
-        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode())
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return f"{root.resolve().name}-{h.hexdigest()[:16]}"
 
 

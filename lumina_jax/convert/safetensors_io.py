@@ -79,10 +79,13 @@ class SafetensorsFile:
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(natural(o) for o in offsets)
                     and offsets[0] <= offsets[1] and isinstance(shape, list) and all(natural(d) for d in shape)):  # fmt: skip
                 raise CheckpointError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: {v!r}")
-        spans = sorted((v["data_offsets"][0], v["data_offsets"][1], name) for name, v in header.items())
-        for (_, end_a, a), (begin_b, end_b, b) in zip(spans, spans[1:]):
-            if begin_b < end_a and end_b > begin_b:  # two tensors' bytes overlap (empty tensors take none)
-                raise CheckpointError(f"{self.path}: corrupt safetensors header: tensors {a!r} and {b!r} overlap")
+        reach, owner = 0, None  # the furthest byte the tensors so far take, and whose it is
+        for begin, end, name in sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in header.items()):
+            if begin == end:  # an empty tensor takes no bytes
+                continue
+            if begin < reach:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header: tensors {owner!r} and {name!r} overlap")
+            reach, owner = end, name
         self._header: dict[str, dict] = header
         self._data_start = 8 + n
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)

@@ -604,18 +604,29 @@ def state_fingerprint(
     return json.loads(json.dumps(fingerprint))  # the form it has after a JSON round trip
 
 
+_CLOSE_TIMEOUT_S = 20.0
+
+
 def _close_iterator(inner: grain.DatasetIterator, owner: "weakref.ref[DataIterator]") -> None:
     """Closes a :class:`DataIterator`'s pipeline: when the iterator is collected, or at interpreter exit
     while it is still alive (a script that never closed it). At exit its prefetch thread would otherwise
     still be reading when the interpreter finalizes ("terminate called without an active exception", exit
     code 134), and the pipeline's iterators would be closed again by their ``__del__`` once the modules they
     use are torn down; so the pipeline is closed and let go of here, while everything is still loaded."""
+    import threading
+
     iterator = owner()
-    if iterator is None:
-        inner.close()
-        return
-    iterator.close()  # idempotent; closes the whole pipeline (worker processes, prefetch threads)
-    iterator._parents = ()  # the closed pipeline is collected now, not during interpreter teardown
+    close = inner.close if iterator is None else iterator.close  # idempotent; the whole pipeline
+    # bounded: closing joins the prefetch thread, and a read stuck on a hung network file system must not
+    # keep the process from exiting
+    t = threading.Thread(target=close, daemon=True, name="lumina-data-close")
+    t.start()
+    t.join(timeout=_CLOSE_TIMEOUT_S)
+    if t.is_alive():
+        logger.warning("the data pipeline did not close within %.0f s (a read still running?); leaving it",
+                       _CLOSE_TIMEOUT_S)
+    elif iterator is not None:
+        iterator._parents = ()  # the closed pipeline is collected now, not during interpreter teardown
 
 
 class DataIterator(grain.DatasetIterator):

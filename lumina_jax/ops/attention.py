@@ -113,7 +113,7 @@ def auto_candidates(dtype: Optional[object] = None, head_dim: Optional[int] = No
     if (dt is None or dt in _CUDNN_DTYPES) and d_ok and not pre_ampere:
         names.append("cudnn")
     if (dt is None or dt in _PALLAS_DTYPES) and (head_dim is None or head_dim <= 256) and \
-            not (pre_ampere and dt in (None, "bfloat16")):  # fmt: skip
+            not (pre_ampere and dt == "bfloat16"):  # fmt: skip
         names.append("pallas_sharded")
     return (*names, "xla")
 
@@ -159,7 +159,7 @@ def auto_attention(q, k, v, *, kv_mask, kv_lengths, scale):
         try:
             out = get_backend(name)(q, k, v, kv_mask=kv_mask, kv_lengths=kv_lengths, scale=scale)
         except _UNAVAILABLE as e:
-            if name == "xla":
+            if name == "xla" or isinstance(e, jax.errors.JAXTypeError):  # a tracing bug is not "unavailable"
                 raise
             failed.append(f"{name}: {type(e).__name__}: {e}")
             continue

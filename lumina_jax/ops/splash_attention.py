@@ -61,12 +61,17 @@ def _make_kernel(
     )
 
 
-def fit_block(length: int, block: int, floor: int = 2 * _LANES) -> int:
-    """The tile size for a sequence of ``length``: of the multiples of 128 up to ``block`` (and at least
-    ``floor`` where ``block`` allows), the one that pads ``length`` least, the larger on a tie. Lumina's
-    4096 + 256 tokens take 256 (4352, no padding) where 512 would pad to 4608 (~12 % more work)."""
+def fit_block(length: int, block: int) -> int:
+    """The tile size for a sequence of ``length``: of the multiples of 256 up to ``block`` (whole passes
+    of a v6e's 256-wide MXU), the one that pads ``length`` least, the larger on a tie; a sequence or a
+    ``block`` under 256 takes one 128-multiple tile. Lumina's 4096 + 256 tokens take 256 (4352, no
+    padding) where 512 would pad to 4608 (~12 % more work). Untimed on a TPU."""
+    if block < _LANES or block % _LANES:
+        raise ValueError(f"splash block sizes must be multiples of {_LANES}, got {block}")
     block = min(block, _round_up(length, _LANES))
-    sizes = [b for b in range(_LANES, block + 1, _LANES) if b >= min(floor, block)]
+    if block < 2 * _LANES:
+        return block
+    sizes = range(2 * _LANES, block + 1, 2 * _LANES)
     return min(sizes, key=lambda b: (_round_up(length, b), -b))
 
 
