@@ -136,6 +136,19 @@ def test_distributed_resolution_from_env():
     assert distributed.resolve(env=xpk) == ("xpk-gpu", {"coordinator_address": "wl-slice-job-0-0.wl:6002",
                                                         "num_processes": 2, "process_id": 1})  # fmt: skip
     assert distributed.resolve(env={**xpk, "NNODES": "1"}) == ("none", {})
+    v6 = distributed.resolve(env={**xpk, "JAX_COORDINATOR_ADDRESS": "[fe80::1]"})[1]["coordinator_address"]
+    assert v6 == "[fe80::1]:6002"
+    # mpirun inside a Slurm allocation (salloc): Open MPI, as JAX detects it first (not one process each)
+    ompi = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "x", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}
+    assert distributed.resolve(env=ompi)[0] == "mpi"
+    assert distributed.resolve(env={**node, "TPU_WORKER_HOSTNAMES": "a,b"})[0] == "slurm"  # JAX's order too
+    # srun -n16 in an sbatch --ntasks-per-node=1 allocation: the step's 8 tasks per node share the GPUs
+    step16 = {**node, "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "1", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+    assert distributed.resolve(env=step16) == ("slurm", {})
+    for bad in ("localhost", "", "node0:", ":1234", "fe80::1:1234", "[fe80::1"):
+        with pytest.raises(ValueError, match="is not host:port|needs all of"):
+            distributed.resolve(env={"LUMINA_COORDINATOR": bad, "LUMINA_NUM_PROCESSES": "2", "LUMINA_PROCESS_ID": "0"})
+    assert distributed.resolve("[fe80::1]:1234", 2, 0, env={})[0] == "explicit"
 
 
 def test_process_rows_single_process():
@@ -500,3 +513,13 @@ def test_a_command_that_raises_in_a_multi_process_job_exits_at_once(monkeypatch,
         assert "Traceback" in err and "ValueError: x" in err
     elif failure.args != (2,):
         assert "--out is a folder" in err
+
+
+def test_a_bad_coordinator_is_a_usage_error_of_the_commands(monkeypatch, capsys, tmp_path):
+    """``LUMINA_COORDINATOR=localhost`` (no port) was an IndexError from inside JAX: now each command says it."""
+    from lumina_jax.train import cli
+
+    for k, v in {"LUMINA_COORDINATOR": "localhost", "LUMINA_NUM_PROCESSES": "2", "LUMINA_PROCESS_ID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["tiny_synthetic", f"run_dir={tmp_path}"]) == 2
+    assert "train: error: coordinator 'localhost' is not host:port" in capsys.readouterr().err

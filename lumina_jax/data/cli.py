@@ -118,7 +118,10 @@ def _process_slice(args: argparse.Namespace) -> tuple[Optional[int], Optional[in
         except ImportError:
             distributed = None
         if distributed is not None:
-            distributed.initialize()
+            try:
+                distributed.initialize()
+            except ValueError as e:  # a coordinator without a port, Open MPI 5, ...
+                raise SystemExit(f"preprocess: error: {e}") from None
     return args.process_index, args.process_count
 
 

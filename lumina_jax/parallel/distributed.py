@@ -41,26 +41,27 @@ _initialized = False
 
 
 def detect_cluster(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """Name of an auto-detectable multi-process environment, or None. Detected as JAX's own cluster
-    detection will find it: Slurm only inside an ``srun`` step (a batch script or ``salloc`` shell runs one
-    process: warned), Open MPI only up to version 4 (``mpirun`` of Open MPI 5, which JAX does not detect,
-    is an error naming the ``LUMINA_*`` variables to set instead)."""
+    """Name of an auto-detectable multi-process environment, or None. Detected in the order JAX's own
+    cluster detection uses (Open MPI, Slurm, Cloud TPU), so that the name is what JAX will join: Open MPI
+    only up to version 4 (``mpirun`` of Open MPI 5, which JAX does not detect, is an error naming the
+    ``LUMINA_*`` variables to set instead), also inside a Slurm allocation; Slurm only inside an ``srun``
+    step (a batch script or ``salloc`` shell runs one process: warned)."""
     env = os.environ if env is None else env
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env or env.get(ENV_TPU_POD, "") in ("1", "true"):
-        return "tpu"
-    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
-        if "SLURM_STEP_NODELIST" in env or "SLURM_STEP_ID" in env:
-            return "slurm"
-        log.warning("a Slurm allocation of %s tasks, but not inside an srun step: running as one process (start "
-                    "one per task with srun, as launch/slurm.sbatch does)", env.get("SLURM_NTASKS"))  # fmt: skip
-        return None
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
         if "OMPI_MCA_orte_hnp_uri" not in env:
             raise ValueError(f"mpirun with {env['OMPI_COMM_WORLD_SIZE']} processes, but JAX only detects Open MPI up "
                              f"to version 4; set {ENV_COORDINATOR}=host:port, {ENV_NUM_PROCESSES} and "
                              f"{ENV_PROCESS_ID} (e.g. from OMPI_COMM_WORLD_RANK) for each process")  # fmt: skip
         return "mpi"
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
+        if "SLURM_STEP_NODELIST" in env or "SLURM_STEP_ID" in env:
+            return "slurm"
+        log.warning("a Slurm allocation of %s tasks, but not inside an srun step: running as one process (start "
+                    "one per task with srun, as launch/slurm.sbatch does)", env.get("SLURM_NTASKS"))  # fmt: skip
+        return None
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env or env.get(ENV_TPU_POD, "") in ("1", "true"):
+        return "tpu"
     return None
 
 
@@ -87,10 +88,13 @@ def resolve(
             )
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id {process_id} not in [0, {num_processes})")
+        if not _has_port(coordinator):
+            raise ValueError(f"coordinator {coordinator!r} is not host:port (e.g. node0:1234, [fe80::1]:1234); "
+                             f"set {ENV_COORDINATOR} to the address and a free port of process 0's host")  # fmt: skip
         return "explicit", dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("NNODES", "1") or 1) > 1 and "NODE_RANK" in env:
         address = env["JAX_COORDINATOR_ADDRESS"]
-        if ":" not in address:
+        if not _has_port(address):
             address = f"{address}:{env.get('JAX_COORDINATOR_PORT', '6002')}"
         return "xpk-gpu", dict(coordinator_address=address, num_processes=int(env["NNODES"]),
                                process_id=int(env["NODE_RANK"]))  # fmt: skip
@@ -100,9 +104,20 @@ def resolve(
     return (cluster, {}) if cluster else ("none", {})
 
 
+def _has_port(address: str) -> bool:
+    """Whether ``address`` is ``host:port`` (``[v6 address]:port`` for IPv6) with a non-empty host."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return False
+    return host.startswith("[") == host.endswith("]") and (host.startswith("[") or ":" not in host)
+
+
 def _slurm_tasks_per_node(env: Mapping[str, str]) -> Optional[int]:
-    """Tasks per node of a SLURM step (``SLURM_NTASKS_PER_NODE``, e.g. ``1`` or ``8(x2)``; else tasks / nodes)."""
-    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    """Tasks per node of a SLURM step: the step's own ``SLURM_STEP_TASKS_PER_NODE`` (an ``srun -n`` inside
+    an ``sbatch --ntasks-per-node`` allocation differs from it), else the job's ``SLURM_NTASKS_PER_NODE`` /
+    ``SLURM_TASKS_PER_NODE`` (e.g. ``1`` or ``8(x2)``), else tasks / nodes."""
+    per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE")
+                or env.get("SLURM_TASKS_PER_NODE"))  # fmt: skip
     if per_node:
         return int(per_node.split("(")[0].split(",")[0])
     nodes, tasks = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES"), env.get("SLURM_NTASKS")

@@ -116,7 +116,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Before any JAX computation: join the other processes of a multi-host job.
     from lumina_jax.parallel import distributed
 
-    mode = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        mode = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:  # a coordinator without a port, a process id out of range, Open MPI 5, ...
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
     import jax
 
     log = logging.getLogger("lumina_jax.train")

@@ -326,7 +326,10 @@ def process_slice(args: argparse.Namespace) -> tuple[int, int, bool]:
 
     from lumina_jax.parallel import distributed
 
-    distributed.initialize()
+    try:
+        distributed.initialize()
+    except ValueError as e:  # a coordinator without a port, Open MPI 5, ...
+        raise SystemExit(f"caption: error: {e}") from None
     count = jax.process_count()
     return jax.process_index(), count, count > 1
 
