@@ -370,6 +370,8 @@ class Lumina2Pipeline:
             text_params, self.vae_params = jax.device_put(text_params), jax.device_put(components.vae)
         else:
             mesh_lib.warn_context_attention(mesh_lib.mesh_shape(self.mesh), attention_backend)
+            tc = components.transformer_config
+            mesh_lib.warn_tensor_heads(mesh_lib.mesh_shape(self.mesh), tc.n_heads, tc.n_kv_heads)
             text_params, self.vae_params = _shard_weights(self.mesh, components, text_params)
         self._place_dit()
         self.text_encoder = TextEncoder(text_params, components.text_encoder_config, components.tokenizer,

@@ -590,6 +590,15 @@ def test_a_context_mesh_without_context_attention_is_warned(caplog):
     assert not warn_context_attention({"data": 2, "context": 4}, "splash_sharded")  # context-parallel on TPU
 
 
+def test_a_tensor_axis_that_does_not_split_the_heads_is_warned(caplog):
+    """The 2B's 24 / 8 heads: tensor 2, 4, 8 and 24 (K/V repeated) split them; 3 and 16 leave weights whole."""
+    from lumina_jax.parallel.mesh import warn_tensor_heads
+
+    with caplog.at_level("WARNING"):
+        assert [warn_tensor_heads({"tensor": t}, 24, 8) for t in (1, 2, 4, 8, 24, 3, 16)] == [False] * 5 + [True] * 2
+    assert caplog.text.count("does not split 24 query / 8 key-value heads evenly") == 2
+
+
 def test_stage_of_a_step_under_the_saved_config():
     from lumina_jax.train.config import load_config
     from lumina_jax.train.loop import _saved_stage_at

@@ -340,6 +340,20 @@ def warn_context_attention(mesh_shape: dict, attention: str) -> bool:
     return False
 
 
+def warn_tensor_heads(mesh_shape: dict, n_heads: int, n_kv_heads: int) -> bool:
+    """Warn (and return True) when the ``tensor`` axis does not split the attention heads evenly: ``n_heads``
+    must be a multiple of it, and ``n_kv_heads`` a multiple or a divisor of it (K/V heads are repeated then);
+    otherwise those weights stay whole on every tensor rank (e.g. tensor=3 with 8 K/V heads: 40 % of the 2B's
+    params per device, not 33 %)."""
+    t = mesh_shape.get("tensor", 1)
+    if t > 1 and (n_heads % t or (n_kv_heads % t and t % n_kv_heads)):
+        log.warning("tensor=%d does not split %d query / %d key-value heads evenly: those weights are held whole "
+                    "on every tensor rank; pick a tensor size that divides the query heads and divides, or is a "
+                    "multiple of, the key-value heads", t, n_heads, n_kv_heads)  # fmt: skip
+        return True
+    return False
+
+
 def describe(mesh: Mesh) -> str:
     s = mesh_shape(mesh)
     return " x ".join(f"{a}={n}" for a, n in s.items()) + f" ({mesh.devices.size} devices, {jax.process_count()} processes)"

@@ -261,6 +261,8 @@ class Trainer:
         self.model_config = load_model_config(cfg)
         self.mesh = mesh or mesh_lib.create_mesh(cfg.mesh)
         mesh_lib.warn_context_attention(mesh_lib.mesh_shape(self.mesh), cfg.attention)
+        mesh_lib.warn_tensor_heads(mesh_lib.mesh_shape(self.mesh), self.model_config.n_heads,
+                                   self.model_config.n_kv_heads)  # fmt: skip
         self.stop_at = stop_at
         div = mesh_lib.batch_divisor(self.mesh)
         for st in cfg.stages:
