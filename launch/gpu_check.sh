@@ -63,7 +63,7 @@ B="python3 -m lumina_jax.bench"
 F2B="--config nextdit_2b --res 1024 1024 --batch 2 --dtype bf16 --cap-valid 96 --cap-pad 256"
 if [ "$PART" != shapes ]; then
   if [ "${DRY_RUN:-0}" != 1 ]; then
-    [ "$PART" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+    [ "$PART" != 2 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
     # the references need diffusers and the trainer grain (both from .whl): without them every step fails
     python3 -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o, torch, diffusers, transformers, grain; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, \
