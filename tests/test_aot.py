@@ -247,6 +247,12 @@ def test_parse_oom_temporaries_message():
            "(395.85G) exceeds available HBM (95.74G).")  # fmt: skip
     got = aot.parse_oom(msg)
     assert got["used"] == pytest.approx(395.85 * aot.GiB) and got["capacity"] == pytest.approx(95.74 * aot.GiB)
+    assert got["counts"] == "HLO temporaries"  # the arguments come on top: the report says "at least"
+    rep = aot.Report(topology="v5p:2x2x1", generation="v5p", devices=4, mesh={"fsdp": 4}, what="train", model="m",
+                     resolution=1024, global_batch=64, per_device_batch=16, cap_len=256, remat="none",
+                     attention="auto", fits=False, hbm_capacity=int(got["capacity"]), max_fraction=0.9,
+                     total_bytes=int(got["used"]), total_counts=got["counts"])  # fmt: skip
+    assert "needs at least 395.85 GiB (HLO temporaries alone) per device" in aot.format_report(rep)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -344,6 +344,7 @@ class Report:
     temp_bytes: Optional[int] = None
     code_bytes: Optional[int] = None
     total_bytes: Optional[int] = None
+    total_counts: Optional[str] = None  # what XLA's out-of-memory figure counts when it is not everything
     lower_s: float = 0.0
     compile_s: float = 0.0
     xla_flops_per_device: Optional[float] = None
@@ -378,6 +379,7 @@ def parse_oom(msg: str) -> dict:
     if m:
         out["used"] = num(m.group(2), m.group(3))
         out["capacity"] = num(m.group(4), m.group(5))
+        out["counts"] = m.group(1).strip()  # e.g. "HLO temporaries": the arguments come on top
     m = re.search(r"[Ee]xceeded hbm capacity by\s+([\d.]+)\s*([KMGT]?i?B?)", msg)
     if m:
         out["exceeded"] = num(m.group(1), m.group(2))
@@ -439,6 +441,7 @@ def compile_plan(plan: Plan, *, topology: str, max_fraction: float = 0.9, replic
         if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() or "hbm" in msg.lower():
             nums = parse_oom(msg)
             rep.total_bytes = int(nums["used"]) if "used" in nums else None
+            rep.total_counts = nums.get("counts")
             if "capacity" in nums:
                 rep.hbm_capacity = int(nums["capacity"])
             first = next((ln for ln in msg.splitlines() if "memory" in ln.lower() or "hbm" in ln.lower()), msg[:300])
@@ -513,6 +516,8 @@ def format_report(rep: Report) -> str:
         lines += [f"FITS      {_gib(rep.total_bytes)} <= {rep.max_fraction:.0%} of {_gib(rep.hbm_capacity)}"]
     else:
         need = _gib(rep.total_bytes) if rep.total_bytes is not None else "more than the chip has"
+        if rep.total_bytes is not None and rep.total_counts:
+            need = f"at least {need} ({rep.total_counts} alone)"
         lines += [f"DOES NOT FIT  needs {need} per device; limit {rep.max_fraction:.0%} of {_gib(rep.hbm_capacity)}. "
                   "Try more FSDP (--mesh fsdp), a smaller per-device batch, remat=full, or grad_accum."]  # fmt: skip
     return "\n".join(lines)
