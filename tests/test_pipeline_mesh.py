@@ -196,3 +196,15 @@ def _worker(out_path: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     _worker(sys.argv[1])
+
+
+def test_slices_go_to_data_or_to_fsdp_and_bad_dcn_sizes_are_refused():
+    """``dcn_fsdp=-1`` alone (the default ``dcn_data`` is -1 too) put every slice on fsdp, not "two -1s"."""
+    from lumina_jax.parallel.mesh import MeshConfig, dcn_sizes
+
+    assert dcn_sizes(MeshConfig(), 4)["data"] == 4
+    assert (dcn_sizes(MeshConfig.parse("fsdp,dcn_fsdp=-1"), 4)["fsdp"], dcn_sizes(MeshConfig.parse("dcn_fsdp=-1"), 4)["data"]) == (4, 1)
+    assert dcn_sizes(MeshConfig(dcn_data=2, dcn_fsdp=-1), 4) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 1}
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="dcn_data must be -1 .* or >= 1"):
+            MeshConfig(dcn_data=bad)

@@ -98,7 +98,7 @@ class MeshConfig:
         slices, and on multi-node GPU jobs each node (XLA numbers nodes as slices), so there these are
         sizes within a node; single-node GPU and CPU: the whole job.
       dcn_data, dcn_fsdp: sizes across slices / GPU nodes (DCN). Only used when devices span several;
-        ``dcn_data=-1`` (default) puts all slices on the data axis.
+        ``dcn_data=-1`` (default) puts all slices on the data axis, unless ``dcn_fsdp=-1`` takes them.
     """
 
     preset: Optional[str] = None
@@ -154,6 +154,10 @@ class MeshConfig:
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown mesh preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        for name in ("dcn_data", "dcn_fsdp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not (v == -1 or v >= 1):
+                raise ValueError(f"mesh {name} must be -1 (the rest of the slices) or >= 1, got {v!r}")
 
     def ici_sizes(self) -> dict[str, int]:
         """Axis sizes within a slice, before -1 is resolved (preset, then explicit fields)."""
@@ -191,6 +195,14 @@ def num_slices(devices: Sequence[Any]) -> int:
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
+def dcn_sizes(config: "MeshConfig", n_slices: int) -> dict[str, int]:
+    """Mesh axis sizes across ``n_slices`` slices / GPU nodes: ``dcn_data`` x ``dcn_fsdp`` (a -1 takes the
+    rest; ``dcn_fsdp=-1`` with the default ``dcn_data=-1`` puts every slice on fsdp)."""
+    dcn_data = 1 if config.dcn_fsdp == -1 and config.dcn_data == -1 else config.dcn_data
+    return _fill({a: 1 for a in MESH_AXES} | {"data": dcn_data, "fsdp": config.dcn_fsdp}, n_slices,
+                 f"DCN mesh (across the {n_slices} slices / nodes; sizes count slices)")  # fmt: skip
+
+
 def create_mesh(config: MeshConfig | Mapping[str, Any] | str | None = None, devices: Optional[Sequence[Any]] = None) -> Mesh:
     """Build the ``(data, fsdp, context, tensor)`` mesh over ``devices`` (default: all global devices).
 
@@ -208,8 +220,7 @@ def create_mesh(config: MeshConfig | Mapping[str, Any] | str | None = None, devi
 
     n_slices = num_slices(devices)
     if n_slices > 1:
-        dcn = _fill({a: 1 for a in MESH_AXES} | {"data": config.dcn_data, "fsdp": config.dcn_fsdp}, n_slices,
-                    f"DCN mesh (across the {n_slices} slices / nodes; sizes count slices)")  # fmt: skip
+        dcn = dcn_sizes(config, n_slices)
         ici = _fill(config.ici_sizes(), len(devices) // n_slices, "ICI mesh (per slice, or per node on GPU)")
         arr = mesh_utils.create_hybrid_device_mesh(
             [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices, allow_split_physical_axes=True
