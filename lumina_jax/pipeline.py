@@ -672,7 +672,11 @@ class Lumina2Pipeline:
             raise ValueError(f"on_long_prompt must be 'warn' or 'error', got {on_long_prompt!r}")
         if guidance_scale is None:
             guidance_scale = self.components.guidance_scale
-        if isinstance(guidance_scale, (str, bytes, bool)) or not np.isfinite(float(guidance_scale)):
+        try:
+            finite = bool(np.isfinite(_real("guidance_scale", guidance_scale)))
+        except ValueError:  # a string, a bool, not a number
+            finite = False
+        if not finite:
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         n = _integer(num_images_per_prompt, "num_images_per_prompt")
         if n < 1:
