@@ -9,7 +9,10 @@ are detected:
 - the Gemma-2 text encoder: the project's ``text_encoder/`` folder or a transformers folder (``--to
   diffusers`` and ``--to original`` both write a transformers ``Gemma2Model`` folder, as both pipelines use);
 - the FLUX VAE: the project's ``vae/`` folder, a diffusers ``AutoencoderKL`` folder, or BFL's
-  ``ae.safetensors`` (``--to original`` writes that file, or ``DST/ae.safetensors`` for a folder).
+  ``ae.safetensors`` (``--to original`` writes that file, or ``DST/ae.safetensors`` for a folder);
+- a whole model folder: the project's (``lumina_jax_pipeline.json``, e.g. the bundled default model) or a
+  diffusers ``Lumina2Pipeline`` folder (``model_index.json``); ``--to diffusers`` writes a folder diffusers'
+  ``Lumina2Pipeline.from_pretrained`` loads, ``--to jax`` the project's (loads without torch).
 
 Nothing is written at ``DST`` unless the whole conversion succeeds; an ``--overwrite`` that is killed
 leaves the old ``DST`` (put back by the next run if the kill came between the two renames that replace
@@ -47,7 +50,8 @@ def main(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("src", help="checkpoint: project dir, diffusers transformer dir, original .pth/.safetensors "
                     "file, or a folder with consolidated.00-of-01.* (the EMA file consolidated_ema.* is read "
-                    "when passed itself or when it is the folder's only weights file)")  # fmt: skip
+                    "when passed itself or when it is the folder's only weights file); a text encoder or VAE; "
+                    "or a whole model folder (project or diffusers pipeline)")  # fmt: skip
     ap.add_argument("dst", help="output path; for --to original a .pth or .safetensors file, or a folder that "
                     "gets consolidated.00-of-01.pth")  # fmt: skip
     ap.add_argument("--to", required=True, choices=["jax", "diffusers", "original"])
@@ -98,6 +102,10 @@ def main(argv: list[str]) -> int:
         if args.to != "original" and target.suffix.lower() in WEIGHT_FILE_SUFFIXES:
             raise ValueError(f"{target}: --to {args.to} writes a folder; give a folder name, not a "
                              f"{target.suffix} file")  # fmt: skip
+        if kind == "pipeline":
+            out = _convert_pipeline(args, target, loras, t0)
+            print(f"wrote {out} in {time.time() - t0:.1f}s")
+            return 0
         if kind != "transformer":
             if loras:
                 raise ValueError(f"--lora adapts Next-DiT transformers; {args.src} holds a {kind}")
@@ -133,15 +141,20 @@ def main(argv: list[str]) -> int:
 
 
 def component_kind(path: str | Path) -> str:
-    """``"transformer"``, ``"text_encoder"`` or ``"vae"``: what the checkpoint at ``path`` holds (from the
-    project's marker file, a config.json's ``model_type`` / ``_class_name``, or a file's tensor names);
-    another model is a :class:`CheckpointError` naming it."""
+    """``"pipeline"``, ``"transformer"``, ``"text_encoder"`` or ``"vae"``: what the checkpoint at ``path``
+    holds (a whole model folder: the project's or diffusers' pipeline; else from the project's marker file,
+    a config.json's ``model_type`` / ``_class_name``, or a file's tensor names); another model is a
+    :class:`CheckpointError` naming it."""
     import json
 
-    from lumina_jax.convert.components import COMPONENT_MARKER
+    from lumina_jax.convert.components import COMPONENT_MARKER, PIPELINE_MARKER
 
     p = Path(path)
     kinds = {"nextdit": "transformer", "gemma2": "text_encoder", "vae": "vae"}
+    if p.is_dir() and ((p / PIPELINE_MARKER).is_file() or (p / "model_index.json").is_file()):
+        return "pipeline"
+    if p.is_dir() and not (p / "config.json").exists() and (p / "transformer").is_dir():
+        return "pipeline"  # a diffusers folder without model_index.json: load_components names what is missing
     try:
         if p.is_dir() and (p / COMPONENT_MARKER).is_file():
             model = json.loads((p / COMPONENT_MARKER).read_text()).get("model", "nextdit")
@@ -178,7 +191,7 @@ def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: floa
 
     import numpy as np
 
-    from lumina_jax.convert.common import cast, flatten, resolve_dtype, to_numpy
+    from lumina_jax.convert.common import cast, flatten, resolve_dtype, same_bits, to_numpy
     from lumina_jax.convert.components import save_component
     from lumina_jax.convert.nextdit import WEIGHT_FILE_SUFFIXES
 
@@ -232,19 +245,39 @@ def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: floa
         dt = resolve_dtype(args.dtype)
         if set(want) != set(got):
             raise CheckpointError(f"{out}: params {sorted(set(want) ^ set(got))} differ in name")
-        bad = [k for k in want if not _same_bytes(cast(to_numpy(want[k]), dt), got[k])]
+        bad = [k for k in want if not same_bits(cast(to_numpy(want[k]), dt), got[k])]
         if bad:
             raise CheckpointError(f"{out}: {len(bad)} tensors differ after reading back: {bad[:10]}")
         print(f"verified {out}: {len(want)} tensors bit-exact", flush=True)
     return out
 
 
-def _same_bytes(a, b) -> bool:
-    import numpy as np
+def _convert_pipeline(args: argparse.Namespace, target: Path, loras: list, t0: float) -> Path:
+    """``convert`` for whole model folders: the project's layout <-> a diffusers ``Lumina2Pipeline`` folder."""
+    from lumina_jax.convert.components import load_components, save_components, verify_components
 
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    as_bytes = lambda x: np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # noqa: E731 -- NaN payloads too
-    return bool(np.array_equal(as_bytes(a), as_bytes(b)))
+    if args.to == "original":
+        raise ValueError(f"{args.src} is a whole model folder; the original code has no such folder: convert its "
+                         f"transformer/ (to consolidated.00-of-01.pth) and vae/ (to ae.safetensors) one by one, and "
+                         f"use its text_encoder/ as --to diffusers writes it (a transformers Gemma2Model)")  # fmt: skip
+    for flag, value in (("--config", args.config), ("--pth-key", args.pth_key)):
+        if value is not None:
+            raise ValueError(f"{flag} is for single Next-DiT checkpoints; {args.src} is a whole model folder, which "
+                             f"carries its configs")  # fmt: skip
+    comps = load_components(args.src, dtype=None)
+    print(f"loaded the model folder {args.src} ({comps.layout}) in {time.time() - t0:.1f}s", flush=True)
+    if loras:
+        from lumina_jax.convert.common import resolve_dtype
+        from lumina_jax.convert.lora import load_lora, merge_lora
 
+        comps.transformer = merge_lora(comps.transformer, comps.transformer_config,
+                                       [(load_lora(p, comps.transformer_config), w) for p, w in loras],
+                                       dtype=resolve_dtype(args.dtype))  # fmt: skip
+        print("merged " + ", ".join(f"{p} (weight {w:g})" for p, w in loras), flush=True)
+    layout = "diffusers" if args.to == "diffusers" else "lumina_jax"
+    print(f"writing {layout}", flush=True)
+    out = save_components(target, comps, layout=layout, dtype=args.dtype, overwrite=args.overwrite)
+    if args.verify:
+        n = verify_components(out, comps, dtype=args.dtype)
+        print(f"verified {out}: {n} tensors bit-exact, configs and settings equal", flush=True)
+    return out

@@ -310,6 +310,16 @@ def read_json(f: str | os.PathLike, kind: str = "object", key: Optional[str] = N
 # writing, atomically
 
 
+def same_bits(a: Any, b: Any) -> bool:
+    """Bit-for-bit equality of two arrays: the same dtype and shape and the same bytes (NaN payloads and
+    -0.0 included), compared in place (no copies of contiguous arrays)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_bytes = lambda x: np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # noqa: E731
+    return bool(np.array_equal(as_bytes(a), as_bytes(b)))
+
+
 @contextlib.contextmanager
 def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``dst``; move it to ``dst`` only if the block succeeds.

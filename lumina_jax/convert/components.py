@@ -10,12 +10,16 @@ Layouts read by :func:`load_components`:
   Each part goes through its own converter: :func:`lumina_jax.convert.nextdit.load_transformer`,
   :func:`lumina_jax.convert.gemma2.load_text_encoder`, :func:`lumina_jax.text.load_tokenizer`,
   :func:`lumina_jax.convert.vae.load_vae`; ``scheduler/scheduler_config.json`` is read as a dict (its
-  ``shift`` is the default time shift).
+  ``shift`` is the default time shift); ``model_index.json``'s ``_lumina_jax`` key, when there, holds the
+  project's settings that diffusers has no place for (default system prompt, guidance scale, image size).
 - **lumina_jax** (written by :func:`save_components`): ``lumina_jax_pipeline.json`` plus one directory per
   component; every weight is an orbax checkpoint (``transformer/`` is the Next-DiT ``"jax"`` format,
   ``text_encoder/`` and ``vae/`` hold ``lumina_jax.json`` with the config and ``params/``), the tokenizer
   is a ``save_pretrained`` folder and the scheduler its JSON. Loading it needs neither torch nor
   conversion.
+
+:func:`save_components` writes either layout (``layout="diffusers"``: a folder diffusers'
+``Lumina2Pipeline.from_pretrained`` loads), so a model moves between the two whole and bit-exact.
 
 ``transformer=`` replaces the transformer with any checkpoint :func:`load_transformer` reads (an
 original ``consolidated*.pth``, a diffusers ``transformer/`` folder, a project checkpoint), so e.g. a
@@ -40,7 +44,16 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
-from lumina_jax.convert.common import atomic_output, cast, flatten, read_json, resolve_dtype, to_numpy, unflatten
+from lumina_jax.convert.common import (
+    atomic_output,
+    cast,
+    flatten,
+    read_json,
+    resolve_dtype,
+    same_bits,
+    to_numpy,
+    unflatten,
+)
 from lumina_jax.convert.errors import CheckpointError, check_keys
 from lumina_jax.models.gemma2 import Gemma2Config
 from lumina_jax.models.nextdit import NextDiTConfig
@@ -52,6 +65,7 @@ Params = dict[str, Any]
 Layout = Literal["diffusers", "lumina_jax"]
 PIPELINE_MARKER = "lumina_jax_pipeline.json"
 COMPONENT_MARKER = "lumina_jax.json"
+SETTINGS_KEY = "_lumina_jax"  # the project's settings in a diffusers model_index.json (diffusers skips "_" keys)
 LAYOUT_VERSION = 1
 REQUIRED = ("transformer", "text_encoder", "tokenizer", "vae")
 DIFFUSERS_PIPELINE_CLASSES = ("Lumina2Pipeline", "Lumina2Text2ImgPipeline")
@@ -306,26 +320,39 @@ def _load_diffusers(root: Path, dtype: Any, transformer_weights: bool = True) ->
     g_cfg, g_params = load_text_encoder(root / "text_encoder", dtype=dtype)
     v_cfg, v_params = load_vae(root / "vae", dtype=dtype)
     tok = load_tokenizer(root / "tokenizer")
-    size = t_cfg.sample_size * v_cfg.downsample_factor  # diffusers' default size (config.json sample_size)
+    size, system_prompt, guidance = _folder_settings(root, "diffusers", t_cfg, v_cfg)
     return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root), size,
-                      str(root), "diffusers")
+                      str(root), "diffusers", system_prompt, guidance)
 
 
 def _load_lumina_jax(root: Path, dtype: Any, transformer_weights: bool = True) -> Components:
     from lumina_jax.text import load_tokenizer
 
-    meta = read_json(root / PIPELINE_MARKER)
-    if int(meta.get("version", 0)) > LAYOUT_VERSION:
-        raise CheckpointError(f"{root}: layout version {meta.get('version')} is newer than this code "
-                              f"({LAYOUT_VERSION})")
+    size, system_prompt, guidance = _folder_settings(root, "lumina_jax")  # first: a newer layout fails early
     t_cfg, t_params = _transformer(root / "transformer", dtype, transformer_weights)
     g_cfg, g_params = load_component(root / "text_encoder", "gemma2", Gemma2Config, dtype)
     v_cfg, v_params = load_component(root / "vae", "vae", VAEConfig, dtype)
     tok = load_tokenizer(root / "tokenizer")
-    return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root),
-                      int(meta.get("default_image_size", 1024)), str(root), "lumina_jax",
-                      str(meta.get("system_prompt", "real")),
-                      float(meta.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)))
+    return Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, _read_scheduler(root), size,
+                      str(root), "lumina_jax", system_prompt, guidance)
+
+
+def _folder_settings(root: Path, layout: Layout, t_cfg: Optional[NextDiTConfig] = None,
+                     v_cfg: Optional[VAEConfig] = None) -> tuple[int, str, float]:
+    """``(default_image_size, system_prompt, guidance_scale)`` a model folder records (the defaults where it
+    records none: a diffusers folder's size follows from the configs ``t_cfg`` and ``v_cfg``)."""
+    if layout == "diffusers":
+        settings = _read_settings(root)
+        size = settings["default_image_size"] if "default_image_size" in settings else \
+            _diffusers_image_size(t_cfg, v_cfg)  # fmt: skip
+    else:
+        settings = read_json(root / PIPELINE_MARKER)
+        if int(settings.get("version", 0)) > LAYOUT_VERSION:
+            raise CheckpointError(f"{root}: layout version {settings.get('version')} is newer than this code "
+                                  f"({LAYOUT_VERSION})")  # fmt: skip
+        size = settings.get("default_image_size", 1024)
+    return (int(size), str(settings.get("system_prompt", "real")),
+            float(settings.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)))
 
 
 def component_dir(path: str | os.PathLike, name: str) -> Optional[Path]:
@@ -367,32 +394,148 @@ def load_component(d: Path, model: str, cfg_cls: Any, dtype: Any) -> tuple[Any, 
 # saving
 
 
-def save_components(path: str | os.PathLike, components: Components, *, dtype: Any = None,
-                    overwrite: bool = False) -> Path:
-    """Write ``components`` in the lumina_jax layout (atomically: nothing at ``path`` unless complete).
+def save_components(path: str | os.PathLike, components: Components, *, layout: Layout = "lumina_jax",
+                    dtype: Any = None, overwrite: bool = False) -> Path:
+    """Write ``components`` as a whole model folder (atomically: nothing at ``path`` unless complete).
 
-    ``dtype`` ``None`` keeps the params' dtype; ``"bf16"`` halves the size.
+    ``layout="lumina_jax"`` (the default) writes the project's layout (orbax weights; loads without torch);
+    ``"diffusers"`` writes what ``Lumina2Pipeline.save_pretrained`` writes (``model_index.json``, a
+    ``Lumina2Transformer2DModel`` ``transformer/``, a transformers ``Gemma2Model`` ``text_encoder/``, an
+    ``AutoencoderKL`` ``vae/``, ``tokenizer/``, ``scheduler/``), so that diffusers'
+    ``Lumina2Pipeline.from_pretrained`` loads it; the settings diffusers has no place for (a default system
+    prompt, guidance scale or image size other than the released model's) go under ``model_index.json``'s
+    ``"_lumina_jax"`` key, which diffusers ignores and :func:`load_components` reads back. ``dtype`` ``None``
+    keeps the params' dtype (a bit-exact round trip either way); ``"bf16"`` halves the size.
     """
     from lumina_jax.convert.nextdit import save_transformer
 
+    if layout not in ("lumina_jax", "diffusers"):
+        raise ValueError(f"layout={layout!r}: expected 'lumina_jax' or 'diffusers'")
     c = components
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
-        save_transformer(tmp / "transformer", c.transformer_config, c.transformer, "jax", dtype=dtype)
-        _save_orbax_component(tmp / "text_encoder", "gemma2", dataclasses.asdict(c.text_encoder_config),
-                              c.text_encoder, dtype)  # fmt: skip
-        _save_orbax_component(tmp / "vae", "vae", c.vae_config.to_dict(), c.vae, dtype)
+        if layout == "diffusers":
+            from lumina_jax.convert.gemma2 import save_text_encoder
+            from lumina_jax.convert.vae import save_vae
+
+            save_transformer(tmp / "transformer", c.transformer_config, c.transformer, "diffusers", dtype=dtype)
+            save_text_encoder(tmp / "text_encoder", c.text_encoder_config, c.text_encoder, dtype=dtype)
+            save_vae(tmp / "vae", c.vae_config, c.vae, dtype=dtype)
+        else:
+            save_transformer(tmp / "transformer", c.transformer_config, c.transformer, "jax", dtype=dtype)
+            _save_orbax_component(tmp / "text_encoder", "gemma2", dataclasses.asdict(c.text_encoder_config),
+                                  c.text_encoder, dtype)  # fmt: skip
+            _save_orbax_component(tmp / "vae", "vae", c.vae_config.to_dict(), c.vae, dtype)
         c.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(c.scheduler, indent=2) + "\n")
-        meta = {"format": "lumina_jax.pipeline", "version": LAYOUT_VERSION, "components": list(REQUIRED) +
-                ["scheduler"], "default_image_size": int(c.default_image_size), "source": c.source}  # fmt: skip
+        settings: dict[str, Any] = {}
         if c.system_prompt != "real":
-            meta["system_prompt"] = c.system_prompt
+            settings["system_prompt"] = c.system_prompt
         if float(c.guidance_scale) != DEFAULT_GUIDANCE_SCALE:
-            meta["guidance_scale"] = float(c.guidance_scale)
-        (tmp / PIPELINE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+            settings["guidance_scale"] = float(c.guidance_scale)
+        if layout == "diffusers":
+            if int(c.default_image_size) != _diffusers_image_size(c.transformer_config, c.vae_config):
+                settings["default_image_size"] = int(c.default_image_size)
+            (tmp / "model_index.json").write_text(json.dumps(_model_index(c, settings), indent=2) + "\n")
+        else:
+            meta = {"format": "lumina_jax.pipeline", "version": LAYOUT_VERSION, "components": list(REQUIRED) +
+                    ["scheduler"], "default_image_size": int(c.default_image_size), "source": c.source, **settings}
+            (tmp / PIPELINE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(path)
+
+
+def verify_components(path: str | os.PathLike, comps: Components, *, dtype: Any = None) -> int:
+    """Read the model folder at ``path`` (either layout) back and check it holds ``comps``: every tensor bit
+    for bit (cast to ``dtype`` when given), every config, the scheduler, the pipeline settings and the
+    tokenizer's vocabulary. Returns the number of tensors checked; a difference is a
+    :class:`CheckpointError` naming it. One component is read at a time (the transformer one tensor at a
+    time), so the check needs about one text encoder's memory besides ``comps``."""
+    from lumina_jax.convert.gemma2 import load_text_encoder
+    from lumina_jax.convert.nextdit import verify_transformer
+    from lumina_jax.convert.vae import load_vae
+    from lumina_jax.text import load_tokenizer
+
+    root = Path(path)
+    layout = detect_layout(root)
+    n = verify_transformer(root / "transformer", comps.transformer_config, comps.transformer,
+                           "diffusers" if layout == "diffusers" else "jax", dtype=dtype)  # fmt: skip
+    dt = resolve_dtype(dtype)
+    for name, load, config in (("text_encoder", load_text_encoder, comps.text_encoder_config),
+                               ("vae", load_vae, comps.vae_config)):  # fmt: skip
+        got_config, got = load(root / name, dtype=None)
+        if got_config != config:
+            raise CheckpointError(f"{root / name}: the config reads back as {got_config}, not {config}")
+        want, got = flatten(getattr(comps, name)), flatten(got)
+        if set(want) != set(got):
+            raise CheckpointError(f"{root / name}: params {sorted(set(want) ^ set(got))[:10]} differ in name")
+        bad = [k for k in want if not same_bits(cast(to_numpy(want[k]), dt), got[k])]
+        if bad:
+            raise CheckpointError(f"{root / name}: {len(bad)} tensors differ after reading back: {bad[:10]}")
+        n += len(want)
+        del got
+    names = ("default_image_size", "system_prompt", "guidance_scale")
+    stored = _folder_settings(root, layout, comps.transformer_config, comps.vae_config)
+    differ = [k for k, v in zip(names, stored) if v != getattr(comps, k)]
+    if _read_scheduler(root) != comps.scheduler:
+        differ.append("scheduler")
+    if load_tokenizer(root / "tokenizer").get_vocab() != comps.tokenizer.get_vocab():
+        differ.append("tokenizer vocabulary")
+    if differ:
+        raise CheckpointError(f"{root}: {differ} differ after reading back")
+    return n
+
+
+def _diffusers_image_size(t_cfg: NextDiTConfig, v_cfg: VAEConfig) -> int:
+    """The default image side of a diffusers folder: the transformer's ``sample_size`` (latent pixels) in
+    image pixels, as diffusers' pipeline computes it."""
+    return int(t_cfg.sample_size) * int(v_cfg.downsample_factor)
+
+
+def _model_index(c: Components, settings: dict[str, Any]) -> dict[str, Any]:
+    """``model_index.json`` of a diffusers ``Lumina2Pipeline`` folder holding ``c``."""
+    tok = type(c.tokenizer)
+    tok_library = tok.__module__.split(".")[0]
+    index: dict[str, Any] = {
+        "_class_name": "Lumina2Pipeline",
+        "_diffusers_version": _diffusers_version(),
+        "scheduler": ["diffusers", str(c.scheduler.get("_class_name", DEFAULT_SCHEDULER["_class_name"]))],
+        "text_encoder": ["transformers", "Gemma2Model"],
+        "tokenizer": [tok_library, tok.__name__],
+        "transformer": ["diffusers", "Lumina2Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if settings:
+        index[SETTINGS_KEY] = settings
+    return index
+
+
+def _diffusers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("diffusers")
+    except Exception:  # not installed: the version the folder layout was checked against
+        return "0.33.0"
+
+
+def _read_settings(root: Path) -> dict[str, Any]:
+    """The project's settings stored in a diffusers folder's ``model_index.json`` (``_lumina_jax``), checked."""
+    idx = root / "model_index.json"
+    if not idx.is_file():
+        return {}
+    settings = read_json(idx).get(SETTINGS_KEY, {})
+    kinds = {"system_prompt": (str,), "guidance_scale": (int, float), "default_image_size": (int,)}
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{idx}: {SETTINGS_KEY!r} must be an object, not {type(settings).__name__}")
+    for key, value in settings.items():
+        if key not in kinds:
+            raise CheckpointError(f"{idx}: unknown {SETTINGS_KEY!r} setting {key!r} (known: {sorted(kinds)})")
+        if isinstance(value, bool) or not isinstance(value, kinds[key]):
+            raise CheckpointError(f"{idx}: {SETTINGS_KEY}.{key} = {value!r} is not a {kinds[key][0].__name__}")
+        if key != "system_prompt" and not 0 < value < float("inf"):
+            raise CheckpointError(f"{idx}: {SETTINGS_KEY}.{key} = {value!r} must be positive and finite")
+    return settings
 
 
 def save_component(path: str | os.PathLike, model: str, config: dict[str, Any], params: Params, *, dtype: Any = None,

@@ -35,6 +35,7 @@ from lumina_jax.convert.common import (
     plain_params,
     read_json,
     resolve_dtype,
+    same_bits,
     to_numpy,
     unflatten,
     write_sharded_safetensors,
@@ -717,13 +718,6 @@ def save_transformer(
     raise ValueError(f"unknown format {format!r}; choose 'jax', 'diffusers' or 'original'")
 
 
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Bit-for-bit equality of two arrays of one dtype and shape (NaNs and -0.0 included), compared as
-    bytes in place (no copies of contiguous arrays)."""
-    as_bytes = lambda x: np.ascontiguousarray(x).reshape(-1).view(np.uint8)  # noqa: E731
-    return bool(np.array_equal(as_bytes(a), as_bytes(b)))
-
-
 def verify_transformer(path: str | os.PathLike, config: NextDiTConfig, params: dict, format: Format, *,
                        dtype: Any = None) -> int:
     """Read a :func:`save_transformer` output back and check that it holds exactly ``params`` (cast to
@@ -766,7 +760,7 @@ def verify_transformer(path: str | os.PathLike, config: NextDiTConfig, params: d
     for key, want, got_arr in pairs:
         n += 1
         same_kind = want.dtype == got_arr.dtype and want.shape == got_arr.shape
-        if not same_kind or not _same_bits(want, got_arr):
+        if not same_kind or not same_bits(want, got_arr):
             bad.append(f"{key} ({want.dtype} {want.shape} expected, {got_arr.dtype} {got_arr.shape} read"
                        f"{'' if not same_kind else ', other values'})")
     if bad:
