@@ -202,3 +202,15 @@ def test_a_failed_background_save_stops_the_run_at_the_next_log_row(tmp_path, mo
                                               r"device.*newest complete checkpoint: none"):  # fmt: skip
         Trainer(cfg, batch_hook=hook).run()
     assert max(seen) < 7  # raised by step 6's log row, not at the step 12 save
+
+
+def test_synthetic_data_refuses_another_kind_of_saved_state():
+    from lumina_jax.data.pipeline import DataStateError
+    from lumina_jax.train.data import SyntheticLatents
+
+    it = SyntheticLatents(latent_hw=(4, 4), channels=2, cap_len=4, cap_dim=3, num_samples=5, global_batch=2)
+    for bad in ({"epoch": 0, "cursor": 3}, {"position": 1, "epoch": 0}, [1]):
+        with pytest.raises(DataStateError, match="checkpoint.resume_data=false"):
+            it.set_state(bad)
+    it.set_state({"position": 4})
+    assert it.get_state() == {"position": 4}

@@ -12,6 +12,7 @@ shared by every test here through the trainer's step cache).
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -289,7 +290,7 @@ def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_each_step_once
     assert steps == sorted(set(steps)) and steps[-1] == 4, steps
 
 
-def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_state(tmp_path):
+def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_state(tmp_path, caplog):
     """Batches of NaN from step 3 on: steps 3 and 4 are skipped, the run aborts at step 4 (max_nonfinite 2:
     after a non-finite step each step's metrics are read before the next one is dispatched) with a checkpoint
     of step 4 that holds step 2's weights; the same command resumes from it. With max_nonfinite 1 the abort
@@ -317,6 +318,17 @@ def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_stat
         np.testing.assert_array_equal(x, y)  # the skipped steps changed nothing
     resumed.run()  # nothing left to train up to stop_at=4: it resumes and stops
 
+    # resuming from the abort starts a fresh allowance: one more bad step (the first one, 5) is skipped, not a
+    # new abort
+    def again(step, batch):
+        if step == 4:
+            batch["latents"][...] = np.nan
+
+    with caplog.at_level(logging.WARNING, logger="lumina_jax.train.loop"):
+        done = Trainer(make_cfg(tmp_path / "run", *extra), batch_hook=again).run()
+    assert done.step == 8 and done.nonfinite == 3  # the two of the abort and step 5
+    assert "written by an abort after 2 non-finite steps in a row; the count starts again at 0" in caplog.text
+
     def one_bad(step, batch):
         if step == 2:
             batch["latents"][...] = np.nan
@@ -343,6 +355,30 @@ def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_stat
     assert edge.ckpt.all_steps()[-1] == 5
     logged = [r["step"] for r in map(json.loads, open(tmp_path / "edge" / "metrics.jsonl")) if "loss" in r]
     assert logged == [4, 5], logged
+
+
+def test_a_run_of_non_finite_steps_goes_on_counting_across_a_resume(tmp_path):
+    """A periodic checkpoint in the middle of a run of non-finite steps (step 3: one so far) resumes counting
+    it, with each step's metrics read right after it: the abort after step 4 is at step 4 itself, not found
+    a step late (log.every 100), and step 5 never runs."""
+    import numpy as np
+
+    from lumina_jax.train.loop import NonFiniteLossError, Trainer
+
+    extra = ["stages.0.steps=4", "stages.1.steps=4", "checkpoint.every=3", "max_nonfinite=2", "log.every=100"]
+
+    def nan_from(first):
+        def hook(step, batch):
+            if step >= first:
+                batch["latents"][...] = np.nan
+        return hook
+
+    Trainer(make_cfg(tmp_path, *extra), batch_hook=nan_from(2), stop_at=3).run()
+    tr = Trainer(make_cfg(tmp_path, *extra), batch_hook=nan_from(3))
+    with pytest.raises(NonFiniteLossError) as e:
+        tr.run()
+    assert str(e.value).startswith("step 4: 2 consecutive") and "had already run" not in str(e.value), str(e.value)
+    assert tr.ckpt.all_steps()[-1] == 4
 
 
 def _grey_samples(params, model_config, prompts, seeds, resolution):

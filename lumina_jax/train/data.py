@@ -89,6 +89,13 @@ class SyntheticLatents:
         return {"position": int(self.position)}
 
     def set_state(self, state: dict) -> None:
+        from lumina_jax.data.pipeline import DataStateError
+
+        if not isinstance(state, dict) or set(state) != {"position"}:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise DataStateError(f"the saved data state {keys} is not synthetic data's ({{'position'}}): the stage's "
+                                 f"data changed kind; resume with checkpoint.resume_data=false to start its data "
+                                 f"from the beginning")  # fmt: skip
         self.position = int(state["position"])
 
 
