@@ -64,7 +64,7 @@ from lumina_jax.models.nextdit import NextDiT, cast_matmul_weights, unstack_laye
 from lumina_jax.models.vae import AutoencoderKL
 from lumina_jax.parallel import mesh as mesh_lib
 from lumina_jax.sample import loop
-from lumina_jax.sample.cfg import RENORM_MODES, TRUNC_MODES, resolve_cfg_normalization
+from lumina_jax.sample.cfg import RENORM_MODES, TRUNC_MODES, real_number, resolve_cfg_normalization
 from lumina_jax.sample.solvers import DEFAULT_SOLVER, PRESETS, SOLVERS, Schedule, init_state, make_schedule
 from lumina_jax.text import PromptTooLongError, TextEncoder
 from lumina_jax.text_templates import SYSTEM_PROMPTS
@@ -254,16 +254,6 @@ def load_dtype(weights_dtype: str, compute: str) -> Optional[str]:
     return weights_dtype
 
 
-def _real(name: str, value: Any) -> float:
-    """``value`` as a float when it is a real number (NumPy scalars too); a string or a bool is refused
-    (``float("0.25")`` and ``float(True)`` would run)."""
-    if np.ndim(value) == 0 and hasattr(value, "dtype") and not isinstance(value, (np.generic,)):
-        value = np.asarray(value)[()]  # a 0-d NumPy or JAX array: its scalar
-    if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
 def resolve_settings(*, solver: Optional[str], num_inference_steps: Optional[int], cfg_trunc_ratio: Optional[float],
                      cfg_normalization: Any, cfg_trunc_mode: Optional[str], time_shift: Optional[float],
                      preset: Optional[str], negative_system_prompt: Optional[bool] = None,
@@ -289,11 +279,11 @@ def resolve_settings(*, solver: Optional[str], num_inference_steps: Optional[int
     mode = pick(cfg_trunc_mode, "cfg_trunc_mode", "time")
     if mode not in TRUNC_MODES:
         raise ValueError(f"unknown cfg_trunc_mode {mode!r}; choose from {TRUNC_MODES}")
-    shift = _real("time_shift", time_shift) if time_shift is not None else default_shift
+    shift = real_number("time_shift", time_shift) if time_shift is not None else default_shift
     return {
         "solver": solver,
         "num_inference_steps": steps,
-        "cfg_trunc_ratio": _real("cfg_trunc_ratio", pick(cfg_trunc_ratio, "cfg_trunc_ratio", 1.0)),
+        "cfg_trunc_ratio": real_number("cfg_trunc_ratio", pick(cfg_trunc_ratio, "cfg_trunc_ratio", 1.0)),
         "cfg_trunc_mode": mode,
         "cfg_renorm": renorm,
         "cfg_renorm_ratio": ratio,
@@ -673,7 +663,7 @@ class Lumina2Pipeline:
         if guidance_scale is None:
             guidance_scale = self.components.guidance_scale
         try:
-            finite = bool(np.isfinite(_real("guidance_scale", guidance_scale)))
+            finite = bool(np.isfinite(real_number("guidance_scale", guidance_scale)))
         except ValueError:  # a string, a bool, not a number
             finite = False
         if not finite:

@@ -149,6 +149,8 @@ def test_out_of_table_ids_are_an_error_or_harmless_padding(pair, batch):
     bad[1, 3] = -1  # a valid position
     with pytest.raises(ValueError, match=r"token ids outside the vocabulary \(0\.\.511\): min -1"):
         encode(params, bad, mask, TINY)
+    with pytest.raises(ValueError, match=r"input_ids have shape \(\d+,\); want \(B, L\)"):
+        encode(params, ids[0], None, TINY)  # one sequence without its batch axis
 
 
 def test_remat_same_forward_and_gradients(pair, batch):

@@ -67,6 +67,28 @@ def test_parity_bf16(ref):
     assert err <= 2e-2, err
 
 
+def test_the_original_q_k_norm_eps_against_diffusers_with_its_eps_patched():
+    """Default ``qk_norm_eps`` 1e-6 (the original's fallback RMSNorm) against diffusers with its q/k RMSNorm
+    eps set to 1e-6. The q/k projections are scaled down (mean square ~1e-4) so that the eps shows: the
+    matching eps is at fp32 noise, 1e-5 (diffusers' own) is far off."""
+    import torch
+
+    model = make_diffusers_model("gqa3", seed=7)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith((".to_q", ".to_k")):
+                module.weight.mul_(0.01)
+            if name.endswith((".norm_q", ".norm_k")):
+                module.eps = 1e-6
+    config, params = _from_diffusers(model)
+    x, t, cap, mask = inputs(config, **CASES[0])
+    want = diffusers_forward(model, x, t, cap, mask)
+    errs = {eps: rel_l2(_apply(config.replace(qk_norm_eps=eps, rope_angles="float64"), params, x, t, cap, mask), want)
+            for eps in (1e-6, 1e-5)}  # fmt: skip
+    assert errs[1e-6] <= 1e-5 and errs[1e-5] > 30 * errs[1e-6], errs
+    assert NextDiTConfig().qk_norm_eps == 1e-6
+
+
 def test_batch_equals_single_samples(ref_gqa3):
     """Different caption lengths (and padding amounts) in one batch: each sample gets its solo output."""
     _, config, params = ref_gqa3
@@ -242,8 +264,11 @@ def test_bad_inputs_have_clear_errors():
         model.apply({"params": params}, jnp.zeros((1, 7, 8, 16)), jnp.zeros(1), cap, mask)
     with pytest.raises(ValueError, match="channels"):
         model.apply({"params": params}, jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), cap, mask)
-    with pytest.raises(ValueError, match="caption features have dim"):
+    with pytest.raises(ValueError, match=r"caption features have shape \(1, 4, 7\), the model expects \(B, L, 32\)"):
         model.apply({"params": params}, jnp.zeros((1, 8, 8, 16)), jnp.zeros(1), jnp.zeros((1, 4, 7)), mask)
+    for bad in (jnp.zeros((8, 8, 16)), jnp.zeros((1, 0, 8, 16))):  # no batch axis; an empty image
+        with pytest.raises(ValueError, match=r"the model expects a non-empty \(B, H, W, 16\) batch"):
+            model.apply({"params": params}, bad, jnp.zeros(1), cap, mask)
     x = jnp.zeros((1, 8, 8, 16))
     for bad_mask in (jnp.ones((1, 5), bool), jnp.ones((1, 3), bool)):  # the original fails on these too
         with pytest.raises(ValueError, match=r"caption features \(1, 4\) and caption mask"):
@@ -272,6 +297,11 @@ def test_bad_inputs_have_clear_errors():
         m = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1]] + bad, bool)
         with pytest.raises(ValueError, match=r"caption mask rows \[2\] are not right-padded.*padding_side='right'"):
             model.apply({"params": params}, x2, jnp.zeros(3), cap2, m)
+    # a 0/1 mask given as other nonzero values (weights, 2s) counts its valid tokens, not their sum
+    capr3 = jax.random.normal(jax.random.PRNGKey(4), cap2.shape)
+    ones = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]], jnp.int32)
+    np.testing.assert_array_equal(model.apply({"params": params}, x2, jnp.zeros(3), capr3, ones * 2),
+                                  model.apply({"params": params}, x2, jnp.zeros(3), capr3, ones))  # fmt: skip
     ok = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)  # right padding, an empty row: fine
     assert model.apply({"params": params}, x2, jnp.zeros(3), cap2, ok).shape == x2.shape
     jax.jit(lambda m: model.apply({"params": params}, x2, jnp.zeros(3), cap2, m))(ok)  # traced: not checked

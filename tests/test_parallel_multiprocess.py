@@ -258,3 +258,42 @@ def test_gather_to_host_on_two_processes():
     outs = [p.communicate(timeout=180) for p in procs]
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"OK {i}" in out, (out[-1000:], err[-3000:])
+
+
+_SAVE_ERROR_SCRIPT = r"""
+import sys, jax, numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
+from lumina_jax.convert.errors import CheckpointError
+from lumina_jax.train.checkpoint import RunCheckpoints
+ck = RunCheckpoints(sys.argv[3])
+ck.check_for_errors()  # nothing failed: no process raises
+def disk_full():
+    raise OSError(28, "No space left on device")
+if jax.process_index() == 1:  # only this process's background save failed
+    ck.manager.check_for_errors = disk_full
+try:
+    ck.check_for_errors()
+except CheckpointError as e:
+    print("RAISED", jax.process_index(), e)
+"""
+
+
+def test_a_failed_background_save_on_one_process_stops_every_process(tmp_path):
+    """Process 1's save fails; both processes raise at the same check (process 0 naming process 1), instead of
+    process 0 running on into collectives that process 1 never joins."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS=with_cpu_devices(1), JAX_PLATFORMS="cpu",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVE_ERROR_SCRIPT, str(i), port, str(tmp_path / "ckpt")],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=180) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"RAISED {i}" in out, (out[-1000:], err[-3000:])
+        assert "failed on process(es) [1]" in out, out
+    assert "this process stops too" in outs[0][0] and "No space left on device" in outs[1][0]

@@ -114,3 +114,38 @@ def test_tpu_uses_the_xla_reference(monkeypatch):
     assert "pallas_call" not in jaxpr
     out = qk_norm_rope(x, w, cos, sin, eps=1e-6, heads=(1, 2))
     assert rel_l2(out, norm_rope_reference(x[:, :, 1:3], w, cos, sin, 1e-6)) < 1e-7
+
+
+def test_rope_angles_follow_the_original_by_default_and_diffusers_as_an_option():
+    """ORIG's ``precompute_freqs_cis`` rounds the angles to float32 before ``torch.polar`` (complex64); diffusers
+    keeps float64 (complex128). Both transcribed in torch here; each of our modes matches its own to an ulp,
+    and the two modes differ (by ~1e-5 at position 511), so a mode that were ignored would fail."""
+    torch = pytest.importorskip("torch")
+    from lumina_jax.models.nextdit import NextDiTConfig
+    from lumina_jax.ops.rope import rope_cos_sin
+
+    dims, lens = (32, 32, 32), (300, 512, 512)
+    n = np.arange(512)
+    pos = np.stack([n % 300, n, n[::-1]], -1)[None].astype(np.int32)
+
+    def torch_table(angles):
+        parts = []
+        for a, (d, e) in enumerate(zip(dims, lens)):
+            freqs = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64)[: d // 2] / d))
+            ang = torch.outer(torch.arange(e, dtype=torch.float64), freqs)
+            if angles == "float32":
+                ang = ang.float()
+            parts.append(torch.polar(torch.ones_like(ang), ang)[torch.from_numpy(pos[0, :, a]).long()])
+        cis = torch.cat(parts, -1)
+        return cis.real.float().numpy(), cis.imag.float().numpy()
+
+    ours = {}
+    for angles in ("float32", "float64"):
+        cos, sin = (np.asarray(x[0]) for x in rope_cos_sin(jnp.asarray(pos), dims, lens, angles=angles))
+        want_cos, want_sin = torch_table(angles)
+        assert np.abs(cos - want_cos).max() <= 2e-7 and np.abs(sin - want_sin).max() <= 2e-7, angles
+        ours[angles] = cos
+    assert np.abs(ours["float32"] - ours["float64"]).max() > 5e-6
+    assert NextDiTConfig().rope_angles == "float32"  # the original's by default
+    with pytest.raises(ValueError, match="rope_angles must be 'float32'"):
+        NextDiTConfig(rope_angles="complex64")

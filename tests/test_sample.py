@@ -245,6 +245,21 @@ def test_schedule_errors():
         assert all(np.all(np.isfinite(a)) for a in sched.arrays.values()), solver
     with pytest.raises(ValueError, match="built for 'euler'"):
         S.dpm(v_jax, None, jnp.zeros(3), S.make_schedule("euler", 2))
+    # a tiny shift cancels flow_euler's float32 denominator (diffusers' arithmetic): refused, not NaN
+    with pytest.raises(ValueError, match="too small for flow_euler's float32 schedule"):
+        S.make_schedule("flow_euler", 4, shift=1e-7)
+    sched = S.make_schedule("flow_euler", 4, shift=S.FLOW_EULER_MIN_SHIFT)
+    assert abs(sched.arrays["dsigma"][0] + 1.0) < 0.01  # the first step still goes almost all the way
+    assert np.all(np.isfinite(S.make_schedule("euler", 4, shift=1e-12).arrays["dt"]))  # the others are float64
+    # numbers only (float() would take strings and bools); a guidance scale past float32 would be inf
+    for kw, name in ((dict(shift="6"), "time_shift"), (dict(cfg_trunc_ratio="0.5"), "cfg_trunc_ratio"),
+                     (dict(guidance_scale=True), "guidance_scale"), (dict(cfg_clamp_ratio="1"), "cfg_clamp_ratio")):
+        with pytest.raises(ValueError, match=f"{name} must be a number"):
+            S.make_schedule("euler", 4, **kw)
+    with pytest.raises(ValueError, match=r"guidance_scale must be a finite number \(within float32\)"):
+        S.make_schedule("euler", 4, guidance_scale=1e39)
+    assert S.make_schedule("euler", 4, guidance_scale=np.float32(4.0), cfg_trunc_ratio=np.asarray(0.5),
+                           cfg_trunc_mode="steps").num_guided == 2  # NumPy scalars and 0-d arrays are numbers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +331,9 @@ def test_trunc_time_switches_at_the_original_threshold():
     # shift 6 keeps CFG for most of a uniform grid (spec §11.1), the step rule for a quarter
     steps = S.make_schedule("euler", n, shift=s, cfg_trunc_ratio=trunc, cfg_trunc_mode="steps")
     assert sum(g[0] for g in steps.guided) < k
+    # a grid point exactly at the threshold (30 steps: 2/3 shifted by 6 is 0.25) is not guided: ``t < ratio``
+    tie = S.make_schedule("euler", 30, shift=s, cfg_trunc_ratio=trunc)
+    assert S.original_grid(30, s)[20] == trunc and [g[0] for g in tie.guided].index(False) == 20
 
 
 def test_trunc_steps_is_the_diffusers_rule():

@@ -211,6 +211,8 @@ def test_latent_scaling_and_input_checks(tiny):
         enc(params, np.zeros((1, 3, 24, 24), np.float32))
     with pytest.raises(ValueError, match="latents must be"):
         dec(params, np.zeros((1, 3, 3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"images must be a non-empty \(B, H, W, 3\)"):
+        enc(params, np.zeros((1, 0, 0, 3), np.float32))  # not a reduction error from deep inside
 
 
 def test_configs():

@@ -421,6 +421,9 @@ class Gemma2Encoder(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None, *,
                  output_hidden_states: bool = False) -> Gemma2Output:
         cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids have shape {tuple(input_ids.shape)}; want (B, L) token ids (a single "
+                             f"sequence as a batch of one: ids[None])")  # fmt: skip
         B, L = input_ids.shape
         if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(B, L)}: want the same")

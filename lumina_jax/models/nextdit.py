@@ -69,6 +69,11 @@ class NextDiTConfig(YamlConfig):
     axes_dims: tuple[int, ...] = (32, 32, 32)
     axes_lens: tuple[int, ...] = (300, 512, 512)
     rope_theta: float = 10000.0
+    # ORIG rounds the RoPE angles p * omega to float32 before taking cos/sin (complex64); diffusers keeps
+    # them in float64 (complex128); cos/sin differ by up to ~1.4e-5 at position 511. Default: "float32",
+    # the original; "float64" is diffusers'. Neither changes the weights, so conversions keep this field
+    # only in the project's own and original formats (diffusers' config.json has no place for it).
+    rope_angles: str = "float32"
     frequency_embedding_size: int = 256
     # What the final layer predicts. Lumina-Image 2.0 (original and diffusers): ``"velocity"``, the output
     # as is. ``"data"`` (not in Lumina; the x-prediction of Li & He 2025, "Back to Basics: Let Denoising
@@ -100,6 +105,9 @@ class NextDiTConfig(YamlConfig):
             raise ValueError(f"prediction must be 'velocity' or 'data', got {self.prediction!r}")
         if self.prediction == "data" and self.out_ch != self.in_channels:
             raise ValueError(f"prediction 'data' needs out_channels == in_channels ({self.out_ch} != {self.in_channels})")
+        if self.rope_angles not in ("float32", "float64"):
+            raise ValueError(f"rope_angles must be 'float32' (the original's) or 'float64' (diffusers'), got "
+                             f"{self.rope_angles!r}")  # fmt: skip
         if not 0.0 < self.data_min_gap <= 1.0:
             raise ValueError(f"data_min_gap must be in (0, 1], got {self.data_min_gap}")
         object.__setattr__(self, "axes_dims", tuple(int(a) for a in self.axes_dims))
@@ -598,6 +606,9 @@ class NextDiT(nn.Module):
           ``(B, H, W, out_channels)`` velocity ``data - noise``.
         """
         c = self.config
+        if x.ndim != 4 or 0 in x.shape:
+            raise ValueError(f"latents have shape {tuple(x.shape)}; the model expects a non-empty (B, H, W, "
+                             f"{c.in_channels}) batch (channels last)")  # fmt: skip
         b, h, w, ch = x.shape
         p = c.patch_size
         if h % p or w % p:
@@ -645,8 +656,9 @@ class NextDiT(nn.Module):
         c = self.config
         b, n_max, _ = img_tokens.shape
         lc = cap_feats.shape[1]
-        if cap_feats.shape[-1] != c.cap_feat_dim:
-            raise ValueError(f"caption features have dim {cap_feats.shape[-1]}, the model expects {c.cap_feat_dim}")
+        if cap_feats.ndim != 3 or cap_feats.shape[-1] != c.cap_feat_dim:
+            raise ValueError(f"caption features have shape {tuple(cap_feats.shape)}, the model expects (B, L, "
+                             f"{c.cap_feat_dim})")  # fmt: skip
         if cap_mask.shape != cap_feats.shape[:2] or cap_feats.shape[0] != b or jnp.shape(t) != (b,):
             raise ValueError(f"inputs disagree: {b} images, t {jnp.shape(t)}, caption features "
                              f"{cap_feats.shape[:2]} and caption mask {cap_mask.shape} (want (B,), (B, L), (B, L))")
@@ -669,7 +681,7 @@ class NextDiT(nn.Module):
                 raise ValueError(f"caption mask rows {rows[:8]} are not right-padded: the model takes each caption's "
                                  f"valid tokens to come first (a tokenizer padding on the left, as transformers' "
                                  f"Gemma tokenizer does by default, needs padding_side='right')")  # fmt: skip
-        cap_len = jnp.sum(cap_mask.astype(jnp.int32), axis=1)  # (B,) L_i
+        cap_len = jnp.sum(cap_mask.astype(bool).astype(jnp.int32), axis=1)  # (B,) L_i: any nonzero is valid
         n_img = grid[:, 0] * grid[:, 1]  # (B,) N_i
 
         temb = self.t_embedder(t)
@@ -683,7 +695,7 @@ class NextDiT(nn.Module):
         nidx = jnp.arange(n_max, dtype=jnp.int32)[None, :]
         gw = jnp.maximum(grid[:, 1:2], 1)
         img_pos = jnp.stack([jnp.broadcast_to(cap_len[:, None], (b, n_max)), nidx // gw, nidx % gw], -1)
-        rope = lambda pos: rope_cos_sin(pos, c.axes_dims, c.axes_lens, c.rope_theta)  # noqa: E731
+        rope = lambda pos: rope_cos_sin(pos, c.axes_dims, c.axes_lens, c.rope_theta, c.rope_angles)  # noqa: E731
         cap_cos, cap_sin = rope(cap_pos)
         img_cos, img_sin = rope(img_pos)
 

@@ -494,9 +494,10 @@ class AutoencoderKL(nn.Module):
 
 def _check_images(images: jax.Array, config: VAEConfig) -> None:
     f = config.downsample_factor
-    if images.ndim != 4 or images.shape[-1] != config.in_channels:
+    if images.ndim != 4 or images.shape[-1] != config.in_channels or 0 in images.shape:
         raise ValueError(
-            f"images must be (B, H, W, {config.in_channels}) channels-last, got shape {tuple(images.shape)}"
+            f"images must be a non-empty (B, H, W, {config.in_channels}) channels-last batch, got shape "
+            f"{tuple(images.shape)}"
         )
     h, w = images.shape[1:3]
     if h % f or w % f:
@@ -507,9 +508,10 @@ def _check_images(images: jax.Array, config: VAEConfig) -> None:
 
 
 def _check_latents(latents: jax.Array, config: VAEConfig) -> None:
-    if latents.ndim != 4 or latents.shape[-1] != config.latent_channels:
+    if latents.ndim != 4 or latents.shape[-1] != config.latent_channels or 0 in latents.shape:
         raise ValueError(
-            f"latents must be (B, h, w, {config.latent_channels}) channels-last, got shape {tuple(latents.shape)}"
+            f"latents must be a non-empty (B, h, w, {config.latent_channels}) channels-last batch, got shape "
+            f"{tuple(latents.shape)}"
         )
 
 

@@ -214,6 +214,8 @@ def attention(
         raise ValueError(f"kv_mask shape {kv_mask.shape} != (B, Lk) = {k.shape[:2]}")
     if kv_mask is not None and kv_lengths is not None:
         raise ValueError("pass kv_mask or kv_lengths, not both")
+    if kv_lengths is not None:
+        kv_lengths = jnp.asarray(kv_lengths)  # a list or NumPy array too
     if kv_lengths is not None and kv_lengths.shape != k.shape[:1]:
         raise ValueError(f"kv_lengths shape {kv_lengths.shape} != (B,) = {k.shape[:1]}")
     if scale is None:

@@ -5,9 +5,10 @@ Each token has a position ``(p0, p1, p2)``: caption token ``j`` -> ``(j, 0, 0)``
 channels of the head dimension, i.e. ``axes_dims[a] // 2`` rotation pairs, and pairs are *adjacent*
 channels ``(2m, 2m+1)`` (PyTorch's ``view_as_complex`` convention), not the two halves.
 
-The per-axis angle tables are computed once in float64 with NumPy (like diffusers; ORIG rounds the
-angles to fp32 before taking cos/sin: cos/sin then differ by up to ~1.4e-5 at position 511, ~7.5e-6 at
-299) and stored as fp32 ``cos``/``sin``.
+The per-axis angle tables are computed once in float64 with NumPy. ``angles="float32"`` (the original's
+semantics, the default) rounds each angle to float32 before cos/sin, as ORIG's complex64
+``torch.polar`` table does; ``"float64"`` keeps them (diffusers' complex128 table); cos/sin of the two
+differ by up to ~1.4e-5 at position 511, ~7.5e-6 at 299. cos/sin are taken in float64 and stored as fp32.
 """
 
 from __future__ import annotations
@@ -19,26 +20,32 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def rope_tables(axes_dims: Sequence[int], axes_lens: Sequence[int], theta: float = 10000.0) -> list[np.ndarray]:
-    """Per-axis angle tables ``(axes_lens[a], axes_dims[a] // 2)`` in float64."""
+def rope_tables(axes_dims: Sequence[int], axes_lens: Sequence[int], theta: float = 10000.0,
+                angles: str = "float32") -> list[np.ndarray]:
+    """Per-axis angle tables ``(axes_lens[a], axes_dims[a] // 2)`` in float64, each angle rounded to float32
+    first with ``angles="float32"`` (the original's; ``"float64"``: diffusers')."""
+    if angles not in ("float32", "float64"):
+        raise ValueError(f"angles must be 'float32' or 'float64', got {angles!r}")
     tables = []
     for d, n in zip(axes_dims, axes_lens):
         if d % 2:
             raise ValueError(f"RoPE axis dims must be even, got {list(axes_dims)}")
         omega = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64)[: d // 2] / d)
-        tables.append(np.outer(np.arange(n, dtype=np.float64), omega))
+        tables.append(np.outer(np.arange(n, dtype=np.float64), omega).astype(angles).astype(np.float64))
     return tables
 
 
 def rope_cos_sin(
-    positions: jax.Array, axes_dims: Sequence[int], axes_lens: Sequence[int], theta: float = 10000.0
+    positions: jax.Array, axes_dims: Sequence[int], axes_lens: Sequence[int], theta: float = 10000.0,
+    angles: str = "float32",
 ) -> tuple[jax.Array, jax.Array]:
-    """Positions ``(..., 3)`` int -> ``cos, sin`` of shape ``(..., sum(axes_dims) // 2)`` in fp32.
+    """Positions ``(..., 3)`` int -> ``cos, sin`` of shape ``(..., sum(axes_dims) // 2)`` in fp32
+    (``angles``: see :func:`rope_tables`).
 
     Indices are clipped to the table sizes (as a gather would); callers keep valid tokens in range.
     """
     cos_parts, sin_parts = [], []
-    for a, table in enumerate(rope_tables(axes_dims, axes_lens, theta)):
+    for a, table in enumerate(rope_tables(axes_dims, axes_lens, theta, angles)):
         idx = jnp.clip(positions[..., a], 0, table.shape[0] - 1)
         cos_parts.append(jnp.asarray(np.cos(table), jnp.float32)[idx])
         sin_parts.append(jnp.asarray(np.sin(table), jnp.float32)[idx])

@@ -28,7 +28,7 @@ really not computed after truncation (see :mod:`lumina_jax.sample.loop`).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +104,16 @@ def resolve_cfg_normalization(value: Union[bool, float, str, None]) -> tuple[str
     return ("clamp", ratio) if ratio > 0 else ("none", 0.0)
 
 
+def real_number(name: str, value: Any) -> float:
+    """``value`` as a float when it is a real number (NumPy scalars and 0-d arrays too); a string or a bool
+    is refused (``float("0.25")`` and ``float(True)`` would run)."""
+    if np.ndim(value) == 0 and hasattr(value, "dtype") and not isinstance(value, (np.generic,)):
+        value = np.asarray(value)[()]  # a 0-d NumPy or JAX array: its scalar
+    if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_ratio: float,
                    trunc_mode: TruncMode = "time", clamp_ratio: float = 1.0,
                    off_at_or_below_one: bool = False) -> tuple[tuple[bool, ...], ...]:
@@ -118,7 +128,9 @@ def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_r
 
     ``trunc_mode="time"`` compares the evaluation times, computed in float64, with the ratio; where a time
     equals the ratio exactly in exact arithmetic (e.g. shift 6, ratio 0.25 at the grid point 2/3) the
-    original's float32 grid can round it to either side, so it may guide one evaluation more or fewer.
+    original's float32 grid can round it to either side, so it may guide one evaluation more or fewer (with
+    shift 6 and ratio 0.25, at every step count that is a multiple of 3: the original guides the evaluation
+    at 2/3, which its float32 grid puts at 0.24999998; here exactly 0.25 is not guided).
     """
     eval_times = np.asarray(eval_times, np.float64)
     if eval_times.ndim != 2:
@@ -126,11 +138,14 @@ def guidance_flags(eval_times: np.ndarray, *, guidance_scale: float, cfg_trunc_r
     n, k = eval_times.shape
     if trunc_mode not in TRUNC_MODES:
         raise ValueError(f"unknown cfg truncation mode {trunc_mode!r}; choose from {TRUNC_MODES}")
-    if not 0.0 <= float(cfg_trunc_ratio) <= 1.0:  # NaN fails too
+    cfg_trunc_ratio = real_number("cfg_trunc_ratio", cfg_trunc_ratio)
+    guidance_scale = real_number("guidance_scale", guidance_scale)
+    clamp_ratio = real_number("cfg_clamp_ratio", clamp_ratio)
+    if not 0.0 <= cfg_trunc_ratio <= 1.0:  # NaN fails too
         raise ValueError(f"cfg_trunc_ratio must be in [0, 1] (1: guidance at every step, 0: none), got "
                          f"{cfg_trunc_ratio!r}")  # fmt: skip
-    if not np.isfinite(float(guidance_scale)):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if not abs(guidance_scale) <= float(np.finfo(np.float32).max):  # the guidance runs in float32; NaN fails too
+        raise ValueError(f"guidance_scale must be a finite number (within float32), got {guidance_scale!r}")
     if float(guidance_scale) == 1.0 and not float(clamp_ratio) < 1.0 or off_at_or_below_one and guidance_scale <= 1:
         on = np.zeros((n, k), bool)
     elif trunc_mode == "time":

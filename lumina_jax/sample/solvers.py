@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lumina_jax.sample.cfg import TruncMode, guidance_flags
+from lumina_jax.sample.cfg import TruncMode, guidance_flags, real_number
 
 ModelFn = Callable[[Any, jax.Array, jax.Array, bool], jax.Array]
 """``model_fn(params, x, t, guided) -> v``: velocity (data - noise) at scalar model time ``t``."""
@@ -122,6 +122,11 @@ def dpm_alphas(num_steps: int, shift: float = DEFAULT_TIME_SHIFT) -> np.ndarray:
     level), which keeps its precision where a huge ``s`` rounds the shifted sigma to 1."""
     v = np.linspace(0.0, DPM_SIGMA_START, num_steps + 1)[::-1]
     return (1.0 - v) / (1.0 + (float(shift) - 1.0) * v)
+
+
+# below this the float32 denominator 1 + (shift - 1) * sigma at sigma = 1 is off by more than ~1 % (shift 1e-7:
+# the first step is -0.84 instead of -1; 3e-8: it divides by 0)
+FLOW_EULER_MIN_SHIFT = 1e-5
 
 
 def flow_euler_sigmas(num_steps: int, shift: float = DEFAULT_TIME_SHIFT) -> tuple[np.ndarray, np.ndarray]:
@@ -257,9 +262,13 @@ def make_schedule(
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_steps!r}")
     num_steps = int(num_steps)
-    shift = float(shift)
+    shift = real_number("time_shift", shift)
     if not 0 < shift <= float(np.finfo(np.float32).max):  # the schedules are float32 (NaN fails too)
         raise ValueError(f"time_shift must be a finite number > 0 (within float32), got {shift}")
+    if solver == "flow_euler" and shift < FLOW_EULER_MIN_SHIFT:
+        raise ValueError(f"time_shift {shift:g} is too small for flow_euler's float32 schedule (diffusers' "
+                         f"arithmetic: 1 + (shift - 1) * sigma cancels to float32 noise, below ~3e-8 to 0); use "
+                         f"a shift of at least {FLOW_EULER_MIN_SHIFT:g}, or another solver")  # fmt: skip
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     if solver in ("euler", "midpoint"):
         grid = original_grid(num_steps, shift)

@@ -305,7 +305,10 @@ class RunCheckpoints:
 
     def check_for_errors(self) -> None:
         """Raise :class:`CheckpointError` if a finished background save failed (e.g. a full disk), rather than
-        at the next save, possibly many steps later."""
+        at the next save, possibly many steps later. With several processes every one of them calls this at
+        the same step (a collective): all raise when any one's save failed, instead of the others running on
+        into collectives the failed one never joins."""
+        error: Optional[BaseException] = None
         try:
             # orbax 0.12 finishes an async save in the manager's own finalize thread, whose error only its join
             # (wait_until_finished) raises: join it once it is done (no wait), then the checkpointer's check
@@ -316,14 +319,28 @@ class RunCheckpoints:
                 self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:
-            detail = " ".join(f"{type(e).__name__}: {e}".split())[:500]
-            if "://" in str(self.directory):
-                newest = f"step {self.latest_step()}"
-            else:  # the manager's own list may already name the failed step; the folders on disk do not
-                steps = sorted(int(d.name) for d in Path(self.directory).iterdir() if d.name.isdigit())
-                newest = f"step {steps[-1]}" if steps else "none"
-            raise CheckpointError(f"a background checkpoint save in {self.directory} failed ({detail}); the newest "
-                                  f"complete checkpoint: {newest}") from e  # fmt: skip
+            error = e
+        failed = [jax.process_index()] if error is not None else []
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+            failed = np.flatnonzero(flags.reshape(-1)).tolist()
+        if not failed:
+            return
+        if "://" in str(self.directory):
+            newest = f"step {self.latest_step()}"
+        else:  # the manager's own list may already name the failed step; the folders on disk do not
+            steps = sorted(int(d.name) for d in Path(self.directory).iterdir() if d.name.isdigit())
+            newest = f"step {steps[-1]}" if steps else "none"
+        if error is None:
+            raise CheckpointError(f"a background checkpoint save in {self.directory} failed on process(es) {failed} "
+                                  f"(their logs say why); this process stops too. The newest complete checkpoint: "
+                                  f"{newest}")  # fmt: skip
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+        where = f" on process(es) {failed}" if jax.process_count() > 1 else ""
+        raise CheckpointError(f"a background checkpoint save in {self.directory} failed{where} ({detail}); the "
+                              f"newest complete checkpoint: {newest}") from error  # fmt: skip
 
     def close(self) -> None:
         self.manager.wait_until_finished()
