@@ -98,6 +98,21 @@ def test_diffusers_export_refuses_what_diffusers_hard_codes(diffusers_dir, tmp_p
     assert not (tmp_path / "x").exists()
 
 
+def test_diffusers_export_warns_that_its_q_k_norm_eps_is_fixed(diffusers_dir, tmp_path, caplog):
+    """The original's q/k eps 1e-6 has no place in diffusers' config.json (its modules use 1e-5): exported with a
+    warning saying what diffusers will run; 1e-5 (what a diffusers folder loads as) exports silently."""
+    import dataclasses
+    import logging
+
+    config, params = load_transformer(diffusers_dir[1])
+    with caplog.at_level(logging.WARNING, logger="lumina_jax.convert.nextdit"):
+        save_transformer(tmp_path / "same", config, params, "diffusers")
+        assert "q/k RMSNorm eps" not in caplog.text
+        save_transformer(tmp_path / "orig", dataclasses.replace(config, qk_norm_eps=1e-6), params, "diffusers")
+    assert "fixes the q/k RMSNorm eps at 1e-05; this model uses 1e-06" in caplog.text
+    assert load_transformer(tmp_path / "orig")[0].qk_norm_eps == 1e-5
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_original_round_trip_bit_exact(diffusers_dir, tmp_path, suffix):
     _, d = diffusers_dir

@@ -41,7 +41,7 @@ from lumina_jax.convert.common import (
     write_sharded_safetensors,
 )
 from lumina_jax.convert.errors import CheckpointError, check_keys
-from lumina_jax.models.nextdit import NextDiTConfig
+from lumina_jax.models.nextdit import DIFFUSERS_QK_NORM_EPS, NextDiTConfig
 
 log = logging.getLogger(__name__)
 
@@ -690,6 +690,11 @@ def save_transformer(
             _save_jax(tmp, config, flat, dtype)
         return path
     if format == "diffusers":
+        if config.qk_norm_eps != DIFFUSERS_QK_NORM_EPS:
+            log.warning("diffusers' Lumina2Transformer2DModel fixes the q/k RMSNorm eps at %g; this model uses %g, "
+                        "which its config.json cannot carry: diffusers (and a reload of %s here) will run it with "
+                        "%g (a small change where the q/k mean square is far above the eps)", DIFFUSERS_QK_NORM_EPS,
+                        config.qk_norm_eps, path, DIFFUSERS_QK_NORM_EPS)  # fmt: skip
         with atomic_output(path, overwrite=overwrite) as tmp:
             tmp.mkdir()
             (tmp / "config.json").write_text(json.dumps(config.to_diffusers_config(), indent=2))

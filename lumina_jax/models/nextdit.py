@@ -43,6 +43,9 @@ from lumina_jax.ops.norms import RMSNorm, layer_norm_no_affine
 from lumina_jax.ops.rope import apply_rope, rope_cos_sin
 
 
+DIFFUSERS_QK_NORM_EPS = 1e-5  # hard-coded in diffusers' Lumina2 attention (and apex's default, which ORIG uses when installed)
+
+
 @dataclasses.dataclass(frozen=True)
 class NextDiTConfig(YamlConfig):
     """Architecture of a Next-DiT (field names follow the original ``NextDiT`` constructor)."""
@@ -160,7 +163,7 @@ class NextDiTConfig(YamlConfig):
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any]) -> "NextDiTConfig":
         kw = {ours: d[theirs] for theirs, ours in cls._DIFFUSERS_KEYS.items() if theirs in d}
-        return cls(qk_norm=True, qk_norm_eps=1e-5, **kw)
+        return cls(qk_norm=True, qk_norm_eps=DIFFUSERS_QK_NORM_EPS, **kw)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         self.require_velocity_head("diffusers' Lumina2Transformer2DModel")
