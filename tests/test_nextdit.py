@@ -87,6 +87,9 @@ def test_the_original_q_k_norm_eps_against_diffusers_with_its_eps_patched():
             for eps in (1e-6, 1e-5)}  # fmt: skip
     assert errs[1e-6] <= 1e-5 and errs[1e-5] > 30 * errs[1e-6], errs
     assert NextDiTConfig().qk_norm_eps == 1e-6
+    # the RoPE angle precision reaches the model (the tables themselves: test_qk_norm_rope.py)
+    outs = [_apply(config.replace(qk_norm_eps=1e-6, rope_angles=a), params, x, t, cap, mask) for a in ("float32", "float64")]
+    assert 0 < np.abs(outs[0] - outs[1]).max() < 1e-4
 
 
 def test_batch_equals_single_samples(ref_gqa3):
