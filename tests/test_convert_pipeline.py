@@ -99,21 +99,33 @@ def test_project_settings_survive_the_diffusers_layout_and_bad_ones_are_named(re
     custom = dataclasses.replace(comps, system_prompt="empty", guidance_scale=2.5, default_image_size=48)
     d = save_components(tmp_path / "d", custom, layout="diffusers", dtype="bf16")
     index = json.loads((d / "model_index.json").read_text())
-    assert index["_lumina_jax"] == {"system_prompt": "empty", "guidance_scale": 2.5, "default_image_size": 48}
+    # the size goes where diffusers reads it: the transformer's sample_size (latent pixels; VAE factor 8)
+    assert index["_lumina_jax"] == {"system_prompt": "empty", "guidance_scale": 2.5}
+    assert json.loads((d / "transformer" / "config.json").read_text())["sample_size"] == 6
     back = load_components(d, dtype=None)
     assert (back.system_prompt, back.guidance_scale, back.default_image_size) == ("empty", 2.5, 48)
+    odd = save_components(tmp_path / "odd", dataclasses.replace(custom, default_image_size=52), layout="diffusers")
+    assert json.loads((odd / "model_index.json").read_text())["_lumina_jax"]["default_image_size"] == 52
+    assert load_components(odd).default_image_size == 52
     assert {str(v.dtype) for v in _tensors(d / "transformer").values()} == {"bfloat16"}
     assert verify_components(d, custom, dtype="bf16") > 0
     with pytest.raises(CheckpointError, match="guidance_scale"):
         verify_components(d, dataclasses.replace(custom, guidance_scale=3.0), dtype="bf16")
     DiffusersPipeline.from_pretrained(d)  # diffusers skips the "_" key
-    for bad, match in (({"guidance_scale": "high"}, "guidance_scale = 'high' is not a int"),
+    for bad, match in (({"guidance_scale": "high"}, "guidance_scale = 'high' is not a finite number"),
                        ({"steps": 4}, "unknown '_lumina_jax' setting 'steps'"), ([], "must be an object"),
-                       ({"default_image_size": 0}, "must be positive")):
+                       ({"default_image_size": 0}, "is not a positive integer"),
+                       ({"system_prompt": 3}, "is not a string")):
         index["_lumina_jax"] = bad
         (d / "model_index.json").write_text(json.dumps(index))
         with pytest.raises(CheckpointError, match=match):
             load_components(d)
+    # any finite guidance the pipeline takes (0, negative) round-trips; a non-finite one is refused before writing
+    zero = save_components(tmp_path / "zero", dataclasses.replace(comps, guidance_scale=-1.0), layout="diffusers")
+    assert load_components(zero).guidance_scale == -1.0
+    with pytest.raises(CheckpointError, match="guidance_scale = nan is not a finite number"):
+        save_components(tmp_path / "nan", dataclasses.replace(comps, guidance_scale=float("nan")), layout="diffusers")
+    assert not (tmp_path / "nan").exists()
     with pytest.raises(ValueError, match="layout='original'"):
         save_components(tmp_path / "x", comps, layout="original")
     assert not (tmp_path / "x").exists()
@@ -131,6 +143,7 @@ def test_cli_converts_the_bundled_model_to_diffusers_and_back(tmp_path, capsys):
     assert index["_lumina_jax"]["system_prompt"] == src.system_prompt  # the bundled model's own settings
     pipe = DiffusersPipeline.from_pretrained(out)
     assert pipe.transformer.config.num_layers == src.transformer_config.n_layers
+    assert pipe.default_sample_size * pipe.vae_scale_factor == src.default_image_size == 64  # diffusers' default too
     back = tmp_path / "jax"
     assert cli.main([str(out), str(back), "--to", "jax", "--verify"]) == 0
     assert (back / "lumina_jax_pipeline.json").is_file()

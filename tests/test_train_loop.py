@@ -327,7 +327,7 @@ def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_stat
     with caplog.at_level(logging.WARNING, logger="lumina_jax.train.loop"):
         done = Trainer(make_cfg(tmp_path / "run", *extra), batch_hook=again).run()
     assert done.step == 8 and done.nonfinite == 3  # the two of the abort and step 5
-    assert "written by an abort after 2 non-finite steps in a row; the count starts again at 0" in caplog.text
+    assert "is where its run aborted after 2 non-finite steps in a row; the count starts again at 0" in caplog.text
 
     def one_bad(step, batch):
         if step == 2:
@@ -379,6 +379,13 @@ def test_a_run_of_non_finite_steps_goes_on_counting_across_a_resume(tmp_path):
         tr.run()
     assert str(e.value).startswith("step 4: 2 consecutive") and "had already run" not in str(e.value), str(e.value)
     assert tr.ckpt.all_steps()[-1] == 4
+    # a lowered max_nonfinite does not make the step-3 checkpoint an abort's: no fresh allowance, and the next
+    # bad step (4) aborts at once
+    Trainer(make_cfg(tmp_path / "low", *extra), batch_hook=nan_from(2), stop_at=3).run()
+    lowered = Trainer(make_cfg(tmp_path / "low", *extra[:-2], "max_nonfinite=1", "log.every=100"),
+                      batch_hook=nan_from(3))  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"^step 4: 2 consecutive .*\(max_nonfinite=1\)"):
+        lowered.run()
 
 
 def _grey_samples(params, model_config, prompts, seeds, resolution):

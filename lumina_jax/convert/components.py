@@ -402,9 +402,11 @@ def save_components(path: str | os.PathLike, components: Components, *, layout: 
     ``"diffusers"`` writes what ``Lumina2Pipeline.save_pretrained`` writes (``model_index.json``, a
     ``Lumina2Transformer2DModel`` ``transformer/``, a transformers ``Gemma2Model`` ``text_encoder/``, an
     ``AutoencoderKL`` ``vae/``, ``tokenizer/``, ``scheduler/``), so that diffusers'
-    ``Lumina2Pipeline.from_pretrained`` loads it; the settings diffusers has no place for (a default system
-    prompt, guidance scale or image size other than the released model's) go under ``model_index.json``'s
-    ``"_lumina_jax"`` key, which diffusers ignores and :func:`load_components` reads back. ``dtype`` ``None``
+    ``Lumina2Pipeline.from_pretrained`` loads it. The default image size becomes the transformer's
+    ``sample_size`` (diffusers' default too); the settings diffusers has no place for (a default system
+    prompt or guidance scale other than the released model's; a size that is no whole number of latent
+    pixels) go under ``model_index.json``'s ``"_lumina_jax"`` key, which diffusers ignores (pass them to its
+    pipeline yourself) and :func:`load_components` reads back. ``dtype`` ``None``
     keeps the params' dtype (a bit-exact round trip either way); ``"bf16"`` halves the size.
     """
     from lumina_jax.convert.nextdit import save_transformer
@@ -412,13 +414,23 @@ def save_components(path: str | os.PathLike, components: Components, *, layout: 
     if layout not in ("lumina_jax", "diffusers"):
         raise ValueError(f"layout={layout!r}: expected 'lumina_jax' or 'diffusers'")
     c = components
+    settings: dict[str, Any] = {}
+    if c.system_prompt != "real":
+        settings["system_prompt"] = c.system_prompt
+    if float(c.guidance_scale) != DEFAULT_GUIDANCE_SCALE:
+        settings["guidance_scale"] = float(c.guidance_scale)
+    if layout == "diffusers" and int(c.default_image_size) != _diffusers_image_size(diffusers_transformer_config(c),
+                                                                                   c.vae_config):  # fmt: skip
+        settings["default_image_size"] = int(c.default_image_size)  # not a whole number of latent pixels
+    _check_settings(settings, "the model's settings")  # before any weights are written
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
         if layout == "diffusers":
             from lumina_jax.convert.gemma2 import save_text_encoder
             from lumina_jax.convert.vae import save_vae
 
-            save_transformer(tmp / "transformer", c.transformer_config, c.transformer, "diffusers", dtype=dtype)
+            save_transformer(tmp / "transformer", diffusers_transformer_config(c), c.transformer, "diffusers",
+                             dtype=dtype)  # fmt: skip
             save_text_encoder(tmp / "text_encoder", c.text_encoder_config, c.text_encoder, dtype=dtype)
             save_vae(tmp / "vae", c.vae_config, c.vae, dtype=dtype)
         else:
@@ -429,14 +441,7 @@ def save_components(path: str | os.PathLike, components: Components, *, layout: 
         c.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(c.scheduler, indent=2) + "\n")
-        settings: dict[str, Any] = {}
-        if c.system_prompt != "real":
-            settings["system_prompt"] = c.system_prompt
-        if float(c.guidance_scale) != DEFAULT_GUIDANCE_SCALE:
-            settings["guidance_scale"] = float(c.guidance_scale)
         if layout == "diffusers":
-            if int(c.default_image_size) != _diffusers_image_size(c.transformer_config, c.vae_config):
-                settings["default_image_size"] = int(c.default_image_size)
             (tmp / "model_index.json").write_text(json.dumps(_model_index(c, settings), indent=2) + "\n")
         else:
             meta = {"format": "lumina_jax.pipeline", "version": LAYOUT_VERSION, "components": list(REQUIRED) +
@@ -458,8 +463,11 @@ def verify_components(path: str | os.PathLike, comps: Components, *, dtype: Any 
 
     root = Path(path)
     layout = detect_layout(root)
-    n = verify_transformer(root / "transformer", comps.transformer_config, comps.transformer,
-                           "diffusers" if layout == "diffusers" else "jax", dtype=dtype)  # fmt: skip
+    if layout == "diffusers":
+        n = verify_transformer(root / "transformer", diffusers_transformer_config(comps), comps.transformer,
+                               "diffusers", dtype=dtype)  # fmt: skip
+    else:
+        n = verify_transformer(root / "transformer", comps.transformer_config, comps.transformer, "jax", dtype=dtype)
     dt = resolve_dtype(dtype)
     for name, load, config in (("text_encoder", load_text_encoder, comps.text_encoder_config),
                                ("vae", load_vae, comps.vae_config)):  # fmt: skip
@@ -475,7 +483,8 @@ def verify_components(path: str | os.PathLike, comps: Components, *, dtype: Any 
         n += len(want)
         del got
     names = ("default_image_size", "system_prompt", "guidance_scale")
-    stored = _folder_settings(root, layout, comps.transformer_config, comps.vae_config)
+    t_cfg = diffusers_transformer_config(comps) if layout == "diffusers" else comps.transformer_config  # as checked
+    stored = _folder_settings(root, layout, t_cfg, comps.vae_config)
     differ = [k for k, v in zip(names, stored) if v != getattr(comps, k)]
     if _read_scheduler(root) != comps.scheduler:
         differ.append("scheduler")
@@ -484,6 +493,17 @@ def verify_components(path: str | os.PathLike, comps: Components, *, dtype: Any 
     if differ:
         raise CheckpointError(f"{root}: {differ} differ after reading back")
     return n
+
+
+def diffusers_transformer_config(c: Components) -> NextDiTConfig:
+    """The transformer config a diffusers folder of ``c`` holds: its ``sample_size`` (diffusers' default
+    image size, in latent pixels; metadata the model never reads) set from ``c.default_image_size``, so that
+    diffusers' pipeline makes images of the model's own size by default (the bundled 64 px model would
+    otherwise default to 1024 px)."""
+    size, factor = int(c.default_image_size), int(c.vae_config.downsample_factor)
+    if size % factor or size // factor == c.transformer_config.sample_size:
+        return c.transformer_config
+    return dataclasses.replace(c.transformer_config, sample_size=size // factor)
 
 
 def _diffusers_image_size(t_cfg: NextDiTConfig, v_cfg: VAEConfig) -> int:
@@ -519,22 +539,35 @@ def _diffusers_version() -> str:
         return "0.33.0"
 
 
+def _check_settings(settings: Any, where: str) -> None:
+    """A :class:`CheckpointError` unless ``settings`` is what ``_lumina_jax`` may hold: a system prompt (text),
+    a finite guidance scale (any sign, as the pipeline takes), a positive integer image size."""
+    import math
+
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{where}: {SETTINGS_KEY!r} must be an object, not {type(settings).__name__}")
+    for key, value in settings.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == "system_prompt":
+            ok, want = isinstance(value, str), "a string"
+        elif key == "guidance_scale":
+            ok, want = number and math.isfinite(value), "a finite number"
+        elif key == "default_image_size":
+            ok, want = number and isinstance(value, int) and value > 0, "a positive integer"
+        else:
+            raise CheckpointError(f"{where}: unknown {SETTINGS_KEY!r} setting {key!r} (known: default_image_size, "
+                                  f"guidance_scale, system_prompt)")  # fmt: skip
+        if not ok:
+            raise CheckpointError(f"{where}: {SETTINGS_KEY}.{key} = {value!r} is not {want}")
+
+
 def _read_settings(root: Path) -> dict[str, Any]:
     """The project's settings stored in a diffusers folder's ``model_index.json`` (``_lumina_jax``), checked."""
     idx = root / "model_index.json"
     if not idx.is_file():
         return {}
     settings = read_json(idx).get(SETTINGS_KEY, {})
-    kinds = {"system_prompt": (str,), "guidance_scale": (int, float), "default_image_size": (int,)}
-    if not isinstance(settings, dict):
-        raise CheckpointError(f"{idx}: {SETTINGS_KEY!r} must be an object, not {type(settings).__name__}")
-    for key, value in settings.items():
-        if key not in kinds:
-            raise CheckpointError(f"{idx}: unknown {SETTINGS_KEY!r} setting {key!r} (known: {sorted(kinds)})")
-        if isinstance(value, bool) or not isinstance(value, kinds[key]):
-            raise CheckpointError(f"{idx}: {SETTINGS_KEY}.{key} = {value!r} is not a {kinds[key][0].__name__}")
-        if key != "system_prompt" and not 0 < value < float("inf"):
-            raise CheckpointError(f"{idx}: {SETTINGS_KEY}.{key} = {value!r} must be positive and finite")
+    _check_settings(settings, str(idx))
     return settings
 
 

@@ -30,6 +30,8 @@ prompt the run trained with and the CFG scale (``--guidance``, 2.5) as the pipel
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import json
 import logging
@@ -112,6 +114,7 @@ def assemble(run: str | Path, work: str | Path, out: str | Path, *, shift: float
         raise ValueError(f"the run's transformer reads {t_cfg.in_channels}-channel latents but "
                          f"{work / 'encoders' / vae} has {v_cfg.latent_channels}: pass the VAE it was trained on")
     tok = load_tokenizer(work / "encoders" / "tokenizer")
+    t_cfg = dataclasses.replace(t_cfg, sample_size=64 // v_cfg.downsample_factor)  # the 64 px default, for diffusers
     sched = dict(DEFAULT_SCHEDULER, shift=float(shift))
     comps = Components(t_cfg, t_params, g_cfg, g_params, tok, v_cfg, v_params, sched, 64,
                        "lumina_jax shapes model (python -m lumina_jax.shapes assemble)", "lumina_jax",

@@ -528,20 +528,22 @@ class Trainer:
                                 "not from step %d's position", stage.name, latest)  # fmt: skip
                     same_stage = False
                 state, _ = self.restore(latest, ckpt_it if same_stage else None)
-                state = self._resume_nonfinite_count(state, latest)
+                state = self._resume_nonfinite_count(state, latest, meta)
             else:
                 state = self.fresh_state()
         return self._run_stage(si, state, step, stop, it, ckpt_it)
 
-    def _resume_nonfinite_count(self, state: TrainState, step: int) -> TrainState:
-        """The run of consecutive non-finite steps a restored state carries: a checkpoint written by a
-        non-finite abort (count at ``max_nonfinite``) starts a fresh allowance (the resume is the user's
-        answer: a lower LR, other data); a shorter run goes on counting, with each step's metrics read right
-        after it, so that an abort still stops at its own step."""
+    def _resume_nonfinite_count(self, state: TrainState, step: int, meta: dict) -> TrainState:
+        """The run of consecutive non-finite steps a restored state carries. A checkpoint whose run had
+        reached its own ``max_nonfinite`` (the one in its metadata: it is where that run aborted) starts a
+        fresh allowance (the resume is the user's answer: a lower LR, other data); a shorter run goes on
+        counting, with each step's metrics read right after it, so that an abort still stops at its own step
+        (under a lowered ``max_nonfinite`` that may be the next bad step)."""
         run = int(jax.device_get(state.nonfinite_run))
-        if run >= self.cfg.max_nonfinite:
-            log.warning("step %d's checkpoint was written by an abort after %d non-finite steps in a row; the count "
-                        "starts again at 0 (max_nonfinite=%d)", step, run, self.cfg.max_nonfinite)  # fmt: skip
+        limit = (meta.get("config") or {}).get("max_nonfinite", self.cfg.max_nonfinite)
+        if run and run >= limit:
+            log.warning("step %d's checkpoint is where its run aborted after %d non-finite steps in a row; the "
+                        "count starts again at 0 (max_nonfinite=%d)", step, run, self.cfg.max_nonfinite)  # fmt: skip
             return state.replace(nonfinite_run=state.nonfinite_run * 0)
         self._in_step = run > 0
         return state
