@@ -573,7 +573,7 @@ def test_default_model_is_tiny_random_with_a_notice(monkeypatch, caplog, tmp_pat
 def test_words_the_bundled_model_never_saw_are_warned_before_loading(caplog):
     """``generate`` without ``--checkpoint`` names prompt words outside the shapes world's captions (its image
     would not follow them: a blank one is possible); the README's prompt, a capitalised first word and
-    punctuation pass; with a checkpoint nothing is said."""
+    punctuation pass; other capitalised words are lowercased; with a checkpoint nothing is said."""
     from lumina_jax.sample.cli import build_parser, check_before_loading
     from lumina_jax.shapes.spec import EXAMPLE_PROMPT
 
@@ -587,6 +587,14 @@ def test_words_the_bundled_model_never_saw_are_warned_before_loading(caplog):
     text = said("a photo of a cat", "--negative", "Blurry")
     assert "never seen ['photo', 'cat']" in text and "never seen ['Blurry']" in text
     assert said("a photo of a cat", "--checkpoint", "somewhere") == ""
+    # capitalised words it knows in lowercase are lowercased, with a notice (the image would be noise)
+    args = build_parser().parse_args(["A Red Circle on the left", "--negative", "Red Blue"])
+    with caplog.at_level(logging.WARNING, logger="lumina_jax.generate"):
+        caplog.clear()
+        check_before_loading(args)
+    assert args.prompt == ["a red circle on the left"] and args.negative == "red blue"
+    assert "knows lowercase words only: generating 'a red circle on the left'" in caplog.text
+    assert "never seen" not in caplog.text
 
 
 def test_enable_compilation_cache(tmp_path, monkeypatch, caplog):

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "dpm 20, euler/flow_euler 30)")  # fmt: skip
     ap.add_argument("--cfg", type=float, default=None,
                     help="guidance scale (1 turns CFG off, 0 gives the unconditional image); default: the model's "
-                    "(4.0 for Lumina-Image 2.0)")
+                    "(4.0 for Lumina-Image 2.0, 2.5 for the bundled model)")
     ap.add_argument("--negative-system-prompt", action=argparse.BooleanOptionalAction, default=None,
                     help="give a non-empty --negative the system prompt (default, as the original; diffusers and "
                     "--preset diffusers use it verbatim)")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
     ap.add_argument("--system-prompt", default=None, help="template name (real, base, align, aesthetics, 4grid, "
                     "empty; default: the model's) or a text (with spaces: one word is taken for a misspelt name)")
-    ap.add_argument("--max-length", type=int, default=256, help="max text tokens incl. system prompt")
+    ap.add_argument("--max-length", type=int, default=256, help="max text tokens incl. system prompt (default 256)")
     ap.add_argument("--long-prompt", choices=["error", "warn"], default="error",
                     help="a prompt over --max-length: error (default) or warn (cut it to the limit, as diffusers)")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights-dtype", choices=["auto", "keep", "fp32", "bf16"], default="auto",
                     help="dtype the weights are read in (auto: the checkpoint's own when computing in bf16, so a "
                          "bf16 release is not widened to fp32 on the host; fp32 otherwise)")
-    ap.add_argument("--mode", choices=["stepwise", "fused"], default="stepwise")
+    ap.add_argument("--mode", choices=["stepwise", "fused"], default="stepwise",
+                    help="stepwise (default): one compiled step called per step, with a progress bar; fused: the "
+                         "whole sampling loop as one program")  # fmt: skip
     ap.add_argument("--attention", default="auto", metavar="BACKEND",
                     help="Next-DiT attention backend (default auto; 'context' for a --mesh with context > 1)")
     ap.add_argument("--mesh", type=_mesh, default=None,
@@ -319,6 +321,13 @@ def check_before_loading(args: argparse.Namespace) -> None:
         from lumina_jax.shapes.spec import unknown_words
 
         log = logging.getLogger("lumina_jax.generate")
+        lowered = [p.lower() if unknown_words(p) and not unknown_words(p.lower()) else p for p in args.prompt]
+        for before, after in zip(args.prompt, lowered):
+            if before != after:  # "A Red Circle": its words lowercase, as the model knows them
+                log.warning("the bundled default model knows lowercase words only: generating %r", after)
+        args.prompt = lowered
+        if args.negative and unknown_words(args.negative) and not unknown_words(args.negative.lower()):
+            args.negative = args.negative.lower()
         for prompt in [*args.prompt, *([args.negative] if args.negative else [])]:
             if unknown := unknown_words(prompt):
                 log.warning("the bundled default model has never seen %s (in %r): its image will not follow them; "
@@ -378,17 +387,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         bar: dict[str, Any] = {}
         marks: dict[str, float] = {}
 
+        said: set[str] = set()
+
         def on_phase(name: str) -> None:
             now = time.perf_counter()
             for prev in list(marks):
-                if prev == "compile":
-                    say(f"compiled in {now - marks.pop(prev):.1f}s (cache: {stats.hits} hits, {stats.misses} misses)")
+                if prev == "compile":  # the text encoder's program (encoding goes on after it), or the sampler's
+                    what = "the text encoder" if name == "encode" else "the sampler"
+                    say(f"compiled {what} in {now - marks.pop(prev):.1f}s (cache: {stats.hits} hits, "
+                        f"{stats.misses} misses)")  # fmt: skip
                 else:
                     marks.pop(prev)
             marks[name] = now
             if name == "compile":
                 say("compiling (or loading from the compilation cache) ...")
-            elif name == "encode":
+            elif name == "encode" and "encode" not in said:  # not again after the text encoder's compile
+                said.add("encode")
                 say("encoding prompts ...")
             elif name == "decode":
                 say("decoding ...")
