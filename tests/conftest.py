@@ -91,3 +91,14 @@ def export_for_cuda(fn, *args, gpu: str = "NVIDIA H100"):
     with target:
         return export.export(jax.jit(fn), platforms=["cuda"],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+
+
+def saved_reference_pipeline(root):
+    """A tiny random diffusers ``Lumina2Pipeline`` (progress bars off), its in-memory ``Components``, and the
+    folder it was saved to with ``save_pretrained`` (``root / "pipe"``)."""
+    from lumina_jax.bench.generate import build_reference_pipeline
+
+    ref, comps = build_reference_pipeline("tiny", seed=0, tokenizer_dir=root / "tok")
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(root / "pipe")
+    return ref, comps, root / "pipe"

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import diffusers  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
+import torch
+from conftest import saved_reference_pipeline
 
-from lumina_jax.convert import cli  # noqa: E402
-from lumina_jax.convert.components import load_components, save_components, verify_components  # noqa: E402
-from lumina_jax.convert.errors import CheckpointError  # noqa: E402
+from lumina_jax.convert import cli
+from lumina_jax.convert.components import load_components, save_components, verify_components
+from lumina_jax.convert.errors import CheckpointError
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "lumina_jax" / "assets" / "default_model"
 COMPONENT_FOLDERS = ("transformer", "text_encoder", "vae")
@@ -29,13 +30,8 @@ COMPONENT_FOLDERS = ("transformer", "text_encoder", "vae")
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(diffusers pipeline, its saved folder)."""
-    from lumina_jax.bench.generate import build_reference_pipeline
-
-    root = tmp_path_factory.mktemp("ref")
-    ref, _ = build_reference_pipeline("tiny", seed=0, tokenizer_dir=root / "tok")
-    ref.set_progress_bar_config(disable=True)
-    ref.save_pretrained(root / "pipe")
-    return ref, root / "pipe"
+    ref, _, folder = saved_reference_pipeline(tmp_path_factory.mktemp("ref"))
+    return ref, folder
 
 
 def _tensors(folder: Path) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ import pytest
 import torch
 import diffusers  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
 import sentencepiece  # noqa: F401 -- required (requirements-dev.txt): a missing one fails, not skips
+from conftest import saved_reference_pipeline
 
 from lumina_jax.convert.components import (  # noqa: E402
     Components,
@@ -57,13 +58,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(diffusers pipeline, in-memory Components, saved pipeline directory)."""
-    from lumina_jax.bench.generate import build_reference_pipeline
-
-    root = tmp_path_factory.mktemp("ref")
-    ref, comps = build_reference_pipeline("tiny", seed=0, tokenizer_dir=root / "tok")
-    ref.set_progress_bar_config(disable=True)
-    ref.save_pretrained(root / "pipe")
-    return ref, comps, root / "pipe"
+    return saved_reference_pipeline(tmp_path_factory.mktemp("ref"))
 
 
 @pytest.fixture(scope="module")
