@@ -329,3 +329,27 @@ def test_convert_bakes_loras_into_a_checkpoint(case, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b, np.float32))
                for a, b in zip(jax.tree.leaves(wide), jax.tree.leaves(narrow)))  # fmt: skip
+
+
+def test_convert_bakes_loras_into_a_whole_model_folder(tmp_path, capsys):
+    """``convert MODEL_DIR DST --lora F``: the transformer of the written folder is merge_lora's, the encoders
+    are untouched, and ``--verify`` checks the merged weights."""
+    from pathlib import Path
+
+    from lumina_jax.convert.cli import main
+    from lumina_jax.convert.common import flatten
+    from lumina_jax.convert.components import load_components
+
+    model = Path(__file__).resolve().parents[1] / "lumina_jax" / "assets" / "default_model"
+    src = load_components(model, dtype=None)
+    f = _tiny_lora_file(tmp_path / "lora.safetensors", src.transformer_config)
+    out = tmp_path / "merged"
+    assert main([str(model), str(out), "--to", "diffusers", "--lora", str(f), "--lora-scale", "0.5", "--verify"]) == 0
+    assert "merged" in capsys.readouterr().out
+    got = load_components(out, dtype=None)
+    want = merge_lora(src.transformer, src.transformer_config, [(load_lora(f), 0.5)])
+    for k, v in flatten(want).items():
+        np.testing.assert_array_equal(flatten(got.transformer)[k], np.asarray(v), err_msg=k)
+    assert any(not np.array_equal(flatten(got.transformer)[k], v) for k, v in flatten(src.transformer).items())
+    for k, v in flatten(src.vae).items():
+        np.testing.assert_array_equal(flatten(got.vae)[k], v, err_msg=k)

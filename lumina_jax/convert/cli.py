@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
 
     t0 = time.time()
     try:
-        from lumina_jax.convert.lora import load_lora, merge_lora, pair_scales
+        from lumina_jax.convert.lora import pair_scales
 
         loras = pair_scales(args.lora, args.lora_scale)
         kind = component_kind(args.src)
@@ -121,13 +121,7 @@ def main(argv: list[str]) -> int:
         config, params = load_transformer(args.src, config=config, dtype=None, pth_key=args.pth_key)
         print(f"loaded {param_count(config) / 1e6:.1f}M params in {time.time() - t0:.1f}s", flush=True)
         if loras:
-            # merged in fp32 and rounded once, to --dtype when given (a bf16 source written as fp32 keeps the
-            # whole adapter, not its bf16 rounding), else to each param's own dtype
-            from lumina_jax.convert.common import resolve_dtype
-
-            params = merge_lora(params, config, [(load_lora(p, config), w) for p, w in loras],
-                                dtype=resolve_dtype(args.dtype))  # fmt: skip
-            print("merged " + ", ".join(f"{p} (weight {w:g})" for p, w in loras), flush=True)
+            params = _merge_loras(params, config, loras, args.dtype)
         print(f"writing {args.to}", flush=True)
         out = save_transformer(args.dst, config, params, args.to, dtype=args.dtype, overwrite=args.overwrite)
         if args.verify:
@@ -252,6 +246,17 @@ def _convert_encoder(kind: str, args: argparse.Namespace, target: Path, t0: floa
     return out
 
 
+def _merge_loras(params: dict, config, loras: list, dtype: str | None) -> dict:
+    """``params`` with the ``(path, weight)`` adapters merged: in fp32 and rounded once, to ``dtype`` when given
+    (a bf16 source written as fp32 keeps the whole adapter, not its bf16 rounding), else to each param's own."""
+    from lumina_jax.convert.common import resolve_dtype
+    from lumina_jax.convert.lora import load_lora, merge_lora
+
+    params = merge_lora(params, config, [(load_lora(p, config), w) for p, w in loras], dtype=resolve_dtype(dtype))
+    print("merged " + ", ".join(f"{p} (weight {w:g})" for p, w in loras), flush=True)
+    return params
+
+
 def _convert_pipeline(args: argparse.Namespace, target: Path, loras: list, t0: float) -> Path:
     """``convert`` for whole model folders: the project's layout <-> a diffusers ``Lumina2Pipeline`` folder."""
     from lumina_jax.convert.components import load_components, save_components, verify_components
@@ -267,13 +272,7 @@ def _convert_pipeline(args: argparse.Namespace, target: Path, loras: list, t0: f
     comps = load_components(args.src, dtype=None)
     print(f"loaded the model folder {args.src} ({comps.layout}) in {time.time() - t0:.1f}s", flush=True)
     if loras:
-        from lumina_jax.convert.common import resolve_dtype
-        from lumina_jax.convert.lora import load_lora, merge_lora
-
-        comps.transformer = merge_lora(comps.transformer, comps.transformer_config,
-                                       [(load_lora(p, comps.transformer_config), w) for p, w in loras],
-                                       dtype=resolve_dtype(args.dtype))  # fmt: skip
-        print("merged " + ", ".join(f"{p} (weight {w:g})" for p, w in loras), flush=True)
+        comps.transformer = _merge_loras(comps.transformer, comps.transformer_config, loras, args.dtype)
     layout = "diffusers" if args.to == "diffusers" else "lumina_jax"
     print(f"writing {layout}", flush=True)
     out = save_components(target, comps, layout=layout, dtype=args.dtype, overwrite=args.overwrite)
