@@ -152,3 +152,29 @@ def test_cli_converts_the_bundled_model_to_diffusers_and_back(tmp_path, capsys):
         assert cli.main(argv) == 1
         assert match in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_verify_takes_an_older_folder_s_sample_size_and_sizes_are_checked(reference, tmp_path):
+    """A folder written before the size went into sample_size (sample_size of the model + the size under
+    _lumina_jax) verifies against its own load; a size that is not a positive integer is refused before
+    anything is written, in either layout, and on reading a project folder."""
+    comps = load_components(reference[1], dtype=None)
+    d = save_components(tmp_path / "d", dataclasses.replace(comps, default_image_size=48), layout="diffusers")
+    cfg = json.loads((d / "transformer" / "config.json").read_text())
+    cfg["sample_size"] = comps.transformer_config.sample_size  # as the older writer left it
+    (d / "transformer" / "config.json").write_text(json.dumps(cfg))
+    index = json.loads((d / "model_index.json").read_text())
+    index["_lumina_jax"] = {"default_image_size": 48}
+    (d / "model_index.json").write_text(json.dumps(index))
+    old = load_components(d, dtype=None)
+    assert old.default_image_size == 48 and verify_components(d, old) > 0
+    for layout in ("diffusers", "lumina_jax"):
+        for bad in (0, -64):
+            with pytest.raises(CheckpointError, match=f"default_image_size = {bad} is not a positive integer"):
+                save_components(tmp_path / "bad", dataclasses.replace(comps, default_image_size=bad), layout=layout)
+            assert not (tmp_path / "bad").exists()
+    ours = save_components(tmp_path / "ours", comps)
+    meta = json.loads((ours / "lumina_jax_pipeline.json").read_text())
+    (ours / "lumina_jax_pipeline.json").write_text(json.dumps(dict(meta, guidance_scale="4")))
+    with pytest.raises(CheckpointError, match="guidance_scale = '4' is not a finite number"):
+        load_components(ours)

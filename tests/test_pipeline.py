@@ -568,7 +568,7 @@ def test_default_model_is_tiny_random_with_a_notice(monkeypatch, caplog, tmp_pat
 def test_words_the_bundled_model_never_saw_are_warned_before_loading(caplog):
     """``generate`` without ``--checkpoint`` names prompt words outside the shapes world's captions (its image
     would not follow them: a blank one is possible); the README's prompt, a capitalised first word and
-    punctuation pass; other capitalised words are lowercased; with a checkpoint nothing is said."""
+    punctuation pass; capitalised words are lowercased (with a notice); with a checkpoint nothing is said."""
     from lumina_jax.sample.cli import build_parser, check_before_loading
     from lumina_jax.shapes.spec import EXAMPLE_PROMPT
 
@@ -578,7 +578,8 @@ def test_words_the_bundled_model_never_saw_are_warned_before_loading(caplog):
             check_before_loading(build_parser().parse_args(list(argv)))
         return caplog.text
 
-    assert said(EXAMPLE_PROMPT, "A blue square at the top, on a black background.") == ""
+    assert said(EXAMPLE_PROMPT) == ""
+    assert "never seen" not in said("A blue square at the top, on a black background.")  # lowercased (below)
     text = said("a photo of a cat", "--negative", "Blurry")
     assert "never seen ['photo', 'cat']" in text and "never seen ['Blurry']" in text
     assert said("a photo of a cat", "--checkpoint", "somewhere") == ""
@@ -588,8 +589,15 @@ def test_words_the_bundled_model_never_saw_are_warned_before_loading(caplog):
         caplog.clear()
         check_before_loading(args)
     assert args.prompt == ["a red circle on the left"] and args.negative == "red blue"
-    assert "knows lowercase words only: generating 'a red circle on the left'" in caplog.text
-    assert "never seen" not in caplog.text
+    assert "knows lowercase words only: using the prompt 'a red circle on the left'" in caplog.text
+    assert "using the negative prompt 'red blue'" in caplog.text and "never seen" not in caplog.text
+    # a capitalised first word too ("A" and "a" are other tokens); an unknown word does not stop the rest
+    args = build_parser().parse_args(["A blue square", "A Red Circle, big"])
+    with caplog.at_level(logging.WARNING, logger="lumina_jax.generate"):
+        caplog.clear()
+        check_before_loading(args)
+    assert args.prompt == ["a blue square", "a red circle, big"]
+    assert "never seen ['big']" in caplog.text
 
 
 def test_enable_compilation_cache(tmp_path, monkeypatch, caplog):

@@ -327,7 +327,8 @@ def test_an_abort_on_non_finite_losses_leaves_a_checkpoint_of_the_unchanged_stat
     with caplog.at_level(logging.WARNING, logger="lumina_jax.train.loop"):
         done = Trainer(make_cfg(tmp_path / "run", *extra), batch_hook=again).run()
     assert done.step == 8 and done.nonfinite == 3  # the two of the abort and step 5
-    assert "is where its run aborted after 2 non-finite steps in a row; the count starts again at 0" in caplog.text
+    assert "is where its run aborted after 2 non-finite steps in a row (max_nonfinite=2 then); the count starts " \
+           "again at 0" in caplog.text  # fmt: skip
 
     def one_bad(step, batch):
         if step == 2:

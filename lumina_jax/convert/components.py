@@ -350,6 +350,8 @@ def _folder_settings(root: Path, layout: Layout, t_cfg: Optional[NextDiTConfig] 
         if int(settings.get("version", 0)) > LAYOUT_VERSION:
             raise CheckpointError(f"{root}: layout version {settings.get('version')} is newer than this code "
                                   f"({LAYOUT_VERSION})")  # fmt: skip
+        _check_settings({k: settings[k] for k in ("system_prompt", "guidance_scale", "default_image_size")
+                         if k in settings}, str(root / PIPELINE_MARKER))  # fmt: skip
         size = settings.get("default_image_size", 1024)
     return (int(size), str(settings.get("system_prompt", "real")),
             float(settings.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)))
@@ -422,7 +424,9 @@ def save_components(path: str | os.PathLike, components: Components, *, layout: 
     if layout == "diffusers" and int(c.default_image_size) != _diffusers_image_size(diffusers_transformer_config(c),
                                                                                    c.vae_config):  # fmt: skip
         settings["default_image_size"] = int(c.default_image_size)  # not a whole number of latent pixels
-    _check_settings(settings, "the model's settings")  # before any weights are written
+    size = int(c.default_image_size) if isinstance(c.default_image_size, np.integer) else c.default_image_size
+    _check_settings({**settings, "default_image_size": size}, "the model's settings")  # before
+    # any weights are written (the size is checked even where it goes into sample_size)
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
         if layout == "diffusers":
@@ -463,9 +467,13 @@ def verify_components(path: str | os.PathLike, comps: Components, *, dtype: Any 
 
     root = Path(path)
     layout = detect_layout(root)
-    if layout == "diffusers":
-        n = verify_transformer(root / "transformer", diffusers_transformer_config(comps), comps.transformer,
-                               "diffusers", dtype=dtype)  # fmt: skip
+    if layout == "diffusers":  # sample_size is metadata: the folder's own (an older writer kept the model's) is
+        # taken here, and the default size it gives is compared with the other settings below
+        from lumina_jax.convert.nextdit import load_transformer_config
+
+        t_cfg = dataclasses.replace(comps.transformer_config,
+                                    sample_size=load_transformer_config(root / "transformer").sample_size)
+        n = verify_transformer(root / "transformer", t_cfg, comps.transformer, "diffusers", dtype=dtype)
     else:
         n = verify_transformer(root / "transformer", comps.transformer_config, comps.transformer, "jax", dtype=dtype)
     dt = resolve_dtype(dtype)
@@ -483,8 +491,7 @@ def verify_components(path: str | os.PathLike, comps: Components, *, dtype: Any 
         n += len(want)
         del got
     names = ("default_image_size", "system_prompt", "guidance_scale")
-    t_cfg = diffusers_transformer_config(comps) if layout == "diffusers" else comps.transformer_config  # as checked
-    stored = _folder_settings(root, layout, t_cfg, comps.vae_config)
+    stored = _folder_settings(root, layout, t_cfg if layout == "diffusers" else None, comps.vae_config)
     differ = [k for k, v in zip(names, stored) if v != getattr(comps, k)]
     if _read_scheduler(root) != comps.scheduler:
         differ.append("scheduler")

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -321,13 +322,18 @@ def check_before_loading(args: argparse.Namespace) -> None:
         from lumina_jax.shapes.spec import unknown_words
 
         log = logging.getLogger("lumina_jax.generate")
-        lowered = [p.lower() if unknown_words(p) and not unknown_words(p.lower()) else p for p in args.prompt]
-        for before, after in zip(args.prompt, lowered):
-            if before != after:  # "A Red Circle": its words lowercase, as the model knows them
-                log.warning("the bundled default model knows lowercase words only: generating %r", after)
-        args.prompt = lowered
-        if args.negative and unknown_words(args.negative) and not unknown_words(args.negative.lower()):
-            args.negative = args.negative.lower()
+        def lowercase(text: str, what: str) -> str:  # "A Red Circle": its words as the model knows them (its
+            # captions are all lowercase; "A" and "a" are different tokens), unless that adds unknown words
+            low, still = text.lower(), set(unknown_words(text.lower()))
+            changed = {w.lower() for w in re.findall(r"[^\s,.;:!?]+", text) if w != w.lower()}
+            if changed - still and still <= {w.lower() for w in unknown_words(text)}:  # it helps, and adds nothing
+                log.warning("the bundled default model knows lowercase words only: using the %s %r", what, low)
+                return low
+            return text
+
+        args.prompt = [lowercase(p, "prompt") for p in args.prompt]
+        if args.negative:
+            args.negative = lowercase(args.negative, "negative prompt")
         for prompt in [*args.prompt, *([args.negative] if args.negative else [])]:
             if unknown := unknown_words(prompt):
                 log.warning("the bundled default model has never seen %s (in %r): its image will not follow them; "
@@ -393,7 +399,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             now = time.perf_counter()
             for prev in list(marks):
                 if prev == "compile":  # the text encoder's program (encoding goes on after it), or the sampler's
-                    what = "the text encoder" if name == "encode" else "the sampler"
+                    what = "the text encoder" if name == "encode" else "the sampler and decoder"
                     say(f"compiled {what} in {now - marks.pop(prev):.1f}s (cache: {stats.hits} hits, "
                         f"{stats.misses} misses)")  # fmt: skip
                 else:

@@ -542,8 +542,8 @@ class Trainer:
         run = int(jax.device_get(state.nonfinite_run))
         limit = (meta.get("config") or {}).get("max_nonfinite", self.cfg.max_nonfinite)
         if run and run >= limit:
-            log.warning("step %d's checkpoint is where its run aborted after %d non-finite steps in a row; the "
-                        "count starts again at 0 (max_nonfinite=%d)", step, run, self.cfg.max_nonfinite)  # fmt: skip
+            log.warning("step %d's checkpoint is where its run aborted after %d non-finite steps in a row "
+                        "(max_nonfinite=%d then); the count starts again at 0", step, run, limit)  # fmt: skip
             return state.replace(nonfinite_run=state.nonfinite_run * 0)
         self._in_step = run > 0
         return state
