@@ -6,6 +6,20 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The project's caches (converted checkpoints, the persistent compilation cache) go to a folder of this
+# process (inherited by its subprocesses; one per pytest-xdist worker), not the user's ~/.cache, and the
+# pipeline leaves JAX's compilation cache off unless a test turns it on (it is process-wide: one test's
+# from_pretrained would otherwise have every later test write its programs to disk).
+TEST_CACHE = None
+if "LUMINA_JAX_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    TEST_CACHE = tempfile.mkdtemp(prefix="lumina_jax_test_cache_")
+    atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
+    os.environ["LUMINA_JAX_CACHE"] = TEST_CACHE
+os.environ.setdefault("LUMINA_JAX_COMPILATION_CACHE", "off")
 if os.environ["JAX_PLATFORMS"] == "cpu" and os.environ.get("LUMINA_TEST_XLA_DEFAULTS") != "1":
     # Faster compiles (no fast-math), inherited by the suite's subprocesses: lumina_jax/xla_flags.py.
     from lumina_jax.xla_flags import cpu_fast_compile, set_flags
@@ -28,6 +42,23 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU (skipped elsewhere)")
     config.addinivalue_line("markers", "tpu: needs a TPU (skipped elsewhere)")
     config.addinivalue_line("markers", "slow: slower tests (still run in CI)")
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: pytest without it must not refuse this file
+def pytest_xdist_auto_num_workers(config):
+    """Workers for ``pytest -n auto`` (pytest-xdist; README's test command, CI): one per CPU core up to one per
+    8 GiB of memory (a worker holds JAX, torch and a few compiled models), and none on an accelerator
+    (``JAX_PLATFORMS`` other than ``cpu``: processes sharing one device would contend for its memory and
+    make its tests' timings meaningless) or with a single core."""
+    if os.environ["JAX_PLATFORMS"] != "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gib = 8.0
+    workers = min(cores, max(1, int(memory_gib // 8)))
+    return workers if workers > 1 else 0
 
 
 def pytest_collection_modifyitems(config, items):
