@@ -6,10 +6,11 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The project's caches (converted checkpoints, the persistent compilation cache) go to a folder of this
-# process (inherited by its subprocesses; one per pytest-xdist worker), not the user's ~/.cache, and the
-# pipeline leaves JAX's compilation cache off unless a test turns it on (it is process-wide: one test's
-# from_pretrained would otherwise have every later test write its programs to disk).
+# The project's caches (converted checkpoints, the persistent compilation cache) go to a folder of this test
+# run (made by the first process, inherited by pytest-xdist workers and subprocesses; its writes are atomic
+# renames), not the user's ~/.cache, and the pipeline leaves JAX's compilation cache off unless a test turns
+# it on (it is process-wide: one test's from_pretrained would otherwise have every later test write its
+# programs to disk).
 TEST_CACHE = None
 if "LUMINA_JAX_CACHE" not in os.environ:
     import atexit
