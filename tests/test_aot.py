@@ -7,6 +7,7 @@ with XLA:TPU / Mosaic for ``v5e:2x2`` and ``v5p:2x2x1`` (no interpret mode), tin
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -80,10 +81,8 @@ def test_train_step_compiles_for_v5p_with_fsdp(attention):
 
 def _argument_bytes_per_device(plan) -> int:
     """Bytes of a plan's arguments on one device, from their shardings (no compile)."""
-    total = 0
-    for a in jax.tree.leaves(plan.args):
-        total += int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
-    return total
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+               for a in jax.tree.leaves(plan.args))
 
 
 def test_lora_train_step_compiles_and_holds_no_optimizer_state_for_the_base():
